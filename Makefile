@@ -1,0 +1,44 @@
+# dpfp-jax developer tasks. `make demo` and `make test` each create .venv when missing.
+PYTHON ?= python3.12
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-all lint bench clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
+	  echo "error: dpfp-jax needs Python 3.12 as '$(PYTHON)' (jax 0.11.2 requires it); found: $$($(PYTHON) --version 2>&1 || echo none)." >&2; \
+	  echo "       install Python 3.12 (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12 ...'." >&2; \
+	  exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,examples]'
+	touch $(STAMP)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+demo: $(BENCH_STAMP)
+	$(PY) benchmarks/ops.py --quick
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+test-all: lint
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,7 @@
+"""Flax linen modules: thin layers over :func:`dpfp_jax.fast_weight` and the feature maps."""
+
+from dpfp_jax.nn.attention import NORMALIZATIONS, DPFPAttention, FastWeightAttention
+from dpfp_jax.nn.cell import DPFPCell
+from dpfp_jax.nn.transformer import DPFPformer, FeedForward
+
+__all__ = ["NORMALIZATIONS", "DPFPAttention", "DPFPCell", "DPFPformer", "FastWeightAttention", "FeedForward"]

@@ -1,0 +1,301 @@
+"""Multi-head fast-weight attention layers (Flax linen): the general layer and the paper's DPFP one."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpfp_jax.feature_maps import FEATURE_MAPS, apply_feature_map, favor_projection, feature_dim, sum_norm
+from dpfp_jax.ops import IMPLS, RULES, fast_weight
+from dpfp_jax.ops.fast_weight.common import zeros_like_sharded
+
+Array = jax.Array
+Memory = Array | tuple[Array, Array]
+
+NORMALIZATIONS = ("sum", "attention", "none")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
+    """``[..., H, 3 * d (+ 1)] -> q, k, v [..., H, d]`` and ``beta [..., H]`` (or None)."""
+    q, k, v = (projection[..., i * head_dim : (i + 1) * head_dim] for i in range(3))
+    beta = jax.nn.sigmoid(projection[..., 3 * head_dim].astype(jnp.float32)) if with_beta else None
+    return q, k, v, beta
+
+
+class FastWeightAttention(nn.Module):
+    """Multi-head fast-weight (linear) attention with a feature map and an update rule.
+
+    One Dense maps the input to ``H * (3 * head_dim + 1)`` (q, k, v and, for the delta rule, a
+    beta logit per head); q and k go through ``feature_map`` (and the normalisation); the fast
+    weights W ``[B, H, K, V]`` are written and read by :func:`dpfp_jax.fast_weight`, outputs are
+    scaled by ``1 / sqrt(head_dim)`` and an output Dense maps the heads back.
+
+    Attributes:
+      num_heads: number of heads H.
+      head_dim: width d of q, k, v per head; V = d, K = ``feature_dim(feature_map, d)``.
+      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``.
+      nu: DPFP's nu (``feature_map="dpfp"``).
+      num_features: FAVOR+'s number of random projections m (K = 2m).
+      favor_seed: FAVOR+'s projection is drawn once from ``jax.random.key(favor_seed)``
+        (block-orthogonal, see :func:`dpfp_jax.favor_projection`) and is a constant of the
+        layer, not a parameter: it is never trained or decayed and needs no extra collection.
+        Give layers different seeds for independent draws.
+      rule: ``"delta"`` or ``"sum"``.
+      normalization: ``"sum"`` (phi(q), phi(k) divided by their sums: the paper's delta-rule
+        layers), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
+        running key sum z, the classic linear transformer) or ``"none"``.
+      out_features: output width (default: the input width).
+      use_bias: whether the projections have biases.
+      dtype: computation dtype of the projections (default: inferred); state is float32.
+      param_dtype: parameter dtype.
+      precision: matmul precision of the projections.
+      kernel_init, bias_init: initialisers of the projections.
+      dropout_rate: dropout on the layer's output.
+      impl: passed to :func:`dpfp_jax.fast_weight`.
+      decode: keep the memory in the ``cache`` collection and continue it on every call
+        (recurrent generation); init with a full-size input, then apply with ``mutable=["cache"]``.
+      eps: the normalisations' epsilon.
+
+    ``__call__(x, memory=None, *, mask=None, deterministic=True)`` takes ``x [B, T, D]`` and
+    returns ``(y [B, T, out_features], new_memory)``. The memory is W ``[B, H, K, V]``, or
+    ``(W, z)`` with ``z [B, H, K]`` for ``normalization="attention"``; None (or zeros) starts
+    empty. ``mask [B, T]`` marks real tokens: a masked token writes nothing and outputs zeros.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = FastWeightAttention(num_heads=2, head_dim=8, feature_map="dpfp", nu=2)
+        >>> x = jnp.ones((3, 5, 16))
+        >>> variables = layer.init(jax.random.key(0), x)
+        >>> y, memory = layer.apply(variables, x)
+        >>> y.shape, memory.shape
+        ((3, 5, 16), (3, 2, 32, 8))
+    """
+
+    num_heads: int = 8
+    head_dim: int = 64
+    feature_map: str = "dpfp"
+    nu: int = 1
+    num_features: int = 64
+    favor_seed: int = 0
+    rule: str = "delta"
+    normalization: str = "sum"
+    out_features: int | None = None
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = nn.initializers.zeros_init()
+    dropout_rate: float = 0.0
+    impl: str = "auto"
+    decode: bool = False
+    eps: float = 1e-6
+
+    @property
+    def key_dim(self) -> int:
+        """K, the feature-mapped key width."""
+        return feature_dim(self.feature_map, self.head_dim, nu=self.nu, num_features=self.num_features)
+
+    def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
+        self.check_config()
+        return (batch, self.num_heads, self.key_dim, self.head_dim)
+
+    def check_config(self) -> None:
+        """Raise a ValueError naming the attribute if the configuration is not usable."""
+        _check_positive_int("num_heads", self.num_heads)
+        _check_positive_int("head_dim", self.head_dim)
+        _check_choice("feature_map", self.feature_map, FEATURE_MAPS)
+        _check_choice("rule", self.rule, RULES)
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("impl", self.impl, IMPLS)
+        if self.feature_map == "dpfp":
+            _check_positive_int("nu", self.nu)
+        if self.feature_map == "favor":
+            _check_positive_int("num_features", self.num_features)
+        if self.normalization == "attention" and self.rule != "sum":
+            raise ValueError(
+                "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
+                "the delta rule uses normalization='sum' (the paper's choice) or 'none'"
+            )
+
+    def _features(self, x: Array) -> Array:
+        projection = None
+        if self.feature_map == "favor":
+            projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
+        phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
+        return sum_norm(phi, self.eps) if self.normalization == "sum" else phi
+
+    def _split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
+        shape = self.get_memory_shape(batch)
+        if memory is None:
+            return None, None
+        if self.normalization == "attention":
+            if not (isinstance(memory, tuple | list) and len(memory) == 2):
+                raise ValueError(
+                    "memory must be a (W, z) pair for normalization='attention'; "
+                    f"got {type(memory).__name__}"
+                )
+            w, z = memory
+            if z.shape != shape[:3]:
+                raise ValueError(f"memory's key sum z must be [B, H, K] = {shape[:3]}; got {z.shape}")
+        else:
+            w, z = memory, None
+        if not hasattr(w, "shape") or w.shape != shape:
+            raise ValueError(
+                f"memory must be fast weights of shape [B, H, K, V] = {shape}; "
+                f"got {getattr(w, 'shape', type(w).__name__)}"
+            )
+        return w, z
+
+    @nn.compact
+    def __call__(
+        self, x: Array, memory: Memory | None = None, *, mask: Array | None = None, deterministic: bool = True
+    ) -> tuple[Array, Memory]:
+        self.check_config()
+        if x.ndim != 3:
+            raise ValueError(f"x must be [batch, time, features]; got shape {x.shape}")
+        batch, length, width = x.shape
+        if mask is not None and mask.shape != (batch, length):
+            raise ValueError(f"mask must be [B, T] = {(batch, length)}; got {mask.shape}")
+        w0, z0 = self._split_memory(memory, batch)
+        shape = self.get_memory_shape(batch)
+
+        if self.decode:
+            if memory is not None:
+                raise ValueError("decode=True keeps the memory in the 'cache' collection; pass memory=None")
+            initialized = self.has_variable("cache", "fast_weights")
+            cached_w = self.variable("cache", "fast_weights", jnp.zeros, shape, jnp.float32)
+            cached_z = (
+                self.variable("cache", "key_sum", jnp.zeros, shape[:3], jnp.float32)
+                if self.normalization == "attention"
+                else None
+            )
+            if initialized:
+                w0 = cached_w.value
+                z0 = None if cached_z is None else cached_z.value
+
+        delta = self.rule == "delta"
+        projection = nn.DenseGeneral(
+            features=(self.num_heads, 3 * self.head_dim + int(delta)),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            name="qkv",
+        )(x)
+        q, k, v, beta = split_heads_projection(projection, self.head_dim, delta)
+        phi_q, phi_k = self._features(q), self._features(k)
+        if mask is not None:
+            # A zero key writes nothing under either rule: W += 0 * (...)^T.
+            phi_k = phi_k * mask[:, :, None, None].astype(phi_k.dtype)
+
+        out, w = fast_weight(
+            phi_q, phi_k, v, beta, rule=self.rule, initial_state=w0,
+            scale=1.0 / math.sqrt(self.head_dim), impl=self.impl,
+        )
+        new_memory: Memory = w
+        if self.normalization == "attention":
+            z_start = zeros_like_sharded(phi_k[:, 0], jnp.float32) if z0 is None else z0.astype(jnp.float32)
+            z = z_start[:, None] + jnp.cumsum(phi_k.astype(jnp.float32), axis=1)
+            denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
+            out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
+            new_memory = (w, z[:, -1] if length else z_start)
+
+        if self.decode and initialized:
+            cached_w.value = w
+            if cached_z is not None:
+                cached_z.value = new_memory[1]
+
+        y = nn.DenseGeneral(
+            features=self.out_features or width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            name="out",
+        )(out)
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        if mask is not None:
+            y = y * mask[:, :, None].astype(y.dtype)
+        return y, new_memory
+
+
+class DPFPAttention(nn.Module):
+    """The paper's best fast-weight layer: DPFP-nu features, delta rule, sum normalisation.
+
+    The seed's ``DPFPAttention(dim, nu=v)`` in Flax form, with the recurrence real at every
+    position. ``get_memory_shape(batch)`` is ``(batch, num_heads, 2 * nu * head_dim, head_dim)``;
+    ``y, W = model.apply(variables, x, W)`` continues from W (None or zeros: empty memory).
+
+    Attributes:
+      dim: model width D (input and output).
+      num_heads, head_dim, nu: as in :class:`FastWeightAttention`.
+      dropout_rate, use_bias, dtype, param_dtype, precision, kernel_init, impl, decode: passed on.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> m = DPFPAttention(128, nu=1)
+        >>> x = jax.random.normal(jax.random.key(0), (1, 16, 128))
+        >>> W = jnp.zeros(m.get_memory_shape(1))
+        >>> variables = m.init(jax.random.key(1), x, W)
+        >>> y, W = m.apply(variables, x, W)
+        >>> y.shape, W.shape
+        ((1, 16, 128), (1, 8, 128, 64))
+    """
+
+    dim: int
+    num_heads: int = 8
+    head_dim: int = 64
+    nu: int = 1
+    dropout_rate: float = 0.0
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    impl: str = "auto"
+    decode: bool = False
+
+    def _layer_config(self) -> dict[str, Any]:
+        return dict(
+            num_heads=self.num_heads, head_dim=self.head_dim, feature_map="dpfp", nu=self.nu,
+            rule="delta", normalization="sum", out_features=self.dim, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, dropout_rate=self.dropout_rate, impl=self.impl,
+            decode=self.decode,
+        )
+
+    def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """``(batch, num_heads, 2 * nu * head_dim, head_dim)``."""
+        # parent=None: a detached copy, so asking for a shape never registers a submodule.
+        return FastWeightAttention(**self._layer_config(), parent=None).get_memory_shape(batch)
+
+    @nn.compact
+    def __call__(
+        self, x: Array, memory: Array | None = None, *, mask: Array | None = None, deterministic: bool = True
+    ) -> tuple[Array, Array]:
+        _check_positive_int("dim", self.dim)
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
+        layer = FastWeightAttention(**self._layer_config(), name="attention")
+        return layer(x, memory, mask=mask, deterministic=deterministic)

@@ -1,0 +1,137 @@
+"""DPFPformer: a stack of residual fast-weight attention and feed-forward blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpfp_jax.nn.attention import FastWeightAttention, Memory, _check_positive_int
+
+Array = jax.Array
+
+
+class FeedForward(nn.Module):
+    """``Dense(ff_mult * D) -> activation -> dropout -> Dense(D) -> dropout``."""
+
+    ff_mult: int = 4
+    activation: Callable[[Array], Array] = nn.relu
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                     kernel_init=self.kernel_init)
+        h = self.activation(nn.Dense(self.ff_mult * x.shape[-1], name="up", **dense)(x))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = nn.Dense(x.shape[-1], name="down", **dense)(h)
+        return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+
+
+class DPFPformer(nn.Module):
+    """A fast-weight transformer: ``depth`` blocks of attention and feed-forward, each residual.
+
+    Every layer has its own memory (the seed passed one layer's W into the next); memories are
+    carried in and out per layer, so a long text can be processed segment by segment.
+
+    Attributes:
+      dim: model width D.
+      depth: number of blocks.
+      num_heads, head_dim, nu: DPFP attention shape (see :class:`FastWeightAttention`).
+      feature_map, rule, normalization, num_features: the attention's feature map and rule
+        (default: the paper's DPFP, delta rule, sum normalisation).
+      ff_mult: feed-forward width multiplier.
+      attention_dropout_rate, ff_dropout_rate: dropout rates.
+      pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
+      activation: the feed-forward non-linearity.
+      dtype, param_dtype, precision, kernel_init, impl, decode: passed to every layer.
+
+    ``__call__(x, memory=None, *, mask=None, deterministic=True, return_memory=False)`` maps
+    ``x [B, T, D]`` to ``y [B, T, D]``, or ``(y, memories)`` with ``return_memory=True``;
+    ``memory`` is None or a sequence of ``depth`` per-layer memories.
+
+    Example:
+        >>> import jax
+        >>> model = DPFPformer(128, 3, nu=1)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 16, 128))
+        >>> variables = model.init(jax.random.key(1), x)
+        >>> y, memories = model.apply(variables, x, return_memory=True)
+        >>> y.shape, len(memories), memories[0].shape
+        ((16, 16, 128), 3, (16, 8, 128, 64))
+    """
+
+    dim: int
+    depth: int
+    num_heads: int = 8
+    head_dim: int = 64
+    nu: int = 1
+    feature_map: str = "dpfp"
+    rule: str = "delta"
+    normalization: str = "sum"
+    num_features: int = 64
+    ff_mult: int = 4
+    attention_dropout_rate: float = 0.0
+    ff_dropout_rate: float = 0.0
+    pre_norm: bool = True
+    activation: Callable[[Array], Array] = nn.relu
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.linear.default_kernel_init
+    impl: str = "auto"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        memory: Sequence[Memory | None] | None = None,
+        *,
+        mask: Array | None = None,
+        deterministic: bool = True,
+        return_memory: bool = False,
+    ) -> Array | tuple[Array, tuple[Memory, ...]]:
+        _check_positive_int("dim", self.dim)
+        _check_positive_int("depth", self.depth)
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
+        if memory is None:
+            memory = [None] * self.depth
+        elif len(memory) != self.depth:
+            raise ValueError(f"memory must hold one entry per layer ({self.depth}); got {len(memory)}")
+        norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        new_memories = []
+        for i in range(self.depth):
+            attention = FastWeightAttention(
+                num_heads=self.num_heads, head_dim=self.head_dim, feature_map=self.feature_map,
+                nu=self.nu, num_features=self.num_features, favor_seed=i, rule=self.rule,
+                normalization=self.normalization, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, kernel_init=self.kernel_init,
+                dropout_rate=self.attention_dropout_rate, impl=self.impl, decode=self.decode,
+                name=f"attention_{i}",
+            )
+            ff = FeedForward(
+                ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                kernel_init=self.kernel_init, name=f"ff_{i}",
+            )
+            if self.pre_norm:
+                h, layer_memory = attention(nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x), memory[i],
+                                            mask=mask, deterministic=deterministic)
+                x = x + h
+                x = x + ff(nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x), deterministic=deterministic)
+            else:
+                h, layer_memory = attention(x, memory[i], mask=mask, deterministic=deterministic)
+                x = nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x + h)
+                x = nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x + ff(x, deterministic=deterministic))
+            new_memories.append(layer_memory)
+        if self.pre_norm:
+            x = nn.LayerNorm(name="norm_out", **norm)(x)
+        return (x, tuple(new_memories)) if return_memory else x

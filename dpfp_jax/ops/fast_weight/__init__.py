@@ -1,0 +1,110 @@
+"""``fast_weight``: the fast-weight (linear-attention) op, with one dispatcher over its impls.
+
+Side by side, one file each: ``naive`` (the oracle), ``recurrent`` (scan + memory-lean
+custom backward). Every implementation has a ``supports`` check that returns ``None`` or the
+reason it cannot take a call; ``impl="auto"`` picks the first that accepts, an explicit impl
+that cannot take the call raises that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpfp_jax.ops.fast_weight.common import zero_state
+from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
+from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
+
+Array = jax.Array
+
+__all__ = ["IMPLS", "RULES", "fast_weight", "fast_weight_reference", "fast_weight_scan"]
+
+Impl = Callable[..., tuple[Array, Array]]
+
+
+def _always(*args: object, **kwargs: object) -> str | None:
+    return None
+
+
+# name -> (function, supports); "auto" tries them in _AUTO_ORDER.
+_IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
+    "reference": (fast_weight_reference, _always),
+    "scan": (fast_weight_scan, _always),
+}
+_AUTO_ORDER = ("scan",)
+IMPLS = (*_IMPLS, "auto")
+"""Accepted values of ``impl``."""
+
+
+def fast_weight(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None = None,
+    *,
+    rule: str = "delta",
+    initial_state: Array | None = None,
+    scale: float = 1.0,
+    impl: str = "auto",
+) -> tuple[Array, Array]:
+    """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
+
+    Per batch element and head, with W in R^{K x V} starting at ``initial_state`` (zeros when
+    None):
+
+    - ``rule="sum"`` (linear attention): ``W_t = W_{t-1} + k_t v_t^T``
+    - ``rule="delta"`` (Schlag et al. 2021, Sec. 4.2):
+      ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
+    - output ``o_t = scale * W_t^T q_t``.
+
+    ``q`` and ``k`` are already feature-mapped (and, for the paper's delta-rule layers,
+    sum-normalised). The state and its accumulation are float32 for float32, bfloat16 or float16
+    inputs (float64 when an input is float64, with x64 enabled).
+
+    Args:
+      q: ``[B, T, H, K]`` queries.
+      k: ``[B, T, H, K]`` keys.
+      v: ``[B, T, H, V]`` values.
+      beta: ``[B, T, H]`` write strengths, required for the delta rule, refused for the sum rule.
+      rule: ``"delta"`` or ``"sum"``.
+      initial_state: ``[B, H, K, V]`` fast weights to start from (carried from a previous segment).
+      scale: multiplies the outputs.
+      impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
+        that recomputes states, O(K*V) memory per head), or ``"auto"``.
+
+    Returns:
+      ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
+      float64 inputs). Gradients flow
+      to every input, from losses on either.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import dpfp_jax as dj
+        >>> B, T, H, d = 2, 16, 4, 8
+        >>> x = jax.random.normal(jax.random.key(0), (3, B, T, H, d))
+        >>> q, k = dj.sum_norm(dj.dpfp(x[0])), dj.sum_norm(dj.dpfp(x[1]))
+        >>> beta = jax.nn.sigmoid(x[2, ..., 0])
+        >>> out, state = dj.fast_weight(q, k, x[2], beta)
+        >>> out.shape, state.shape
+        ((2, 16, 4, 8), (2, 4, 16, 8))
+    """
+    check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
+    if impl == "auto":
+        candidates = _AUTO_ORDER
+    elif impl in _IMPLS:
+        candidates = (impl,)
+    else:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    reasons = []
+    for name in candidates:
+        fn, supports = _IMPLS[name]
+        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state)
+        if reason is None:
+            if initial_state is None:
+                initial_state = zero_state(q, v, jnp.float32)
+            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale)
+        reasons.append(f"{name}: {reason}")
+    raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))

@@ -1,0 +1,33 @@
+"""Small helpers shared by the fast-weight implementations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def accumulation_dtype(*xs: Array | None) -> jnp.dtype:
+    """float32, or float64 when an input is float64: bfloat16/float16 inputs never hold the state."""
+    return jnp.promote_types(jnp.result_type(*(x for x in xs if x is not None)), jnp.float32)
+
+
+def to_time_major(x: Array | None, dtype: jnp.dtype) -> Array | None:
+    """``[B, T, ...] -> [T, B, ...]`` in ``dtype``; ``lax.scan`` walks the leading axis."""
+    return None if x is None else jnp.swapaxes(x, 0, 1).astype(dtype)
+
+
+def zeros_like_sharded(x: Array, dtype: jnp.dtype) -> Array:
+    """Zeros of x's shape that keep x's sharding type.
+
+    ``jnp.zeros_like`` drops the sharding under an explicit-sharding mesh (jax's default for
+    ``jax.make_mesh``), and contracting replicated zeros with batch-sharded keys is then a
+    sharding type error. A select keeps it, and unlike ``x * 0`` never turns inf or NaN into NaN.
+    """
+    return jnp.where(False, x, jnp.zeros((), dtype)).astype(dtype)
+
+
+def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
+    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v."""
+    return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)

@@ -1,0 +1,55 @@
+"""Trace-time checks shared by every implementation of the fast-weight op."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+RULES = ("delta", "sum")
+
+
+def _check_float(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+
+
+def check_fast_weight_inputs(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    rule: str,
+    initial_state: Array | None,
+) -> None:
+    """Raise a ValueError/TypeError naming the argument if the call breaks the contract.
+
+    Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; beta ``[B, T, H]`` (delta rule only);
+    initial_state ``[B, H, K, V]``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {x.shape}")
+        _check_float(name, x)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must be [B, T, H, V] with q's B, T, H = {q.shape[:3]}; got {v.shape}"
+        )
+    if rule == "delta":
+        if beta is None:
+            raise ValueError("beta is required for rule='delta': the write strength, [B, T, H] in (0, 1)")
+        if beta.shape != q.shape[:3]:
+            raise ValueError(f"beta must be [B, T, H] = {q.shape[:3]}; got {beta.shape}")
+        _check_float("beta", beta)
+    elif beta is not None:
+        raise ValueError(f"beta is only used by rule='delta'; got beta of shape {beta.shape} with rule='sum'")
+    if initial_state is not None:
+        expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        if initial_state.shape != expected:
+            raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {initial_state.shape}")
+        _check_float("initial_state", initial_state)
