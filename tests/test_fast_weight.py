@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 import dpfp_jax as dj
 from tests.conftest import make_inputs, random_like
 
-FAST_IMPLS = ["scan"]
+FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
@@ -20,7 +21,15 @@ from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
 
 Array = jax.Array
 
-__all__ = ["IMPLS", "RULES", "fast_weight", "fast_weight_reference", "fast_weight_scan"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "IMPLS",
+    "RULES",
+    "fast_weight",
+    "fast_weight_chunk",
+    "fast_weight_reference",
+    "fast_weight_scan",
+]
 
 Impl = Callable[..., tuple[Array, Array]]
 
@@ -33,6 +42,7 @@ def _always(*args: object, **kwargs: object) -> str | None:
 _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "reference": (fast_weight_reference, _always),
     "scan": (fast_weight_scan, _always),
+    "chunk": (fast_weight_chunk, _always),
 }
 _AUTO_ORDER = ("scan",)
 IMPLS = (*_IMPLS, "auto")
@@ -49,6 +59,7 @@ def fast_weight(
     initial_state: Array | None = None,
     scale: float = 1.0,
     impl: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -73,7 +84,11 @@ def fast_weight(
       initial_state: ``[B, H, K, V]`` fast weights to start from (carried from a previous segment).
       scale: multiplies the outputs.
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
-        that recomputes states, O(K*V) memory per head), or ``"auto"``.
+        that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
+        matmuls over chunks of ``chunk_size`` steps, one state per chunk kept for the backward),
+        or ``"auto"``.
+      chunk_size: steps per chunk for ``impl="chunk"`` (the other impls compute the same
+        function without chunks and do not use it).
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -92,6 +107,8 @@ def fast_weight(
         ((2, 16, 4, 8), (2, 4, 16, 8))
     """
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if impl == "auto":
         candidates = _AUTO_ORDER
     elif impl in _IMPLS:
@@ -105,6 +122,7 @@ def fast_weight(
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32)
-            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale)
+            options = {"chunk_size": chunk_size} if name == "chunk" else {}
+            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, **options)
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))
