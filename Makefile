@@ -25,8 +25,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-demo: $(BENCH_STAMP)
-	$(PY) benchmarks/ops.py --quick
+demo: $(STAMP)
+	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -39,6 +39,8 @@ test-all: lint
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/chunk.py
+	$(PY) benchmarks/chunk.py --crossover
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,85 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_name, temp_mb, time_ms  # noqa: E402
-
-import dpfp_jax as dj  # noqa: E402
-
-FastWeightFn = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def ours(impl: str) -> FastWeightFn:
-    def fn(q, k, v, beta):
-        return dj.fast_weight(q, k, v, beta, rule="delta", impl=impl)
-
-    return fn
-
-
-def peers() -> tuple[dict[str, FastWeightFn], str | None]:
-    try:
-        from jla.ops import linear_attention
-    except ImportError as err:
-        return {}, f"jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it"
-
-    def peer(impl: str) -> FastWeightFn:
-        def fn(q, k, v, beta):
-            return linear_attention(
-                "deltanet", q, k, v, beta=beta, impl=impl, scale=1.0, output_final_state=True
-            )
-
-        return fn
-
-    return {"jla reference": peer("reference"), "jla chunked": peer("chunked")}, None
-
-
-def make_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(0), 4)
-    shape = (batch, time, heads, key_dim)
-    q = dj.sum_norm(jax.nn.relu(jax.random.normal(ks[0], shape, dtype)))
-    k = dj.sum_norm(jax.nn.relu(jax.random.normal(ks[1], shape, dtype)))
-    v = jax.random.normal(ks[2], (batch, time, heads, value_dim), dtype)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (batch, time, heads), dtype))
-    return q, k, v, beta
-
-
-def forward_and_backward(fn: FastWeightFn) -> tuple[Callable, Callable]:
-    forward = jax.jit(fn)
-
-    def loss(q, k, v, beta):
-        out, state = fn(q, k, v, beta)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-    return forward, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-
-
-def measure(fns: dict[str, FastWeightFn], args, repeats: int) -> dict[str, tuple[float, float, float, float]]:
-    rows = {}
-    for name, fn in fns.items():
-        forward, backward = forward_and_backward(fn)
-        rows[name] = (
-            time_ms(forward, *args, repeats=repeats),
-            time_ms(backward, *args, repeats=repeats),
-            temp_mb(forward, *args),
-            temp_mb(backward, *args),
-        )
-    return rows
-
-
-def print_table(rows: dict[str, tuple[float, float, float, float]], baseline: str) -> None:
-    base_fwd, base_bwd, _, base_mem = rows[baseline]
-    print("| impl | fwd ms | fwd+bwd ms | fwd temp MB | fwd+bwd temp MB | fwd+bwd time / ours | "
-          "fwd+bwd temp / ours |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (fwd, bwd, fwd_mem, bwd_mem) in rows.items():
-        print(f"| {name} | {fwd:.2f} | {bwd:.2f} | {fwd_mem:.1f} | {bwd_mem:.1f} | "
-              f"{bwd / base_bwd:.2f}x | {bwd_mem / max(base_mem, 1e-6):.1f}x |")
+from common import delta_rule_inputs, machine_name, measure_forward_backward, ours, peer_deltanet, print_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,17 +33,22 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.quick else 5)
 
     fns = {"ours reference": ours("reference"), "ours scan": ours("scan")}
-    peer_fns, note = peers()
-    fns.update(peer_fns)
+    notes = []
+    for impl in ("reference", "chunked"):
+        fn, note = peer_deltanet(impl)
+        if fn is None:
+            notes.append(note)
+        else:
+            fns[f"jla {impl}"] = fn
     print(f"# fast_weight delta rule, float32, B={args.batch}, H={args.heads}, V={args.value_dim}")
     print(f"machine: {machine_name()}")
-    if note:
+    for note in sorted(set(notes)):
         print(f"note: {note}")
     for key_dim in key_dims:
         for length in lengths:
-            inputs = make_inputs(args.batch, length, args.heads, key_dim, args.value_dim)
+            inputs = delta_rule_inputs(args.batch, length, args.heads, key_dim, args.value_dim)
             print(f"\n## T={length}, K={key_dim}\n")
-            print_table(measure(fns, inputs, repeats), baseline="ours scan")
+            print_table(measure_forward_backward(fns, inputs, repeats), baseline="ours scan")
 
 
 if __name__ == "__main__":

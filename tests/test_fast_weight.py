@@ -166,9 +166,18 @@ def test_scale_multiplies_outputs(impl):
     assert_close(state, base_state, rtol=0)
 
 
-def test_auto_picks_a_qualified_impl():
-    inputs = make_inputs(8, time=12)
+@pytest.mark.parametrize("T", [12, 80])
+def test_auto_picks_a_qualified_impl(T):
+    inputs = make_inputs(8, time=T)
     assert_close(run(inputs, "auto", "delta"), run(inputs, "reference", "delta"), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_prefers_chunk_from_one_chunk_on():
+    from dpfp_jax.ops.fast_weight import auto_candidates
+
+    assert auto_candidates(jnp.ones((1, 63, 1, 4)), 64) == ("scan",)
+    assert auto_candidates(jnp.ones((1, 64, 1, 4)), 64)[0] == "chunk"
+    assert auto_candidates(jnp.ones((1, 20, 1, 4)), 16)[0] == "chunk"
 
 
 def test_delta_rule_stays_bounded_on_long_sequences():

@@ -38,13 +38,24 @@ def _always(*args: object, **kwargs: object) -> str | None:
     return None
 
 
-# name -> (function, supports); "auto" tries them in _AUTO_ORDER.
+# name -> (function, supports); "auto" tries them in the order auto_candidates gives.
 _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "reference": (fast_weight_reference, _always),
     "scan": (fast_weight_scan, _always),
     "chunk": (fast_weight_chunk, _always),
 }
-_AUTO_ORDER = ("scan",)
+
+
+def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
+    """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
+
+    benchmarks/chunk.py --crossover on this project's 2-core CPU machine: chunk's forward+backward
+    is 1.0x to 2.9x faster than scan's for T in 64..4096, K in {128, 512}, forwards about even;
+    below one chunk its padding is wasted work. On GPU and TPU the chunkwise form is the
+    matmul-shaped one (the peers' H200 figures in DESIGN.md: 3.6 ms chunked vs 35.8 ms scan
+    forward at T = 4096); our own GPU measurement is pending.
+    """
+    return ("chunk", "scan") if q.shape[1] >= chunk_size else ("scan",)
 IMPLS = (*_IMPLS, "auto")
 """Accepted values of ``impl``."""
 
@@ -86,7 +97,7 @@ def fast_weight(
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
         matmuls over chunks of ``chunk_size`` steps, one state per chunk kept for the backward),
-        or ``"auto"``.
+        or ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` (the other impls compute the same
         function without chunks and do not use it).
 
@@ -110,7 +121,7 @@ def fast_weight(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if impl == "auto":
-        candidates = _AUTO_ORDER
+        candidates = auto_candidates(q, chunk_size)
     elif impl in _IMPLS:
         candidates = (impl,)
     else:

@@ -1,0 +1,367 @@
+"""Synthetic associative retrieval (Schlag et al. 2021, Sec. 6.1), with dpfp-jax.
+
+A sequence of (key, value) pairs over S key and S value symbols is written into a fast-weight
+memory; a query key must then retrieve its value.
+
+- Setting 1 (capacity): S pairs, every key once. The memory must hold S associations, so the
+  feature width of phi bounds how large S can get (linear < dpfp-1 < dpfp-2 < dpfp-3).
+- Setting 2 (updates): 2S pairs drawn with replacement, so keys repeat with new values; the
+  target is the value of the key's last occurrence. The sum rule can only add, so it fails;
+  the delta rule replaces the old value.
+
+Model (as in the paper): keys embedded by a learned embedding of width ~1.1 x 2S; values are
+fixed one-hot vectors; step input ``[one_hot(v_t), emb(k_t)]``; key ``phi(Dense(input))`` with
+d = 64; beta = ``sigmoid(Dense(input))``; query ``phi(Dense(emb(q)))``. Sum rule readout
+``W^T phi(q) / (z . phi(q) + 1e-6)``; delta rule with sum-normalised keys and query, readout
+``W^T phi_bar(q)``. Loss ``0.5 * sum((readout - one_hot(target))^2)``, batch mean; Adam 1e-3,
+batch 32. Every 100 steps: evaluate on 20 fresh sequences querying every distinct key; stop at
+eval loss <= 0.001, after 10 evaluations without improvement, or at the step cap. Training
+steps query every distinct key of each sequence too (the same expected loss as one random
+query per sequence, with less gradient noise).
+
+    python examples/associative_retrieval.py --quick --out out/retrieval      # make demo
+    python examples/associative_retrieval.py --setting 1 --feature-map dpfp --nu 2 --rule sum \\
+        --S 20,40,60 --out out/s1
+    python examples/associative_retrieval.py --full --out out/paper           # the paper's sweeps
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dpfp_jax as dj
+
+MAPS = ("softmax", "linear", "favor", "dpfp")
+KEY_DIM = 64
+CSV_COLUMNS = ("setting", "feature_map", "nu", "features", "rule", "S", "final_eval_loss", "steps", "seconds")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    """``keys, values [B, L]``; ``queries, targets, valid [B, S]`` (query every key symbol; valid
+    marks the keys that occur in the sequence). A NamedTuple, so jit takes it as a pytree."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    queries: np.ndarray
+    targets: np.ndarray
+    valid: np.ndarray
+
+
+def make_batch(rng: np.random.Generator, setting: int, num_symbols: int, batch_size: int) -> Batch:
+    """Sequences of the given setting; every key symbol is a query, valid where it occurs."""
+    if setting not in (1, 2):
+        raise ValueError(f"setting must be 1 or 2; got {setting!r}")
+    if num_symbols < 1:
+        raise ValueError(f"num_symbols must be positive; got {num_symbols}")
+    s = num_symbols
+    if setting == 1:
+        keys = np.argsort(rng.random((batch_size, s)), axis=1)  # a permutation: without replacement
+        values = np.argsort(rng.random((batch_size, s)), axis=1)
+    else:
+        keys = rng.integers(0, s, (batch_size, 2 * s))
+        values = rng.integers(0, s, (batch_size, 2 * s))
+    queries = np.broadcast_to(np.arange(s), (batch_size, s))
+    targets = np.zeros((batch_size, s), np.int64)
+    valid = np.zeros((batch_size, s), bool)
+    rows = np.arange(batch_size)
+    for t in range(keys.shape[1]):  # later writes win: the value of the last occurrence
+        targets[rows, keys[:, t]] = values[:, t]
+        valid[rows, keys[:, t]] = True
+    return Batch(keys, values, np.array(queries), targets, valid)
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+class RetrievalModel(nn.Module):
+    """Write the (key, value) sequence into a fast-weight memory, read it with each query.
+
+    Attributes:
+      num_symbols: S.
+      feature_map: ``"softmax"`` (attention over the pairs, the upper reference), ``"linear"``,
+        ``"favor"`` or ``"dpfp"``.
+      rule: ``"sum"`` or ``"delta"`` (ignored by softmax).
+      nu: DPFP's nu; num_features: FAVOR+'s m.
+    """
+
+    num_symbols: int
+    feature_map: str
+    rule: str = "sum"
+    nu: int = 1
+    num_features: int = 64
+    key_dim: int = KEY_DIM
+
+    @nn.compact
+    def __call__(self, keys, values, queries, projection=None):
+        s = self.num_symbols
+        embed = nn.Embed(s, round(1.1 * 2 * s), embedding_init=nn.initializers.normal(1.0), name="embed")
+        value_onehot = jax.nn.one_hot(values, s)
+        inputs = jnp.concatenate([value_onehot, embed(keys)], axis=-1)
+        k = nn.Dense(self.key_dim, name="key")(inputs)
+        q = nn.Dense(self.key_dim, name="query")(embed(queries))
+        if self.feature_map == "softmax":
+            weights = jax.nn.softmax(jnp.einsum("bqd,btd->bqt", q, k) / math.sqrt(self.key_dim), axis=-1)
+            return jnp.einsum("bqt,bts->bqs", weights, value_onehot)
+
+        phi_k = dj.apply_feature_map(self.feature_map, k, nu=self.nu, projection=projection)
+        phi_q = dj.apply_feature_map(self.feature_map, q, nu=self.nu, projection=projection)
+        beta = None
+        if self.rule == "delta":
+            beta = jax.nn.sigmoid(nn.Dense(1, name="beta")(inputs))[..., 0][:, :, None]
+            phi_k, phi_q = dj.sum_norm(phi_k), dj.sum_norm(phi_q)
+        # One head; the outputs are not needed (queries come after the sequence), only W.
+        _, memory = dj.fast_weight(phi_k[:, :, None], phi_k[:, :, None], value_onehot[:, :, None], beta,
+                                   rule=self.rule)
+        readout = jnp.einsum("bkv,bqk->bqv", memory[:, 0], phi_q)
+        if self.rule == "sum":
+            readout = readout / (jnp.einsum("bqk,bk->bq", phi_q, phi_k.sum(axis=1)) + 1e-6)[..., None]
+        return readout
+
+
+def retrieval_loss(readout, targets, valid):
+    """0.5 * squared error to the one-hot target, summed over values, mean over valid queries."""
+    per_query = 0.5 * jnp.sum((readout - jax.nn.one_hot(targets, readout.shape[-1])) ** 2, axis=-1)
+    return jnp.sum(per_query * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    setting: int
+    feature_map: str
+    rule: str
+    num_symbols: int
+    nu: int = 1
+    num_features: int = 64
+    seed: int = 0
+    max_steps: int = 20_000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    eval_every: int = 100
+    eval_sequences: int = 20
+    patience: int = 10
+    target_loss: float = 1e-3
+
+    @property
+    def label(self) -> str:
+        if self.feature_map == "dpfp":
+            name = f"dpfp-{self.nu}"
+        elif self.feature_map == "favor":
+            name = f"favor-{self.num_features}"
+        else:
+            name = self.feature_map
+        return name if self.feature_map == "softmax" else f"{name} {self.rule}"
+
+
+def train(config: RunConfig, progress: bool = True) -> dict:
+    """Train one model to the stopping rule; returns one CSV row as a dict."""
+    model = RetrievalModel(config.num_symbols, config.feature_map, config.rule, config.nu, config.num_features)
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
+    favor = config.feature_map == "favor"
+
+    def projection_for(step_key):
+        return dj.favor_projection(step_key, config.num_features, KEY_DIM) if favor else None
+
+    sample = make_batch(rng, config.setting, config.num_symbols, config.batch_size)
+    key, init_key, eval_key = jax.random.split(key, 3)
+    params = model.init(init_key, sample.keys, sample.values, sample.queries, projection_for(init_key))["params"]
+    optimizer = optax.adam(config.learning_rate)
+    opt_state = optimizer.init(params)
+    eval_projection = projection_for(eval_key)  # fixed for evaluation, so evaluations compare
+
+    def loss_fn(params, batch, projection):
+        readout = model.apply({"params": params}, batch.keys, batch.values, batch.queries, projection)
+        return retrieval_loss(readout, batch.targets, batch.valid)
+
+    @jax.jit
+    def train_step(params, opt_state, batch, step_key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, projection_for(step_key))  # FAVOR+: redrawn
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    evaluate = jax.jit(loss_fn)
+    eval_batch = make_batch(np.random.default_rng(config.seed + 10_000), config.setting, config.num_symbols,
+                            config.eval_sequences)  # fresh sequences, never trained on
+
+    best, since_best, step, eval_loss = math.inf, 0, 0, math.inf
+    start = time.perf_counter()
+    bar = _progress(config, progress)
+    while step < config.max_steps:
+        key, step_key = jax.random.split(key)
+        batch = make_batch(rng, config.setting, config.num_symbols, config.batch_size)
+        params, opt_state, loss = train_step(params, opt_state, batch, step_key)
+        step += 1
+        if step % config.eval_every == 0:
+            eval_loss = float(evaluate(params, eval_batch, eval_projection))
+            bar.update(config.eval_every)
+            bar.set_postfix(train=f"{float(loss):.4f}", eval=f"{eval_loss:.4f}")
+            if eval_loss < best:
+                best, since_best = eval_loss, 0
+            else:
+                since_best += 1
+            if eval_loss <= config.target_loss or since_best >= config.patience:
+                break
+    bar.close()
+    if step % config.eval_every:
+        eval_loss = float(evaluate(params, eval_batch, eval_projection))
+    return dict(setting=config.setting, feature_map=config.feature_map,
+                nu=config.nu if config.feature_map == "dpfp" else "",
+                features=config.num_features if config.feature_map == "favor" else "",
+                rule="" if config.feature_map == "softmax" else config.rule, S=config.num_symbols,
+                final_eval_loss=f"{eval_loss:.6f}", steps=step, seconds=f"{time.perf_counter() - start:.1f}")
+
+
+def _progress(config: RunConfig, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, desc=f"setting {config.setting} S={config.num_symbols} {config.label}",
+                disable=not enabled, leave=False, file=sys.stderr)
+
+
+# --- sweeps, CSV, plot, table -------------------------------------------------------------------
+
+
+def quick_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
+    """The demo: the paper's two effects at a few sizes, in minutes on a CPU."""
+    cap = max_steps or 3000
+    for s in (40, 100):
+        for feature_map, nu in (("linear", 1), ("dpfp", 1), ("dpfp", 2)):
+            yield RunConfig(1, feature_map, "sum", s, nu=nu, seed=seed, max_steps=cap)
+    for rule in ("sum", "delta"):
+        yield RunConfig(2, "dpfp", rule, 20, nu=1, seed=seed, max_steps=cap)
+
+
+def full_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
+    """The paper's sweeps (Figures 2 and 3)."""
+    cap = max_steps or 20_000
+    maps = [("softmax", 1, 64), ("linear", 1, 64), ("favor", 1, 64), ("favor", 1, 128), ("favor", 1, 512),
+            ("dpfp", 1, 64), ("dpfp", 2, 64), ("dpfp", 3, 64)]
+    for s in range(20, 601, 20):
+        for feature_map, nu, m in maps:
+            yield RunConfig(1, feature_map, "sum", s, nu=nu, num_features=m, seed=seed, max_steps=cap)
+    maps2 = [("dpfp", 1, 64), ("dpfp", 2, 64), ("linear", 1, 64), ("favor", 1, 64), ("favor", 1, 128)]
+    for s in range(20, 201, 20):
+        for feature_map, nu, m in maps2:
+            for rule in ("sum", "delta"):
+                yield RunConfig(2, feature_map, rule, s, nu=nu, num_features=m, seed=seed, max_steps=cap)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _row_label(row: dict) -> str:
+    name = {"dpfp": f"dpfp-{row['nu']}", "favor": f"favor-{row['features']}"}.get(row["feature_map"],
+                                                                                   row["feature_map"])
+    return name if not row["rule"] else f"{name} {row['rule']}"
+
+
+def write_table(rows: list[dict], path: Path) -> str:
+    lines = ["| setting | model | S | final eval loss | steps | seconds |", "|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['setting']} | {_row_label(row)} | {row['S']} | {float(row['final_eval_loss']):.4f} "
+                     f"| {row['steps']} | {row['seconds']} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({int(r["setting"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            if int(row["setting"]) == setting:
+                lines.setdefault(_row_label(row), []).append((int(row["S"]), float(row["final_eval_loss"])))
+        for label, points in lines.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xlabel("number of unique keys S")
+        ax.set_ylabel("final evaluation loss")
+        ax.set_title(f"setting {setting}: " + ("capacity" if setting == 1 else "updating keys"))
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", type=int, choices=(1, 2))
+    parser.add_argument("--feature-map", choices=MAPS)
+    parser.add_argument("--nu", type=int, default=1)
+    parser.add_argument("--features", type=int, default=64, help="FAVOR+'s number of random features m")
+    parser.add_argument("--rule", choices=dj.RULES, default="sum")
+    parser.add_argument("--S", default=None, help="comma-separated numbers of unique keys, e.g. 20,40,60")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="the demo preset")
+    parser.add_argument("--full", action="store_true", help="the paper's sweeps (hours)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full are exclusive")
+    if not (args.quick or args.full) and (args.setting is None or args.feature_map is None or args.S is None):
+        parser.error("give --setting, --feature-map and --S, or --quick, or --full")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.quick:
+        configs = list(quick_runs(args.seed, args.max_steps))
+    elif args.full:
+        configs = list(full_runs(args.seed, args.max_steps))
+    else:
+        sizes = [int(s) for s in args.S.split(",")]
+        configs = [RunConfig(args.setting, args.feature_map, args.rule, s, nu=args.nu, num_features=args.features,
+                             seed=args.seed, max_steps=args.max_steps or 20_000) for s in sizes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config in configs:
+        row = train(config, progress=not args.no_progress)
+        rows.append(row)
+        print(f"setting {row['setting']}  S={row['S']:>4}  {_row_label(row):<14} "
+              f"eval loss {float(row['final_eval_loss']):.4f}  ({row['steps']} steps, {row['seconds']} s)", flush=True)
+        write_csv(rows, args.out / "results.csv")  # after every run, so a long sweep can be watched
+    write_plot(rows, args.out / "results.png")
+    print()
+    print(write_table(rows, args.out / "results.md"))
+    print(f"wrote {args.out / 'results.csv'}, results.md and results.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

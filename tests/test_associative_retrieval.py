@@ -1,0 +1,108 @@
+"""The paper-reproduction example: data, model shapes, a short training run, the CLI."""
+
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples import associative_retrieval as ar
+
+
+def test_setting1_keys_and_values_are_permutations():
+    batch = ar.make_batch(np.random.default_rng(0), 1, 12, 5)
+    assert batch.keys.shape == batch.values.shape == (5, 12)
+    for row in (*batch.keys, *batch.values):
+        assert sorted(row) == list(range(12))  # every symbol exactly once: no replacement
+    assert batch.valid.all()
+    for b in range(5):
+        for key, value in zip(batch.keys[b], batch.values[b], strict=True):
+            assert batch.targets[b, key] == value
+
+
+def test_setting2_targets_are_last_occurrences():
+    batch = ar.make_batch(np.random.default_rng(1), 2, 6, 50)
+    assert batch.keys.shape == (50, 12) and batch.queries.shape == (50, 6)
+    repeats = 0
+    for b in range(50):
+        last = {}
+        for key, value in zip(batch.keys[b], batch.values[b], strict=True):
+            repeats += key in last
+            last[key] = value
+        assert set(np.flatnonzero(batch.valid[b])) == set(last)
+        for key, value in last.items():
+            assert batch.targets[b, key] == value
+    assert repeats > 0  # with replacement, keys do repeat
+
+
+def test_bad_setting_is_refused():
+    with pytest.raises(ValueError, match="setting"):
+        ar.make_batch(np.random.default_rng(0), 3, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "feature_map, rule, nu, features, key_width",
+    [("softmax", "sum", 1, 64, None), ("linear", "sum", 1, 64, 64), ("linear", "delta", 1, 64, 64),
+     ("favor", "sum", 1, 16, 32), ("favor", "delta", 1, 16, 32), ("dpfp", "sum", 2, 64, 256),
+     ("dpfp", "delta", 3, 64, 384)],
+)
+def test_model_shapes(feature_map, rule, nu, features, key_width):
+    s = 7
+    batch = ar.make_batch(np.random.default_rng(0), 2, s, 3)
+    model = ar.RetrievalModel(s, feature_map, rule, nu, features)
+    projection = jax.random.normal(jax.random.key(0), (features, ar.KEY_DIM)) if feature_map == "favor" else None
+    variables = model.init(jax.random.key(1), batch.keys, batch.values, batch.queries, projection)
+    assert variables["params"]["embed"]["embedding"].shape == (s, round(1.1 * 2 * s))
+    assert ("beta" in variables["params"]) == (rule == "delta" and feature_map != "softmax")
+    readout = model.apply(variables, batch.keys, batch.values, batch.queries, projection)
+    assert readout.shape == (3, s, s) and jnp.isfinite(readout).all()
+    if key_width is not None:
+        assert ar.KEY_DIM == 64 and key_width == {"linear": 64, "favor": 2 * features, "dpfp": 128 * nu}[feature_map]
+
+
+def test_delta_readout_overwrites_and_sum_readout_averages():
+    # With one-hot keys (identity map), the delta rule with beta = 1 stores the last value; the
+    # normalised sum rule stores the average of a repeated key's values.
+    import dpfp_jax as dj
+
+    k = jnp.eye(3)[jnp.array([0, 1, 0])][None, :, None]
+    v = jnp.eye(3)[jnp.array([2, 1, 0])][None, :, None]
+    _, w_delta = dj.fast_weight(k, k, v, jnp.ones((1, 3, 1)), rule="delta")
+    np.testing.assert_allclose(w_delta[0, 0, 0], [1.0, 0.0, 0.0])
+    _, w_sum = dj.fast_weight(k, k, v, rule="sum")
+    np.testing.assert_allclose(w_sum[0, 0, 0] / k[0, :, 0, 0].sum(), [0.5, 0.0, 0.5])
+
+
+def test_short_training_lowers_the_loss():
+    config = ar.RunConfig(1, "dpfp", "sum", 8, nu=1, max_steps=200, eval_every=100, patience=100)
+    first = ar.train(dataclass_replace(config, max_steps=1, eval_every=1), progress=False)
+    trained = ar.train(config, progress=False)
+    assert float(trained["final_eval_loss"]) < 0.8 * float(first["final_eval_loss"])
+    assert trained["steps"] == 200
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_cli_writes_csv_table_and_plot(tmp_path):
+    rows = ar.main(["--setting", "2", "--feature-map", "dpfp", "--rule", "delta", "--S", "4,6",
+                    "--max-steps", "100", "--out", str(tmp_path), "--no-progress"])
+    assert len(rows) == 2
+    with (tmp_path / "results.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == list(ar.CSV_COLUMNS)
+    assert [r["S"] for r in written] == ["4", "6"]
+    assert all(r["setting"] == "2" and r["rule"] == "delta" and r["nu"] == "1" for r in written)
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "dpfp-1 delta" in (tmp_path / "results.md").read_text()
+
+
+def test_same_command_same_numbers(tmp_path):
+    args = ["--setting", "1", "--feature-map", "linear", "--S", "5", "--max-steps", "100", "--no-progress"]
+    first = ar.main([*args, "--out", str(tmp_path / "a")])
+    second = ar.main([*args, "--out", str(tmp_path / "b")])
+    assert first[0]["final_eval_loss"] == second[0]["final_eval_loss"]

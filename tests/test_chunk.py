@@ -1,0 +1,128 @@
+"""impl="chunk": the chunkwise-parallel form against the oracle across chunk sizes and widths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpfp_jax as dj
+from tests.conftest import make_inputs, random_like
+
+DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
+
+
+def run(inputs, impl, rule, **kwargs):
+    return dj.fast_weight(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], rule=rule,
+                          initial_state=inputs["initial_state"], impl=impl, **kwargs)
+
+
+def value_and_grads(inputs, impl, rule, **kwargs):
+    names = [n for n in DIFF_ARGS if inputs[n] is not None]
+
+    def loss(*args):
+        out, state = run({**inputs, **dict(zip(names, args, strict=True))}, impl, rule, **kwargs)
+        return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
+        *[inputs[n] for n in names]
+    )
+    return values, grads
+
+
+def assert_close(got, want, rtol, atol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+
+def float64_cases():
+    """The full grid; `make test` runs every T and chunk size at K = 96 with a state and the
+    other widths at T = 65, `make test-all` everything."""
+    for rule in ("delta", "sum"):
+        for chunk_size in (16, 64):
+            for T in (1, 63, 64, 65, 300):
+                for K in (16, 96, 384):
+                    for with_state in (False, True):
+                        fast = (K == 96 and with_state) or (T == 65 and with_state != (K == 16))
+                        marks = () if fast else (pytest.mark.slow,)
+                        yield pytest.param(rule, chunk_size, T, K, with_state, marks=marks)
+
+
+@pytest.mark.parametrize("rule, chunk_size, T, K, with_state", list(float64_cases()))
+def test_chunk_matches_reference_float64(x64, rule, chunk_size, T, K, with_state):
+    inputs = make_inputs(T + K, batch=1, time=T, heads=2, key_dim=K, value_dim=8, rule=rule,
+                         dtype=jnp.float64, with_state=with_state)
+    got = value_and_grads(inputs, "chunk", rule, chunk_size=chunk_size)
+    want = value_and_grads(inputs, "reference", rule)
+    assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("T", [63, 300])
+@pytest.mark.parametrize("K", [16, 384])
+def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
+    inputs = make_inputs(T * K, time=T, key_dim=K, value_dim=8, rule=rule, with_state=True)
+    got = value_and_grads(inputs, "chunk", rule, chunk_size=chunk_size)
+    want = value_and_grads(inputs, "reference", rule)
+    assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_chunk_bfloat16(rule):
+    inputs = make_inputs(3, time=100, key_dim=32, value_dim=8, rule=rule, with_state=True)
+    bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
+    (out, state), grads = value_and_grads(bf16, "chunk", rule)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    upcast = {n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}
+    want = value_and_grads(upcast, "reference", rule)
+    assert_close((out.astype(jnp.float32), state), want[0], rtol=2e-2, atol=2e-2)
+    assert_close([g.astype(jnp.float32) for g in grads], want[1], rtol=5e-2, atol=5e-2)
+
+
+def test_chunk_composes_with_jit_vmap_grad():
+    inputs = make_inputs(4, time=40, key_dim=24, with_state=True)
+    args = [inputs[n] for n in DIFF_ARGS]
+
+    def f(q, k, v, beta, s):
+        return dj.fast_weight(q, k, v, beta, initial_state=s, impl="chunk", chunk_size=16)
+
+    want = run(inputs, "reference", "delta")
+    assert_close(jax.jit(f)(*args), want, rtol=1e-5, atol=1e-6)
+    stacked = [jnp.stack([a, a]) for a in args]
+    out, state = jax.jit(jax.vmap(f))(*stacked)
+    assert_close((out[1], state[1]), want, rtol=1e-5, atol=1e-6)
+    loss = lambda *a: jnp.sum(f(*a)[0] ** 2)  # noqa: E731
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*stacked)
+    def reference_loss(*a):
+        return jnp.sum(run(dict(zip(DIFF_ARGS, a, strict=True)), "reference", "delta")[0] ** 2)
+
+    want_grads = jax.grad(reference_loss, argnums=(0, 1, 2, 3, 4))(*args)
+    assert_close([g[0] for g in grads], want_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_chunk_long_sequence_stays_accurate(rule):
+    # Sum-normalised keys, T = 8192, float32: outputs and gradients within 1e-4 of the oracle.
+    inputs = make_inputs(21, batch=1, time=8192, heads=2, key_dim=64, value_dim=16, rule=rule,
+                         with_state=True)
+    got = value_and_grads(inputs, "chunk", rule)
+    want = value_and_grads(inputs, "reference", rule)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        rel = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+        assert rel < 1e-4, rel
+
+
+def test_chunk_backward_keeps_no_state_per_chunk():
+    from tests.test_fast_weight import temp_bytes_of_grad
+
+    reference, chunk = temp_bytes_of_grad("reference"), temp_bytes_of_grad("chunk")
+    # T / C = 32 chunks; a state per chunk alone would be 32 * B * H * K * V * 4 bytes.
+    assert reference / chunk >= 8, (reference, chunk)
+
+
+def test_chunk_size_is_validated():
+    inputs = make_inputs(0, time=8)
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            run(inputs, "chunk", "delta", chunk_size=bad)
