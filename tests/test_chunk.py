@@ -56,10 +56,17 @@ def test_chunk_matches_reference_float64(x64, rule, chunk_size, T, K, with_state
     assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("chunk_size", [16, 64])
-@pytest.mark.parametrize("T", [63, 300])
-@pytest.mark.parametrize("K", [16, 384])
+def float32_cases():
+    """`make test` runs two corners of the grid, `make test-all` all of it."""
+    for rule in ("delta", "sum"):
+        for chunk_size in (16, 64):
+            for T in (63, 300):
+                for K in (16, 384):
+                    fast = (chunk_size, T, K) in ((16, 300, 384), (64, 63, 16))
+                    yield pytest.param(rule, chunk_size, T, K, marks=() if fast else (pytest.mark.slow,))
+
+
+@pytest.mark.parametrize("rule, chunk_size, T, K", list(float32_cases()))
 def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
     inputs = make_inputs(T * K, time=T, key_dim=K, value_dim=8, rule=rule, with_state=True)
     got = value_and_grads(inputs, "chunk", rule, chunk_size=chunk_size)

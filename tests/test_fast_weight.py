@@ -52,10 +52,14 @@ def test_matches_reference_float64(x64, impl, rule, with_state, T):
     assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("T", [1, 2, 17, 256])
+@pytest.mark.parametrize("T", [pytest.param(1, marks=SLOW), pytest.param(2, marks=SLOW),
+                               pytest.param(17, marks=SLOW), 256])
 def test_matches_reference_float32(impl, rule, with_state, T):
     inputs = make_inputs(T, time=T, rule=rule, with_state=with_state)
     assert_close(run(inputs, impl, rule), run(inputs, "reference", rule), rtol=2e-5, atol=2e-6)
@@ -63,7 +67,7 @@ def test_matches_reference_float32(impl, rule, with_state, T):
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_state", [pytest.param(False, marks=SLOW), True])
 @pytest.mark.parametrize("on", [("out",), ("state",), ("out", "state")])
 def test_gradients_match_reference(impl, rule, with_state, on):
     inputs = make_inputs(3, time=33, rule=rule, with_state=with_state)

@@ -1,9 +1,11 @@
 """``fast_weight``: the fast-weight (linear-attention) op, with one dispatcher over its impls.
 
 Side by side, one file each: ``naive`` (the oracle), ``recurrent`` (scan + memory-lean
-custom backward). Every implementation has a ``supports`` check that returns ``None`` or the
-reason it cannot take a call; ``impl="auto"`` picks the first that accepts, an explicit impl
-that cannot take the call raises that reason.
+custom backward), ``chunk`` (chunkwise parallel), ``pallas`` (the GPU kernels of
+``pallas_kernels``, explicit only until they have passed the tests on a GPU). Every
+implementation has a ``supports`` check that returns ``None`` or the reason it cannot take a
+call; ``impl="auto"`` picks the first that accepts, an explicit impl that cannot take the call
+raises that reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
 
@@ -43,6 +46,7 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "reference": (fast_weight_reference, _always),
     "scan": (fast_weight_scan, _always),
     "chunk": (fast_weight_chunk, _always),
+    "pallas": (fast_weight_pallas, pallas_supports),
 }
 
 
@@ -96,8 +100,8 @@ def fast_weight(
       scale: multiplies the outputs.
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
-        matmuls over chunks of ``chunk_size`` steps, one state per chunk kept for the backward),
-        or ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
+        matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the fused recurrent GPU
+        kernel; a clear ValueError elsewhere), or ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` (the other impls compute the same
         function without chunks and do not use it).
 

@@ -1,0 +1,177 @@
+"""GPU checks and benchmark: our kernels and ops against FLA and jax-linear-attention, one run.
+
+Run on a GPU machine, through ``benchmarks/run_gpu.sh`` (it installs the carried peer wheels).
+
+``--check``: our ``pallas``, ``chunk`` and ``scan`` outputs and gradients against ``reference`` on
+the GPU (float32, small shapes, both rules, K in {128, 384}).
+
+Default: forward and forward+backward time and peak memory at B=8, T=4096, H=8, V=64, bfloat16,
+K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for ours (``pallas`` fused recurrent,
+``chunk``, ``scan``), FLA's ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch +
+Triton) and jax-linear-attention's ``mosaic_gpu`` deltanet, each as a ratio to our ``chunk``.
+A peer that refuses a shape is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import delta_rule_inputs, machine_name, ours, peer_deltanet  # noqa: E402
+
+import dpfp_jax as dj  # noqa: E402
+
+
+def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
+    """(fwd ms, fwd+bwd ms, fwd+bwd peak GB from XLA's temp + argument + output sizes)."""
+    forward = jax.jit(fn)
+
+    def loss(*a):
+        out, state = fn(*a)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    times = []
+    for f in (forward, backward):
+        jax.block_until_ready(f(*args))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            result = f(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - start) / repeats * 1e3)
+    stats = backward.lower(*args).compile().memory_analysis()
+    return times[0], times[1], stats.temp_size_in_bytes / 1e9
+
+
+def torch_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
+    import torch
+
+    tensors = [torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16).requires_grad_()
+               for a in args]
+
+    def forward():
+        out, state = fn(*tensors)
+        return out, state
+
+    def forward_backward():
+        out, state = forward()
+        (out.float().sum() + state.float().sum()).backward()
+
+    result = []
+    for f in (forward, forward_backward):
+        f()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        torch.cuda.synchronize()
+        result.append((time.perf_counter() - start) / repeats * 1e3)
+    return result[0], result[1], torch.cuda.max_memory_allocated() / 1e9
+
+
+def fla(name: str) -> Callable | None:
+    try:
+        from fla.ops import delta_rule
+    except ImportError:
+        return None
+    op = getattr(delta_rule, name)
+
+    def fn(q, k, v, beta):
+        return op(q, k, v, beta, scale=1.0, output_final_state=True)
+
+    return fn
+
+
+def check(repeats: int) -> int:
+    """Our GPU impls against the reference on the GPU; returns the number of failures."""
+    del repeats
+    failures = 0
+    for rule in ("delta", "sum"):
+        for key_dim in (128, 384):
+            q, k, v, beta = delta_rule_inputs(2, 200, 2, key_dim, 16)
+            beta = beta if rule == "delta" else None
+            names = ("q", "k", "v", "beta") if rule == "delta" else ("q", "k", "v")
+
+            def run(impl, q=q, k=k, v=v, beta=beta, rule=rule):
+                def loss(*a):
+                    out, state = dj.fast_weight(*a[:3], a[3] if len(a) > 3 else None, rule=rule, impl=impl)
+                    return jnp.sum(out**2) + jnp.sum(state), (out, state)
+
+                args = (q, k, v, beta) if beta is not None else (q, k, v)
+                (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+                return values, grads
+
+            want = run("reference")
+            for impl in ("pallas", "chunk", "scan"):
+                try:
+                    got = run(impl)
+                    errors = [float(jnp.linalg.norm(g - w) / (jnp.linalg.norm(w) + 1e-30))
+                              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
+                    worst = max(errors)
+                    ok = worst < 1e-4
+                except Exception as err:  # noqa: BLE001 - report every failure and go on
+                    ok, worst = False, f"{type(err).__name__}: {err}"[:300]
+                failures += not ok
+                print(f"check rule={rule} K={key_dim} impl={impl} ({', '.join(names)}): "
+                      f"{'ok' if ok else 'FAIL'} worst relative error {worst}")
+    return failures
+
+
+def benchmark(repeats: int) -> None:
+    shapes = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
+    contenders: dict[str, tuple[str, Callable | None]] = {
+        "ours pallas (fused recurrent)": ("jax", ours("pallas")),
+        "ours chunk": ("jax", ours("chunk")),
+        "ours scan": ("jax", ours("scan")),
+        "FLA chunk_delta_rule": ("torch", fla("chunk_delta_rule")),
+        "FLA fused_recurrent_delta_rule": ("torch", fla("fused_recurrent_delta_rule")),
+        "jla mosaic_gpu deltanet": ("jax", peer_deltanet("mosaic_gpu")[0]),
+    }
+    for shape in shapes:
+        batch, length, heads, key_dim, value_dim = shape
+        args = delta_rule_inputs(batch, length, heads, key_dim, value_dim, jnp.bfloat16)
+        print(f"\n## B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, bfloat16\n")
+        print("| impl | fwd ms | fwd+bwd ms | fwd+bwd memory GB | fwd+bwd time / ours chunk |")
+        print("|---|---:|---:|---:|---:|")
+        rows = {}
+        for name, (framework, fn) in contenders.items():
+            if fn is None:
+                rows[name] = "not installed"
+                continue
+            try:
+                rows[name] = (jax_timings if framework == "jax" else torch_timings)(fn, args, repeats)
+            except Exception as err:  # noqa: BLE001 - a peer refusing a shape is a result
+                rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        base = rows.get("ours chunk")
+        for name, row in rows.items():
+            if isinstance(row, str):
+                print(f"| {name} | - | - | - | {row} |")
+            else:
+                ratio = f"{row[1] / base[1]:.2f}x" if not isinstance(base, str) else "-"
+                print(f"| {name} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {ratio} |")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="correctness against reference on the GPU only")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"machine: {machine_name()}")
+    if args.check:
+        sys.exit(1 if check(args.repeats) else 0)
+    benchmark(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

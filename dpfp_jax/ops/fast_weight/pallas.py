@@ -1,0 +1,67 @@
+"""``impl="pallas"``: the Pallas GPU kernels of the top-level ``pallas_kernels`` package.
+
+This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
+batch shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
+sharded batch axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
+own slice. Not part of ``impl="auto"`` until the kernels have passed the test suite on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec
+
+Array = jax.Array
+
+
+def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
+    """None, or why ``impl="pallas"`` cannot take this call."""
+    from pallas_kernels import MAX_KEY_DIM
+
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return (f"the Pallas kernels need a GPU and jax's default backend is {backend!r}; "
+                "pallas_kernels.fused_recurrent(..., interpret=True) runs them anywhere, slowly")
+    if q.shape[-1] > MAX_KEY_DIM:
+        return f"the fused recurrent kernel takes K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
+    return None
+
+
+def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:
+    """The (abstract) mesh and the mesh axis that x's batch dimension is sharded over, if any."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None, None
+    return mesh, sharding.spec[0]
+
+
+def fast_weight_pallas(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    *,
+    rule: str,
+    scale: float,
+    interpret: bool = False,
+) -> tuple[Array, Array]:
+    """The fused recurrent kernel, run per batch shard; inputs validated by ``fast_weight``."""
+    from pallas_kernels import fused_recurrent
+
+    def run(q, k, v, beta, initial_state):
+        return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
+
+    mesh, axis = batch_axis_of(q)
+    if axis is None:
+        return run(q, k, v, beta, initial_state)
+    spec = PartitionSpec(axis)
+    # check_vma=False: pallas_call's out_shape carries no varying-axes annotation; every output is
+    # per shard along the batch axis, which out_specs states.
+    per_shard = dict(mesh=mesh, out_specs=(spec, spec), check_vma=False)
+    if beta is None:
+        return jax.shard_map(lambda q, k, v, s: run(q, k, v, None, s), in_specs=(spec,) * 4, **per_shard)(
+            q, k, v, initial_state
+        )
+    return jax.shard_map(run, in_specs=(spec,) * 5, **per_shard)(q, k, v, beta, initial_state)

@@ -1,0 +1,214 @@
+"""Fused recurrent fast-weight kernels (Pallas): the counterpart of the paper's CUDA kernel.
+
+One program per (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the fast
+weights on chip and walks time. The forward stores only the outputs, the delta rule's writes
+``u_t`` and the final state; the backward walks time in reverse, rebuilding
+``W_{t-1} = W_t - k_t u_t^T`` in-kernel, so nothing of size T x K x V is ever stored. The value
+axis splits across programs because W's columns evolve independently (each column of the delta
+rule only reads itself through ``W^T k``); gradients that sum over V (dq, dk, dbeta) come back as
+one partial per value block and are summed outside the kernel.
+
+K and BV are padded to powers of two (Triton's tensors need them); zero padding is inert, a zero
+key or query entry neither writes nor reads anything.
+
+Reached through ``dpfp_jax.fast_weight(..., impl="pallas")`` on a GPU, or directly with
+``fused_recurrent(..., interpret=True)`` anywhere (Pallas's interpreter, for tests on the CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+MAX_KEY_DIM = 1024
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def value_block(key_dim: int, value_dim: int) -> int:
+    """Value columns per program: keep the ``[K, BV]`` state slice near 16K floats of registers."""
+    return max(1, min(_next_power_of_2(value_dim), 16_384 // _next_power_of_2(key_dim), 64))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool):
+    length = q_ref.shape[0]
+
+    def step(t, w):
+        k_t = k_ref[t, :].astype(jnp.float32)
+        v_t = v_ref[t, :].astype(jnp.float32)
+        if delta:
+            recall = jnp.sum(w * k_t[:, None], axis=0)
+            u_t = beta_ref[t].astype(jnp.float32) * (v_t - recall)
+            u_ref[t, :] = u_t
+        else:
+            u_t = v_t
+        w = w + k_t[:, None] * u_t[None, :]
+        out_ref[t, :] = jnp.sum(w * q_ref[t, :].astype(jnp.float32)[:, None], axis=0).astype(out_ref.dtype)
+        return w
+
+    w_ref[...] = lax.fori_loop(0, length, step, w0_ref[...].astype(jnp.float32))
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w_ref,
+                     dq_ref, dk_ref, dv_ref, dbeta_ref, d_w0_ref, *, delta: bool):
+    length = q_ref.shape[0]
+
+    def step(i, carry):
+        w, g = carry  # W_t and dL/dW_t (this program's value columns)
+        t = length - 1 - i
+        q_t = q_ref[t, :].astype(jnp.float32)
+        k_t = k_ref[t, :].astype(jnp.float32)
+        v_t = v_ref[t, :].astype(jnp.float32)
+        do_t = d_out_ref[t, :].astype(jnp.float32)
+        u_t = u_ref[t, :] if delta else v_t
+        dq_ref[t, :] = jnp.sum(w * do_t[None, :], axis=1)
+        g = g + q_t[:, None] * do_t[None, :]
+        dk_t = jnp.sum(g * u_t[None, :], axis=1)
+        du_t = jnp.sum(g * k_t[:, None], axis=0)
+        w = w - k_t[:, None] * u_t[None, :]
+        if delta:
+            residual = v_t - jnp.sum(w * k_t[:, None], axis=0)
+            dbeta_ref[t] = jnp.sum(du_t * residual)
+            dv_t = beta_ref[t].astype(jnp.float32) * du_t
+            dk_t = dk_t - jnp.sum(w * dv_t[None, :], axis=1)  # through the recall W^T k
+            g = g - k_t[:, None] * dv_t[None, :]
+        else:
+            dv_t = du_t
+        dk_ref[t, :] = dk_t
+        dv_ref[t, :] = dv_t
+        return w, g
+
+    _, g = lax.fori_loop(0, length, step, (w_ref[...], d_w_ref[...].astype(jnp.float32)))
+    d_w0_ref[...] = g
+
+
+def _pad_to(x: Array, axis: int, size: int) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _heads_major(x: Array, size: int | None = None) -> Array:
+    """``[B, T, H, D] -> [B * H, T, D_padded]``."""
+    batch, length, heads = x.shape[:3]
+    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
+    return x if size is None else _pad_to(x, 2, size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(rule: str, interpret: bool, q, k, v, beta, w0):
+    (out, final_state), _ = _fused_forward(rule, interpret, q, k, v, beta, w0)
+    return out, final_state
+
+
+def _fused_forward(rule, interpret, q, k, v, beta, w0):
+    delta = rule == "delta"
+    bh, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block = value_block(key_dim, value_dim)
+    grid = (bh, value_dim // block)
+    keys = pl.BlockSpec((None, length, key_dim), lambda i, j: (i, 0, 0))
+    values = pl.BlockSpec((None, length, block), lambda i, j: (i, 0, j))
+    per_step = pl.BlockSpec((None, length), lambda i, j: (i, 0))
+    state = pl.BlockSpec((None, key_dim, block), lambda i, j: (i, 0, j))
+    beta_in = beta if delta else jnp.zeros((bh, length), jnp.float32)
+    out, u, final_state = pl.pallas_call(
+        functools.partial(_forward_kernel, delta=delta),
+        out_shape=(jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((bh, key_dim, value_dim), jnp.float32)),
+        grid=grid,
+        in_specs=[keys, keys, values, per_step, state],
+        out_specs=(values, values, state),
+        interpret=interpret,
+        name="fast_weight_fused_recurrent_fwd",
+    )(q, k, v, beta_in, w0)
+    return (out, final_state), (q, k, v, beta, u if delta else None, final_state)
+
+
+def _fused_backward(rule, interpret, residuals, cotangents):
+    q, k, v, beta, u, final_state = residuals
+    d_out, d_final = cotangents
+    delta = rule == "delta"
+    bh, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block = value_block(key_dim, value_dim)
+    num_blocks = value_dim // block
+    keys = pl.BlockSpec((None, length, key_dim), lambda i, j: (i, 0, 0))
+    values = pl.BlockSpec((None, length, block), lambda i, j: (i, 0, j))
+    per_step = pl.BlockSpec((None, length), lambda i, j: (i, 0))
+    state = pl.BlockSpec((None, key_dim, block), lambda i, j: (i, 0, j))
+    partial_keys = pl.BlockSpec((None, None, length, key_dim), lambda i, j: (j, i, 0, 0))
+    partial_steps = pl.BlockSpec((None, None, length), lambda i, j: (j, i, 0))
+    placeholder = jnp.zeros((bh, length), jnp.float32)
+    dq, dk, dv, dbeta, d_w0 = pl.pallas_call(
+        functools.partial(_backward_kernel, delta=delta),
+        out_shape=(jax.ShapeDtypeStruct((num_blocks, bh, length, key_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((num_blocks, bh, length, key_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((num_blocks, bh, length), jnp.float32),
+                   jax.ShapeDtypeStruct((bh, key_dim, value_dim), jnp.float32)),
+        grid=(bh, num_blocks),
+        in_specs=[keys, keys, values, per_step, values, state, values, state],
+        out_specs=(partial_keys, partial_keys, values, partial_steps, state),
+        interpret=interpret,
+        name="fast_weight_fused_recurrent_bwd",
+    )(q, k, v, beta if delta else placeholder, u if delta else jnp.zeros_like(v), final_state,
+      d_out, d_final)
+    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0) if delta else None, d_w0
+
+
+_fused.defvjp(_fused_forward, _fused_backward)
+
+
+def fused_recurrent(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    *,
+    rule: str,
+    scale: float = 1.0,
+    interpret: bool = False,
+) -> tuple[Array, Array]:
+    """The fast-weight op as one fused recurrent Pallas kernel; same contract as ``dj.fast_weight``.
+
+    Takes validated inputs (``dj.fast_weight`` checks them): q, k ``[B, T, H, K]``, v
+    ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``.
+    Returns ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+
+    Example (interpret mode runs anywhere):
+        >>> import jax.numpy as jnp
+        >>> x = jnp.full((1, 3, 2, 4), 0.25)
+        >>> out, w = fused_recurrent(x, x, x, jnp.full((1, 3, 2), 0.5), jnp.zeros((1, 2, 4, 4)),
+        ...                          rule="delta", interpret=True)
+        >>> out.shape, w.shape
+        ((1, 3, 2, 4), (1, 2, 4, 4))
+    """
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if key_dim > MAX_KEY_DIM:
+        raise ValueError(f"fused_recurrent supports K <= {MAX_KEY_DIM}; got K={key_dim}")
+    k_pad = _next_power_of_2(key_dim)
+    block = value_block(k_pad, value_dim)
+    v_pad = -(-value_dim // block) * block
+    f32 = jnp.float32
+    qh = _heads_major(q.astype(f32) * scale, k_pad)
+    kh = _heads_major(k.astype(f32), k_pad)
+    vh = _heads_major(v.astype(f32), v_pad)
+    betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
+    w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
+    w0 = _pad_to(_pad_to(w0, 1, k_pad), 2, v_pad)
+    out, final_state = _fused(rule, interpret, qh, kh, vh, betah, w0)
+    out = jnp.moveaxis(out[..., :value_dim].reshape(batch, heads, length, value_dim), 1, 2)
+    final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return out.astype(v.dtype), final_state

@@ -1,0 +1,78 @@
+"""Pallas kernels in interpret mode on the CPU, against the oracle; the GPU-only dispatch."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpfp_jax as dj
+from pallas_kernels import MAX_KEY_DIM, fused_recurrent
+from tests.conftest import make_inputs, random_like
+from tests.test_multidevice import run_with_host_devices
+
+ARGS = ("q", "k", "v", "beta", "initial_state")
+
+
+def value_and_grads(fn, inputs):
+    names = [n for n in ARGS if inputs[n] is not None]
+
+    def loss(*args):
+        out, state = fn(*args) if len(args) == 5 else fn(args[0], args[1], args[2], None, args[3])
+        return (jnp.sum(out.astype(jnp.float32) * random_like(1, out).astype(jnp.float32))
+                + jnp.sum(state * random_like(2, state)), (out, state))
+
+    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
+        *[inputs[n] for n in names]
+    )
+    return values, grads
+
+
+def kernel(rule, scale=1.0):
+    return lambda q, k, v, beta, s: fused_recurrent(q, k, v, beta, s, rule=rule, scale=scale, interpret=True)
+
+
+def oracle(rule, scale=1.0):
+    return lambda q, k, v, beta, s: dj.fast_weight(q, k, v, beta, rule=rule, initial_state=s, scale=scale,
+                                                   impl="reference")
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim, value_dim", [(8, 4), (12, 5), (96, 70)])
+def test_fused_recurrent_matches_reference(rule, key_dim, value_dim):
+    # 12 and 96 exercise the padding of K to a power of two; V = 70 splits over value blocks.
+    inputs = make_inputs(key_dim, time=11, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
+    got = value_and_grads(kernel(rule, 0.5), inputs)
+    want = value_and_grads(oracle(rule, 0.5), inputs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_recurrent_bfloat16():
+    inputs = make_inputs(1, time=16, key_dim=16, value_dim=8, with_state=True)
+    bf16 = {n: x.astype(jnp.bfloat16) for n, x in inputs.items()}
+    (out, state), grads = value_and_grads(kernel("delta"), bf16)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    want, _ = value_and_grads(oracle("delta"), {n: x.astype(jnp.float32) for n, x in bf16.items()})
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0]), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(state), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_recurrent_refuses_oversized_keys():
+    x = jnp.ones((1, 2, 1, MAX_KEY_DIM + 1))
+    with pytest.raises(ValueError, match="K <= 1024"):
+        fused_recurrent(x, x, jnp.ones((1, 2, 1, 4)), None, jnp.zeros((1, 1, MAX_KEY_DIM + 1, 4)), rule="sum")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off the GPU")
+def test_impl_pallas_needs_a_gpu():
+    inputs = make_inputs(0, time=4)
+    with pytest.raises(ValueError, match="need a GPU"):
+        dj.fast_weight(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], impl="pallas")
+
+
+def test_kernel_runs_per_batch_shard_under_sharded_jit():
+    result = run_with_host_devices(Path(__file__).with_name("pallas_sharded_script.py"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
