@@ -27,7 +27,8 @@ FEATURE_MAPS = ("dpfp", "linear", "favor", "relu", "identity")
 """Names accepted by :func:`feature_dim` and the linen modules' ``feature_map`` attribute."""
 
 
-def _check_positive_int(name: str, value: object) -> int:
+def check_positive_int(name: str, value: object) -> int:
+    """TypeError for a non-int, ValueError for an int below 1; shared with the linen modules."""
     # bool is an int subclass; `nu=True` is almost certainly a mistake, so refuse it too.
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a positive int; got {value!r} of type {type(value).__name__}")
@@ -54,7 +55,7 @@ def dpfp(x: Array, nu: int = 1) -> Array:
         >>> dpfp(jnp.array([1.0, -2.0]))  # a = [1, 0, 0, 2]; roll(a, 1) = [2, 1, 0, 0]
         Array([2., 0., 0., 0.], dtype=float32)
     """
-    nu = _check_positive_int("nu", nu)
+    nu = check_positive_int("nu", nu)
     x = jnp.asarray(x)
     if x.ndim == 0:
         raise ValueError(f"x must have a feature axis; got a scalar of shape {x.shape}")
@@ -121,8 +122,8 @@ def favor_projection(key: Array, num_features: int, dim: int, *, orthogonal: boo
         >>> favor_projection(jax.random.key(0), 64, 16).shape
         (64, 16)
     """
-    num_features = _check_positive_int("num_features", num_features)
-    dim = _check_positive_int("dim", dim)
+    num_features = check_positive_int("num_features", num_features)
+    dim = check_positive_int("dim", dim)
     key_dirs, key_norms = jax.random.split(key)
     if not orthogonal:
         return jax.random.normal(key_dirs, (num_features, dim))
@@ -177,13 +178,13 @@ def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | 
         >>> feature_dim("favor", 64, num_features=128)
         256
     """
-    dim = _check_positive_int("dim", dim)
+    dim = check_positive_int("dim", dim)
     if feature_map == "dpfp":
-        return 2 * _check_positive_int("nu", nu) * dim
+        return 2 * check_positive_int("nu", nu) * dim
     if feature_map == "favor":
         if num_features is None:
             raise ValueError("feature_map 'favor' needs num_features (m, the random projections)")
-        return 2 * _check_positive_int("num_features", num_features)
+        return 2 * check_positive_int("num_features", num_features)
     if feature_map in ("linear", "relu", "identity"):
         return dim
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}")

@@ -131,5 +131,5 @@ def test_chunk_backward_keeps_no_state_per_chunk():
 def test_chunk_size_is_validated():
     inputs = make_inputs(0, time=8)
     for bad in (0, -4, 2.0, True):
-        with pytest.raises(ValueError, match="chunk_size"):
+        with pytest.raises((TypeError, ValueError), match="chunk_size"):
             run(inputs, "chunk", "delta", chunk_size=bad)

@@ -5,10 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def run_with_host_devices(script: Path, count: int = 8) -> subprocess.CompletedProcess:
+    """Run a script in a fresh Python with ``count`` host CPU devices; the repo root is importable
+    (``tests.*``, ``examples.*``) as it is for pytest itself."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
 
 

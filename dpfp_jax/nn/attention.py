@@ -9,7 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import FEATURE_MAPS, apply_feature_map, favor_projection, feature_dim, sum_norm
+from dpfp_jax.feature_maps import (
+    FEATURE_MAPS,
+    apply_feature_map,
+    check_positive_int,
+    favor_projection,
+    feature_dim,
+    sum_norm,
+)
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import zeros_like_sharded
 
@@ -17,11 +24,6 @@ Array = jax.Array
 Memory = Array | tuple[Array, Array]
 
 NORMALIZATIONS = ("sum", "attention", "none")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -117,16 +119,16 @@ class FastWeightAttention(nn.Module):
 
     def check_config(self) -> None:
         """Raise a ValueError naming the attribute if the configuration is not usable."""
-        _check_positive_int("num_heads", self.num_heads)
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("num_heads", self.num_heads)
+        check_positive_int("head_dim", self.head_dim)
         _check_choice("feature_map", self.feature_map, FEATURE_MAPS)
         _check_choice("rule", self.rule, RULES)
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         _check_choice("impl", self.impl, IMPLS)
         if self.feature_map == "dpfp":
-            _check_positive_int("nu", self.nu)
+            check_positive_int("nu", self.nu)
         if self.feature_map == "favor":
-            _check_positive_int("num_features", self.num_features)
+            check_positive_int("num_features", self.num_features)
         if self.normalization == "attention" and self.rule != "sum":
             raise ValueError(
                 "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
@@ -190,15 +192,10 @@ class FastWeightAttention(nn.Module):
                 z0 = None if cached_z is None else cached_z.value
 
         delta = self.rule == "delta"
+        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init)
         projection = nn.DenseGeneral(
-            features=(self.num_heads, 3 * self.head_dim + int(delta)),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            name="qkv",
+            features=(self.num_heads, 3 * self.head_dim + int(delta)), name="qkv", **dense
         )(x)
         q, k, v, beta = split_heads_projection(projection, self.head_dim, delta)
         phi_q, phi_k = self._features(q), self._features(k)
@@ -223,17 +220,7 @@ class FastWeightAttention(nn.Module):
             if cached_z is not None:
                 cached_z.value = new_memory[1]
 
-        y = nn.DenseGeneral(
-            features=self.out_features or width,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            name="out",
-        )(out)
+        y = nn.DenseGeneral(features=self.out_features or width, axis=(-2, -1), name="out", **dense)(out)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         if mask is not None:
             y = y * mask[:, :, None].astype(y.dtype)
@@ -294,7 +281,7 @@ class DPFPAttention(nn.Module):
     def __call__(
         self, x: Array, memory: Array | None = None, *, mask: Array | None = None, deterministic: bool = True
     ) -> tuple[Array, Array]:
-        _check_positive_int("dim", self.dim)
+        check_positive_int("dim", self.dim)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
         layer = FastWeightAttention(**self._layer_config(), name="attention")

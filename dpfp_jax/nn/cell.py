@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import dpfp, sum_norm
-from dpfp_jax.nn.attention import _check_positive_int, split_heads_projection
+from dpfp_jax.feature_maps import check_positive_int, dpfp, sum_norm
+from dpfp_jax.nn.attention import split_heads_projection
 
 Array = jax.Array
 
@@ -58,9 +58,9 @@ class DPFPCell(nn.Module):
 
     def get_memory_shape(self, batch: int) -> tuple[int, int, int]:
         """``(batch, 2 * nu * head_dim, head_dim)``."""
-        _check_positive_int("dim", self.dim)
-        _check_positive_int("nu", self.nu)
-        _check_positive_int("head_dim", self._head_dim)
+        check_positive_int("dim", self.dim)
+        check_positive_int("nu", self.nu)
+        check_positive_int("head_dim", self._head_dim)
         return (batch, 2 * self.nu * self._head_dim, self._head_dim)
 
     @nn.compact

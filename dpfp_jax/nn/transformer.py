@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.nn.attention import FastWeightAttention, Memory, _check_positive_int
+from dpfp_jax.feature_maps import check_positive_int
+from dpfp_jax.nn.attention import FastWeightAttention, Memory
 
 Array = jax.Array
 
@@ -98,8 +99,8 @@ class DPFPformer(nn.Module):
         deterministic: bool = True,
         return_memory: bool = False,
     ) -> Array | tuple[Array, tuple[Memory, ...]]:
-        _check_positive_int("dim", self.dim)
-        _check_positive_int("depth", self.depth)
+        check_positive_int("dim", self.dim)
+        check_positive_int("depth", self.depth)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
         if memory is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.feature_maps import check_positive_int
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
@@ -122,8 +123,7 @@ def fast_weight(
         ((2, 16, 4, 8), (2, 4, 16, 8))
     """
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)
     elif impl in _IMPLS:
