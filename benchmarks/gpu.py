@@ -6,8 +6,8 @@ Run on a GPU machine, through ``benchmarks/run_gpu.sh`` (it installs the carried
 the GPU (float32, small shapes, both rules, K in {128, 384}).
 
 Default: forward and forward+backward time and peak memory at B=8, T=4096, H=8, V=64, bfloat16,
-K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for ours (``pallas`` fused recurrent,
-``chunk``, ``scan``), FLA's ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch +
+K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for ours (``pallas`` chunked and fused
+recurrent, ``chunk``, ``scan``), FLA's ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch +
 Triton) and jax-linear-attention's ``mosaic_gpu`` deltanet, each as a ratio to our ``chunk``.
 A peer that refuses a shape is listed with its reason.
 """
@@ -102,9 +102,10 @@ def check(repeats: int) -> int:
             beta = beta if rule == "delta" else None
             names = ("q", "k", "v", "beta") if rule == "delta" else ("q", "k", "v")
 
-            def run(impl, q=q, k=k, v=v, beta=beta, rule=rule):
+            def run(impl, chunk_size=64, q=q, k=k, v=v, beta=beta, rule=rule):
                 def loss(*a):
-                    out, state = dj.fast_weight(*a[:3], a[3] if len(a) > 3 else None, rule=rule, impl=impl)
+                    out, state = dj.fast_weight(*a[:3], a[3] if len(a) > 3 else None, rule=rule, impl=impl,
+                                                chunk_size=chunk_size)
                     return jnp.sum(out**2) + jnp.sum(state), (out, state)
 
                 args = (q, k, v, beta) if beta is not None else (q, k, v)
@@ -112,9 +113,10 @@ def check(repeats: int) -> int:
                 return values, grads
 
             want = run("reference")
-            for impl in ("pallas", "chunk", "scan"):
+            # pallas with chunk_size 64 takes the chunked kernel, with 256 > T the fused recurrent one.
+            for impl, chunk_size in (("pallas", 64), ("pallas", 256), ("chunk", 64), ("scan", 64)):
                 try:
-                    got = run(impl)
+                    got = run(impl, chunk_size)
                     errors = [float(jnp.linalg.norm(g - w) / (jnp.linalg.norm(w) + 1e-30))
                               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
                     worst = max(errors)
@@ -122,7 +124,7 @@ def check(repeats: int) -> int:
                 except Exception as err:  # noqa: BLE001 - report every failure and go on
                     ok, worst = False, f"{type(err).__name__}: {err}"[:300]
                 failures += not ok
-                print(f"check rule={rule} K={key_dim} impl={impl} ({', '.join(names)}): "
+                print(f"check rule={rule} K={key_dim} impl={impl} chunk_size={chunk_size} ({', '.join(names)}): "
                       f"{'ok' if ok else 'FAIL'} worst relative error {worst}")
     return failures
 
@@ -130,7 +132,9 @@ def check(repeats: int) -> int:
 def benchmark(repeats: int) -> None:
     shapes = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
     contenders: dict[str, tuple[str, Callable | None]] = {
-        "ours pallas (fused recurrent)": ("jax", ours("pallas")),
+        "ours pallas chunked": ("jax", ours("pallas")),
+        # a chunk longer than any T sends impl="pallas" to the fused recurrent kernel
+        "ours pallas fused recurrent": ("jax", ours("pallas", chunk_size=1 << 30)),
         "ours chunk": ("jax", ours("chunk")),
         "ours scan": ("jax", ours("scan")),
         "FLA chunk_delta_rule": ("torch", fla("chunk_delta_rule")),

@@ -1,9 +1,15 @@
 """Pallas GPU kernels for the fast-weight op, reached through ``dpfp_jax.fast_weight(impl="pallas")``.
 
+- ``fused_recurrent``: one program per (batch x head, value block) walks time with its slice of W
+  on chip; the backward rebuilds states in-kernel (the paper's CUDA kernel, redone).
+- ``chunk_recurrence``: the chunkwise form's sequential inter-chunk walk, forward and backward,
+  with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
+
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks them on machines without a GPU.
 """
 
+from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
 from pallas_kernels.fused_recurrent import MAX_KEY_DIM, fused_recurrent
 
-__all__ = ["MAX_KEY_DIM", "fused_recurrent"]
+__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_recurrent"]

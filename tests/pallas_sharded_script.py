@@ -1,5 +1,6 @@
 """Run by test_pallas.py with 8 host CPU devices: the Pallas adapter under jit with a
-batch-sharded explicit mesh runs the kernel per shard (interpret mode) and matches the oracle."""
+batch-sharded explicit mesh runs each kernel (chunked: chunk_size 16; fused recurrent:
+chunk_size 64 > T) per shard in interpret mode, and matches the oracle."""
 
 from __future__ import annotations
 
@@ -14,26 +15,27 @@ def main() -> None:
     from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
     from tests.conftest import make_inputs
 
-    inputs = make_inputs(0, batch=8, time=6, key_dim=8, value_dim=4, with_state=True)
+    inputs = make_inputs(0, batch=8, time=20, key_dim=8, value_dim=4, with_state=True)
     args = [inputs[n] for n in ("q", "k", "v", "beta", "initial_state")]
     want = dj.fast_weight(*args[:4], initial_state=args[4], impl="reference")
+    want_grads = jax.grad(lambda *a: jnp.sum(dj.fast_weight(*a[:4], initial_state=a[4], impl="reference")[0] ** 2),
+                          argnums=(0, 1, 2, 3, 4))(*args)
     mesh = jax.make_mesh((8,), ("batch",))
     sharded = [jax.device_put(a, NamedSharding(mesh, PartitionSpec("batch"))) for a in args]
 
-    @jax.jit
-    def run(q, k, v, beta, state):
-        return fast_weight_pallas(q, k, v, beta, state, rule="delta", scale=1.0, interpret=True)
+    for chunk_size in (16, 64):
+        @jax.jit
+        def run(q, k, v, beta, state, chunk_size=chunk_size):
+            return fast_weight_pallas(q, k, v, beta, state, rule="delta", scale=1.0, chunk_size=chunk_size,
+                                      interpret=True)
 
-    text = run.lower(*sharded).as_text()
-    assert "shard_map" in text or "sdy.manual_computation" in text, "expected a per-shard kernel call"
-    got = run(*sharded)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0] ** 2), argnums=(0, 1, 2, 3, 4)))(*sharded)
-    want_grads = jax.grad(lambda *a: jnp.sum(dj.fast_weight(*a[:4], initial_state=a[4], impl="reference")[0] ** 2),
-                          argnums=(0, 1, 2, 3, 4))(*args)
-    for g, w in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+        text = run.lower(*sharded).as_text()
+        assert "shard_map" in text or "sdy.manual_computation" in text, "expected a per-shard kernel call"
+        for g, w in zip(run(*sharded), want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+        grads = jax.jit(jax.grad(lambda *a, run=run: jnp.sum(run(*a)[0] ** 2), argnums=(0, 1, 2, 3, 4)))(*sharded)
+        for g, w in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     print("OK")
 
 

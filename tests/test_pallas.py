@@ -38,14 +38,51 @@ def oracle(rule, scale=1.0):
                                                    impl="reference")
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("key_dim, value_dim", [(8, 4), (12, 5), (96, 70)])
+@pytest.mark.parametrize("key_dim, value_dim", [pytest.param(8, 4, marks=SLOW), pytest.param(12, 5, marks=SLOW),
+                                                (96, 70)])
 def test_fused_recurrent_matches_reference(rule, key_dim, value_dim):
     # 12 and 96 exercise the padding of K to a power of two; V = 70 splits over value blocks.
     inputs = make_inputs(key_dim, time=11, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
     got = value_and_grads(kernel(rule, 0.5), inputs)
     want = value_and_grads(oracle(rule, 0.5), inputs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def chunked_kernel(rule, scale=1.0, chunk_size=16):
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+
+    return lambda q, k, v, beta, s: fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=scale,
+                                                      chunk_size=chunk_size, recurrence="pallas_interpret")
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (96, 70, 50)])
+def test_chunk_recurrence_kernels_match_reference(rule, key_dim, value_dim, T):
+    inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
+    got = value_and_grads(chunked_kernel(rule, 0.5), inputs)
+    want = value_and_grads(oracle(rule, 0.5), inputs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T, kernel_name", [(40, "chunk_recurrence"), (10, "fused_recurrent")])
+def test_pallas_adapter_picks_chunked_from_one_chunk_on(T, kernel_name):
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    inputs = make_inputs(2, time=T, key_dim=8, value_dim=4, with_state=True)
+    args = [inputs[n] for n in ARGS]
+    def run(*a):
+        return fast_weight_pallas(*a, rule="delta", scale=1.0, chunk_size=16, interpret=True)
+
+    jaxpr = str(jax.make_jaxpr(run)(*args))  # pallas_call keeps its kernel's name there
+    assert f"fast_weight_{kernel_name}_fwd" in jaxpr
+    want = oracle("delta")(*args)
+    for g, w in zip(jax.jit(run)(*args), want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 

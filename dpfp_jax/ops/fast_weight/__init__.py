@@ -101,10 +101,11 @@ def fast_weight(
       scale: multiplies the outputs.
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
-        matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the fused recurrent GPU
-        kernel; a clear ValueError elsewhere), or ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
-      chunk_size: steps per chunk for ``impl="chunk"`` (the other impls compute the same
-        function without chunks and do not use it).
+        matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
+        chunked from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
+        ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
+      chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
+        the same function without chunks and do not use it).
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -137,7 +138,7 @@ def fast_weight(
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32)
-            options = {"chunk_size": chunk_size} if name == "chunk" else {}
+            options = {"chunk_size": chunk_size} if name in ("chunk", "pallas") else {}
             return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, **options)
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))

@@ -78,25 +78,12 @@ def _wy_writes(inverse: Array, k: Array, v: Array, beta: Array) -> tuple[Array, 
     return _mm("...ij,...jd->...id", scaled_inverse, v), _mm("...ij,...jd->...id", scaled_inverse, k)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(rule: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array):
-    """Chunked core on ``[N, B, H, C, ...]`` arrays; returns ``(out [N, B, H, C, V], final_state)``."""
-    (out, final_state), _ = _chunked_forward(rule, q, k, v, beta, w0)
-    return out, final_state
+def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0):
+    """The sequential part of the forward: per chunk ``U = U_tilde - Y W0``,
+    ``O = (Q - S Y) W0 + S U_tilde``, ``W1 = W0 + K^T U``. Arrays ``[N, G, C, ...]``, state ``[G, K, V]``.
 
-
-def _chunked_forward(rule, q, k, v, beta, w0):
-    # Everything that does not depend on the state is done for all chunks at once; with
-    # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
-    # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
-    scores = _tril(_mm("...ik,...jk->...ij", q, k))  # S, [N, B, H, C, C]
-    if rule == "delta":
-        inverse = _wy_inverse(k, beta)
-        u_tilde, y = _wy_writes(inverse, k, v, beta)
-        q_eff = q - _mm("...ij,...jk->...ik", scores, y)
-    else:
-        inverse, u_tilde, y, q_eff = None, v, None, q
-    out_intra = _mm("...ij,...jv->...iv", scores, u_tilde)
+    Returns ``(out, u, final_state)``; u is None for the sum rule (y None), whose writes are v.
+    """
 
     def step(w, chunk):
         q_c, k_c, u_tilde_c, y_c, out_intra_c = chunk
@@ -105,15 +92,14 @@ def _chunked_forward(rule, q, k, v, beta, w0):
         return w + _mm("gck,gcv->gkv", k_c, u), (out, u if y_c is not None else None)
 
     final_state, (out, u) = lax.scan(step, w0, (q_eff, k, u_tilde, y, out_intra))
-    # The sum rule's writes are v itself; nothing more to keep.
-    return (out, final_state), (q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state)
+    return out, u, final_state
 
 
-def _chunked_backward(rule, residuals, cotangents):
-    q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state = residuals
-    d_out, d_final = cotangents
-    if rule != "delta":
-        u = v
+def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final):
+    """The sequential part of the backward: chunks in reverse, rebuilding ``W0 = W1 - K^T U``.
+
+    Returns ``(dq_eff, dk, du, dy, d_w0)`` (dk only through the state path; dy None for the sum rule).
+    """
 
     def step(carry, chunk):
         w1, dw1 = carry  # the state after this chunk and dL/d(that state)
@@ -128,9 +114,53 @@ def _chunked_backward(rule, residuals, cotangents):
         dw0 = dw0 - _mm("gck,gcv->gkv", y_c, du)
         return (w0, dw0), (dq_eff, dk, du, -_mm("gcv,gkv->gck", du, w0))
 
-    (_, dw0), (dq, dk, du_tilde, dy) = lax.scan(
-        step, (final_state, d_final), (q_eff, k, u, y, d_out), reverse=True
-    )
+    (_, dw0), (dq, dk, du, dy) = lax.scan(step, (final_state, d_final), (q_eff, k, u, y, d_out), reverse=True)
+    return dq, dk, du, dy, dw0
+
+
+def _recurrences(recurrence: str):
+    """The (forward, backward) sequential parts: ``"xla"`` (lax.scan) or the Pallas kernels."""
+    if recurrence == "xla":
+        return forward_recurrence_xla, backward_recurrence_xla
+    from pallas_kernels.chunk_recurrence import chunk_recurrences
+
+    return chunk_recurrences(interpret=recurrence == "pallas_interpret")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked(rule: str, recurrence: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array):
+    """Chunked core on ``[N, G, C, ...]`` arrays; returns ``(out [N, G, C, V], final_state)``."""
+    (out, final_state), _ = _chunked_forward(rule, recurrence, q, k, v, beta, w0)
+    return out, final_state
+
+
+def _chunked_forward(rule, recurrence, q, k, v, beta, w0):
+    # Everything that does not depend on the state is done for all chunks at once; with
+    # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
+    # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
+    scores = _tril(_mm("...ik,...jk->...ij", q, k))  # S, [N, B, H, C, C]
+    if rule == "delta":
+        inverse = _wy_inverse(k, beta)
+        u_tilde, y = _wy_writes(inverse, k, v, beta)
+        q_eff = q - _mm("...ij,...jk->...ik", scores, y)
+    else:
+        inverse, u_tilde, y, q_eff = None, v, None, q
+    out_intra = _mm("...ij,...jv->...iv", scores, u_tilde)
+
+    forward_recurrence, _ = _recurrences(recurrence)
+    out, u, final_state = forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0)
+    # The sum rule's writes are v itself; nothing more to keep.
+    return (out, final_state), (q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state)
+
+
+def _chunked_backward(rule, recurrence, residuals, cotangents):
+    q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state = residuals
+    d_out, d_final = cotangents
+    if rule != "delta":
+        u = v
+
+    _, backward_recurrence = _recurrences(recurrence)
+    dq, dk, du_tilde, dy, dw0 = backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final)
     # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all chunks at once.
     d_scores = _mm("...iv,...jv->...ij", d_out, u_tilde)
     du_tilde = du_tilde + _mm("...ij,...iv->...jv", scores, d_out)
@@ -172,8 +202,14 @@ def fast_weight_chunk(
     rule: str,
     scale: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    recurrence: str = "xla",
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
+    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated.
+
+    ``recurrence`` runs the sequential inter-chunk part with ``lax.scan`` (``"xla"``) or with the
+    Pallas kernels of ``pallas_kernels.chunk_recurrence`` (``"pallas"``, or ``"pallas_interpret"``
+    for Pallas's interpreter).
+    """
     batch, length, heads, _ = q.shape
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     key_dim, value_dim = k.shape[-1], v.shape[-1]
@@ -183,7 +219,7 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    out, final_state = _chunked(rule, qc * scale, kc, vc, bc, w0)
+    out, final_state = _chunked(rule, recurrence, qc * scale, kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, -1, heads, value_dim)

@@ -1,5 +1,10 @@
 """``impl="pallas"``: the Pallas GPU kernels of the top-level ``pallas_kernels`` package.
 
+Two kernels: the chunked one (the chunkwise form of ``chunk.py`` with its sequential
+inter-chunk walk in Pallas, matmuls on tensor cores) for sequences of at least one chunk when
+``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused recurrent one
+(the paper's CUDA kernel redone) otherwise, e.g. for decoding steps.
+
 This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
 batch shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
 sharded batch axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
@@ -45,12 +50,19 @@ def fast_weight_pallas(
     *,
     rule: str,
     scale: float,
+    chunk_size: int = 64,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
-    """The fused recurrent kernel, run per batch shard; inputs validated by ``fast_weight``."""
+    """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
     from pallas_kernels import fused_recurrent
 
+    chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+
     def run(q, k, v, beta, initial_state):
+        if chunked:
+            return fast_weight_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
+                                     recurrence="pallas_interpret" if interpret else "pallas")
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
 
     mesh, axis = batch_axis_of(q)
