@@ -17,7 +17,8 @@ def main() -> None:
 
     assert jax.device_count() == 8, f"expected 8 host devices, got {jax.device_count()}"
     model = dj.DPFPformer(16, 2, num_heads=2, head_dim=4, nu=2)
-    x = jax.random.normal(jax.random.key(0), (8, 6, 16))
+    # T = 70 >= chunk_size: impl="auto" takes the chunkwise path (T < 64 would take the scan).
+    x = jax.random.normal(jax.random.key(0), (8, 70, 16))
     variables = model.init(jax.random.key(1), x)
 
     def apply(variables, x):
@@ -42,12 +43,12 @@ def main() -> None:
         checks.append((f"{axis_type} sharded jit", got, want))
         checks.append((f"{axis_type} sharded grad", got_grads, want_grads))
 
-    pmapped = jax.pmap(apply, in_axes=(None, 0))(variables, x.reshape(8, 1, 6, 16))
+    pmapped = jax.pmap(apply, in_axes=(None, 0))(variables, x.reshape(8, 1, 70, 16))
     checks.append(("pmap", jax.tree.map(lambda a: a.reshape(8, *a.shape[2:]), pmapped), want))
 
     for name, result, expected in checks:
         for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
     print("OK")
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype
+from dpfp_jax.ops.fast_weight.common import accumulation_dtype, zeros_like_sharded
 
 Array = jax.Array
 
@@ -68,7 +68,8 @@ def _wy_inverse(k: Array, beta: Array) -> Array:
     """``A^-1`` for ``A = I + diag(beta) strict_tril(K K^T)``, every chunk at once: [..., C, C]."""
     size = k.shape[-2]
     a = jnp.eye(size, dtype=k.dtype) + beta[..., :, None] * _tril(_mm("...ik,...jk->...ij", k, k), -1)
-    identity = jnp.broadcast_to(jnp.eye(size, dtype=k.dtype), a.shape)
+    # Built from a, not broadcast, so it carries a's batch sharding (explicit meshes require it).
+    identity = zeros_like_sharded(a, a.dtype) + jnp.eye(size, dtype=a.dtype)
     return solve_triangular(a, identity, lower=True, unit_diagonal=True)
 
 
