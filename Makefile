@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
-	  echo "error: dpfp-jax needs Python 3.12 as '$(PYTHON)' (jax 0.11.2 requires it); found: $$($(PYTHON) --version 2>&1 || echo none)." >&2; \
+	  echo "error: dpfp-jax needs Python 3.12 as '$(PYTHON)' (jax 0.11.2 requires it); found: $$(command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) --version 2>&1 || echo 'no such command')." >&2; \
 	  echo "       install Python 3.12 (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12 ...'." >&2; \
 	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
