@@ -51,6 +51,16 @@ def temp_mb(jitted: Callable[..., object], *args: object) -> float:
     return stats.temp_size_in_bytes / 1e6
 
 
+def forward_and_backward(fn: Callable[..., tuple[jax.Array, jax.Array]], num_args: int) -> tuple[Callable, Callable]:
+    """``jit(fn)`` and ``jit(grad)`` of a loss on both of fn's results (outputs and final state)."""
+
+    def loss(*a):
+        out, state = fn(*a)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+
+    return jax.jit(fn), jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
+
+
 Row = tuple[float, float, float, float]  # fwd ms, fwd+bwd ms, fwd temp MB, fwd+bwd temp MB
 
 
@@ -60,13 +70,7 @@ def measure_forward_backward(
     """Time (interleaved) and read the temp memory of jit(fn) and jit(grad of a loss on fn)."""
     forwards, backwards = {}, {}
     for name, fn in fns.items():
-        forwards[name] = jax.jit(fn)
-
-        def loss(*a, fn=fn):
-            out, state = fn(*a)
-            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-        backwards[name] = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+        forwards[name], backwards[name] = forward_and_backward(fn, len(args))
     fwd = time_interleaved_ms(forwards, *args, repeats=repeats)
     bwd = time_interleaved_ms(backwards, *args, repeats=repeats)
     return {n: (fwd[n], bwd[n], temp_mb(forwards[n], *args), temp_mb(backwards[n], *args)) for n in fns}

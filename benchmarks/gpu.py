@@ -26,20 +26,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import delta_rule_inputs, machine_name, ours, peer_deltanet  # noqa: E402
+from common import delta_rule_inputs, forward_and_backward, machine_name, ours, peer_deltanet  # noqa: E402
 
 import dpfp_jax as dj  # noqa: E402
 
 
 def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
     """(fwd ms, fwd+bwd ms, fwd+bwd peak GB from XLA's temp + argument + output sizes)."""
-    forward = jax.jit(fn)
-
-    def loss(*a):
-        out, state = fn(*a)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    forward, backward = forward_and_backward(fn, len(args))
     times = []
     for f in (forward, backward):
         jax.block_until_ready(f(*args))

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import dpfp_jax as dj
@@ -258,16 +259,12 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def checkpoint_manager(directory: Path, save_every: int):
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=2,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
 def restore(manager, trainer: Trainer, state: dict) -> dict:
-    import orbax.checkpoint as ocp
-
     step = manager.latest_step()
     if step is None:
         return state
@@ -423,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             bar.write(f"step {done}: train loss {losses[done]:.4f}, valid {valid_bpb:.3f} bits/byte, "
                       f"{tokens_per_s:,.0f} tokens/s")
-        manager.save(done, args=_save_args(state), force=done == end_step)
+        manager.save(done, args=ocp.args.StandardSave(state), force=done == end_step)
     manager.wait_until_finished()
     bar.close()
     if metrics_path.exists():
@@ -433,12 +430,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sample = generate(model, state["params"], args.prompt.encode(), args.sample, args.temperature, args.seed)
         print(args.prompt + sample.decode("utf-8", errors="replace"))
     return dict(losses=losses, state=state, model=model, sample=sample)
-
-
-def _save_args(state):
-    import orbax.checkpoint as ocp
-
-    return ocp.args.StandardSave(state)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ tiles; float32 accumulation). The backward walks chunks in reverse, rebuilding e
 start state from its writes as the XLA path does; products that sum over V come back as one
 partial per value block, summed outside.
 
-K and BV are padded to powers of two; zero padding is inert (zero keys, queries and writes).
+K and V are padded as ``pallas_kernels.common`` says; zero padding is inert.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fused_recurrent import _next_power_of_2, _pad_to, value_block
+from pallas_kernels.common import pad_state, pad_to, padded_sizes
 
 Array = jax.Array
 
@@ -84,23 +84,17 @@ def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
     return keys, values, state, partial_keys
 
 
-def _padded(key_dim: int, value_dim: int) -> tuple[int, int, int]:
-    k_pad = _next_power_of_2(key_dim)
-    block = value_block(k_pad, value_dim)
-    return k_pad, block, -(-value_dim // block) * block
-
-
 def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool = False):
     """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
-    k_pad, block, v_pad = _padded(key_dim, value_dim)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim)
     delta = y is not None
-    pad_k = functools.partial(_pad_to, axis=-1, size=k_pad)
-    pad_v = functools.partial(_pad_to, axis=-1, size=v_pad)
+    pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
+    pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, _ = _specs(num_chunks, chunk, k_pad, block)
     inputs = [pad_k(q_eff), pad_k(k), pad_v(u_tilde)] + ([pad_k(y)] if delta else []) + [
-        pad_v(out_intra), _pad_to(_pad_to(w0, 1, k_pad), 2, v_pad)]
+        pad_v(out_intra), pad_state(w0, k_pad, v_pad)]
     value_shape = jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)
     out_shape = [value_shape] + ([value_shape] if delta else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
@@ -122,15 +116,14 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
-    k_pad, block, v_pad = _padded(key_dim, value_dim)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim)
     num_blocks = v_pad // block
     delta = y is not None
-    pad_k = functools.partial(_pad_to, axis=-1, size=k_pad)
-    pad_v = functools.partial(_pad_to, axis=-1, size=v_pad)
-    pad_state = lambda w: _pad_to(_pad_to(w, 1, k_pad), 2, v_pad)  # noqa: E731
+    pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
+    pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, partial_keys = _specs(num_chunks, chunk, k_pad, block)
     inputs = [pad_k(q_eff), pad_k(k), pad_v(u)] + ([pad_k(y)] if delta else []) + [
-        pad_v(d_out), pad_state(final_state), pad_state(d_final)]
+        pad_v(d_out), pad_state(final_state, k_pad, v_pad), pad_state(d_final, k_pad, v_pad)]
     partial_shape = jax.ShapeDtypeStruct((num_blocks, num_chunks, groups, chunk, k_pad), jnp.float32)
     out_shape = [partial_shape, partial_shape,
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]

@@ -24,18 +24,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common import pad_state, pad_to, padded_sizes, value_block
+
 Array = jax.Array
 
 MAX_KEY_DIM = 1024
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def value_block(key_dim: int, value_dim: int) -> int:
-    """Value columns per program: keep the ``[K, BV]`` state slice near 16K floats of registers."""
-    return max(1, min(_next_power_of_2(value_dim), 16_384 // _next_power_of_2(key_dim), 64))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool):
@@ -90,17 +83,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w
     d_w0_ref[...] = g
 
 
-def _pad_to(x: Array, axis: int, size: int) -> Array:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 def _heads_major(x: Array, size: int | None = None) -> Array:
     """``[B, T, H, D] -> [B * H, T, D_padded]``."""
     batch, length, heads = x.shape[:3]
     x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
-    return x if size is None else _pad_to(x, 2, size)
+    return x if size is None else pad_to(x, 2, size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -198,16 +185,14 @@ def fused_recurrent(
     value_dim = v.shape[-1]
     if key_dim > MAX_KEY_DIM:
         raise ValueError(f"fused_recurrent supports K <= {MAX_KEY_DIM}; got K={key_dim}")
-    k_pad = _next_power_of_2(key_dim)
-    block = value_block(k_pad, value_dim)
-    v_pad = -(-value_dim // block) * block
+    k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
     qh = _heads_major(q.astype(f32) * scale, k_pad)
     kh = _heads_major(k.astype(f32), k_pad)
     vh = _heads_major(v.astype(f32), v_pad)
     betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
-    w0 = _pad_to(_pad_to(w0, 1, k_pad), 2, v_pad)
+    w0 = pad_state(w0, k_pad, v_pad)
     out, final_state = _fused(rule, interpret, qh, kh, vh, betah, w0)
     out = jnp.moveaxis(out[..., :value_dim].reshape(batch, heads, length, value_dim), 1, 2)
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)

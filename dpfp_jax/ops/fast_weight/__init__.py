@@ -61,6 +61,8 @@ def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     forward at T = 4096); our own GPU measurement is pending.
     """
     return ("chunk", "scan") if q.shape[1] >= chunk_size else ("scan",)
+
+
 IMPLS = (*_IMPLS, "auto")
 """Accepted values of ``impl``."""
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
+from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
+
 Array = jax.Array
 
 
@@ -28,7 +30,7 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: objec
         return (f"the Pallas kernels need a GPU and jax's default backend is {backend!r}; "
                 "pallas_kernels.fused_recurrent(..., interpret=True) runs them anywhere, slowly")
     if q.shape[-1] > MAX_KEY_DIM:
-        return f"the fused recurrent kernel takes K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
+        return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
     return None
 
 
@@ -50,11 +52,10 @@ def fast_weight_pallas(
     *,
     rule: str,
     scale: float,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
     """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
-    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
     from pallas_kernels import fused_recurrent
 
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
