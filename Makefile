@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench triton-report clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -25,6 +25,13 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
+# Triton's compiler (about 1 GB installed): for the machine-code checks of the Pallas kernels.
+TRITON_STAMP := $(VENV)/.installed-triton
+
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[triton]'
+	touch $(TRITON_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
 
@@ -34,13 +41,16 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
-test-all: lint
+test-all: lint $(TRITON_STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/chunk.py
 	$(PY) benchmarks/chunk.py --crossover
+
+triton-report: $(TRITON_STAMP)
+	$(PY) benchmarks/triton_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -5,10 +5,17 @@ on the state, batched matmuls over all chunks at once that XLA already runs well
 per-chunk WY inverse, ``U_tilde``, ``Y``, ``Q - S Y``), and a sequential walk over chunks that
 XLA runs as a loop of small kernel launches. These kernels do the walk: one program per
 (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the state on chip and,
-per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``, tensor cores for bf16/tf32
-tiles; float32 accumulation). The backward walks chunks in reverse, rebuilding each chunk's
-start state from its writes as the XLA path does; products that sum over V come back as one
-partial per value block, summed outside.
+per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores on the GPU, see
+``GPU_DOT_ALGORITHM``; float32 accumulation). The backward walks chunks in reverse, rebuilding
+each chunk's start state from its writes as the XLA path does; products that sum over V come
+back as one partial per value block, summed outside.
+
+On-chip budget (checked for H100/H200 by ``benchmarks/triton_report.py``): the state is held as
+``K / 64`` separate ``[64, BV]`` tiles and every chunk is read 64 key columns at a time, so no
+``[C, K]`` operand is ever materialised whole; a whole one at K = 512 in float32 is 128 KiB,
+and Triton's staging of such operands through shared memory overflowed the 227 KiB a program
+may use. Loads are not software-pipelined (``num_stages=1``) for the same reason: pipelining
+keeps every load of the loop body in flight several times over.
 
 K and V are padded as ``pallas_kernels.common`` says; zero padding is inert.
 """
@@ -22,58 +29,92 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import pad_state, pad_to, padded_sizes
+from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes
 
 Array = jax.Array
 
-_HIGHEST = lax.Precision.HIGHEST
+KEY_TILE = 64  # rows of the state per on-chip tile
+NUM_WARPS = 8
+# Floats of state per program: the backward holds W and dL/dW and more temporaries, so its value
+# blocks are narrower (K = 128: BV = 32; K >= 256: BV = 16), which `triton_report.py` showed
+# keeps spills small; the forward holds W alone.
+FORWARD_STATE_BUDGET = 16_384
+BACKWARD_STATE_BUDGET = 4_096
 
 
-def _dot(a: Array, b: Array) -> Array:
-    return jnp.dot(a, b, precision=_HIGHEST, preferred_element_type=jnp.float32)
+# On the GPU, float32 dots run as three TF32 tensor-core passes (hi*hi + hi*lo + lo*hi), about
+# float32's accuracy: the walk carries the state through every chunk, so one pass's ~1e-3
+# relative error would add up along T, and Pallas's IEEE float32 dot runs on CUDA cores with
+# several times the shared memory. Interpret mode runs on the CPU, whose dot takes no such
+# algorithm: plain float32 there.
+GPU_DOT_ALGORITHM = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def _forward_kernel(*refs, delta: bool):
+def _dot_precision(interpret: bool):
+    return None if interpret else GPU_DOT_ALGORITHM
+
+
+def _key_tiles(key_dim: int) -> list[slice]:
+    tile = min(KEY_TILE, key_dim)
+    return [slice(i, i + tile) for i in range(0, key_dim, tile)]
+
+
+def _forward_kernel(*refs, delta: bool, precision):
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
     if delta:
         q_ref, k_ref, u_tilde_ref, y_ref, out_intra_ref, w0_ref, out_ref, u_ref, w_ref = refs
     else:
         q_ref, k_ref, u_tilde_ref, out_intra_ref, w0_ref, out_ref, w_ref = refs
+    tiles = _key_tiles(w0_ref.shape[0])
 
     def step(n, w):
-        u = u_tilde_ref[n] - _dot(y_ref[n], w) if delta else u_tilde_ref[n]
+        def times_state(x_ref):  # x[n] @ W, summed over key tiles
+            return sum(dot(x_ref[n, :, rows], w_tile) for rows, w_tile in zip(tiles, w, strict=True))
+
+        u = u_tilde_ref[n] - times_state(y_ref) if delta else u_tilde_ref[n]
         if delta:
             u_ref[n] = u
-        out_ref[n] = _dot(q_ref[n], w) + out_intra_ref[n]
-        return w + _dot(k_ref[n].T, u)
+        out_ref[n] = times_state(q_ref) + out_intra_ref[n]
+        return tuple(w_tile + dot(k_ref[n, :, rows].T, u) for rows, w_tile in zip(tiles, w, strict=True))
 
-    w_ref[...] = lax.fori_loop(0, q_ref.shape[0], step, w0_ref[...])
+    w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
+    for rows, w_tile in zip(tiles, w, strict=True):
+        w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool):
+def _backward_kernel(*refs, delta: bool, precision):
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
     if delta:
         (q_ref, k_ref, u_ref, y_ref, d_out_ref, w_ref, d_w_ref,
          dq_ref, dk_ref, du_ref, dy_ref, d_w0_ref) = refs
     else:
         q_ref, k_ref, u_ref, d_out_ref, w_ref, d_w_ref, dq_ref, dk_ref, du_ref, d_w0_ref = refs
     num_chunks = q_ref.shape[0]
+    tiles = _key_tiles(w_ref.shape[0])
 
     def step(i, carry):
-        w1, dw1 = carry  # the state after chunk n and dL/d(that state)
+        w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
         n = num_chunks - 1 - i
         u, d_out = u_ref[n], d_out_ref[n]
-        w0 = w1 - _dot(k_ref[n].T, u)
-        du = _dot(k_ref[n], dw1)
-        dk_ref[n] = _dot(u, dw1.T)
-        dq_ref[n] = _dot(d_out, w0.T)
-        dw0 = dw1 + _dot(q_ref[n].T, d_out)
-        if delta:
-            dw0 = dw0 - _dot(y_ref[n].T, du)
-            dy_ref[n] = -_dot(du, w0.T)
+        du = sum(dot(k_ref[n, :, rows], dw) for rows, dw in zip(tiles, dw1, strict=True))
         du_ref[n] = du
-        return w0, dw0
+        w0, dw0 = [], []
+        for rows, w, dw in zip(tiles, w1, dw1, strict=True):
+            w = w - dot(k_ref[n, :, rows].T, u)
+            dk_ref[n, :, rows] = dot(u, dw.T)
+            dq_ref[n, :, rows] = dot(d_out, w.T)
+            dw = dw + dot(q_ref[n, :, rows].T, d_out)
+            if delta:
+                dw = dw - dot(y_ref[n, :, rows].T, du)
+                dy_ref[n, :, rows] = -dot(du, w.T)
+            w0.append(w)
+            dw0.append(dw)
+        return tuple(w0), tuple(dw0)
 
-    _, dw0 = lax.fori_loop(0, num_chunks, step, (w_ref[...], d_w_ref[...]))
-    d_w0_ref[...] = dw0
+    initial = (tuple(w_ref[rows, :] for rows in tiles), tuple(d_w_ref[rows, :] for rows in tiles))
+    _, dw0 = lax.fori_loop(0, num_chunks, step, initial)
+    for rows, dw in zip(tiles, dw0, strict=True):
+        d_w0_ref[rows, :] = dw
 
 
 def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
@@ -88,7 +129,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
-    k_pad, block, v_pad = padded_sizes(key_dim, value_dim)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
     delta = y is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
@@ -99,11 +140,12 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     out_shape = [value_shape] + ([value_shape] if delta else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta),
+        functools.partial(_forward_kernel, delta=delta, precision=_dot_precision(interpret)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
         out_specs=tuple([values] + ([values] if delta else []) + [state]),
+        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_fwd",
     )(*[x.astype(jnp.float32) for x in inputs])
@@ -116,7 +158,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
-    k_pad, block, v_pad = padded_sizes(key_dim, value_dim)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
     num_blocks = v_pad // block
     delta = y is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
@@ -129,11 +171,12 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
     out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta),
+        functools.partial(_backward_kernel, delta=delta, precision=_dot_precision(interpret)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],
         out_specs=tuple([partial_keys, partial_keys, values] + ([partial_keys] if delta else []) + [state]),
+        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_bwd",
     )(*[x.astype(jnp.float32) for x in inputs])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import pad_state, pad_to, padded_sizes, value_block
+from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
 
 Array = jax.Array
 
@@ -115,6 +115,7 @@ def _fused_forward(rule, interpret, q, k, v, beta, w0):
         grid=grid,
         in_specs=[keys, keys, values, per_step, state],
         out_specs=(values, values, state),
+        compiler_params=compiler_params(warps_for_state(key_dim * block)),
         interpret=interpret,
         name="fast_weight_fused_recurrent_fwd",
     )(q, k, v, beta_in, w0)
@@ -146,6 +147,7 @@ def _fused_backward(rule, interpret, residuals, cotangents):
         grid=(bh, num_blocks),
         in_specs=[keys, keys, values, per_step, values, state, values, state],
         out_specs=(partial_keys, partial_keys, values, partial_steps, state),
+        compiler_params=compiler_params(warps_for_state(2 * key_dim * block)),  # W and dL/dW
         interpret=interpret,
         name="fast_weight_fused_recurrent_bwd",
     )(q, k, v, beta if delta else placeholder, u if delta else jnp.zeros_like(v), final_state,

@@ -1,0 +1,119 @@
+"""The GPU path without a GPU: the Pallas kernels lowered to Triton IR for an H200, and compiled.
+
+Interpret mode (tests/test_pallas.py) checks what the kernels compute; these check that Pallas
+can turn them into Triton kernels with the launch settings we chose, at the shapes the GPU
+benchmark uses and at awkward ones (K and V padded, T not a multiple of anything). The compile
+test goes one step further, to machine code with Triton's own compiler, and fails if a kernel
+needs more shared memory than an H100/H200 program may have: the failure a GPU run would
+otherwise be the first to report.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+from pallas_kernels import chunk_recurrence, fused_recurrent
+from pallas_kernels.triton_lowering import triton_calls
+
+SLOW = pytest.mark.slow
+
+
+def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int):
+    def run(q, k, v, beta, s):
+        if kernel == "fused_recurrent":
+            return fused_recurrent(q, k, v, beta, s, rule=rule)
+        return fast_weight_pallas(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64)
+
+    def loss(q, k, v, beta, s):
+        out, state = run(q, k, v, beta, s)
+        return out.astype(jnp.float32).sum() + state.sum()
+
+    keys = jax.ShapeDtypeStruct((2, time, 3, key_dim), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((2, time, 3, value_dim), jnp.bfloat16)
+    beta = jax.ShapeDtypeStruct((2, time, 3), jnp.bfloat16) if rule == "delta" else None
+    state = jax.ShapeDtypeStruct((2, 3, key_dim, value_dim), jnp.float32)
+    return jax.grad(loss, argnums=(0, 1, 2, 4)), (keys, keys, values, beta, state)
+
+
+def kernels_of(kernel, rule, key_dim, time, value_dim):
+    fn, args = op_gradient(kernel, rule, key_dim, time, value_dim)
+    calls = triton_calls(fn, *args)
+    return {call.name.rsplit("_", 1)[-1]: call for call in calls}
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim, time, value_dim, programs, warps", [
+    (128, 64, 64, 6, (4, 8)),  # [128, 64] state slice: 4 warps; the backward holds W and dL/dW
+    (1024, 64, 64, 24, (8, 8)),  # value blocks of 16 columns, 8 warps
+    pytest.param(12, 300, 5, 6, (4, 4), marks=SLOW),
+    pytest.param(384, 300, 70, 18, (8, 8), marks=SLOW),  # K padded to 512: BV = 32, V to 96
+])
+def test_fused_recurrent_lowers_to_triton(rule, key_dim, time, value_dim, programs, warps):
+    calls = kernels_of("fused_recurrent", rule, key_dim, time, value_dim)
+    assert sorted(calls) == ["bwd", "fwd"]
+    grid = calls["fwd"].grid
+    assert grid[0] * grid[1] * grid[2] == programs  # (batch x head) x value blocks
+    assert (calls["fwd"].num_warps, calls["bwd"].num_warps) == warps
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim, time, value_dim", [
+    (128, 256, 64), (512, 256, 64), pytest.param(12, 300, 5, marks=SLOW), pytest.param(384, 300, 70, marks=SLOW),
+])
+def test_chunk_recurrence_lowers_to_triton_with_tensor_core_dots(rule, key_dim, time, value_dim):
+    calls = kernels_of("chunk_recurrence", rule, key_dim, time, value_dim)
+    assert sorted(calls) == ["bwd", "fwd"]
+    for call in calls.values():
+        # Unpipelined loads (shared memory) and three-pass TF32 dots (tensor cores), as the module says.
+        assert (call.num_warps, call.num_stages) == (chunk_recurrence.NUM_WARPS, 1)
+        assert "tt.dot" in call.ir and "inputPrecision = tf32x3" in call.ir
+        assert "ieee" not in call.ir
+        # The state is walked in [64, BV] tiles: no [C, K] operand is ever materialised whole.
+        k_pad = max(16, 1 << (key_dim - 1).bit_length())
+        assert k_pad <= 64 or f"tensor<64x{k_pad}xf32>" not in call.ir
+
+
+def test_lowering_reports_what_pallas_cannot_lower():
+    # A block whose shape is not a power of two cannot become a Triton tensor: the error comes
+    # from lowering, on this machine, instead of from the first GPU run.
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2
+
+    def bad(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+    with pytest.raises(Exception, match="power of 2|power-of-2|power of two"):
+        triton_calls(bad, jax.ShapeDtypeStruct((3, 5), jnp.float32))
+
+
+def load_triton_report():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "triton_report.py"
+    spec = importlib.util.spec_from_file_location("triton_report", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("triton_report", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@SLOW
+@pytest.mark.parametrize("kernel, key_dim", [("chunk_recurrence", 128), ("chunk_recurrence", 512),
+                                             ("fused_recurrent", 1024)])
+def test_kernels_fit_in_h200_shared_memory(kernel, key_dim):
+    pytest.importorskip("triton", reason="needs the triton package: `make test-all` installs it")
+    report = load_triton_report()
+    limit = report.SHARED_MEMORY_LIMIT[90]
+    fn, args = report.op_gradient(kernel, "delta", key_dim, 256 if kernel != "fused_recurrent" else 64)
+    for call in triton_calls(fn, *args):
+        resources = report.compile_to_machine_code(call, 90)
+        assert resources["shared"] <= limit, (call.name, resources)
+        assert resources["registers"] <= 255
+        # Some spilling is expected (docs/triton_report_h200.md); a whole state slice spilled
+        # ([512, 32] float32 is 64 KiB) would not be.
+        assert resources["spill_stores"] <= 8 * 1024, (call.name, resources)
