@@ -45,8 +45,8 @@ def compute_capability(gpu: str) -> int:
     return int(pltriton.get_gpu_info_from_version(version).arch_name.replace(".", ""))
 
 
-def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64):
-    """(fn, args): forward and backward of one kernel through the op, bf16 inputs."""
+def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16):
+    """(fn, args): forward and backward of one kernel through the op."""
 
     def run(q, k, v, beta, s):
         if kernel == "fused_recurrent":
@@ -57,7 +57,7 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
         out, state = run(q, k, v, beta, s)
         return out.astype(jnp.float32).sum() + state.sum()
 
-    def shape(*dims, dtype=jnp.bfloat16):
+    def shape(*dims, dtype=dtype):
         return jax.ShapeDtypeStruct(dims, dtype)
 
     keys = shape(1, time, 2, key_dim)
@@ -91,6 +91,12 @@ def compile_to_machine_code(call: TritonCall, capability: int) -> dict[str, int]
                 spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
 
 
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def verdict(resources: dict[str, int], shared_limit: int) -> str:
     if resources["shared"] > shared_limit:
         return f"FAILS: needs {resources['shared'] // 1024} KiB shared memory"
@@ -104,18 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default=DEFAULT_GPU, help="device kind, e.g. 'NVIDIA H100'")
     parser.add_argument("--keys", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
     parser.add_argument("--rules", nargs="+", default=["delta", "sum"], choices=["delta", "sum"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="input dtype (the chunked kernel's dots take three TF32 passes for float32)")
     args = parser.parse_args(argv)
     capability = compute_capability(args.gpu)
     limit = SHARED_MEMORY_LIMIT.get(capability, 99 * 1024)
-    print(f"Triton resources for {args.gpu} (sm_{capability}, {limit // 1024} KiB shared memory per program); "
-          f"jax {jax.__version__}\n")
+    print(f"Triton resources for {args.gpu} (sm_{capability}, {limit // 1024} KiB shared memory per program), "
+          f"{args.dtype} inputs, V=64; jax {jax.__version__}, triton {_triton_version()}\n")
     print("| kernel | rule | K | programs | warps | stages | shared KiB | registers | spilled bytes | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
     for kernel, time in (("fused_recurrent", 64), ("chunk_recurrence", 256)):
         for rule in args.rules:
             for key_dim in args.keys:
-                fn, fn_args = op_gradient(kernel, rule, key_dim, time)
+                fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype))
                 for call in triton_calls(fn, *fn_args, gpu=args.gpu):
                     res = compile_to_machine_code(call, capability)
                     status = verdict(res, limit)

@@ -6,7 +6,7 @@ per-chunk WY inverse, ``U_tilde``, ``Y``, ``Q - S Y``), and a sequential walk ov
 XLA runs as a loop of small kernel launches. These kernels do the walk: one program per
 (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the state on chip and,
 per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores on the GPU, see
-``GPU_DOT_ALGORITHM``; float32 accumulation). The backward walks chunks in reverse, rebuilding
+``PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
 each chunk's start state from its writes as the XLA path does; products that sum over V come
 back as one partial per value block, summed outside.
 
@@ -42,16 +42,21 @@ FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
 
 
-# On the GPU, float32 dots run as three TF32 tensor-core passes (hi*hi + hi*lo + lo*hi), about
-# float32's accuracy: the walk carries the state through every chunk, so one pass's ~1e-3
-# relative error would add up along T, and Pallas's IEEE float32 dot runs on CUDA cores with
-# several times the shared memory. Interpret mode runs on the CPU, whose dot takes no such
-# algorithm: plain float32 there.
-GPU_DOT_ALGORITHM = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+# On the GPU the dots run on tensor cores in TF32 (10-bit mantissa). For float32 inputs, three
+# passes (hi*hi + hi*lo + lo*hi) keep float32's accuracy: one pass leaves 3e-4 relative error in
+# outputs and gradients against 3e-7 (benchmarks/dot_precision.py), since the walk carries the
+# state through every chunk. For bfloat16/float16 inputs one pass costs nothing measurable (their
+# own rounding, 2e-3, dominates) and frees registers. Pallas's IEEE float32 dot would run on CUDA
+# cores with several times the shared memory. Interpret mode runs on the CPU, whose dot takes no
+# such algorithm: plain float32 there.
+PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
-def _dot_precision(interpret: bool):
-    return None if interpret else GPU_DOT_ALGORITHM
+def _dot_algorithm(interpret: bool, precise: bool):
+    if interpret:
+        return None
+    return PRECISE_DOT if precise else FAST_DOT
 
 
 def _key_tiles(key_dim: int) -> list[slice]:
@@ -125,8 +130,11 @@ def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
     return keys, values, state, partial_keys
 
 
-def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool = False):
-    """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results."""
+def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool = False, precise: bool = True):
+    """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results.
+
+    ``precise``: three-pass TF32 dots (float32 inputs) rather than one (bfloat16/float16 inputs).
+    """
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
@@ -140,7 +148,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     out_shape = [value_shape] + ([value_shape] if delta else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, precision=_dot_precision(interpret)),
+        functools.partial(_forward_kernel, delta=delta, precision=_dot_algorithm(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
@@ -154,8 +162,10 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim]
 
 
-def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpret: bool = False):
-    """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results."""
+def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpret: bool = False,
+                        precise: bool = True):
+    """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results; ``precise`` as
+    in ``forward_recurrence``."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
@@ -171,7 +181,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
     out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, precision=_dot_precision(interpret)),
+        functools.partial(_backward_kernel, delta=delta, precision=_dot_algorithm(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],
@@ -185,7 +195,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     return dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim]
 
 
-def chunk_recurrences(interpret: bool = False):
+def chunk_recurrences(interpret: bool = False, precise: bool = True):
     """The (forward, backward) pair that ``fast_weight_chunk(..., recurrence="pallas")`` uses."""
-    return (functools.partial(forward_recurrence, interpret=interpret),
-            functools.partial(backward_recurrence, interpret=interpret))
+    return (functools.partial(forward_recurrence, interpret=interpret, precise=precise),
+            functools.partial(backward_recurrence, interpret=interpret, precise=precise))

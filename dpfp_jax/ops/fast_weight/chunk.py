@@ -119,23 +119,28 @@ def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final):
     return dq, dk, du, dy, dw0
 
 
-def _recurrences(recurrence: str):
-    """The (forward, backward) sequential parts: ``"xla"`` (lax.scan) or the Pallas kernels."""
+def _recurrences(recurrence: str, precise: bool):
+    """The (forward, backward) sequential parts: ``"xla"`` (lax.scan) or the Pallas kernels.
+
+    ``precise``: the inputs were float32 or wider, so the kernels' tensor-core dots take three TF32
+    passes instead of one (XLA's ``lax.scan`` path always uses HIGHEST precision).
+    """
     if recurrence == "xla":
         return forward_recurrence_xla, backward_recurrence_xla
     from pallas_kernels.chunk_recurrence import chunk_recurrences
 
-    return chunk_recurrences(interpret=recurrence == "pallas_interpret")
+    return chunk_recurrences(interpret=recurrence == "pallas_interpret", precise=precise)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked(rule: str, recurrence: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked(rule: str, recurrence: str, precise: bool, q: Array, k: Array, v: Array, beta: Array | None,
+             w0: Array):
     """Chunked core on ``[N, G, C, ...]`` arrays; returns ``(out [N, G, C, V], final_state)``."""
-    (out, final_state), _ = _chunked_forward(rule, recurrence, q, k, v, beta, w0)
+    (out, final_state), _ = _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0)
     return out, final_state
 
 
-def _chunked_forward(rule, recurrence, q, k, v, beta, w0):
+def _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0):
     # Everything that does not depend on the state is done for all chunks at once; with
     # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
     # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
@@ -148,19 +153,19 @@ def _chunked_forward(rule, recurrence, q, k, v, beta, w0):
         inverse, u_tilde, y, q_eff = None, v, None, q
     out_intra = _mm("...ij,...jv->...iv", scores, u_tilde)
 
-    forward_recurrence, _ = _recurrences(recurrence)
+    forward_recurrence, _ = _recurrences(recurrence, precise)
     out, u, final_state = forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0)
     # The sum rule's writes are v itself; nothing more to keep.
     return (out, final_state), (q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state)
 
 
-def _chunked_backward(rule, recurrence, residuals, cotangents):
+def _chunked_backward(rule, recurrence, precise, residuals, cotangents):
     q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state = residuals
     d_out, d_final = cotangents
     if rule != "delta":
         u = v
 
-    _, backward_recurrence = _recurrences(recurrence)
+    _, backward_recurrence = _recurrences(recurrence, precise)
     dq, dk, du_tilde, dy, dw0 = backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final)
     # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all chunks at once.
     d_scores = _mm("...iv,...jv->...ij", d_out, u_tilde)
@@ -220,7 +225,8 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    out, final_state = _chunked(rule, recurrence, qc * scale, kc, vc, bc, w0)
+    precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
+    out, final_state = _chunked(rule, recurrence, precise, qc * scale, kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, -1, heads, value_dim)

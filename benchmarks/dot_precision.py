@@ -1,0 +1,92 @@
+"""How precise the chunked kernel's tensor-core dots must be: TF32 in one pass or three.
+
+On the GPU, ``pallas_kernels.chunk_recurrence`` runs its matmuls in TF32 (10-bit mantissa): three
+passes (hi*hi + hi*lo + lo*hi) for float32 inputs, one for bfloat16/float16 inputs. This script
+measures that choice on any machine by emulating both in the chunk form's ``lax.scan`` walk (the
+same sums as the kernel: operands rounded to TF32 with round-to-nearest-even, products and sums in
+float32) and comparing outputs and gradients with ``impl="reference"`` computed in float32.
+
+Usage:
+    python benchmarks/dot_precision.py
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dpfp_jax as dj  # noqa: E402
+from benchmarks.common import delta_rule_inputs, machine_name  # noqa: E402
+from dpfp_jax.ops.fast_weight import chunk  # noqa: E402
+
+
+def to_tf32(x: jax.Array) -> jax.Array:
+    """Round float32 to TF32's 10 mantissa bits, to nearest, ties to even."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    bits = (bits + jnp.uint32(0x0FFF) + ((bits >> 13) & 1)) & jnp.uint32(0xFFFFE000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def one_pass(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return chunk._mm(spec, to_tf32(a), to_tf32(b))
+
+
+def three_pass(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    a_hi, b_hi = to_tf32(a), to_tf32(b)
+    a_lo, b_lo = to_tf32(a - a_hi), to_tf32(b - b_hi)
+    return chunk._mm(spec, a_hi, b_hi) + chunk._mm(spec, a_hi, b_lo) + chunk._mm(spec, a_lo, b_hi)
+
+
+def walk_with(matmul):
+    """The chunk form's forward and backward walks with their matmuls replaced by ``matmul``."""
+    namespace = dict(vars(chunk), _mm=matmul)
+    for fn in (chunk.forward_recurrence_xla, chunk.backward_recurrence_xla):
+        exec(inspect.getsource(fn), namespace)  # re-binds only the walk's own _mm
+    return namespace["forward_recurrence_xla"], namespace["backward_recurrence_xla"]
+
+
+def outputs_and_gradients(impl: str, q, k, v, beta, walk=None) -> list[jax.Array]:
+    def loss(q, k, v, beta):
+        out, state = dj.fast_weight(q, k, v, beta, rule="delta", impl=impl, chunk_size=64)
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
+
+    original = chunk._recurrences
+    if walk is not None:
+        chunk._recurrences = lambda recurrence, precise: walk
+    try:
+        (_, values), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, beta)
+    finally:
+        chunk._recurrences = original
+    return jax.tree.leaves((values, grads))
+
+
+def worst_relative_error(got: list[jax.Array], want: list[jax.Array]) -> float:
+    return max(float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
+               for g, w in zip(got, want, strict=True))
+
+
+def main() -> None:
+    print(f"Delta rule, chunk_size 64: worst relative error over outputs, final state and gradients "
+          f"against impl='reference' in float32. Machine: {machine_name()}.\n")
+    print("| B, T, H, K, V | inputs | float32 walk | TF32, three passes | TF32, one pass |")
+    print("|---|---|---|---|---|")
+    variants = [("float32 walk", None), ("three passes", walk_with(three_pass)), ("one pass", walk_with(one_pass))]
+    for shape in [(2, 200, 2, 128, 16), (2, 200, 2, 384, 16), (1, 4096, 2, 128, 64)]:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            inputs = delta_rule_inputs(*shape, dtype)
+            want = outputs_and_gradients("reference", *[x.astype(jnp.float32) for x in inputs])
+            errors = [worst_relative_error(outputs_and_gradients("chunk", *inputs, walk=walk), want)
+                      for _, walk in variants]
+            print(f"| {', '.join(map(str, shape))} | {jnp.dtype(dtype).name} | "
+                  + " | ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
