@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = SHARED_MEMORY_LIMIT.get(capability, 99 * 1024)
     print(f"Triton resources for {args.gpu} (sm_{capability}, {limit // 1024} KiB shared memory per program), "
           f"{args.dtype} inputs, V=64; jax {jax.__version__}, triton {_triton_version()}\n")
-    print("| kernel | rule | K | programs | warps | stages | shared KiB | registers | spilled bytes | verdict |")
+    print("| kernel | rule | K | programs (B·H = 2) | warps | stages | shared KiB | registers | spilled bytes "
+          "| verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
     for kernel, time in (("fused_recurrent", 64), ("chunk_recurrence", 256)):
