@@ -43,8 +43,8 @@ BACKWARD_STATE_BUDGET = 4_096
 
 
 # On the GPU the dots run on tensor cores in TF32 (10-bit mantissa). For float32 inputs, three
-# passes (hi*hi + hi*lo + lo*hi) keep float32's accuracy: one pass leaves 3e-4 relative error in
-# outputs and gradients against 3e-7 (benchmarks/dot_precision.py), since the walk carries the
+# passes (hi*hi + hi*lo + lo*hi) keep float32's accuracy: one pass leaves 3-4e-4 relative error in
+# outputs and gradients against at most 1e-6 (benchmarks/dot_precision.py), since the walk carries the
 # state through every chunk. For bfloat16/float16 inputs one pass costs nothing measurable (their
 # own rounding, 2e-3, dominates) and frees registers. Pallas's IEEE float32 dot would run on CUDA
 # cores with several times the shared memory. Interpret mode runs on the CPU, whose dot takes no
