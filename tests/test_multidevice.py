@@ -20,3 +20,8 @@ def run_with_host_devices(script: Path, count: int = 8) -> subprocess.CompletedP
 def test_sharded_and_pmapped_dpfpformer_match_single_device():
     result = run_with_host_devices(Path(__file__).with_name("multidevice_script.py"))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+def test_decoding_with_a_replicated_cache_follows_the_batch_sharding():
+    result = run_with_host_devices(Path(__file__).with_name("decode_sharded_script.py"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

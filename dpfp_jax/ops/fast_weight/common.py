@@ -31,3 +31,23 @@ def zeros_like_sharded(x: Array, dtype: jnp.dtype) -> Array:
 def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
     """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v."""
     return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)
+
+
+def with_batch_sharding_of(x: Array, like: Array) -> Array:
+    """x with its leading (batch) axis sharded as ``like``'s, under an explicit-sharding mesh.
+
+    A carried state (``initial_state``, a decode cache) is often replicated, e.g. made by
+    ``init`` and put on the mesh with the parameters, while the inputs are batch-sharded; explicit
+    sharding then refuses to contract the two. The state's other axes keep their sharding. Under
+    automatic sharding, or when the batch axes already agree, x comes back unchanged.
+    """
+    like_sharding = getattr(jax.typeof(like), "sharding", None)
+    mesh = getattr(like_sharding, "mesh", None)
+    if mesh is None or mesh.empty or not like_sharding.spec or like_sharding.spec[0] is None:
+        return x
+    if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return x
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    if spec[0] == like_sharding.spec[0]:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(like_sharding.spec[0], *spec[1:x.ndim]))
