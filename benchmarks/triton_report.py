@@ -45,8 +45,9 @@ def compute_capability(gpu: str) -> int:
     return int(pltriton.get_gpu_info_from_version(version).arch_name.replace(".", ""))
 
 
-def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16):
-    """(fn, args): forward and backward of one kernel through the op."""
+def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
+                batch: int = 1, heads: int = 2):
+    """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs."""
 
     def run(q, k, v, beta, s):
         if kernel == "fused_recurrent":
@@ -60,9 +61,10 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     def shape(*dims, dtype=dtype):
         return jax.ShapeDtypeStruct(dims, dtype)
 
-    keys = shape(1, time, 2, key_dim)
-    beta = shape(1, time, 2) if rule == "delta" else None
-    args = (keys, keys, shape(1, time, 2, value_dim), beta, shape(1, 2, key_dim, value_dim, dtype=jnp.float32))
+    keys = shape(batch, time, heads, key_dim)
+    beta = shape(batch, time, heads) if rule == "delta" else None
+    args = (keys, keys, shape(batch, time, heads, value_dim), beta,
+            shape(batch, heads, key_dim, value_dim, dtype=jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args
 
 

@@ -8,40 +8,19 @@ needs more shared memory than an H100/H200 program may have: the failure a GPU r
 otherwise be the first to report.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
-from pallas_kernels import chunk_recurrence, fused_recurrent
+from benchmarks import triton_report
+from pallas_kernels import chunk_recurrence
 from pallas_kernels.triton_lowering import triton_calls
 
 SLOW = pytest.mark.slow
 
 
-def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int, dtype=jnp.bfloat16):
-    def run(q, k, v, beta, s):
-        if kernel == "fused_recurrent":
-            return fused_recurrent(q, k, v, beta, s, rule=rule)
-        return fast_weight_pallas(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64)
-
-    def loss(q, k, v, beta, s):
-        out, state = run(q, k, v, beta, s)
-        return out.astype(jnp.float32).sum() + state.sum()
-
-    keys = jax.ShapeDtypeStruct((2, time, 3, key_dim), dtype)
-    values = jax.ShapeDtypeStruct((2, time, 3, value_dim), dtype)
-    beta = jax.ShapeDtypeStruct((2, time, 3), dtype) if rule == "delta" else None
-    state = jax.ShapeDtypeStruct((2, 3, key_dim, value_dim), jnp.float32)
-    return jax.grad(loss, argnums=(0, 1, 2, 4)), (keys, keys, values, beta, state)
-
-
 def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16):
-    fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype)
+    fn, args = triton_report.op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -101,25 +80,15 @@ def test_lowering_reports_what_pallas_cannot_lower():
         triton_calls(bad, jax.ShapeDtypeStruct((3, 5), jnp.float32))
 
 
-def load_triton_report():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "triton_report.py"
-    spec = importlib.util.spec_from_file_location("triton_report", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("triton_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @SLOW
 @pytest.mark.parametrize("kernel, key_dim", [("chunk_recurrence", 128), ("chunk_recurrence", 512),
                                              ("fused_recurrent", 1024)])
 def test_kernels_fit_in_h200_shared_memory(kernel, key_dim):
     pytest.importorskip("triton", reason="needs the triton package: `make test-all` installs it")
-    report = load_triton_report()
-    limit = report.SHARED_MEMORY_LIMIT[90]
-    fn, args = report.op_gradient(kernel, "delta", key_dim, 256 if kernel != "fused_recurrent" else 64)
+    limit = triton_report.SHARED_MEMORY_LIMIT[90]
+    fn, args = triton_report.op_gradient(kernel, "delta", key_dim, 256 if kernel != "fused_recurrent" else 64)
     for call in triton_calls(fn, *args):
-        resources = report.compile_to_machine_code(call, 90)
+        resources = triton_report.compile_to_machine_code(call, 90)
         assert resources["shared"] <= limit, (call.name, resources)
         assert resources["registers"] <= 255
         # Some spilling is expected (docs/triton_report_h200.md); a whole state slice spilled
