@@ -6,7 +6,8 @@
   with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
-suite checks them on machines without a GPU.
+suite checks what they compute on machines without a GPU; ``triton_lowering`` lowers them to
+Triton IR for a named GPU, which is how it checks that they can become GPU kernels.
 """
 
 from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
