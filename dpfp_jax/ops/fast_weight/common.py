@@ -33,6 +33,15 @@ def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
     return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)
 
 
+def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:
+    """The (abstract) mesh and the mesh axis that x's batch dimension is sharded over, if any."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not sharding.spec:
+        return None, None
+    return mesh, sharding.spec[0]
+
+
 def with_batch_sharding_of(x: Array, like: Array) -> Array:
     """x with its leading (batch) axis sharded as ``like``'s, under an explicit-sharding mesh.
 
@@ -41,13 +50,10 @@ def with_batch_sharding_of(x: Array, like: Array) -> Array:
     sharding then refuses to contract the two. The state's other axes keep their sharding. Under
     automatic sharding, or when the batch axes already agree, x comes back unchanged.
     """
-    like_sharding = getattr(jax.typeof(like), "sharding", None)
-    mesh = getattr(like_sharding, "mesh", None)
-    if mesh is None or mesh.empty or not like_sharding.spec or like_sharding.spec[0] is None:
-        return x
-    if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    mesh, axis = batch_axis_of(like)
+    if axis is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         return x
     spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-    if spec[0] == like_sharding.spec[0]:
+    if spec[0] == axis:
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(like_sharding.spec[0], *spec[1:x.ndim]))
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(axis, *spec[1:x.ndim]))

@@ -17,6 +17,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
+from dpfp_jax.ops.fast_weight.common import batch_axis_of
 
 Array = jax.Array
 
@@ -32,15 +33,6 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: objec
     if q.shape[-1] > MAX_KEY_DIM:
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
     return None
-
-
-def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:
-    """The (abstract) mesh and the mesh axis that x's batch dimension is sharded over, if any."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        return None, None
-    return mesh, sharding.spec[0]
 
 
 def fast_weight_pallas(
