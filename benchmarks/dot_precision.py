@@ -12,7 +12,6 @@ Usage:
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -34,22 +33,38 @@ def to_tf32(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+# The chunk form's own float32 matmul, kept here: walk_with swaps chunk._mm while a walk traces.
+float32_matmul = chunk._mm
+
+
 def one_pass(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return chunk._mm(spec, to_tf32(a), to_tf32(b))
+    return float32_matmul(spec, to_tf32(a), to_tf32(b))
 
 
 def three_pass(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     a_hi, b_hi = to_tf32(a), to_tf32(b)
     a_lo, b_lo = to_tf32(a - a_hi), to_tf32(b - b_hi)
-    return chunk._mm(spec, a_hi, b_hi) + chunk._mm(spec, a_hi, b_lo) + chunk._mm(spec, a_lo, b_hi)
+    return float32_matmul(spec, a_hi, b_hi) + float32_matmul(spec, a_hi, b_lo) + float32_matmul(spec, a_lo, b_hi)
 
 
 def walk_with(matmul):
-    """The chunk form's forward and backward walks with their matmuls replaced by ``matmul``."""
-    namespace = dict(vars(chunk), _mm=matmul)
-    for fn in (chunk.forward_recurrence_xla, chunk.backward_recurrence_xla):
-        exec(inspect.getsource(fn), namespace)  # re-binds only the walk's own _mm
-    return namespace["forward_recurrence_xla"], namespace["backward_recurrence_xla"]
+    """The chunk form's forward and backward walks with their matmuls done by ``matmul``.
+
+    ``chunk._mm`` is swapped only while a walk traces (``lax.scan`` traces its step then), so the
+    state-independent WY work around the walk keeps its float32 matmuls.
+    """
+
+    def swapped(walk):
+        def run(*args):
+            original, chunk._mm = chunk._mm, matmul
+            try:
+                return walk(*args)
+            finally:
+                chunk._mm = original
+
+        return run
+
+    return swapped(chunk.forward_recurrence_xla), swapped(chunk.backward_recurrence_xla)
 
 
 def outputs_and_gradients(impl: str, q, k, v, beta, walk=None) -> list[jax.Array]:
