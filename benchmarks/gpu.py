@@ -2,13 +2,14 @@
 
 Run on a GPU machine, through ``benchmarks/run_gpu.sh`` (it installs the carried peer wheels).
 
-``--check``: our ``pallas``, ``chunk`` and ``scan`` outputs and gradients against ``reference`` on
-the GPU (float32, small shapes, both rules, K in {128, 384}).
+``--check``: our GPU paths' outputs and gradients against ``reference`` on the GPU (float32 and
+bfloat16 inputs, small shapes, both rules, K in {128, 384}): ``pallas`` (fused chunk and fused
+recurrent kernels), ``chunk`` with its inter-chunk walk in Pallas, ``chunk`` and ``scan``.
 
 Default: forward and forward+backward time and peak memory at B=8, T=4096, H=8, V=64, bfloat16,
-K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for ours (``pallas`` chunked and fused
-recurrent, ``chunk``, ``scan``), FLA's ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch +
-Triton) and jax-linear-attention's ``mosaic_gpu`` deltanet, each as a ratio to our ``chunk``.
+K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for the same five paths of ours, FLA's
+``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch + Triton) and
+jax-linear-attention's ``mosaic_gpu`` deltanet, each as a ratio to our ``chunk``.
 A peer that refuses a shape is listed with its reason.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import delta_rule_inputs, forward_and_backward, machine_name, ours, peer_deltanet  # noqa: E402
 
 import dpfp_jax as dj  # noqa: E402
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
 
 
 def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
@@ -86,6 +88,12 @@ def fla(name: str) -> Callable | None:
     return fn
 
 
+def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):
+    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_recurrence``)."""
+    state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    return fast_weight_chunk(q, k, v, beta, state, rule=rule, scale=1.0, recurrence="pallas")
+
+
 def check(repeats: int) -> int:
     """Our GPU impls against the reference on the GPU; returns the number of failures.
 
@@ -109,8 +117,11 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
 
     def run(impl, chunk_size=64, cast=None):
         def loss(*a):
-            out, state = dj.fast_weight(*a[:3], a[3] if len(a) > 3 else None, rule=rule, impl=impl,
-                                        chunk_size=chunk_size)
+            a = (*a, None) if len(a) == 3 else a
+            if impl == "chunk+pallas walk":
+                out, state = chunk_with_pallas_walk(*a, rule=rule)
+            else:
+                out, state = dj.fast_weight(*a, rule=rule, impl=impl, chunk_size=chunk_size)
             return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
 
         args = (q, k, v, beta) if beta is not None else (q, k, v)
@@ -120,8 +131,9 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
 
     want = run("reference", cast=jnp.float32)
     failures = 0
-    # pallas with chunk_size 64 takes the chunked kernel, with 256 > T the fused recurrent one.
-    for impl, chunk_size in (("pallas", 64), ("pallas", 256), ("chunk", 64), ("scan", 64)):
+    # pallas with chunk_size 64 takes the fused chunk kernel, with 256 > T the fused recurrent one.
+    for impl, chunk_size in (("pallas", 64), ("pallas", 256), ("chunk+pallas walk", 64), ("chunk", 64),
+                             ("scan", 64)):
         try:
             got = run(impl, chunk_size)
             errors = [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
@@ -139,7 +151,8 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
 def benchmark(repeats: int) -> None:
     shapes = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
     contenders: dict[str, tuple[str, Callable | None]] = {
-        "ours pallas chunked": ("jax", ours("pallas")),
+        "ours pallas fused chunk": ("jax", ours("pallas")),
+        "ours chunk + pallas walk": ("jax", chunk_with_pallas_walk),
         # a chunk longer than any T sends impl="pallas" to the fused recurrent kernel
         "ours pallas fused recurrent": ("jax", ours("pallas", chunk_size=1 << 30)),
         "ours chunk": ("jax", ours("chunk")),

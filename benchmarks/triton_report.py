@@ -30,9 +30,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas  # noqa: E402
-from pallas_kernels import fused_recurrent  # noqa: E402
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
+from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
 from pallas_kernels.triton_lowering import DEFAULT_GPU, TritonCall, triton_calls  # noqa: E402
+
+# Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
+KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
 
 # Shared memory one program may use (the opt-in maximum per block), by compute capability.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 100: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
@@ -52,7 +55,9 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     def run(q, k, v, beta, s):
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule)
-        return fast_weight_pallas(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64)
+        if kernel == "fused_chunk":
+            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64)
+        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64, recurrence="pallas")
 
     def loss(q, k, v, beta, s):
         out, state = run(q, k, v, beta, s)
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", default=DEFAULT_GPU, help="device kind, e.g. 'NVIDIA H100'")
     parser.add_argument("--keys", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--rules", nargs="+", default=["delta", "sum"], choices=["delta", "sum"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="input dtype (the chunked kernel's dots take three TF32 passes for float32)")
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
           "| verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
-    for kernel, time in (("fused_recurrent", 64), ("chunk_recurrence", 256)):
+    for kernel in args.kernels:
+        time = KERNELS[kernel]
         for rule in args.rules:
             for key_dim in args.keys:
                 fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype))

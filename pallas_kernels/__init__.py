@@ -1,9 +1,12 @@
 """Pallas GPU kernels for the fast-weight op, reached through ``dpfp_jax.fast_weight(impl="pallas")``.
 
+- ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state
+  update) in one program per (batch x head, value block), walking chunks with its slice of W on
+  chip; ``impl="pallas"`` from one chunk on.
 - ``fused_recurrent``: one program per (batch x head, value block) walks time with its slice of W
   on chip; the backward rebuilds states in-kernel (the paper's CUDA kernel, redone).
-- ``chunk_recurrence``: the chunkwise form's sequential inter-chunk walk, forward and backward,
-  with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
+- ``chunk_recurrence``: only the chunkwise form's sequential inter-chunk walk, forward and
+  backward, with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks what they compute on machines without a GPU; ``triton_lowering`` lowers them to
@@ -11,6 +14,8 @@ Triton IR for a named GPU, which is how it checks that they can become GPU kerne
 """
 
 from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
+from pallas_kernels.fused_chunk import fused_chunk
 from pallas_kernels.fused_recurrent import MAX_KEY_DIM, fused_recurrent
 
-__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_recurrent"]
+__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_chunk",
+           "fused_recurrent"]

@@ -53,13 +53,13 @@ PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
-def _dot_algorithm(interpret: bool, precise: bool):
+def dot_algorithm(interpret: bool, precise: bool):
     if interpret:
         return None
     return PRECISE_DOT if precise else FAST_DOT
 
 
-def _key_tiles(key_dim: int) -> list[slice]:
+def key_tiles(key_dim: int) -> list[slice]:
     tile = min(KEY_TILE, key_dim)
     return [slice(i, i + tile) for i in range(0, key_dim, tile)]
 
@@ -70,7 +70,7 @@ def _forward_kernel(*refs, delta: bool, precision):
         q_ref, k_ref, u_tilde_ref, y_ref, out_intra_ref, w0_ref, out_ref, u_ref, w_ref = refs
     else:
         q_ref, k_ref, u_tilde_ref, out_intra_ref, w0_ref, out_ref, w_ref = refs
-    tiles = _key_tiles(w0_ref.shape[0])
+    tiles = key_tiles(w0_ref.shape[0])
 
     def step(n, w):
         def times_state(x_ref):  # x[n] @ W, summed over key tiles
@@ -95,7 +95,7 @@ def _backward_kernel(*refs, delta: bool, precision):
     else:
         q_ref, k_ref, u_ref, d_out_ref, w_ref, d_w_ref, dq_ref, dk_ref, du_ref, d_w0_ref = refs
     num_chunks = q_ref.shape[0]
-    tiles = _key_tiles(w_ref.shape[0])
+    tiles = key_tiles(w_ref.shape[0])
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
@@ -116,6 +116,13 @@ def _backward_kernel(*refs, delta: bool, precision):
             dw0.append(dw)
         return tuple(w0), tuple(dw0)
 
+    walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
+
+
+def walk_in_reverse(step, num_chunks: int, tiles: list[slice], w_ref, d_w_ref, d_w0_ref) -> None:
+    """The backward kernels' walk: ``step(i, (W1 tiles, dW1 tiles))`` for chunk ``num_chunks - 1 - i``
+    returns the tiles of W0 and dL/dW0; starts from the final state and its cotangent, and stores
+    dL/d(initial state)."""
     initial = (tuple(w_ref[rows, :] for rows in tiles), tuple(d_w_ref[rows, :] for rows in tiles))
     _, dw0 = lax.fori_loop(0, num_chunks, step, initial)
     for rows, dw in zip(tiles, dw0, strict=True):
@@ -148,7 +155,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     out_shape = [value_shape] + ([value_shape] if delta else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, precision=_dot_algorithm(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
@@ -181,7 +188,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
     out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, precision=_dot_algorithm(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],

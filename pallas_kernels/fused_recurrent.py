@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
+from pallas_kernels.common import (
+    compiler_params,
+    heads_major,
+    pad_state,
+    padded_sizes,
+    value_block,
+    warps_for_state,
+)
 
 Array = jax.Array
 
@@ -81,13 +88,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w
 
     _, g = lax.fori_loop(0, length, step, (w_ref[...], d_w_ref[...].astype(jnp.float32)))
     d_w0_ref[...] = g
-
-
-def _heads_major(x: Array, size: int | None = None) -> Array:
-    """``[B, T, H, D] -> [B * H, T, D_padded]``."""
-    batch, length, heads = x.shape[:3]
-    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
-    return x if size is None else pad_to(x, 2, size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -189,9 +189,9 @@ def fused_recurrent(
         raise ValueError(f"fused_recurrent supports K <= {MAX_KEY_DIM}; got K={key_dim}")
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
-    qh = _heads_major(q.astype(f32) * scale, k_pad)
-    kh = _heads_major(k.astype(f32), k_pad)
-    vh = _heads_major(v.astype(f32), v_pad)
+    qh = heads_major(q.astype(f32) * scale, k_pad)
+    kh = heads_major(k.astype(f32), k_pad)
+    vh = heads_major(v.astype(f32), v_pad)
     betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
-from pallas_kernels import MAX_KEY_DIM, fused_recurrent
+from pallas_kernels import MAX_KEY_DIM, fused_chunk, fused_recurrent
 from tests.conftest import make_inputs, random_like
 from tests.test_multidevice import run_with_host_devices
 
@@ -70,7 +70,32 @@ def test_chunk_recurrence_kernels_match_reference(rule, key_dim, value_dim, T):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("T, kernel_name", [(40, "chunk_recurrence"), (10, "fused_recurrent")])
+def fused_chunk_kernel(rule, scale=1.0, chunk_size=16):
+    return lambda q, k, v, beta, s: fused_chunk(q, k, v, beta, s, rule=rule, scale=scale, chunk_size=chunk_size,
+                                                interpret=True)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (96, 70, 50),
+                                                   pytest.param(130, 16, 32, marks=SLOW)])
+def test_fused_chunk_matches_reference(rule, key_dim, value_dim, T):
+    # K = 96 and 130 span two and three 64-key tiles after padding; V = 70 splits over value blocks
+    # (forward and backward differently); T = 33 and 50 end in a partial chunk.
+    inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
+    got = value_and_grads(fused_chunk_kernel(rule, 0.5), inputs)
+    want = value_and_grads(oracle(rule, 0.5), inputs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 48])
+def test_fused_chunk_refuses_chunks_a_tensor_core_cannot_tile(chunk_size):
+    inputs = make_inputs(0, time=96, with_state=True)
+    with pytest.raises(ValueError, match=f"power of two >= 16; got chunk_size={chunk_size}"):
+        fused_chunk(*[inputs[n] for n in ARGS], rule="delta", chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("T, kernel_name", [(40, "fused_chunk"), (10, "fused_recurrent")])
 def test_pallas_adapter_picks_chunked_from_one_chunk_on(T, kernel_name):
     from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
 
@@ -86,15 +111,21 @@ def test_pallas_adapter_picks_chunked_from_one_chunk_on(T, kernel_name):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_recurrent_bfloat16():
-    inputs = make_inputs(1, time=16, key_dim=16, value_dim=8, with_state=True)
+@pytest.mark.parametrize("kernel_of", [kernel, fused_chunk_kernel], ids=["fused_recurrent", "fused_chunk"])
+def test_kernels_take_bfloat16(kernel_of):
+    # bf16 inputs are read as they are; outputs and gradients come back in bf16, the state in
+    # float32. T = 40 is two and a half chunks of 16 for the chunked kernel.
+    inputs = make_inputs(1, time=40, key_dim=16, value_dim=8, with_state=True)
     bf16 = {n: x.astype(jnp.bfloat16) for n, x in inputs.items()}
-    (out, state), grads = value_and_grads(kernel("delta"), bf16)
+    (out, state), grads = value_and_grads(kernel_of("delta"), bf16)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
-    want, _ = value_and_grads(oracle("delta"), {n: x.astype(jnp.float32) for n, x in bf16.items()})
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0]), rtol=2e-2, atol=2e-2)
-    np.testing.assert_allclose(np.asarray(state), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+    (want_out, want_state), want_grads = value_and_grads(
+        oracle("delta"), {n: x.astype(jnp.float32) for n, x in bf16.items()})
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-4, atol=1e-4)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=2e-2, atol=2e-2)
 
 
 def test_fused_recurrent_refuses_oversized_keys():

@@ -40,12 +40,16 @@ def test_fused_recurrent_lowers_to_triton(rule, key_dim, time, value_dim, progra
     assert (calls["fwd"].num_warps, calls["bwd"].num_warps) == warps
 
 
+CHUNKED = ["fused_chunk", "chunk_recurrence"]
+
+
+@pytest.mark.parametrize("kernel", CHUNKED)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("key_dim, time, value_dim", [
     (128, 256, 64), (512, 256, 64), pytest.param(12, 300, 5, marks=SLOW), pytest.param(384, 300, 70, marks=SLOW),
 ])
-def test_chunk_recurrence_lowers_to_triton_with_tensor_core_dots(rule, key_dim, time, value_dim):
-    calls = kernels_of("chunk_recurrence", rule, key_dim, time, value_dim)
+def test_chunked_kernels_lower_to_triton_with_tensor_core_dots(kernel, rule, key_dim, time, value_dim):
+    calls = kernels_of(kernel, rule, key_dim, time, value_dim)
     assert sorted(calls) == ["bwd", "fwd"]
     for call in calls.values():
         # Unpipelined loads (shared memory) and one-pass TF32 dots (tensor cores) for bf16 inputs.
@@ -57,10 +61,11 @@ def test_chunk_recurrence_lowers_to_triton_with_tensor_core_dots(rule, key_dim, 
         assert k_pad <= 64 or f"tensor<64x{k_pad}xf32>" not in call.ir
 
 
+@pytest.mark.parametrize("kernel", CHUNKED)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_chunk_recurrence_takes_three_tf32_passes_for_float32_inputs(rule):
+def test_chunked_kernels_take_three_tf32_passes_for_float32_inputs(kernel, rule):
     # One pass would leave 3e-4 relative error for float32 inputs (benchmarks/dot_precision.py).
-    for call in kernels_of("chunk_recurrence", rule, 128, 128, 64, jnp.float32).values():
+    for call in kernels_of(kernel, rule, 128, 128, 64, jnp.float32).values():
         assert "inputPrecision = tf32x3" in call.ir
         assert "inputPrecision = tf32 " not in call.ir
 
@@ -81,8 +86,8 @@ def test_lowering_reports_what_pallas_cannot_lower():
 
 
 @SLOW
-@pytest.mark.parametrize("kernel, key_dim", [("chunk_recurrence", 128), ("chunk_recurrence", 512),
-                                             ("fused_recurrent", 1024)])
+@pytest.mark.parametrize("kernel, key_dim", [("fused_chunk", 128), ("fused_chunk", 512), ("chunk_recurrence", 128),
+                                             ("chunk_recurrence", 512), ("fused_recurrent", 1024)])
 def test_kernels_fit_in_h200_shared_memory(kernel, key_dim):
     pytest.importorskip("triton", reason="needs the triton package: `make test-all` installs it")
     limit = triton_report.SHARED_MEMORY_LIMIT[90]
@@ -94,3 +99,15 @@ def test_kernels_fit_in_h200_shared_memory(kernel, key_dim):
         # Some spilling is expected (docs/triton_report_h200.md); a whole state slice spilled
         # ([512, 32] float32 is 64 KiB) would not be.
         assert resources["spill_stores"] <= 8 * 1024, (call.name, resources)
+
+
+@pytest.mark.parametrize("key_dim, programs", [(128, 12), (512, 24)])
+def test_fused_chunk_splits_values_into_narrow_blocks(key_dim, programs):
+    # B * H = 6 heads; V = 64 in blocks of 32 at K = 128 and of 16 at K = 512, so the per-program
+    # state slice stays near 4096 floats (fused_chunk.FORWARD_STATE_BUDGET).
+    calls = kernels_of("fused_chunk", "delta", key_dim, 128, 64)
+    for call in calls.values():
+        assert call.grid[0] * call.grid[1] * call.grid[2] == programs, call.name
+    # The backward's sums over V (dq, dk per key tile, dT_beta) are atomic adds, not partials.
+    assert calls["bwd"].ir.count("tt.atomic_rmw fadd") == 2 * (key_dim // 64) + 1
+    assert "atomic_rmw" not in calls["fwd"].ir

@@ -104,7 +104,7 @@ def fast_weight(
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
         matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
-        chunked from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
+        fused chunk from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
         ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
         the same function without chunks and do not use it).

@@ -64,10 +64,16 @@ def _to_chunks(x: Array | None, chunk_size: int, dtype: jnp.dtype) -> Array | No
     return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)  # [B, N, C, H, ...] -> [N, B, H, C, ...]
 
 
-def _wy_inverse(k: Array, beta: Array) -> Array:
-    """``A^-1`` for ``A = I + diag(beta) strict_tril(K K^T)``, every chunk at once: [..., C, C]."""
+def wy_inverse(k: Array, beta: Array) -> Array:
+    """``A^-1`` for ``A = I + diag(beta) strict_tril(K K^T)``, every chunk at once: [..., C, C].
+
+    Computed in beta's dtype. k may be narrower (bfloat16 keys for the Pallas kernels): products
+    of bfloat16 numbers are exact in float32, so the Gram matrix loses nothing by taking them as
+    they are, and runs on bfloat16 tensor cores on the GPU.
+    """
     size = k.shape[-2]
-    a = jnp.eye(size, dtype=k.dtype) + beta[..., :, None] * _tril(_mm("...ik,...jk->...ij", k, k), -1)
+    gram = jnp.einsum("...ik,...jk->...ij", k, k, precision=_HIGHEST, preferred_element_type=beta.dtype)
+    a = jnp.eye(size, dtype=beta.dtype) + beta[..., :, None] * _tril(gram, -1)
     # Built from a, not broadcast, so it carries a's batch sharding (explicit meshes require it).
     identity = zeros_like_sharded(a, a.dtype) + jnp.eye(size, dtype=a.dtype)
     return solve_triangular(a, identity, lower=True, unit_diagonal=True)
@@ -146,7 +152,7 @@ def _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0):
     # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
     scores = _tril(_mm("...ik,...jk->...ij", q, k))  # S, [N, B, H, C, C]
     if rule == "delta":
-        inverse = _wy_inverse(k, beta)
+        inverse = wy_inverse(k, beta)
         u_tilde, y = _wy_writes(inverse, k, v, beta)
         q_eff = q - _mm("...ij,...jk->...ik", scores, y)
     else:

@@ -1,9 +1,11 @@
 """``impl="pallas"``: the Pallas GPU kernels of the top-level ``pallas_kernels`` package.
 
-Two kernels: the chunked one (the chunkwise form of ``chunk.py`` with its sequential
-inter-chunk walk in Pallas, matmuls on tensor cores) for sequences of at least one chunk when
-``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused recurrent one
-(the paper's CUDA kernel redone) otherwise, e.g. for decoding steps.
+Two kernels: the fused chunked one (``pallas_kernels.fused_chunk``: each chunk's whole step,
+matmuls on tensor cores, in one program per head and value block) for sequences of at least one
+chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused
+recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A third,
+``pallas_kernels.chunk_recurrence`` (only the inter-chunk walk in Pallas, the rest in XLA), is
+reached through ``fast_weight_chunk(..., recurrence="pallas")`` for comparison on the GPU.
 
 This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
 batch shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
@@ -16,7 +18,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
-from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
+from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import batch_axis_of
 
 Array = jax.Array
@@ -29,7 +31,7 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: objec
     backend = jax.default_backend()
     if backend != "gpu":
         return (f"the Pallas kernels need a GPU and jax's default backend is {backend!r}; "
-                "pallas_kernels.fused_recurrent(..., interpret=True) runs them anywhere, slowly")
+                "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs them anywhere, slowly")
     if q.shape[-1] > MAX_KEY_DIM:
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
     return None
@@ -48,14 +50,14 @@ def fast_weight_pallas(
     interpret: bool = False,
 ) -> tuple[Array, Array]:
     """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
-    from pallas_kernels import fused_recurrent
+    from pallas_kernels import fused_chunk, fused_recurrent
 
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     def run(q, k, v, beta, initial_state):
         if chunked:
-            return fast_weight_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                     recurrence="pallas_interpret" if interpret else "pallas")
+            return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
+                               interpret=interpret)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
 
     mesh, axis = batch_axis_of(q)

@@ -1,0 +1,281 @@
+"""Fused chunked delta/sum rule (Pallas): the whole chunk step in one kernel, forward and backward.
+
+The chunkwise form (``dpfp_jax/ops/fast_weight/chunk.py``) splits the sequence into chunks of C
+steps. With ``T_beta = A^-1 diag(beta)``, ``A = I + diag(beta) strict_tril(K K^T)`` (the WY form),
+a chunk that starts from state W0 does
+
+    u = T_beta (V - K W0),   O = Q W0 + tril(Q K^T) u,   W1 = W0 + K^T u
+
+(the sum rule: ``u = V``). ``chunk_recurrence.py`` puts only the walk over chunks in Pallas and
+leaves the state-independent products to XLA, which writes several float32 ``[T, K]`` arrays
+(``Y``, ``Q - S Y``, ...) to memory and reads them back. Here one program per (batch x head, block
+of BV value columns) does the whole step per chunk on chip, reading q, k and v once in their own
+dtype and writing only the outputs and the writes u. Only ``T_beta`` (a per-chunk [C, C] triangular
+inverse, state-independent) comes from XLA, and its gradient goes back through XLA's autodiff of
+the triangular solve.
+
+The backward walks chunks in reverse, rebuilding ``W0 = W1 - K^T u`` from the stored writes (no
+state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the residual
+``V - K W0``. Products that sum over V (dq, dk, dT_beta) are accumulated across the value blocks'
+programs with atomic adds (so their order, and the last bits of those gradients, can vary from
+run to run when there are more than two blocks).
+
+On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
+``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined, and the dots
+are TF32 on tensor cores (three passes for float32 inputs, one for bfloat16/float16).
+``benchmarks/triton_report.py`` compiles these kernels for an H200 and reports what they need.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from dpfp_jax.ops.fast_weight.chunk import wy_inverse
+from pallas_kernels.chunk_recurrence import NUM_WARPS, dot_algorithm, key_tiles, walk_in_reverse
+from pallas_kernels.common import compiler_params, heads_major, pad_state, pad_to, padded_sizes, value_block
+
+Array = jax.Array
+
+# Floats of state per program. Besides its [K, BV] state slice a program holds [C, C] scores (and,
+# for the delta rule, T_beta and in the backward dL/dscores), so the value blocks are narrower than
+# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. ``triton_report.py`` for an H200:
+# a 64-wide forward block spilled 456 bytes at K = 128, 32 wide spills 20. Narrower blocks also
+# mean more programs: B * H = 64 heads fill 128 of an H200's 132 SMs with two blocks, 64 with one.
+FORWARD_STATE_BUDGET = 4_096
+BACKWARD_STATE_BUDGET = 4_096
+
+
+def _causal(scores: Array) -> Array:
+    """``tril(scores)``: step i of a chunk reads the writes of steps j <= i."""
+    rows = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+    cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    return jnp.where(rows >= cols, scores, 0.0)
+
+
+def _forward_kernel(*refs, delta: bool, precision):
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+    if delta:
+        q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
+    else:
+        q_ref, k_ref, v_ref, w0_ref, out_ref, w_ref = refs
+    tiles = key_tiles(w0_ref.shape[0])
+    chunk, block = v_ref.shape[1], v_ref.shape[2]
+
+    def load(ref, n, rows):
+        return ref[n, :, rows].astype(jnp.float32)
+
+    def step(n, w):
+        # Everything that sums over K, one key tile at a time.
+        scores = jnp.zeros((chunk, chunk), jnp.float32)
+        q_w = jnp.zeros((chunk, block), jnp.float32)
+        recall = jnp.zeros((chunk, block), jnp.float32)
+        for rows, w_tile in zip(tiles, w, strict=True):
+            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            scores += dot(q_tile, k_tile.T)
+            q_w += dot(q_tile, w_tile)
+            if delta:
+                recall += dot(k_tile, w_tile)
+        v = v_ref[n].astype(jnp.float32)
+        u = dot(tb_ref[n], v - recall) if delta else v
+        if delta:
+            u_ref[n] = u
+        out_ref[n] = q_w + dot(_causal(scores), u)
+        return tuple(w_tile + dot(load(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
+
+    w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
+    for rows, w_tile in zip(tiles, w, strict=True):
+        w_ref[rows, :] = w_tile
+
+
+def _backward_kernel(*refs, delta: bool, precision):
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+    # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
+    if delta:
+        (q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
+         dq_ref, dk_ref, dtb_ref, dv_ref, d_w0_ref) = refs
+    else:
+        q_ref, k_ref, v_ref, d_out_ref, w_ref, d_w_ref, _, _, dq_ref, dk_ref, dv_ref, d_w0_ref = refs
+    num_chunks, chunk, block = v_ref.shape
+    tiles = key_tiles(w_ref.shape[0])
+
+    def load(ref, n, rows):
+        return ref[n, :, rows].astype(jnp.float32)
+
+    def step(i, carry):
+        w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
+        n = num_chunks - 1 - i
+        v = v_ref[n].astype(jnp.float32)
+        u = u_ref[n] if delta else v
+        d_out = d_out_ref[n]
+        # Rebuild W0 and everything that sums over K, one key tile at a time.
+        scores = jnp.zeros((chunk, chunk), jnp.float32)
+        du = jnp.zeros((chunk, block), jnp.float32)  # dL/du through W1 = W0 + K^T u
+        recall = jnp.zeros((chunk, block), jnp.float32)
+        w0 = []
+        for rows, w_tile, dw_tile in zip(tiles, w1, dw1, strict=True):
+            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            scores += dot(q_tile, k_tile.T)
+            du += dot(k_tile, dw_tile)
+            w_tile = w_tile - dot(k_tile.T, u)
+            if delta:
+                recall += dot(k_tile, w_tile)
+            w0.append(w_tile)
+        du += dot(_causal(scores).T, d_out)  # through O = Q W0 + tril(Q K^T) u
+        d_scores = _causal(dot(d_out, u.T))
+        if delta:
+            dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
+            pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
+            dv_ref[n] = dr
+        else:
+            dv_ref[n] = du
+        dw0 = []
+        for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
+            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out, w_tile.T) + dot(d_scores, k_tile))
+            dk = dot(d_scores.T, q_tile) + dot(u, dw_tile.T)
+            dw_tile = dw_tile + dot(q_tile.T, d_out)
+            if delta:
+                dk -= dot(dr, w_tile.T)
+                dw_tile -= dot(k_tile.T, dr)
+            pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
+            dw0.append(dw_tile)
+        return tuple(w0), tuple(dw0)
+
+    walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
+
+
+def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
+    """BlockSpecs over the grid (batch x head g, value block j) for ``[G, N, C, ...]`` arrays."""
+    keys = pl.BlockSpec((None, num_chunks, chunk, key_dim), lambda g, j: (g, 0, 0, 0))
+    values = pl.BlockSpec((None, num_chunks, chunk, block), lambda g, j: (g, 0, 0, j))
+    square = pl.BlockSpec((None, num_chunks, chunk, chunk), lambda g, j: (g, 0, 0, 0))
+    state = pl.BlockSpec((None, key_dim, block), lambda g, j: (g, 0, j))
+    return keys, values, square, state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_chunk(interpret: bool, precise: bool, block_sizes: tuple[int, int], q, k, v, tb, w0):
+    """``[G, N, C, ...]`` padded chunks -> ``(out [G, N, C, V] float32, final_state [G, K, V])``."""
+    (out, final_state), _ = _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0)
+    return out, final_state
+
+
+def _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0):
+    groups, num_chunks, chunk, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block = block_sizes[0]
+    delta = tb is not None
+    keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
+    value_shape = jax.ShapeDtypeStruct((groups, num_chunks, chunk, value_dim), jnp.float32)
+    results = pl.pallas_call(
+        functools.partial(_forward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        out_shape=(value_shape, *([value_shape] if delta else []),
+                   jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
+        grid=(groups, value_dim // block),
+        in_specs=[keys, keys, values, *([square] if delta else []), state],
+        out_specs=(values, *([values] if delta else []), state),
+        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        interpret=interpret,
+        name="fast_weight_fused_chunk_fwd",
+    )(q, k, v, *([tb] if delta else []), w0)
+    out, final_state = results[0], results[-1]
+    u = results[1] if delta else None
+    return (out, final_state), (q, k, v, tb, u, final_state)
+
+
+def _fused_chunk_backward(interpret, precise, block_sizes, residuals, cotangents):
+    q, k, v, tb, u, final_state = residuals
+    d_out, d_final = cotangents
+    groups, num_chunks, chunk, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block = block_sizes[1]
+    num_blocks = value_dim // block
+    delta = tb is not None
+    keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
+    f32 = jnp.float32
+    # Gradients that sum over V are accumulated by every value block's program with atomic adds
+    # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
+    # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
+    summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
+    inputs = [q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
+    results = pl.pallas_call(
+        functools.partial(_backward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
+                   jax.ShapeDtypeStruct(v.shape, f32), jax.ShapeDtypeStruct(final_state.shape, f32)),
+        grid=(groups, num_blocks),
+        in_specs=[keys, keys, values, *([square, values] if delta else []), values, state, state,
+                  keys, keys, *([square] if delta else [])],
+        out_specs=(keys, keys, *([square] if delta else []), values, state),
+        input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
+        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        interpret=interpret,
+        name="fast_weight_fused_chunk_bwd",
+    )(*inputs, *summed)
+    dq, dk, dv = results[0].astype(q.dtype), results[1].astype(k.dtype), results[-2].astype(v.dtype)
+    return dq, dk, dv, results[2] if delta else None, results[-1]
+
+
+_fused_chunk.defvjp(_fused_chunk_forward, _fused_chunk_backward)
+
+
+def _to_chunks(x: Array, chunk_size: int, size: int | None = None) -> Array:
+    """``[B, T, H, ...] -> [B * H, N, C, ...]``: T zero-padded to whole chunks, the last axis to ``size``."""
+    x = heads_major(x, size)
+    x = pad_to(x, 1, -(-x.shape[1] // chunk_size) * chunk_size)
+    return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def fused_chunk(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    *,
+    rule: str,
+    scale: float = 1.0,
+    chunk_size: int = 64,
+    interpret: bool = False,
+) -> tuple[Array, Array]:
+    """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
+
+    Takes validated inputs (``dj.fast_weight`` checks them): q, k ``[B, T, H, K]``, v
+    ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``;
+    ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes). Returns
+    ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+
+    Example (interpret mode runs anywhere):
+        >>> import jax.numpy as jnp
+        >>> x = jnp.full((1, 20, 2, 4), 0.25)
+        >>> out, w = fused_chunk(x, x, x, jnp.full((1, 20, 2), 0.5), jnp.zeros((1, 2, 4, 4)),
+        ...                      rule="delta", chunk_size=16, interpret=True)
+        >>> out.shape, w.shape
+        ((1, 20, 2, 4), (1, 2, 4, 4))
+    """
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"fused_chunk needs chunk_size a power of two >= 16; got chunk_size={chunk_size}")
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
+    # Powers of two, the backward's no wider than the forward's: v_pad is a multiple of both.
+    backward_block = value_block(k_pad, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
+    f32 = jnp.float32
+    qc, kc = _to_chunks(q, chunk_size, k_pad), _to_chunks(k, chunk_size, k_pad)
+    vc = _to_chunks(v, chunk_size, v_pad)
+    tb = None
+    if rule == "delta":
+        beta_c = _to_chunks(beta.astype(f32), chunk_size)
+        tb = wy_inverse(kc, beta_c) * beta_c[..., None, :]  # A^-1 diag(beta), [G, N, C, C]
+    w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
+    precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
+    out, final_state = _fused_chunk(interpret, precise, (forward_block, backward_block), qc, kc, vc, tb, w0)
+    # Scores and Q W0 are linear in q, so scaling the output equals scaling the queries.
+    out = (out * scale).reshape(batch, heads, -1, v_pad)[:, :, :length, :value_dim]
+    final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return jnp.moveaxis(out, 1, 2).astype(v.dtype), final_state
