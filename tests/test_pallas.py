@@ -60,55 +60,23 @@ def chunked_kernel(rule, scale=1.0, chunk_size=16):
                                                       chunk_size=chunk_size, recurrence="pallas_interpret")
 
 
-@pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (96, 70, 50)])
-def test_chunk_recurrence_kernels_match_reference(rule, key_dim, value_dim, T):
-    inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
-    got = value_and_grads(chunked_kernel(rule, 0.5), inputs)
-    want = value_and_grads(oracle(rule, 0.5), inputs)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
-
-
 def fused_chunk_kernel(rule, scale=1.0, chunk_size=16):
     return lambda q, k, v, beta, s: fused_chunk(q, k, v, beta, s, rule=rule, scale=scale, chunk_size=chunk_size,
                                                 interpret=True)
 
 
+@pytest.mark.parametrize("kernel_of", [fused_chunk_kernel, chunked_kernel], ids=["fused_chunk", "chunk_recurrence"])
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (96, 70, 50),
                                                    pytest.param(130, 16, 32, marks=SLOW)])
-def test_fused_chunk_matches_reference(rule, key_dim, value_dim, T):
-    # K = 96 and 130 span two and three 64-key tiles after padding; V = 70 splits over value blocks
+def test_chunked_kernels_match_reference(kernel_of, rule, key_dim, value_dim, T):
+    # K = 96 and 130 pad to 128 and 256: two and four 64-key tiles; V = 70 splits over value blocks
     # (forward and backward differently); T = 33 and 50 end in a partial chunk.
     inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
-    got = value_and_grads(fused_chunk_kernel(rule, 0.5), inputs)
+    got = value_and_grads(kernel_of(rule, 0.5), inputs)
     want = value_and_grads(oracle(rule, 0.5), inputs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("chunk_size", [8, 48])
-def test_fused_chunk_refuses_chunks_a_tensor_core_cannot_tile(chunk_size):
-    inputs = make_inputs(0, time=96, with_state=True)
-    with pytest.raises(ValueError, match=f"power of two >= 16; got chunk_size={chunk_size}"):
-        fused_chunk(*[inputs[n] for n in ARGS], rule="delta", chunk_size=chunk_size, interpret=True)
-
-
-@pytest.mark.parametrize("T, kernel_name", [(40, "fused_chunk"), (10, "fused_recurrent")])
-def test_pallas_adapter_picks_chunked_from_one_chunk_on(T, kernel_name):
-    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
-
-    inputs = make_inputs(2, time=T, key_dim=8, value_dim=4, with_state=True)
-    args = [inputs[n] for n in ARGS]
-    def run(*a):
-        return fast_weight_pallas(*a, rule="delta", scale=1.0, chunk_size=16, interpret=True)
-
-    jaxpr = str(jax.make_jaxpr(run)(*args))  # pallas_call keeps its kernel's name there
-    assert f"fast_weight_{kernel_name}_fwd" in jaxpr
-    want = oracle("delta")(*args)
-    for g, w in zip(jax.jit(run)(*args), want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_of", [kernel, fused_chunk_kernel], ids=["fused_recurrent", "fused_chunk"])
