@@ -160,7 +160,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
         out_specs=tuple([values] + ([values] if delta else []) + [state]),
-        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        compiler_params=compiler_params(NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_fwd",
     )(*[x.astype(jnp.float32) for x in inputs])
@@ -193,7 +193,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],
         out_specs=tuple([partial_keys, partial_keys, values] + ([partial_keys] if delta else []) + [state]),
-        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        compiler_params=compiler_params(NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_bwd",
     )(*[x.astype(jnp.float32) for x in inputs])

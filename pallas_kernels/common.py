@@ -64,10 +64,11 @@ def warps_for_state(state_values: int) -> int:
     return max(4, min(MAX_WARPS, wanted))
 
 
-def compiler_params(num_warps: int, *, pipelined: bool = True) -> pltriton.CompilerParams:
-    """Triton launch settings: ``num_warps`` per program, and whether loads in loops are pipelined.
+def compiler_params(num_warps: int, *, num_stages: int | None = None) -> pltriton.CompilerParams:
+    """Triton launch settings: ``num_warps`` per program and ``num_stages`` for loads in loops.
 
-    ``pipelined=False`` means one stage: Triton's software pipelining keeps a copy of every load
-    of the loop body in shared memory per extra stage.
+    ``num_stages=None`` leaves Triton's default software pipelining; 1 turns it off. Each extra
+    stage keeps a copy of every load of the loop body in shared memory, the next iteration's
+    operands arriving while this one computes.
     """
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=None if pipelined else 1)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -21,7 +21,7 @@ programs with atomic adds (so their order, and the last bits of those gradients,
 run to run when there are more than two blocks).
 
 On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
-``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined, and the dots
+``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (by default), and the dots
 are TF32 on tensor cores (three passes for float32 inputs, one for bfloat16/float16).
 ``benchmarks/triton_report.py`` compiles these kernels for an H200 and reports what they need.
 """
@@ -29,6 +29,7 @@ are TF32 on tensor cores (three passes for float32 inputs, one for bfloat16/floa
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,17 +160,26 @@ def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
     return keys, values, square, state
 
 
+class _Launch(NamedTuple):
+    """How the kernels are launched: value columns per program, forward and backward, and
+    Triton's load-pipelining stages."""
+
+    forward_block: int
+    backward_block: int
+    num_stages: int
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_chunk(interpret: bool, precise: bool, block_sizes: tuple[int, int], q, k, v, tb, w0):
+def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, q, k, v, tb, w0):
     """``[G, N, C, ...]`` padded chunks -> ``(out [G, N, C, V] float32, final_state [G, K, V])``."""
-    (out, final_state), _ = _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0)
+    (out, final_state), _ = _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0)
     return out, final_state
 
 
-def _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0):
+def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
     groups, num_chunks, chunk, key_dim = q.shape
     value_dim = v.shape[-1]
-    block = block_sizes[0]
+    block = launch.forward_block
     delta = tb is not None
     keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
     value_shape = jax.ShapeDtypeStruct((groups, num_chunks, chunk, value_dim), jnp.float32)
@@ -180,7 +190,7 @@ def _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0):
         grid=(groups, value_dim // block),
         in_specs=[keys, keys, values, *([square] if delta else []), state],
         out_specs=(values, *([values] if delta else []), state),
-        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_fwd",
     )(q, k, v, *([tb] if delta else []), w0)
@@ -189,12 +199,12 @@ def _fused_chunk_forward(interpret, precise, block_sizes, q, k, v, tb, w0):
     return (out, final_state), (q, k, v, tb, u, final_state)
 
 
-def _fused_chunk_backward(interpret, precise, block_sizes, residuals, cotangents):
+def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     q, k, v, tb, u, final_state = residuals
     d_out, d_final = cotangents
     groups, num_chunks, chunk, key_dim = q.shape
     value_dim = v.shape[-1]
-    block = block_sizes[1]
+    block = launch.backward_block
     num_blocks = value_dim // block
     delta = tb is not None
     keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
@@ -213,7 +223,7 @@ def _fused_chunk_backward(interpret, precise, block_sizes, residuals, cotangents
                   keys, keys, *([square] if delta else [])],
         out_specs=(keys, keys, *([square] if delta else []), values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
-        compiler_params=compiler_params(NUM_WARPS, pipelined=False),
+        compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_bwd",
     )(*inputs, *summed)
@@ -242,6 +252,7 @@ def fused_chunk(
     scale: float = 1.0,
     chunk_size: int = 64,
     interpret: bool = False,
+    num_stages: int = 1,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
 
@@ -249,6 +260,12 @@ def fused_chunk(
     ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``;
     ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes). Returns
     ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+
+    ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
+    off. ``triton_report.py`` for an H200: with bfloat16 inputs 2 stages fit in shared memory up
+    to K = 256 (156 KiB backward at K = 128), not from K = 384 (290 KiB backward); with float32
+    inputs not even at K = 128 (232 KiB backward, over the 227 KiB limit). Whether they pay is for
+    the GPU benchmark to say.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
@@ -260,6 +277,8 @@ def fused_chunk(
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"fused_chunk needs chunk_size a power of two >= 16; got chunk_size={chunk_size}")
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"fused_chunk needs num_stages a positive int; got num_stages={num_stages!r}")
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
@@ -274,7 +293,8 @@ def fused_chunk(
         tb = wy_inverse(kc, beta_c) * beta_c[..., None, :]  # A^-1 diag(beta), [G, N, C, C]
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
     precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
-    out, final_state = _fused_chunk(interpret, precise, (forward_block, backward_block), qc, kc, vc, tb, w0)
+    launch = _Launch(forward_block, backward_block, num_stages)
+    out, final_state = _fused_chunk(interpret, precise, launch, qc, kc, vc, tb, w0)
     # Scores and Q W0 are linear in q, so scaling the output equals scaling the queries.
     out = (out * scale).reshape(batch, heads, -1, v_pad)[:, :, :length, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)

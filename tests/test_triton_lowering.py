@@ -111,3 +111,19 @@ def test_fused_chunk_splits_values_into_narrow_blocks(key_dim, programs):
     # The backward's sums over V (dq, dk per key tile, dT_beta) are atomic adds, not partials.
     assert calls["bwd"].ir.count("tt.atomic_rmw fadd") == 2 * (key_dim // 64) + 1
     assert "atomic_rmw" not in calls["fwd"].ir
+
+
+def test_fused_chunk_load_stages_are_a_launch_setting():
+    from pallas_kernels import fused_chunk
+
+    def loss(q, s, num_stages):
+        out, state = fused_chunk(q, q, q[..., :64], None, s, rule="sum", num_stages=num_stages)
+        return out.astype(jnp.float32).sum() + state.sum()
+
+    q = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
+    for num_stages in (1, 2):
+        calls = triton_calls(jax.grad(lambda q, s, n=num_stages: loss(q, s, n), argnums=(0, 1)), q, s)
+        assert [call.num_stages for call in calls] == [num_stages, num_stages]
+    with pytest.raises(ValueError, match="num_stages a positive int; got num_stages=0"):
+        triton_calls(lambda q, s: loss(q, s, 0), q, s)
