@@ -49,14 +49,17 @@ def compute_capability(gpu: str) -> int:
 
 
 def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
-                batch: int = 1, heads: int = 2):
-    """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs."""
+                batch: int = 1, heads: int = 2, num_stages: int = 1):
+    """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs.
+
+    ``num_stages``: the fused chunk kernel's load-pipelining stages (the others ignore it).
+    """
 
     def run(q, k, v, beta, s):
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule)
         if kernel == "fused_chunk":
-            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64)
+            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages)
         return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64, recurrence="pallas")
 
     def loss(q, k, v, beta, s):
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--rules", nargs="+", default=["delta", "sum"], choices=["delta", "sum"])
+    parser.add_argument("--fused-chunk-stages", type=int, default=1,
+                        help="the fused chunk kernel's load-pipelining stages (fused_chunk(num_stages=...))")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="input dtype (the chunked kernel's dots take three TF32 passes for float32)")
     args = parser.parse_args(argv)
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         time = KERNELS[kernel]
         for rule in args.rules:
             for key_dim in args.keys:
-                fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype))
+                fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype),
+                                          num_stages=args.fused_chunk_stages)
                 for call in triton_calls(fn, *fn_args, gpu=args.gpu):
                     res = compile_to_machine_code(call, capability)
                     status = verdict(res, limit)
