@@ -21,8 +21,9 @@ programs with atomic adds (so their order, and the last bits of those gradients,
 run to run when there are more than two blocks).
 
 On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
-``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (by default), and the dots
-are TF32 on tensor cores (three passes for float32 inputs, one for bfloat16/float16).
+``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (unless
+``num_stages`` asks), and the dots are TF32 on tensor cores (three passes for float32 inputs, one
+for bfloat16/float16).
 ``benchmarks/triton_report.py`` compiles these kernels for an H200 and reports what they need.
 """
 
