@@ -152,7 +152,8 @@ def _fused_backward(rule, interpret, residuals, cotangents):
         name="fast_weight_fused_recurrent_bwd",
     )(q, k, v, beta if delta else placeholder, u if delta else jnp.zeros_like(v), final_state,
       d_out, d_final)
-    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0) if delta else None, d_w0
+    return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv.astype(v.dtype),
+            dbeta.sum(0) if delta else None, d_w0)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)
@@ -189,13 +190,13 @@ def fused_recurrent(
         raise ValueError(f"fused_recurrent supports K <= {MAX_KEY_DIM}; got K={key_dim}")
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
-    qh = heads_major(q.astype(f32) * scale, k_pad)
-    kh = heads_major(k.astype(f32), k_pad)
-    vh = heads_major(v.astype(f32), v_pad)
+    # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it
+    # computes in float32. The output is linear in q, so scaling it equals scaling the queries.
+    qh, kh, vh = heads_major(q, k_pad), heads_major(k, k_pad), heads_major(v, v_pad)
     betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)
     out, final_state = _fused(rule, interpret, qh, kh, vh, betah, w0)
-    out = jnp.moveaxis(out[..., :value_dim].reshape(batch, heads, length, value_dim), 1, 2)
+    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return out.astype(v.dtype), final_state
