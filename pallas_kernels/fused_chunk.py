@@ -40,7 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
 from pallas_kernels.chunk_recurrence import NUM_WARPS, dot_algorithm, key_tiles, walk_in_reverse
-from pallas_kernels.common import compiler_params, heads_major, pad_state, pad_to, padded_sizes, value_block
+from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block
 
 Array = jax.Array
 
@@ -152,10 +152,19 @@ def _backward_kernel(*refs, delta: bool, precision):
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
 
 
-def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
-    """BlockSpecs over the grid (batch x head g, value block j) for ``[G, N, C, ...]`` arrays."""
-    keys = pl.BlockSpec((None, num_chunks, chunk, key_dim), lambda g, j: (g, 0, 0, 0))
-    values = pl.BlockSpec((None, num_chunks, chunk, block), lambda g, j: (g, 0, 0, j))
+def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int):
+    """BlockSpecs over the grid (batch x head g, value block j).
+
+    Per-step arrays stay in the caller's ``[B, T, H, D]`` layout, viewed as ``[B, N, C, H, D]``
+    (a free reshape), so no transposed copy of q, k, v, the outputs or the gradients is made: a
+    program reads its head's rows with a stride of H * D. Per-chunk ``T_beta`` is ``[G, N, C, C]``
+    and states ``[G, K, V]``.
+    """
+    def head(g, column_block=0):  # block index of head g's rows
+        return g // heads, 0, 0, g % heads, column_block
+
+    keys = pl.BlockSpec((None, num_chunks, chunk, None, key_dim), lambda g, j: head(g))
+    values = pl.BlockSpec((None, num_chunks, chunk, None, block), lambda g, j: head(g, j))
     square = pl.BlockSpec((None, num_chunks, chunk, chunk), lambda g, j: (g, 0, 0, 0))
     state = pl.BlockSpec((None, key_dim, block), lambda g, j: (g, 0, j))
     return keys, values, square, state
@@ -172,18 +181,18 @@ class _Launch(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, q, k, v, tb, w0):
-    """``[G, N, C, ...]`` padded chunks -> ``(out [G, N, C, V] float32, final_state [G, K, V])``."""
+    """``[B, N, C, H, ...]`` padded chunks -> ``(out [B, N, C, H, V] float32, final_state [G, K, V])``."""
     (out, final_state), _ = _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0)
     return out, final_state
 
 
 def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
-    groups, num_chunks, chunk, key_dim = q.shape
-    value_dim = v.shape[-1]
+    batch, num_chunks, chunk, heads, key_dim = q.shape
+    groups, value_dim = batch * heads, v.shape[-1]
     block = launch.forward_block
     delta = tb is not None
-    keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
-    value_shape = jax.ShapeDtypeStruct((groups, num_chunks, chunk, value_dim), jnp.float32)
+    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
+    value_shape = jax.ShapeDtypeStruct(v.shape, jnp.float32)
     results = pl.pallas_call(
         functools.partial(_forward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
         out_shape=(value_shape, *([value_shape] if delta else []),
@@ -203,12 +212,12 @@ def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     q, k, v, tb, u, final_state = residuals
     d_out, d_final = cotangents
-    groups, num_chunks, chunk, key_dim = q.shape
-    value_dim = v.shape[-1]
+    batch, num_chunks, chunk, heads, key_dim = q.shape
+    groups, value_dim = batch * heads, v.shape[-1]
     block = launch.backward_block
     num_blocks = value_dim // block
     delta = tb is not None
-    keys, values, square, state = _specs(num_chunks, chunk, key_dim, block)
+    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
     f32 = jnp.float32
     # Gradients that sum over V are accumulated by every value block's program with atomic adds
     # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
@@ -236,9 +245,11 @@ _fused_chunk.defvjp(_fused_chunk_forward, _fused_chunk_backward)
 
 
 def _to_chunks(x: Array, chunk_size: int, size: int | None = None) -> Array:
-    """``[B, T, H, ...] -> [B * H, N, C, ...]``: T zero-padded to whole chunks, the last axis to ``size``."""
-    x = heads_major(x, size)
+    """``[B, T, H, ...] -> [B, N, C, H, ...]``: T zero-padded to whole chunks, the last axis to
+    ``size``; a reshape, no copy, when nothing needs padding."""
     x = pad_to(x, 1, -(-x.shape[1] // chunk_size) * chunk_size)
+    if size is not None:
+        x = pad_to(x, x.ndim - 1, size)
     return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
 
 
@@ -290,13 +301,16 @@ def fused_chunk(
     vc = _to_chunks(v, chunk_size, v_pad)
     tb = None
     if rule == "delta":
-        beta_c = _to_chunks(beta.astype(f32), chunk_size)
-        tb = wy_inverse(kc, beta_c) * beta_c[..., None, :]  # A^-1 diag(beta), [G, N, C, C]
+        # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
+        # read head-major here (the one transposition left, done by XLA for its matmuls).
+        beta_c = jnp.moveaxis(_to_chunks(beta.astype(f32), chunk_size), 3, 1)
+        tb = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c) * beta_c[..., None, :]
+        tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
     precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
     launch = _Launch(forward_block, backward_block, num_stages)
     out, final_state = _fused_chunk(interpret, precise, launch, qc, kc, vc, tb, w0)
     # Scores and Q W0 are linear in q, so scaling the output equals scaling the queries.
-    out = (out * scale).reshape(batch, heads, -1, v_pad)[:, :, :length, :value_dim]
+    out = (out * scale).reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return jnp.moveaxis(out, 1, 2).astype(v.dtype), final_state
+    return out.astype(v.dtype), final_state
