@@ -34,7 +34,9 @@ def padded_sizes(key_dim: int, value_dim: int, state_budget: int = 16_384, min_b
 
 
 def pad_to(x: Array, axis: int, size: int) -> Array:
-    """Zero-pad ``axis`` of x up to ``size``."""
+    """Zero-pad ``axis`` of x up to ``size`` (x itself when it is that size already)."""
+    if x.shape[axis] == size:
+        return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad)

@@ -96,6 +96,51 @@ def test_kernels_take_bfloat16(kernel_of):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("chunk_size", [8, 48])
+def test_fused_chunk_refuses_chunks_a_tensor_core_cannot_tile(chunk_size):
+    inputs = make_inputs(0, time=96, with_state=True)
+    with pytest.raises(ValueError, match=f"power of two >= 16; got chunk_size={chunk_size}"):
+        fused_chunk(*[inputs[n] for n in ARGS], rule="delta", chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("T, kernel_name", [(40, "fused_chunk"), (10, "fused_recurrent")])
+def test_pallas_adapter_picks_chunked_from_one_chunk_on(T, kernel_name):
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    inputs = make_inputs(2, time=T, key_dim=8, value_dim=4, with_state=True)
+    args = [inputs[n] for n in ARGS]
+    def run(*a):
+        return fast_weight_pallas(*a, rule="delta", scale=1.0, chunk_size=16, interpret=True)
+
+    jaxpr = str(jax.make_jaxpr(run)(*args))  # pallas_call keeps its kernel's name there
+    assert f"fast_weight_{kernel_name}_fwd" in jaxpr
+    want = oracle("delta")(*args)
+    for g, w in zip(jax.jit(run)(*args), want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def primitives_outside_kernels(jaxpr) -> list[str]:
+    """Names of the primitives a jaxpr runs, looking into nested jits but not into custom_vjp calls."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name in ("jit", "pjit"):
+            names += primitives_outside_kernels(eqn.params["jaxpr"].jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("rule, transposes", [("sum", 0), ("delta", 2)])
+def test_fused_chunk_reads_inputs_in_place(rule, transposes):
+    # With K a power of two and T whole chunks nothing is padded, and q, v, the outputs (and for
+    # the sum rule k) are never transposed: the kernels read the [B, T, H, D] layout per head.
+    # The delta rule's WY inverse reads k and beta head-major: two transposes, done by XLA.
+    inputs = make_inputs(0, time=64, heads=3, key_dim=64, value_dim=32, rule=rule, with_state=True)
+    args = {n: x if x is None or n == "initial_state" else x.astype(jnp.bfloat16) for n, x in inputs.items()}
+    jaxpr = jax.make_jaxpr(lambda *a: fused_chunk(*a, rule=rule, chunk_size=16))(*[args[n] for n in ARGS])
+    names = primitives_outside_kernels(jaxpr.jaxpr)
+    assert names.count("transpose") == transposes and "pad" not in names, names
+
+
 def test_fused_recurrent_refuses_oversized_keys():
     x = jnp.ones((1, 2, 1, MAX_KEY_DIM + 1))
     with pytest.raises(ValueError, match="K <= 1024"):
