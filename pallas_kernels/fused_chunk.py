@@ -9,8 +9,9 @@ a chunk that starts from state W0 does
 (the sum rule: ``u = V``). ``chunk_recurrence.py`` puts only the walk over chunks in Pallas and
 leaves the state-independent products to XLA, which writes several float32 ``[T, K]`` arrays
 (``Y``, ``Q - S Y``, ...) to memory and reads them back. Here one program per (batch x head, block
-of BV value columns) does the whole step per chunk on chip, reading q, k and v once in their own
-dtype and writing only the outputs and the writes u. Only ``T_beta`` (a per-chunk [C, C] triangular
+of BV value columns) does the whole step per chunk on chip, reading q, k and v once, in their own
+dtype and in the caller's ``[B, T, H, D]`` layout (no transposed copies), and writing only the
+outputs and the writes u. Only ``T_beta`` (a per-chunk [C, C] triangular
 inverse, state-independent) comes from XLA, and its gradient goes back through XLA's autodiff of
 the triangular solve.
 
