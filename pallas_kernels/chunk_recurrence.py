@@ -54,12 +54,14 @@ FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
 def dot_algorithm(interpret: bool, precise: bool):
+    """The chunked kernels' ``jnp.dot`` precision: see ``PRECISE_DOT`` above."""
     if interpret:
         return None
     return PRECISE_DOT if precise else FAST_DOT
 
 
 def key_tiles(key_dim: int) -> list[slice]:
+    """Row slices of the state's on-chip tiles: ``KEY_TILE`` keys each (all of K when smaller)."""
     tile = min(KEY_TILE, key_dim)
     return [slice(i, i + tile) for i in range(0, key_dim, tile)]
 
