@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
+from dpfp_jax.ops.fast_weight.common import float32_or_wider
 from pallas_kernels.chunk_recurrence import NUM_WARPS, dot_algorithm, key_tiles, walk_in_reverse
 from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block
 
@@ -308,9 +309,8 @@ def fused_chunk(
         tb = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c) * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
-    precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
     launch = _Launch(forward_block, backward_block, num_stages)
-    out, final_state = _fused_chunk(interpret, precise, launch, qc, kc, vc, tb, w0)
+    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, qc, kc, vc, tb, w0)
     # Scores and Q W0 are linear in q, so scaling the output equals scaling the queries.
     out = (out * scale).reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)

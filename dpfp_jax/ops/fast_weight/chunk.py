@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, zeros_like_sharded
+from dpfp_jax.ops.fast_weight.common import accumulation_dtype, float32_or_wider, zeros_like_sharded
 
 Array = jax.Array
 
@@ -231,8 +231,7 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    precise = any(jnp.finfo(x.dtype).bits >= 32 for x in (q, k, v))
-    out, final_state = _chunked(rule, recurrence, precise, qc * scale, kc, vc, bc, w0)
+    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc * scale, kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, -1, heads, value_dim)
