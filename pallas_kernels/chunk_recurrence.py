@@ -53,11 +53,10 @@ PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
-def dot_algorithm(interpret: bool, precise: bool):
-    """The chunked kernels' ``jnp.dot`` precision: see ``PRECISE_DOT`` above."""
-    if interpret:
-        return None
-    return PRECISE_DOT if precise else FAST_DOT
+def tile_dot(interpret: bool, precise: bool):
+    """The chunked kernels' ``jnp.dot``: float32 accumulation, precision as ``PRECISE_DOT`` above says."""
+    precision = None if interpret else PRECISE_DOT if precise else FAST_DOT
+    return functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
 
 
 def key_tiles(key_dim: int) -> list[slice]:
@@ -66,8 +65,7 @@ def key_tiles(key_dim: int) -> list[slice]:
     return [slice(i, i + tile) for i in range(0, key_dim, tile)]
 
 
-def _forward_kernel(*refs, delta: bool, precision):
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+def _forward_kernel(*refs, delta: bool, dot):
     if delta:
         q_ref, k_ref, u_tilde_ref, y_ref, out_intra_ref, w0_ref, out_ref, u_ref, w_ref = refs
     else:
@@ -89,8 +87,7 @@ def _forward_kernel(*refs, delta: bool, precision):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, precision):
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+def _backward_kernel(*refs, delta: bool, dot):
     if delta:
         (q_ref, k_ref, u_ref, y_ref, d_out_ref, w_ref, d_w_ref,
          dq_ref, dk_ref, du_ref, dy_ref, d_w0_ref) = refs
@@ -157,7 +154,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     out_shape = [value_shape] + ([value_shape] if delta else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
@@ -190,7 +187,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
     out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
 from dpfp_jax.ops.fast_weight.common import float32_or_wider
-from pallas_kernels.chunk_recurrence import NUM_WARPS, dot_algorithm, key_tiles, walk_in_reverse
+from pallas_kernels.chunk_recurrence import NUM_WARPS, key_tiles, tile_dot, walk_in_reverse
 from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block
 
 Array = jax.Array
@@ -62,8 +62,12 @@ def _causal(scores: Array) -> Array:
     return jnp.where(rows >= cols, scores, 0.0)
 
 
-def _forward_kernel(*refs, delta: bool, precision):
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+def _tile(ref, n, rows: slice) -> Array:
+    """Chunk n's columns ``rows`` of a per-step ref, as float32 (the ref keeps the inputs' dtype)."""
+    return ref[n, :, rows].astype(jnp.float32)
+
+
+def _forward_kernel(*refs, delta: bool, dot):
     if delta:
         q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
     else:
@@ -71,16 +75,13 @@ def _forward_kernel(*refs, delta: bool, precision):
     tiles = key_tiles(w0_ref.shape[0])
     chunk, block = v_ref.shape[1], v_ref.shape[2]
 
-    def load(ref, n, rows):
-        return ref[n, :, rows].astype(jnp.float32)
-
     def step(n, w):
         # Everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         q_w = jnp.zeros((chunk, block), jnp.float32)
         recall = jnp.zeros((chunk, block), jnp.float32)
         for rows, w_tile in zip(tiles, w, strict=True):
-            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
             scores += dot(q_tile, k_tile.T)
             q_w += dot(q_tile, w_tile)
             if delta:
@@ -90,15 +91,16 @@ def _forward_kernel(*refs, delta: bool, precision):
         if delta:
             u_ref[n] = u
         out_ref[n] = q_w + dot(_causal(scores), u)
-        return tuple(w_tile + dot(load(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
+        # k's tiles are loaded again rather than kept from the loop above: holding all of them
+        # alongside the state would cost K / 64 more [C, 64] tiles of registers.
+        return tuple(w_tile + dot(_tile(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
     for rows, w_tile in zip(tiles, w, strict=True):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, precision):
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+def _backward_kernel(*refs, delta: bool, dot):
     # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
     if delta:
         (q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
@@ -107,9 +109,6 @@ def _backward_kernel(*refs, delta: bool, precision):
         q_ref, k_ref, v_ref, d_out_ref, w_ref, d_w_ref, _, _, dq_ref, dk_ref, dv_ref, d_w0_ref = refs
     num_chunks, chunk, block = v_ref.shape
     tiles = key_tiles(w_ref.shape[0])
-
-    def load(ref, n, rows):
-        return ref[n, :, rows].astype(jnp.float32)
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
@@ -123,7 +122,7 @@ def _backward_kernel(*refs, delta: bool, precision):
         recall = jnp.zeros((chunk, block), jnp.float32)
         w0 = []
         for rows, w_tile, dw_tile in zip(tiles, w1, dw1, strict=True):
-            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
             scores += dot(q_tile, k_tile.T)
             du += dot(k_tile, dw_tile)
             w_tile = w_tile - dot(k_tile.T, u)
@@ -140,7 +139,7 @@ def _backward_kernel(*refs, delta: bool, precision):
             dv_ref[n] = du
         dw0 = []
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
-            q_tile, k_tile = load(q_ref, n, rows), load(k_ref, n, rows)
+            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
             pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out, w_tile.T) + dot(d_scores, k_tile))
             dk = dot(d_scores.T, q_tile) + dot(u, dw_tile.T)
             dw_tile = dw_tile + dot(q_tile.T, d_out)
@@ -196,7 +195,7 @@ def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
     value_shape = jax.ShapeDtypeStruct(v.shape, jnp.float32)
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
         out_shape=(value_shape, *([value_shape] if delta else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
         grid=(groups, value_dim // block),
@@ -227,7 +226,7 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
     inputs = [q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, precision=dot_algorithm(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
                    jax.ShapeDtypeStruct(v.shape, f32), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
