@@ -42,13 +42,6 @@ def pad_to(x: Array, axis: int, size: int) -> Array:
     return jnp.pad(x, pad)
 
 
-def heads_major(x: Array, size: int | None = None) -> Array:
-    """``[B, T, H, D] -> [B * H, T, D]``, D zero-padded up to ``size`` when given."""
-    batch, length, heads = x.shape[:3]
-    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
-    return x if size is None else pad_to(x, 2, size)
-
-
 def pad_state(w: Array, k_pad: int, v_pad: int) -> Array:
     """Zero-pad a ``[G, K, V]`` state to ``[G, k_pad, v_pad]``."""
     return pad_to(pad_to(w, 1, k_pad), 2, v_pad)

@@ -24,14 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (
-    compiler_params,
-    heads_major,
-    pad_state,
-    padded_sizes,
-    value_block,
-    warps_for_state,
-)
+from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
 
 Array = jax.Array
 
@@ -88,6 +81,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w
 
     _, g = lax.fori_loop(0, length, step, (w_ref[...], d_w_ref[...].astype(jnp.float32)))
     d_w0_ref[...] = g
+
+
+def _heads_major(x: Array, size: int | None = None) -> Array:
+    """``[B, T, H, D] -> [B * H, T, D_padded]``."""
+    batch, length, heads = x.shape[:3]
+    x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
+    return x if size is None else pad_to(x, 2, size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -192,7 +192,7 @@ def fused_recurrent(
     f32 = jnp.float32
     # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it
     # computes in float32. The output is linear in q, so scaling it equals scaling the queries.
-    qh, kh, vh = heads_major(q, k_pad), heads_major(k, k_pad), heads_major(v, v_pad)
+    qh, kh, vh = _heads_major(q, k_pad), _heads_major(k, k_pad), _heads_major(v, v_pad)
     betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)
