@@ -32,6 +32,7 @@ from common import delta_rule_inputs, forward_and_backward, machine_name, ours, 
 
 import dpfp_jax as dj  # noqa: E402
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
+from dpfp_jax.ops.fast_weight.common import zero_state  # noqa: E402
 from pallas_kernels import fused_chunk  # noqa: E402
 
 
@@ -92,17 +93,24 @@ def fla(name: str) -> Callable | None:
 
 def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):
     """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_recurrence``)."""
-    state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    return fast_weight_chunk(q, k, v, beta, state, rule=rule, scale=1.0, recurrence="pallas")
-
-
-TWO_STAGES = "ours pallas fused chunk, 2 load stages"
+    return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, scale=1.0,
+                             recurrence="pallas")
 
 
 def fused_chunk_two_stages(q, k, v, beta, rule="delta"):
     """The fused chunk kernel with Triton's load pipelining (2 stages) instead of none."""
-    state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-    return fused_chunk(q, k, v, beta, state, rule=rule, num_stages=2)
+    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2)
+
+
+# Paths of ours that no ``impl=`` names: the walk-only kernel, and a launch variant of the fused one.
+EXTRA_PATHS = {"chunk + pallas walk": chunk_with_pallas_walk,
+               "pallas fused chunk, 2 load stages": fused_chunk_two_stages}
+
+
+def fits_on_chip(path: Callable, key_dim: int, dtype) -> bool:
+    """False where triton_report.py found a path over an H200 program's shared memory: two load
+    stages from K = 384 (290 KiB) and with float32 inputs (232 KiB at K = 128)."""
+    return path is not fused_chunk_two_stages or (key_dim <= 256 and dtype == jnp.bfloat16)
 
 
 def check(repeats: int) -> int:
@@ -129,10 +137,8 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
     def run(impl, chunk_size=64, cast=None):
         def loss(*a):
             a = (*a, None) if len(a) == 3 else a
-            if impl == "chunk+pallas walk":
-                out, state = chunk_with_pallas_walk(*a, rule=rule)
-            elif impl == "pallas fused chunk, 2 load stages":
-                out, state = fused_chunk_two_stages(*a, rule=rule)
+            if impl in EXTRA_PATHS:
+                out, state = EXTRA_PATHS[impl](*a, rule=rule)
             else:
                 out, state = dj.fast_weight(*a, rule=rule, impl=impl, chunk_size=chunk_size)
             return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
@@ -146,9 +152,9 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
     failures = 0
     # pallas with chunk_size 64 takes the fused chunk kernel, with 256 > T the fused recurrent one.
     for impl, chunk_size in (("pallas", 64), ("pallas fused chunk, 2 load stages", 64), ("pallas", 256),
-                             ("chunk+pallas walk", 64), ("chunk", 64), ("scan", 64)):
-        if impl.endswith("2 load stages") and (key_dim > 256 or dtype != jnp.bfloat16):
-            continue  # beyond an H200 program's shared memory there (triton_report.py; float32: 232 KiB)
+                             ("chunk + pallas walk", 64), ("chunk", 64), ("scan", 64)):
+        if not fits_on_chip(EXTRA_PATHS.get(impl), key_dim, dtype):
+            continue
         try:
             got = run(impl, chunk_size)
             errors = [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
@@ -167,8 +173,7 @@ def benchmark(repeats: int) -> None:
     shapes = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
     contenders: dict[str, tuple[str, Callable | None]] = {
         "ours pallas fused chunk": ("jax", ours("pallas")),
-        TWO_STAGES: ("jax", fused_chunk_two_stages),
-        "ours chunk + pallas walk": ("jax", chunk_with_pallas_walk),
+        **{f"ours {name}": ("jax", path) for name, path in EXTRA_PATHS.items()},
         # a chunk longer than any T sends impl="pallas" to the fused recurrent kernel
         "ours pallas fused recurrent": ("jax", ours("pallas", chunk_size=1 << 30)),
         "ours chunk": ("jax", ours("chunk")),
@@ -188,8 +193,8 @@ def benchmark(repeats: int) -> None:
             if fn is None:
                 rows[name] = "not installed"
                 continue
-            if name == TWO_STAGES and key_dim > 256:
-                rows[name] = "skipped: over an H200's shared memory beyond K = 256 (triton_report.py)"
+            if not fits_on_chip(fn, key_dim, jnp.bfloat16):
+                rows[name] = "skipped: over an H200's shared memory at this K (triton_report.py)"
                 continue
             try:
                 rows[name] = (jax_timings if framework == "jax" else torch_timings)(fn, args, repeats)
