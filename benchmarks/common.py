@@ -87,6 +87,12 @@ def print_table(rows: dict[str, Row], baseline: str) -> None:
               f"{bwd / base_bwd:.2f}x | {bwd_mem / max(base_mem, 1e-6):.1f}x |")
 
 
+def worst_relative_error(got, want) -> float:
+    """Largest ``|g - w| / |w|`` (Frobenius norms) over matching leaves, g compared in float32."""
+    return max(float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+
+
 def delta_rule_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
     """Sum-normalised non-negative q, k (as DPFP gives), Gaussian v, sigmoid beta."""
     ks = jax.random.split(jax.random.key(0), 4)

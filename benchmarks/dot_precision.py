@@ -22,7 +22,7 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dpfp_jax as dj  # noqa: E402
-from benchmarks.common import delta_rule_inputs, machine_name  # noqa: E402
+from benchmarks.common import delta_rule_inputs, machine_name, worst_relative_error  # noqa: E402
 from dpfp_jax.ops.fast_weight import chunk  # noqa: E402
 
 
@@ -80,11 +80,6 @@ def outputs_and_gradients(impl: str, q, k, v, beta, walk=None) -> list[jax.Array
     finally:
         chunk._recurrences = original
     return jax.tree.leaves((values, grads))
-
-
-def worst_relative_error(got: list[jax.Array], want: list[jax.Array]) -> float:
-    return max(float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
-               for g, w in zip(got, want, strict=True))
 
 
 def main() -> None:

@@ -28,7 +28,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import delta_rule_inputs, forward_and_backward, machine_name, ours, peer_deltanet  # noqa: E402
+from common import (  # noqa: E402
+    delta_rule_inputs,
+    forward_and_backward,
+    machine_name,
+    ours,
+    peer_deltanet,
+    worst_relative_error,
+)
 
 import dpfp_jax as dj  # noqa: E402
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
@@ -157,9 +164,7 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
             continue
         try:
             got = run(impl, chunk_size)
-            errors = [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
-                      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
-            worst = max(errors)
+            worst = worst_relative_error(got, want)
             ok = worst < tolerance
         except Exception as err:  # noqa: BLE001 - report every failure and go on
             ok, worst = False, f"{type(err).__name__}: {err}"[:300]
