@@ -19,8 +19,9 @@ from pallas_kernels.triton_lowering import triton_calls
 SLOW = pytest.mark.slow
 
 
-def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16):
-    fn, args = triton_report.op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3)
+def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1):
+    fn, args = triton_report.op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
+                                         num_stages=num_stages)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -114,16 +115,9 @@ def test_fused_chunk_splits_values_into_narrow_blocks(key_dim, programs):
 
 
 def test_fused_chunk_load_stages_are_a_launch_setting():
-    from pallas_kernels import fused_chunk
-
-    def loss(q, s, num_stages):
-        out, state = fused_chunk(q, q, q[..., :64], None, s, rule="sum", num_stages=num_stages)
-        return out.astype(jnp.float32).sum() + state.sum()
-
-    q = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
-    s = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
     for num_stages in (1, 2):
-        calls = triton_calls(jax.grad(lambda q, s, n=num_stages: loss(q, s, n), argnums=(0, 1)), q, s)
-        assert [call.num_stages for call in calls] == [num_stages, num_stages]
+        calls = kernels_of("fused_chunk", "sum", 128, 128, 64, num_stages=num_stages)
+        assert sorted(calls) == ["bwd", "fwd"]
+        assert all(call.num_stages == num_stages for call in calls.values())
     with pytest.raises(ValueError, match="num_stages a positive int; got num_stages=0"):
-        triton_calls(lambda q, s: loss(q, s, 0), q, s)
+        kernels_of("fused_chunk", "sum", 128, 128, 64, num_stages=0)
