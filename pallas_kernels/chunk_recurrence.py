@@ -6,7 +6,7 @@ per-chunk WY inverse, ``U_tilde``, ``Y``, ``Q - S Y``), and a sequential walk ov
 XLA runs as a loop of small kernel launches. These kernels do the walk: one program per
 (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the state on chip and,
 per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores on the GPU, see
-``PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
+``common.PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
 each chunk's start state from its writes as the XLA path does; products that sum over V come
 back as one partial per value block, summed outside.
 
@@ -29,40 +29,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes
+from pallas_kernels.common import (
+    NUM_WARPS,
+    compiler_params,
+    key_tiles,
+    pad_state,
+    pad_to,
+    padded_sizes,
+    tile_dot,
+    walk_in_reverse,
+)
 
 Array = jax.Array
 
-KEY_TILE = 64  # rows of the state per on-chip tile
-NUM_WARPS = 8
 # Floats of state per program: the backward holds W and dL/dW and more temporaries, so its value
 # blocks are narrower (K = 128: BV = 32; K >= 256: BV = 16), which `triton_report.py` showed
 # keeps spills small; the forward holds W alone.
 FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
-
-
-# On the GPU the dots run on tensor cores in TF32 (10-bit mantissa). For float32 inputs, three
-# passes (hi*hi + hi*lo + lo*hi) keep float32's accuracy: one pass leaves 3-4e-4 relative error in
-# outputs and gradients against at most 1e-6 (benchmarks/dot_precision.py), since the walk carries the
-# state through every chunk. For bfloat16/float16 inputs one pass costs nothing measurable (their
-# own rounding, 2e-3, dominates) and frees registers. Pallas's IEEE float32 dot would run on CUDA
-# cores with several times the shared memory. Interpret mode runs on the CPU, whose dot takes no
-# such algorithm: plain float32 there.
-PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
-
-
-def tile_dot(interpret: bool, precise: bool):
-    """The chunked kernels' ``jnp.dot``: float32 accumulation, precision as ``PRECISE_DOT`` above says."""
-    precision = None if interpret else PRECISE_DOT if precise else FAST_DOT
-    return functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
-
-
-def key_tiles(key_dim: int) -> list[slice]:
-    """Row slices of the state's on-chip tiles: ``KEY_TILE`` keys each (all of K when smaller)."""
-    tile = min(KEY_TILE, key_dim)
-    return [slice(i, i + tile) for i in range(0, key_dim, tile)]
 
 
 def _forward_kernel(*refs, delta: bool, dot):
@@ -116,16 +100,6 @@ def _backward_kernel(*refs, delta: bool, dot):
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
-
-
-def walk_in_reverse(step, num_chunks: int, tiles: list[slice], w_ref, d_w_ref, d_w0_ref) -> None:
-    """The backward kernels' walk: ``step(i, (W1 tiles, dW1 tiles))`` for chunk ``num_chunks - 1 - i``
-    returns the tiles of W0 and dL/dW0; starts from the final state and its cotangent, and stores
-    dL/d(initial state)."""
-    initial = (tuple(w_ref[rows, :] for rows in tiles), tuple(d_w_ref[rows, :] for rows in tiles))
-    _, dw0 = lax.fori_loop(0, num_chunks, step, initial)
-    for rows, dw in zip(tiles, dw0, strict=True):
-        d_w0_ref[rows, :] = dw
 
 
 def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):

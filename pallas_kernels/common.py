@@ -7,8 +7,11 @@ writes neither write nor read anything).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -67,3 +70,42 @@ def compiler_params(num_warps: int, *, num_stages: int | None = None) -> pltrito
     operands arriving while this one computes.
     """
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# The chunked kernels (chunk_recurrence.py, fused_chunk.py): the state as on-chip tiles of
+# KEY_TILE rows, walked with tensor-core dots.
+KEY_TILE = 64  # rows of the state per on-chip tile
+NUM_WARPS = 8
+
+
+# On the GPU the dots run on tensor cores in TF32 (10-bit mantissa). For float32 inputs, three
+# passes (hi*hi + hi*lo + lo*hi) keep float32's accuracy: one pass leaves 3-4e-4 relative error in
+# outputs and gradients against at most 1e-6 (benchmarks/dot_precision.py), since the walk carries the
+# state through every chunk. For bfloat16/float16 inputs one pass costs nothing measurable (their
+# own rounding, 2e-3, dominates) and frees registers. Pallas's IEEE float32 dot would run on CUDA
+# cores with several times the shared memory. Interpret mode runs on the CPU, whose dot takes no
+# such algorithm: plain float32 there.
+PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
+
+
+def tile_dot(interpret: bool, precise: bool):
+    """The chunked kernels' ``jnp.dot``: float32 accumulation, precision as ``PRECISE_DOT`` above says."""
+    precision = None if interpret else PRECISE_DOT if precise else FAST_DOT
+    return functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+
+
+def key_tiles(key_dim: int) -> list[slice]:
+    """Row slices of the state's on-chip tiles: ``KEY_TILE`` keys each (all of K when smaller)."""
+    tile = min(KEY_TILE, key_dim)
+    return [slice(i, i + tile) for i in range(0, key_dim, tile)]
+
+
+def walk_in_reverse(step, num_chunks: int, tiles: list[slice], w_ref, d_w_ref, d_w0_ref) -> None:
+    """The backward kernels' walk: ``step(i, (W1 tiles, dW1 tiles))`` for chunk ``num_chunks - 1 - i``
+    returns the tiles of W0 and dL/dW0; starts from the final state and its cotangent, and stores
+    dL/d(initial state)."""
+    initial = (tuple(w_ref[rows, :] for rows in tiles), tuple(d_w_ref[rows, :] for rows in tiles))
+    _, dw0 = lax.fori_loop(0, num_chunks, step, initial)
+    for rows, dw in zip(tiles, dw0, strict=True):
+        d_w0_ref[rows, :] = dw

@@ -41,8 +41,17 @@ from jax.experimental.pallas import triton as pltriton
 
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
 from dpfp_jax.ops.fast_weight.common import float32_or_wider
-from pallas_kernels.chunk_recurrence import NUM_WARPS, key_tiles, tile_dot, walk_in_reverse
-from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block
+from pallas_kernels.common import (
+    NUM_WARPS,
+    compiler_params,
+    key_tiles,
+    pad_state,
+    pad_to,
+    padded_sizes,
+    tile_dot,
+    value_block,
+    walk_in_reverse,
+)
 
 Array = jax.Array
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import triton_report
-from pallas_kernels import chunk_recurrence
+from pallas_kernels import common
 from pallas_kernels.triton_lowering import triton_calls
 
 SLOW = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_chunked_kernels_lower_to_triton_with_tensor_core_dots(kernel, rule, key
     assert sorted(calls) == ["bwd", "fwd"]
     for call in calls.values():
         # Unpipelined loads (shared memory) and one-pass TF32 dots (tensor cores) for bf16 inputs.
-        assert (call.num_warps, call.num_stages) == (chunk_recurrence.NUM_WARPS, 1)
+        assert (call.num_warps, call.num_stages) == (common.NUM_WARPS, 1)
         assert "inputPrecision = tf32 " in call.ir
         assert "tf32x3" not in call.ir and "ieee" not in call.ir
         # The state is walked in [64, BV] tiles: no [C, K] operand is ever materialised whole.

@@ -15,7 +15,7 @@ def accumulation_dtype(*xs: Array | None) -> jnp.dtype:
 
 def float32_or_wider(*xs: Array) -> bool:
     """Whether an input is float32 or wider: the Pallas kernels' tensor-core dots then take three
-    TF32 passes instead of one (``pallas_kernels.chunk_recurrence.PRECISE_DOT``)."""
+    TF32 passes instead of one (``pallas_kernels.common.PRECISE_DOT``)."""
     return any(jnp.finfo(x.dtype).bits >= 32 for x in xs)
 
 
