@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all lint bench triton-report clean
+.PHONY: demo test test-all lint bench triton-report gpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -25,12 +25,15 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-# Triton's compiler (about 1 GB installed): for the machine-code checks of the Pallas kernels.
-TRITON_STAMP := $(VENV)/.installed-triton
+# XLA's GPU compiler without a GPU (about 730 MB, kept out of .venv's import path): the CUDA
+# plugin and ptxas/libdevice, on PYTHONPATH only for the deviceless compiles of benchmarks/deviceless.py.
+CUDA_COMPILER := $(VENV)/cuda-compiler
+CUDA_STAMP := $(VENV)/.installed-cuda-compiler
 
-$(TRITON_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[triton]'
-	touch $(TRITON_STAMP)
+$(CUDA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(CUDA_COMPILER) -c constraints.txt \
+	  jax-cuda13-plugin jax-cuda13-pjrt nvidia-cuda-nvcc nvidia-nvvm
+	touch $(CUDA_STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
@@ -41,16 +44,19 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
-test-all: lint $(TRITON_STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
+test-all: lint $(CUDA_STAMP)
+	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/chunk.py
 	$(PY) benchmarks/chunk.py --crossover
 
-triton-report: $(TRITON_STAMP)
-	$(PY) benchmarks/triton_report.py
+triton-report: $(CUDA_STAMP)
+	PYTHONPATH=$(CUDA_COMPILER) $(PY) benchmarks/triton_report.py
+
+gpu-memory: $(BENCH_STAMP) $(CUDA_STAMP)
+	PYTHONPATH=$(CUDA_COMPILER) $(PY) benchmarks/gpu.py --deviceless
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -22,12 +22,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and "--deviceless" in sys.argv:
+    # XLA reads its logging and dump settings once, when jax loads: set them first.
+    from deviceless import prepare_environment
+
+    prepare_environment()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     delta_rule_inputs,
     forward_and_backward,
@@ -36,6 +41,7 @@ from common import (  # noqa: E402
     peer_deltanet,
     worst_relative_error,
 )
+from deviceless import peak_bytes  # noqa: E402
 
 import dpfp_jax as dj  # noqa: E402
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
@@ -44,7 +50,7 @@ from pallas_kernels import fused_chunk  # noqa: E402
 
 
 def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
-    """(fwd ms, fwd+bwd ms, fwd+bwd peak GB from XLA's temp + argument + output sizes)."""
+    """(fwd ms, fwd+bwd ms, fwd+bwd peak GB: XLA's temporaries + arguments + outputs)."""
     forward, backward = forward_and_backward(fn, len(args))
     times = []
     for f in (forward, backward):
@@ -54,8 +60,7 @@ def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, 
             result = f(*args)
         jax.block_until_ready(result)
         times.append((time.perf_counter() - start) / repeats * 1e3)
-    stats = backward.lower(*args).compile().memory_analysis()
-    return times[0], times[1], stats.temp_size_in_bytes / 1e9
+    return times[0], times[1], peak_bytes(backward.lower(*args).compile()) / 1e9
 
 
 def torch_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
@@ -116,7 +121,7 @@ EXTRA_PATHS = {"chunk + pallas walk": chunk_with_pallas_walk,
 
 def fits_on_chip(path: Callable, key_dim: int, dtype) -> bool:
     """False where triton_report.py found a path over an H200 program's shared memory: two load
-    stages from K = 384 (290 KiB) and with float32 inputs (232 KiB at K = 128)."""
+    stages from K = 384 (260 KiB) and with float32 inputs (240 KiB at K = 128)."""
     return path is not fused_chunk_two_stages or (key_dim <= 256 and dtype == jnp.bfloat16)
 
 
@@ -174,9 +179,13 @@ def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
     return failures
 
 
-def benchmark(repeats: int) -> None:
-    shapes = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
-    contenders: dict[str, tuple[str, Callable | None]] = {
+# B, T, H, K, V: the issue's shapes (DPFP heads have K = 2·ν·64), then a long sequence.
+SHAPES = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
+
+
+def contenders() -> dict[str, tuple[str, Callable | None]]:
+    """Name -> (framework, fn(q, k, v, beta) -> (out, final state)); fn is None if not installed."""
+    return {
         "ours pallas fused chunk": ("jax", ours("pallas")),
         **{f"ours {name}": ("jax", path) for name, path in EXTRA_PATHS.items()},
         # a chunk longer than any T sends impl="pallas" to the fused recurrent kernel
@@ -187,14 +196,71 @@ def benchmark(repeats: int) -> None:
         "FLA fused_recurrent_delta_rule": ("torch", fla("fused_recurrent_delta_rule")),
         "jla mosaic_gpu deltanet": ("jax", peer_deltanet("mosaic_gpu")[0]),
     }
-    for shape in shapes:
+
+
+def deviceless_memory(gpu: str) -> int:
+    """Every JAX contender compiled for ``gpu`` at SHAPES without one (benchmarks/deviceless.py):
+    XLA's temp memory of the forward and of forward+backward, and the forward+backward peak (what
+    the benchmark's memory column reads on the GPU), or why it does not compile. Returns the
+    number of our paths that fail to compile where fits_on_chip says they fit.
+    """
+    from deviceless import GPUS, compile_for_gpu
+
+    compile_jla_for(GPUS[gpu]["core_count"])
+    failures = 0
+    for batch, length, heads, key_dim, value_dim in SHAPES:
+        shapes = [(batch, length, heads, key_dim)] * 2 + [(batch, length, heads, value_dim), (batch, length, heads)]
+        args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
+        print(f"\n## B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, bfloat16, compiled for {gpu}\n")
+        rows = {}
+        for name, (framework, fn) in contenders().items():
+            if framework != "jax" or fn is None:
+                rows[name] = "PyTorch: XLA does not compile it" if framework != "jax" else "not installed"
+                continue
+            try:
+                forward, backward = (compile_for_gpu(f, *args, gpu=gpu) for f in forward_and_backward(fn, len(args)))
+                rows[name] = (forward.temp_bytes / 1e6, backward.temp_bytes / 1e6, backward.peak_bytes / 1e6)
+            except Exception as err:  # noqa: BLE001 - a path that cannot compile is a result
+                rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                failures += name.startswith("ours") and fits_on_chip(fn, key_dim, jnp.bfloat16)
+        bases = {name: rows[name] for name in ("ours chunk", "jla mosaic_gpu deltanet")
+                 if not isinstance(rows[name], str)}
+        print("| impl | fwd temp MB | fwd+bwd temp MB | fwd+bwd peak MB |" + "".join(f" peak / {b} |" for b in bases))
+        print("|---|---:|---:|---:|" + "---:|" * len(bases))
+        for name, row in rows.items():
+            if isinstance(row, str):
+                print(f"| {name} | {row} | | |" + " |" * len(bases))
+            else:
+                ratios = "".join(f" {row[2] / base[2]:.2f}x |" for base in bases.values())
+                print(f"| {name} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} |{ratios}")
+        sys.stdout.flush()
+    return failures
+
+
+def compile_jla_for(num_sms: int) -> None:
+    """Let jax-linear-attention's Mosaic GPU deltanet compile for a Hopper GPU this machine lacks.
+
+    Its kernels check ``jax.devices()[0]`` (not the compile target) for sm_90 and read the SM count
+    from it; for a deviceless compile both are told the target's values instead.
+    """
+    try:
+        import jla.ops.mosaic_gpu.gated_delta_rule  # noqa: F401 - loads the modules patched below
+    except ImportError:
+        return
+    for name, module in list(sys.modules.items()):
+        if name.startswith("jla.") and hasattr(module, "is_hopper"):
+            module.is_hopper = lambda: True
+        if name.startswith("jla.") and hasattr(module, "num_sms"):
+            module.num_sms = lambda: num_sms
+
+
+def benchmark(repeats: int) -> None:
+    for shape in SHAPES:
         batch, length, heads, key_dim, value_dim = shape
         args = delta_rule_inputs(batch, length, heads, key_dim, value_dim, jnp.bfloat16)
         print(f"\n## B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, bfloat16\n")
-        print("| impl | fwd ms | fwd+bwd ms | fwd+bwd memory GB | fwd+bwd time / ours chunk |")
-        print("|---|---:|---:|---:|---:|")
         rows = {}
-        for name, (framework, fn) in contenders.items():
+        for name, (framework, fn) in contenders().items():
             if fn is None:
                 rows[name] = "not installed"
                 continue
@@ -205,21 +271,39 @@ def benchmark(repeats: int) -> None:
                 rows[name] = (jax_timings if framework == "jax" else torch_timings)(fn, args, repeats)
             except Exception as err:  # noqa: BLE001 - a peer refusing a shape is a result
                 rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        base = rows.get("ours chunk")
-        for name, row in rows.items():
-            if isinstance(row, str):
-                print(f"| {name} | - | - | - | {row} |")
-            else:
-                ratio = f"{row[1] / base[1]:.2f}x" if not isinstance(base, str) else "-"
-                print(f"| {name} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {ratio} |")
+        print_ratios(rows)
         sys.stdout.flush()
+
+
+# Every row's forward+backward time and peak memory is divided by each of these rows'.
+RATIO_BASES = ("ours chunk", "FLA chunk_delta_rule", "FLA fused_recurrent_delta_rule", "jla mosaic_gpu deltanet")
+
+
+def print_ratios(rows: dict[str, tuple[float, float, float] | str]) -> None:
+    """The benchmark table: times, peak memory, and fwd+bwd time and memory over each base row."""
+    bases = {name: rows[name] for name in RATIO_BASES if not isinstance(rows.get(name, ""), str)}
+    ratio_heads = "".join(f" time / {name} | memory / {name} |" for name in bases)
+    print(f"| impl | fwd ms | fwd+bwd ms | fwd+bwd peak GB |{ratio_heads}")
+    print("|---|---:|---:|---:|" + "---:|---:|" * len(bases))
+    for name, row in rows.items():
+        if isinstance(row, str):
+            print(f"| {name} | {row} | | |" + " |" * (2 * len(bases)))
+            continue
+        ratios = "".join(f" {row[1] / base[1]:.2f}x | {row[2] / base[2]:.2f}x |" for base in bases.values())
+        print(f"| {name} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} |{ratios}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="correctness against reference on the GPU only")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--deviceless", metavar="GPU", nargs="?", const="NVIDIA H200",
+                        help="no GPU needed: compile every JAX path for GPU (default NVIDIA H200) and print "
+                             "its temp memory (benchmarks/deviceless.py; `make gpu-memory`)")
     args = parser.parse_args()
+    if args.deviceless:
+        print(f"compiled on {machine_name()} for {args.deviceless}, not run")
+        sys.exit(1 if deviceless_memory(args.deviceless) else 0)
     print(f"machine: {machine_name()}")
     if args.check:
         sys.exit(1 if check(args.repeats) else 0)

@@ -1,51 +1,41 @@
 """What each Pallas kernel costs on chip, compiled for an H100/H200 without one.
 
-For every kernel (forward and backward, both rules, a range of K), this lowers the op to Triton IR
-for the named GPU (``pallas_kernels.triton_lowering``), compiles that IR with Triton's own
-compiler to PTX for the GPU's architecture, and assembles it with Triton's bundled ``ptxas -v``.
-It prints what decides whether a kernel launches and how fast it can run: shared memory per
-program (a launch fails above the GPU's limit), registers per thread and bytes spilled to local
-memory.
+For every kernel (forward and backward, both rules, a range of K), this compiles the op's gradient
+for the named GPU with XLA's deviceless ahead-of-time compile (``benchmarks/deviceless.py``): the
+Pallas kernels go through jaxlib's own Triton pipeline and ``ptxas``, as on the GPU machine. It
+prints what decides whether a kernel launches and how fast it can run: shared memory per program
+(a compile fails above the GPU's limit, as the launch would), registers per thread and bytes
+spilled to local memory. Exits 1 if any kernel fails to compile.
 
-Caveat: XLA compiles Pallas's Triton IR with the Triton fork inside jaxlib, not the ``triton``
-package used here, so figures can differ a little from what runs on the GPU; a shared-memory
-overflow or heavy spilling shows in both.
-
-Usage (needs the ``triton`` package; ``make triton-report`` installs it):
-    python benchmarks/triton_report.py [--gpu "NVIDIA H100"] [--keys 128 256 384 512 1024]
+Usage (needs the CUDA plugin's compiler on PYTHONPATH; ``make triton-report`` installs it):
+    PYTHONPATH=.venv/cuda-compiler python benchmarks/triton_report.py [--gpu "NVIDIA H100"] \
+        [--keys 128 256 384 512 1024] [--kernels fused_chunk] [--dtype float32]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if __name__ == "__main__":
+    # XLA reads its logging and dump settings once, when jax loads: set them first.
+    from deviceless import prepare_environment
+
+    prepare_environment()
+
+import argparse  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
 from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
-from pallas_kernels.triton_lowering import DEFAULT_GPU, TritonCall, triton_calls  # noqa: E402
 
 # Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
 KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
-
-# Shared memory one program may use (the opt-in maximum per block), by compute capability.
-SHARED_MEMORY_LIMIT = {90: 227 * 1024, 100: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
-
-
-def compute_capability(gpu: str) -> int:
-    from jax.experimental.pallas import triton as pltriton
-
-    version = pltriton.GpuVersion(gpu)
-    return int(pltriton.get_gpu_info_from_version(version).arch_name.replace(".", ""))
 
 
 def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
@@ -76,63 +66,31 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args
 
 
-def compile_to_machine_code(call: TritonCall, capability: int) -> dict[str, int]:
-    """Shared memory, registers and spills of one kernel, from Triton's compiler and ptxas -v."""
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # XLA's Triton fuses multiply-adds
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder, f"{call.name}.ttir")
-        source.write_text(call.ir)
-        compiled = triton.compile(str(source), target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": call.num_warps, "num_stages": call.num_stages})
-        ptx = Path(folder, "kernel.ptx")
-        ptx.write_text(compiled.asm["ptx"])
-        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-        report = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", str(ptx),
-                                 "-o", str(Path(folder, "kernel.cubin"))],
-                                capture_output=True, text=True, check=True)
-    text = report.stdout + report.stderr
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return dict(shared=compiled.metadata.shared,
-                registers=int(re.search(r"Used (\d+) registers", text).group(1)),
-                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
-
-
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
-
-
-def verdict(resources: dict[str, int], shared_limit: int) -> str:
-    if resources["shared"] > shared_limit:
-        return f"FAILS: needs {resources['shared'] // 1024} KiB shared memory"
-    if resources["spill_stores"]:
-        return "spills"
-    return "fits"
+def verdict(kernel, shared_limit: int) -> str:
+    if kernel.shared > shared_limit:
+        return f"FAILS: needs {kernel.shared // 1024} KiB shared memory"
+    return "spills" if kernel.spill_stores else "fits"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deviceless import GPUS, SHARED_MEMORY_PER_BLOCK_OPTIN, compile_for_gpu, ptxas_version
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", default=DEFAULT_GPU, help="device kind, e.g. 'NVIDIA H100'")
+    parser.add_argument("--gpu", default="NVIDIA H200", choices=sorted(GPUS))
     parser.add_argument("--keys", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--rules", nargs="+", default=["delta", "sum"], choices=["delta", "sum"])
     parser.add_argument("--fused-chunk-stages", type=int, default=1,
                         help="the fused chunk kernel's load-pipelining stages (fused_chunk(num_stages=...))")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="input dtype (the chunked kernel's dots take three TF32 passes for float32)")
+                        help="input dtype (the chunked kernels' dots take three TF32 passes for float32)")
     args = parser.parse_args(argv)
-    capability = compute_capability(args.gpu)
-    limit = SHARED_MEMORY_LIMIT.get(capability, 99 * 1024)
-    print(f"Triton resources for {args.gpu} (sm_{capability}, {limit // 1024} KiB shared memory per program), "
-          f"{args.dtype} inputs, V=64; jax {jax.__version__}, triton {_triton_version()}\n")
-    print("| kernel | rule | K | programs (B·H = 2) | warps | stages | shared KiB | registers | spilled bytes "
-          "| verdict |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    limit = SHARED_MEMORY_PER_BLOCK_OPTIN
+    print(f"Pallas kernels compiled for {args.gpu} (sm_90a, {limit // 1024} KiB shared memory per program) by "
+          f"XLA's deviceless compile, {args.dtype} inputs, V=64; jax {jax.__version__}, {ptxas_version()}\n")
+    print("| kernel | rule | K | programs (B·H = 2) | warps | stages | shared KiB | registers | spill stores B "
+          "| spill loads B | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
     for kernel in args.kernels:
         time = KERNELS[kernel]
@@ -140,13 +98,22 @@ def main(argv: list[str] | None = None) -> int:
             for key_dim in args.keys:
                 fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype),
                                           num_stages=args.fused_chunk_stages)
-                for call in triton_calls(fn, *fn_args, gpu=args.gpu):
-                    res = compile_to_machine_code(call, capability)
-                    status = verdict(res, limit)
+                try:
+                    compiled = compile_for_gpu(fn, *fn_args, gpu=args.gpu)
+                except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result
+                    failures += 1
+                    reason = str(err).splitlines()[0][:200]
+                    print(f"| {kernel} (forward + backward) | {rule} | {key_dim} | | | | | | | "
+                          f"| FAILS: {reason} |", flush=True)
+                    continue
+                for k in compiled.kernels.values():
+                    if not k.name.startswith("fast_weight_"):
+                        continue  # XLA's own fusions around the kernels
+                    status = verdict(k, limit)
                     failures += status.startswith("FAILS")
-                    print(f"| {call.name} | {rule} | {key_dim} | {call.grid[0] * call.grid[1] * call.grid[2]} "
-                          f"| {call.num_warps} | {call.num_stages} | {res['shared'] / 1024:.0f} "
-                          f"| {res['registers']} | {res['spill_stores']} | {status} |", flush=True)
+                    print(f"| {k.name} | {rule} | {key_dim} | {k.grid[0] * k.grid[1] * k.grid[2]} | {k.threads // 32} "
+                          f"| {k.stages} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_stores} "
+                          f"| {k.spill_loads} | {status} |", flush=True)
     return 1 if failures else 0
 
 

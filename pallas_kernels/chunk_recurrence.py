@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
+    KEY_TILE,
     NUM_WARPS,
     compiler_params,
     key_tiles,
@@ -117,7 +118,8 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     """
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
-    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
+                                        key_tile=KEY_TILE)
     delta = y is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
@@ -148,7 +150,8 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     in ``forward_recurrence``."""
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
-    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
+    k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16,
+                                        key_tile=KEY_TILE)
     num_blocks = v_pad // block
     delta = y is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)

@@ -1,8 +1,9 @@
 """Padding and tiling shared by the Pallas kernels.
 
-Triton's tensors need power-of-two sizes, so K is padded up to one and the value axis to a whole
-number of BV-wide blocks; zero padding is inert for the fast-weight op (zero keys, queries and
-writes neither write nor read anything).
+Triton's tensors need power-of-two sizes, so K is padded up to one (or, for kernels that load K
+64 rows at a time, to whole tiles) and the value axis to a whole number of BV-wide blocks; zero
+padding is inert for the fast-weight op (zero keys, queries and writes neither write nor read
+anything).
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ def value_block(key_dim: int, value_dim: int, state_budget: int = 16_384, min_bl
     return max(min_block, min(pl.next_power_of_2(value_dim), fit, 64))
 
 
-def padded_sizes(key_dim: int, value_dim: int, state_budget: int = 16_384, min_block: int = 1
-                 ) -> tuple[int, int, int]:
-    """``(K padded to a power of two (at least 16), BV, V padded to a multiple of BV)``."""
+def padded_sizes(key_dim: int, value_dim: int, state_budget: int = 16_384, min_block: int = 1,
+                 key_tile: int | None = None) -> tuple[int, int, int]:
+    """``(K padded, BV, V padded to a multiple of BV)``.
+
+    K is padded to a power of two (at least 16): Triton tensors have power-of-two shapes. A kernel
+    that only ever loads ``key_tile`` rows of K at a time (the chunked ones) passes ``key_tile``:
+    beyond one tile K is then padded to whole tiles only (K = 384 stays 384 instead of 512: no
+    padded copy of q and k, and a quarter fewer tiles to walk).
+    """
     k_pad = max(16, pl.next_power_of_2(key_dim))
+    if key_tile is not None and key_dim > key_tile:
+        k_pad = -(-key_dim // key_tile) * key_tile
     block = value_block(k_pad, value_dim, state_budget, min_block)
     return k_pad, block, -(-value_dim // block) * block
 

@@ -11,9 +11,9 @@ leaves the state-independent products to XLA, which writes several float32 ``[T,
 (``Y``, ``Q - S Y``, ...) to memory and reads them back. Here one program per (batch x head, block
 of BV value columns) does the whole step per chunk on chip, reading q, k and v once, in their own
 dtype and in the caller's ``[B, T, H, D]`` layout (no transposed copies), and writing only the
-outputs and the writes u. Only ``T_beta`` (a per-chunk [C, C] triangular
-inverse, state-independent) comes from XLA, and its gradient goes back through XLA's autodiff of
-the triangular solve.
+outputs (in v's dtype, scaled) and, when a gradient will be taken, the writes u. Only
+``T_beta`` (a per-chunk [C, C] triangular inverse, state-independent) comes from XLA, and its
+gradient goes back through XLA's autodiff of the triangular solve.
 
 The backward walks chunks in reverse, rebuilding ``W0 = W1 - K^T u`` from the stored writes (no
 state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the residual
@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as pltriton
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
 from dpfp_jax.ops.fast_weight.common import float32_or_wider
 from pallas_kernels.common import (
+    KEY_TILE,
     NUM_WARPS,
     compiler_params,
     key_tiles,
@@ -57,9 +58,10 @@ Array = jax.Array
 
 # Floats of state per program. Besides its [K, BV] state slice a program holds [C, C] scores (and,
 # for the delta rule, T_beta and in the backward dL/dscores), so the value blocks are narrower than
-# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. ``triton_report.py`` for an H200:
-# a 64-wide forward block spilled 456 bytes at K = 128, 32 wide spills 20. Narrower blocks also
-# mean more programs: B * H = 64 heads fill 128 of an H200's 132 SMs with two blocks, 64 with one.
+# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. Compiled for an H200 by XLA
+# (``triton_report.py``), a 64-wide forward block spills 288 bytes at K = 128, a 32-wide one 60.
+# Narrower blocks also mean more programs: B * H = 64 heads fill 128 of an H200's 132 SMs with two
+# blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
 
@@ -76,9 +78,11 @@ def _tile(ref, n, rows: slice) -> Array:
     return ref[n, :, rows].astype(jnp.float32)
 
 
-def _forward_kernel(*refs, delta: bool, dot):
-    if delta:
+def _forward_kernel(*refs, delta: bool, keep_writes: bool, scale: float, dot):
+    if delta and keep_writes:
         q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
+    elif delta:
+        q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, w_ref = refs
     else:
         q_ref, k_ref, v_ref, w0_ref, out_ref, w_ref = refs
     tiles = key_tiles(w0_ref.shape[0])
@@ -97,9 +101,10 @@ def _forward_kernel(*refs, delta: bool, dot):
                 recall += dot(k_tile, w_tile)
         v = v_ref[n].astype(jnp.float32)
         u = dot(tb_ref[n], v - recall) if delta else v
-        if delta:
+        if delta and keep_writes:
             u_ref[n] = u
-        out_ref[n] = q_w + dot(_causal(scores), u)
+        # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
+        out_ref[n] = (scale * (q_w + dot(_causal(scores), u))).astype(out_ref.dtype)
         # k's tiles are loaded again rather than kept from the loop above: holding all of them
         # alongside the state would cost K / 64 more [C, 64] tiles of registers.
         return tuple(w_tile + dot(_tile(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
@@ -109,7 +114,7 @@ def _forward_kernel(*refs, delta: bool, dot):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, dot):
+def _backward_kernel(*refs, delta: bool, scale: float, dot):
     # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
     if delta:
         (q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
@@ -124,7 +129,7 @@ def _backward_kernel(*refs, delta: bool, dot):
         n = num_chunks - 1 - i
         v = v_ref[n].astype(jnp.float32)
         u = u_ref[n] if delta else v
-        d_out = d_out_ref[n]
+        d_out = scale * d_out_ref[n].astype(jnp.float32)  # dL/d(the unscaled output)
         # Rebuild W0 and everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         du = jnp.zeros((chunk, block), jnp.float32)  # dL/du through W1 = W0 + K^T u
@@ -143,9 +148,9 @@ def _backward_kernel(*refs, delta: bool, dot):
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
             pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
-            dv_ref[n] = dr
+            dv_ref[n] = dr.astype(dv_ref.dtype)
         else:
-            dv_ref[n] = du
+            dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
             q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
@@ -181,42 +186,52 @@ def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int):
 
 
 class _Launch(NamedTuple):
-    """How the kernels are launched: value columns per program, forward and backward, and
-    Triton's load-pipelining stages."""
+    """Static settings of the kernels: value columns per program, forward and backward, Triton's
+    load-pipelining stages, and the output scale (applied on chip, before the output is rounded
+    to v's dtype)."""
 
     forward_block: int
     backward_block: int
     num_stages: int
+    scale: float
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, q, k, v, tb, w0):
-    """``[B, N, C, H, ...]`` padded chunks -> ``(out [B, N, C, H, V] float32, final_state [G, K, V])``."""
-    (out, final_state), _ = _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0)
+    """``[B, N, C, H, ...]`` padded chunks -> ``(scale * out [B, N, C, H, V] in v's dtype,
+    final_state [G, K, V] float32)``. Without a gradient to take, the writes u are not stored."""
+    out, _, final_state = _forward(interpret, precise, launch, q, k, v, tb, w0, keep_writes=False)
     return out, final_state
 
 
 def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
+    out, u, final_state = _forward(interpret, precise, launch, q, k, v, tb, w0, keep_writes=True)
+    return (out, final_state), (q, k, v, tb, u, final_state)
+
+
+def _forward(interpret, precise, launch, q, k, v, tb, w0, *, keep_writes: bool):
+    """The forward kernel: ``(out, u or None, final_state)``; u (float32) only if ``keep_writes``
+    and the rule is delta (the backward rebuilds states from it)."""
     batch, num_chunks, chunk, heads, key_dim = q.shape
     groups, value_dim = batch * heads, v.shape[-1]
     block = launch.forward_block
     delta = tb is not None
+    keep_writes = keep_writes and delta
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
-    value_shape = jax.ShapeDtypeStruct(v.shape, jnp.float32)
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
-        out_shape=(value_shape, *([value_shape] if delta else []),
+        functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, scale=launch.scale,
+                          dot=tile_dot(interpret, precise)),
+        out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   *([jax.ShapeDtypeStruct(v.shape, jnp.float32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
         grid=(groups, value_dim // block),
         in_specs=[keys, keys, values, *([square] if delta else []), state],
-        out_specs=(values, *([values] if delta else []), state),
+        out_specs=(values, *([values] if keep_writes else []), state),
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_fwd",
     )(q, k, v, *([tb] if delta else []), w0)
-    out, final_state = results[0], results[-1]
-    u = results[1] if delta else None
-    return (out, final_state), (q, k, v, tb, u, final_state)
+    return results[0], results[1] if keep_writes else None, results[-1]
 
 
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
@@ -235,9 +250,9 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
     inputs = [q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, scale=launch.scale, dot=tile_dot(interpret, precise)),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
-                   jax.ShapeDtypeStruct(v.shape, f32), jax.ShapeDtypeStruct(final_state.shape, f32)),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values, *([square, values] if delta else []), values, state, state,
                   keys, keys, *([square] if delta else [])],
@@ -247,8 +262,8 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         interpret=interpret,
         name="fast_weight_fused_chunk_bwd",
     )(*inputs, *summed)
-    dq, dk, dv = results[0].astype(q.dtype), results[1].astype(k.dtype), results[-2].astype(v.dtype)
-    return dq, dk, dv, results[2] if delta else None, results[-1]
+    dq, dk = results[0].astype(q.dtype), results[1].astype(k.dtype)
+    return dq, dk, results[-2], results[2] if delta else None, results[-1]
 
 
 _fused_chunk.defvjp(_fused_chunk_forward, _fused_chunk_backward)
@@ -284,9 +299,9 @@ def fused_chunk(
     ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
-    off. ``triton_report.py`` for an H200: with bfloat16 inputs 2 stages fit in shared memory up
-    to K = 256 (156 KiB backward at K = 128), not from K = 384 (290 KiB backward); with float32
-    inputs not even at K = 128 (232 KiB backward, over the 227 KiB limit). Whether they pay is for
+    off. Compiled for an H200 (``triton_report.py``): with bfloat16 inputs 2 stages fit in shared
+    memory up to K = 256 (152 KiB at K = 128, 196 KiB at K = 256), not from K = 384 (260 KiB, over
+    the 227 KiB limit); with float32 inputs not even at K = 128 (240 KiB). Whether they pay is for
     the GPU benchmark to say.
 
     Example (interpret mode runs anywhere):
@@ -303,7 +318,8 @@ def fused_chunk(
         raise ValueError(f"fused_chunk needs num_stages a positive int; got num_stages={num_stages!r}")
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16)
+    k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
+                                                key_tile=KEY_TILE)
     # Powers of two, the backward's no wider than the forward's: v_pad is a multiple of both.
     backward_block = value_block(k_pad, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
     f32 = jnp.float32
@@ -317,9 +333,8 @@ def fused_chunk(
         tb = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c) * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
-    launch = _Launch(forward_block, backward_block, num_stages)
+    launch = _Launch(forward_block, backward_block, num_stages, float(scale))
     out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, qc, kc, vc, tb, w0)
-    # Scores and Q W0 are linear in q, so scaling the output equals scaling the queries.
-    out = (out * scale).reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
+    out = out.reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(v.dtype), final_state
+    return out, final_state

@@ -6,7 +6,7 @@ carrying an ``AbstractDevice`` gives Pallas the GPU's compute capability, and
 ``Traced.lower(lowering_platforms=("cuda",))`` runs the real Pallas -> Triton lowering. What
 comes back here is every Triton kernel of the lowered program: its Triton IR (the ``tt``
 dialect, as text) and the launch settings XLA would use. Compiling that IR further, to PTX and
-machine code, needs Triton's own compiler (``benchmarks/triton_report.py`` does it).
+machine code, needs XLA's GPU compiler (``benchmarks/deviceless.py`` runs it without a GPU).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -75,6 +75,11 @@ def triton_calls(fn: Callable, *args: object, gpu: str = DEFAULT_GPU) -> list[Tr
     mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    return calls_in(lowered)
+
+
+def calls_in(lowered: jax.stages.Lowered) -> list[TritonCall]:
+    """The Triton kernels of a program already lowered for a GPU."""
     module = lowered.compiler_ir("stablehlo")
     context = ir.Context()
     _triton_lib.dialect.register_dialect(context)

@@ -43,3 +43,14 @@ def random_like(seed: int, x: jax.Array) -> jax.Array:
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def pallas_calls(jaxpr):
+    """Every ``pallas_call`` equation of a jaxpr, nested jaxprs (jit, custom_vjp, ...) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from pallas_calls(inner)

@@ -9,7 +9,7 @@ import pytest
 
 import dpfp_jax as dj
 from pallas_kernels import MAX_KEY_DIM, fused_chunk, fused_recurrent
-from tests.conftest import make_inputs, random_like
+from tests.conftest import make_inputs, pallas_calls, random_like
 from tests.test_multidevice import run_with_host_devices
 
 ARGS = ("q", "k", "v", "beta", "initial_state")
@@ -67,11 +67,12 @@ def fused_chunk_kernel(rule, scale=1.0, chunk_size=16):
 
 @pytest.mark.parametrize("kernel_of", [fused_chunk_kernel, chunked_kernel], ids=["fused_chunk", "chunk_recurrence"])
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (96, 70, 50),
+@pytest.mark.parametrize("key_dim, value_dim, T", [pytest.param(8, 4, 40, marks=SLOW), (12, 5, 33), (160, 70, 50),
                                                    pytest.param(130, 16, 32, marks=SLOW)])
 def test_chunked_kernels_match_reference(kernel_of, rule, key_dim, value_dim, T):
-    # K = 96 and 130 pad to 128 and 256: two and four 64-key tiles; V = 70 splits over value blocks
-    # (forward and backward differently); T = 33 and 50 end in a partial chunk.
+    # K = 160 and 130 pad to 192: three 64-key tiles (whole tiles, not the power of two 256);
+    # V = 70 splits over value blocks (forward and backward differently); T = 33 and 50 end in a
+    # partial chunk.
     inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
     got = value_and_grads(kernel_of(rule, 0.5), inputs)
     want = value_and_grads(oracle(rule, 0.5), inputs)
@@ -139,6 +140,32 @@ def test_fused_chunk_reads_inputs_in_place(rule, transposes):
     jaxpr = jax.make_jaxpr(lambda *a: fused_chunk(*a, rule=rule, chunk_size=16))(*[args[n] for n in ARGS])
     names = primitives_outside_kernels(jaxpr.jaxpr)
     assert names.count("transpose") == transposes and "pad" not in names, names
+
+
+def kernel_outputs(jaxpr, name: str) -> list[list[tuple[str, tuple]]]:
+    """(dtype, shape) of the outputs of every pallas_call named ``name``, nested jaxprs included."""
+    return [[(v.aval.dtype.name, v.aval.shape) for v in eqn.outvars]
+            for eqn in pallas_calls(jaxpr) if name in str(eqn.params["name"])]
+
+
+def test_fused_chunk_writes_outputs_in_v_dtype_and_keeps_writes_only_for_gradients():
+    # The forward kernel rounds the (scaled) output to v's dtype on chip, and stores the float32
+    # writes u, which the backward rebuilds states from, only when a gradient will be taken.
+    inputs = make_inputs(0, time=32, key_dim=16, value_dim=16, with_state=True)
+    args = [inputs[n] if n == "initial_state" else inputs[n].astype(jnp.bfloat16) for n in ARGS]
+
+    def run(*a):
+        return fused_chunk(*a, rule="delta", scale=0.5, chunk_size=16, interpret=True)
+
+    chunks, state = (2, 2, 16, 2, 16), (4, 16, 16)
+    assert kernel_outputs(jax.make_jaxpr(run)(*args).jaxpr, "fused_chunk_fwd") == [
+        [("bfloat16", chunks), ("float32", state)]]
+    assert kernel_outputs(jax.make_jaxpr(lambda *a: jax.vjp(run, *a))(*args).jaxpr, "fused_chunk_fwd") == [
+        [("bfloat16", chunks), ("float32", chunks), ("float32", state)]]
+    # dv comes out of the backward kernel in v's dtype too (dq, dk sum over value blocks in float32).
+    backward = kernel_outputs(jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum(),
+                                                      argnums=2))(*args).jaxpr, "fused_chunk_bwd")
+    assert [dtype for dtype, _ in backward[0]] == ["float32", "float32", "float32", "bfloat16", "float32"]
 
 
 def test_fused_recurrent_refuses_oversized_keys():

@@ -24,13 +24,20 @@ from dpfp_jax.ops.fast_weight.common import batch_axis_of
 Array = jax.Array
 
 
+def target_platform() -> str:
+    """The platform being compiled for: an abstract mesh's device when one is set, as Pallas
+    reads it (ahead-of-time compiles for a GPU from a CPU host set one), else jax's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call."""
     from pallas_kernels import MAX_KEY_DIM
 
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return (f"the Pallas kernels need a GPU and jax's default backend is {backend!r}; "
+    platform = target_platform()
+    if platform not in ("gpu", "cuda", "rocm"):
+        return (f"the Pallas kernels need a GPU and the target platform is {platform!r}; "
                 "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs them anywhere, slowly")
     if q.shape[-1] > MAX_KEY_DIM:
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"

@@ -1,0 +1,81 @@
+"""The GPU compile without a GPU: XLA's deviceless compile for an H200 (benchmarks/deviceless.py).
+
+These run jaxlib's own Triton pipeline and ptxas, as the GPU machine will, so a kernel that needs
+more shared memory than an H200 program may have fails here. They need the CUDA plugin's
+compiler, which `make test-all` installs in .venv/cuda-compiler and names in DPFP_CUDA_COMPILER;
+each runs in a fresh Python because XLA's logging and dump settings are read when jax loads.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_LIMIT_KIB = 227
+
+
+def run_deviceless(*argv: str) -> subprocess.CompletedProcess:
+    folder = os.environ.get("DPFP_CUDA_COMPILER")
+    if not folder:
+        pytest.skip("needs XLA's CUDA compiler: `make test-all` installs it and sets DPFP_CUDA_COMPILER")
+    path = os.pathsep.join(p for p in (str(Path(folder).resolve()), str(REPO_ROOT)) if p)
+    return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=900)
+
+
+def report_rows(stdout: str) -> list[dict]:
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith("fast_weight_"):
+            rows.append(dict(name=cells[0], shared_kib=int(cells[6]), registers=int(cells[7]),
+                             spill_stores=int(cells[8]), verdict=cells[10]))
+    return rows
+
+
+@pytest.mark.parametrize("kernel, key_dim", [("fused_chunk", 128), ("fused_chunk", 384), ("fused_chunk", 512),
+                                             ("chunk_recurrence", 128),
+                                             ("chunk_recurrence", 512), ("fused_recurrent", 1024)])
+def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
+    result = run_deviceless("benchmarks/triton_report.py", "--kernels", kernel, "--keys", str(key_dim),
+                            "--rules", "delta")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = report_rows(result.stdout)
+    assert sorted(r["name"].rsplit("_", 1)[-1] for r in rows) == ["bwd", "fwd"], result.stdout
+    for row in rows:
+        assert row["shared_kib"] <= SHARED_LIMIT_KIB and row["registers"] <= 255, row
+        # Some spilling is expected (docs/triton_report_h200.md); a whole state slice spilled
+        # ([512, 32] float32 is 64 KiB) would not be.
+        assert row["spill_stores"] <= 8 * 1024, row
+
+
+def test_deviceless_compile_fails_where_shared_memory_runs_out():
+    # Two load stages at K = 384 need more than an H200 program's 227 KiB (gpu.py's fits_on_chip).
+    result = run_deviceless("benchmarks/triton_report.py", "--kernels", "fused_chunk", "--keys", "384",
+                            "--rules", "delta", "--fused-chunk-stages", "2")
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    requested = re.search(r"Shared memory size limit exceeded: requested (\d+), available: (\d+)", result.stdout)
+    assert requested and int(requested.group(1)) > int(requested.group(2)) == SHARED_LIMIT_KIB * 1024, result.stdout
+
+
+def test_gpu_training_memory_does_not_grow_with_t_k_v():
+    # Compiled for an H200: the oracle's autodiff keeps every state (T * H * K * V floats, 268 MB
+    # here); scan and the fused chunk kernel recompute them, the chunk form keeps one per chunk
+    # (1/64 of them) beside [T, K]-sized work arrays.
+    result = run_deviceless("tests/deviceless_memory_script.py")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    temp = {}
+    for line in result.stdout.splitlines():
+        impl, size, *kernels = line.split()
+        temp[impl] = (int(size), kernels)
+    states = 4096 * 2 * 128 * 64 * 4
+    assert temp["reference"][0] >= states
+    for impl in ("scan", "chunk", "pallas"):
+        assert temp[impl][0] < states / 4, (impl, temp)
+    assert temp["pallas"][1] == ["fast_weight_fused_chunk_bwd,fast_weight_fused_chunk_fwd"]
