@@ -300,7 +300,7 @@ def fused_chunk(
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
     off. Compiled for an H200 (``triton_report.py``): with bfloat16 inputs 2 stages fit in shared
-    memory up to K = 256 (152 KiB at K = 128, 196 KiB at K = 256), not from K = 384 (260 KiB, over
+    memory up to K = 256 (backward: 152 KiB at K = 128, 196 at K = 256), not from K = 384 (260 KiB, over
     the 227 KiB limit); with float32 inputs not even at K = 128 (240 KiB). Whether they pay is for
     the GPU benchmark to say.
 
