@@ -27,12 +27,16 @@ if __name__ == "__main__":
     prepare_environment()
 
 import argparse  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
 from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
+
+if TYPE_CHECKING:
+    import deviceless
 
 # Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
 KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
@@ -66,7 +70,8 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args
 
 
-def verdict(kernel, shared_limit: int) -> str:
+def verdict(kernel: deviceless.Kernel, shared_limit: int) -> str:
+    """"fits", "spills" (registers go to local memory: slower, not wrong) or why it cannot launch."""
     if kernel.shared > shared_limit:
         return f"FAILS: needs {kernel.shared // 1024} KiB shared memory"
     return "spills" if kernel.spill_stores else "fits"
