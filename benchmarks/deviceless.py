@@ -186,7 +186,7 @@ def compile_for_gpu(fn: Callable, *args, gpu: str = "NVIDIA H200") -> Compiled:
     """
     import jax
 
-    from pallas_kernels.triton_lowering import calls_in
+    from pallas_kernels.triton_lowering import calls_in, lower_for_gpu
 
     dump = _dump_folder()
     with _stderr_into(Path(dump, "topology.log")):  # the plugin logs its loading at level 0
@@ -194,17 +194,12 @@ def compile_for_gpu(fn: Callable, *args, gpu: str = "NVIDIA H200") -> Compiled:
     placed = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                            sharding=jax.sharding.SingleDeviceSharding(device))
               for a in args]
-    # Pallas takes the GPU's compute capability from an abstract mesh's device (as in
-    # pallas_kernels.triton_lowering), and dj.fast_weight's impl="pallas" accepts such a target.
-    mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=jax.sharding.AbstractDevice(
-        device_kind=gpu, num_cores=None, platform="gpu"))
     for old in dump.glob("module_*"):
         old.unlink()
     with tempfile.TemporaryDirectory() as folder:
         log = Path(folder, "xla.log")
         with _stderr_into(log):
-            with jax.sharding.use_abstract_mesh(mesh):
-                lowered = jax.jit(fn).trace(*placed).lower(lowering_platforms=("cuda",))
+            lowered = lower_for_gpu(fn, *placed, gpu=gpu)
             compiled = lowered.compile()
         ptxas = {m.group(1): tuple(map(int, m.groups()[1:])) for m in _PTXAS.finditer(log.read_text())}
     stages = {call.name: call.num_stages for call in calls_in(lowered)}

@@ -65,17 +65,22 @@ def _int(attr: ir.Attribute) -> int:
     return ir.IntegerAttr(attr).value
 
 
-def triton_calls(fn: Callable, *args: object, gpu: str = DEFAULT_GPU) -> list[TritonCall]:
-    """The Triton kernels of ``jax.jit(fn)(*args)`` lowered for ``gpu`` (e.g. "NVIDIA H100").
+def lower_for_gpu(fn: Callable, *args: object, gpu: str = DEFAULT_GPU) -> jax.stages.Lowered:
+    """``jax.jit(fn)`` lowered for ``gpu`` (e.g. "NVIDIA H100") on any host.
 
-    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Raises what Pallas raises when a kernel
-    cannot be lowered to Triton.
+    The abstract mesh's device gives Pallas the GPU's compute capability (and tells
+    ``dj.fast_weight``'s ``impl="pallas"`` that a GPU is the target). ``args`` may be arrays or
+    ``jax.ShapeDtypeStruct``s. Raises what Pallas raises when a kernel cannot be lowered to Triton.
     """
     device = jax.sharding.AbstractDevice(device_kind=gpu, num_cores=None, platform="gpu")
     mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
-        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    return calls_in(lowered)
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def triton_calls(fn: Callable, *args: object, gpu: str = DEFAULT_GPU) -> list[TritonCall]:
+    """The Triton kernels of ``jax.jit(fn)(*args)`` lowered for ``gpu``, as ``lower_for_gpu`` does."""
+    return calls_in(lower_for_gpu(fn, *args, gpu=gpu))
 
 
 def calls_in(lowered: jax.stages.Lowered) -> list[TritonCall]:
