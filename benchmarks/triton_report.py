@@ -27,16 +27,12 @@ if __name__ == "__main__":
     prepare_environment()
 
 import argparse  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
 from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
-
-if TYPE_CHECKING:
-    import deviceless
 
 # Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
 KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
@@ -70,11 +66,6 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args
 
 
-def verdict(kernel: deviceless.Kernel, shared_limit: int) -> str:
-    """"fits", "spills" (registers go to local memory: slower, not wrong) or why it cannot launch."""
-    if kernel.shared > shared_limit:
-        return f"FAILS: needs {kernel.shared // 1024} KiB shared memory"
-    return "spills" if kernel.spill_stores else "fits"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="input dtype (the chunked kernels' dots take three TF32 passes for float32)")
     args = parser.parse_args(argv)
-    limit = SHARED_MEMORY_PER_BLOCK_OPTIN
-    print(f"Pallas kernels compiled for {args.gpu} (sm_90a, {limit // 1024} KiB shared memory per program) by "
+    shared_kib = SHARED_MEMORY_PER_BLOCK_OPTIN // 1024
+    print(f"Pallas kernels compiled for {args.gpu} (sm_90a, {shared_kib} KiB shared memory per program) by "
           f"XLA's deviceless compile, {args.dtype} inputs, V=64; jax {jax.__version__}, {ptxas_version()}\n")
     print("| kernel | rule | K | programs (B·H = 2) | warps | stages | shared KiB | registers | spill stores B "
           "| spill loads B | verdict |")
@@ -114,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k in compiled.kernels.values():
                     if not k.name.startswith("fast_weight_"):
                         continue  # XLA's own fusions around the kernels
-                    status = verdict(k, limit)
-                    failures += status.startswith("FAILS")
+                    # Over the shared-memory limit the compile itself fails (above); a compiled
+                    # kernel fits, and may spill registers to local memory: slower, not wrong.
+                    status = "spills" if k.spill_stores else "fits"
                     print(f"| {k.name} | {rule} | {key_dim} | {k.grid[0] * k.grid[1] * k.grid[2]} | {k.threads // 32} "
                           f"| {k.stages} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_stores} "
                           f"| {k.spill_loads} | {status} |", flush=True)
