@@ -223,16 +223,8 @@ def deviceless_memory(gpu: str) -> int:
             except Exception as err:  # noqa: BLE001 - a path that cannot compile is a result
                 rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 failures += name.startswith("ours") and fits_on_chip(fn, key_dim, jnp.bfloat16)
-        bases = {name: rows[name] for name in ("ours chunk", "jla mosaic_gpu deltanet")
-                 if not isinstance(rows[name], str)}
-        print("| impl | fwd temp MB | fwd+bwd temp MB | fwd+bwd peak MB |" + "".join(f" peak / {b} |" for b in bases))
-        print("|---|---:|---:|---:|" + "---:|" * len(bases))
-        for name, row in rows.items():
-            if isinstance(row, str):
-                print(f"| {name} | {row} | | |" + " |" * len(bases))
-            else:
-                ratios = "".join(f" {row[2] / base[2]:.2f}x |" for base in bases.values())
-                print(f"| {name} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} |{ratios}")
+        print_ratio_table(rows, ("fwd temp MB", "fwd+bwd temp MB", "fwd+bwd peak MB"), {"peak": 2},
+                          ("ours chunk", "jla mosaic_gpu deltanet"), digits=1)
         sys.stdout.flush()
     return failures
 
@@ -281,16 +273,26 @@ RATIO_BASES = ("ours chunk", "FLA chunk_delta_rule", "FLA fused_recurrent_delta_
 
 def print_ratios(rows: dict[str, tuple[float, float, float] | str]) -> None:
     """The benchmark table: times, peak memory, and fwd+bwd time and memory over each base row."""
-    bases = {name: rows[name] for name in RATIO_BASES if not isinstance(rows.get(name, ""), str)}
-    ratio_heads = "".join(f" time / {name} | memory / {name} |" for name in bases)
-    print(f"| impl | fwd ms | fwd+bwd ms | fwd+bwd peak GB |{ratio_heads}")
-    print("|---|---:|---:|---:|" + "---:|---:|" * len(bases))
+    print_ratio_table(rows, ("fwd ms", "fwd+bwd ms", "fwd+bwd peak GB"), {"time": 1, "memory": 2}, RATIO_BASES,
+                      digits=2)
+
+
+def print_ratio_table(rows: dict[str, tuple[float, ...] | str], columns: tuple[str, ...],
+                      ratios: dict[str, int], bases: tuple[str, ...], *, digits: int) -> None:
+    """A markdown table of ``rows`` (name -> figures under ``columns``, or why there are none), then
+    for each of ``bases`` present with figures, each ``ratios`` column (label -> figure index) of
+    every row over that base row's."""
+    present = {name: rows[name] for name in bases if not isinstance(rows.get(name, ""), str)}
+    heads = [f"{label} / {base}" for base in present for label in ratios]
+    print("| impl | " + " | ".join((*columns, *heads)) + " |")
+    print("|---|" + "---:|" * (len(columns) + len(heads)))
     for name, row in rows.items():
         if isinstance(row, str):
-            print(f"| {name} | {row} | | |" + " |" * (2 * len(bases)))
+            print(f"| {name} | {row} |" + " |" * (len(columns) + len(heads) - 1))
             continue
-        ratios = "".join(f" {row[1] / base[1]:.2f}x | {row[2] / base[2]:.2f}x |" for base in bases.values())
-        print(f"| {name} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} |{ratios}")
+        cells = [f"{x:.{digits}f}" for x in row]
+        cells += [f"{row[i] / base[i]:.2f}x" for base in present.values() for i in ratios.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
