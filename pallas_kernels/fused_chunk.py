@@ -53,6 +53,7 @@ from pallas_kernels.common import (
     value_block,
     walk_in_reverse,
 )
+from pallas_kernels.validation import check_chunk_size, check_kernel_inputs, check_positive_int
 
 Array = jax.Array
 
@@ -293,9 +294,10 @@ def fused_chunk(
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
 
-    Takes validated inputs (``dj.fast_weight`` checks them): q, k ``[B, T, H, K]``, v
-    ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``;
-    ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes). Returns
+    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
+    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; ``chunk_size`` a power of two
+    >= 16 (the smallest tile a tensor-core dot takes). Checked here (``pallas_kernels.validation``):
+    a bad call raises a ValueError/TypeError naming the argument. Returns
     ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
@@ -312,10 +314,9 @@ def fused_chunk(
         >>> out.shape, w.shape
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"fused_chunk needs chunk_size a power of two >= 16; got chunk_size={chunk_size}")
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"fused_chunk needs num_stages a positive int; got num_stages={num_stages!r}")
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
+    check_chunk_size(chunk_size)
+    check_positive_int("num_stages", num_stages)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
