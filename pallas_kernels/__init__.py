@@ -8,7 +8,8 @@
 - ``chunk_recurrence``: only the chunkwise form's sequential inter-chunk walk, forward and
   backward, with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
 
-Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``).
+Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``)
+and takes ``scale`` as a run-time value, so it may be traced.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks what they compute on machines without a GPU; ``triton_lowering`` lowers them to

@@ -193,6 +193,48 @@ def test_kernel_runs_per_batch_shard_under_sharded_jit():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
+def pallas_adapter(rule, scale):
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    return lambda q, k, v, beta, s: fast_weight_pallas(q, k, v, beta, s, rule=rule, scale=scale, chunk_size=16,
+                                                       interpret=True)
+
+
+# (kernel, T): through the adapter, T = 20 takes the fused chunk kernel (one whole chunk of 16 and a
+# partial one) and T = 10 the fused recurrent one; the walk-only kernel is reached through the
+# chunked op.
+SCALED = {"fused_chunk": (pallas_adapter, 20), "fused_recurrent": (pallas_adapter, 10),
+          "chunk_recurrence": (chunked_kernel, 20)}
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("name, scale", [(name, 0.7) for name in SCALED] + [("fused_chunk", 0.0)])
+def test_kernels_take_a_traced_scale_and_differentiate_it(name, rule, scale):
+    # scale is a jit argument (a tracer, as for a learned scale): every kernel takes it at run time
+    # and returns dL/dscale, also at scale = 0 (dL/dscale is not recovered by dividing by scale).
+    kernel_of, time = SCALED[name]
+    inputs = make_inputs(3, time=time, rule=rule, key_dim=12, value_dim=5, with_state=True)
+    names = [n for n in ARGS if inputs[n] is not None]
+
+    def grads_of(fn_of):
+        def loss(args, scale):
+            a = dict(zip(names, args, strict=True))
+            out, state = fn_of(rule, scale)(a["q"], a["k"], a["v"], a.get("beta"), a["initial_state"])
+            return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            [inputs[n] for n in names], jnp.float32(scale))
+
+    if name == "fused_chunk":  # the adapter did take the kernel under test
+        jaxpr = str(jax.make_jaxpr(lambda s: pallas_adapter(rule, s)(*[inputs[n] for n in ARGS]))(1.0))
+        assert "fast_weight_fused_chunk_fwd" in jaxpr
+    (_, got), got_grads = grads_of(kernel_of)
+    (_, want), want_grads = grads_of(oracle)
+    assert np.asarray(want_grads[1]) != 0.0
+    for g, w in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
 def bad_calls():
     """(what is wrong, keyword changes to a good fused-kernel call, error type, message), for both fused kernels."""
     x, wide = jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, MAX_KEY_DIM + 1))
