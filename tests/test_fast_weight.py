@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import dpfp_jax as dj
-from tests.conftest import make_inputs, random_like
+from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, make_inputs, random_like
 
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
@@ -189,6 +189,19 @@ def test_delta_rule_stays_bounded_on_long_sequences():
     inputs = make_inputs(9, batch=1, time=3000, heads=1, key_dim=16, value_dim=4)
     _, state = run(inputs, "scan", "delta")
     assert float(jnp.abs(state).max()) < 10 * float(jnp.abs(inputs["v"]).max())
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_delta_rule_with_l2_normalised_keys_stays_bounded_at_t_65536(impl):
+    # Gaussian q, k (negative entries: sum_norm is no normaliser there) made unit-length by l2_norm;
+    # raw, these keys (|k|^2 about 8) overflow float32 within a few hundred steps.
+    x = jax.random.normal(jax.random.key(12), (3, 1, 65536, 2, 8))
+    q, k = dj.l2_norm(x[0]), dj.l2_norm(x[1])
+    v, beta = x[2, ..., :4], jax.nn.sigmoid(x[2, ..., 4])
+    out, state = jax.jit(lambda *a: dj.fast_weight(*a, impl=impl))(q, k, v, beta)
+    assert_bounded_and_not_drifting(out, state, k, v, beta)
+    # |o_tj| = |q_t . W_t[:, j]| <= |q_t| |W_t[:, j]| with |q_t| <= 1: the bound at every step.
+    assert (out**2 <= delta_column_bound(k, v, beta) * (1 + 1e-4)).all()
 
 
 B, T, H, K, V = 2, 5, 3, 4, 6

@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import dpfp_jax as dj
+from dpfp_jax.nn.attention import split_heads_projection
+from tests.conftest import assert_bounded_and_not_drifting
 
 CONFIGS = [
     dict(feature_map="dpfp", nu=2, rule="delta", normalization="sum"),
@@ -17,7 +19,8 @@ CONFIGS = [
     dict(feature_map="favor", num_features=8, rule="delta", normalization="sum"),
     dict(feature_map="favor", num_features=8, rule="sum", normalization="attention"),
     dict(feature_map="relu", rule="sum", normalization="none"),
-    dict(feature_map="identity", rule="delta", normalization="none"),
+    dict(feature_map="identity", rule="delta", normalization="l2"),
+    dict(feature_map="identity", rule="delta", normalization="none", allow_unbounded_delta=True),
 ]
 CONFIG_IDS = [f"{c['feature_map']}-{c['rule']}-{c['normalization']}" for c in CONFIGS]
 
@@ -278,6 +281,56 @@ def test_dropout_is_active_only_when_not_deterministic():
     assert float((y == 0).mean()) > 0.3
 
 
+# --- the delta rule's stability condition -------------------------------------------------------
+
+NON_NEGATIVE_MAPS = ("dpfp", "linear", "favor", "relu")  # sum-normalisable; identity is not
+STABLE_DELTA = [(f, n) for f in dj.FEATURE_MAPS for n in ("sum", "l2") if n == "l2" or f in NON_NEGATIVE_MAPS]
+
+
+@pytest.mark.parametrize("feature_map, normalization", STABLE_DELTA)
+def test_normalised_delta_rule_stays_bounded_at_t_65536(feature_map, normalization):
+    # |phi(k)| <= 1 and beta = sigmoid in (0, 1): every step is non-expanding, for any length.
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, feature_map=feature_map, num_features=4,
+                                   rule="delta", normalization=normalization, impl="scan")
+    x = normal(0, (1, 65536, 8))
+    variables = jax.jit(layer.init)(jax.random.key(1), x[:, :1])
+    y, state = jax.jit(layer.apply)(variables, x)
+    # The layer's own k, v and beta, to check its state against the bound they imply.
+    projection = jnp.einsum("btd,dhe->bthe", x, variables["params"]["qkv"]["kernel"])
+    _, k, v, beta = split_heads_projection(projection, 4, with_beta=True)
+    phi_k = layer.apply(variables, k, method=layer._features)
+    assert float(jnp.sum(phi_k**2, axis=-1).max()) <= 1.0 + 1e-6
+    assert_bounded_and_not_drifting(y, state, phi_k, v, beta)
+
+
+def test_delta_rule_without_normalization_needs_an_explicit_opt_in():
+    x = normal(0, (1, 3, 8))
+    raw = dict(num_heads=2, head_dim=4, rule="delta", normalization="none")
+    for module in (dj.FastWeightAttention(**raw), dj.DPFPformer(8, 1, **raw)):
+        with pytest.raises(ValueError, match=r"normalization='none' with rule='delta'") as error:
+            module.init(jax.random.key(0), x)
+        message = str(error.value)
+        assert "0 <= beta |phi(k)|^2 <= 2" in message and "allow_unbounded_delta=True" in message
+        assert "normalization='sum'" in message and "'l2'" in message
+    # Opted in, the layer runs on raw features: the op on phi(q), phi(k) as they come.
+    layer = dj.FastWeightAttention(**raw, feature_map="relu", allow_unbounded_delta=True)
+    variables = layer.init(jax.random.key(0), x)
+    y, state = layer.apply(variables, x)
+    projection = jnp.einsum("btd,dhe->bthe", x, variables["params"]["qkv"]["kernel"])
+    q, k, v, beta = split_heads_projection(projection, 4, with_beta=True)
+    _, want_state = dj.fast_weight(jax.nn.relu(q), jax.nn.relu(k), v, beta)
+    close(state, want_state)
+    model = dj.DPFPformer(8, 1, **raw, allow_unbounded_delta=True)
+    assert model.apply(model.init(jax.random.key(0), x), x).shape == x.shape
+
+
+def test_attention_normalization_error_recommends_bounded_delta_normalisations():
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, rule="delta", normalization="attention")
+    with pytest.raises(ValueError, match="normalization='attention'") as error:
+        layer.init(jax.random.key(0), jnp.ones((1, 3, 8)))
+    assert "'l2'" in str(error.value) and "'none'" not in str(error.value)
+
+
 # --- bad configuration ------------------------------------------------------------------------
 
 
@@ -292,6 +345,7 @@ def test_dropout_is_active_only_when_not_deterministic():
         (dict(rule="hebb"), "rule"),
         (dict(normalization="layer"), "normalization"),
         (dict(rule="delta", normalization="attention"), "normalization='attention'"),
+        (dict(rule="delta", normalization="none"), "allow_unbounded_delta"),
         (dict(impl="cuda"), "impl"),
     ],
 )

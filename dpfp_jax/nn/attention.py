@@ -15,6 +15,7 @@ from dpfp_jax.feature_maps import (
     check_positive_int,
     favor_projection,
     feature_dim,
+    l2_norm,
     sum_norm,
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
@@ -23,7 +24,8 @@ from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_like_s
 Array = jax.Array
 Memory = Array | tuple[Array, Array]
 
-NORMALIZATIONS = ("sum", "attention", "none")
+NORMALIZATIONS = ("sum", "l2", "attention", "none")
+"""Accepted values of the modules' ``normalization`` attribute."""
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -58,8 +60,19 @@ class FastWeightAttention(nn.Module):
         Give layers different seeds for independent draws.
       rule: ``"delta"`` or ``"sum"``.
       normalization: ``"sum"`` (phi(q), phi(k) divided by their sums: the paper's delta-rule
-        layers), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
-        running key sum z, the classic linear transformer) or ``"none"``.
+        layers; for non-negative feature maps), ``"l2"`` (divided by their L2 norms,
+        :func:`dpfp_jax.l2_norm`: for any feature map, ``identity`` and its negative entries
+        included), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
+        running key sum z, the classic linear transformer) or ``"none"``. The delta rule's step
+        ``W <- (I - beta k k^T) W + beta k v^T`` is non-expanding only while
+        ``0 <= beta |phi(k)|^2 <= 2``; with raw features ``|phi(k)|^2`` is unbounded and the
+        state can grow exponentially (at default init, to inf within a few hundred steps). ``"sum"``
+        and ``"l2"`` give ``|phi(k)| <= 1``, and beta is a sigmoid in (0, 1), so the condition holds
+        at every step; ``rule="delta"`` with ``"none"`` is refused unless
+        ``allow_unbounded_delta=True``.
+      allow_unbounded_delta: opt in to ``rule="delta"`` with ``normalization="none"``, whose
+        state is bounded only if the keys keep ``beta |phi(k)|^2 <= 2`` by themselves (nothing
+        checks it). Not consulted for other configurations.
       out_features: output width (default: the input width).
       use_bias: whether the projections have biases.
       dtype: computation dtype of the projections (default: inferred); state is float32.
@@ -106,6 +119,7 @@ class FastWeightAttention(nn.Module):
     impl: str = "auto"
     decode: bool = False
     eps: float = 1e-6
+    allow_unbounded_delta: bool = False
 
     @property
     def key_dim(self) -> int:
@@ -132,7 +146,16 @@ class FastWeightAttention(nn.Module):
         if self.normalization == "attention" and self.rule != "sum":
             raise ValueError(
                 "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
-                "the delta rule uses normalization='sum' (the paper's choice) or 'none'"
+                "the delta rule uses normalization='sum' (the paper's choice, for non-negative feature maps) "
+                "or 'l2' (any feature map)"
+            )
+        if self.rule == "delta" and self.normalization == "none" and not self.allow_unbounded_delta:
+            raise ValueError(
+                "normalization='none' with rule='delta' leaves the fast weights unbounded: each step "
+                "W <- (I - beta k k^T) W + beta k v^T is non-expanding only while 0 <= beta |phi(k)|^2 <= 2, "
+                "and raw feature-mapped keys break that (at default init the state overflows to inf within "
+                "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
+                "(any feature map), or set allow_unbounded_delta=True to opt in"
             )
 
     def _features(self, x: Array) -> Array:
@@ -140,7 +163,11 @@ class FastWeightAttention(nn.Module):
         if self.feature_map == "favor":
             projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
         phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
-        return sum_norm(phi, self.eps) if self.normalization == "sum" else phi
+        if self.normalization == "sum":
+            return sum_norm(phi, self.eps)
+        if self.normalization == "l2":
+            return l2_norm(phi, self.eps)
+        return phi
 
     def _split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
         shape = self.get_memory_shape(batch)

@@ -47,7 +47,12 @@ class DPFPformer(nn.Module):
       depth: number of blocks.
       num_heads, head_dim, nu: DPFP attention shape (see :class:`FastWeightAttention`).
       feature_map, rule, normalization, num_features: the attention's feature map and rule
-        (default: the paper's DPFP, delta rule, sum normalisation).
+        (default: the paper's DPFP, delta rule, sum normalisation). ``normalization`` is
+        ``"sum"``, ``"l2"``, ``"attention"`` (sum rule only) or ``"none"``; the delta rule needs
+        ``"sum"`` or ``"l2"`` to keep ``0 <= beta |phi(k)|^2 <= 2`` (its steps non-expanding) and
+        refuses ``"none"`` unless ``allow_unbounded_delta`` (see :class:`FastWeightAttention`).
+      allow_unbounded_delta: passed to every layer: opt in to ``rule="delta"`` with
+        ``normalization="none"``, unbounded unless the keys keep the condition by themselves.
       ff_mult: feed-forward width multiplier.
       attention_dropout_rate, ff_dropout_rate: dropout rates.
       pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
@@ -88,6 +93,7 @@ class DPFPformer(nn.Module):
     kernel_init: Any = nn.linear.default_kernel_init
     impl: str = "auto"
     decode: bool = False
+    allow_unbounded_delta: bool = False
 
     @nn.compact
     def __call__(
@@ -116,7 +122,7 @@ class DPFPformer(nn.Module):
                 normalization=self.normalization, dtype=self.dtype, param_dtype=self.param_dtype,
                 precision=self.precision, kernel_init=self.kernel_init,
                 dropout_rate=self.attention_dropout_rate, impl=self.impl, decode=self.decode,
-                name=f"attention_{i}",
+                allow_unbounded_delta=self.allow_unbounded_delta, name=f"attention_{i}",
             )
             ff = FeedForward(
                 ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,
