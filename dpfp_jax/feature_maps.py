@@ -21,20 +21,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.validation import check_positive_int
+
 Array = jax.Array
 
 FEATURE_MAPS = ("dpfp", "linear", "favor", "relu", "identity")
 """Names accepted by :func:`feature_dim` and the linen modules' ``feature_map`` attribute."""
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """TypeError for a non-int, ValueError for an int below 1; shared with the linen modules."""
-    # bool is an int subclass; `nu=True` is almost certainly a mistake, so refuse it too.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value}")
-    return value
 
 
 def dpfp(x: Array, nu: int = 1) -> Array:

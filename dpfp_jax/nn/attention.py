@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from dpfp_jax.feature_maps import (
     FEATURE_MAPS,
     apply_feature_map,
-    check_positive_int,
     favor_projection,
     feature_dim,
     l2_norm,
@@ -20,17 +19,13 @@ from dpfp_jax.feature_maps import (
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_like_sharded
+from dpfp_jax.validation import check_choice, check_positive_int
 
 Array = jax.Array
 Memory = Array | tuple[Array, Array]
 
 NORMALIZATIONS = ("sum", "l2", "attention", "none")
 """Accepted values of the modules' ``normalization`` attribute."""
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
 
 
 def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
@@ -135,10 +130,10 @@ class FastWeightAttention(nn.Module):
         """Raise a ValueError naming the attribute if the configuration is not usable."""
         check_positive_int("num_heads", self.num_heads)
         check_positive_int("head_dim", self.head_dim)
-        _check_choice("feature_map", self.feature_map, FEATURE_MAPS)
-        _check_choice("rule", self.rule, RULES)
-        _check_choice("normalization", self.normalization, NORMALIZATIONS)
-        _check_choice("impl", self.impl, IMPLS)
+        check_choice("feature_map", self.feature_map, FEATURE_MAPS)
+        check_choice("rule", self.rule, RULES)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("impl", self.impl, IMPLS)
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":

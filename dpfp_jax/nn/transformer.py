@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import check_positive_int
 from dpfp_jax.nn.attention import FastWeightAttention, Memory
+from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
 
