@@ -2,7 +2,8 @@
 
 Every map is a pure function on the last axis: ``[..., d] -> [..., feature_dim(name, d)]``.
 DPFP is the paper's deterministic parameter-free projection; the others are the baselines the
-paper compares against (Sec. 5 and 6).
+paper compares against (Sec. 5 and 6). :data:`REGISTRY` holds one :class:`FeatureMap` per name
+(the function and its output width); :func:`feature_dim` and :func:`apply_feature_map` read it.
 
 Example:
     >>> import jax.numpy as jnp
@@ -15,18 +16,17 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.validation import check_positive_int
+from dpfp_jax.validation import check_choice, check_positive_int
 
 Array = jax.Array
-
-FEATURE_MAPS = ("dpfp", "linear", "favor", "relu", "identity")
-"""Names accepted by :func:`feature_dim` and the linen modules' ``feature_map`` attribute."""
 
 
 def dpfp(x: Array, nu: int = 1) -> Array:
@@ -181,6 +181,72 @@ def favor(x: Array, projection: Array) -> Array:
     return jnp.exp(features) / math.sqrt(2 * num_features)
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureMap:
+    """One registered feature map: the function and how wide its output is.
+
+    Attributes:
+      name: the name :func:`apply_feature_map`, :func:`feature_dim` and the modules take.
+      fn: the map, called as ``fn(x, **{o: value of o for o in options})``.
+      width: the output width for an input width d, called as ``width(d, **{o: ... for o in width_options})``.
+      options: the keywords of :func:`apply_feature_map` that ``fn`` takes (``"nu"``, ``"projection"``).
+      width_options: the keywords of :func:`feature_dim` that ``width`` takes (``"nu"``, ``"num_features"``).
+
+    Example:
+        >>> REGISTRY["dpfp"].width(8, nu=2)
+        32
+    """
+
+    name: str
+    fn: Callable[..., Array]
+    width: Callable[..., int]
+    options: tuple[str, ...] = ()
+    width_options: tuple[str, ...] = ()
+
+
+def _dpfp_width(dim: int, nu: int) -> int:
+    return 2 * check_positive_int("nu", nu) * dim
+
+
+def _favor_width(dim: int, num_features: int) -> int:
+    return 2 * check_positive_int("num_features", num_features)
+
+
+def _same_width(dim: int) -> int:
+    return dim
+
+
+REGISTRY: Mapping[str, FeatureMap] = MappingProxyType({m.name: m for m in (
+    FeatureMap("dpfp", dpfp, _dpfp_width, options=("nu",), width_options=("nu",)),
+    FeatureMap("linear", elu_plus_one, _same_width),
+    FeatureMap("favor", favor, _favor_width, options=("projection",), width_options=("num_features",)),
+    FeatureMap("relu", relu, _same_width),
+    FeatureMap("identity", identity, _same_width),
+)})
+"""The feature maps by name (read-only); a new map is one :class:`FeatureMap` entry here."""
+
+FEATURE_MAPS = tuple(REGISTRY)
+"""Names accepted by :func:`feature_dim`, :func:`apply_feature_map` and the modules' ``feature_map``."""
+
+# The options without a default (None until given), and what to give, for the error when a call leaves one out.
+_REQUIRED_OPTIONS = {
+    "num_features": "num_features (m, the random projections)",
+    "projection": "a projection from favor_projection()",
+}
+
+
+def _registered(feature_map: str) -> FeatureMap:
+    return REGISTRY[check_choice("feature_map", feature_map, FEATURE_MAPS)]
+
+
+def _options(entry: FeatureMap, names: tuple[str, ...], given: dict[str, object]) -> dict[str, object]:
+    """The options ``entry`` takes out of ``given``; a ValueError for a required one that is None."""
+    for name in names:
+        if name in _REQUIRED_OPTIONS and given[name] is None:
+            raise ValueError(f"feature_map {entry.name!r} needs {_REQUIRED_OPTIONS[name]}")
+    return {name: given[name] for name in names}
+
+
 def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | None = None) -> int:
     """Output width of ``feature_map`` for an input width ``dim``.
 
@@ -195,22 +261,8 @@ def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | 
         256
     """
     dim = check_positive_int("dim", dim)
-    if feature_map == "dpfp":
-        return 2 * check_positive_int("nu", nu) * dim
-    if feature_map == "favor":
-        if num_features is None:
-            raise ValueError("feature_map 'favor' needs num_features (m, the random projections)")
-        return 2 * check_positive_int("num_features", num_features)
-    if feature_map in ("linear", "relu", "identity"):
-        return dim
-    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}")
-
-
-_ELEMENTWISE: dict[str, Callable[[Array], Array]] = {
-    "linear": elu_plus_one,
-    "relu": relu,
-    "identity": identity,
-}
+    entry = _registered(feature_map)
+    return entry.width(dim, **_options(entry, entry.width_options, dict(nu=nu, num_features=num_features)))
 
 
 def apply_feature_map(
@@ -225,14 +277,8 @@ def apply_feature_map(
         >>> apply_feature_map("dpfp", jnp.ones((3, 4)), nu=2).shape
         (3, 16)
     """
-    if projection is not None and feature_map != "favor":
-        raise ValueError(f"projection is only used by feature_map 'favor'; got it for {feature_map!r}")
-    if feature_map == "dpfp":
-        return dpfp(x, nu)
-    if feature_map == "favor":
-        if projection is None:
-            raise ValueError("feature_map 'favor' needs a projection from favor_projection()")
-        return favor(x, projection)
-    if feature_map in _ELEMENTWISE:
-        return _ELEMENTWISE[feature_map](x)
-    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}")
+    entry = _registered(feature_map)
+    if projection is not None and "projection" not in entry.options:
+        users = " or ".join(repr(m.name) for m in REGISTRY.values() if "projection" in m.options)
+        raise ValueError(f"projection is only used by feature_map {users}; got it for {feature_map!r}")
+    return entry.fn(x, **_options(entry, entry.options, dict(nu=nu, projection=projection)))

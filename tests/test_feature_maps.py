@@ -142,3 +142,31 @@ def test_feature_map_errors():
         dj.apply_feature_map("dpfp", jnp.ones(4), projection=jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="feature_map"):
         dj.apply_feature_map("tanh", jnp.ones(4))
+
+
+def test_registry_is_the_one_list_of_maps():
+    from dpfp_jax.feature_maps import REGISTRY, FeatureMap
+
+    assert dj.FEATURE_MAPS == tuple(REGISTRY) == ("dpfp", "linear", "favor", "relu", "identity")
+    for name, entry in REGISTRY.items():
+        assert isinstance(entry, FeatureMap) and entry.name == name
+    with pytest.raises(TypeError):
+        REGISTRY["tanh"] = REGISTRY["relu"]
+    with pytest.raises(AttributeError):
+        REGISTRY["relu"].width = REGISTRY["dpfp"].width
+
+
+@pytest.mark.parametrize("name", dj.FEATURE_MAPS)
+@pytest.mark.parametrize("dim", [1, 6])
+def test_every_registered_width_matches_its_function(name, dim):
+    from dpfp_jax.feature_maps import REGISTRY
+
+    entry = REGISTRY[name]
+    given = dict(nu=3, num_features=5, projection=dj.favor_projection(jax.random.key(0), 5, dim))
+    x = jax.random.normal(jax.random.key(1), (2, 3, dim))
+    out = entry.fn(x, **{o: given[o] for o in entry.options})
+    width = entry.width(dim, **{o: given[o] for o in entry.width_options})
+    assert out.shape == (2, 3, width)
+    assert dj.feature_dim(name, dim, nu=3, num_features=5) == width
+    projection = given["projection"] if "projection" in entry.options else None
+    np.testing.assert_array_equal(dj.apply_feature_map(name, x, nu=3, projection=projection), out)
