@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -235,8 +236,72 @@ _REQUIRED_OPTIONS = {
 }
 
 
-def _registered(feature_map: str) -> FeatureMap:
-    return REGISTRY[check_choice("feature_map", feature_map, FEATURE_MAPS)]
+FeatureMapLike = str | Callable[[Array], Array]
+"""A name in :data:`FEATURE_MAPS`, or a pure callable ``[..., d] -> [..., K]`` (any K >= 1)."""
+
+
+def _check_callable_output(fn: Callable[[Array], Array], in_shape: tuple[int, ...], out: object) -> int:
+    """K, if ``out`` is floating ``[*in_shape[:-1], K]`` with K >= 1; else a ValueError/TypeError."""
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != len(in_shape) or tuple(shape[:-1]) != in_shape[:-1] or shape[-1] < 1:
+        got = f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(
+            f"a callable feature_map must map [..., d] to [..., K] (K >= 1), keeping the leading shape; "
+            f"{fn!r} mapped an input of shape {in_shape} to {got}"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"a callable feature_map must return floating features; {fn!r} returned {out.dtype}")
+    return shape[-1]
+
+
+def _callable_width(fn: Callable[[Array], Array], dim: int) -> int:
+    # Only the output's shape is evaluated: nothing is computed.
+    return _check_callable_output(fn, (dim,), jax.eval_shape(fn, jax.ShapeDtypeStruct((dim,), jnp.float32)))
+
+
+def _apply_callable(fn: Callable[[Array], Array], x: Array) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"x must have a feature axis; got a scalar of shape {x.shape}")
+    out = fn(x)
+    width = _check_callable_output(fn, x.shape, out)
+    # The modules size their memory from the width on one [d] vector; it must hold for every leading shape.
+    if width != _callable_width(fn, x.shape[-1]):
+        raise ValueError(
+            f"a callable feature_map's output width must depend on d alone; {fn!r} gave "
+            f"{_callable_width(fn, x.shape[-1])} features for an input of shape ({x.shape[-1]},) "
+            f"but {width} for one of shape {x.shape}"
+        )
+    return out
+
+
+def _entry(feature_map: FeatureMapLike) -> FeatureMap:
+    """The registry's entry for a name, or an unregistered one wrapping a callable."""
+    if isinstance(feature_map, str):
+        return REGISTRY[check_choice("feature_map", feature_map, FEATURE_MAPS)]
+    if callable(feature_map):
+        return FeatureMap(
+            repr(feature_map),
+            functools.partial(_apply_callable, feature_map),
+            functools.partial(_callable_width, feature_map),
+        )
+    raise TypeError(
+        f"feature_map must be one of {FEATURE_MAPS} or a callable [..., d] -> [..., K]; "
+        f"got {feature_map!r} of type {type(feature_map).__name__}"
+    )
+
+
+def check_feature_map(feature_map: object) -> None:
+    """ValueError for a name not in :data:`FEATURE_MAPS`, TypeError for neither a name nor a callable.
+
+    Example:
+        >>> check_feature_map("dpfp"); check_feature_map(lambda x: x ** 2)
+        >>> check_feature_map(3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: feature_map must be one of (...) or a callable [..., d] -> [..., K]; got 3 of type int
+    """
+    _entry(feature_map)
 
 
 def _options(entry: FeatureMap, names: tuple[str, ...], given: dict[str, object]) -> dict[str, object]:
@@ -247,11 +312,14 @@ def _options(entry: FeatureMap, names: tuple[str, ...], given: dict[str, object]
     return {name: given[name] for name in names}
 
 
-def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | None = None) -> int:
+def feature_dim(
+    feature_map: FeatureMapLike, dim: int, *, nu: int = 1, num_features: int | None = None
+) -> int:
     """Output width of ``feature_map`` for an input width ``dim``.
 
     Args:
-      feature_map: one of :data:`FEATURE_MAPS`.
+      feature_map: one of :data:`FEATURE_MAPS`, or a callable ``[..., d] -> [..., K]``: its K
+        is found by evaluating its output shape on a ``[dim]`` input (nothing is computed).
       dim: input width d.
       nu: DPFP's nu (used by ``"dpfp"`` only).
       num_features: FAVOR+'s number of random projections m (required by ``"favor"``).
@@ -259,25 +327,32 @@ def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | 
     Example:
         >>> feature_dim("favor", 64, num_features=128)
         256
+        >>> import jax.numpy as jnp
+        >>> feature_dim(lambda x: jnp.concatenate([x, x ** 2], axis=-1), 64)
+        128
     """
     dim = check_positive_int("dim", dim)
-    entry = _registered(feature_map)
+    entry = _entry(feature_map)
     return entry.width(dim, **_options(entry, entry.width_options, dict(nu=nu, num_features=num_features)))
 
 
 def apply_feature_map(
-    feature_map: str, x: Array, *, nu: int = 1, projection: Array | None = None
+    feature_map: FeatureMapLike, x: Array, *, nu: int = 1, projection: Array | None = None
 ) -> Array:
     """Apply the feature map called ``feature_map`` (one of :data:`FEATURE_MAPS`) to ``x``.
 
-    ``projection`` is required for ``"favor"`` and refused elsewhere.
+    ``projection`` is required for ``"favor"`` and refused elsewhere. A callable ``feature_map``
+    is applied as it is (``nu`` is ignored, as by every map but DPFP); its output must be
+    floating and keep ``x``'s leading shape, ``[..., d] -> [..., K]``, else a ValueError.
 
     Example:
         >>> import jax.numpy as jnp
         >>> apply_feature_map("dpfp", jnp.ones((3, 4)), nu=2).shape
         (3, 16)
+        >>> apply_feature_map(lambda x: jnp.concatenate([x, -x], axis=-1), jnp.ones((3, 4))).shape
+        (3, 8)
     """
-    entry = _registered(feature_map)
+    entry = _entry(feature_map)
     if projection is not None and "projection" not in entry.options:
         users = " or ".join(repr(m.name) for m in REGISTRY.values() if "projection" in m.options)
         raise ValueError(f"projection is only used by feature_map {users}; got it for {feature_map!r}")

@@ -170,3 +170,26 @@ def test_every_registered_width_matches_its_function(name, dim):
     assert dj.feature_dim(name, dim, nu=3, num_features=5) == width
     projection = given["projection"] if "projection" in entry.options else None
     np.testing.assert_array_equal(dj.apply_feature_map(name, x, nu=3, projection=projection), out)
+
+
+def test_feature_dim_and_apply_take_a_callable():
+    fn = lambda x: dj.dpfp(x, 2)  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    assert dj.feature_dim(fn, 5) == dj.feature_dim("dpfp", 5, nu=2) == 20
+    np.testing.assert_array_equal(dj.apply_feature_map(fn, x), dj.apply_feature_map("dpfp", x, nu=2))
+    with pytest.raises(ValueError, match="projection is only used by feature_map 'favor'; got it for <function"):
+        dj.apply_feature_map(fn, x, projection=jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="feature axis"):
+        dj.apply_feature_map(fn, jnp.float32(1.0))
+    with pytest.raises(ValueError, match="keeping the leading shape"):
+        dj.apply_feature_map(lambda x: x.reshape(-1), x)
+    with pytest.raises(ValueError, match="keeping the leading shape"):
+        dj.feature_dim(lambda x: x.sum(), 5)
+
+
+@pytest.mark.parametrize("feature_map", [3, None, ["dpfp"]])
+def test_feature_map_neither_name_nor_callable(feature_map):
+    with pytest.raises(TypeError, match=r"feature_map must be one of .* or a callable .*; got .* of type"):
+        dj.feature_dim(feature_map, 4)
+    with pytest.raises(TypeError, match=r"feature_map must be one of .* or a callable"):
+        dj.apply_feature_map(feature_map, jnp.ones(4))

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from dpfp_jax.feature_maps import (
-    FEATURE_MAPS,
+    FeatureMapLike,
     apply_feature_map,
+    check_feature_map,
     favor_projection,
     feature_dim,
     l2_norm,
@@ -46,7 +47,11 @@ class FastWeightAttention(nn.Module):
     Attributes:
       num_heads: number of heads H.
       head_dim: width d of q, k, v per head; V = d, K = ``feature_dim(feature_map, d)``.
-      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``.
+      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``
+        (:data:`dpfp_jax.FEATURE_MAPS`), or a pure callable ``[..., d] -> [..., K]`` for any K,
+        e.g. ``lambda x: dj.dpfp(x, 3)``: K is found from its output shape on a ``[head_dim]``
+        input (:func:`jax.eval_shape`, nothing computed); the output must keep the leading shape
+        and be floating. ``nu``, ``num_features`` and ``favor_seed`` do not apply to a callable.
       nu: DPFP's nu (``feature_map="dpfp"``).
       num_features: FAVOR+'s number of random projections m (K = 2m).
       favor_seed: FAVOR+'s projection is drawn once from ``jax.random.key(favor_seed)``
@@ -97,7 +102,7 @@ class FastWeightAttention(nn.Module):
 
     num_heads: int = 8
     head_dim: int = 64
-    feature_map: str = "dpfp"
+    feature_map: FeatureMapLike = "dpfp"
     nu: int = 1
     num_features: int = 64
     favor_seed: int = 0
@@ -127,10 +132,10 @@ class FastWeightAttention(nn.Module):
         return (batch, self.num_heads, self.key_dim, self.head_dim)
 
     def check_config(self) -> None:
-        """Raise a ValueError naming the attribute if the configuration is not usable."""
+        """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the configuration is not usable."""
         check_positive_int("num_heads", self.num_heads)
         check_positive_int("head_dim", self.head_dim)
-        check_choice("feature_map", self.feature_map, FEATURE_MAPS)
+        check_feature_map(self.feature_map)
         check_choice("rule", self.rule, RULES)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("impl", self.impl, IMPLS)
