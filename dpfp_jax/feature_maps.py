@@ -235,7 +235,6 @@ _REQUIRED_OPTIONS = {
     "projection": "a projection from favor_projection()",
 }
 
-
 FeatureMapLike = str | Callable[[Array], Array]
 """A name in :data:`FEATURE_MAPS`, or a pure callable ``[..., d] -> [..., K]`` (any K >= 1)."""
 
@@ -266,11 +265,11 @@ def _apply_callable(fn: Callable[[Array], Array], x: Array) -> Array:
     out = fn(x)
     width = _check_callable_output(fn, x.shape, out)
     # The modules size their memory from the width on one [d] vector; it must hold for every leading shape.
-    if width != _callable_width(fn, x.shape[-1]):
+    vector_width = _callable_width(fn, x.shape[-1])
+    if width != vector_width:
         raise ValueError(
-            f"a callable feature_map's output width must depend on d alone; {fn!r} gave "
-            f"{_callable_width(fn, x.shape[-1])} features for an input of shape ({x.shape[-1]},) "
-            f"but {width} for one of shape {x.shape}"
+            f"a callable feature_map's output width must depend on d alone; {fn!r} gave {vector_width} "
+            f"features for an input of shape ({x.shape[-1]},) but {width} for one of shape {x.shape}"
         )
     return out
 
