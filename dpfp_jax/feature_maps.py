@@ -2,7 +2,8 @@
 
 Every map is a pure function on the last axis: ``[..., d] -> [..., feature_dim(name, d)]``.
 DPFP is the paper's deterministic parameter-free projection; the others are the baselines the
-paper compares against (Sec. 5 and 6).
+paper compares against (Sec. 5 and 6). :data:`REGISTRY` holds one :class:`FeatureMap` per name
+(the function and its output width); :func:`feature_dim` and :func:`apply_feature_map` read it.
 
 Example:
     >>> import jax.numpy as jnp
@@ -15,26 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.validation import check_choice, check_positive_int
+
 Array = jax.Array
-
-FEATURE_MAPS = ("dpfp", "linear", "favor", "relu", "identity")
-"""Names accepted by :func:`feature_dim` and the linen modules' ``feature_map`` attribute."""
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """TypeError for a non-int, ValueError for an int below 1; shared with the linen modules."""
-    # bool is an int subclass; `nu=True` is almost certainly a mistake, so refuse it too.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value}")
-    return value
 
 
 def dpfp(x: Array, nu: int = 1) -> Array:
@@ -189,11 +182,143 @@ def favor(x: Array, projection: Array) -> Array:
     return jnp.exp(features) / math.sqrt(2 * num_features)
 
 
-def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class FeatureMap:
+    """One registered feature map: the function and how wide its output is.
+
+    Attributes:
+      name: the name :func:`apply_feature_map`, :func:`feature_dim` and the modules take.
+      fn: the map, called as ``fn(x, **{o: value of o for o in options})``.
+      width: the output width for an input width d, called as ``width(d, **{o: ... for o in width_options})``.
+      options: the keywords of :func:`apply_feature_map` that ``fn`` takes (``"nu"``, ``"projection"``).
+      width_options: the keywords of :func:`feature_dim` that ``width`` takes (``"nu"``, ``"num_features"``).
+
+    Example:
+        >>> REGISTRY["dpfp"].width(8, nu=2)
+        32
+    """
+
+    name: str
+    fn: Callable[..., Array]
+    width: Callable[..., int]
+    options: tuple[str, ...] = ()
+    width_options: tuple[str, ...] = ()
+
+
+def _dpfp_width(dim: int, nu: int) -> int:
+    return 2 * check_positive_int("nu", nu) * dim
+
+
+def _favor_width(dim: int, num_features: int) -> int:
+    return 2 * check_positive_int("num_features", num_features)
+
+
+def _same_width(dim: int) -> int:
+    return dim
+
+
+REGISTRY: Mapping[str, FeatureMap] = MappingProxyType({m.name: m for m in (
+    FeatureMap("dpfp", dpfp, _dpfp_width, options=("nu",), width_options=("nu",)),
+    FeatureMap("linear", elu_plus_one, _same_width),
+    FeatureMap("favor", favor, _favor_width, options=("projection",), width_options=("num_features",)),
+    FeatureMap("relu", relu, _same_width),
+    FeatureMap("identity", identity, _same_width),
+)})
+"""The feature maps by name (read-only); a new map is one :class:`FeatureMap` entry here."""
+
+FEATURE_MAPS = tuple(REGISTRY)
+"""Names accepted by :func:`feature_dim`, :func:`apply_feature_map` and the modules' ``feature_map``."""
+
+# The options without a default (None until given), and what to give, for the error when a call leaves one out.
+_REQUIRED_OPTIONS = {
+    "num_features": "num_features (m, the random projections)",
+    "projection": "a projection from favor_projection()",
+}
+
+FeatureMapLike = str | Callable[[Array], Array]
+"""A name in :data:`FEATURE_MAPS`, or a pure callable ``[..., d] -> [..., K]`` (any K >= 1)."""
+
+
+def _check_callable_output(fn: Callable[[Array], Array], in_shape: tuple[int, ...], out: object) -> int:
+    """K, if ``out`` is floating ``[*in_shape[:-1], K]`` with K >= 1; else a ValueError/TypeError."""
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != len(in_shape) or tuple(shape[:-1]) != in_shape[:-1] or shape[-1] < 1:
+        got = f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(
+            f"a callable feature_map must map [..., d] to [..., K] (K >= 1), keeping the leading shape; "
+            f"{fn!r} mapped an input of shape {in_shape} to {got}"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"a callable feature_map must return floating features; {fn!r} returned {out.dtype}")
+    return shape[-1]
+
+
+def _callable_width(fn: Callable[[Array], Array], dim: int) -> int:
+    # Only the output's shape is evaluated: nothing is computed.
+    return _check_callable_output(fn, (dim,), jax.eval_shape(fn, jax.ShapeDtypeStruct((dim,), jnp.float32)))
+
+
+def _apply_callable(fn: Callable[[Array], Array], x: Array) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"x must have a feature axis; got a scalar of shape {x.shape}")
+    out = fn(x)
+    width = _check_callable_output(fn, x.shape, out)
+    # The modules size their memory from the width on one [d] vector; it must hold for every leading shape.
+    vector_width = _callable_width(fn, x.shape[-1])
+    if width != vector_width:
+        raise ValueError(
+            f"a callable feature_map's output width must depend on d alone; {fn!r} gave {vector_width} "
+            f"features for an input of shape ({x.shape[-1]},) but {width} for one of shape {x.shape}"
+        )
+    return out
+
+
+def _entry(feature_map: FeatureMapLike) -> FeatureMap:
+    """The registry's entry for a name, or an unregistered one wrapping a callable."""
+    if isinstance(feature_map, str):
+        return REGISTRY[check_choice("feature_map", feature_map, FEATURE_MAPS)]
+    if callable(feature_map):
+        return FeatureMap(
+            repr(feature_map),
+            functools.partial(_apply_callable, feature_map),
+            functools.partial(_callable_width, feature_map),
+        )
+    raise TypeError(
+        f"feature_map must be one of {FEATURE_MAPS} or a callable [..., d] -> [..., K]; "
+        f"got {feature_map!r} of type {type(feature_map).__name__}"
+    )
+
+
+def check_feature_map(feature_map: object) -> None:
+    """ValueError for a name not in :data:`FEATURE_MAPS`, TypeError for neither a name nor a callable.
+
+    Example:
+        >>> check_feature_map("dpfp"); check_feature_map(lambda x: x ** 2)
+        >>> check_feature_map(3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: feature_map must be one of (...) or a callable [..., d] -> [..., K]; got 3 of type int
+    """
+    _entry(feature_map)
+
+
+def _options(entry: FeatureMap, names: tuple[str, ...], given: dict[str, object]) -> dict[str, object]:
+    """The options ``entry`` takes out of ``given``; a ValueError for a required one that is None."""
+    for name in names:
+        if name in _REQUIRED_OPTIONS and given[name] is None:
+            raise ValueError(f"feature_map {entry.name!r} needs {_REQUIRED_OPTIONS[name]}")
+    return {name: given[name] for name in names}
+
+
+def feature_dim(
+    feature_map: FeatureMapLike, dim: int, *, nu: int = 1, num_features: int | None = None
+) -> int:
     """Output width of ``feature_map`` for an input width ``dim``.
 
     Args:
-      feature_map: one of :data:`FEATURE_MAPS`.
+      feature_map: one of :data:`FEATURE_MAPS`, or a callable ``[..., d] -> [..., K]``: its K
+        is found by evaluating its output shape on a ``[dim]`` input (nothing is computed).
       dim: input width d.
       nu: DPFP's nu (used by ``"dpfp"`` only).
       num_features: FAVOR+'s number of random projections m (required by ``"favor"``).
@@ -201,46 +326,33 @@ def feature_dim(feature_map: str, dim: int, *, nu: int = 1, num_features: int | 
     Example:
         >>> feature_dim("favor", 64, num_features=128)
         256
+        >>> import jax.numpy as jnp
+        >>> feature_dim(lambda x: jnp.concatenate([x, x ** 2], axis=-1), 64)
+        128
     """
     dim = check_positive_int("dim", dim)
-    if feature_map == "dpfp":
-        return 2 * check_positive_int("nu", nu) * dim
-    if feature_map == "favor":
-        if num_features is None:
-            raise ValueError("feature_map 'favor' needs num_features (m, the random projections)")
-        return 2 * check_positive_int("num_features", num_features)
-    if feature_map in ("linear", "relu", "identity"):
-        return dim
-    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}")
-
-
-_ELEMENTWISE: dict[str, Callable[[Array], Array]] = {
-    "linear": elu_plus_one,
-    "relu": relu,
-    "identity": identity,
-}
+    entry = _entry(feature_map)
+    return entry.width(dim, **_options(entry, entry.width_options, dict(nu=nu, num_features=num_features)))
 
 
 def apply_feature_map(
-    feature_map: str, x: Array, *, nu: int = 1, projection: Array | None = None
+    feature_map: FeatureMapLike, x: Array, *, nu: int = 1, projection: Array | None = None
 ) -> Array:
     """Apply the feature map called ``feature_map`` (one of :data:`FEATURE_MAPS`) to ``x``.
 
-    ``projection`` is required for ``"favor"`` and refused elsewhere.
+    ``projection`` is required for ``"favor"`` and refused elsewhere. A callable ``feature_map``
+    is applied as it is (``nu`` is ignored, as by every map but DPFP); its output must be
+    floating and keep ``x``'s leading shape, ``[..., d] -> [..., K]``, else a ValueError.
 
     Example:
         >>> import jax.numpy as jnp
         >>> apply_feature_map("dpfp", jnp.ones((3, 4)), nu=2).shape
         (3, 16)
+        >>> apply_feature_map(lambda x: jnp.concatenate([x, -x], axis=-1), jnp.ones((3, 4))).shape
+        (3, 8)
     """
-    if projection is not None and feature_map != "favor":
-        raise ValueError(f"projection is only used by feature_map 'favor'; got it for {feature_map!r}")
-    if feature_map == "dpfp":
-        return dpfp(x, nu)
-    if feature_map == "favor":
-        if projection is None:
-            raise ValueError("feature_map 'favor' needs a projection from favor_projection()")
-        return favor(x, projection)
-    if feature_map in _ELEMENTWISE:
-        return _ELEMENTWISE[feature_map](x)
-    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}")
+    entry = _entry(feature_map)
+    if projection is not None and "projection" not in entry.options:
+        users = " or ".join(repr(m.name) for m in REGISTRY.values() if "projection" in m.options)
+        raise ValueError(f"projection is only used by feature_map {users}; got it for {feature_map!r}")
+    return entry.fn(x, **_options(entry, entry.options, dict(nu=nu, projection=projection)))

@@ -142,3 +142,54 @@ def test_feature_map_errors():
         dj.apply_feature_map("dpfp", jnp.ones(4), projection=jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="feature_map"):
         dj.apply_feature_map("tanh", jnp.ones(4))
+
+
+def test_registry_is_the_one_list_of_maps():
+    from dpfp_jax.feature_maps import REGISTRY, FeatureMap
+
+    assert dj.FEATURE_MAPS == tuple(REGISTRY) == ("dpfp", "linear", "favor", "relu", "identity")
+    for name, entry in REGISTRY.items():
+        assert isinstance(entry, FeatureMap) and entry.name == name
+    with pytest.raises(TypeError):
+        REGISTRY["tanh"] = REGISTRY["relu"]
+    with pytest.raises(AttributeError):
+        REGISTRY["relu"].width = REGISTRY["dpfp"].width
+
+
+@pytest.mark.parametrize("name", dj.FEATURE_MAPS)
+@pytest.mark.parametrize("dim", [1, 6])
+def test_every_registered_width_matches_its_function(name, dim):
+    from dpfp_jax.feature_maps import REGISTRY
+
+    entry = REGISTRY[name]
+    given = dict(nu=3, num_features=5, projection=dj.favor_projection(jax.random.key(0), 5, dim))
+    x = jax.random.normal(jax.random.key(1), (2, 3, dim))
+    out = entry.fn(x, **{o: given[o] for o in entry.options})
+    width = entry.width(dim, **{o: given[o] for o in entry.width_options})
+    assert out.shape == (2, 3, width)
+    assert dj.feature_dim(name, dim, nu=3, num_features=5) == width
+    projection = given["projection"] if "projection" in entry.options else None
+    np.testing.assert_array_equal(dj.apply_feature_map(name, x, nu=3, projection=projection), out)
+
+
+def test_feature_dim_and_apply_take_a_callable():
+    fn = lambda x: dj.dpfp(x, 2)  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    assert dj.feature_dim(fn, 5) == dj.feature_dim("dpfp", 5, nu=2) == 20
+    np.testing.assert_array_equal(dj.apply_feature_map(fn, x), dj.apply_feature_map("dpfp", x, nu=2))
+    with pytest.raises(ValueError, match="projection is only used by feature_map 'favor'; got it for <function"):
+        dj.apply_feature_map(fn, x, projection=jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="feature axis"):
+        dj.apply_feature_map(fn, jnp.float32(1.0))
+    with pytest.raises(ValueError, match="keeping the leading shape"):
+        dj.apply_feature_map(lambda x: x.reshape(-1), x)
+    with pytest.raises(ValueError, match="keeping the leading shape"):
+        dj.feature_dim(lambda x: x.sum(), 5)
+
+
+@pytest.mark.parametrize("feature_map", [3, None, ["dpfp"]])
+def test_feature_map_neither_name_nor_callable(feature_map):
+    with pytest.raises(TypeError, match=r"feature_map must be one of .* or a callable .*; got .* of type"):
+        dj.feature_dim(feature_map, 4)
+    with pytest.raises(TypeError, match=r"feature_map must be one of .* or a callable"):
+        dj.apply_feature_map(feature_map, jnp.ones(4))

@@ -493,3 +493,93 @@ def test_bad_memory_and_inputs_raise():
     decoder = dj.DPFPAttention(8, num_heads=2, head_dim=4, decode=True)
     with pytest.raises(ValueError, match="cache"):
         decoder.init(jax.random.key(0), x, jnp.zeros(decoder.get_memory_shape(1)))
+
+
+# --- callable feature maps ------------------------------------------------------------------
+
+CALLABLE_EQUIVALENTS = [
+    (dict(feature_map="dpfp", nu=2), lambda x: dj.dpfp(x, 2), 2 * 2 * 4),
+    (dict(feature_map="favor", num_features=3, favor_seed=5),
+     lambda x: dj.favor(x, dj.favor_projection(jax.random.key(5), 3, 4)), 2 * 3),
+    (dict(feature_map="linear"), dj.elu_plus_one, 4),
+]
+
+
+@pytest.mark.parametrize("normalization", ["sum", "attention"])
+@pytest.mark.parametrize("named, fn, key_dim", CALLABLE_EQUIVALENTS, ids=["dpfp", "favor", "linear"])
+def test_callable_feature_map_equals_its_name(named, fn, key_dim, normalization):
+    rule = "sum" if normalization == "attention" else "delta"
+    common = dict(num_heads=2, head_dim=4, rule=rule, normalization=normalization)
+    by_name = dj.FastWeightAttention(**common, **named)
+    by_callable = dj.FastWeightAttention(**common, feature_map=fn)
+    assert by_callable.key_dim == by_name.key_dim == key_dim
+    assert by_callable.get_memory_shape(3) == by_name.get_memory_shape(3) == (3, 2, key_dim, 4)
+    x = normal(0, (3, 5, 8))
+    variables = by_name.init(jax.random.key(1), x)
+    y, memory = by_name.apply(variables, x)
+    y_callable, memory_callable = by_callable.apply(variables, x)
+    close(y_callable, y)
+    close(memory_callable, memory)
+    # Continuing from a memory checks its shape against the callable's K.
+    close(by_callable.apply(variables, x, memory_callable), by_name.apply(variables, x, memory))
+
+
+def test_dpfpformer_with_a_callable_feature_map_equals_its_name():
+    common = dict(dim=8, depth=2, num_heads=2, head_dim=4)
+    by_name = dj.DPFPformer(**common, feature_map="dpfp", nu=3)
+    by_callable = dj.DPFPformer(**common, feature_map=lambda x: dj.dpfp(x, 3))
+    x = normal(0, (2, 5, 8))
+    variables = by_name.init(jax.random.key(1), x)
+    y, memories = by_name.apply(variables, x, return_memory=True)
+    y_callable, memories_callable = by_callable.apply(variables, x, return_memory=True)
+    close(y_callable, y)
+    close(memories_callable, memories)
+    assert memories_callable[0].shape == (2, 2, 2 * 3 * 4, 4)
+
+
+def test_decode_with_a_callable_feature_map():
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, feature_map=lambda x: dj.dpfp(x, 2), decode=True)
+    x = normal(0, (1, 4, 8))
+    variables = layer.init(jax.random.key(1), x)
+    assert variables["cache"]["fast_weights"].shape == (1, 2, 16, 4)
+    full, _ = layer.clone(decode=False).apply({"params": variables["params"]}, x)
+    cache = variables["cache"]
+    for t in range(4):
+        (y, _), updated = layer.apply({"params": variables["params"], "cache": cache}, x[:, t : t + 1],
+                                      mutable=["cache"])
+        cache = updated["cache"]
+        close(y, full[:, t : t + 1])
+
+
+@pytest.mark.parametrize(
+    "fn, error, match",
+    [
+        (lambda x: x.sum(-1), ValueError,
+         r"keeping the leading shape; .* mapped an input of shape \(4,\) to shape \(\)"),
+        (lambda x: x[..., None] * x[..., None, :], ValueError, r"shape \(4,\) to shape \(4, 4\)"),
+        (lambda x: x[..., :0], ValueError, r"K >= 1"),
+        (lambda x: (x, x), ValueError, "a tuple"),
+        (lambda x: (x > 0).astype(jnp.int32), TypeError, "floating features"),
+        # Right on one [d] vector, wrong on the layer's [B, T, H, d]: caught when applied.
+        (lambda x: x.reshape(-1), ValueError, r"mapped an input of shape \(1, 3, 2, 4\) to shape \(24,\)"),
+        (lambda x: jnp.concatenate([x] * x.ndim, axis=-1), ValueError, "must depend on d alone"),
+    ],
+    ids=["drops-axis", "adds-axis", "empty", "tuple", "int", "flattens", "width-by-rank"],
+)
+def test_bad_callable_feature_map_is_refused(fn, error, match):
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, feature_map=fn)
+    with pytest.raises(error, match=match):
+        layer.init(jax.random.key(0), jnp.ones((1, 3, 8)))
+
+
+@pytest.mark.parametrize("feature_map", [3, None, ("dpfp",), b"dpfp"])
+def test_feature_map_neither_name_nor_callable_is_a_type_error(feature_map):
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, feature_map=feature_map)
+    match = r"feature_map must be one of \('dpfp', .*\) or a callable \[\.\.\., d\] -> \[\.\.\., K\]; got"
+    with pytest.raises(TypeError, match=match):
+        layer.get_memory_shape(1)
+    with pytest.raises(TypeError, match=match):
+        layer.init(jax.random.key(0), jnp.ones((1, 3, 8)))
+    with pytest.raises(TypeError, match=match):
+        model = dj.DPFPformer(8, 1, num_heads=2, head_dim=4, feature_map=feature_map)
+        model.init(jax.random.key(0), jnp.ones((1, 3, 8)))

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dpfp_jax.feature_maps import (
-    FEATURE_MAPS,
+    FeatureMapLike,
     apply_feature_map,
-    check_positive_int,
+    check_feature_map,
     favor_projection,
     feature_dim,
     l2_norm,
@@ -22,54 +20,13 @@ from dpfp_jax.feature_maps import (
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_like_sharded
+from dpfp_jax.validation import check_choice, check_dropout_rate, check_mask, check_positive_int
 
 Array = jax.Array
 Memory = Array | tuple[Array, Array]
 
 NORMALIZATIONS = ("sum", "l2", "attention", "none")
 """Accepted values of the modules' ``normalization`` attribute."""
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
-
-
-def check_dropout_rate(name: str, value: Any) -> float:
-    """A dropout rate must be a real number in [0, 1): TypeError for a non-number, ValueError outside."""
-    # bool is a Real; `dropout_rate=True` is a slip, not a rate of 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1); got {value!r} of type {type(value).__name__}")
-    if not 0.0 <= value < 1.0:  # also refuses NaN
-        raise ValueError(f"{name} must be in [0, 1); got {value!r}")
-    return float(value)
-
-
-def check_mask(mask: Any, batch: int, length: int) -> Array | None:
-    """The padding mask ``[B, T]`` as booleans (True: a real token); None passes through.
-
-    A boolean mask is taken as it is; an integer mask must hold 0 and 1 (checked when its values
-    are concrete, i.e. not traced under ``jit``) and is read as ``mask != 0``. A float mask is
-    refused: a mask selects tokens, it is not a weight to multiply them by.
-    """
-    if mask is None:
-        return None
-    mask = mask if isinstance(mask, jax.Array | np.ndarray) else jnp.asarray(mask)
-    if mask.shape != (batch, length):
-        raise ValueError(f"mask must be [B, T] = {(batch, length)}; got {mask.shape}")
-    if mask.dtype == jnp.bool_:
-        return jnp.asarray(mask)
-    if not jnp.issubdtype(mask.dtype, jnp.integer):
-        raise TypeError(
-            f"mask must be boolean or integer 0/1 (True or 1 for a real token); got dtype {mask.dtype}: "
-            "a float mask is refused rather than used as a weight"
-        )
-    if not isinstance(mask, jax.core.Tracer):
-        values = np.asarray(mask)
-        stray = np.unique(values[(values != 0) & (values != 1)])
-        if stray.size:
-            raise ValueError(f"an integer mask must hold only 0 and 1; got the values {stray[:8].tolist()}")
-    return jnp.asarray(mask != 0)
 
 
 def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
@@ -90,7 +47,11 @@ class FastWeightAttention(nn.Module):
     Attributes:
       num_heads: number of heads H.
       head_dim: width d of q, k, v per head; V = d, K = ``feature_dim(feature_map, d)``.
-      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``.
+      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``
+        (:data:`dpfp_jax.FEATURE_MAPS`), or a pure callable ``[..., d] -> [..., K]`` for any K,
+        e.g. ``lambda x: dj.dpfp(x, 3)``: K is found from its output shape on a ``[head_dim]``
+        input (:func:`jax.eval_shape`, nothing computed); the output must keep the leading shape
+        and be floating. ``nu``, ``num_features`` and ``favor_seed`` do not apply to a callable.
       nu: DPFP's nu (``feature_map="dpfp"``).
       num_features: FAVOR+'s number of random projections m (K = 2m).
       favor_seed: FAVOR+'s projection is drawn once from ``jax.random.key(favor_seed)``
@@ -144,7 +105,7 @@ class FastWeightAttention(nn.Module):
 
     num_heads: int = 8
     head_dim: int = 64
-    feature_map: str = "dpfp"
+    feature_map: FeatureMapLike = "dpfp"
     nu: int = 1
     num_features: int = 64
     favor_seed: int = 0
@@ -174,13 +135,13 @@ class FastWeightAttention(nn.Module):
         return (batch, self.num_heads, self.key_dim, self.head_dim)
 
     def check_config(self) -> None:
-        """Raise a ValueError naming the attribute if the configuration is not usable."""
+        """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the configuration is not usable."""
         check_positive_int("num_heads", self.num_heads)
         check_positive_int("head_dim", self.head_dim)
-        _check_choice("feature_map", self.feature_map, FEATURE_MAPS)
-        _check_choice("rule", self.rule, RULES)
-        _check_choice("normalization", self.normalization, NORMALIZATIONS)
-        _check_choice("impl", self.impl, IMPLS)
+        check_feature_map(self.feature_map)
+        check_choice("rule", self.rule, RULES)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("impl", self.impl, IMPLS)
         check_dropout_rate("dropout_rate", self.dropout_rate)
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)

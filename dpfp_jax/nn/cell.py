@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import check_positive_int, dpfp, sum_norm
+from dpfp_jax.feature_maps import dpfp, sum_norm
 from dpfp_jax.nn.attention import split_heads_projection
+from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
 

@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import check_positive_int
-from dpfp_jax.nn.attention import FastWeightAttention, Memory, check_dropout_rate, check_mask
+from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.nn.attention import FastWeightAttention, Memory
+from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
 
 Array = jax.Array
 
@@ -47,8 +48,9 @@ class DPFPformer(nn.Module):
       dim: model width D.
       depth: number of blocks.
       num_heads, head_dim, nu: DPFP attention shape (see :class:`FastWeightAttention`).
-      feature_map, rule, normalization, num_features: the attention's feature map and rule
-        (default: the paper's DPFP, delta rule, sum normalisation). ``normalization`` is
+      feature_map, rule, normalization, num_features: the attention's feature map (a name or a
+        callable ``[..., d] -> [..., K]``) and rule (default: the paper's DPFP, delta rule, sum
+        normalisation). ``normalization`` is
         ``"sum"``, ``"l2"``, ``"attention"`` (sum rule only) or ``"none"``; the delta rule needs
         ``"sum"`` or ``"l2"`` to keep ``0 <= beta |phi(k)|^2 <= 2`` (its steps non-expanding) and
         refuses ``"none"`` unless ``allow_unbounded_delta`` (see :class:`FastWeightAttention`).
@@ -82,7 +84,7 @@ class DPFPformer(nn.Module):
     num_heads: int = 8
     head_dim: int = 64
     nu: int = 1
-    feature_map: str = "dpfp"
+    feature_map: FeatureMapLike = "dpfp"
     rule: str = "delta"
     normalization: str = "sum"
     num_features: int = 64

@@ -15,13 +15,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import check_positive_int
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
+from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.validation import check_choice
+
 Array = jax.Array
 
 RULES = ("delta", "sum")
@@ -28,8 +30,7 @@ def check_fast_weight_inputs(
     Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; beta ``[B, T, H]`` (delta rule only);
     initial_state ``[B, H, K, V]``.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    check_choice("rule", rule, RULES)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {x.shape}")
