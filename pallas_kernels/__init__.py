@@ -9,8 +9,9 @@
   backward, with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
-suite checks what they compute on machines without a GPU; ``triton_lowering`` lowers them to
-Triton IR for a named GPU, which is how it checks that they can become GPU kernels.
+suite checks what they compute on machines without a GPU; the dev-only
+``dpfp_devtools.triton_lowering`` lowers them to Triton IR for a named GPU, which is how it checks
+that they can become GPU kernels.
 """
 
 from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
