@@ -1,5 +1,6 @@
 """What the wheel ships: the library (dpfp_jax, pallas_kernels) with its license, type marker and
-one version, and none of the dev tooling (dpfp_devtools, benchmarks, tests)."""
+one version, and none of the dev tooling (dpfp_devtools, benchmarks, tests), which imports one way:
+tests and benchmarks use dpfp_devtools, neither uses the other, and no file edits ``sys.path``."""
 
 import ast
 import email
@@ -60,6 +61,42 @@ def test_shipped_modules_import_no_dev_tooling_and_no_private_jax():
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{path.relative_to(REPO_ROOT)}: {name}" for name in names
                               if name.split(".")[0] in DEV_ONLY or name.startswith("jax._src")]
+    assert not offenders
+
+
+def imported_modules(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(path for folder in folders for path in (REPO_ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("folder, forbidden", [("tests", "benchmarks"), ("benchmarks", "tests"),
+                                               ("dpfp_devtools", "benchmarks"), ("dpfp_devtools", "tests")])
+def test_dev_tooling_imports_one_way(folder, forbidden):
+    # A benchmark is a script (python -m benchmarks.NAME), not a library for tests, and the other
+    # way round; what both need lives in dpfp_devtools.
+    offenders = [f"{path.relative_to(REPO_ROOT)}: {name}" for path in python_files(folder)
+                 for name in imported_modules(path) if name.split(".")[0] == forbidden]
+    assert not offenders
+
+
+def test_no_file_uses_sys_path():
+    # Every script runs from the repository root (python -m, pytest's rootdir), so imports need no
+    # path edits; an edit would let one module load under two names.
+    offenders = []
+    for path in python_files("dpfp_jax", "pallas_kernels", "dpfp_devtools", "benchmarks", "tests", "examples"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     assert not offenders
 
 
