@@ -16,6 +16,7 @@ from dpfp_jax.feature_maps import (
     favor_projection,
     feature_dim,
     identity,
+    l2_norm,
     relu,
     sum_norm,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "favor_projection",
     "feature_dim",
     "identity",
+    "l2_norm",
     "relu",
     "sum_norm",
 ]

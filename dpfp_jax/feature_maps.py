@@ -77,6 +77,30 @@ def sum_norm(x: Array, eps: float = 1e-6) -> Array:
     return x / (jnp.sum(x, axis=-1, keepdims=True) + eps)
 
 
+def l2_norm(x: Array, eps: float = 1e-6) -> Array:
+    """Scale to unit L2 norm over the last axis: ``x * rsqrt(sum(x^2) + eps)``.
+
+    For features with negative entries (``identity``, a learned projection), where
+    :func:`sum_norm` is no normaliser (the sum can be zero or negative). The squared norm of
+    the result is ``s / (s + eps)`` for ``s = sum(x^2)``, so at most 1 (up to rounding): the
+    delta rule's ``beta * |k|^2`` stays in ``[0, 1]`` for ``beta`` in ``[0, 1]``. An all-zero
+    row maps to zeros with finite gradients (``eps`` sits under the square root; ``x / norm(x)``
+    would give NaN). The sum of squares is taken in float32 at least; the result has ``x``'s
+    dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([3.0, -4.0])
+        >>> bool(jnp.allclose(l2_norm(x), x / 5))
+        True
+        >>> l2_norm(jnp.zeros(2))
+        Array([0., 0.], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (wide * jax.lax.rsqrt(jnp.sum(wide * wide, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def elu_plus_one(x: Array) -> Array:
     """The linear transformer's map ``elu(x) + 1`` (Katharopoulos et al. 2020); width d.
 

@@ -8,6 +8,9 @@
 - ``chunk_recurrence``: only the chunkwise form's sequential inter-chunk walk, forward and
   backward, with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
 
+Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``)
+and takes ``scale`` as a run-time value, so it may be traced.
+
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks what they compute on machines without a GPU; the dev-only
 ``dpfp_devtools.triton_lowering`` lowers them to Triton IR for a named GPU, which is how it checks
@@ -16,7 +19,8 @@ that they can become GPU kernels.
 
 from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
 from pallas_kernels.fused_chunk import fused_chunk
-from pallas_kernels.fused_recurrent import MAX_KEY_DIM, fused_recurrent
+from pallas_kernels.fused_recurrent import fused_recurrent
+from pallas_kernels.validation import MAX_KEY_DIM
 
 __all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_chunk",
            "fused_recurrent"]

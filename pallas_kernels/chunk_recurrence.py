@@ -40,6 +40,7 @@ from pallas_kernels.common import (
     tile_dot,
     walk_in_reverse,
 )
+from pallas_kernels.validation import check_recurrence_inputs
 
 Array = jax.Array
 
@@ -115,7 +116,11 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results.
 
     ``precise``: three-pass TF32 dots (float32 inputs) rather than one (bfloat16/float16 inputs).
+    Shapes (checked, with K <= ``MAX_KEY_DIM``): q_eff, k and y (None for the sum rule)
+    ``[N, G, C, K]``; u_tilde, out_intra ``[N, G, C, V]``; w0 ``[G, K, V]``.
     """
+    check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u_tilde": u_tilde, "out_intra": out_intra},
+                            {"w0": w0})
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
@@ -147,7 +152,10 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
 def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpret: bool = False,
                         precise: bool = True):
     """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results; ``precise`` as
-    in ``forward_recurrence``."""
+    in ``forward_recurrence``. Shapes (checked): q_eff, k and y (None for the sum rule) ``[N, G, C, K]``;
+    u, d_out ``[N, G, C, V]``; final_state, d_final ``[G, K, V]``."""
+    check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u": u, "d_out": d_out},
+                            {"final_state": final_state, "d_final": d_final})
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16,

@@ -53,6 +53,7 @@ from pallas_kernels.common import (
     value_block,
     walk_in_reverse,
 )
+from pallas_kernels.validation import check_chunk_size, check_kernel_inputs, check_positive_int
 
 Array = jax.Array
 
@@ -78,14 +79,15 @@ def _tile(ref, n, rows: slice) -> Array:
     return ref[n, :, rows].astype(jnp.float32)
 
 
-def _forward_kernel(*refs, delta: bool, keep_writes: bool, scale: float, dot):
+def _forward_kernel(*refs, delta: bool, keep_writes: bool, dot):
     if delta and keep_writes:
-        q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
+        scale_ref, q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
     elif delta:
-        q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, w_ref = refs
+        scale_ref, q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, w_ref = refs
     else:
-        q_ref, k_ref, v_ref, w0_ref, out_ref, w_ref = refs
+        scale_ref, q_ref, k_ref, v_ref, w0_ref, out_ref, w_ref = refs
     tiles = key_tiles(w0_ref.shape[0])
+    scale = scale_ref[0]
     chunk, block = v_ref.shape[1], v_ref.shape[2]
 
     def step(n, w):
@@ -114,22 +116,27 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, scale: float, dot):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, scale: float, dot):
+def _backward_kernel(*refs, delta: bool, dot):
     # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
     if delta:
-        (q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
+        (scale_ref, q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
          dq_ref, dk_ref, dtb_ref, dv_ref, d_w0_ref) = refs
     else:
-        q_ref, k_ref, v_ref, d_out_ref, w_ref, d_w_ref, _, _, dq_ref, dk_ref, dv_ref, d_w0_ref = refs
+        (scale_ref, q_ref, k_ref, v_ref, d_out_ref, w_ref, d_w_ref, _, _,
+         dq_ref, dk_ref, dv_ref, d_w0_ref) = refs
     num_chunks, chunk, block = v_ref.shape
     tiles = key_tiles(w_ref.shape[0])
+    # The output is linear in q, so the kernel differentiates it as a function of the scaled
+    # queries scale * q: d_out is used as it comes, q is scaled where it multiplies d_out, and dq
+    # is the gradient w.r.t. scale * q (the caller rescales it, and takes dL/dscale = <q, dq> from it).
+    scale = scale_ref[0]
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
         n = num_chunks - 1 - i
         v = v_ref[n].astype(jnp.float32)
         u = u_ref[n] if delta else v
-        d_out = scale * d_out_ref[n].astype(jnp.float32)  # dL/d(the unscaled output)
+        d_out = d_out_ref[n].astype(jnp.float32)
         # Rebuild W0 and everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         du = jnp.zeros((chunk, block), jnp.float32)  # dL/du through W1 = W0 + K^T u
@@ -143,7 +150,7 @@ def _backward_kernel(*refs, delta: bool, scale: float, dot):
             if delta:
                 recall += dot(k_tile, w_tile)
             w0.append(w_tile)
-        du += dot(_causal(scores).T, d_out)  # through O = Q W0 + tril(Q K^T) u
+        du += dot(_causal(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
         d_scores = _causal(dot(d_out, u.T))
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
@@ -153,7 +160,7 @@ def _backward_kernel(*refs, delta: bool, scale: float, dot):
             dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
-            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
+            q_tile, k_tile = scale * _tile(q_ref, n, rows), _tile(k_ref, n, rows)
             pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out, w_tile.T) + dot(d_scores, k_tile))
             dk = dot(d_scores.T, q_tile) + dot(u, dw_tile.T)
             dw_tile = dw_tile + dot(q_tile.T, d_out)
@@ -186,30 +193,35 @@ def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int):
 
 
 class _Launch(NamedTuple):
-    """Static settings of the kernels: value columns per program, forward and backward, Triton's
-    load-pipelining stages, and the output scale (applied on chip, before the output is rounded
-    to v's dtype)."""
+    """Static settings of the kernels: value columns per program, forward and backward, and
+    Triton's load-pipelining stages."""
 
     forward_block: int
     backward_block: int
     num_stages: int
-    scale: float
+
+
+# The output scale reaches the kernels as a runtime operand, a float32 array of shape (1,) that
+# every program reads once, so a traced scale (a learned one, or a jit argument) costs no
+# recompilation; it is applied on chip, before the output is rounded to v's dtype.
+_SCALAR = pl.BlockSpec((1,), lambda g, j: (0,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, q, k, v, tb, w0):
+def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v, tb, w0):
     """``[B, N, C, H, ...]`` padded chunks -> ``(scale * out [B, N, C, H, V] in v's dtype,
-    final_state [G, K, V] float32)``. Without a gradient to take, the writes u are not stored."""
-    out, _, final_state = _forward(interpret, precise, launch, q, k, v, tb, w0, keep_writes=False)
+    final_state [G, K, V] float32)``; ``scale`` float32 of shape (1,). Without a gradient to take,
+    the writes u are not stored."""
+    out, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, keep_writes=False)
     return out, final_state
 
 
-def _fused_chunk_forward(interpret, precise, launch, q, k, v, tb, w0):
-    out, u, final_state = _forward(interpret, precise, launch, q, k, v, tb, w0, keep_writes=True)
-    return (out, final_state), (q, k, v, tb, u, final_state)
+def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0):
+    out, u, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, keep_writes=True)
+    return (out, final_state), (scale, q, k, v, tb, u, final_state)
 
 
-def _forward(interpret, precise, launch, q, k, v, tb, w0, *, keep_writes: bool):
+def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, *, keep_writes: bool):
     """The forward kernel: ``(out, u or None, final_state)``; u (float32) only if ``keep_writes``
     and the rule is delta (the backward rebuilds states from it)."""
     batch, num_chunks, chunk, heads, key_dim = q.shape
@@ -219,23 +231,22 @@ def _forward(interpret, precise, launch, q, k, v, tb, w0, *, keep_writes: bool):
     keep_writes = keep_writes and delta
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, scale=launch.scale,
-                          dot=tile_dot(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, dot=tile_dot(interpret, precise)),
         out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype),
                    *([jax.ShapeDtypeStruct(v.shape, jnp.float32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
         grid=(groups, value_dim // block),
-        in_specs=[keys, keys, values, *([square] if delta else []), state],
+        in_specs=[_SCALAR, keys, keys, values, *([square] if delta else []), state],
         out_specs=(values, *([values] if keep_writes else []), state),
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_fwd",
-    )(q, k, v, *([tb] if delta else []), w0)
+    )(scale, q, k, v, *([tb] if delta else []), w0)
     return results[0], results[1] if keep_writes else None, results[-1]
 
 
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
-    q, k, v, tb, u, final_state = residuals
+    scale, q, k, v, tb, u, final_state = residuals
     d_out, d_final = cotangents
     batch, num_chunks, chunk, heads, key_dim = q.shape
     groups, value_dim = batch * heads, v.shape[-1]
@@ -248,13 +259,13 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
     # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
     summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
-    inputs = [q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
+    inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, scale=launch.scale, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
-        in_specs=[keys, keys, values, *([square, values] if delta else []), values, state, state,
+        in_specs=[_SCALAR, keys, keys, values, *([square, values] if delta else []), values, state, state,
                   keys, keys, *([square] if delta else [])],
         out_specs=(keys, keys, *([square] if delta else []), values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
@@ -262,8 +273,10 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         interpret=interpret,
         name="fast_weight_fused_chunk_bwd",
     )(*inputs, *summed)
-    dq, dk = results[0].astype(q.dtype), results[1].astype(k.dtype)
-    return dq, dk, results[-2], results[2] if delta else None, results[-1]
+    # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
+    d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
+    dq, dk = (scale[0] * results[0]).astype(q.dtype), results[1].astype(k.dtype)
+    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1]
 
 
 _fused_chunk.defvjp(_fused_chunk_forward, _fused_chunk_backward)
@@ -286,16 +299,18 @@ def fused_chunk(
     initial_state: Array,
     *,
     rule: str,
-    scale: float = 1.0,
+    scale: float | Array = 1.0,
     chunk_size: int = 64,
     interpret: bool = False,
     num_stages: int = 1,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
 
-    Takes validated inputs (``dj.fast_weight`` checks them): q, k ``[B, T, H, K]``, v
-    ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``;
-    ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes). Returns
+    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
+    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; ``chunk_size`` a power of two
+    >= 16 (the smallest tile a tensor-core dot takes). Checked here (``pallas_kernels.validation``):
+    a bad call raises a ValueError/TypeError naming the argument. ``scale``, a Python number or a
+    0-d array, may be traced (a jit argument, a learned parameter) and is differentiated. Returns
     ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
@@ -312,10 +327,9 @@ def fused_chunk(
         >>> out.shape, w.shape
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"fused_chunk needs chunk_size a power of two >= 16; got chunk_size={chunk_size}")
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"fused_chunk needs num_stages a positive int; got num_stages={num_stages!r}")
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
+    check_chunk_size(chunk_size)
+    check_positive_int("num_stages", num_stages)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
@@ -333,8 +347,9 @@ def fused_chunk(
         tb = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c) * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
-    launch = _Launch(forward_block, backward_block, num_stages, float(scale))
-    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, qc, kc, vc, tb, w0)
+    launch = _Launch(forward_block, backward_block, num_stages)
+    scale = jnp.asarray(scale, f32).reshape(1)
+    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0)
     out = out.reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return out, final_state

@@ -25,10 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
+from pallas_kernels.validation import check_kernel_inputs
 
 Array = jax.Array
-
-MAX_KEY_DIM = 1024
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool):
@@ -167,14 +166,15 @@ def fused_recurrent(
     initial_state: Array,
     *,
     rule: str,
-    scale: float = 1.0,
+    scale: float | Array = 1.0,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
     """The fast-weight op as one fused recurrent Pallas kernel; same contract as ``dj.fast_weight``.
 
-    Takes validated inputs (``dj.fast_weight`` checks them): q, k ``[B, T, H, K]``, v
-    ``[B, T, H, V]``, beta ``[B, T, H]`` (delta rule) or None, initial_state ``[B, H, K, V]``.
-    Returns ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
+    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; checked here
+    (``pallas_kernels.validation``). ``scale``, a Python number or a 0-d array, may be traced and
+    is differentiated. Returns ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
@@ -184,10 +184,9 @@ def fused_recurrent(
         >>> out.shape, w.shape
         ((1, 3, 2, 4), (1, 2, 4, 4))
     """
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    if key_dim > MAX_KEY_DIM:
-        raise ValueError(f"fused_recurrent supports K <= {MAX_KEY_DIM}; got K={key_dim}")
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
     # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it

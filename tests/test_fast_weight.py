@@ -8,7 +8,7 @@ from jax.test_util import check_grads
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import random_like
+from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
@@ -190,6 +190,61 @@ def test_delta_rule_stays_bounded_on_long_sequences():
     inputs = make_inputs(9, batch=1, time=3000, heads=1, key_dim=16, value_dim=4)
     _, state = run(inputs, "scan", "delta")
     assert float(jnp.abs(state).max()) < 10 * float(jnp.abs(inputs["v"]).max())
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_delta_rule_with_l2_normalised_keys_stays_bounded_at_t_65536(impl):
+    # Gaussian q, k (negative entries: sum_norm is no normaliser there) made unit-length by l2_norm;
+    # raw, these keys (|k|^2 about 8) overflow float32 within a few hundred steps.
+    x = jax.random.normal(jax.random.key(12), (3, 1, 65536, 2, 8))
+    q, k = dj.l2_norm(x[0]), dj.l2_norm(x[1])
+    v, beta = x[2, ..., :4], jax.nn.sigmoid(x[2, ..., 4])
+    out, state = jax.jit(lambda *a: dj.fast_weight(*a, impl=impl))(q, k, v, beta)
+    assert_bounded_and_not_drifting(out, state, k, v, beta)
+    # |o_tj| = |q_t . W_t[:, j]| <= |q_t| |W_t[:, j]| with |q_t| <= 1: the bound at every step.
+    assert (out**2 <= delta_column_bound(k, v, beta) * (1 + 1e-4)).all()
+
+
+# "pallas_interpret": the Pallas kernels in interpret mode, fused chunk from one chunk (16 steps)
+# on, fused recurrent below. inf goes the way of NaN (0 * inf is NaN), so it is run once.
+NON_FINITE_CASES = [
+    *[(impl, 40, np.nan) for impl in ("reference", *FAST_IMPLS, "pallas_interpret")],
+    ("chunk", 40, np.inf),
+    ("pallas_interpret", 12, np.nan),
+]
+
+
+@pytest.mark.parametrize("impl, length, bad", NON_FINITE_CASES)
+@pytest.mark.parametrize("rule, arg", [(r, a) for r in ("delta", "sum") for a in ("q", "k", "v", "beta")
+                                       if (r, a) != ("sum", "beta")])
+def test_where_a_non_finite_input_reaches(impl, length, bad, rule, arg):
+    # As the op's docstring says: scan and reference are strictly causal; the chunked forms mix
+    # the steps of a chunk in matmuls, so a bad write can also reach the outputs of its chunk
+    # before it, but never an earlier chunk. A bad query spoils its own output only.
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    chunk_size = 16
+    t = 21 if length > chunk_size else 7  # in the second chunk, or in a sequence shorter than one
+    inputs = make_inputs(10, time=length, rule=rule)
+    inputs[arg] = inputs[arg].at[0, t, 0].set(bad)  # batch 0, head 0, every feature
+    if impl == "pallas_interpret":
+        out, state = fast_weight_pallas(inputs["q"], inputs["k"], inputs["v"], inputs["beta"],
+                                        jnp.zeros((2, 2, 8, 4)), rule=rule, scale=1.0, chunk_size=chunk_size,
+                                        interpret=True)
+    else:
+        out, state = run(inputs, impl, rule, chunk_size=chunk_size)
+    out, state = np.asarray(out), np.asarray(state)
+    assert np.isfinite(out[1]).all() and np.isfinite(out[0, :, 1]).all()  # other batch rows and heads
+    assert np.isfinite(state[1]).all() and np.isfinite(state[0, 1]).all()
+    spoilt = out[0, :, 0]
+    assert not np.isfinite(spoilt[t]).any()
+    if arg == "q":
+        assert np.isfinite(np.delete(spoilt, t, axis=0)).all() and np.isfinite(state).all()
+        return
+    assert not np.isfinite(spoilt[t:]).any() and not np.isfinite(state[0, 0]).any()
+    chunked = impl == "chunk" or (impl == "pallas_interpret" and length >= chunk_size)
+    causal_from = t - t % chunk_size if chunked else t
+    assert np.isfinite(spoilt[:causal_from]).all()
 
 
 B, T, H, K, V = 2, 5, 3, 4, 6

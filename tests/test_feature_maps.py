@@ -38,6 +38,42 @@ def test_sum_norm_rows_sum_to_one():
     np.testing.assert_allclose(dj.sum_norm(x).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_l2_norm_gives_unit_rows_of_the_same_direction():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16))  # negative entries included
+    y = dj.l2_norm(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    norms = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(y, x / norms, rtol=1e-5, atol=1e-7)
+
+
+def test_l2_norm_keeps_squared_norm_below_one():
+    # s / (s + eps) <= 1 for every row, however small or large (float32 rounding aside):
+    # beta |k|^2 <= 1 for beta <= 1, well inside the delta rule's 0..2.
+    scales = jnp.array([1e-6, 1e-3, 1.0, 1e3, 1e6])[:, None]
+    y = dj.l2_norm(scales * jax.random.normal(jax.random.key(1), (5, 8)))
+    squared = jnp.sum(y**2, axis=-1)
+    assert (squared <= 1.0 + 1e-6).all(), squared
+    assert squared[0] < 0.01  # a row far below sqrt(eps) is not blown up to unit length
+
+
+def test_l2_norm_zero_row_and_its_gradient_stay_finite():
+    zeros = jnp.zeros((2, 6))
+    assert not dj.l2_norm(zeros).any()
+    jacobian = jax.jacobian(lambda x: dj.l2_norm(x, eps=1e-6))(jnp.zeros(6))
+    # At zero the map is x * rsqrt(eps): its Jacobian is rsqrt(eps) * I, finite.
+    np.testing.assert_allclose(jacobian, np.eye(6) * 1e3, rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(dj.l2_norm(x) * jnp.arange(6.0)))(zeros)
+    assert jnp.isfinite(grad).all()
+
+
+def test_l2_norm_bfloat16_keeps_dtype_and_sums_wide():
+    x = jax.random.normal(jax.random.key(2), (4, 256)).astype(jnp.bfloat16)
+    y = dj.l2_norm(x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(jnp.linalg.norm(y.astype(jnp.float32), axis=-1), 1.0, rtol=1e-2)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
 def test_dpfp_rejects_bad_nu(bad):
     with pytest.raises((TypeError, ValueError), match="nu"):

@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import dpfp_jax as dj
+from dpfp_jax.nn.attention import split_heads_projection
+from tests.conftest import assert_bounded_and_not_drifting
 
 CONFIGS = [
     dict(feature_map="dpfp", nu=2, rule="delta", normalization="sum"),
@@ -17,7 +19,8 @@ CONFIGS = [
     dict(feature_map="favor", num_features=8, rule="delta", normalization="sum"),
     dict(feature_map="favor", num_features=8, rule="sum", normalization="attention"),
     dict(feature_map="relu", rule="sum", normalization="none"),
-    dict(feature_map="identity", rule="delta", normalization="none"),
+    dict(feature_map="identity", rule="delta", normalization="l2"),
+    dict(feature_map="identity", rule="delta", normalization="none", allow_unbounded_delta=True),
 ]
 CONFIG_IDS = [f"{c['feature_map']}-{c['rule']}-{c['normalization']}" for c in CONFIGS]
 
@@ -152,6 +155,97 @@ def test_dpfpformer_padding_leaves_real_tokens_alone():
     close(memory, memory_short)
 
 
+PADDED_IMPLS = ["reference", "scan", "chunk", "auto"]  # "pallas" needs a GPU
+
+
+def padded_batch(length: int = 70):
+    """x ``[2, length, 8]`` and a mask padding row 0 at the front and in the middle, row 1 at the end.
+
+    70 steps are more than the default chunk of 64: ``auto`` takes ``chunk``, over two chunks.
+    """
+    t = jnp.arange(length)
+    mask = jnp.stack([(t >= 5) & ((t < 30) | (t >= 34)), t < 50])
+    return normal(0, (2, length, 8)), mask
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=CONFIG_IDS[:2])
+@pytest.mark.parametrize("impl", PADDED_IMPLS)
+@pytest.mark.parametrize("module", ["FastWeightAttention", "DPFPformer"])
+def test_non_finite_padding_reaches_nothing(module, impl, config):
+    # A padded token's value, NaN and inf included, must reach neither a real token's output, nor
+    # the memory, nor the gradients: the results equal those of zeros at the padding, bit for bit.
+    x, mask = padded_batch()
+    if module == "FastWeightAttention":
+        model = dj.FastWeightAttention(num_heads=2, head_dim=4, impl=impl, **config)
+        options = {}
+    else:
+        model = dj.DPFPformer(8, 1, num_heads=2, head_dim=4, impl=impl, **config)
+        options = dict(return_memory=True)
+    params = model.init(jax.random.key(1), x)["params"]
+    weights = normal(2, x.shape)
+
+    @jax.jit
+    def run(params, x):
+        def loss(params, x):
+            y, memory = model.apply({"params": params}, x, mask=mask, **options)
+            return jnp.sum(y * weights) + sum(jnp.sum(m) for m in jax.tree.leaves(memory)), (y, memory)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+    want = run(params, jnp.where(mask[:, :, None], x, 0.0))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(want))
+    for bad in (np.nan, np.inf, -np.inf):
+        got = run(params, jnp.where(mask[:, :, None], x, bad))
+        (d_params, d_x), (y, memory) = got
+        assert np.isfinite(np.asarray(y)).all(), bad
+        assert all(np.isfinite(np.asarray(m)).all() for m in jax.tree.leaves(memory)), bad
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(d_params)), bad
+        close(got, want, rtol=0, atol=0)
+        assert not np.asarray(y)[~np.asarray(mask)].any()  # padded outputs are zeros
+
+
+MASK_MODULES = {
+    "FastWeightAttention": lambda: dj.FastWeightAttention(num_heads=2, head_dim=4),
+    "DPFPAttention": lambda: dj.DPFPAttention(8, num_heads=2, head_dim=4),
+    "DPFPformer": lambda: dj.DPFPformer(8, 1, num_heads=2, head_dim=4),
+}
+
+
+@pytest.mark.parametrize("name", MASK_MODULES)
+def test_mask_must_be_boolean_or_integer_0_1(name):
+    model = MASK_MODULES[name]()
+    x = normal(0, (2, 5, 8))
+    variables = model.init(jax.random.key(1), x)
+    mask = jnp.arange(5)[None] < jnp.array([[5], [3]])
+    want = model.apply(variables, x, mask=mask)
+    for integer_mask in (mask.astype(jnp.int32), mask.astype(jnp.uint8), np.asarray(mask, np.int64)):
+        close(model.apply(variables, x, mask=integer_mask), want, rtol=0, atol=0)
+    # Traced under jit, an integer mask's values cannot be checked; it is still read as mask != 0.
+    close(jax.jit(lambda m: model.apply(variables, x, mask=m))(mask.astype(jnp.int32)), want, rtol=0, atol=0)
+    for float_mask in (mask * 0.5, mask * 2.0, mask.astype(jnp.bfloat16), np.asarray(mask, np.float64)):
+        with pytest.raises(TypeError, match=r"mask must be boolean or integer 0/1.*got dtype (float|bfloat)"):
+            model.apply(variables, x, mask=float_mask)
+    with pytest.raises(ValueError, match=r"integer mask must hold only 0 and 1; got the values \[-1, 2\]"):
+        model.apply(variables, x, mask=mask.astype(jnp.int32).at[0, 0].set(2).at[1, 4].set(-1))
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan")])
+def test_dropout_rate_outside_0_1_is_refused(rate):
+    x = normal(0, (1, 3, 8))
+    cases = [
+        (dj.FastWeightAttention(num_heads=2, head_dim=4, dropout_rate=rate), "dropout_rate"),
+        (dj.DPFPAttention(8, num_heads=2, head_dim=4, dropout_rate=rate), "dropout_rate"),
+        (dj.DPFPformer(8, 1, num_heads=2, head_dim=4, attention_dropout_rate=rate), "attention_dropout_rate"),
+        (dj.DPFPformer(8, 1, num_heads=2, head_dim=4, ff_dropout_rate=rate), "ff_dropout_rate"),
+        (dj.nn.FeedForward(dropout_rate=rate), "dropout_rate"),
+    ]
+    for model, name in cases:
+        with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\); got {rate}"):
+            model.init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="dropout_rate must be a float"):
+        dj.DPFPAttention(8, num_heads=2, head_dim=4, dropout_rate="0.1").init(jax.random.key(0), x)
+
+
 # --- recurrent decoding and carried memory -----------------------------------------------------
 
 
@@ -174,6 +268,30 @@ def test_decode_token_by_token_equals_full_sequence(config):
         ys.append(y)
     close(jnp.concatenate(ys, axis=1), want_y)
     close(memory, want_memory)
+
+
+@pytest.mark.parametrize("module", ["FastWeightAttention", "DPFPformer"])
+def test_decode_without_the_cache_is_refused(module):
+    # It used to restart the memory empty at every call, silently.
+    if module == "FastWeightAttention":
+        decoder = dj.FastWeightAttention(num_heads=2, head_dim=4, decode=True)
+    else:
+        decoder = dj.DPFPformer(8, 2, num_heads=2, head_dim=4, decode=True)
+    x = normal(0, (2, 4, 8))
+    params = decoder.init(jax.random.key(1), x)["params"]
+    for mutable in (False, ["cache"]):
+        with pytest.raises(ValueError, match=r"got no cache: pass .*'cache'.*mutable=\['cache'\]"):
+            decoder.apply({"params": params}, x[:, :1], mutable=mutable)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=CONFIG_IDS[:2])
+def test_decode_cache_of_another_batch_is_named(config):
+    decoder = dj.FastWeightAttention(num_heads=2, head_dim=4, decode=True, **config)
+    variables = decoder.init(jax.random.key(1), normal(0, (2, 4, 8)))
+    shape = decoder.get_memory_shape(2)
+    with pytest.raises(ValueError, match=rf"decode cache's fast_weights has shape \({shape[0]}, {shape[1]}, "
+                                         rf"{shape[2]}, {shape[3]}\) \(batch 2\), but x of batch 3"):
+        decoder.apply(variables, normal(0, (3, 1, 8)), mutable=["cache"])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
@@ -278,6 +396,56 @@ def test_dropout_is_active_only_when_not_deterministic():
     assert float((y == 0).mean()) > 0.3
 
 
+# --- the delta rule's stability condition -------------------------------------------------------
+
+NON_NEGATIVE_MAPS = ("dpfp", "linear", "favor", "relu")  # sum-normalisable; identity is not
+STABLE_DELTA = [(f, n) for f in dj.FEATURE_MAPS for n in ("sum", "l2") if n == "l2" or f in NON_NEGATIVE_MAPS]
+
+
+@pytest.mark.parametrize("feature_map, normalization", STABLE_DELTA)
+def test_normalised_delta_rule_stays_bounded_at_t_65536(feature_map, normalization):
+    # |phi(k)| <= 1 and beta = sigmoid in (0, 1): every step is non-expanding, for any length.
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, feature_map=feature_map, num_features=4,
+                                   rule="delta", normalization=normalization, impl="scan")
+    x = normal(0, (1, 65536, 8))
+    variables = jax.jit(layer.init)(jax.random.key(1), x[:, :1])
+    y, state = jax.jit(layer.apply)(variables, x)
+    # The layer's own k, v and beta, to check its state against the bound they imply.
+    projection = jnp.einsum("btd,dhe->bthe", x, variables["params"]["qkv"]["kernel"])
+    _, k, v, beta = split_heads_projection(projection, 4, with_beta=True)
+    phi_k = layer.apply(variables, k, method=layer._features)
+    assert float(jnp.sum(phi_k**2, axis=-1).max()) <= 1.0 + 1e-6
+    assert_bounded_and_not_drifting(y, state, phi_k, v, beta)
+
+
+def test_delta_rule_without_normalization_needs_an_explicit_opt_in():
+    x = normal(0, (1, 3, 8))
+    raw = dict(num_heads=2, head_dim=4, rule="delta", normalization="none")
+    for module in (dj.FastWeightAttention(**raw), dj.DPFPformer(8, 1, **raw)):
+        with pytest.raises(ValueError, match=r"normalization='none' with rule='delta'") as error:
+            module.init(jax.random.key(0), x)
+        message = str(error.value)
+        assert "0 <= beta |phi(k)|^2 <= 2" in message and "allow_unbounded_delta=True" in message
+        assert "normalization='sum'" in message and "'l2'" in message
+    # Opted in, the layer runs on raw features: the op on phi(q), phi(k) as they come.
+    layer = dj.FastWeightAttention(**raw, feature_map="relu", allow_unbounded_delta=True)
+    variables = layer.init(jax.random.key(0), x)
+    y, state = layer.apply(variables, x)
+    projection = jnp.einsum("btd,dhe->bthe", x, variables["params"]["qkv"]["kernel"])
+    q, k, v, beta = split_heads_projection(projection, 4, with_beta=True)
+    _, want_state = dj.fast_weight(jax.nn.relu(q), jax.nn.relu(k), v, beta)
+    close(state, want_state)
+    model = dj.DPFPformer(8, 1, **raw, allow_unbounded_delta=True)
+    assert model.apply(model.init(jax.random.key(0), x), x).shape == x.shape
+
+
+def test_attention_normalization_error_recommends_bounded_delta_normalisations():
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, rule="delta", normalization="attention")
+    with pytest.raises(ValueError, match="normalization='attention'") as error:
+        layer.init(jax.random.key(0), jnp.ones((1, 3, 8)))
+    assert "'l2'" in str(error.value) and "'none'" not in str(error.value)
+
+
 # --- bad configuration ------------------------------------------------------------------------
 
 
@@ -292,6 +460,7 @@ def test_dropout_is_active_only_when_not_deterministic():
         (dict(rule="hebb"), "rule"),
         (dict(normalization="layer"), "normalization"),
         (dict(rule="delta", normalization="attention"), "normalization='attention'"),
+        (dict(rule="delta", normalization="none"), "allow_unbounded_delta"),
         (dict(impl="cuda"), "impl"),
     ],
 )

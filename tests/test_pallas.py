@@ -192,3 +192,123 @@ def test_impl_pallas_needs_a_gpu():
 def test_kernel_runs_per_batch_shard_under_sharded_jit():
     result = run_with_host_devices(Path(__file__).with_name("pallas_sharded_script.py"))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+def pallas_adapter(rule, scale):
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    return lambda q, k, v, beta, s: fast_weight_pallas(q, k, v, beta, s, rule=rule, scale=scale, chunk_size=16,
+                                                       interpret=True)
+
+
+# (kernel, T): through the adapter, T = 20 takes the fused chunk kernel (one whole chunk of 16 and a
+# partial one) and T = 10 the fused recurrent one; the walk-only kernel is reached through the
+# chunked op.
+SCALED = {"fused_chunk": (pallas_adapter, 20), "fused_recurrent": (pallas_adapter, 10),
+          "chunk_recurrence": (chunked_kernel, 20)}
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("name, scale", [(name, 0.7) for name in SCALED] + [("fused_chunk", 0.0)])
+def test_kernels_take_a_traced_scale_and_differentiate_it(name, rule, scale):
+    # scale is a jit argument (a tracer, as for a learned scale): every kernel takes it at run time
+    # and returns dL/dscale, also at scale = 0 (dL/dscale is not recovered by dividing by scale).
+    kernel_of, time = SCALED[name]
+    inputs = make_inputs(3, time=time, rule=rule, key_dim=12, value_dim=5, with_state=True)
+    names = [n for n in ARGS if inputs[n] is not None]
+
+    def grads_of(fn_of):
+        def loss(args, scale):
+            a = dict(zip(names, args, strict=True))
+            out, state = fn_of(rule, scale)(a["q"], a["k"], a["v"], a.get("beta"), a["initial_state"])
+            return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            [inputs[n] for n in names], jnp.float32(scale))
+
+    if name == "fused_chunk":  # the adapter did take the kernel under test
+        jaxpr = str(jax.make_jaxpr(lambda s: pallas_adapter(rule, s)(*[inputs[n] for n in ARGS]))(1.0))
+        assert "fast_weight_fused_chunk_fwd" in jaxpr
+    (_, got), got_grads = grads_of(kernel_of)
+    (_, want), want_grads = grads_of(oracle)
+    assert np.asarray(want_grads[1]) != 0.0
+    for g, w in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def bad_calls():
+    """(what is wrong, keyword changes to a good fused-kernel call, error type, message), for both fused kernels."""
+    x, wide = jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, MAX_KEY_DIM + 1))
+    beta, state = jnp.full((1, 4, 2), 0.5), jnp.zeros((1, 2, 8, 8))
+    return [
+        ("bogus rule", dict(rule="bogus"), ValueError, "rule must be one of \\('delta', 'sum'\\); got 'bogus'"),
+        ("delta without beta", dict(beta=None), ValueError, "beta is required for rule='delta'"),
+        ("sum with beta", dict(rule="sum"), ValueError, "beta is only used by rule='delta'; got beta of shape"),
+        ("K over the bound", dict(q=wide, k=wide, initial_state=jnp.zeros((1, 2, MAX_KEY_DIM + 1, 8))),
+         ValueError, f"K <= {MAX_KEY_DIM}; got K={MAX_KEY_DIM + 1}"),
+        ("k unlike q", dict(k=jnp.ones((1, 4, 2, 4))), ValueError, "k must have q's shape"),
+        ("3-D q", dict(q=x[0]), ValueError, "q must be 4-D"),
+        ("v of another T", dict(v=jnp.ones((1, 5, 2, 8))), ValueError, "v must be \\[B, T, H, V\\] with q's B, T, H"),
+        ("beta per head missing", dict(beta=beta[..., :1]), ValueError, "beta must be \\[B, T, H\\] = \\(1, 4, 2\\)"),
+        ("state of another V", dict(initial_state=jnp.zeros((1, 2, 8, 4))), ValueError,
+         "initial_state must be \\[B, H, K, V\\] = \\(1, 2, 8, 8\\); got \\(1, 2, 8, 4\\)"),
+        ("no state", dict(initial_state=None), ValueError, "initial_state must be .* got None"),
+        ("integer q", dict(q=x.astype(jnp.int32)), TypeError, "q must have a floating dtype; got int32"),
+        ("scale per head", dict(scale=jnp.ones(2)), ValueError, "scale must be a scalar \\(0-d\\); got shape \\(2,\\)"),
+    ], dict(q=x, k=x, v=x, beta=beta, initial_state=state, rule="delta")
+
+
+@pytest.mark.parametrize("kernel_fn", [fused_chunk, fused_recurrent], ids=["fused_chunk", "fused_recurrent"])
+@pytest.mark.parametrize("case", range(len(bad_calls()[0])), ids=[c[0] for c in bad_calls()[0]])
+def test_kernels_refuse_what_the_dispatcher_refuses(kernel_fn, case):
+    # Called directly (no dispatcher in front), each kernel checks its own arguments at trace time.
+    cases, good = bad_calls()
+    _, changes, error, message = cases[case]
+    kwargs = {**good, **changes}
+    args = [kwargs.pop(n) for n in ARGS]
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda *a: kernel_fn(*a, **kwargs, interpret=True), *args)
+
+
+@pytest.mark.parametrize("chunk_size, error, message", [
+    (32.0, TypeError, "chunk_size must be an int; got float 32.0"),
+    (True, TypeError, "chunk_size must be an int; got bool"),
+])
+def test_fused_chunk_refuses_chunk_sizes_that_are_not_ints_of_the_right_size(chunk_size, error, message):
+    x = jnp.ones((1, 32, 1, 8))
+    with pytest.raises(error, match=message):
+        fused_chunk(x, x, x, None, jnp.zeros((1, 1, 8, 8)), rule="sum", chunk_size=chunk_size, interpret=True)
+
+
+def recurrence_args(key_dim=8, value_dim=4, delta=True):
+    """Good ``[N, G, C, ...]`` arguments of the chunk recurrence's forward and backward."""
+    keys, values, state = jnp.ones((2, 3, 16, key_dim)), jnp.ones((2, 3, 16, value_dim)), jnp.zeros((3, key_dim,
+                                                                                                     value_dim))
+    return keys, values, state, keys if delta else None
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("what, message", [
+    ("K over the bound", f"q_eff: the Pallas kernels take K <= {MAX_KEY_DIM}; got K={MAX_KEY_DIM + 1}"),
+    ("y unlike q_eff", "y must have q_eff's shape \\[N, G, C, K\\] = \\(2, 3, 16, 8\\); got \\(2, 3, 16, 4\\)"),
+    ("values of another G", "must be \\[N, G, C, V\\] with q_eff's N, G, C = \\(2, 3, 16\\); got \\(2, 2, 16, 4\\)"),
+    ("state of another V", "must be \\[G, K, V\\] = \\(3, 8, 4\\); got \\(3, 8, 5\\)"),
+])
+def test_chunk_recurrence_refuses_inconsistent_shapes(direction, what, message):
+    from pallas_kernels import backward_recurrence, forward_recurrence
+
+    keys, values, state, y = recurrence_args(MAX_KEY_DIM + 1 if what == "K over the bound" else 8)
+    if what == "y unlike q_eff":
+        y = keys[..., :4]
+    if what == "values of another G":
+        values = values[:, :2]
+    if what == "state of another V":
+        state = jnp.zeros((3, 8, 5))
+    if direction == "forward":
+        def run():
+            return forward_recurrence(keys, keys, values, y, values, state, interpret=True)
+    else:
+        def run():
+            return backward_recurrence(keys, keys, values, y, values, state, state, interpret=True)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(run)

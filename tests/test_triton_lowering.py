@@ -102,7 +102,7 @@ def test_fused_chunk_load_stages_are_a_launch_setting():
         calls = kernels_of("fused_chunk", "sum", 128, 128, 64, num_stages=num_stages)
         assert sorted(calls) == ["bwd", "fwd"]
         assert all(call.num_stages == num_stages for call in calls.values())
-    with pytest.raises(ValueError, match="num_stages a positive int; got num_stages=0"):
+    with pytest.raises(ValueError, match="num_stages must be a positive int; got num_stages=0"):
         kernels_of("fused_chunk", "sum", 128, 128, 64, num_stages=0)
 
 

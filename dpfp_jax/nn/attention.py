@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpfp_jax.feature_maps import (
     FEATURE_MAPS,
@@ -15,6 +17,7 @@ from dpfp_jax.feature_maps import (
     check_positive_int,
     favor_projection,
     feature_dim,
+    l2_norm,
     sum_norm,
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
@@ -23,12 +26,50 @@ from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_like_s
 Array = jax.Array
 Memory = Array | tuple[Array, Array]
 
-NORMALIZATIONS = ("sum", "attention", "none")
+NORMALIZATIONS = ("sum", "l2", "attention", "none")
+"""Accepted values of the modules' ``normalization`` attribute."""
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def check_dropout_rate(name: str, value: Any) -> float:
+    """A dropout rate must be a real number in [0, 1): TypeError for a non-number, ValueError outside."""
+    # bool is a Real; `dropout_rate=True` is a slip, not a rate of 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1); got {value!r} of type {type(value).__name__}")
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 1); got {value!r}")
+    return float(value)
+
+
+def check_mask(mask: Any, batch: int, length: int) -> Array | None:
+    """The padding mask ``[B, T]`` as booleans (True: a real token); None passes through.
+
+    A boolean mask is taken as it is; an integer mask must hold 0 and 1 (checked when its values
+    are concrete, i.e. not traced under ``jit``) and is read as ``mask != 0``. A float mask is
+    refused: a mask selects tokens, it is not a weight to multiply them by.
+    """
+    if mask is None:
+        return None
+    mask = mask if isinstance(mask, jax.Array | np.ndarray) else jnp.asarray(mask)
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask must be [B, T] = {(batch, length)}; got {mask.shape}")
+    if mask.dtype == jnp.bool_:
+        return jnp.asarray(mask)
+    if not jnp.issubdtype(mask.dtype, jnp.integer):
+        raise TypeError(
+            f"mask must be boolean or integer 0/1 (True or 1 for a real token); got dtype {mask.dtype}: "
+            "a float mask is refused rather than used as a weight"
+        )
+    if not isinstance(mask, jax.core.Tracer):
+        values = np.asarray(mask)
+        stray = np.unique(values[(values != 0) & (values != 1)])
+        if stray.size:
+            raise ValueError(f"an integer mask must hold only 0 and 1; got the values {stray[:8].tolist()}")
+    return jnp.asarray(mask != 0)
 
 
 def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
@@ -58,15 +99,26 @@ class FastWeightAttention(nn.Module):
         Give layers different seeds for independent draws.
       rule: ``"delta"`` or ``"sum"``.
       normalization: ``"sum"`` (phi(q), phi(k) divided by their sums: the paper's delta-rule
-        layers), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
-        running key sum z, the classic linear transformer) or ``"none"``.
+        layers; for non-negative feature maps), ``"l2"`` (divided by their L2 norms,
+        :func:`dpfp_jax.l2_norm`: for any feature map, ``identity`` and its negative entries
+        included), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
+        running key sum z, the classic linear transformer) or ``"none"``. The delta rule's step
+        ``W <- (I - beta k k^T) W + beta k v^T`` is non-expanding only while
+        ``0 <= beta |phi(k)|^2 <= 2``; with raw features ``|phi(k)|^2`` is unbounded and the
+        state can grow exponentially (at default init, to inf within a few hundred steps). ``"sum"``
+        and ``"l2"`` give ``|phi(k)| <= 1``, and beta is a sigmoid in (0, 1), so the condition holds
+        at every step; ``rule="delta"`` with ``"none"`` is refused unless
+        ``allow_unbounded_delta=True``.
+      allow_unbounded_delta: opt in to ``rule="delta"`` with ``normalization="none"``, whose
+        state is bounded only if the keys keep ``beta |phi(k)|^2 <= 2`` by themselves (nothing
+        checks it). Not consulted for other configurations.
       out_features: output width (default: the input width).
       use_bias: whether the projections have biases.
       dtype: computation dtype of the projections (default: inferred); state is float32.
       param_dtype: parameter dtype.
       precision: matmul precision of the projections.
       kernel_init, bias_init: initialisers of the projections.
-      dropout_rate: dropout on the layer's output.
+      dropout_rate: dropout on the layer's output, in [0, 1).
       impl: passed to :func:`dpfp_jax.fast_weight`.
       decode: keep the memory in the ``cache`` collection and continue it on every call
         (recurrent generation); init with a full-size input, then apply with ``mutable=["cache"]``.
@@ -75,7 +127,10 @@ class FastWeightAttention(nn.Module):
     ``__call__(x, memory=None, *, mask=None, deterministic=True)`` takes ``x [B, T, D]`` and
     returns ``(y [B, T, out_features], new_memory)``. The memory is W ``[B, H, K, V]``, or
     ``(W, z)`` with ``z [B, H, K]`` for ``normalization="attention"``; None (or zeros) starts
-    empty. ``mask [B, T]`` marks real tokens: a masked token writes nothing and outputs zeros.
+    empty. ``mask [B, T]`` (boolean, or integer 0/1) marks real tokens: a masked token writes
+    nothing and outputs zeros, whatever its value (NaN and inf included): its input is replaced by
+    zeros before the projections and its query, key, value and beta by zeros before the memory, so
+    neither the other tokens, nor the memory, nor the parameters' gradients ever see it.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -106,6 +161,7 @@ class FastWeightAttention(nn.Module):
     impl: str = "auto"
     decode: bool = False
     eps: float = 1e-6
+    allow_unbounded_delta: bool = False
 
     @property
     def key_dim(self) -> int:
@@ -125,6 +181,7 @@ class FastWeightAttention(nn.Module):
         _check_choice("rule", self.rule, RULES)
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         _check_choice("impl", self.impl, IMPLS)
+        check_dropout_rate("dropout_rate", self.dropout_rate)
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":
@@ -132,7 +189,16 @@ class FastWeightAttention(nn.Module):
         if self.normalization == "attention" and self.rule != "sum":
             raise ValueError(
                 "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
-                "the delta rule uses normalization='sum' (the paper's choice) or 'none'"
+                "the delta rule uses normalization='sum' (the paper's choice, for non-negative feature maps) "
+                "or 'l2' (any feature map)"
+            )
+        if self.rule == "delta" and self.normalization == "none" and not self.allow_unbounded_delta:
+            raise ValueError(
+                "normalization='none' with rule='delta' leaves the fast weights unbounded: each step "
+                "W <- (I - beta k k^T) W + beta k v^T is non-expanding only while 0 <= beta |phi(k)|^2 <= 2, "
+                "and raw feature-mapped keys break that (at default init the state overflows to inf within "
+                "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
+                "(any feature map), or set allow_unbounded_delta=True to opt in"
             )
 
     def _features(self, x: Array) -> Array:
@@ -140,7 +206,11 @@ class FastWeightAttention(nn.Module):
         if self.feature_map == "favor":
             projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
         phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
-        return sum_norm(phi, self.eps) if self.normalization == "sum" else phi
+        if self.normalization == "sum":
+            return sum_norm(phi, self.eps)
+        if self.normalization == "l2":
+            return l2_norm(phi, self.eps)
+        return phi
 
     def _split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
         shape = self.get_memory_shape(batch)
@@ -172,8 +242,7 @@ class FastWeightAttention(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, time, features]; got shape {x.shape}")
         batch, length, width = x.shape
-        if mask is not None and mask.shape != (batch, length):
-            raise ValueError(f"mask must be [B, T] = {(batch, length)}; got {mask.shape}")
+        mask = check_mask(mask, batch, length)
         w0, z0 = self._split_memory(memory, batch)
         shape = self.get_memory_shape(batch)
 
@@ -181,6 +250,13 @@ class FastWeightAttention(nn.Module):
             if memory is not None:
                 raise ValueError("decode=True keeps the memory in the 'cache' collection; pass memory=None")
             initialized = self.has_variable("cache", "fast_weights")
+            if not initialized and not self.is_initializing():
+                # Without this the memory would silently restart empty at every call.
+                raise ValueError(
+                    "decode=True continues the memory kept in the 'cache' collection, but this apply got no "
+                    "cache: pass the variables init returned, {'params': ..., 'cache': ...}, and "
+                    "mutable=['cache']"
+                )
             cached_w = self.variable("cache", "fast_weights", jnp.zeros, shape, jnp.float32)
             cached_z = (
                 self.variable("cache", "key_sum", jnp.zeros, shape[:3], jnp.float32)
@@ -188,8 +264,21 @@ class FastWeightAttention(nn.Module):
                 else None
             )
             if initialized:
+                for cached, want in ((cached_w, shape), (cached_z, shape[:3])):
+                    if cached is not None and cached.value.shape != want:
+                        raise ValueError(
+                            f"the decode cache's {cached.name} has shape {cached.value.shape} (batch "
+                            f"{cached.value.shape[0]}), but x of batch {batch} needs {want}; init the decoder "
+                            "with an input of this batch"
+                        )
                 w0 = cached_w.value
                 z0 = None if cached_z is None else cached_z.value
+
+        if mask is not None:
+            # Select, never multiply: 0 * nan is nan. And select x itself, not only what comes
+            # out of the projection: the Dense's kernel gradient is x^T d(projection), where a
+            # padded NaN in x would meet the zero cotangent of a later select and give NaN.
+            x = jnp.where(mask[:, :, None], x, 0)
 
         delta = self.rule == "delta"
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -200,8 +289,12 @@ class FastWeightAttention(nn.Module):
         q, k, v, beta = split_heads_projection(projection, self.head_dim, delta)
         phi_q, phi_k = self._features(q), self._features(k)
         if mask is not None:
-            # A zero key writes nothing under either rule: W += 0 * (...)^T.
-            phi_k = phi_k * mask[:, :, None, None].astype(phi_k.dtype)
+            # A zero key writes nothing under either rule (W += 0 (...)^T), and zero values and beta
+            # make the delta rule's write beta (v - W^T k) itself zero, so the chunked impls, which
+            # mix the steps of a chunk in matmuls, meet nothing but zeros at a padded step.
+            real = mask[:, :, None, None]
+            phi_q, phi_k, v = (jnp.where(real, t, 0) for t in (phi_q, phi_k, v))
+            beta = None if beta is None else jnp.where(mask[:, :, None], beta, 0)
 
         out, w = fast_weight(
             phi_q, phi_k, v, beta, rule=self.rule, initial_state=w0,
@@ -224,7 +317,7 @@ class FastWeightAttention(nn.Module):
         y = nn.DenseGeneral(features=self.out_features or width, axis=(-2, -1), name="out", **dense)(out)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         if mask is not None:
-            y = y * mask[:, :, None].astype(y.dtype)
+            y = jnp.where(mask[:, :, None], y, 0)
         return y, new_memory
 
 

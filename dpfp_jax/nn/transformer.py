@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dpfp_jax.feature_maps import check_positive_int
-from dpfp_jax.nn.attention import FastWeightAttention, Memory
+from dpfp_jax.nn.attention import FastWeightAttention, Memory, check_dropout_rate, check_mask
 
 Array = jax.Array
 
@@ -28,6 +28,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        check_dropout_rate("dropout_rate", self.dropout_rate)
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                      kernel_init=self.kernel_init)
         h = self.activation(nn.Dense(self.ff_mult * x.shape[-1], name="up", **dense)(x))
@@ -47,16 +48,24 @@ class DPFPformer(nn.Module):
       depth: number of blocks.
       num_heads, head_dim, nu: DPFP attention shape (see :class:`FastWeightAttention`).
       feature_map, rule, normalization, num_features: the attention's feature map and rule
-        (default: the paper's DPFP, delta rule, sum normalisation).
+        (default: the paper's DPFP, delta rule, sum normalisation). ``normalization`` is
+        ``"sum"``, ``"l2"``, ``"attention"`` (sum rule only) or ``"none"``; the delta rule needs
+        ``"sum"`` or ``"l2"`` to keep ``0 <= beta |phi(k)|^2 <= 2`` (its steps non-expanding) and
+        refuses ``"none"`` unless ``allow_unbounded_delta`` (see :class:`FastWeightAttention`).
+      allow_unbounded_delta: passed to every layer: opt in to ``rule="delta"`` with
+        ``normalization="none"``, unbounded unless the keys keep the condition by themselves.
       ff_mult: feed-forward width multiplier.
-      attention_dropout_rate, ff_dropout_rate: dropout rates.
+      attention_dropout_rate, ff_dropout_rate: dropout rates, in [0, 1).
       pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
       activation: the feed-forward non-linearity.
       dtype, param_dtype, precision, kernel_init, impl, decode: passed to every layer.
 
     ``__call__(x, memory=None, *, mask=None, deterministic=True, return_memory=False)`` maps
     ``x [B, T, D]`` to ``y [B, T, D]``, or ``(y, memories)`` with ``return_memory=True``;
-    ``memory`` is None or a sequence of ``depth`` per-layer memories.
+    ``memory`` is None or a sequence of ``depth`` per-layer memories. ``mask [B, T]`` (boolean,
+    or integer 0/1) marks real tokens: a padded token is replaced by zeros on entry, so whatever
+    its value (NaN and inf included) it reaches neither the real tokens, nor the memories, nor the
+    parameters' gradients, and its output is zeros.
 
     Example:
         >>> import jax
@@ -88,6 +97,7 @@ class DPFPformer(nn.Module):
     kernel_init: Any = nn.linear.default_kernel_init
     impl: str = "auto"
     decode: bool = False
+    allow_unbounded_delta: bool = False
 
     @nn.compact
     def __call__(
@@ -101,8 +111,15 @@ class DPFPformer(nn.Module):
     ) -> Array | tuple[Array, tuple[Memory, ...]]:
         check_positive_int("dim", self.dim)
         check_positive_int("depth", self.depth)
+        check_dropout_rate("attention_dropout_rate", self.attention_dropout_rate)
+        check_dropout_rate("ff_dropout_rate", self.ff_dropout_rate)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
+        mask = check_mask(mask, *x.shape[:2])
+        if mask is not None:
+            # The residual stream, LayerNorms and feed-forwards act on every position; a padded one
+            # must not carry its value into them (0 * nan is nan in their gradients).
+            x = jnp.where(mask[:, :, None], x, 0)
         if memory is None:
             memory = [None] * self.depth
         elif len(memory) != self.depth:
@@ -116,7 +133,7 @@ class DPFPformer(nn.Module):
                 normalization=self.normalization, dtype=self.dtype, param_dtype=self.param_dtype,
                 precision=self.precision, kernel_init=self.kernel_init,
                 dropout_rate=self.attention_dropout_rate, impl=self.impl, decode=self.decode,
-                name=f"attention_{i}",
+                allow_unbounded_delta=self.allow_unbounded_delta, name=f"attention_{i}",
             )
             ff = FeedForward(
                 ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,
@@ -135,4 +152,6 @@ class DPFPformer(nn.Module):
             new_memories.append(layer_memory)
         if self.pre_norm:
             x = nn.LayerNorm(name="norm_out", **norm)(x)
+        if mask is not None:
+            x = jnp.where(mask[:, :, None], x, 0)
         return (x, tuple(new_memories)) if return_memory else x

@@ -93,6 +93,25 @@ def fast_weight(
     sum-normalised). The state and its accumulation are float32 for float32, bfloat16 or float16
     inputs (float64 when an input is float64, with x64 enabled).
 
+    Stability of the delta rule: a step is ``W_t = (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T``,
+    and ``I - beta k k^T`` is non-expanding only while ``0 <= beta_t |k_t|^2 <= 2``. Keys that break
+    it make the state grow exponentially (raw Gaussian keys of width 64 overflow float32 within about
+    a hundred steps); nothing here checks it. Normalised keys keep it at every step, for any length:
+    :func:`dpfp_jax.sum_norm` (non-negative features) or :func:`dpfp_jax.l2_norm` (any sign) give
+    ``|k| <= 1``, and beta in ``[0, 1]`` (a sigmoid) then gives ``beta |k|^2 <= 1``. Then, whatever
+    the keys, a column ``W[:, j]`` gains at most ``beta_t v_tj^2 / (2 - beta_t |k_t|^2)`` in squared
+    norm per step: no exponential growth, at worst like sqrt(t).
+
+    Where a non-finite input (NaN or inf) at step t reaches: a query ``q_t`` only the output
+    ``o_t``; a key ``k_t``, value ``v_t`` or ``beta_t`` (its write) ``o_t``, every later output
+    and the final state, within its batch element and head. ``"scan"`` and ``"reference"`` are
+    strictly causal: nothing before t is touched. The chunked paths (``"chunk"``, ``"auto"``
+    from one chunk on, ``"pallas"`` from one chunk on) mix the ``chunk_size`` steps of a chunk in
+    masked matmuls, where the masked zero times a NaN or inf is NaN, so a bad write can also reach
+    the outputs of the steps of its own chunk before t; earlier chunks are untouched. To leave
+    a token out (padding), give it zero ``k``, ``v`` and ``beta`` by selection
+    (``jnp.where``), not by multiplying with a mask, as the linen modules' ``mask`` does.
+
     Args:
       q: ``[B, T, H, K]`` queries.
       k: ``[B, T, H, K]`` keys.

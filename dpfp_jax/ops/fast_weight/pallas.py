@@ -52,7 +52,7 @@ def fast_weight_pallas(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
 ) -> tuple[Array, Array]:

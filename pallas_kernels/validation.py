@@ -1,0 +1,138 @@
+"""Trace-time argument checks of the kernels' public entry points.
+
+The kernels are also called directly (benchmarks, tests, other libraries), not only through a
+dispatcher that has checked the call already, so each entry point checks its own arguments here:
+a bad call fails with a ValueError/TypeError naming the argument, what was seen and what was
+expected, instead of an AttributeError deep in a kernel or, worse, a silently different op. This
+module imports nothing outside ``pallas_kernels`` and JAX.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+RULES = ("delta", "sum")
+
+# The largest key dimension any kernel takes. The fused recurrent kernel holds a [K, BV] slice of
+# the state in registers with BV >= 16: beyond K = 1024 it would spill most of it. The chunked
+# kernels walk K in tiles and share the bound, so every Pallas path accepts the same calls.
+MAX_KEY_DIM = 1024
+
+# The smallest chunk a tensor-core dot tiles (``tl.dot`` needs both sides >= 16).
+MIN_CHUNK_SIZE = 16
+
+
+def _check_float(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+
+
+def check_key_dim(key_dim: int, name: str = "q") -> None:
+    """K (the last axis of ``name``) must be at most ``MAX_KEY_DIM``."""
+    if key_dim > MAX_KEY_DIM:
+        raise ValueError(f"{name}: the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}")
+
+
+def check_scale(scale: object) -> None:
+    """``scale`` must be a real scalar: a Python number or a 0-d array (traced or not)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number, np.ndarray, jax.Array)):
+        raise TypeError(f"scale must be a real number or a 0-d float array; got {type(scale).__name__}")
+    if np.ndim(scale) != 0:
+        raise ValueError(f"scale must be a scalar (0-d); got shape {np.shape(scale)}")
+    dtype = jnp.result_type(scale)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"scale must be a real number; got dtype {dtype}")
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """``chunk_size`` must be an int power of two >= ``MIN_CHUNK_SIZE``."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be an int; got {type(chunk_size).__name__} {chunk_size!r}")
+    if chunk_size < MIN_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= {MIN_CHUNK_SIZE}; got chunk_size={chunk_size} "
+                         f"({MIN_CHUNK_SIZE} is the smallest tile a tensor-core dot takes)")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """``value`` must be an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+
+
+def check_kernel_inputs(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    rule: object,
+    scale: object,
+) -> None:
+    """The fused kernels' contract: ``rule`` in ``RULES``; q, k ``[B, T, H, K]`` with K <=
+    ``MAX_KEY_DIM``; v ``[B, T, H, V]``; beta ``[B, T, H]`` for the delta rule and None for the
+    sum rule; initial_state ``[B, H, K, V]``; all floating; ``scale`` a real scalar.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.ones((1, 4, 2, 8))
+        >>> check_kernel_inputs(x, x, x, None, jnp.zeros((1, 2, 8, 8)), rule="delta", scale=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: beta is required for rule='delta': the write strengths, [B, T, H] = (1, 4, 2); got None
+    """
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {getattr(x, 'shape', x)}")
+        _check_float(name, x)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {q.shape[:3]}; got {v.shape}")
+    check_key_dim(q.shape[-1])
+    if rule == "delta":
+        if beta is None:
+            raise ValueError(f"beta is required for rule='delta': the write strengths, [B, T, H] = {q.shape[:3]}; "
+                             "got None")
+        if beta.shape != q.shape[:3]:
+            raise ValueError(f"beta must be [B, T, H] = {q.shape[:3]}; got {beta.shape}")
+        _check_float("beta", beta)
+    elif beta is not None:
+        raise ValueError(f"beta is only used by rule='delta'; got beta of shape {beta.shape} with rule='sum'")
+    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if initial_state is None or initial_state.shape != expected:
+        raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; "
+                         f"got {None if initial_state is None else initial_state.shape}")
+    _check_float("initial_state", initial_state)
+    check_scale(scale)
+
+
+def check_recurrence_inputs(per_key: dict[str, Array | None], per_value: dict[str, Array],
+                            states: dict[str, Array]) -> None:
+    """The chunk recurrence's contract: chunked arrays ``[N, G, C, K]`` (``per_key``, None
+    skipped) and ``[N, G, C, V]`` (``per_value``), states ``[G, K, V]``, K <= ``MAX_KEY_DIM``.
+
+    The first ``per_key`` and ``per_value`` arrays set N, G, C, K and V.
+    """
+    (first_key, keys), (first_value, values) = next(iter(per_key.items())), next(iter(per_value.items()))
+    if len(keys.shape) != 4:
+        raise ValueError(f"{first_key} must be 4-D [chunks, batch x heads, chunk, K]; got shape {keys.shape}")
+    if len(values.shape) != 4 or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"{first_value} must be [N, G, C, V] with {first_key}'s N, G, C = {keys.shape[:3]}; "
+                         f"got {values.shape}")
+    for name, x in per_key.items():
+        if x is not None and x.shape != keys.shape:
+            raise ValueError(f"{name} must have {first_key}'s shape [N, G, C, K] = {keys.shape}; got {x.shape}")
+    for name, x in per_value.items():
+        if x.shape != values.shape:
+            raise ValueError(f"{name} must have {first_value}'s shape [N, G, C, V] = {values.shape}; got {x.shape}")
+    expected = (keys.shape[1], keys.shape[3], values.shape[3])
+    for name, x in states.items():
+        if x.shape != expected:
+            raise ValueError(f"{name} must be [G, K, V] = {expected}; got {x.shape}")
+    check_key_dim(keys.shape[-1], first_key)
