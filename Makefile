@@ -26,7 +26,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # XLA's GPU compiler without a GPU (about 730 MB, kept out of .venv's import path): the CUDA
-# plugin and ptxas/libdevice, on PYTHONPATH only for the deviceless compiles of benchmarks/deviceless.py.
+# plugin and ptxas/libdevice, on PYTHONPATH only for the deviceless compiles of dpfp_devtools/deviceless.py.
 CUDA_COMPILER := $(VENV)/cuda-compiler
 CUDA_STAMP := $(VENV)/.installed-cuda-compiler
 
@@ -48,15 +48,15 @@ test-all: lint $(CUDA_STAMP)
 	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
 
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/ops.py
-	$(PY) benchmarks/chunk.py
-	$(PY) benchmarks/chunk.py --crossover
+	$(PY) -m benchmarks.ops
+	$(PY) -m benchmarks.chunk
+	$(PY) -m benchmarks.chunk --crossover
 
 triton-report: $(CUDA_STAMP)
-	PYTHONPATH=$(CUDA_COMPILER) $(PY) benchmarks/triton_report.py
+	PYTHONPATH=$(CUDA_COMPILER) $(PY) -m benchmarks.triton_report
 
 gpu-memory: $(BENCH_STAMP) $(CUDA_STAMP)
-	PYTHONPATH=$(CUDA_COMPILER) $(PY) benchmarks/gpu.py --deviceless
+	PYTHONPATH=$(CUDA_COMPILER) $(PY) -m benchmarks.gpu --deviceless
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

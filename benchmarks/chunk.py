@@ -5,19 +5,17 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
 ``chunk``. ``--crossover`` instead times chunk against scan over T and K, the data behind
 ``impl="auto"``'s choice on this platform.
 
-    python benchmarks/chunk.py                # the K sweep
-    python benchmarks/chunk.py --quick        # K = 128 only
-    python benchmarks/chunk.py --crossover    # chunk vs scan, T in {64, 256, 1024, 4096}
+    python -m benchmarks.chunk                # the K sweep
+    python -m benchmarks.chunk --quick        # K = 128 only
+    python -m benchmarks.chunk --crossover    # chunk vs scan, T in {64, 256, 1024, 4096}
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import delta_rule_inputs, machine_name, measure_forward_backward, ours, peer_deltanet, print_table  # noqa: E402
+from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
+from dpfp_devtools.workloads import ours
 
 
 def main(argv: list[str] | None = None) -> None:

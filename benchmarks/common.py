@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmark scripts."""
+"""Timing, memory and table helpers shared by the benchmark scripts (``python -m benchmarks.NAME``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from dpfp_devtools.workloads import forward_and_backward, make_inputs
 
 
 def machine_name() -> str:
@@ -51,16 +53,6 @@ def temp_mb(jitted: Callable[..., object], *args: object) -> float:
     return stats.temp_size_in_bytes / 1e6
 
 
-def forward_and_backward(fn: Callable[..., tuple[jax.Array, jax.Array]], num_args: int) -> tuple[Callable, Callable]:
-    """``jit(fn)`` and ``jit(grad)`` of a loss on both of fn's results (outputs and final state)."""
-
-    def loss(*a):
-        out, state = fn(*a)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-    return jax.jit(fn), jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
-
-
 Row = tuple[float, float, float, float]  # fwd ms, fwd+bwd ms, fwd temp MB, fwd+bwd temp MB
 
 
@@ -87,22 +79,11 @@ def print_table(rows: dict[str, Row], baseline: str) -> None:
               f"{bwd / base_bwd:.2f}x | {bwd_mem / max(base_mem, 1e-6):.1f}x |")
 
 
-def worst_relative_error(got, want) -> float:
-    """Largest ``|g - w| / |w|`` (Frobenius norms) over matching leaves, g compared in float32."""
-    return max(float(jnp.linalg.norm(g.astype(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
-               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
-
-
-def delta_rule_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
-    """Sum-normalised non-negative q, k (as DPFP gives), Gaussian v, sigmoid beta."""
-    ks = jax.random.split(jax.random.key(0), 4)
-    shape = (batch, time, heads, key_dim)
-    q = jax.nn.relu(jax.random.normal(ks[0], shape, jnp.float32))
-    k = jax.nn.relu(jax.random.normal(ks[1], shape, jnp.float32))
-    q, k = (x / (x.sum(-1, keepdims=True) + 1e-6) for x in (q, k))
-    v = jax.random.normal(ks[2], (batch, time, heads, value_dim), jnp.float32)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (batch, time, heads), jnp.float32))
-    return tuple(x.astype(dtype) for x in (q, k, v, beta))
+def delta_rule_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim: int,
+                      dtype=jnp.float32) -> tuple[jax.Array, ...]:
+    """(q, k, v, beta) of ``make_inputs`` (seed 0, delta rule), positional as the contenders take them."""
+    inputs = make_inputs(batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, dtype=dtype)
+    return inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
 
 
 def peer_deltanet(impl: str) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
@@ -116,12 +97,3 @@ def peer_deltanet(impl: str) -> tuple[Callable[..., tuple[jax.Array, jax.Array]]
         return linear_attention("deltanet", q, k, v, beta=beta, impl=impl, scale=1.0, output_final_state=True)
 
     return fn, None
-
-
-def ours(impl: str, **options: object) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    import dpfp_jax as dj
-
-    def fn(q, k, v, beta):
-        return dj.fast_weight(q, k, v, beta, rule="delta", impl=impl, **options)
-
-    return fn

@@ -7,23 +7,19 @@ same sums as the kernel: operands rounded to TF32 with round-to-nearest-even, pr
 float32) and comparing outputs and gradients with ``impl="reference"`` computed in float32.
 
 Usage:
-    python benchmarks/dot_precision.py
+    python -m benchmarks.dot_precision
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import dpfp_jax as dj  # noqa: E402
-from benchmarks.common import delta_rule_inputs, machine_name, worst_relative_error  # noqa: E402
-from dpfp_jax.ops.fast_weight import chunk  # noqa: E402
+import dpfp_jax as dj
+from benchmarks.common import delta_rule_inputs, machine_name
+from dpfp_devtools.workloads import worst_relative_error
+from dpfp_jax.ops.fast_weight import chunk
 
 
 def to_tf32(x: jax.Array) -> jax.Array:

@@ -1,12 +1,9 @@
-"""GPU checks and benchmark: our kernels and ops against FLA and jax-linear-attention, one run.
+"""GPU benchmark: our kernels and ops against FLA and jax-linear-attention.
 
-Run on a GPU machine, through ``benchmarks/run_gpu.sh`` (it installs the carried peer wheels).
+Run on a GPU machine, through ``benchmarks/run_gpu.sh`` (it installs the carried peer wheels and
+first runs the GPU correctness tests, ``tests/test_gpu.py``), as ``python -m benchmarks.gpu``.
 
-``--check``: our GPU paths' outputs and gradients against ``reference`` on the GPU (float32 and
-bfloat16 inputs, small shapes, both rules, K in {128, 384}): ``pallas`` (fused chunk and fused
-recurrent kernels), ``chunk`` with its inter-chunk walk in Pallas, ``chunk`` and ``scan``.
-
-Default: forward and forward+backward time and peak memory at B=8, T=4096, H=8, V=64, bfloat16,
+Forward and forward+backward time and peak memory at B=8, T=4096, H=8, V=64, bfloat16,
 K in {128, 256, 384, 512}, plus T=16384 at B=2 (K=128), for the same five paths of ours (and the
 fused chunk kernel with two load-pipelining stages, up to K=256), FLA's
 ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch + Triton) and
@@ -16,37 +13,25 @@ A peer that refuses a shape is listed with its reason.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__" and "--deviceless" in sys.argv:
     # XLA reads its logging and dump settings once, when jax loads: set them first.
-    from deviceless import prepare_environment
+    from dpfp_devtools.deviceless import prepare_environment
 
     prepare_environment()
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import (  # noqa: E402
-    delta_rule_inputs,
-    forward_and_backward,
-    machine_name,
-    ours,
-    peer_deltanet,
-    worst_relative_error,
-)
-from deviceless import peak_bytes  # noqa: E402
 
-import dpfp_jax as dj  # noqa: E402
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
-from dpfp_jax.ops.fast_weight.common import zero_state  # noqa: E402
-from pallas_kernels import fused_chunk  # noqa: E402
+from benchmarks.common import delta_rule_inputs, machine_name, peer_deltanet  # noqa: E402
+from dpfp_devtools.deviceless import GPUS, compile_for_gpu, peak_bytes  # noqa: E402
+from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, forward_and_backward, ours  # noqa: E402
 
 
 def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
@@ -103,82 +88,6 @@ def fla(name: str) -> Callable | None:
     return fn
 
 
-def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):
-    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_recurrence``)."""
-    return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, scale=1.0,
-                             recurrence="pallas")
-
-
-def fused_chunk_two_stages(q, k, v, beta, rule="delta"):
-    """The fused chunk kernel with Triton's load pipelining (2 stages) instead of none."""
-    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2)
-
-
-# Paths of ours that no ``impl=`` names: the walk-only kernel, and a launch variant of the fused one.
-EXTRA_PATHS = {"chunk + pallas walk": chunk_with_pallas_walk,
-               "pallas fused chunk, 2 load stages": fused_chunk_two_stages}
-
-
-def fits_on_chip(path: Callable, key_dim: int, dtype) -> bool:
-    """False where triton_report.py found a path over an H200 program's shared memory: two load
-    stages from K = 384 (260 KiB) and with float32 inputs (240 KiB at K = 128)."""
-    return path is not fused_chunk_two_stages or (key_dim <= 256 and dtype == jnp.bfloat16)
-
-
-def check(repeats: int) -> int:
-    """Our GPU impls against the reference on the GPU; returns the number of failures.
-
-    float32 inputs must match to 1e-4 relative (the chunked kernel's dots take three TF32 passes);
-    bfloat16 inputs (one pass) to 1e-2, against the reference run on the same values in float32:
-    bfloat16's own output rounding is about 2e-3 (benchmarks/dot_precision.py).
-    """
-    del repeats
-    failures = 0
-    for dtype, tolerance in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
-        for rule in ("delta", "sum"):
-            for key_dim in (128, 384):
-                failures += check_one(dtype, tolerance, rule, key_dim)
-    return failures
-
-
-def check_one(dtype, tolerance: float, rule: str, key_dim: int) -> int:
-    q, k, v, beta = delta_rule_inputs(2, 200, 2, key_dim, 16, dtype)
-    beta = beta if rule == "delta" else None
-    names = ("q", "k", "v", "beta") if rule == "delta" else ("q", "k", "v")
-
-    def run(impl, chunk_size=64, cast=None):
-        def loss(*a):
-            a = (*a, None) if len(a) == 3 else a
-            if impl in EXTRA_PATHS:
-                out, state = EXTRA_PATHS[impl](*a, rule=rule)
-            else:
-                out, state = dj.fast_weight(*a, rule=rule, impl=impl, chunk_size=chunk_size)
-            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
-
-        args = (q, k, v, beta) if beta is not None else (q, k, v)
-        args = args if cast is None else tuple(x.astype(cast) for x in args)
-        (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
-        return values, grads
-
-    want = run("reference", cast=jnp.float32)
-    failures = 0
-    # pallas with chunk_size 64 takes the fused chunk kernel, with 256 > T the fused recurrent one.
-    for impl, chunk_size in (("pallas", 64), ("pallas fused chunk, 2 load stages", 64), ("pallas", 256),
-                             ("chunk + pallas walk", 64), ("chunk", 64), ("scan", 64)):
-        if not fits_on_chip(EXTRA_PATHS.get(impl), key_dim, dtype):
-            continue
-        try:
-            got = run(impl, chunk_size)
-            worst = worst_relative_error(got, want)
-            ok = worst < tolerance
-        except Exception as err:  # noqa: BLE001 - report every failure and go on
-            ok, worst = False, f"{type(err).__name__}: {err}"[:300]
-        failures += not ok
-        print(f"check {jnp.dtype(dtype).name} rule={rule} K={key_dim} impl={impl} chunk_size={chunk_size} "
-              f"({', '.join(names)}): {'ok' if ok else 'FAIL'} worst relative error {worst} (tolerance {tolerance})")
-    return failures
-
-
 # B, T, H, K, V: the issue's shapes (DPFP heads have K = 2·ν·64), then a long sequence.
 SHAPES = [(8, 4096, 8, k, 64) for k in (128, 256, 384, 512)] + [(2, 16384, 8, 128, 64)]
 
@@ -199,13 +108,11 @@ def contenders() -> dict[str, tuple[str, Callable | None]]:
 
 
 def deviceless_memory(gpu: str) -> int:
-    """Every JAX contender compiled for ``gpu`` at SHAPES without one (benchmarks/deviceless.py):
+    """Every JAX contender compiled for ``gpu`` at SHAPES without one (dpfp_devtools/deviceless.py):
     XLA's temp memory of the forward and of forward+backward, and the forward+backward peak (what
     the benchmark's memory column reads on the GPU), or why it does not compile. Returns the
     number of our paths that fail to compile where fits_on_chip says they fit.
     """
-    from deviceless import GPUS, compile_for_gpu
-
     compile_jla_for(GPUS[gpu]["core_count"])
     failures = 0
     for batch, length, heads, key_dim, value_dim in SHAPES:
@@ -297,18 +204,15 @@ def print_ratio_table(rows: dict[str, tuple[float, ...] | str], columns: tuple[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="correctness against reference on the GPU only")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--deviceless", metavar="GPU", nargs="?", const="NVIDIA H200",
                         help="no GPU needed: compile every JAX path for GPU (default NVIDIA H200) and print "
-                             "its temp memory (benchmarks/deviceless.py; `make gpu-memory`)")
+                             "its temp memory (dpfp_devtools/deviceless.py; `make gpu-memory`)")
     args = parser.parse_args()
     if args.deviceless:
         print(f"compiled on {machine_name()} for {args.deviceless}, not run")
         sys.exit(1 if deviceless_memory(args.deviceless) else 0)
     print(f"machine: {machine_name()}")
-    if args.check:
-        sys.exit(1 if check(args.repeats) else 0)
     benchmark(args.repeats)
 
 

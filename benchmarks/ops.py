@@ -5,18 +5,16 @@ jax-linear-attention's ``reference`` and ``chunked`` deltanet on the same delta-
 float32, and prints each as a ratio to our ``scan``. Peers that are not installed are skipped
 with a note (``pip install -e '.[bench]'`` brings jax-linear-attention).
 
-    python benchmarks/ops.py            # T in {256, 1024, 4096}, K in {128, 256}
-    python benchmarks/ops.py --quick    # T in {256, 1024}, K = 128: a minute on 2 CPU cores
+    python -m benchmarks.ops            # T in {256, 1024, 4096}, K in {128, 256}
+    python -m benchmarks.ops --quick    # T in {256, 1024}, K = 128: a minute on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import delta_rule_inputs, machine_name, measure_forward_backward, ours, peer_deltanet, print_table  # noqa: E402
+from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
+from dpfp_devtools.workloads import ours
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,28 +1,22 @@
 """What each Pallas kernel costs on chip, compiled for an H100/H200 without one.
 
 For every kernel (forward and backward, both rules, a range of K), this compiles the op's gradient
-for the named GPU with XLA's deviceless ahead-of-time compile (``benchmarks/deviceless.py``): the
+for the named GPU with XLA's deviceless ahead-of-time compile (``dpfp_devtools/deviceless.py``): the
 Pallas kernels go through jaxlib's own Triton pipeline and ``ptxas``, as on the GPU machine. It
 prints what decides whether a kernel launches and how fast it can run: shared memory per program
 (a compile fails above the GPU's limit, as the launch would), registers per thread and bytes
 spilled to local memory. Exits 1 if any kernel fails to compile.
 
 Usage (needs the CUDA plugin's compiler on PYTHONPATH; ``make triton-report`` installs it):
-    PYTHONPATH=.venv/cuda-compiler python benchmarks/triton_report.py [--gpu "NVIDIA H100"] \
+    PYTHONPATH=.venv/cuda-compiler python -m benchmarks.triton_report [--gpu "NVIDIA H100"] \
         [--keys 128 256 384 512 1024] [--kernels fused_chunk] [--dtype float32]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 if __name__ == "__main__":
     # XLA reads its logging and dump settings once, when jax loads: set them first.
-    from deviceless import prepare_environment
+    from dpfp_devtools.deviceless import prepare_environment
 
     prepare_environment()
 
@@ -31,46 +25,11 @@ import argparse  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
-from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
-
-# Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
-KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
-
-
-def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
-                batch: int = 1, heads: int = 2, num_stages: int = 1):
-    """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs.
-
-    ``num_stages``: the fused chunk kernel's load-pipelining stages (the others ignore it).
-    """
-
-    def run(q, k, v, beta, s):
-        if kernel == "fused_recurrent":
-            return fused_recurrent(q, k, v, beta, s, rule=rule)
-        if kernel == "fused_chunk":
-            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages)
-        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64, recurrence="pallas")
-
-    def loss(q, k, v, beta, s):
-        out, state = run(q, k, v, beta, s)
-        return out.astype(jnp.float32).sum() + state.sum()
-
-    def shape(*dims, dtype=dtype):
-        return jax.ShapeDtypeStruct(dims, dtype)
-
-    keys = shape(batch, time, heads, key_dim)
-    beta = shape(batch, time, heads) if rule == "delta" else None
-    args = (keys, keys, shape(batch, time, heads, value_dim), beta,
-            shape(batch, heads, key_dim, value_dim, dtype=jnp.float32))
-    return jax.grad(loss, argnums=(0, 1, 2, 4)), args
-
-
+from dpfp_devtools.deviceless import GPUS, SHARED_MEMORY_PER_BLOCK_OPTIN, compile_for_gpu, ptxas_version  # noqa: E402
+from dpfp_devtools.workloads import KERNELS, op_gradient  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deviceless import GPUS, SHARED_MEMORY_PER_BLOCK_OPTIN, compile_for_gpu, ptxas_version
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", default="NVIDIA H200", choices=sorted(GPUS))
     parser.add_argument("--keys", type=int, nargs="+", default=[128, 256, 384, 512, 1024])

@@ -12,8 +12,9 @@ Each entry point checks its own arguments (``validation``: rule, beta, shapes, K
 and takes ``scale`` as a run-time value, so it may be traced.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
-suite checks what they compute on machines without a GPU; ``triton_lowering`` lowers them to
-Triton IR for a named GPU, which is how it checks that they can become GPU kernels.
+suite checks what they compute on machines without a GPU; the dev-only
+``dpfp_devtools.triton_lowering`` lowers them to Triton IR for a named GPU, which is how it checks
+that they can become GPU kernels.
 """
 
 from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence

@@ -1,38 +1,11 @@
-"""Shared helpers: random fast-weight inputs shaped like the paper's delta-rule layers, the delta rule's
-state bound."""
+"""Shared test helpers: the delta rule's state bound; the fast-weight input maker is
+``dpfp_devtools.workloads.make_inputs``."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import pytest
-
-import dpfp_jax as dj
-
-
-def make_inputs(
-    seed: int = 0,
-    *,
-    batch: int = 2,
-    time: int = 17,
-    heads: int = 2,
-    key_dim: int = 8,
-    value_dim: int = 4,
-    rule: str = "delta",
-    dtype=jnp.float32,
-    with_state: bool = False,
-) -> dict:
-    """Sum-normalised non-negative q, k (as DPFP gives), Gaussian v, sigmoid beta."""
-    ks = jax.random.split(jax.random.key(seed), 5)
-    shape = (batch, time, heads, key_dim)
-    q = dj.sum_norm(jax.nn.relu(jax.random.normal(ks[0], shape, dtype)) + 0.01)
-    k = dj.sum_norm(jax.nn.relu(jax.random.normal(ks[1], shape, dtype)) + 0.01)
-    v = jax.random.normal(ks[2], (batch, time, heads, value_dim), dtype)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (batch, time, heads), dtype)) if rule == "delta" else None
-    state = (
-        jax.random.normal(ks[4], (batch, heads, key_dim, value_dim), dtype) if with_state else None
-    )
-    return dict(q=q, k=k, v=v, beta=beta, initial_state=state)
 
 
 def delta_column_bound(k, v, beta):

@@ -3,20 +3,16 @@
 Run by tests/test_deviceless.py with XLA's CUDA compiler on PYTHONPATH; prints one line per impl.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dpfp_devtools.deviceless import prepare_environment
 
 
 def main() -> None:
-    from deviceless import prepare_environment
-
     prepare_environment()  # before jax is imported
     import jax
     import jax.numpy as jnp
-    from common import forward_and_backward, ours
-    from deviceless import compile_for_gpu
+
+    from dpfp_devtools.deviceless import compile_for_gpu
+    from dpfp_devtools.workloads import forward_and_backward, ours
 
     B, T, H, K, V = 1, 4096, 2, 128, 64
     shapes = ((B, T, H, K), (B, T, H, K), (B, T, H, V), (B, T, H))

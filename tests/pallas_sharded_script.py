@@ -12,8 +12,8 @@ def main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec
 
     import dpfp_jax as dj
+    from dpfp_devtools.workloads import make_inputs
     from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
-    from tests.conftest import make_inputs
 
     inputs = make_inputs(0, batch=8, time=20, key_dim=8, value_dim=4, with_state=True)
     args = [inputs[n] for n in ("q", "k", "v", "beta", "initial_state")]

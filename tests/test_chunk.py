@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
-from tests.conftest import make_inputs, random_like
+from dpfp_devtools.workloads import make_inputs
+from tests.conftest import random_like
 
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 

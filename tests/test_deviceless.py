@@ -1,4 +1,4 @@
-"""The GPU compile without a GPU: XLA's deviceless compile for an H200 (benchmarks/deviceless.py).
+"""The GPU compile without a GPU: XLA's deviceless compile for an H200 (dpfp_devtools/deviceless.py).
 
 These run jaxlib's own Triton pipeline and ptxas, as the GPU machine will, so a kernel that needs
 more shared memory than an H200 program may have fails here. They need the CUDA plugin's
@@ -43,7 +43,7 @@ def report_rows(stdout: str) -> list[dict]:
                                              ("chunk_recurrence", 128),
                                              ("chunk_recurrence", 512), ("fused_recurrent", 1024)])
 def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
-    result = run_deviceless("benchmarks/triton_report.py", "--kernels", kernel, "--keys", str(key_dim),
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", kernel, "--keys", str(key_dim),
                             "--rules", "delta")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = report_rows(result.stdout)
@@ -57,7 +57,7 @@ def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
 
 def test_deviceless_compile_fails_where_shared_memory_runs_out():
     # Two load stages at K = 384 need more than an H200 program's 227 KiB (gpu.py's fits_on_chip).
-    result = run_deviceless("benchmarks/triton_report.py", "--kernels", "fused_chunk", "--keys", "384",
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "384",
                             "--rules", "delta", "--fused-chunk-stages", "2")
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     requested = re.search(r"Shared memory size limit exceeded: requested (\d+), available: (\d+)", result.stdout)

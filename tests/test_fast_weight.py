@@ -7,7 +7,8 @@ import pytest
 from jax.test_util import check_grads
 
 import dpfp_jax as dj
-from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, make_inputs, random_like
+from dpfp_devtools.workloads import make_inputs
+from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")

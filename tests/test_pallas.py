@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
+from dpfp_devtools.workloads import make_inputs
 from pallas_kernels import MAX_KEY_DIM, fused_chunk, fused_recurrent
-from tests.conftest import make_inputs, pallas_calls, random_like
+from tests.conftest import pallas_calls, random_like
 from tests.test_multidevice import run_with_host_devices
 
 ARGS = ("q", "k", "v", "beta", "initial_state")

@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import triton_report
+from dpfp_devtools.triton_lowering import triton_calls
+from dpfp_devtools.workloads import op_gradient
 from pallas_kernels import common
-from pallas_kernels.triton_lowering import triton_calls
 from tests.conftest import pallas_calls
 
 SLOW = pytest.mark.slow
 
 
 def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1):
-    fn, args = triton_report.op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
+    fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
                                          num_stages=num_stages)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
@@ -108,7 +108,7 @@ def test_fused_chunk_load_stages_are_a_launch_setting():
 
 def test_impl_pallas_takes_a_gpu_compile_target_on_any_host():
     # An ahead-of-time compile for a GPU names its target with an abstract mesh (as triton_calls
-    # and benchmarks/deviceless.py do); impl="pallas" then lowers its kernels on a CPU host too.
+    # and dpfp_devtools.deviceless do); impl="pallas" then lowers its kernels on a CPU host too.
     import dpfp_jax as dj
 
     keys = jax.ShapeDtypeStruct((1, 128, 2, 32), jnp.bfloat16)
@@ -121,7 +121,7 @@ def test_impl_pallas_takes_a_gpu_compile_target_on_any_host():
 def test_chunked_kernels_pad_keys_to_whole_tiles_only(kernel):
     # They load K 64 rows at a time, so K = 384 stays 384 (six tiles), not the power of two 512:
     # no padded copy of q and k, and a quarter less work than eight tiles.
-    fn, args = triton_report.op_gradient(kernel, "delta", 384, 128)
+    fn, args = op_gradient(kernel, "delta", 384, 128)
     widths = {v.aval.shape[-1] for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr) for v in eqn.invars
               if v.aval.shape}
     assert 384 in widths and 512 not in widths, widths

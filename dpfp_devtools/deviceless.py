@@ -186,7 +186,7 @@ def compile_for_gpu(fn: Callable, *args, gpu: str = "NVIDIA H200") -> Compiled:
     """
     import jax
 
-    from pallas_kernels.triton_lowering import calls_in, lower_for_gpu
+    from dpfp_devtools.triton_lowering import calls_in, lower_for_gpu
 
     dump = _dump_folder()
     with _stderr_into(Path(dump, "topology.log")):  # the plugin logs its loading at level 0

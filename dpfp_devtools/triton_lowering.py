@@ -6,7 +6,7 @@ carrying an ``AbstractDevice`` gives Pallas the GPU's compute capability, and
 ``Traced.lower(lowering_platforms=("cuda",))`` runs the real Pallas -> Triton lowering. What
 comes back here is every Triton kernel of the lowered program: its Triton IR (the ``tt``
 dialect, as text) and the launch settings XLA would use. Compiling that IR further, to PTX and
-machine code, needs XLA's GPU compiler (``benchmarks/deviceless.py`` runs it without a GPU).
+machine code, needs XLA's GPU compiler (``dpfp_devtools.deviceless`` runs it without a GPU).
 
 Example:
     >>> import jax, jax.numpy as jnp

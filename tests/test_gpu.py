@@ -1,0 +1,67 @@
+"""Our GPU paths against ``impl="reference"`` on a GPU: outputs, final state and gradients.
+
+Float32 and bfloat16 inputs, small shapes, both rules, K in {128, 384}: ``pallas`` (the fused
+chunk kernel, also with two load stages, and the fused recurrent one), ``chunk`` with its
+inter-chunk walk in Pallas, ``chunk`` and ``scan``. Skipped without a GPU; ``benchmarks/run_gpu.sh``
+runs them on the GPU machine (``pytest -m gpu``) before the benchmark.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import dpfp_jax as dj
+from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, make_inputs, worst_relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu",
+                       reason=f"needs a GPU: jax.default_backend() is {jax.default_backend()!r}, not 'gpu'"),
+]
+
+# float32 inputs must match to 1e-4 relative (the chunked kernels' dots take three TF32 passes);
+# bfloat16 inputs (one pass) to 1e-2 against the reference run on the same values in float32:
+# bfloat16's own output rounding is about 2e-3 (benchmarks/dot_precision.py).
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+
+# impl (or a path of EXTRA_PATHS), chunk_size: pallas with chunk_size 64 takes the fused chunk
+# kernel, with 256 > T the fused recurrent one.
+PATHS = [("pallas", 64), ("pallas fused chunk, 2 load stages", 64), ("pallas", 256), ("chunk + pallas walk", 64),
+         ("chunk", 64), ("scan", 64)]
+
+
+def outputs_and_gradients(impl: str, rule: str, dtype, key_dim: int, chunk_size: int = 64, cast=None):
+    inputs = make_inputs(0, batch=2, time=200, heads=2, key_dim=key_dim, value_dim=16, rule=rule, dtype=dtype)
+    args = tuple(inputs[n] for n in ("q", "k", "v", "beta") if inputs[n] is not None)
+    args = args if cast is None else tuple(x.astype(cast) for x in args)
+
+    def loss(*a):
+        a = (*a, None) if len(a) == 3 else a
+        if impl in EXTRA_PATHS:
+            out, state = EXTRA_PATHS[impl](*a, rule=rule)
+        else:
+            out, state = dj.fast_weight(*a, rule=rule, impl=impl, chunk_size=chunk_size)
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
+
+    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    return values, grads
+
+
+@functools.cache
+def reference(rule: str, dtype, key_dim: int):
+    return outputs_and_gradients("reference", rule, dtype, key_dim, cast=jnp.float32)
+
+
+@pytest.mark.parametrize("impl, chunk_size", PATHS)
+@pytest.mark.parametrize("key_dim", [128, 384])
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_gpu_path_matches_reference(dtype, rule, key_dim, impl, chunk_size):
+    if not fits_on_chip(EXTRA_PATHS.get(impl), key_dim, dtype):
+        pytest.skip(f"{impl} needs more than an H200 program's shared memory at K={key_dim}, "
+                    f"{jnp.dtype(dtype).name} (benchmarks/triton_report.py)")
+    got = outputs_and_gradients(impl, rule, dtype, key_dim, chunk_size)
+    worst = worst_relative_error(got, reference(rule, dtype, key_dim))
+    assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"
