@@ -107,7 +107,8 @@ def fast_weight(
         fused chunk from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
         ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
-        the same function without chunks and do not use it).
+        the same function without chunks and do not use it); ``"chunk"`` takes one chunk of T
+        steps when ``chunk_size`` is above T, so its cost follows T.
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
