@@ -280,3 +280,64 @@ def test_pallas_adapter_takes_empty_inputs(shape):
     got = fast_weight_pallas(*[inputs[n] for n in DIFF_ARGS], rule="delta", scale=1.0, chunk_size=16,
                              interpret=True)
     assert_close(got, run(inputs, "reference", "delta"), rtol=0)
+
+
+# --- what may be passed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(beta=0.5), TypeError, "beta must be an array .* got float"),
+        (dict(q=np.ones((B, T, H, K)).tolist()), TypeError, "q must be an array .* got list"),
+        (dict(v=np.ones((B, T, H, V)).tolist()), TypeError, "v must be an array .* got list"),
+        (dict(initial_state=np.ones((B, H, K, V)).tolist()), TypeError, "initial_state must be an array"),
+        (dict(scale=jnp.ones(3)), ValueError, r"scale must be a scalar \(0-d\); got an array of shape \(3,\)"),
+        (dict(scale=np.ones((1, 1))), ValueError, r"scale must be a scalar \(0-d\)"),
+        (dict(scale="0.5"), TypeError, "scale must be a real number .* got '0.5' of type str"),
+        (dict(scale=True), TypeError, "scale must be a real number"),
+        (dict(scale=jnp.array(1 + 2j)), TypeError, "scale must be a real number; got an array of dtype complex"),
+    ],
+)
+def test_non_arrays_and_bad_scales_are_refused(change, error, match):
+    args = {**GOOD, **change}
+    for impl in ("reference", *FAST_IMPLS):
+        with pytest.raises(error, match=match):
+            dj.fast_weight(args["q"], args["k"], args["v"], args["beta"], impl=impl,
+                           **{n: args[n] for n in ("initial_state", "scale") if n in args})
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), jnp.array(0.5), np.array(2), 2])
+def test_scalar_arrays_and_numbers_are_fine_scales(scale):
+    out, _ = dj.fast_weight(*GOOD.values(), scale=scale, impl="scan")
+    assert_close(out, float(scale) * dj.fast_weight(*GOOD.values(), impl="scan")[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_traced_scale_and_its_gradient(impl):
+    inputs = make_inputs(12, time=9, with_state=True)
+    unscaled_out, state = run(inputs, impl, "delta")
+    weights = random_like(3, unscaled_out)
+
+    @jax.jit
+    def loss(scale):
+        out, _ = run(inputs, impl, "delta", scale=scale)
+        return jnp.sum(out * weights)
+
+    value, d_scale = jax.value_and_grad(loss)(jnp.float32(0.25))
+    # out is linear in scale: loss(s) = s * loss(1), so d loss / d scale = loss(1).
+    want = jnp.sum(unscaled_out * weights)
+    assert_close((value, d_scale), (0.25 * want, want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_a_float64_scale_keeps_float32_inputs_float32(x64, impl):
+    # With x64 a numpy float64 scale is a float64 array; it must not widen q past the state's dtype
+    # (the custom backward's scan carries would disagree).
+    inputs = make_inputs(13, batch=1, time=5, with_state=True)
+    out, state = run(inputs, impl, "delta", scale=np.float64(0.5))
+    assert out.dtype == state.dtype == jnp.float32
+    assert_close(out, 0.5 * run(inputs, "reference", "delta")[0], rtol=1e-5, atol=1e-7)
+    dq = jax.grad(lambda q: jnp.sum(run({**inputs, "q": q}, impl, "delta", scale=np.float64(0.5))[0] ** 2))(
+        inputs["q"])
+    assert dq.dtype == jnp.float32

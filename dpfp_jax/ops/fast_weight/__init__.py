@@ -21,7 +21,7 @@ from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
-from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
+from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs, check_scale
 
 Array = jax.Array
 
@@ -75,7 +75,7 @@ def fast_weight(
     *,
     rule: str = "delta",
     initial_state: Array | None = None,
-    scale: float = 1.0,
+    scale: float | Array = 1.0,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Array, Array]:
@@ -100,7 +100,8 @@ def fast_weight(
       beta: ``[B, T, H]`` write strengths, required for the delta rule, refused for the sum rule.
       rule: ``"delta"`` or ``"sum"``.
       initial_state: ``[B, H, K, V]`` fast weights to start from (carried from a previous segment).
-      scale: multiplies the outputs.
+      scale: multiplies the outputs: a Python or numpy number or a 0-d array, which may be traced
+        (a jit argument) and differentiated on the XLA impls (reference, scan, chunk).
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
         matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
@@ -127,6 +128,7 @@ def fast_weight(
         ((2, 16, 4, 8), (2, 4, 16, 8))
     """
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
+    check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)

@@ -212,7 +212,7 @@ def fast_weight_chunk(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     recurrence: str = "xla",
 ) -> tuple[Array, Array]:
@@ -241,7 +241,9 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc * scale, kc, vc, bc, w0)
+    # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
+    qc = qc * jnp.asarray(scale, acc)
+    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc, kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
     # The padded length spelled out: a -1 cannot be inferred when B, H or V is 0.
