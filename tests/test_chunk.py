@@ -136,3 +136,29 @@ def test_chunk_size_is_validated():
     for bad in (0, -4, 2.0, True):
         with pytest.raises((TypeError, ValueError), match="chunk_size"):
             run(inputs, "chunk", "delta", chunk_size=bad)
+
+
+
+def compiled_grad(inputs, impl, **kwargs):
+    """The jitted gradient of a loss on both outputs, compiled, and its arguments."""
+    names = [n for n in DIFF_ARGS if inputs[n] is not None]
+
+    def loss(*args):
+        out, state = run(dict(zip(names, args, strict=True)), impl, "delta", **kwargs)
+        return jnp.sum(out**2) + jnp.sum(state**2)
+
+    args = [inputs[n] for n in names]
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).lower(*args).compile(), args
+
+
+def test_chunk_size_above_t_costs_what_t_needs():
+    # A chunk of C steps costs O(C^2) whatever T is; padding T = 70 up to C = 10**6 would need
+    # terabytes. Above T, the chunk size must not matter: one chunk of T steps.
+    inputs = make_inputs(70, time=70, key_dim=16, with_state=True)
+    huge, args = compiled_grad(inputs, "chunk", chunk_size=10**6)
+    oracle, _ = compiled_grad(inputs, "reference")
+    assert_close(huge(*args), oracle(*args), rtol=1e-4, atol=1e-5)
+    outputs = jax.jit(lambda x: run(x, "chunk", "delta", chunk_size=10**6))(inputs)
+    assert_close(outputs, jax.jit(lambda x: run(x, "reference", "delta"))(inputs), rtol=1e-5, atol=1e-6)
+    temp_bytes = compiled_grad(inputs, "chunk", chunk_size=128)[0].memory_analysis().temp_size_in_bytes
+    assert huge.memory_analysis().temp_size_in_bytes == temp_bytes

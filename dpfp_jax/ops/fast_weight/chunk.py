@@ -212,17 +212,27 @@ def fast_weight_chunk(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     recurrence: str = "xla",
 ) -> tuple[Array, Array]:
     """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated.
+
+    With ``recurrence="xla"`` a ``chunk_size`` above T acts as T (one chunk, no padding): the work
+    follows T, not ``chunk_size``.
 
     ``recurrence`` runs the sequential inter-chunk part with ``lax.scan`` (``"xla"``) or with the
     Pallas kernels of ``pallas_kernels.chunk_recurrence`` (``"pallas"``, or ``"pallas_interpret"``
     for Pallas's interpreter).
     """
     batch, length, heads, _ = q.shape
+    if recurrence == "xla":
+        # A chunk longer than the sequence would only add inert padding, at O(C^2) per chunk; the
+        # result does not depend on C, so one chunk of the whole sequence does the same for less.
+        # (The Pallas walk keeps the caller's C: it is a Triton block, which must be a power of two.)
+        chunk_size = min(chunk_size, length)
+    # At least 1: T = 0 is then zero chunks.
+    chunk_size = max(chunk_size, 1)
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     # Chunks as [N, G, C, ...] with G = B * H: one batch axis keeps XLA's batched matmuls simple.
@@ -231,8 +241,11 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc * scale, kc, vc, bc, w0)
+    # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
+    qc = qc * jnp.asarray(scale, acc)
+    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc, kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
-    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, -1, heads, value_dim)
+    # The padded length spelled out: a -1 cannot be inferred when B, H or V is 0.
+    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, out.shape[0] * chunk_size, heads, value_dim)
     return out[:, :length].astype(out_dtype), final_state.reshape(batch, heads, key_dim, value_dim)

@@ -34,9 +34,18 @@ def zeros_like_sharded(x: Array, dtype: jnp.dtype) -> Array:
     return jnp.where(False, x, jnp.zeros((), dtype)).astype(dtype)
 
 
+def zeros_without_time(x: Array, dtype: jnp.dtype) -> Array:
+    """Zeros of x's shape less its time axis (axis 1), carrying the sharding of the other axes.
+
+    A sum over an empty slice of time rather than ``x[:, 0]``: it needs no step to exist (T = 0)
+    and reads nothing.
+    """
+    return jnp.sum(x[:, :0], axis=1, dtype=dtype)
+
+
 def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
-    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v."""
-    return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)
+    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v; also for T = 0."""
+    return zeros_without_time(q[..., None], dtype) + zeros_without_time(v[..., None, :], dtype)
 
 
 def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:

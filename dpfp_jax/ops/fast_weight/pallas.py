@@ -19,7 +19,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
-from dpfp_jax.ops.fast_weight.common import batch_axis_of
+from dpfp_jax.ops.fast_weight.common import accumulation_dtype, batch_axis_of, zeros_like_sharded
 
 Array = jax.Array
 
@@ -59,6 +59,10 @@ def fast_weight_pallas(
     """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
+    if 0 in v.shape:
+        # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
+        # or empty; a kernel cannot be launched over an empty grid.
+        return zeros_like_sharded(v, v.dtype), initial_state.astype(accumulation_dtype(q, k, v, beta, initial_state))
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     def run(q, k, v, beta, initial_state):
