@@ -16,9 +16,9 @@ suite checks what they compute on machines without a GPU; ``triton_lowering`` lo
 Triton IR for a named GPU, which is how it checks that they can become GPU kernels.
 """
 
-from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
-from pallas_kernels.fused_chunk import fused_chunk
-from pallas_kernels.fused_recurrent import fused_recurrent
+from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
+from pallas_kernels.triton.fused_chunk import fused_chunk
+from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
 __all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_chunk",

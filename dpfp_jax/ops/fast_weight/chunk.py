@@ -133,7 +133,7 @@ def _recurrences(recurrence: str, precise: bool):
     """
     if recurrence == "xla":
         return forward_recurrence_xla, backward_recurrence_xla
-    from pallas_kernels.chunk_recurrence import chunk_recurrences
+    from pallas_kernels.triton.chunk_recurrence import chunk_recurrences
 
     return chunk_recurrences(interpret=recurrence == "pallas_interpret", precise=precise)
 

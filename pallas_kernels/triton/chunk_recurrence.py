@@ -6,7 +6,7 @@ per-chunk WY inverse, ``U_tilde``, ``Y``, ``Q - S Y``), and a sequential walk ov
 XLA runs as a loop of small kernel launches. These kernels do the walk: one program per
 (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the state on chip and,
 per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores on the GPU, see
-``common.PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
+``tiles.PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
 each chunk's start state from its writes as the XLA path does; products that sum over V come
 back as one partial per value block, summed outside.
 
@@ -17,7 +17,7 @@ and Triton's staging of such operands through shared memory overflowed the 227 K
 may use. Loads are not software-pipelined (``num_stages=1``) for the same reason: pipelining
 keeps every load of the loop body in flight several times over.
 
-K and V are padded as ``pallas_kernels.common`` says; zero padding is inert.
+K and V are padded as ``tiles`` says; zero padding is inert.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (
+from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
     compiler_params,

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from dpfp_jax.ops.fast_weight.chunk import wy_inverse
 from dpfp_jax.ops.fast_weight.common import float32_or_wider
-from pallas_kernels.common import (
+from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
     compiler_params,

@@ -1,4 +1,4 @@
-"""Padding and tiling shared by the Pallas kernels.
+"""Padding and tiling shared by the Triton kernels, and their tensor-core dots.
 
 Triton's tensors need power-of-two sizes, so K is padded up to one (or, for kernels that load K
 64 rows at a time, to whole tiles) and the value axis to a whole number of BV-wide blocks; zero
