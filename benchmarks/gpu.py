@@ -44,9 +44,10 @@ from common import (  # noqa: E402
 from deviceless import peak_bytes  # noqa: E402
 
 import dpfp_jax as dj  # noqa: E402
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk, wy_inverse  # noqa: E402
 from dpfp_jax.ops.fast_weight.common import zero_state  # noqa: E402
-from pallas_kernels import fused_chunk  # noqa: E402
+from pallas_kernels import chunk_walk, fused_chunk  # noqa: E402
+from pallas_kernels.triton.tiles import float32_or_wider  # noqa: E402
 
 
 def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
@@ -104,14 +105,15 @@ def fla(name: str) -> Callable | None:
 
 
 def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):
-    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_recurrence``)."""
+    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_walk``)."""
     return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, scale=1.0,
-                             recurrence="pallas")
+                             walk=chunk_walk(precise=float32_or_wider(q, k, v)))
 
 
 def fused_chunk_two_stages(q, k, v, beta, rule="delta"):
     """The fused chunk kernel with Triton's load pipelining (2 stages) instead of none."""
-    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2)
+    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2,
+                       wy_inverse=wy_inverse if rule == "delta" else None)
 
 
 # Paths of ours that no ``impl=`` names: the walk-only kernel, and a launch variant of the fused one.

@@ -31,8 +31,9 @@ import argparse  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk  # noqa: E402
-from pallas_kernels import fused_chunk, fused_recurrent  # noqa: E402
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk, wy_inverse  # noqa: E402
+from pallas_kernels import chunk_walk, fused_chunk, fused_recurrent  # noqa: E402
+from pallas_kernels.triton.tiles import float32_or_wider  # noqa: E402
 
 # Kernel -> sequence length T it is compiled for (chunked kernels: four chunks of 64).
 KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
@@ -49,8 +50,10 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule)
         if kernel == "fused_chunk":
-            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages)
-        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64, recurrence="pallas")
+            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
+                               wy_inverse=wy_inverse if rule == "delta" else None)
+        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
+                                 walk=chunk_walk(precise=float32_or_wider(q, k, v)))
 
     def loss(q, k, v, beta, s):
         out, state = run(q, k, v, beta, s)

@@ -23,6 +23,7 @@ K and V are padded as ``tiles`` says; zero padding is inert.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +187,20 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     return dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim]
 
 
-def chunk_recurrences(interpret: bool = False, precise: bool = True):
-    """The (forward, backward) pair that ``fast_weight_chunk(..., recurrence="pallas")`` uses."""
+@functools.cache
+def chunk_walk(interpret: bool = False, precise: bool = True) -> tuple[Callable, Callable]:
+    """The ``(forward, backward)`` pair of these kernels, a walk for ``fast_weight_chunk(..., walk=...)``.
+
+    ``precise`` as in ``forward_recurrence``: pass ``tiles.float32_or_wider(q, k, v)`` of the op's
+    inputs (the walk itself only sees float32 arrays). The same settings give the same pair.
+
+    Example (interpret mode runs anywhere): the sum rule over two chunks of 16 steps.
+        >>> import jax.numpy as jnp
+        >>> forward, backward = chunk_walk(interpret=True)
+        >>> keys, values = jnp.ones((2, 1, 16, 4)), jnp.ones((2, 1, 16, 4))
+        >>> out, u, state = forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)))
+        >>> out.shape, u, float(state[0, 0, 0]), chunk_walk(interpret=True) == (forward, backward)
+        ((2, 1, 16, 4), None, 32.0, True)
+    """
     return (functools.partial(forward_recurrence, interpret=interpret, precise=precise),
             functools.partial(backward_recurrence, interpret=interpret, precise=precise))

@@ -98,6 +98,19 @@ PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
+def float32_or_wider(*xs: Array) -> bool:
+    """Whether an input is float32 or wider, so the tile dots take three TF32 passes (``PRECISE_DOT``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float32_or_wider(jnp.ones(2, jnp.bfloat16), jnp.ones(2, jnp.float32))
+        True
+        >>> float32_or_wider(jnp.ones(2, jnp.float16))
+        False
+    """
+    return any(jnp.finfo(x.dtype).bits >= 32 for x in xs)
+
+
 def tile_dot(interpret: bool, precise: bool):
     """The chunked kernels' ``jnp.dot``: float32 accumulation, precision as ``PRECISE_DOT`` above says."""
     precision = None if interpret else PRECISE_DOT if precise else FAST_DOT
