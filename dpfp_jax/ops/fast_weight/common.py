@@ -13,12 +13,6 @@ def accumulation_dtype(*xs: Array | None) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*(x for x in xs if x is not None)), jnp.float32)
 
 
-def float32_or_wider(*xs: Array) -> bool:
-    """Whether an input is float32 or wider: the Pallas kernels' tensor-core dots then take three
-    TF32 passes instead of one (``pallas_kernels.common.PRECISE_DOT``)."""
-    return any(jnp.finfo(x.dtype).bits >= 32 for x in xs)
-
-
 def to_time_major(x: Array | None, dtype: jnp.dtype) -> Array | None:
     """``[B, T, ...] -> [T, B, ...]`` in ``dtype``; ``lax.scan`` walks the leading axis."""
     return None if x is None else jnp.swapaxes(x, 0, 1).astype(dtype)
