@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 Array = jax.Array
 
@@ -39,27 +42,63 @@ def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
     return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)
 
 
-def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:
-    """The (abstract) mesh and the mesh axis that x's batch dimension is sharded over, if any."""
+def batch_head_axes_of(x: Array) -> tuple[object, str | tuple | None, str | tuple | None]:
+    """The (abstract) mesh and the mesh axes that the batch and head dimensions of a ``[B, T, H, ...]``
+    input are sharded over (None where not sharded or without a mesh)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not sharding.spec:
-        return None, None
-    return mesh, sharding.spec[0]
+    if mesh is None or mesh.empty:
+        return None, None, None
+    spec = tuple(sharding.spec) + (None,) * x.ndim
+    return mesh, spec[0], spec[2]
 
 
-def with_batch_sharding_of(x: Array, like: Array) -> Array:
-    """x with its leading (batch) axis sharded as ``like``'s, under an explicit-sharding mesh.
+def with_batch_head_sharding_of(x: Array, like: Array) -> Array:
+    """A carried ``[B, H, ...]`` x with its batch and head axes sharded as those of ``like`` ``[B, T, H, ...]``.
 
-    A carried state (``initial_state``, a decode cache) is often replicated, e.g. made by
-    ``init`` and put on the mesh with the parameters, while the inputs are batch-sharded; explicit
-    sharding then refuses to contract the two. The state's other axes keep their sharding. Under
-    automatic sharding, or when the batch axes already agree, x comes back unchanged.
+    A carried state (``initial_state [B, H, K, V]``, a decode cache's key sum ``[B, H, K]``) is
+    often replicated, e.g. made by ``init`` and put on the mesh with the parameters, while the
+    inputs are sharded over batch, heads or both; explicit sharding then refuses to contract the
+    two. x's other axes keep their sharding. Under automatic sharding, or when the axes already
+    agree, x comes back unchanged.
     """
-    mesh, axis = batch_axis_of(like)
-    if axis is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    mesh, batch_axis, head_axis = batch_head_axes_of(like)
+    if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         return x
     spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-    if spec[0] == axis:
+    if spec[:2] == (batch_axis, head_axis):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(axis, *spec[1:x.ndim]))
+    # A NamedSharding on like's mesh, not a bare spec: no mesh context (jax.set_mesh) is needed.
+    spec = jax.sharding.PartitionSpec(batch_axis, head_axis, *spec[2:x.ndim])
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def primal_values(*primals: Any) -> list[Any]:
+    """The arrays inside a ``custom_vjp`` forward rule's ``CustomVJPPrimal`` arguments (None stays None).
+
+    Rules registered with ``symbolic_zeros=True`` (see :func:`cotangent_array`) get their
+    differentiable arguments wrapped.
+    """
+    return [jax.tree.map(lambda p: p.value, x, is_leaf=lambda p: isinstance(p, CustomVJPPrimal)) for x in primals]
+
+
+def cotangent_array(ct: Array | SymbolicZero) -> Array:
+    """A ``custom_vjp`` backward rule's incoming cotangent as an array with its primal output's sharding.
+
+    An output the loss does not use (the final state when the loss reads only the outputs, or
+    the reverse) gets a zero cotangent. jax 0.12 makes those zeros itself outside the jitted
+    function's mesh context, which loses the sharding: a replicated zero met batch-sharded
+    residuals in the first contraction (a ShardingTypeError on explicit meshes). Rules registered
+    with ``symbolic_zeros=True`` receive the zero as a ``SymbolicZero`` whose type still names the
+    primal's sharding, and this makes the array under that mesh. Non-zero cotangents already
+    carry the primal's type and come back unchanged.
+    """
+    if not isinstance(ct, SymbolicZero):
+        return ct
+    aval = ct.aval
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return jnp.zeros(aval.shape, aval.dtype)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding)
