@@ -8,6 +8,9 @@ import pytest
 import dpfp_jax as dj
 from tests.conftest import make_inputs, random_like
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
 

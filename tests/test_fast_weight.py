@@ -9,6 +9,9 @@ from jax.test_util import check_grads
 import dpfp_jax as dj
 from tests.conftest import make_inputs, random_like
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 

@@ -9,6 +9,9 @@ import pytest
 
 import dpfp_jax as dj
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 CONFIGS = [
     dict(feature_map="dpfp", nu=2, rule="delta", normalization="sum"),
     dict(feature_map="dpfp", nu=1, rule="sum", normalization="attention"),
