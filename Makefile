@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all lint bench triton-report gpu-memory clean
+.PHONY: demo test test-newest-jax test-all lint bench triton-report gpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -18,6 +18,21 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,examples]'
 	touch $(STAMP)
+
+# A second environment with the newest jax, jaxlib and flax that pyproject.toml admits (no
+# constraints.txt pin), for the tests marked jax_sensitive: sharding and custom_vjp behaviour
+# changes between jax releases, and .venv stays on the pinned one.
+NEWEST_VENV := .venv-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+NEWEST_STAMP := $(NEWEST_VENV)/.installed
+
+$(NEWEST_PY): | $(PY)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+
+$(NEWEST_STAMP): $(NEWEST_PY) pyproject.toml
+	$(NEWEST_PY) -m pip install --quiet --upgrade pip
+	$(NEWEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test,examples]'
+	touch $(NEWEST_STAMP)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -41,8 +56,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint test-newest-jax
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+test-newest-jax: $(NEWEST_STAMP)
+	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'
+	$(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) -m 'jax_sensitive and not slow' tests
 
 test-all: lint $(CUDA_STAMP)
 	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
@@ -59,4 +78,4 @@ gpu-memory: $(BENCH_STAMP) $(CUDA_STAMP)
 	PYTHONPATH=$(CUDA_COMPILER) $(PY) -m benchmarks.gpu --deviceless
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache build *.egg-info

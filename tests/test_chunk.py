@@ -9,6 +9,9 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from tests.conftest import random_like
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
 

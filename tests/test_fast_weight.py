@@ -10,6 +10,9 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 

@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,4 +29,9 @@ def test_sharded_and_pmapped_dpfpformer_match_single_device():
 
 def test_decoding_with_a_replicated_cache_follows_the_batch_sharding():
     result = run_with_host_devices(Path(__file__).with_name("decode_sharded_script.py"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+def test_every_impl_differentiates_and_reshards_state_on_batch_and_head_meshes():
+    result = run_with_host_devices(Path(__file__).with_name("sharded_grad_script.py"))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

@@ -11,6 +11,9 @@ import dpfp_jax as dj
 from dpfp_jax.nn.attention import split_heads_projection
 from tests.conftest import assert_bounded_and_not_drifting
 
+# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
+pytestmark = pytest.mark.jax_sensitive
+
 CONFIGS = [
     dict(feature_map="dpfp", nu=2, rule="delta", normalization="sum"),
     dict(feature_map="dpfp", nu=1, rule="sum", normalization="attention"),

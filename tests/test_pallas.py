@@ -195,6 +195,7 @@ def test_impl_pallas_needs_a_gpu():
         dj.fast_weight(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], impl="pallas")
 
 
+@pytest.mark.jax_sensitive
 def test_kernel_runs_per_batch_shard_under_sharded_jit():
     result = run_with_host_devices(Path(__file__).with_name("pallas_sharded_script.py"))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from examples import train_lm
 from tests.test_multidevice import run_with_host_devices
@@ -46,6 +47,7 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
+@pytest.mark.jax_sensitive
 def test_sharded_step_on_eight_devices_equals_one_device():
     result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

@@ -41,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
@@ -252,9 +253,13 @@ def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, *, keep_writes:
     return results[0], results[1] if keep_writes else None, results[-1]
 
 
+def _fused_chunk_forward_rule(interpret, precise, launch, *primals):
+    return _fused_chunk_forward(interpret, precise, launch, *primal_values(*primals))
+
+
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     scale, q, k, v, tb, u, final_state = residuals
-    d_out, d_final = cotangents
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     batch, num_chunks, chunk, heads, key_dim = q.shape
     groups, value_dim = batch * heads, v.shape[-1]
     block = launch.backward_block
@@ -286,7 +291,7 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1]
 
 
-_fused_chunk.defvjp(_fused_chunk_forward, _fused_chunk_backward)
+_fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
 
 
 def _to_chunks(x: Array, chunk_size: int, size: int | None = None) -> Array:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.triton.tiles import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
 from pallas_kernels.validation import check_kernel_inputs
 
@@ -121,9 +122,13 @@ def _fused_forward(rule, interpret, q, k, v, beta, w0):
     return (out, final_state), (q, k, v, beta, u if delta else None, final_state)
 
 
+def _fused_forward_rule(rule, interpret, *primals):
+    return _fused_forward(rule, interpret, *primal_values(*primals))
+
+
 def _fused_backward(rule, interpret, residuals, cotangents):
     q, k, v, beta, u, final_state = residuals
-    d_out, d_final = cotangents
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     delta = rule == "delta"
     bh, length, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -155,7 +160,7 @@ def _fused_backward(rule, interpret, residuals, cotangents):
             dbeta.sum(0) if delta else None, d_w0)
 
 
-_fused.defvjp(_fused_forward, _fused_backward)
+_fused.defvjp(_fused_forward_rule, _fused_backward, symbolic_zeros=True)
 
 
 def fused_recurrent(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
-from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zero_state
+from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
@@ -163,7 +163,7 @@ def fast_weight(
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32)
             else:
-                initial_state = with_batch_sharding_of(initial_state, q)
+                initial_state = with_batch_head_sharding_of(initial_state, q)
             options = {"chunk_size": chunk_size} if name in ("chunk", "pallas") else {}
             return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, **options)
         reasons.append(f"{name}: {reason}")

@@ -33,7 +33,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, zeros_like_sharded
+from dpfp_jax.ops.fast_weight.common import (
+    accumulation_dtype,
+    batch_head_axes_of,
+    zeros_like_sharded,
+)
+from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
 
@@ -197,9 +202,13 @@ def _chunked_forward(rule, walk, q, k, v, beta, w0):
     return (out, final_state), (q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state)
 
 
+def _chunked_forward_rule(rule, walk, *primals):
+    return _chunked_forward(rule, walk, *primal_values(*primals))
+
+
 def _chunked_backward(rule, walk, residuals, cotangents):
     q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state = residuals
-    d_out, d_final = cotangents
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     if rule != "delta":
         u = v
 
@@ -232,7 +241,7 @@ def _chunked_backward(rule, walk, residuals, cotangents):
     return dq, dk, dv, dbeta, dw0
 
 
-_chunked.defvjp(_chunked_forward, _chunked_backward)
+_chunked.defvjp(_chunked_forward_rule, _chunked_backward, symbolic_zeros=True)
 
 
 def fast_weight_chunk(
@@ -269,15 +278,26 @@ def fast_weight_chunk(
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     # Chunks as [N, G, C, ...] with G = B * H: one batch axis keeps XLA's batched matmuls simple.
+    # Under an explicit mesh the merged and split axes are given their sharding: G over the batch
+    # and head mesh axes together, then batch and head axes as they came in.
+    mesh, batch_axis, head_axis = batch_head_axes_of(q)
+    group_axes = tuple(a for a in (batch_axis, head_axis) if a is not None) or None
+
+    def reshape(x: Array, shape: tuple[int, ...], *spec: object) -> Array:
+        if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return x.reshape(shape)
+        return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
     qc, kc, vc, bc = (
-        None if x is None else x.reshape(x.shape[0], batch * heads, *x.shape[3:])
+        None if x is None else reshape(x, (x.shape[0], batch * heads, *x.shape[3:]), None, group_axes)
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
-    w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
+    w0 = reshape(initial_state.astype(acc), (batch * heads, key_dim, value_dim), group_axes)
     # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
     out, final_state = _chunked(rule, walk, qc * jnp.asarray(scale, acc), kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
-    out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
+    out = reshape(out, (out.shape[0], batch, heads, chunk_size, value_dim), None, batch_axis, head_axis)
     # The padded length spelled out: a -1 cannot be inferred when B, H or V is 0.
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, out.shape[0] * chunk_size, heads, value_dim)
-    return out[:, :length].astype(out_dtype), final_state.reshape(batch, heads, key_dim, value_dim)
+    final_state = reshape(final_state, (batch, heads, key_dim, value_dim), batch_axis, head_axis)
+    return out[:, :length].astype(out_dtype), final_state

@@ -42,27 +42,32 @@ def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
     return zeros_without_time(q[..., None], dtype) + zeros_without_time(v[..., None, :], dtype)
 
 
-def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:
-    """The (abstract) mesh and the mesh axis that x's batch dimension is sharded over, if any."""
+def batch_head_axes_of(x: Array) -> tuple[object, str | tuple | None, str | tuple | None]:
+    """The (abstract) mesh and the mesh axes that the batch and head dimensions of a ``[B, T, H, ...]``
+    input are sharded over (None where not sharded or without a mesh)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not sharding.spec:
-        return None, None
-    return mesh, sharding.spec[0]
+    if mesh is None or mesh.empty:
+        return None, None, None
+    spec = tuple(sharding.spec) + (None,) * x.ndim
+    return mesh, spec[0], spec[2]
 
 
-def with_batch_sharding_of(x: Array, like: Array) -> Array:
-    """x with its leading (batch) axis sharded as ``like``'s, under an explicit-sharding mesh.
+def with_batch_head_sharding_of(x: Array, like: Array) -> Array:
+    """A carried ``[B, H, ...]`` x with its batch and head axes sharded as those of ``like`` ``[B, T, H, ...]``.
 
-    A carried state (``initial_state``, a decode cache) is often replicated, e.g. made by
-    ``init`` and put on the mesh with the parameters, while the inputs are batch-sharded; explicit
-    sharding then refuses to contract the two. The state's other axes keep their sharding. Under
-    automatic sharding, or when the batch axes already agree, x comes back unchanged.
+    A carried state (``initial_state [B, H, K, V]``, a decode cache's key sum ``[B, H, K]``) is
+    often replicated, e.g. made by ``init`` and put on the mesh with the parameters, while the
+    inputs are sharded over batch, heads or both; explicit sharding then refuses to contract the
+    two. x's other axes keep their sharding. Under automatic sharding, or when the axes already
+    agree, x comes back unchanged.
     """
-    mesh, axis = batch_axis_of(like)
-    if axis is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    mesh, batch_axis, head_axis = batch_head_axes_of(like)
+    if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         return x
     spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-    if spec[0] == axis:
+    if spec[:2] == (batch_axis, head_axis):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(axis, *spec[1:x.ndim]))
+    # A NamedSharding on like's mesh, not a bare spec: no mesh context (jax.set_mesh) is needed.
+    spec = jax.sharding.PartitionSpec(batch_axis, head_axis, *spec[2:x.ndim])
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))

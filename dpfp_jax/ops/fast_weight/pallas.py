@@ -13,8 +13,8 @@ of it. The kernels are imported where they are called: loading Pallas and its Tr
 would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 
 This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
-batch shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
-sharded batch axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
+shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a sharded
+batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
 own slice. Not part of ``impl="auto"`` until the kernels have passed the test suite on a GPU.
 """
 
@@ -24,7 +24,12 @@ import jax
 from jax.sharding import PartitionSpec
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, wy_inverse
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, batch_axis_of, zeros_like_sharded
+from dpfp_jax.ops.fast_weight.common import (
+    accumulation_dtype,
+    batch_head_axes_of,
+    with_batch_head_sharding_of,
+    zeros_like_sharded,
+)
 
 Array = jax.Array
 
@@ -61,7 +66,7 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
-    """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
+    """The chunked or the fused recurrent kernel, run per batch and head shard; inputs validated."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
     if 0 in v.shape:
@@ -76,15 +81,16 @@ def fast_weight_pallas(
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
 
-    mesh, axis = batch_axis_of(q)
-    if axis is None:
+    mesh, batch_axis, head_axis = batch_head_axes_of(q)
+    if batch_axis is None and head_axis is None:
         return run(q, k, v, beta, initial_state)
-    spec = PartitionSpec(axis)
+    # Batch elements and heads are independent: each device runs the kernel on its own slice of both.
+    per_step, state = PartitionSpec(batch_axis, None, head_axis), PartitionSpec(batch_axis, head_axis)
+    initial_state = with_batch_head_sharding_of(initial_state, q)
     # check_vma=False: pallas_call's out_shape carries no varying-axes annotation; every output is
-    # per shard along the batch axis, which out_specs states.
-    per_shard = dict(mesh=mesh, out_specs=(spec, spec), check_vma=False)
+    # per shard along the batch and head axes, which out_specs states.
+    per_shard = dict(mesh=mesh, out_specs=(per_step, state), check_vma=False)
     if beta is None:
-        return jax.shard_map(lambda q, k, v, s: run(q, k, v, None, s), in_specs=(spec,) * 4, **per_shard)(
-            q, k, v, initial_state
-        )
-    return jax.shard_map(run, in_specs=(spec,) * 5, **per_shard)(q, k, v, beta, initial_state)
+        return jax.shard_map(lambda q, k, v, s: run(q, k, v, None, s), in_specs=(per_step,) * 3 + (state,),
+                             **per_shard)(q, k, v, initial_state)
+    return jax.shard_map(run, in_specs=(per_step,) * 4 + (state,), **per_shard)(q, k, v, beta, initial_state)

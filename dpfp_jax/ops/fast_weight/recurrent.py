@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dpfp_jax.ops.fast_weight.common import accumulation_dtype, to_time_major
+from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
 
@@ -64,9 +65,13 @@ def _forward(rule, q, k, v, beta, w0):
     return (out, final_state), (q, k, v, beta, writes, final_state)
 
 
+def _forward_rule(rule, *primals):
+    return _forward(rule, *primal_values(*primals))
+
+
 def _backward(rule, residuals, cotangents):
     q, k, v, beta, writes, final_state = residuals
-    d_out, d_final = cotangents
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
 
     def step(carry, inputs):
         w, g = carry  # W_t and dL/dW_t (without o_t's share yet)
@@ -96,7 +101,7 @@ def _backward(rule, residuals, cotangents):
     return dq, dk, dv, dbeta, d_w0
 
 
-_recurrence.defvjp(_forward, _backward)
+_recurrence.defvjp(_forward_rule, _backward, symbolic_zeros=True)
 
 
 def fast_weight_scan(
