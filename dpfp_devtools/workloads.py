@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 import dpfp_jax as dj
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk, wy_inverse
 from dpfp_jax.ops.fast_weight.common import zero_state
-from pallas_kernels import fused_chunk, fused_recurrent
+from pallas_kernels import chunk_walk, fused_chunk, fused_recurrent
+from pallas_kernels.triton.tiles import float32_or_wider
 
 FastWeightFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -104,8 +105,10 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule)
         if kernel == "fused_chunk":
-            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages)
-        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64, recurrence="pallas")
+            return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
+                               wy_inverse=wy_inverse if rule == "delta" else None)
+        return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
+                                 walk=chunk_walk(precise=float32_or_wider(q, k, v)))
 
     def loss(q, k, v, beta, s):
         out, state = run(q, k, v, beta, s)
@@ -122,14 +125,15 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
 
 
 def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):
-    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_recurrence``)."""
+    """``impl="chunk"`` with its inter-chunk walk in Pallas (``pallas_kernels.chunk_walk``)."""
     return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, scale=1.0,
-                             recurrence="pallas")
+                             walk=chunk_walk(precise=float32_or_wider(q, k, v)))
 
 
 def fused_chunk_two_stages(q, k, v, beta, rule="delta"):
     """The fused chunk kernel with Triton's load pipelining (2 stages) instead of none."""
-    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2)
+    return fused_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule=rule, num_stages=2,
+                       wy_inverse=wy_inverse if rule == "delta" else None)
 
 
 # Paths of ours that no ``impl=`` names: the walk-only kernel, and a launch variant of the fused one.

@@ -1,12 +1,18 @@
 """Pallas GPU kernels for the fast-weight op, reached through ``dpfp_jax.fast_weight(impl="pallas")``.
 
+Kernels are grouped by backend: ``pallas_kernels.triton`` holds the GPU ones (lowered through
+Triton) and the tiles they share (``triton.tiles``: padding, value blocks, launch settings,
+tensor-core dots). ``validation`` (the argument checks) is backend-neutral.
+
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state
   update) in one program per (batch x head, value block), walking chunks with its slice of W on
-  chip; ``impl="pallas"`` from one chunk on.
+  chip; ``impl="pallas"`` from one chunk on. The delta rule's per-chunk WY inverse comes from the
+  caller (``wy_inverse=``): the op composes the kernels, the kernels import nothing of it.
 - ``fused_recurrent``: one program per (batch x head, value block) walks time with its slice of W
   on chip; the backward rebuilds states in-kernel (the paper's CUDA kernel, redone).
-- ``chunk_recurrence``: only the chunkwise form's sequential inter-chunk walk, forward and
-  backward, with matmuls per chunk; ``fast_weight_chunk(..., recurrence="pallas")`` uses it.
+- ``chunk_walk`` (``forward_recurrence``, ``backward_recurrence``): only the chunkwise form's
+  sequential inter-chunk walk, forward and backward, with matmuls per chunk;
+  ``fast_weight_chunk(..., walk=chunk_walk())`` uses it.
 
 Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``)
 and takes ``scale`` as a run-time value, so it may be traced.
@@ -17,10 +23,10 @@ suite checks what they compute on machines without a GPU; the dev-only
 that they can become GPU kernels.
 """
 
-from pallas_kernels.chunk_recurrence import backward_recurrence, chunk_recurrences, forward_recurrence
-from pallas_kernels.fused_chunk import fused_chunk
-from pallas_kernels.fused_recurrent import fused_recurrent
+from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_walk, forward_recurrence
+from pallas_kernels.triton.fused_chunk import fused_chunk
+from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
-__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_recurrences", "forward_recurrence", "fused_chunk",
+__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk",
            "fused_recurrent"]

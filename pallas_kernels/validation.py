@@ -63,6 +63,34 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
 
 
+def check_wy_inverse(rule: str, wy_inverse: object) -> None:
+    """The delta rule's per-chunk WY inverse comes from the caller as a function; the sum rule takes none.
+
+    Example:
+        >>> check_wy_inverse("sum", lambda k, beta: k)
+        Traceback (most recent call last):
+        ...
+        ValueError: wy_inverse is only used by rule='delta'; got a function with rule='sum'
+    """
+    if rule == "delta" and wy_inverse is None:
+        raise ValueError("wy_inverse is required for rule='delta': a function (k [..., C, K], beta [..., C]) -> "
+                         "A^-1 [..., C, C] with A = I + diag(beta) strict_tril(K K^T); got None")
+    if rule == "delta" and not callable(wy_inverse):
+        raise TypeError(f"wy_inverse must be a function (k, beta) -> A^-1; got {type(wy_inverse).__name__}")
+    if rule != "delta" and wy_inverse is not None:
+        seen = "a function" if callable(wy_inverse) else type(wy_inverse).__name__
+        raise ValueError(f"wy_inverse is only used by rule='delta'; got {seen} with rule={rule!r}")
+
+
+def check_wy_inverse_result(inverse: object, expected: tuple[int, ...]) -> None:
+    """What ``wy_inverse`` returned must be a floating ``[..., C, C]`` array of the expected shape."""
+    shape = getattr(inverse, "shape", None)
+    if shape is None or tuple(shape) != expected:
+        raise ValueError(f"wy_inverse must return A^-1 of shape [..., C, C] = {expected}; got "
+                         f"{type(inverse).__name__ if shape is None else tuple(shape)}")
+    _check_float("wy_inverse's result", inverse)
+
+
 def check_kernel_inputs(
     q: Array,
     k: Array,

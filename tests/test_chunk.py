@@ -136,3 +136,73 @@ def test_chunk_size_is_validated():
     for bad in (0, -4, 2.0, True):
         with pytest.raises((TypeError, ValueError), match="chunk_size"):
             run(inputs, "chunk", "delta", chunk_size=bad)
+
+
+
+def compiled_grad(inputs, impl, **kwargs):
+    """The jitted gradient of a loss on both outputs, compiled, and its arguments."""
+    names = [n for n in DIFF_ARGS if inputs[n] is not None]
+
+    def loss(*args):
+        out, state = run(dict(zip(names, args, strict=True)), impl, "delta", **kwargs)
+        return jnp.sum(out**2) + jnp.sum(state**2)
+
+    args = [inputs[n] for n in names]
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).lower(*args).compile(), args
+
+
+def test_chunk_size_above_t_costs_what_t_needs():
+    # A chunk of C steps costs O(C^2) whatever T is; padding T = 70 up to C = 10**6 would need
+    # terabytes. Above T, the chunk size must not matter: one chunk of T steps.
+    inputs = make_inputs(70, time=70, key_dim=16, with_state=True)
+    huge, args = compiled_grad(inputs, "chunk", chunk_size=10**6)
+    oracle, _ = compiled_grad(inputs, "reference")
+    assert_close(huge(*args), oracle(*args), rtol=1e-4, atol=1e-5)
+    outputs = jax.jit(lambda x: run(x, "chunk", "delta", chunk_size=10**6))(inputs)
+    assert_close(outputs, jax.jit(lambda x: run(x, "reference", "delta"))(inputs), rtol=1e-5, atol=1e-6)
+    temp_bytes = compiled_grad(inputs, "chunk", chunk_size=128)[0].memory_analysis().temp_size_in_bytes
+    assert huge.memory_analysis().temp_size_in_bytes == temp_bytes
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_chunk_runs_the_walk_it_is_given(rule):
+    # The sequential part is passed in as (forward, backward) functions, not chosen by name: a
+    # walk that records its calls runs once each way under value_and_grad, and being the XLA
+    # walk's own functions it leaves every value and gradient as the default walk gives them.
+    from dpfp_jax.ops.fast_weight.chunk import XLA_WALK, Walk, fast_weight_chunk
+
+    calls = []
+
+    def recorded(name, fn):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+
+        return run
+
+    walk = Walk(recorded("forward", XLA_WALK.forward), recorded("backward", XLA_WALK.backward))
+    inputs = make_inputs(4, time=40, rule=rule, with_state=True)
+    names = [n for n in DIFF_ARGS if inputs[n] is not None]
+
+    def grads(walk):
+        def loss(*args):
+            a = {**inputs, **dict(zip(names, args, strict=True))}
+            out, state = fast_weight_chunk(a["q"], a["k"], a["v"], a["beta"], a["initial_state"], rule=rule,
+                                           scale=0.5, chunk_size=16, walk=walk)
+            return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+        return jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(*[inputs[n] for n in names])
+
+    got = grads(walk)
+    assert calls == ["forward", "backward"]
+    assert_close(got, grads(XLA_WALK), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("walk", ["pallas", (lambda *a: a,), (None, None)])
+def test_chunk_refuses_a_walk_that_is_not_a_pair_of_functions(walk):
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+
+    inputs = make_inputs(0, time=32, with_state=True)
+    with pytest.raises(TypeError, match="walk must be a \\(forward, backward\\) pair of functions"):
+        fast_weight_chunk(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["initial_state"],
+                          rule="delta", scale=1.0, chunk_size=16, walk=walk)

@@ -276,3 +276,124 @@ def test_bad_inputs_raise_clear_errors(change, error, match):
     args = {**GOOD, **change}
     with pytest.raises(error, match=match):
         dj.fast_weight(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), **args)
+
+
+# --- empty inputs ----------------------------------------------------------------------------
+
+EMPTY_SHAPES = {  # (B, T, H, K, V): one axis 0 each; K = 0 has outputs (zeros), the others none
+    "T=0": (2, 0, 3, 4, 5), "B=0": (0, 6, 3, 4, 5), "H=0": (2, 6, 0, 4, 5), "K=0": (2, 6, 3, 0, 5),
+    "V=0": (2, 6, 3, 4, 0),
+}
+
+
+def empty_inputs(shape, rule, with_state):
+    batch, time, heads, key_dim, value_dim = shape
+    return make_inputs(1, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
+                       with_state=with_state)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS, "auto"])
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("shape", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
+def test_empty_inputs_give_empty_outputs_and_the_initial_state(impl, rule, with_state, shape):
+    inputs = empty_inputs(shape, rule, with_state)
+    # chunk_size 2 < T = 6: the chunk path really runs chunks, and "auto" picks it.
+    out, state = run(inputs, impl, rule, chunk_size=2)
+    batch, time, heads, key_dim, value_dim = shape
+    assert out.shape == (batch, time, heads, value_dim) and out.dtype == jnp.float32
+    assert state.shape == (batch, heads, key_dim, value_dim) and state.dtype == jnp.float32
+    # Nothing is written (T = 0), or nothing can be read (K = 0): outputs are zeros.
+    assert_close(out, jnp.zeros_like(out), rtol=0)
+    if time == 0:
+        want = inputs["initial_state"] if with_state else jnp.zeros_like(state)
+        assert_close(state, want, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("shape", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
+def test_empty_inputs_have_the_gradients_of_the_oracle(impl, shape):
+    inputs = empty_inputs(shape, "delta", True)
+    got = jax.grad(lambda *a: gradient_loss(impl, *a), argnums=(0, 1, 2, 3, 4))(*[inputs[n] for n in DIFF_ARGS])
+    want = jax.grad(lambda *a: gradient_loss("reference", *a), argnums=(0, 1, 2, 3, 4))(
+        *[inputs[n] for n in DIFF_ARGS])
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if shape[1] == 0:  # final_state = initial_state, so d initial_state = d final_state
+        assert_close(got[4], random_like(2, inputs["initial_state"]), rtol=0)
+
+
+def gradient_loss(impl, q, k, v, beta, s):
+    out, state = dj.fast_weight(q, k, v, beta, initial_state=s, impl=impl, chunk_size=2)
+    return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state))
+
+
+@pytest.mark.parametrize("shape", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
+def test_pallas_adapter_takes_empty_inputs(shape):
+    # The GPU kernels are dispatched through this adapter; Pallas's interpreter runs it here.
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+
+    inputs = empty_inputs(shape, "delta", True)
+    got = fast_weight_pallas(*[inputs[n] for n in DIFF_ARGS], rule="delta", scale=1.0, chunk_size=16,
+                             interpret=True)
+    assert_close(got, run(inputs, "reference", "delta"), rtol=0)
+
+
+# --- what may be passed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(beta=0.5), TypeError, "beta must be an array .* got float"),
+        (dict(q=np.ones((B, T, H, K)).tolist()), TypeError, "q must be an array .* got list"),
+        (dict(v=np.ones((B, T, H, V)).tolist()), TypeError, "v must be an array .* got list"),
+        (dict(initial_state=np.ones((B, H, K, V)).tolist()), TypeError, "initial_state must be an array"),
+        (dict(scale=jnp.ones(3)), ValueError, r"scale must be a scalar \(0-d\); got an array of shape \(3,\)"),
+        (dict(scale=np.ones((1, 1))), ValueError, r"scale must be a scalar \(0-d\)"),
+        (dict(scale="0.5"), TypeError, "scale must be a real number .* got '0.5' of type str"),
+        (dict(scale=True), TypeError, "scale must be a real number"),
+        (dict(scale=jnp.array(1 + 2j)), TypeError, "scale must be a real number; got an array of dtype complex"),
+    ],
+)
+def test_non_arrays_and_bad_scales_are_refused(change, error, match):
+    args = {**GOOD, **change}
+    for impl in ("reference", *FAST_IMPLS):
+        with pytest.raises(error, match=match):
+            dj.fast_weight(args["q"], args["k"], args["v"], args["beta"], impl=impl,
+                           **{n: args[n] for n in ("initial_state", "scale") if n in args})
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), jnp.array(0.5), np.array(2), 2])
+def test_scalar_arrays_and_numbers_are_fine_scales(scale):
+    out, _ = dj.fast_weight(*GOOD.values(), scale=scale, impl="scan")
+    assert_close(out, float(scale) * dj.fast_weight(*GOOD.values(), impl="scan")[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_traced_scale_and_its_gradient(impl):
+    inputs = make_inputs(12, time=9, with_state=True)
+    unscaled_out, state = run(inputs, impl, "delta")
+    weights = random_like(3, unscaled_out)
+
+    @jax.jit
+    def loss(scale):
+        out, _ = run(inputs, impl, "delta", scale=scale)
+        return jnp.sum(out * weights)
+
+    value, d_scale = jax.value_and_grad(loss)(jnp.float32(0.25))
+    # out is linear in scale: loss(s) = s * loss(1), so d loss / d scale = loss(1).
+    want = jnp.sum(unscaled_out * weights)
+    assert_close((value, d_scale), (0.25 * want, want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+def test_a_float64_scale_keeps_float32_inputs_float32(x64, impl):
+    # With x64 a numpy float64 scale is a float64 array; it must not widen q past the state's dtype
+    # (the custom backward's scan carries would disagree).
+    inputs = make_inputs(13, batch=1, time=5, with_state=True)
+    out, state = run(inputs, impl, "delta", scale=np.float64(0.5))
+    assert out.dtype == state.dtype == jnp.float32
+    assert_close(out, 0.5 * run(inputs, "reference", "delta")[0], rtol=1e-5, atol=1e-7)
+    dq = jax.grad(lambda q: jnp.sum(run({**inputs, "q": q}, impl, "delta", scale=np.float64(0.5))[0] ** 2))(
+        inputs["q"])
+    assert dq.dtype == jnp.float32

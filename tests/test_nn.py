@@ -308,6 +308,38 @@ def test_carrying_memory_across_segments(config):
     close(memory, want_memory)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_empty_segments_and_batches(config):
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, **config)
+    x = normal(0, (2, 5, 8))
+    variables = layer.init(jax.random.key(1), x)
+    _, memory = layer.apply(variables, x)
+    # A segment of no steps outputs nothing and leaves the memory as it was (or empty, from None).
+    y, same = layer.apply(variables, x[:, :0], memory, mask=jnp.ones((2, 0), bool))
+    assert y.shape == (2, 0, 8)
+    close(same, memory)
+    _, fresh = layer.apply(variables, x[:, :0])
+    close(fresh, jax.tree.map(jnp.zeros_like, memory))
+    y, empty = layer.apply(variables, x[:0])
+    assert y.shape == (0, 5, 8) and all(m.shape[0] == 0 for m in jax.tree.leaves(empty))
+
+
+def test_empty_inputs_to_dpfp_attention_and_dpfpformer():
+    x = normal(0, (2, 5, 8))
+    attention = dj.DPFPAttention(8, num_heads=2, head_dim=4)
+    model = dj.DPFPformer(8, 2, num_heads=2, head_dim=4)
+    for module, kwargs in ((attention, {}), (model, dict(return_memory=True))):
+        variables = module.init(jax.random.key(1), x)
+        _, memory = module.apply(variables, x, **kwargs)
+        y, same = module.apply(variables, x[:, :0], memory, **kwargs)
+        assert y.shape == (2, 0, 8)
+        close(same, memory)
+        _, fresh = module.apply(variables, x[:, :0], **kwargs)
+        close(fresh, jax.tree.map(jnp.zeros_like, memory))
+        y, empty = module.apply(variables, x[:0], **kwargs)
+        assert y.shape == (0, 5, 8) and all(m.shape[0] == 0 for m in jax.tree.leaves(empty))
+
+
 def test_dpfpformer_segments_and_decode():
     model = dj.DPFPformer(8, 2, num_heads=2, head_dim=4, nu=2)
     x = normal(0, (2, 6, 8))

@@ -127,7 +127,7 @@ def test_built_wheel_holds_the_library_its_license_type_marker_and_version(tmp_p
     dist_info = f"dpfp_jax-{dj.__version__}.dist-info"
     assert {name.split("/")[0] for name in names} == LIBRARY | {dist_info}, sorted(names)
     assert "dpfp_jax/py.typed" in names
-    assert "pallas_kernels/fused_chunk.py" in names and "pallas_kernels/triton_lowering.py" not in names
+    assert "pallas_kernels/triton/fused_chunk.py" in names and "pallas_kernels/triton_lowering.py" not in names
     assert f"{dist_info}/licenses/LICENSE" in names
     metadata = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA"))
     assert metadata["Version"] == dj.__version__

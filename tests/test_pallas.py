@@ -9,7 +9,8 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from pallas_kernels import MAX_KEY_DIM, fused_chunk, fused_recurrent
+from dpfp_jax.ops.fast_weight.chunk import wy_inverse
+from pallas_kernels import MAX_KEY_DIM, chunk_walk, fused_chunk, fused_recurrent
 from tests.conftest import pallas_calls, random_like
 from tests.test_multidevice import run_with_host_devices
 
@@ -58,12 +59,17 @@ def chunked_kernel(rule, scale=1.0, chunk_size=16):
     from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
 
     return lambda q, k, v, beta, s: fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=scale,
-                                                      chunk_size=chunk_size, recurrence="pallas_interpret")
+                                                      chunk_size=chunk_size, walk=chunk_walk(interpret=True))
+
+
+def composed_fused_chunk(*args, rule, **kwargs):
+    """``fused_chunk`` as the library composes it: given the library's WY inverse for the delta rule."""
+    return fused_chunk(*args, rule=rule, wy_inverse=wy_inverse if rule == "delta" else None, **kwargs)
 
 
 def fused_chunk_kernel(rule, scale=1.0, chunk_size=16):
-    return lambda q, k, v, beta, s: fused_chunk(q, k, v, beta, s, rule=rule, scale=scale, chunk_size=chunk_size,
-                                                interpret=True)
+    return lambda q, k, v, beta, s: composed_fused_chunk(q, k, v, beta, s, rule=rule, scale=scale,
+                                                         chunk_size=chunk_size, interpret=True)
 
 
 def chunked_cases():
@@ -109,7 +115,7 @@ def test_kernels_take_bfloat16(kernel_of):
 def test_fused_chunk_refuses_chunks_a_tensor_core_cannot_tile(chunk_size):
     inputs = make_inputs(0, time=96, with_state=True)
     with pytest.raises(ValueError, match=f"power of two >= 16; got chunk_size={chunk_size}"):
-        fused_chunk(*[inputs[n] for n in ARGS], rule="delta", chunk_size=chunk_size, interpret=True)
+        composed_fused_chunk(*[inputs[n] for n in ARGS], rule="delta", chunk_size=chunk_size, interpret=True)
 
 
 @pytest.mark.parametrize("T, kernel_name", [(40, "fused_chunk"), (10, "fused_recurrent")])
@@ -145,7 +151,7 @@ def test_fused_chunk_reads_inputs_in_place(rule, transposes):
     # The delta rule's WY inverse reads k and beta head-major: two transposes, done by XLA.
     inputs = make_inputs(0, time=64, heads=3, key_dim=64, value_dim=32, rule=rule, with_state=True)
     args = {n: x if x is None or n == "initial_state" else x.astype(jnp.bfloat16) for n, x in inputs.items()}
-    jaxpr = jax.make_jaxpr(lambda *a: fused_chunk(*a, rule=rule, chunk_size=16))(*[args[n] for n in ARGS])
+    jaxpr = jax.make_jaxpr(lambda *a: composed_fused_chunk(*a, rule=rule, chunk_size=16))(*[args[n] for n in ARGS])
     names = primitives_outside_kernels(jaxpr.jaxpr)
     assert names.count("transpose") == transposes and "pad" not in names, names
 
@@ -163,7 +169,7 @@ def test_fused_chunk_writes_outputs_in_v_dtype_and_keeps_writes_only_for_gradien
     args = [inputs[n] if n == "initial_state" else inputs[n].astype(jnp.bfloat16) for n in ARGS]
 
     def run(*a):
-        return fused_chunk(*a, rule="delta", scale=0.5, chunk_size=16, interpret=True)
+        return composed_fused_chunk(*a, rule="delta", scale=0.5, chunk_size=16, interpret=True)
 
     chunks, state = (2, 2, 16, 2, 16), (4, 16, 16)
     assert kernel_outputs(jax.make_jaxpr(run)(*args).jaxpr, "fused_chunk_fwd") == [
@@ -258,7 +264,7 @@ def bad_calls():
     ], dict(q=x, k=x, v=x, beta=beta, initial_state=state, rule="delta")
 
 
-@pytest.mark.parametrize("kernel_fn", [fused_chunk, fused_recurrent], ids=["fused_chunk", "fused_recurrent"])
+@pytest.mark.parametrize("kernel_fn", [composed_fused_chunk, fused_recurrent], ids=["fused_chunk", "fused_recurrent"])
 @pytest.mark.parametrize("case", range(len(bad_calls()[0])), ids=[c[0] for c in bad_calls()[0]])
 def test_kernels_refuse_what_the_dispatcher_refuses(kernel_fn, case):
     # Called directly (no dispatcher in front), each kernel checks its own arguments at trace time.
@@ -278,6 +284,26 @@ def test_fused_chunk_refuses_chunk_sizes_that_are_not_ints_of_the_right_size(chu
     x = jnp.ones((1, 32, 1, 8))
     with pytest.raises(error, match=message):
         fused_chunk(x, x, x, None, jnp.zeros((1, 1, 8, 8)), rule="sum", chunk_size=chunk_size, interpret=True)
+
+
+@pytest.mark.parametrize("rule, inverse, error, message", [
+    ("delta", None, ValueError, "wy_inverse is required for rule='delta'.*got None"),
+    ("delta", "solve", TypeError, "wy_inverse must be a function \\(k, beta\\) -> A\\^-1; got str"),
+    ("sum", wy_inverse, ValueError, "wy_inverse is only used by rule='delta'; got a function with rule='sum'"),
+    ("delta", lambda k, beta: k, ValueError,  # [B, H, N, C, K]: not a [C, C] matrix per chunk
+     "wy_inverse must return A\\^-1 of shape \\[..., C, C\\] = \\(1, 2, 2, 32, 32\\); got \\(1, 2, 2, 32, 16\\)"),
+    ("delta", lambda k, beta: None, ValueError, "wy_inverse must return .* got NoneType"),
+    ("delta", lambda k, beta: wy_inverse(k, beta).astype(jnp.int32), TypeError,
+     "wy_inverse's result must have a floating dtype; got int32"),
+], ids=["delta without it", "not a function", "sum with it", "not [C, C] per chunk", "no array", "integer result"])
+def test_fused_chunk_takes_the_delta_rules_wy_inverse_from_its_caller(rule, inverse, error, message):
+    # The kernel imports nothing of the library: the delta rule's per-chunk inverse is an argument,
+    # checked at trace time like the arrays.
+    x = jnp.ones((1, 64, 2, 16))
+    beta = jnp.full((1, 64, 2), 0.5) if rule == "delta" else None
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda: fused_chunk(x, x, x, beta, jnp.zeros((1, 2, 16, 16)), rule=rule, chunk_size=32,
+                                           interpret=True, wy_inverse=inverse))
 
 
 def recurrence_args(key_dim=8, value_dim=4, delta=True):

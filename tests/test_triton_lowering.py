@@ -12,7 +12,7 @@ import pytest
 
 from dpfp_devtools.triton_lowering import triton_calls
 from dpfp_devtools.workloads import op_gradient
-from pallas_kernels import common
+from pallas_kernels.triton import tiles
 from tests.conftest import pallas_calls
 
 SLOW = pytest.mark.slow
@@ -53,11 +53,11 @@ def test_chunked_kernels_lower_to_triton_with_tensor_core_dots(kernel, rule, key
     assert sorted(calls) == ["bwd", "fwd"]
     for call in calls.values():
         # Unpipelined loads (shared memory) and one-pass TF32 dots (tensor cores) for bf16 inputs.
-        assert (call.num_warps, call.num_stages) == (common.NUM_WARPS, 1)
+        assert (call.num_warps, call.num_stages) == (tiles.NUM_WARPS, 1)
         assert "inputPrecision = tf32 " in call.ir
         assert "tf32x3" not in call.ir and "ieee" not in call.ir
         # The state is walked in [64, BV] tiles: no [C, K] operand is ever materialised whole.
-        k_pad = common.padded_sizes(key_dim, value_dim, key_tile=common.KEY_TILE)[0]
+        k_pad = tiles.padded_sizes(key_dim, value_dim, key_tile=tiles.KEY_TILE)[0]
         assert k_pad <= 64 or f"tensor<64x{k_pad}xf32>" not in call.ir
 
 

@@ -19,7 +19,7 @@ from dpfp_jax.feature_maps import (
     sum_norm,
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
-from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_like_sharded
+from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zeros_without_time
 from dpfp_jax.validation import check_choice, check_dropout_rate, check_mask, check_positive_int
 
 Array = jax.Array
@@ -263,7 +263,7 @@ class FastWeightAttention(nn.Module):
         )
         new_memory: Memory = w
         if self.normalization == "attention":
-            z_start = (zeros_like_sharded(phi_k[:, 0], jnp.float32) if z0 is None
+            z_start = (zeros_without_time(phi_k, jnp.float32) if z0 is None
                        else with_batch_sharding_of(z0.astype(jnp.float32), phi_k))
             z = z_start[:, None] + jnp.cumsum(phi_k.astype(jnp.float32), axis=1)
             denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps

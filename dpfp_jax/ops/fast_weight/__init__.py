@@ -20,7 +20,7 @@ from dpfp_jax.ops.fast_weight.common import with_batch_sharding_of, zero_state
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
-from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs
+from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs, check_scale
 from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
@@ -75,7 +75,7 @@ def fast_weight(
     *,
     rule: str = "delta",
     initial_state: Array | None = None,
-    scale: float = 1.0,
+    scale: float | Array = 1.0,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Array, Array]:
@@ -119,14 +119,16 @@ def fast_weight(
       beta: ``[B, T, H]`` write strengths, required for the delta rule, refused for the sum rule.
       rule: ``"delta"`` or ``"sum"``.
       initial_state: ``[B, H, K, V]`` fast weights to start from (carried from a previous segment).
-      scale: multiplies the outputs.
+      scale: multiplies the outputs: a Python or numpy number or a 0-d array, which may be traced
+        (a jit argument) and differentiated on the XLA impls (reference, scan, chunk).
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
         matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
         fused chunk from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
         ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
-        the same function without chunks and do not use it).
+        the same function without chunks and do not use it); ``"chunk"`` takes one chunk of T
+        steps when ``chunk_size`` is above T, so its cost follows T.
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -145,6 +147,7 @@ def fast_weight(
         ((2, 16, 4, 8), (2, 4, 16, 8))
     """
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
+    check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)

@@ -24,14 +24,16 @@ was slower (3x on CPU) and kept every chunk's state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, float32_or_wider, zeros_like_sharded
+from dpfp_jax.ops.fast_weight.common import accumulation_dtype, zeros_like_sharded
 
 Array = jax.Array
 
@@ -85,24 +87,25 @@ def _wy_writes(inverse: Array, k: Array, v: Array, beta: Array) -> tuple[Array, 
     return _mm("...ij,...jd->...id", scaled_inverse, v), _mm("...ij,...jd->...id", scaled_inverse, k)
 
 
-def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0):
+def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0, *, matmul=_mm):
     """The sequential part of the forward: per chunk ``U = U_tilde - Y W0``,
     ``O = (Q - S Y) W0 + S U_tilde``, ``W1 = W0 + K^T U``. Arrays ``[N, G, C, ...]``, state ``[G, K, V]``.
 
     Returns ``(out, u, final_state)``; u is None for the sum rule (y None), whose writes are v.
+    ``matmul(spec, a, b)``: the einsum every product is, as ``xla_walk`` says.
     """
 
     def step(w, chunk):
         q_c, k_c, u_tilde_c, y_c, out_intra_c = chunk
-        u = u_tilde_c if y_c is None else u_tilde_c - _mm("gck,gkv->gcv", y_c, w)
-        out = _mm("gck,gkv->gcv", q_c, w) + out_intra_c
-        return w + _mm("gck,gcv->gkv", k_c, u), (out, u if y_c is not None else None)
+        u = u_tilde_c if y_c is None else u_tilde_c - matmul("gck,gkv->gcv", y_c, w)
+        out = matmul("gck,gkv->gcv", q_c, w) + out_intra_c
+        return w + matmul("gck,gcv->gkv", k_c, u), (out, u if y_c is not None else None)
 
     final_state, (out, u) = lax.scan(step, w0, (q_eff, k, u_tilde, y, out_intra))
     return out, u, final_state
 
 
-def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final):
+def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final, *, matmul=_mm):
     """The sequential part of the backward: chunks in reverse, rebuilding ``W0 = W1 - K^T U``.
 
     Returns ``(dq_eff, dk, du, dy, d_w0)`` (dk only through the state path; dy None for the sum rule).
@@ -111,42 +114,72 @@ def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final):
     def step(carry, chunk):
         w1, dw1 = carry  # the state after this chunk and dL/d(that state)
         q_c, k_c, u_c, y_c, do_c = chunk
-        w0 = w1 - _mm("gck,gcv->gkv", k_c, u_c)
-        du = _mm("gck,gkv->gcv", k_c, dw1)
-        dk = _mm("gcv,gkv->gck", u_c, dw1)
-        dq_eff = _mm("gcv,gkv->gck", do_c, w0)
-        dw0 = dw1 + _mm("gck,gcv->gkv", q_c, do_c)
+        w0 = w1 - matmul("gck,gcv->gkv", k_c, u_c)
+        du = matmul("gck,gkv->gcv", k_c, dw1)
+        dk = matmul("gcv,gkv->gck", u_c, dw1)
+        dq_eff = matmul("gcv,gkv->gck", do_c, w0)
+        dw0 = dw1 + matmul("gck,gcv->gkv", q_c, do_c)
         if y_c is None:
             return (w0, dw0), (dq_eff, dk, du, None)
-        dw0 = dw0 - _mm("gck,gcv->gkv", y_c, du)
-        return (w0, dw0), (dq_eff, dk, du, -_mm("gcv,gkv->gck", du, w0))
+        dw0 = dw0 - matmul("gck,gcv->gkv", y_c, du)
+        return (w0, dw0), (dq_eff, dk, du, -matmul("gcv,gkv->gck", du, w0))
 
     (_, dw0), (dq, dk, du, dy) = lax.scan(step, (final_state, d_final), (q_eff, k, u, y, d_out), reverse=True)
     return dq, dk, du, dy, dw0
 
 
-def _recurrences(recurrence: str, precise: bool):
-    """The (forward, backward) sequential parts: ``"xla"`` (lax.scan) or the Pallas kernels.
+class Walk(NamedTuple):
+    """The chunk form's sequential walk over chunks, what ``fast_weight_chunk(..., walk=...)`` runs.
 
-    ``precise``: the inputs were float32 or wider, so the kernels' tensor-core dots take three TF32
-    passes instead of one (XLA's ``lax.scan`` path always uses HIGHEST precision).
+    ``forward(q_eff, k, u_tilde, y, out_intra, w0) -> (out, u, final_state)`` and
+    ``backward(q_eff, k, u, y, d_out, final_state, d_final) -> (dq_eff, dk, du, dy, d_w0)``, as
+    ``forward_recurrence_xla`` and ``backward_recurrence_xla`` say. Any pair of such functions is
+    a walk: ``pallas_kernels.chunk_walk()`` returns one as a plain tuple.
     """
-    if recurrence == "xla":
-        return forward_recurrence_xla, backward_recurrence_xla
-    from pallas_kernels.chunk_recurrence import chunk_recurrences
 
-    return chunk_recurrences(interpret=recurrence == "pallas_interpret", precise=precise)
+    forward: Callable
+    backward: Callable
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked(rule: str, recurrence: str, precise: bool, q: Array, k: Array, v: Array, beta: Array | None,
-             w0: Array):
+def xla_walk(matmul: Callable[[str, Array, Array], Array] = _mm) -> Walk:
+    """The walk as ``lax.scan`` over chunks, every product done by ``matmul(spec, a, b)``.
+
+    ``matmul`` takes an einsum spec and two float arrays; the default is ``jnp.einsum`` at HIGHEST
+    precision. Another (e.g. one emulating the GPU's TF32 dots) changes the walk's products only:
+    the state-independent work around it keeps its own.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> calls = []
+        >>> def counted(spec, a, b):
+        ...     calls.append(spec)
+        ...     return jnp.einsum(spec, a, b)
+        >>> x = jnp.ones((1, 32, 1, 4))
+        >>> _ = fast_weight_chunk(x, x, x, None, jnp.zeros((1, 1, 4, 4)), rule="sum", scale=1.0, chunk_size=16,
+        ...                       walk=xla_walk(counted))
+        >>> calls  # lax.scan traces its step once: two products per chunk for the sum rule
+        ['gck,gkv->gcv', 'gck,gcv->gkv']
+    """
+    return Walk(partial(forward_recurrence_xla, matmul=matmul), partial(backward_recurrence_xla, matmul=matmul))
+
+
+XLA_WALK = xla_walk()
+
+
+def _check_walk(walk: object) -> None:
+    if not (isinstance(walk, tuple) and len(walk) == 2 and all(callable(f) for f in walk)):
+        raise TypeError("walk must be a (forward, backward) pair of functions, e.g. XLA_WALK or "
+                        f"pallas_kernels.chunk_walk(); got {type(walk).__name__} {walk!r}")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked(rule: str, walk: Walk, q: Array, k: Array, v: Array, beta: Array | None, w0: Array):
     """Chunked core on ``[N, G, C, ...]`` arrays; returns ``(out [N, G, C, V], final_state)``."""
-    (out, final_state), _ = _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0)
+    (out, final_state), _ = _chunked_forward(rule, walk, q, k, v, beta, w0)
     return out, final_state
 
 
-def _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0):
+def _chunked_forward(rule, walk, q, k, v, beta, w0):
     # Everything that does not depend on the state is done for all chunks at once; with
     # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
     # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
@@ -159,20 +192,18 @@ def _chunked_forward(rule, recurrence, precise, q, k, v, beta, w0):
         inverse, u_tilde, y, q_eff = None, v, None, q
     out_intra = _mm("...ij,...jv->...iv", scores, u_tilde)
 
-    forward_recurrence, _ = _recurrences(recurrence, precise)
-    out, u, final_state = forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0)
+    out, u, final_state = walk[0](q_eff, k, u_tilde, y, out_intra, w0)
     # The sum rule's writes are v itself; nothing more to keep.
     return (out, final_state), (q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state)
 
 
-def _chunked_backward(rule, recurrence, precise, residuals, cotangents):
+def _chunked_backward(rule, walk, residuals, cotangents):
     q, k, v, beta, scores, inverse, u_tilde, y, q_eff, u, final_state = residuals
     d_out, d_final = cotangents
     if rule != "delta":
         u = v
 
-    _, backward_recurrence = _recurrences(recurrence, precise)
-    dq, dk, du_tilde, dy, dw0 = backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final)
+    dq, dk, du_tilde, dy, dw0 = walk[1](q_eff, k, u, y, d_out, final_state, d_final)
     # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all chunks at once.
     d_scores = _mm("...iv,...jv->...ij", d_out, u_tilde)
     du_tilde = du_tilde + _mm("...ij,...iv->...jv", scores, d_out)
@@ -212,17 +243,29 @@ def fast_weight_chunk(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    recurrence: str = "xla",
+    walk: Walk = XLA_WALK,
 ) -> tuple[Array, Array]:
     """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated.
 
-    ``recurrence`` runs the sequential inter-chunk part with ``lax.scan`` (``"xla"``) or with the
-    Pallas kernels of ``pallas_kernels.chunk_recurrence`` (``"pallas"``, or ``"pallas_interpret"``
-    for Pallas's interpreter).
+    ``walk`` runs the sequential inter-chunk part: ``lax.scan`` by default (``XLA_WALK``;
+    ``xla_walk(matmul)`` for other products), or any other ``(forward, backward)`` pair such as
+    ``pallas_kernels.chunk_walk()``, the Pallas kernels.
+
+    With a :class:`Walk` (``XLA_WALK``, ``xla_walk(...)``) a ``chunk_size`` above T acts as T (one
+    chunk, no padding): the work follows T, not ``chunk_size``. Any other pair gets the
+    ``chunk_size`` it was given (a Triton walk's chunk is a block, which must be a power of two).
     """
+    _check_walk(walk)
     batch, length, heads, _ = q.shape
+    if isinstance(walk, Walk):
+        # A chunk longer than the sequence would only add inert padding, at O(C^2) per chunk; the
+        # result does not depend on C, so one chunk of the whole sequence does the same for less.
+        # (Other walks keep the caller's C: a Triton walk's chunk is a block, a power of two.)
+        chunk_size = min(chunk_size, length)
+    # At least 1: T = 0 is then zero chunks.
+    chunk_size = max(chunk_size, 1)
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     # Chunks as [N, G, C, ...] with G = B * H: one batch axis keeps XLA's batched matmuls simple.
@@ -231,8 +274,10 @@ def fast_weight_chunk(
         for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = initial_state.astype(acc).reshape(batch * heads, key_dim, value_dim)
-    out, final_state = _chunked(rule, recurrence, float32_or_wider(q, k, v), qc * scale, kc, vc, bc, w0)
+    # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
+    out, final_state = _chunked(rule, walk, qc * jnp.asarray(scale, acc), kc, vc, bc, w0)
     # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
     out = out.reshape(out.shape[0], batch, heads, chunk_size, value_dim)
-    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, -1, heads, value_dim)
+    # The padded length spelled out: a -1 cannot be inferred when B, H or V is 0.
+    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, out.shape[0] * chunk_size, heads, value_dim)
     return out[:, :length].astype(out_dtype), final_state.reshape(batch, heads, key_dim, value_dim)

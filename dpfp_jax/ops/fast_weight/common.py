@@ -13,12 +13,6 @@ def accumulation_dtype(*xs: Array | None) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*(x for x in xs if x is not None)), jnp.float32)
 
 
-def float32_or_wider(*xs: Array) -> bool:
-    """Whether an input is float32 or wider: the Pallas kernels' tensor-core dots then take three
-    TF32 passes instead of one (``pallas_kernels.common.PRECISE_DOT``)."""
-    return any(jnp.finfo(x.dtype).bits >= 32 for x in xs)
-
-
 def to_time_major(x: Array | None, dtype: jnp.dtype) -> Array | None:
     """``[B, T, ...] -> [T, B, ...]`` in ``dtype``; ``lax.scan`` walks the leading axis."""
     return None if x is None else jnp.swapaxes(x, 0, 1).astype(dtype)
@@ -34,9 +28,18 @@ def zeros_like_sharded(x: Array, dtype: jnp.dtype) -> Array:
     return jnp.where(False, x, jnp.zeros((), dtype)).astype(dtype)
 
 
+def zeros_without_time(x: Array, dtype: jnp.dtype) -> Array:
+    """Zeros of x's shape less its time axis (axis 1), carrying the sharding of the other axes.
+
+    A sum over an empty slice of time rather than ``x[:, 0]``: it needs no step to exist (T = 0)
+    and reads nothing.
+    """
+    return jnp.sum(x[:, :0], axis=1, dtype=dtype)
+
+
 def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
-    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v."""
-    return zeros_like_sharded(q[:, 0, :, :, None], dtype) + zeros_like_sharded(v[:, 0, :, None, :], dtype)
+    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v; also for T = 0."""
+    return zeros_without_time(q[..., None], dtype) + zeros_without_time(v[..., None, :], dtype)
 
 
 def batch_axis_of(x: Array) -> tuple[object, str | tuple | None]:

@@ -25,10 +25,11 @@ def fast_weight_reference(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
 ) -> tuple[Array, Array]:
     """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
     acc = accumulation_dtype(q, k, v, beta, initial_state)
+    scale = jnp.asarray(scale, acc)  # a float64 scale (x64) must not widen the outputs
 
     def step(w: Array, inputs: tuple[Array, ...]) -> tuple[Array, Array]:
         q_t, k_t, v_t, beta_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H] or None

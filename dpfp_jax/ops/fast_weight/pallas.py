@@ -4,8 +4,13 @@ Two kernels: the fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
 matmuls on tensor cores, in one program per head and value block) for sequences of at least one
 chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused
 recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A third,
-``pallas_kernels.chunk_recurrence`` (only the inter-chunk walk in Pallas, the rest in XLA), is
-reached through ``fast_weight_chunk(..., recurrence="pallas")`` for comparison on the GPU.
+``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
+reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+
+The layers run one way: this library composes the kernels (it hands the fused chunked kernel the
+delta rule's per-chunk WY inverse, ``chunk.wy_inverse``), and ``pallas_kernels`` imports nothing
+of it. The kernels are imported where they are called: loading Pallas and its Triton backend
+would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 
 This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
 batch shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
@@ -18,8 +23,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
-from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
-from dpfp_jax.ops.fast_weight.common import batch_axis_of
+from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, wy_inverse
+from dpfp_jax.ops.fast_weight.common import accumulation_dtype, batch_axis_of, zeros_like_sharded
 
 Array = jax.Array
 
@@ -59,12 +64,16 @@ def fast_weight_pallas(
     """The chunked or the fused recurrent kernel, run per batch shard; inputs validated."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
+    if 0 in v.shape:
+        # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
+        # or empty; a kernel cannot be launched over an empty grid.
+        return zeros_like_sharded(v, v.dtype), initial_state.astype(accumulation_dtype(q, k, v, beta, initial_state))
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     def run(q, k, v, beta, initial_state):
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                               interpret=interpret)
+                               interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
 
     mesh, axis = batch_axis_of(q)

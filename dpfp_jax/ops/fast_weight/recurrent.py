@@ -107,11 +107,12 @@ def fast_weight_scan(
     initial_state: Array,
     *,
     rule: str,
-    scale: float,
+    scale: float | Array,
 ) -> tuple[Array, Array]:
     """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
-    # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine).
+    # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
+    # as a float64 scale (x64) would otherwise widen q past the state's dtype.
     q, k, v, beta = (to_time_major(x, acc) for x in (q, k, v, beta))
-    out, final_state = _recurrence(rule, q * scale, k, v, beta, initial_state.astype(acc))
+    out, final_state = _recurrence(rule, q * jnp.asarray(scale, acc), k, v, beta, initial_state.astype(acc))
     return jnp.swapaxes(out, 0, 1).astype(out_dtype), final_state

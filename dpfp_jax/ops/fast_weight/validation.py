@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpfp_jax.validation import check_choice
 
 Array = jax.Array
 
 RULES = ("delta", "sum")
+
+
+def _check_array(name: str, x: object) -> None:
+    # A list or a Python number would be converted by jnp silently, with a dtype and shape the
+    # caller may not have meant; tracers are jax.Arrays, so this holds under jit and vmap too.
+    if not isinstance(x, jax.Array | np.ndarray):
+        raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray); got {type(x).__name__}")
+
+
+def check_scale(scale: object) -> None:
+    """Raise a TypeError/ValueError unless ``scale`` is a real scalar: a Python or numpy number, or
+    a 0-d jax/numpy array of a float or int dtype (traced under jit, too)."""
+    if isinstance(scale, jax.Array | np.ndarray | np.generic):
+        if not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+            raise TypeError(f"scale must be a real number; got an array of dtype {scale.dtype}")
+        if scale.ndim != 0:
+            raise ValueError(f"scale must be a scalar (0-d); got an array of shape {scale.shape}")
+    # bool is an int subclass; scale=True is almost certainly a mistake.
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or a 0-d array; got {scale!r} of type {type(scale).__name__}")
 
 
 def _check_float(name: str, x: Array) -> None:
@@ -31,6 +54,9 @@ def check_fast_weight_inputs(
     initial_state ``[B, H, K, V]``.
     """
     check_choice("rule", rule, RULES)
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("initial_state", initial_state)):
+        if x is not None or name in ("q", "k", "v"):
+            _check_array(name, x)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {x.shape}")

@@ -12,8 +12,9 @@ leaves the state-independent products to XLA, which writes several float32 ``[T,
 of BV value columns) does the whole step per chunk on chip, reading q, k and v once, in their own
 dtype and in the caller's ``[B, T, H, D]`` layout (no transposed copies), and writing only the
 outputs (in v's dtype, scaled) and, when a gradient will be taken, the writes u. Only
-``T_beta`` (a per-chunk [C, C] triangular inverse, state-independent) comes from XLA, and its
-gradient goes back through XLA's autodiff of the triangular solve.
+``T_beta`` (a per-chunk [C, C] triangular inverse, state-independent) comes from outside: the
+caller passes the function that computes ``A^-1`` (``wy_inverse``; the library passes its own, a
+triangular solve in XLA), and its gradient goes back through JAX's autodiff of that function.
 
 The backward walks chunks in reverse, rebuilding ``W0 = W1 - K^T u`` from the stored writes (no
 state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the residual
@@ -31,6 +32,7 @@ for bfloat16/float16).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -39,12 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from dpfp_jax.ops.fast_weight.chunk import wy_inverse
-from dpfp_jax.ops.fast_weight.common import float32_or_wider
-from pallas_kernels.common import (
+from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
     compiler_params,
+    float32_or_wider,
     key_tiles,
     pad_state,
     pad_to,
@@ -53,7 +54,13 @@ from pallas_kernels.common import (
     value_block,
     walk_in_reverse,
 )
-from pallas_kernels.validation import check_chunk_size, check_kernel_inputs, check_positive_int
+from pallas_kernels.validation import (
+    check_chunk_size,
+    check_kernel_inputs,
+    check_positive_int,
+    check_wy_inverse,
+    check_wy_inverse_result,
+)
 
 Array = jax.Array
 
@@ -303,6 +310,7 @@ def fused_chunk(
     chunk_size: int = 64,
     interpret: bool = False,
     num_stages: int = 1,
+    wy_inverse: Callable[[Array, Array], Array] | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
 
@@ -319,17 +327,28 @@ def fused_chunk(
     the 227 KiB limit); with float32 inputs not even at K = 128 (240 KiB). Whether they pay is for
     the GPU benchmark to say.
 
+    ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function
+    ``(k [..., C, K], beta [..., C]) -> A^-1 [..., C, C]`` with ``A = I + diag(beta) strict_tril(K K^T)``,
+    every chunk at once (k zero-padded to whole key tiles, beta float32); it must be
+    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.chunk.wy_inverse``.
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
+        >>> from jax.scipy.linalg import solve_triangular
+        >>> def inverse(k, beta):
+        ...     eye = jnp.eye(k.shape[-2])
+        ...     a = eye + beta[..., :, None] * jnp.tril(k @ jnp.swapaxes(k, -1, -2), -1)
+        ...     return solve_triangular(a, jnp.broadcast_to(eye, a.shape), lower=True, unit_diagonal=True)
         >>> x = jnp.full((1, 20, 2, 4), 0.25)
         >>> out, w = fused_chunk(x, x, x, jnp.full((1, 20, 2), 0.5), jnp.zeros((1, 2, 4, 4)),
-        ...                      rule="delta", chunk_size=16, interpret=True)
+        ...                      rule="delta", chunk_size=16, interpret=True, wy_inverse=inverse)
         >>> out.shape, w.shape
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
     check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
     check_chunk_size(chunk_size)
     check_positive_int("num_stages", num_stages)
+    check_wy_inverse(rule, wy_inverse)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
@@ -344,7 +363,9 @@ def fused_chunk(
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
         # read head-major here (the one transposition left, done by XLA for its matmuls).
         beta_c = jnp.moveaxis(_to_chunks(beta.astype(f32), chunk_size), 3, 1)
-        tb = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c) * beta_c[..., None, :]
+        inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
+        check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
+        tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
     launch = _Launch(forward_block, backward_block, num_stages)

@@ -6,7 +6,7 @@ per-chunk WY inverse, ``U_tilde``, ``Y``, ``Q - S Y``), and a sequential walk ov
 XLA runs as a loop of small kernel launches. These kernels do the walk: one program per
 (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the state on chip and,
 per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores on the GPU, see
-``common.PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
+``tiles.PRECISE_DOT``; float32 accumulation). The backward walks chunks in reverse, rebuilding
 each chunk's start state from its writes as the XLA path does; products that sum over V come
 back as one partial per value block, summed outside.
 
@@ -17,19 +17,20 @@ and Triton's staging of such operands through shared memory overflowed the 227 K
 may use. Loads are not software-pipelined (``num_stages=1``) for the same reason: pipelining
 keeps every load of the loop body in flight several times over.
 
-K and V are padded as ``pallas_kernels.common`` says; zero padding is inert.
+K and V are padded as ``tiles`` says; zero padding is inert.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (
+from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
     compiler_params,
@@ -186,7 +187,20 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpre
     return dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim]
 
 
-def chunk_recurrences(interpret: bool = False, precise: bool = True):
-    """The (forward, backward) pair that ``fast_weight_chunk(..., recurrence="pallas")`` uses."""
+@functools.cache
+def chunk_walk(interpret: bool = False, precise: bool = True) -> tuple[Callable, Callable]:
+    """The ``(forward, backward)`` pair of these kernels, a walk for ``fast_weight_chunk(..., walk=...)``.
+
+    ``precise`` as in ``forward_recurrence``: pass ``tiles.float32_or_wider(q, k, v)`` of the op's
+    inputs (the walk itself only sees float32 arrays). The same settings give the same pair.
+
+    Example (interpret mode runs anywhere): the sum rule over two chunks of 16 steps.
+        >>> import jax.numpy as jnp
+        >>> forward, backward = chunk_walk(interpret=True)
+        >>> keys, values = jnp.ones((2, 1, 16, 4)), jnp.ones((2, 1, 16, 4))
+        >>> out, u, state = forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)))
+        >>> out.shape, u, float(state[0, 0, 0]), chunk_walk(interpret=True) == (forward, backward)
+        ((2, 1, 16, 4), None, 32.0, True)
+    """
     return (functools.partial(forward_recurrence, interpret=interpret, precise=precise),
             functools.partial(backward_recurrence, interpret=interpret, precise=precise))

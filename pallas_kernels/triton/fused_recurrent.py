@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
+from pallas_kernels.triton.tiles import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
 from pallas_kernels.validation import check_kernel_inputs
 
 Array = jax.Array

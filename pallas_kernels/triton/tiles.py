@@ -1,4 +1,4 @@
-"""Padding and tiling shared by the Pallas kernels.
+"""Padding and tiling shared by the Triton kernels, and their tensor-core dots.
 
 Triton's tensors need power-of-two sizes, so K is padded up to one (or, for kernels that load K
 64 rows at a time, to whole tiles) and the value axis to a whole number of BV-wide blocks; zero
@@ -96,6 +96,19 @@ NUM_WARPS = 8
 # such algorithm: plain float32 there.
 PRECISE_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 FAST_DOT = lax.DotAlgorithmPreset.TF32_TF32_F32
+
+
+def float32_or_wider(*xs: Array) -> bool:
+    """Whether an input is float32 or wider, so the tile dots take three TF32 passes (``PRECISE_DOT``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float32_or_wider(jnp.ones(2, jnp.bfloat16), jnp.ones(2, jnp.float32))
+        True
+        >>> float32_or_wider(jnp.ones(2, jnp.float16))
+        False
+    """
+    return any(jnp.finfo(x.dtype).bits >= 32 for x in xs)
 
 
 def tile_dot(interpret: bool, precise: bool):
