@@ -31,7 +31,7 @@ Array = jax.Array
 
 
 def dpfp(x: Array, nu: int = 1) -> Array:
-    """DPFP-nu projection (Schlag et al. 2021, Sec. 5.4), element for element as the seed.
+    """DPFP-nu projection (Schlag et al. 2021, Sec. 5.4), element for element as dpfp-pytorch's.
 
     ``a = concat(relu(x), relu(-x))`` in R^{2d}; ``b_j = a * roll(a, j)`` for ``j = 1..nu``;
     the result is ``concat(b_1, ..., b_nu)`` in R^{2 nu d}, non-negative.
@@ -60,7 +60,7 @@ def sum_norm(x: Array, eps: float = 1e-6) -> Array:
     """Divide by the sum over the last axis: ``x / (sum(x) + eps)``.
 
     Meant for non-negative features; ``eps`` keeps an all-zero row finite (it maps to zeros),
-    which the seed's plain division does not.
+    which the original package's plain division does not.
 
     Example:
         >>> import jax.numpy as jnp

@@ -6,8 +6,8 @@ import pytest
 import dpfp_jax as dj
 
 
-def dpfp_seed_numpy(x: np.ndarray, nu: int) -> np.ndarray:
-    """The seed's definition, transcribed line by line: repeat(x) * concat(rolls)."""
+def dpfp_original_numpy(x: np.ndarray, nu: int) -> np.ndarray:
+    """dpfp-pytorch's definition, transcribed line by line: repeat(x) * concat(rolls)."""
     x = np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=-1)
     x_rolled = np.concatenate([np.roll(x, shift=j, axis=-1) for j in range(1, nu + 1)], axis=-1)
     x_repeat = np.concatenate([x] * nu, axis=-1)
@@ -16,11 +16,11 @@ def dpfp_seed_numpy(x: np.ndarray, nu: int) -> np.ndarray:
 
 @pytest.mark.parametrize("nu", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 4, 8), (1, 16)])
-def test_dpfp_matches_seed_definition(nu, shape):
+def test_dpfp_matches_original_definition(nu, shape):
     x = np.random.default_rng(nu).standard_normal(shape).astype(np.float32)
     got = np.asarray(dj.dpfp(jnp.asarray(x), nu=nu))
     assert got.shape == (*shape[:-1], 2 * nu * shape[-1])
-    np.testing.assert_allclose(got, dpfp_seed_numpy(x, nu), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got, dpfp_original_numpy(x, nu), rtol=1e-6, atol=0)
     assert (got >= 0).all()
 
 

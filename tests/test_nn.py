@@ -1,4 +1,6 @@
-"""Flax modules: the seed's usage, its bugs fixed, decoding, segments, masks, dtypes, training."""
+"""Flax modules: the original package's usage, its bugs fixed, decoding, segments, masks, dtypes, training.
+
+The original package is the PyTorch dpfp-pytorch; docs/original_package.md lists its bugs."""
 
 import flax.linen as nn
 import jax
@@ -37,10 +39,10 @@ def normal(seed, shape):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
-# --- the seed README's four examples, in Flax form -------------------------------------------
+# --- the original package's four README examples, in Flax form ---------------------------------
 
 
-def test_seed_example_dpfpformer():
+def test_original_example_dpfpformer():
     v, dim, depth, batch = 1, 128, 3, 16
     model = dj.DPFPformer(dim, depth, nu=v)
     x = normal(0, (batch, 16, dim))  # b, seq, dim
@@ -49,7 +51,7 @@ def test_seed_example_dpfpformer():
     assert x.shape == (batch, 16, dim) and jnp.isfinite(x).all()
 
 
-def test_seed_example_dpfp_attention():
+def test_original_example_dpfp_attention():
     v, dim, batch = 1, 128, 1
     m = dj.DPFPAttention(dim, nu=v)
     x = normal(0, (batch, 16, dim))
@@ -62,7 +64,7 @@ def test_seed_example_dpfp_attention():
     close(m.apply(variables, x, None), (y, W))
 
 
-def test_seed_example_dpfp_cell():
+def test_original_example_dpfp_cell():
     nu, dim = 1, 128
     m = dj.DPFPCell(dim, nu=nu)
     W = jnp.zeros(m.get_memory_shape(1))
@@ -73,17 +75,17 @@ def test_seed_example_dpfp_cell():
     assert y.shape == (1, dim) and W.shape == (1, 2 * nu * dim, dim)
 
 
-def test_seed_example_projection():
+def test_original_example_projection():
     features = normal(0, (4, 3, 256, 256))
     assert dj.dpfp(features).shape == (4, 3, 256, 512)
     assert dj.dpfp(features, nu=2).shape == (4, 3, 256, 1024)
 
 
-# --- the seed's bugs, fixed -------------------------------------------------------------------
+# --- the original package's bugs, fixed --------------------------------------------------------
 
 
 def test_attention_recurs_over_time():
-    # Seed bug 1: without CUDA every position read the pre-sequence W.
+    # Original package's bug 1: without CUDA every position read the pre-sequence W.
     m = dj.DPFPAttention(16, num_heads=2, head_dim=8)
     x = normal(0, (1, 6, 16))
     variables = m.init(jax.random.key(1), x)
@@ -95,7 +97,7 @@ def test_attention_recurs_over_time():
 
 
 def test_cell_looped_equals_sequence_layer():
-    # Seed bug 2: the cell multiplied elementwise instead of applying W.
+    # Original package's bug 2: the cell multiplied elementwise instead of applying W.
     dim, nu = 12, 2
     cell = dj.DPFPCell(dim, nu=nu)
     layer = dj.FastWeightAttention(num_heads=1, head_dim=dim, feature_map="dpfp", nu=nu, rule="delta",
@@ -113,7 +115,7 @@ def test_cell_looped_equals_sequence_layer():
 
 
 def test_dpfpformer_keeps_one_live_memory_per_layer():
-    # Seed bug 3: one layer's W went into the next, and W came back detached.
+    # Original package's bug 3: one layer's W went into the next, and W came back detached.
     model = dj.DPFPformer(16, 2, num_heads=2, head_dim=4)
     x = normal(0, (2, 5, 16))
     variables = model.init(jax.random.key(1), x)
@@ -134,7 +136,7 @@ def test_dpfpformer_keeps_one_live_memory_per_layer():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_padding_mask(config):
-    # Seed bug 4: `if mask:` failed on arrays, and masked tokens still wrote to the memory.
+    # Original package's bug 4: `if mask:` failed on arrays, and masked tokens still wrote to the memory.
     layer = dj.FastWeightAttention(num_heads=2, head_dim=4, **config)
     x = normal(0, (2, 9, 8))
     lengths = jnp.array([9, 5])

@@ -6,6 +6,7 @@ import ast
 import email
 import fnmatch
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
@@ -131,3 +132,38 @@ def test_built_wheel_holds_the_library_its_license_type_marker_and_version(tmp_p
     metadata = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA"))
     assert metadata["Version"] == dj.__version__
     assert metadata["License-Expression"] == "MIT"
+
+
+# The patterns are spelled so that this file does not match them itself.
+OUTSIDE_REFERENCES = ("DESIGN" ".md", ".." "/shared")
+ORIGINAL_AS_SEED = re.compile(r"\bthe\s+seed\b|\bseed\'s\b", re.IGNORECASE)
+
+
+def repository_files() -> list[Path]:
+    """The files a clone holds, plus new ones not yet committed: ``git ls-files`` (tracked, and
+    untracked ones git does not ignore); without git, a walk that skips what ``.gitignore`` names
+    (virtual environments, caches, builds) and ``.git``."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=REPO_ROOT, check=True, capture_output=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):
+        skipped = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "out", ".whl"}
+        return sorted(path for path in REPO_ROOT.rglob("*")
+                      if path.is_file() and not any(part in skipped or part.startswith(".venv")
+                                                    or part.endswith(".egg-info")
+                                                    for part in path.relative_to(REPO_ROOT).parts))
+    return sorted(REPO_ROOT / name for name in listed.decode().split("\0") if name and (REPO_ROOT / name).is_file())
+
+
+def test_repository_stands_alone():
+    # What a reader needs is in the repository's own docs/: no pointer to notes kept outside it, and
+    # the PyTorch package it re-creates is named as such (docs/original_package.md).
+    files = repository_files()
+    assert REPO_ROOT / "tests" / "test_packaging.py" in files and REPO_ROOT / "README.md" in files
+    offenders = []
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            found = [ref for ref in OUTSIDE_REFERENCES if ref in line] + ORIGINAL_AS_SEED.findall(line)
+            offenders += [f"{path.relative_to(REPO_ROOT)}:{number}: {hit!r}" for hit in found]
+    assert not offenders, "\n".join(offenders)

@@ -285,8 +285,9 @@ class FastWeightAttention(nn.Module):
 class DPFPAttention(nn.Module):
     """The paper's best fast-weight layer: DPFP-nu features, delta rule, sum normalisation.
 
-    The seed's ``DPFPAttention(dim, nu=v)`` in Flax form, with the recurrence real at every
-    position. ``get_memory_shape(batch)`` is ``(batch, num_heads, 2 * nu * head_dim, head_dim)``;
+    ``DPFPAttention(dim, nu=v)`` of the original PyTorch package, dpfp-pytorch
+    (docs/original_package.md), in Flax form, with the recurrence real at every position.
+    ``get_memory_shape(batch)`` is ``(batch, num_heads, 2 * nu * head_dim, head_dim)``;
     ``y, W = model.apply(variables, x, W)`` continues from W (None or zeros: empty memory).
 
     Attributes:

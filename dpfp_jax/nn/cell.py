@@ -21,7 +21,7 @@ class DPFPCell(nn.Module):
 
     ``k, v, q, beta`` come from one Dense of ``x_t``; ``phi = sum_norm(dpfp(., nu))``;
     ``v_bar = W^T phi(k)``; ``W <- W + beta phi(k) (v - v_bar)^T``; ``y = out(W^T phi(q) / sqrt(d))``.
-    The seed's cell multiplied elementwise where W must be applied; here W is really applied.
+    The original package's cell multiplied elementwise where W must be applied; here it is applied.
     The parameters are laid out as :class:`FastWeightAttention` with one head, so a cell looped
     over time equals that layer with the same variables.
 

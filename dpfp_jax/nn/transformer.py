@@ -41,7 +41,7 @@ class FeedForward(nn.Module):
 class DPFPformer(nn.Module):
     """A fast-weight transformer: ``depth`` blocks of attention and feed-forward, each residual.
 
-    Every layer has its own memory (the seed passed one layer's W into the next); memories are
+    Every layer has its own memory (the original package passed one layer's W on); memories are
     carried in and out per layer, so a long text can be processed segment by segment.
 
     Attributes:

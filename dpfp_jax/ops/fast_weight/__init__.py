@@ -57,7 +57,7 @@ def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     benchmarks/chunk.py --crossover on this project's 2-core CPU machine: chunk's forward+backward
     is 1.3x to 3.2x faster than scan's for T in 64..4096, K in {128, 512}, forwards about even;
     below one chunk its padding is wasted work. On GPU and TPU the chunkwise form is the
-    matmul-shaped one (the peers' H200 figures in DESIGN.md: 3.6 ms chunked vs 35.8 ms scan
+    matmul-shaped one (the peers' H200 figures in docs/peers.md: 3.6 ms chunked vs 35.8 ms scan
     forward at T = 4096); our own GPU measurement is pending.
     """
     return ("chunk", "scan") if q.shape[1] >= chunk_size else ("scan",)

@@ -1,6 +1,6 @@
 """The oracle: the fast-weight recurrence as a plain ``lax.scan``, differentiated by autodiff.
 
-A direct transcription of the math in DESIGN.md, one time step at a time. It is slow and its
+A direct transcription of the math in docs/math.md, one time step at a time. It is slow and its
 backward stores W at every step (O(T * K * V) per head); tests hold every fast path to it.
 """
 
