@@ -75,8 +75,10 @@ FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
 
 
-def _causal(scores: Array) -> Array:
-    """``tril(scores)``: step i of a chunk reads the writes of steps j <= i."""
+def _tril(scores: Array) -> Array:
+    """``jnp.tril(scores)``, from iotas (what a kernel can build): step i of a chunk reads the
+    writes of steps j <= i. The same mask as ``tril`` of the library's chunk form (which this
+    package does not import)."""
     rows = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
     cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     return jnp.where(rows >= cols, scores, 0.0)
@@ -114,7 +116,7 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, dot):
         if delta and keep_writes:
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
-        out_ref[n] = (scale * (q_w + dot(_causal(scores), u))).astype(out_ref.dtype)
+        out_ref[n] = (scale * (q_w + dot(_tril(scores), u))).astype(out_ref.dtype)
         # k's tiles are loaded again rather than kept from the loop above: holding all of them
         # alongside the state would cost K / 64 more [C, 64] tiles of registers.
         return tuple(w_tile + dot(_tile(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
@@ -158,8 +160,8 @@ def _backward_kernel(*refs, delta: bool, dot):
             if delta:
                 recall += dot(k_tile, w_tile)
             w0.append(w_tile)
-        du += dot(_causal(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
-        d_scores = _causal(dot(d_out, u.T))
+        du += dot(_tril(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
+        d_scores = _tril(dot(d_out, u.T))
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
             pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
@@ -294,7 +296,7 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
 
 
-def _to_chunks(x: Array, chunk_size: int, size: int | None = None) -> Array:
+def _to_chunks_bnch(x: Array, chunk_size: int, size: int | None = None) -> Array:
     """``[B, T, H, ...] -> [B, N, C, H, ...]``: T zero-padded to whole chunks, the last axis to
     ``size``; a reshape, no copy, when nothing needs padding."""
     x = pad_to(x, 1, -(-x.shape[1] // chunk_size) * chunk_size)
@@ -361,13 +363,13 @@ def fused_chunk(
     # Powers of two, the backward's no wider than the forward's: v_pad is a multiple of both.
     backward_block = value_block(k_pad, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
     f32 = jnp.float32
-    qc, kc = _to_chunks(q, chunk_size, k_pad), _to_chunks(k, chunk_size, k_pad)
-    vc = _to_chunks(v, chunk_size, v_pad)
+    qc, kc = _to_chunks_bnch(q, chunk_size, k_pad), _to_chunks_bnch(k, chunk_size, k_pad)
+    vc = _to_chunks_bnch(v, chunk_size, v_pad)
     tb = None
     if rule == "delta":
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
         # read head-major here (the one transposition left, done by XLA for its matmuls).
-        beta_c = jnp.moveaxis(_to_chunks(beta.astype(f32), chunk_size), 3, 1)
+        beta_c = jnp.moveaxis(_to_chunks_bnch(beta.astype(f32), chunk_size), 3, 1)
         inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]

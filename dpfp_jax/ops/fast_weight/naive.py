@@ -10,11 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, to_time_major
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major
 
 Array = jax.Array
-
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def fast_weight_reference(

@@ -22,12 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, to_time_major
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
-
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def _outer(a: Array, b: Array) -> Array:
@@ -36,12 +34,12 @@ def _outer(a: Array, b: Array) -> Array:
 
 def _apply(w: Array, x: Array) -> Array:
     """``W^T x`` per (batch, head): ``[B, H, K, V] x [B, H, K] -> [B, H, V]``."""
-    return jnp.einsum("bhkv,bhk->bhv", w, x, precision=_HIGHEST)
+    return jnp.einsum("bhkv,bhk->bhv", w, x, precision=HIGHEST)
 
 
 def _apply_t(w: Array, y: Array) -> Array:
     """``W y`` per (batch, head): ``[B, H, K, V] x [B, H, V] -> [B, H, K]``."""
-    return jnp.einsum("bhkv,bhv->bhk", w, y, precision=_HIGHEST)
+    return jnp.einsum("bhkv,bhv->bhk", w, y, precision=HIGHEST)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
