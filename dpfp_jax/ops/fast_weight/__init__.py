@@ -1,11 +1,11 @@
 """``fast_weight``: the fast-weight (linear-attention) op, with one dispatcher over its impls.
 
 Side by side, one file each: ``naive`` (the oracle), ``recurrent`` (scan + memory-lean
-custom backward), ``chunk`` (chunkwise parallel), ``pallas`` (the GPU kernels of
-``pallas_kernels``, explicit only until they have passed the tests on a GPU). Every
-implementation has a ``supports`` check that returns ``None`` or the reason it cannot take a
-call; ``impl="auto"`` picks the first that accepts, an explicit impl that cannot take the call
-raises that reason.
+custom backward), ``chunk`` (chunkwise parallel, with its state-independent WY pieces in
+``wy``), ``pallas`` (the GPU kernels of ``pallas_kernels``, explicit only until they have passed
+the tests on a GPU). Every implementation has a ``supports`` check that returns ``None`` or
+the reason it cannot take a call; ``impl="auto"`` picks the first that accepts, an explicit impl
+that cannot take the call raises that reason.
 """
 
 from __future__ import annotations
