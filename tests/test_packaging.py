@@ -6,6 +6,7 @@ import ast
 import email
 import fnmatch
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
@@ -86,6 +87,21 @@ def test_dev_tooling_imports_one_way(folder, forbidden):
     offenders = [f"{path.relative_to(REPO_ROOT)}: {name}" for path in python_files(folder)
                  for name in imported_modules(path) if name.split(".")[0] == forbidden]
     assert not offenders
+
+
+def distribution(name: str) -> str:
+    """A requirement's or a distribution's name, normalised as packaging does (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[@(]", name, maxsplit=1)[0]).lower()
+
+
+def test_every_runtime_dependency_is_imported_by_the_library():
+    # A runtime dependency that the library does not import is one every user installs for nothing;
+    # what only the tests use belongs in the ``test`` extra.
+    imported = {name.split(".")[0] for path in python_files(*sorted(LIBRARY)) for name in imported_modules(path)}
+    providers = importlib.metadata.packages_distributions()  # import name -> distributions
+    used = {distribution(dist) for module in imported for dist in providers.get(module, [])}
+    declared = {distribution(requirement) for requirement in PYPROJECT["project"]["dependencies"]}
+    assert declared <= used, f"declared but not imported by {sorted(LIBRARY)}: {sorted(declared - used)}"
 
 
 def test_no_file_uses_sys_path():
