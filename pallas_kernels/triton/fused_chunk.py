@@ -67,10 +67,10 @@ Array = jax.Array
 
 # Floats of state per program. Besides its [K, BV] state slice a program holds [C, C] scores (and,
 # for the delta rule, T_beta and in the backward dL/dscores), so the value blocks are narrower than
-# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. Compiled for an H200 by XLA
-# (``triton_report.py``), a 64-wide forward block spills 288 bytes at K = 128, a 32-wide one 60.
-# Narrower blocks also mean more programs: B * H = 64 heads fill 128 of an H200's 132 SMs with two
-# blocks, 64 with one.
+# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. A wider forward block spills more
+# (docs/triton_report_h200.md, "The fused chunk kernel: value blocks, spills, atomic adds", from
+# ``benchmarks/triton_report.py``). Narrower blocks also mean more programs: B * H = 64 heads
+# fill 128 of an H200's 132 SMs with two blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
 
@@ -329,10 +329,10 @@ def fused_chunk(
     ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
-    off. Compiled for an H200 (``triton_report.py``): with bfloat16 inputs 2 stages fit in shared
-    memory up to K = 256 (backward: 152 KiB at K = 128, 196 at K = 256), not from K = 384 (260 KiB, over
-    the 227 KiB limit); with float32 inputs not even at K = 128 (240 KiB). Whether they pay is for
-    the GPU benchmark to say.
+    off. More stages keep more loads in flight in shared memory, which the backward then outgrows
+    from some K on (sooner with float32 inputs): which K fit on an H200, per input dtype, is in
+    docs/triton_report_h200.md ("Two load stages", from ``benchmarks/triton_report.py``). Whether
+    they pay is for the GPU benchmark to say.
 
     ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function
     ``(k [..., C, K], beta [..., C]) -> A^-1 [..., C, C]`` with ``A = I + diag(beta) strict_tril(K K^T)``,

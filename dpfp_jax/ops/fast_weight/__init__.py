@@ -54,8 +54,8 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
 
-    benchmarks/chunk.py --crossover on this project's 2-core CPU machine: chunk's forward+backward
-    is 1.3x to 3.2x faster than scan's for T in 64..4096, K in {128, 512}, forwards about even;
+    benchmarks/chunk.py --crossover on this project's CPU machine (README's crossover table): chunk's
+    forward+backward beats scan's at every T from one chunk on, at both key widths, forwards about even;
     below one chunk its padding is wasted work. On GPU and TPU the chunkwise form is the
     matmul-shaped one (the peers' H200 figures in DESIGN.md: 3.6 ms chunked vs 35.8 ms scan
     forward at T = 4096); our own GPU measurement is pending.

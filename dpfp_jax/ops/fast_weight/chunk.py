@@ -19,7 +19,7 @@ Backward memory: a ``custom_vjp`` keeps per-step vectors only (the writes U, ``U
 and walks the chunks in reverse rebuilding ``W0 = W1 - K^T U``. So no state per chunk is kept:
 only the one being walked (O(K * V) per head), as in the scan's backward but with T / C
 subtractions instead of T, hence less round-off. Autodiff through the batched triangular solve
-was slower (3x on CPU) and kept every chunk's state.
+was slower on CPU and kept every chunk's state.
 """
 
 from __future__ import annotations
