@@ -319,14 +319,13 @@ def fused_chunk(
     num_stages: int = 1,
     wy_inverse: Callable[[Array, Array], Array] | None = None,
 ) -> tuple[Array, Array]:
-    """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
+    """The fast-weight op as fused chunked Pallas kernels.
 
-    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
-    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; ``chunk_size`` a power of two
-    >= 16 (the smallest tile a tensor-core dot takes). Checked here (``pallas_kernels.validation``):
-    a bad call raises a ValueError/TypeError naming the argument. ``scale``, a Python number or a
-    0-d array, may be traced (a jit argument, a learned parameter) and is differentiated. Returns
-    ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    The op's contract (shapes, dtypes, outputs, gradients) is stated once, by the library's oracle
+    ``dpfp_jax.ops.fast_weight.naive.fast_weight_reference``; here on top of it: K <= ``MAX_KEY_DIM``,
+    ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes), and the
+    kernels compute in float32, so ``final_state`` is float32. The arguments are checked here
+    (``pallas_kernels.validation``): a bad call raises a ValueError/TypeError naming the argument.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
     off. More stages keep more loads in flight in shared memory, which the backward then outgrows
@@ -337,7 +336,7 @@ def fused_chunk(
     ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function
     ``(k [..., C, K], beta [..., C]) -> A^-1 [..., C, C]`` with ``A = I + diag(beta) strict_tril(K K^T)``,
     every chunk at once (k zero-padded to whole key tiles, beta float32); it must be
-    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.chunk.wy_inverse``.
+    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.wy.wy_inverse``.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp

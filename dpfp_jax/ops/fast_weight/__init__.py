@@ -133,7 +133,8 @@ def fast_weight(
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
       float64 inputs). Gradients flow
-      to every input, from losses on either.
+      to every input, from losses on either. The oracle's docstring,
+      ``dpfp_jax.ops.fast_weight.naive.fast_weight_reference``, states the precise contract.
 
     Example:
         >>> import jax, jax.numpy as jnp

@@ -210,7 +210,8 @@ def fast_weight_chunk(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     walk: Walk = XLA_WALK,
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated.
+    """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
+    states, in chunks of ``chunk_size`` steps as this module describes.
 
     ``walk`` runs the sequential inter-chunk part: ``lax.scan`` by default (``XLA_WALK``;
     ``xla_walk(matmul)`` for other products), or any other ``(forward, backward)`` pair such as

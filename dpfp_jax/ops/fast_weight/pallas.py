@@ -67,7 +67,8 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
-    """The chunked or the fused recurrent kernel, run per batch and head shard; inputs validated."""
+    """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
+    recurrent kernel, run per batch and head shard (the kernels compute in float32)."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
     if 0 in v.shape:

@@ -112,7 +112,8 @@ def fast_weight_scan(
     rule: str,
     scale: float | Array,
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
+    """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
+    states, as a time scan with the memory-lean backward this module describes."""
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
     # as a float64 scale (x64) would otherwise widen q past the state's dtype.
