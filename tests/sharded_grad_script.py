@@ -24,8 +24,8 @@ def main() -> None:
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     import dpfp_jax as dj
+    from dpfp_devtools.workloads import make_inputs
     from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
-    from tests.conftest import make_inputs
 
     assert jax.device_count() == 8, f"expected 8 host devices, got {jax.device_count()}"
     inputs = make_inputs(0, batch=8, time=20, heads=4, key_dim=8, value_dim=4, with_state=True)
