@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 import dpfp_jax as dj
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk, wy_inverse
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import zero_state
+from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import chunk_walk, fused_chunk, fused_recurrent
 from pallas_kernels.triton.tiles import float32_or_wider
 

@@ -1,8 +1,8 @@
 """impl="chunk": the chunkwise-parallel form against the oracle across chunk sizes and widths."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import dpfp_jax as dj
@@ -34,8 +34,8 @@ def value_and_grads(inputs, impl, rule, **kwargs):
 
 
 def assert_close(got, want, rtol, atol):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+    # Leaf by leaf, whatever containers hold them (a list of gradients against jax.grad's tuple).
+    chex.assert_trees_all_close(jax.tree.leaves(got), jax.tree.leaves(want), rtol=rtol, atol=atol)
 
 
 def float64_cases():
@@ -85,8 +85,8 @@ def test_chunk_bfloat16(rule):
     inputs = make_inputs(3, time=100, key_dim=32, value_dim=8, rule=rule, with_state=True)
     bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
     (out, state), grads = value_and_grads(bf16, "chunk", rule)
-    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    chex.assert_type([out, state], [jnp.bfloat16, jnp.float32])
+    chex.assert_type(grads, jnp.bfloat16)
     upcast = {n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}
     want = value_and_grads(upcast, "reference", rule)
     assert_close((out.astype(jnp.float32), state), want[0], rtol=2e-2, atol=2e-2)

@@ -1,5 +1,6 @@
 """dj.fast_weight: every fast path against the oracle, gradients, memory, transforms, errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,8 @@ def run(inputs, impl, rule, **kwargs):
 
 
 def assert_close(got, want, rtol, atol=0.0):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+    # Leaf by leaf, whatever containers hold them (a list of gradients against jax.grad's tuple).
+    chex.assert_trees_all_close(jax.tree.leaves(got), jax.tree.leaves(want), rtol=rtol, atol=atol)
 
 
 def grads(inputs, impl, rule, seed=7, on=("out", "state")):
@@ -52,7 +53,8 @@ def grads(inputs, impl, rule, seed=7, on=("out", "state")):
 def test_matches_reference_float64(x64, impl, rule, with_state, T):
     inputs = make_inputs(T, time=T, rule=rule, dtype=jnp.float64, with_state=with_state)
     got, want = run(inputs, impl, rule), run(inputs, "reference", rule)
-    assert got[0].dtype == got[1].dtype == jnp.float64 and got[0].shape == inputs["v"].shape
+    chex.assert_type(got, jnp.float64)
+    chex.assert_shape(got[0], inputs["v"].shape)
     assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -155,14 +157,14 @@ def test_bfloat16_inputs(impl, rule):
     inputs = make_inputs(4, time=64, rule=rule, with_state=True)
     bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
     out, state = run(bf16, impl, rule)
-    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    chex.assert_type([out, state], [jnp.bfloat16, jnp.float32])
     # Same bf16-rounded inputs in float32: only the output rounding differs.
     want_out, want_state = run({n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()},
                                "reference", rule)
     assert_close(out.astype(jnp.float32), want_out, rtol=1e-2, atol=1e-2)
     assert_close(state, want_state, rtol=1e-5, atol=1e-5)
     g = grads(bf16, impl, rule)
-    assert all(x.dtype == jnp.bfloat16 for x in g[:3])
+    chex.assert_type(g[:3], jnp.bfloat16)
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
@@ -304,8 +306,8 @@ def test_empty_inputs_give_empty_outputs_and_the_initial_state(impl, rule, with_
     # chunk_size 2 < T = 6: the chunk path really runs chunks, and "auto" picks it.
     out, state = run(inputs, impl, rule, chunk_size=2)
     batch, time, heads, key_dim, value_dim = shape
-    assert out.shape == (batch, time, heads, value_dim) and out.dtype == jnp.float32
-    assert state.shape == (batch, heads, key_dim, value_dim) and state.dtype == jnp.float32
+    chex.assert_shape([out, state], [(batch, time, heads, value_dim), (batch, heads, key_dim, value_dim)])
+    chex.assert_type([out, state], jnp.float32)
     # Nothing is written (T = 0), or nothing can be read (K = 0): outputs are zeros.
     assert_close(out, jnp.zeros_like(out), rtol=0)
     if time == 0:

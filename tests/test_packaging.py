@@ -89,6 +89,21 @@ def test_dev_tooling_imports_one_way(folder, forbidden):
     assert not offenders
 
 
+def distribution(name: str) -> str:
+    """A requirement's or a distribution's name, normalised as packaging does (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[@(]", name, maxsplit=1)[0]).lower()
+
+
+def test_every_runtime_dependency_is_imported_by_the_library():
+    # A runtime dependency that the library does not import is one every user installs for nothing;
+    # what only the tests use belongs in the ``test`` extra.
+    imported = {name.split(".")[0] for path in python_files(*sorted(LIBRARY)) for name in imported_modules(path)}
+    providers = importlib.metadata.packages_distributions()  # import name -> distributions
+    used = {distribution(dist) for module in imported for dist in providers.get(module, [])}
+    declared = {distribution(requirement) for requirement in PYPROJECT["project"]["dependencies"]}
+    assert declared <= used, f"declared but not imported by {sorted(LIBRARY)}: {sorted(declared - used)}"
+
+
 def test_no_file_uses_sys_path():
     # Every script runs from the repository root (python -m, pytest's rootdir), so imports need no
     # path edits; an edit would let one module load under two names.

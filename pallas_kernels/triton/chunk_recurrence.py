@@ -12,10 +12,11 @@ back as one partial per value block, summed outside.
 
 On-chip budget (checked for H100/H200 by ``benchmarks/triton_report.py``): the state is held as
 ``K / 64`` separate ``[64, BV]`` tiles and every chunk is read 64 key columns at a time, so no
-``[C, K]`` operand is ever materialised whole; a whole one at K = 512 in float32 is 128 KiB,
-and Triton's staging of such operands through shared memory overflowed the 227 KiB a program
-may use. Loads are not software-pipelined (``num_stages=1``) for the same reason: pipelining
-keeps every load of the loop body in flight several times over.
+``[C, K]`` operand is ever materialised whole: Triton stages such operands through shared
+memory, and whole ones at large K overflowed what a program may use (each kernel's shared memory
+against the H200's limit: docs/triton_report_h200.md). Loads are not software-pipelined
+(``num_stages=1``) for the same reason: pipelining keeps every load of the loop body in flight
+several times over.
 
 K and V are padded as ``tiles`` says; zero padding is inert.
 """
@@ -46,8 +47,8 @@ from pallas_kernels.validation import check_recurrence_inputs
 Array = jax.Array
 
 # Floats of state per program: the backward holds W and dL/dW and more temporaries, so its value
-# blocks are narrower (K = 128: BV = 32; K >= 256: BV = 16), which `triton_report.py` showed
-# keeps spills small; the forward holds W alone.
+# blocks are narrower (K = 128: BV = 32; K >= 256: BV = 16), which keeps spills small
+# (docs/triton_report_h200.md, from ``benchmarks/triton_report.py``); the forward holds W alone.
 FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
 

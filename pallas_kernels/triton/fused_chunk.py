@@ -67,16 +67,18 @@ Array = jax.Array
 
 # Floats of state per program. Besides its [K, BV] state slice a program holds [C, C] scores (and,
 # for the delta rule, T_beta and in the backward dL/dscores), so the value blocks are narrower than
-# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. Compiled for an H200 by XLA
-# (``triton_report.py``), a 64-wide forward block spills 288 bytes at K = 128, a 32-wide one 60.
-# Narrower blocks also mean more programs: B * H = 64 heads fill 128 of an H200's 132 SMs with two
-# blocks, 64 with one.
+# chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. A wider forward block spills more
+# (docs/triton_report_h200.md, "The fused chunk kernel: value blocks, spills, atomic adds", from
+# ``benchmarks/triton_report.py``). Narrower blocks also mean more programs: B * H = 64 heads
+# fill 128 of an H200's 132 SMs with two blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
 
 
-def _causal(scores: Array) -> Array:
-    """``tril(scores)``: step i of a chunk reads the writes of steps j <= i."""
+def _tril(scores: Array) -> Array:
+    """``jnp.tril(scores)``, from iotas (what a kernel can build): step i of a chunk reads the
+    writes of steps j <= i. The same mask as ``tril`` of the library's chunk form (which this
+    package does not import)."""
     rows = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
     cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     return jnp.where(rows >= cols, scores, 0.0)
@@ -114,7 +116,7 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, dot):
         if delta and keep_writes:
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
-        out_ref[n] = (scale * (q_w + dot(_causal(scores), u))).astype(out_ref.dtype)
+        out_ref[n] = (scale * (q_w + dot(_tril(scores), u))).astype(out_ref.dtype)
         # k's tiles are loaded again rather than kept from the loop above: holding all of them
         # alongside the state would cost K / 64 more [C, 64] tiles of registers.
         return tuple(w_tile + dot(_tile(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
@@ -158,8 +160,8 @@ def _backward_kernel(*refs, delta: bool, dot):
             if delta:
                 recall += dot(k_tile, w_tile)
             w0.append(w_tile)
-        du += dot(_causal(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
-        d_scores = _causal(dot(d_out, u.T))
+        du += dot(_tril(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
+        d_scores = _tril(dot(d_out, u.T))
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
             pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
@@ -294,7 +296,7 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
 
 
-def _to_chunks(x: Array, chunk_size: int, size: int | None = None) -> Array:
+def _to_chunks_bnch(x: Array, chunk_size: int, size: int | None = None) -> Array:
     """``[B, T, H, ...] -> [B, N, C, H, ...]``: T zero-padded to whole chunks, the last axis to
     ``size``; a reshape, no copy, when nothing needs padding."""
     x = pad_to(x, 1, -(-x.shape[1] // chunk_size) * chunk_size)
@@ -317,25 +319,24 @@ def fused_chunk(
     num_stages: int = 1,
     wy_inverse: Callable[[Array, Array], Array] | None = None,
 ) -> tuple[Array, Array]:
-    """The fast-weight op as fused chunked Pallas kernels; same contract as ``dj.fast_weight``.
+    """The fast-weight op as fused chunked Pallas kernels.
 
-    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
-    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; ``chunk_size`` a power of two
-    >= 16 (the smallest tile a tensor-core dot takes). Checked here (``pallas_kernels.validation``):
-    a bad call raises a ValueError/TypeError naming the argument. ``scale``, a Python number or a
-    0-d array, may be traced (a jit argument, a learned parameter) and is differentiated. Returns
-    ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    The op's contract (shapes, dtypes, outputs, gradients) is stated once, by the library's oracle
+    ``dpfp_jax.ops.fast_weight.naive.fast_weight_reference``; here on top of it: K <= ``MAX_KEY_DIM``,
+    ``chunk_size`` a power of two >= 16 (the smallest tile a tensor-core dot takes), and the
+    kernels compute in float32, so ``final_state`` is float32. The arguments are checked here
+    (``pallas_kernels.validation``): a bad call raises a ValueError/TypeError naming the argument.
 
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
-    off. Compiled for an H200 (``triton_report.py``): with bfloat16 inputs 2 stages fit in shared
-    memory up to K = 256 (backward: 152 KiB at K = 128, 196 at K = 256), not from K = 384 (260 KiB, over
-    the 227 KiB limit); with float32 inputs not even at K = 128 (240 KiB). Whether they pay is for
-    the GPU benchmark to say.
+    off. More stages keep more loads in flight in shared memory, which the backward then outgrows
+    from some K on (sooner with float32 inputs): which K fit on an H200, per input dtype, is in
+    docs/triton_report_h200.md ("Two load stages", from ``benchmarks/triton_report.py``). Whether
+    they pay is for the GPU benchmark to say.
 
     ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function
     ``(k [..., C, K], beta [..., C]) -> A^-1 [..., C, C]`` with ``A = I + diag(beta) strict_tril(K K^T)``,
     every chunk at once (k zero-padded to whole key tiles, beta float32); it must be
-    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.chunk.wy_inverse``.
+    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.wy.wy_inverse``.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
@@ -361,13 +362,13 @@ def fused_chunk(
     # Powers of two, the backward's no wider than the forward's: v_pad is a multiple of both.
     backward_block = value_block(k_pad, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
     f32 = jnp.float32
-    qc, kc = _to_chunks(q, chunk_size, k_pad), _to_chunks(k, chunk_size, k_pad)
-    vc = _to_chunks(v, chunk_size, v_pad)
+    qc, kc = _to_chunks_bnch(q, chunk_size, k_pad), _to_chunks_bnch(k, chunk_size, k_pad)
+    vc = _to_chunks_bnch(v, chunk_size, v_pad)
     tb = None
     if rule == "delta":
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
         # read head-major here (the one transposition left, done by XLA for its matmuls).
-        beta_c = jnp.moveaxis(_to_chunks(beta.astype(f32), chunk_size), 3, 1)
+        beta_c = jnp.moveaxis(_to_chunks_bnch(beta.astype(f32), chunk_size), 3, 1)
         inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]

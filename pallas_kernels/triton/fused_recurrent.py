@@ -174,12 +174,12 @@ def fused_recurrent(
     scale: float | Array = 1.0,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
-    """The fast-weight op as one fused recurrent Pallas kernel; same contract as ``dj.fast_weight``.
+    """The fast-weight op as one fused recurrent Pallas kernel.
 
-    q, k ``[B, T, H, K]`` with K <= ``MAX_KEY_DIM``, v ``[B, T, H, V]``, beta ``[B, T, H]``
-    (delta rule) or None (sum rule), initial_state ``[B, H, K, V]``; checked here
-    (``pallas_kernels.validation``). ``scale``, a Python number or a 0-d array, may be traced and
-    is differentiated. Returns ``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    The op's contract (shapes, dtypes, outputs, gradients) is stated once, by the library's oracle
+    ``dpfp_jax.ops.fast_weight.naive.fast_weight_reference``; here on top of it: K <= ``MAX_KEY_DIM``, and the
+    kernel computes in float32, so ``final_state`` is float32. The arguments are checked here
+    (``pallas_kernels.validation``): a bad call raises a ValueError/TypeError naming the argument.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp

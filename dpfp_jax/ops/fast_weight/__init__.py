@@ -1,11 +1,11 @@
 """``fast_weight``: the fast-weight (linear-attention) op, with one dispatcher over its impls.
 
 Side by side, one file each: ``naive`` (the oracle), ``recurrent`` (scan + memory-lean
-custom backward), ``chunk`` (chunkwise parallel), ``pallas`` (the GPU kernels of
-``pallas_kernels``, explicit only until they have passed the tests on a GPU). Every
-implementation has a ``supports`` check that returns ``None`` or the reason it cannot take a
-call; ``impl="auto"`` picks the first that accepts, an explicit impl that cannot take the call
-raises that reason.
+custom backward), ``chunk`` (chunkwise parallel, with its state-independent WY pieces in
+``wy``), ``pallas`` (the GPU kernels of ``pallas_kernels``, explicit only until they have passed
+the tests on a GPU). Every implementation has a ``supports`` check that returns ``None`` or
+the reason it cannot take a call; ``impl="auto"`` picks the first that accepts, an explicit impl
+that cannot take the call raises that reason.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
 
-    benchmarks/chunk.py --crossover on this project's 2-core CPU machine: chunk's forward+backward
-    is 1.3x to 3.2x faster than scan's for T in 64..4096, K in {128, 512}, forwards about even;
+    benchmarks/chunk.py --crossover on this project's CPU machine (README's crossover table): chunk's
+    forward+backward beats scan's at every T from one chunk on, at both key widths, forwards about even;
     below one chunk its padding is wasted work. On GPU and TPU the chunkwise form is the
     matmul-shaped one (the peers' H200 figures in docs/peers.md: 3.6 ms chunked vs 35.8 ms scan
     forward at T = 4096); our own GPU measurement is pending.
@@ -133,7 +133,8 @@ def fast_weight(
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
       float64 inputs). Gradients flow
-      to every input, from losses on either.
+      to every input, from losses on either. The oracle's docstring,
+      ``dpfp_jax.ops.fast_weight.naive.fast_weight_reference``, states the precise contract.
 
     Example:
         >>> import jax, jax.numpy as jnp

@@ -19,7 +19,7 @@ Backward memory: a ``custom_vjp`` keeps per-step vectors only (the writes U, ``U
 and walks the chunks in reverse rebuilding ``W0 = W1 - K^T U``. So no state per chunk is kept:
 only the one being walked (O(K * V) per head), as in the scan's backward but with T / C
 subtractions instead of T, hence less round-off. Autodiff through the batched triangular solve
-was slower (3x on CPU) and kept every chunk's state.
+was slower on CPU and kept every chunk's state.
 """
 
 from __future__ import annotations
@@ -30,66 +30,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 
-from dpfp_jax.ops.fast_weight.common import (
-    accumulation_dtype,
-    batch_head_axes_of,
-    zeros_like_sharded,
-)
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
+from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, tril, wy_inverse, wy_writes
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
 
-_HIGHEST = lax.Precision.HIGHEST
 DEFAULT_CHUNK_SIZE = 64
 
 
 def _mm(spec: str, a: Array, b: Array) -> Array:
-    return jnp.einsum(spec, a, b, precision=_HIGHEST)
-
-
-def _tril(x: Array, k: int = 0) -> Array:
-    """Keep the lower triangle (``k=-1``: strictly lower) of the last two axes."""
-    size = x.shape[-1]
-    return jnp.where(jnp.tril(jnp.ones((size, size), bool), k), x, 0.0)
-
-
-def _to_chunks(x: Array | None, chunk_size: int, dtype: jnp.dtype) -> Array | None:
-    """``[B, T, H, ...] -> [N, B, H, C, ...]``, zero-padding T up to a multiple of C.
-
-    Zero-padded steps are inert: a zero key writes nothing under either rule, and their outputs
-    are sliced off.
-    """
-    if x is None:
-        return None
-    batch, length = x.shape[:2]
-    pad = -length % chunk_size
-    x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(batch, (length + pad) // chunk_size, chunk_size, *x.shape[2:])
-    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)  # [B, N, C, H, ...] -> [N, B, H, C, ...]
-
-
-def wy_inverse(k: Array, beta: Array) -> Array:
-    """``A^-1`` for ``A = I + diag(beta) strict_tril(K K^T)``, every chunk at once: [..., C, C].
-
-    Computed in beta's dtype. k may be narrower (bfloat16 keys for the Pallas kernels): products
-    of bfloat16 numbers are exact in float32, so the Gram matrix loses nothing by taking them as
-    they are, and runs on bfloat16 tensor cores on the GPU.
-    """
-    size = k.shape[-2]
-    gram = jnp.einsum("...ik,...jk->...ij", k, k, precision=_HIGHEST, preferred_element_type=beta.dtype)
-    a = jnp.eye(size, dtype=beta.dtype) + beta[..., :, None] * _tril(gram, -1)
-    # Built from a, not broadcast, so it carries a's batch sharding (explicit meshes require it).
-    identity = zeros_like_sharded(a, a.dtype) + jnp.eye(size, dtype=a.dtype)
-    return solve_triangular(a, identity, lower=True, unit_diagonal=True)
-
-
-def _wy_writes(inverse: Array, k: Array, v: Array, beta: Array) -> tuple[Array, Array]:
-    """``U_tilde = A^-1 diag(beta) V`` and ``Y = A^-1 diag(beta) K``, each [..., C, V or K]."""
-    scaled_inverse = inverse * beta[..., None, :]  # A^-1 diag(beta): scale columns, not the wider rows
-    return _mm("...ij,...jd->...id", scaled_inverse, v), _mm("...ij,...jd->...id", scaled_inverse, k)
+    return jnp.einsum(spec, a, b, precision=HIGHEST)
 
 
 def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0, *, matmul=_mm):
@@ -188,10 +142,10 @@ def _chunked_forward(rule, walk, q, k, v, beta, w0):
     # Everything that does not depend on the state is done for all chunks at once; with
     # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
     # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
-    scores = _tril(_mm("...ik,...jk->...ij", q, k))  # S, [N, B, H, C, C]
+    scores = tril(_mm("...ik,...jk->...ij", q, k))  # S, [N, B, H, C, C]
     if rule == "delta":
         inverse = wy_inverse(k, beta)
-        u_tilde, y = _wy_writes(inverse, k, v, beta)
+        u_tilde, y = wy_writes(inverse, k, v, beta)
         q_eff = q - _mm("...ij,...jk->...ik", scores, y)
     else:
         inverse, u_tilde, y, q_eff = None, v, None, q
@@ -219,7 +173,7 @@ def _chunked_backward(rule, walk, residuals, cotangents):
     if rule == "delta":
         d_scores = d_scores - _mm("...ik,...jk->...ij", dq, y)
         dy = dy - _mm("...ij,...ik->...jk", scores, dq)
-    d_scores = _tril(d_scores)
+    d_scores = tril(d_scores)
     dk = dk + _mm("...ij,...ik->...jk", d_scores, q)
     dq = dq + _mm("...ij,...jk->...ik", d_scores, k)
     if rule != "delta":
@@ -232,7 +186,7 @@ def _chunked_backward(rule, walk, residuals, cotangents):
     dk = dk + beta[..., None] * d_scaled_k
     dbeta = jnp.sum(d_scaled_v * v, axis=-1) + jnp.sum(d_scaled_k * k, axis=-1)
     # d(A^-1 X) / dA = -A^-T dR (A^-1 X)^T, strict lower part only.
-    d_a = -_tril(
+    d_a = -tril(
         _mm("...id,...jd->...ij", d_scaled_v, u_tilde) + _mm("...id,...jd->...ij", d_scaled_k, y), -1
     )
     dbeta = dbeta + jnp.sum(d_a * _mm("...ik,...jk->...ij", k, k), axis=-1)
@@ -256,7 +210,8 @@ def fast_weight_chunk(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     walk: Walk = XLA_WALK,
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated.
+    """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
+    states, in chunks of ``chunk_size`` steps as this module describes.
 
     ``walk`` runs the sequential inter-chunk part: ``lax.scan`` by default (``XLA_WALK``;
     ``xla_walk(matmul)`` for other products), or any other ``(forward, backward)`` pair such as
@@ -279,7 +234,9 @@ def fast_weight_chunk(
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     # Chunks as [N, G, C, ...] with G = B * H: one batch axis keeps XLA's batched matmuls simple.
     # Under an explicit mesh the merged and split axes are given their sharding: G over the batch
-    # and head mesh axes together, then batch and head axes as they came in.
+    # and head mesh axes together, then batch and head axes as they came in. That is what
+    # ``reshape`` is for: einops' rearrange cannot pass an ``out_sharding``, so it only moves and
+    # splits the unsharded chunk and step axes, and B and H are merged and split here.
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     group_axes = tuple(a for a in (batch_axis, head_axis) if a is not None) or None
 
@@ -290,14 +247,13 @@ def fast_weight_chunk(
 
     qc, kc, vc, bc = (
         None if x is None else reshape(x, (x.shape[0], batch * heads, *x.shape[3:]), None, group_axes)
-        for x in (_to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
+        for x in (to_chunks_nbhc(x, chunk_size, acc) for x in (q, k, v, beta))
     )
     w0 = reshape(initial_state.astype(acc), (batch * heads, key_dim, value_dim), group_axes)
     # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
     out, final_state = _chunked(rule, walk, qc * jnp.asarray(scale, acc), kc, vc, bc, w0)
-    # [N, G, C, V] -> [N, B, H, C, V] -> [B, N, C, H, V] -> [B, T, H, V]
+    # [N, G, C, V] -> [N, B, H, C, V] -> [B, T, H, V] (T padded to whole chunks)
     out = reshape(out, (out.shape[0], batch, heads, chunk_size, value_dim), None, batch_axis, head_axis)
-    # The padded length spelled out: a -1 cannot be inferred when B, H or V is 0.
-    out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 2, 3).reshape(batch, out.shape[0] * chunk_size, heads, value_dim)
+    out = rearrange(out, "n b h c v -> b (n c) h v")
     final_state = reshape(final_state, (batch, heads, key_dim, value_dim), batch_axis, head_axis)
     return out[:, :length].astype(out_dtype), final_state

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
+
+HIGHEST = lax.Precision.HIGHEST
+"""The precision of every XLA matmul of the op: float32 products in full, not TF32 or bfloat16 passes."""
 
 
 def accumulation_dtype(*xs: Array | None) -> jnp.dtype:

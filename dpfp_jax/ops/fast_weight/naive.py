@@ -10,11 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, to_time_major
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major
 
 Array = jax.Array
-
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def fast_weight_reference(
@@ -27,18 +25,54 @@ def fast_weight_reference(
     rule: str,
     scale: float | Array,
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
+    """The fast-weight op's contract, stated once here: every fast path computes this function.
+
+    Per batch element and head, with the fast weights W ``[K, V]`` starting at ``initial_state``:
+
+    - ``rule="sum"``: ``W_t = W_{t-1} + k_t v_t^T``
+    - ``rule="delta"``: ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
+    - output ``o_t = scale * W_t^T q_t`` (W after step t's write).
+
+    Args:
+      q: ``[B, T, H, K]`` queries, k: ``[B, T, H, K]`` keys (both already feature-mapped),
+        v: ``[B, T, H, V]`` values, any float dtypes.
+      beta: ``[B, T, H]`` write strengths for the delta rule; None for the sum rule.
+      initial_state: ``[B, H, K, V]``, W before the first step.
+      rule: ``"delta"`` or ``"sum"``.
+      scale: a Python or numpy number or a 0-d array; it may be traced.
+
+    The arguments are taken as they come: ``dj.fast_weight`` validates them first.
+
+    Returns:
+      ``(out, final_state)``: ``out [B, T, H, V]`` holds ``o_t`` for every step, in v's dtype;
+      ``final_state [B, H, K, V]`` is ``W_T`` (``initial_state`` when T = 0) in the accumulation
+      dtype, float32, or float64 when an input is float64. The recurrence accumulates in that
+      dtype, never in bfloat16 or float16.
+
+    Gradients flow to every array argument (q, k, v, beta, initial_state) and to ``scale``, from
+    losses on either output: this recurrence's gradients. Here autodiff through the scan gives
+    them (storing W at every step); the fast paths give the same, to round-off, through backwards
+    of their own that rebuild the states instead of storing them.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> k = jnp.eye(2)[None, :, None]  # [1, 2, 1, 2]: two orthogonal keys
+        >>> out, w = fast_weight_reference(k, k, 3 * k, jnp.full((1, 2, 1), 0.5), jnp.zeros((1, 1, 2, 2)),
+        ...                                rule="delta", scale=1.0)
+        >>> out[0, :, 0].tolist(), w[0, 0].tolist()  # each key recalls half its value
+        ([[1.5, 0.0], [0.0, 1.5]], [[1.5, 0.0], [0.0, 1.5]])
+    """
     acc = accumulation_dtype(q, k, v, beta, initial_state)
     scale = jnp.asarray(scale, acc)  # a float64 scale (x64) must not widen the outputs
 
     def step(w: Array, inputs: tuple[Array, ...]) -> tuple[Array, Array]:
         q_t, k_t, v_t, beta_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H] or None
         if rule == "delta":
-            v_bar = jnp.einsum("bhkv,bhk->bhv", w, k_t, precision=_HIGHEST)
+            v_bar = jnp.einsum("bhkv,bhk->bhv", w, k_t, precision=HIGHEST)
             w = w + beta_t[..., None, None] * k_t[..., :, None] * (v_t - v_bar)[..., None, :]
         else:
             w = w + k_t[..., :, None] * v_t[..., None, :]
-        return w, scale * jnp.einsum("bhkv,bhk->bhv", w, q_t, precision=_HIGHEST)
+        return w, scale * jnp.einsum("bhkv,bhk->bhv", w, q_t, precision=HIGHEST)
 
     inputs = tuple(to_time_major(x, acc) for x in (q, k, v, beta))
     final_state, out = lax.scan(step, initial_state.astype(acc), inputs)

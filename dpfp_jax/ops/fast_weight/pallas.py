@@ -8,7 +8,7 @@ recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding step
 reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
 
 The layers run one way: this library composes the kernels (it hands the fused chunked kernel the
-delta rule's per-chunk WY inverse, ``chunk.wy_inverse``), and ``pallas_kernels`` imports nothing
+delta rule's per-chunk WY inverse, ``wy.wy_inverse``), and ``pallas_kernels`` imports nothing
 of it. The kernels are imported where they are called: loading Pallas and its Triton backend
 would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
-from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, wy_inverse
+from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import (
     accumulation_dtype,
     batch_head_axes_of,
     with_batch_head_sharding_of,
     zeros_like_sharded,
 )
+from dpfp_jax.ops.fast_weight.wy import wy_inverse
 
 Array = jax.Array
 
@@ -66,7 +67,8 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
 ) -> tuple[Array, Array]:
-    """The chunked or the fused recurrent kernel, run per batch and head shard; inputs validated."""
+    """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
+    recurrent kernel, run per batch and head shard (the kernels compute in float32)."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
     if 0 in v.shape:

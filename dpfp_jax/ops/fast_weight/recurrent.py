@@ -22,12 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpfp_jax.ops.fast_weight.common import accumulation_dtype, to_time_major
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
-
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def _outer(a: Array, b: Array) -> Array:
@@ -36,12 +34,12 @@ def _outer(a: Array, b: Array) -> Array:
 
 def _apply(w: Array, x: Array) -> Array:
     """``W^T x`` per (batch, head): ``[B, H, K, V] x [B, H, K] -> [B, H, V]``."""
-    return jnp.einsum("bhkv,bhk->bhv", w, x, precision=_HIGHEST)
+    return jnp.einsum("bhkv,bhk->bhv", w, x, precision=HIGHEST)
 
 
 def _apply_t(w: Array, y: Array) -> Array:
     """``W y`` per (batch, head): ``[B, H, K, V] x [B, H, V] -> [B, H, K]``."""
-    return jnp.einsum("bhkv,bhv->bhk", w, y, precision=_HIGHEST)
+    return jnp.einsum("bhkv,bhv->bhk", w, y, precision=HIGHEST)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -114,7 +112,8 @@ def fast_weight_scan(
     rule: str,
     scale: float | Array,
 ) -> tuple[Array, Array]:
-    """``(out [B, T, H, V] in v's dtype, final_state [B, H, K, V])``; inputs validated."""
+    """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
+    states, as a time scan with the memory-lean backward this module describes."""
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
     # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
     # as a float64 scale (x64) would otherwise widen q past the state's dtype.
