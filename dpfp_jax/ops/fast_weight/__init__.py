@@ -56,9 +56,9 @@ def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
 
     benchmarks/chunk.py --crossover on this project's CPU machine (README's crossover table): chunk's
     forward+backward beats scan's at every T from one chunk on, at both key widths, forwards about even;
-    below one chunk its padding is wasted work. On GPU and TPU the chunkwise form is the
-    matmul-shaped one (the peers' H200 figures in docs/peers.md: 3.6 ms chunked vs 35.8 ms scan
-    forward at T = 4096); our own GPU measurement is pending.
+    below one chunk, where the chunk form is a single [T, T] block, the scan is the measured choice. On
+    GPU and TPU the chunkwise form is the matmul-shaped one (the peers' H200 figures, docs/peers.md);
+    our own GPU measurement is pending.
     """
     return ("chunk", "scan") if q.shape[1] >= chunk_size else ("scan",)
 
