@@ -10,7 +10,7 @@ from dpfp_devtools.workloads import make_inputs
 from tests.conftest import random_like
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
-pytestmark = pytest.mark.jax_sensitive
+JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
 
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
@@ -72,6 +72,7 @@ def float32_cases():
                     yield pytest.param(rule, chunk_size, T, K, marks=() if fast else (pytest.mark.slow,))
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("rule, chunk_size, T, K", list(float32_cases()))
 def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
     inputs = make_inputs(T * K, time=T, key_dim=K, value_dim=8, rule=rule, with_state=True)
@@ -80,6 +81,7 @@ def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
     assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_chunk_bfloat16(rule):
     inputs = make_inputs(3, time=100, key_dim=32, value_dim=8, rule=rule, with_state=True)
@@ -93,6 +95,7 @@ def test_chunk_bfloat16(rule):
     assert_close([g.astype(jnp.float32) for g in grads], want[1], rtol=5e-2, atol=5e-2)
 
 
+@JAX_SENSITIVE
 def test_chunk_composes_with_jit_vmap_grad():
     inputs = make_inputs(4, time=40, key_dim=24, with_state=True)
     args = [inputs[n] for n in DIFF_ARGS]
@@ -167,6 +170,7 @@ def test_chunk_size_above_t_costs_what_t_needs():
     assert huge.memory_analysis().temp_size_in_bytes == temp_bytes
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_chunk_runs_the_walk_it_is_given(rule):
     # The sequential part is passed in as (forward, backward) functions, not chosen by name: a

@@ -12,7 +12,7 @@ from dpfp_devtools.workloads import make_inputs
 from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
-pytestmark = pytest.mark.jax_sensitive
+JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
 
 FAST_IMPLS = ["scan", "chunk"]
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
@@ -61,6 +61,7 @@ def test_matches_reference_float64(x64, impl, rule, with_state, T):
 SLOW = pytest.mark.slow
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("with_state", [False, True])
@@ -71,6 +72,7 @@ def test_matches_reference_float32(impl, rule, with_state, T):
     assert_close(run(inputs, impl, rule), run(inputs, "reference", rule), rtol=2e-5, atol=2e-6)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("with_state", [pytest.param(False, marks=SLOW), True])
@@ -123,6 +125,7 @@ def test_scan_backward_memory_does_not_grow_with_t_k_v():
     assert reference / scan >= 20, (reference, scan)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_composes_with_jit_vmap_grad_checkpoint(impl):
     inputs = make_inputs(2, time=9, with_state=True)
@@ -151,6 +154,7 @@ def test_composes_with_jit_vmap_grad_checkpoint(impl):
     assert_close([g[0] for g in per_copy], plain, rtol=1e-5, atol=1e-7)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_bfloat16_inputs(impl, rule):
@@ -176,6 +180,7 @@ def test_scale_multiplies_outputs(impl):
     assert_close(state, base_state, rtol=0)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("T", [12, 80])
 def test_auto_picks_a_qualified_impl(T):
     inputs = make_inputs(8, time=T)
@@ -315,6 +320,7 @@ def test_empty_inputs_give_empty_outputs_and_the_initial_state(impl, rule, with_
         assert_close(state, want, rtol=0)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 @pytest.mark.parametrize("shape", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
 def test_empty_inputs_have_the_gradients_of_the_oracle(impl, shape):
@@ -374,6 +380,7 @@ def test_scalar_arrays_and_numbers_are_fine_scales(scale):
     assert_close(out, float(scale) * dj.fast_weight(*GOOD.values(), impl="scan")[0], rtol=1e-6)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_traced_scale_and_its_gradient(impl):
     inputs = make_inputs(12, time=9, with_state=True)

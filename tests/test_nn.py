@@ -14,7 +14,7 @@ from dpfp_jax.nn.attention import split_heads_projection
 from tests.conftest import assert_bounded_and_not_drifting
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
-pytestmark = pytest.mark.jax_sensitive
+JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
 
 CONFIGS = [
     dict(feature_map="dpfp", nu=2, rule="delta", normalization="sum"),
@@ -42,6 +42,7 @@ def normal(seed, shape):
 # --- the original package's four README examples, in Flax form ---------------------------------
 
 
+@JAX_SENSITIVE
 def test_original_example_dpfpformer():
     v, dim, depth, batch = 1, 128, 3, 16
     model = dj.DPFPformer(dim, depth, nu=v)
@@ -51,6 +52,7 @@ def test_original_example_dpfpformer():
     assert x.shape == (batch, 16, dim) and jnp.isfinite(x).all()
 
 
+@JAX_SENSITIVE
 def test_original_example_dpfp_attention():
     v, dim, batch = 1, 128, 1
     m = dj.DPFPAttention(dim, nu=v)
@@ -134,6 +136,7 @@ def test_dpfpformer_keeps_one_live_memory_per_layer():
     assert float(jnp.abs(grads["attention_0"]["qkv"]["kernel"]).sum()) > 0  # not detached
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_padding_mask(config):
     # Original package's bug 4: `if mask:` failed on arrays, and masked tokens still wrote to the memory.
@@ -254,6 +257,7 @@ def test_dropout_rate_outside_0_1_is_refused(rate):
 # --- recurrent decoding and carried memory -----------------------------------------------------
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_decode_token_by_token_equals_full_sequence(config):
     x = normal(0, (2, 6, 8))
@@ -275,6 +279,7 @@ def test_decode_token_by_token_equals_full_sequence(config):
     close(memory, want_memory)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("module", ["FastWeightAttention", "DPFPformer"])
 def test_decode_without_the_cache_is_refused(module):
     # It used to restart the memory empty at every call, silently.
@@ -299,6 +304,7 @@ def test_decode_cache_of_another_batch_is_named(config):
         decoder.apply(variables, normal(0, (3, 1, 8)), mutable=["cache"])
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_carrying_memory_across_segments(config):
     layer = dj.FastWeightAttention(num_heads=2, head_dim=4, **config)
@@ -343,6 +349,7 @@ def test_empty_inputs_to_dpfp_attention_and_dpfpformer():
         assert y.shape == (0, 5, 8) and all(m.shape[0] == 0 for m in jax.tree.leaves(empty))
 
 
+@JAX_SENSITIVE
 def test_dpfpformer_segments_and_decode():
     model = dj.DPFPformer(8, 2, num_heads=2, head_dim=4, nu=2)
     x = normal(0, (2, 6, 8))
@@ -367,6 +374,7 @@ def test_dpfpformer_segments_and_decode():
 # --- dtypes, gradients, training ---------------------------------------------------------------
 
 
+@JAX_SENSITIVE
 def test_bfloat16_compute_keeps_float32_params_and_state():
     x = normal(0, (2, 12, 16))
     model32 = dj.DPFPAttention(16, num_heads=2, head_dim=8, nu=2)
@@ -380,6 +388,7 @@ def test_bfloat16_compute_keeps_float32_params_and_state():
     close(w16, w32, rtol=5e-2, atol=5e-2)
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("config", CONFIGS[:2], ids=CONFIG_IDS[:2])
 def test_gradients_reach_every_parameter(config):
     model = dj.DPFPformer(8, 2, num_heads=2, head_dim=4, **{k: v for k, v in config.items()})
@@ -392,6 +401,7 @@ def test_gradients_reach_every_parameter(config):
         assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
 
 
+@JAX_SENSITIVE
 def test_a_few_optax_steps_lower_the_loss():
     # Toy task: predict the running mean of the inputs so far (needs memory of the past).
     class Model(nn.Module):
@@ -424,6 +434,7 @@ def test_a_few_optax_steps_lower_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@JAX_SENSITIVE
 def test_dropout_is_active_only_when_not_deterministic():
     m = dj.DPFPAttention(8, num_heads=2, head_dim=4, dropout_rate=0.5)
     x = normal(0, (2, 5, 8))
@@ -542,6 +553,7 @@ CALLABLE_EQUIVALENTS = [
 ]
 
 
+@JAX_SENSITIVE
 @pytest.mark.parametrize("normalization", ["sum", "attention"])
 @pytest.mark.parametrize("named, fn, key_dim", CALLABLE_EQUIVALENTS, ids=["dpfp", "favor", "linear"])
 def test_callable_feature_map_equals_its_name(named, fn, key_dim, normalization):
