@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 # A second environment with the newest jax, jaxlib and flax that pyproject.toml admits (no
 # constraints.txt pin), for the tests marked jax_sensitive (a selection of the op, module,
-# multi-device and sharded-step tests: sharding, custom_vjp and Flax behaviour
+# multi-device and sharded-step tests), since sharding, custom_vjp and Flax behaviour
 # changes between jax releases, and .venv stays on the pinned one.
 NEWEST_VENV := .venv-newest
 NEWEST_PY := $(NEWEST_VENV)/bin/python
