@@ -14,8 +14,8 @@ tensor-core dots). ``validation`` (the argument checks) is backend-neutral.
   sequential inter-chunk walk, forward and backward, with matmuls per chunk;
   ``fast_weight_chunk(..., walk=chunk_walk())`` uses it.
 
-Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``)
-and takes ``scale`` as a run-time value, so it may be traced.
+Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``);
+``fused_chunk`` and ``fused_recurrent`` take ``scale`` as a run-time value, so it may be traced.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks what they compute on machines without a GPU; the dev-only

@@ -63,6 +63,8 @@ def main() -> None:
         ((8,), ("batch",), PartitionSpec("batch", None, None), False, [*xla_impls, fused_chunk, fused_recurrent]),
         ((2, 4), ("batch", "heads"), PartitionSpec("batch", None, "heads"), True, [*xla_impls, fused_chunk]),
         ((4,), ("heads",), PartitionSpec(None, None, "heads"), True, xla_impls),
+        # The batch over two mesh axes at once (data and fsdp, say), heads over a third.
+        ((2, 2, 2), ("data", "fsdp", "heads"), PartitionSpec(("data", "fsdp"), None, "heads"), True, xla_impls),
     ]
     for shape, axes, spec, replicated_state, impls in layouts:
         mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(axes),

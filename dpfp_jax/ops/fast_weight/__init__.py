@@ -106,11 +106,12 @@ def fast_weight(
     ``o_t``; a key ``k_t``, value ``v_t`` or ``beta_t`` (its write) ``o_t``, every later output
     and the final state, within its batch element and head. ``"scan"`` and ``"reference"`` are
     strictly causal: nothing before t is touched. The chunked paths (``"chunk"``, ``"auto"``
-    from one chunk on, ``"pallas"`` from one chunk on) mix the ``chunk_size`` steps of a chunk in
-    masked matmuls, where the masked zero times a NaN or inf is NaN, so a bad write can also reach
-    the outputs of the steps of its own chunk before t; earlier chunks are untouched. To leave
-    a token out (padding), give it zero ``k``, ``v`` and ``beta`` by selection
-    (``jnp.where``), not by multiplying with a mask, as the linen modules' ``mask`` does.
+    from one chunk on, ``"pallas"`` from one chunk on with a power-of-two ``chunk_size`` >= 16)
+    mix the ``chunk_size`` steps of a chunk in masked matmuls, where the masked zero times a NaN
+    or inf is NaN, so a bad write can also reach the outputs of the steps of its own chunk before
+    t; earlier chunks are untouched. To leave a token out (padding), give it zero ``k``, ``v`` and
+    ``beta`` by selection (``jnp.where``), not by multiplying with a mask, as the linen modules'
+    ``mask`` does.
 
     Args:
       q: ``[B, T, H, K]`` queries.
@@ -120,11 +121,12 @@ def fast_weight(
       rule: ``"delta"`` or ``"sum"``.
       initial_state: ``[B, H, K, V]`` fast weights to start from (carried from a previous segment).
       scale: multiplies the outputs: a Python or numpy number or a 0-d array, which may be traced
-        (a jit argument) and differentiated on the XLA impls (reference, scan, chunk).
+        (a jit argument) and is differentiated, on every impl.
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
         matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
-        fused chunk from one chunk on, fused recurrent below; a clear ValueError off the GPU), or
+        fused chunk from one chunk on when ``chunk_size`` is a power of two >= 16, fused recurrent
+        otherwise; a clear ValueError off the GPU), or
         ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
         the same function without chunks and do not use it); ``"chunk"`` takes one chunk of T

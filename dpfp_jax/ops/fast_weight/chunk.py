@@ -238,7 +238,9 @@ def fast_weight_chunk(
     # ``reshape`` is for: einops' rearrange cannot pass an ``out_sharding``, so it only moves and
     # splits the unsharded chunk and step axes, and B and H are merged and split here.
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
-    group_axes = tuple(a for a in (batch_axis, head_axis) if a is not None) or None
+    # A dimension may be sharded over several mesh axes (a tuple); G takes them all, in order.
+    group_axes = tuple(n for a in (batch_axis, head_axis) if a is not None
+                       for n in ((a,) if isinstance(a, str) else a)) or None
 
     def reshape(x: Array, shape: tuple[int, ...], *spec: object) -> Array:
         if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):

@@ -21,11 +21,11 @@ own slice. Not part of ``impl="auto"`` until the kernels have passed the test su
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import (
-    accumulation_dtype,
     batch_head_axes_of,
     with_batch_head_sharding_of,
     zeros_like_sharded,
@@ -74,7 +74,7 @@ def fast_weight_pallas(
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
         # or empty; a kernel cannot be launched over an empty grid.
-        return zeros_like_sharded(v, v.dtype), initial_state.astype(accumulation_dtype(q, k, v, beta, initial_state))
+        return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     def run(q, k, v, beta, initial_state):
