@@ -165,7 +165,7 @@ def test_v5p_compiles_the_chunk_form_for_one_sequence_of_few_heads_per_chip(tpu)
     pytest.param("reference", 4, marks=pytest.mark.slow),
     # One sequence per chip: the merged axis's blocks are the chips' own.
     ("chunk", 2),
-    pytest.param("chunk", 4, marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param("chunk", 4, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "fast_weight_chunk merges B and H into one axis G sharded over (batch, heads); with heads "
         "sharded and more than one sequence per chip, a chip's (b, h) pairs are not a contiguous "
         "block of G, so the partitioner moves them with all-to-alls over the heads axis (in the "
