@@ -148,7 +148,8 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool =
     )(*[x.astype(jnp.float32) for x in inputs])
     out, final_state = results[0], results[-1]
     u = results[1][..., :value_dim] if delta else None
-    return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim]
+    # No chunk states: this walk takes no packed documents (no ``keep``), so the backward rebuilds them.
+    return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim], None
 
 
 def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpret: bool = False,
@@ -199,7 +200,7 @@ def chunk_walk(interpret: bool = False, precise: bool = True) -> tuple[Callable,
         >>> import jax.numpy as jnp
         >>> forward, backward = chunk_walk(interpret=True)
         >>> keys, values = jnp.ones((2, 1, 16, 4)), jnp.ones((2, 1, 16, 4))
-        >>> out, u, state = forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)))
+        >>> out, u, state, _ = forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)))
         >>> out.shape, u, float(state[0, 0, 0]), chunk_walk(interpret=True) == (forward, backward)
         ((2, 1, 16, 4), None, 32.0, True)
     """

@@ -42,10 +42,13 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
+def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
+                    **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call."""
     from pallas_kernels import MAX_KEY_DIM
 
+    if resets is not None:
+        return "the Pallas kernels do not take segment_ids yet"
     platform = target_platform()
     if platform not in ("gpu", "cuda", "rocm"):
         return (f"the Pallas kernels need a GPU and the target platform is {platform!r}; "
@@ -66,11 +69,14 @@ def fast_weight_pallas(
     scale: float | Array,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32)."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
+    if resets is not None:
+        raise ValueError(pallas_supports(q, k, v, beta, resets=resets))
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
         # or empty; a kernel cannot be launched over an empty grid.
