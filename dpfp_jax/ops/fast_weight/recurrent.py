@@ -127,10 +127,12 @@ def segment_schedule(resets: Array) -> tuple[Array, ...]:
         ([0, 1, 1, 0, 2, 2], [1, 1, 0, 0, 1, 0])
     """
     length = resets.shape[0]
-    steps = jnp.arange(length)[:, None]
-    start = lax.cummax(jnp.where(resets, steps, 0), axis=0)  # p of each step's document
+    # Built from resets, not broadcast from a fresh arange: explicit sharding keeps the batch axis's.
+    zeros = zeros_like_sharded(resets, jnp.int32)
+    steps = zeros + jnp.arange(length)[:, None]
+    start = lax.cummax(jnp.where(resets, steps, zeros), axis=0)  # p of each step's document
     last = jnp.concatenate([resets[1:], jnp.ones_like(resets[:1])], axis=0)  # the step before a reset
-    end = lax.cummin(jnp.where(last, steps, length - 1), axis=0, reverse=True)  # e
+    end = lax.cummin(jnp.where(last, steps, zeros + length - 1), axis=0, reverse=True)  # e
     # Virtual step i lies in the document of step i // 2.
     p, e = jnp.repeat(start, 2, axis=0), jnp.repeat(end, 2, axis=0)
     size, j = e - p + 1, jnp.arange(2 * length)[:, None] - 2 * p
@@ -139,19 +141,20 @@ def segment_schedule(resets: Array) -> tuple[Array, ...]:
     return t, forward, j == 0, j == size, j == 2 * size - 1, p == 0, e == length - 1
 
 
+# Batch-major [B, T, ...] arrays inside the walk: a gather or scatter along time per batch row is
+# then one indexed access per row, where a time-major operand would be transposed at every step.
 def _take(x: Array | None, t: Array) -> Array | None:
-    """``x[t[b], b]`` for every batch row b: x time-major ``[T, B, ...]``, t ``[B]``."""
+    """``x[b, t[b]]`` for every batch row b: x ``[B, T, ...]``, t ``[B]``."""
     if x is None:
         return None
-    return jax.vmap(lambda xb, tb: lax.dynamic_index_in_dim(xb, tb, 0, keepdims=False), in_axes=(1, 0))(x, t)
+    return jax.vmap(lambda xb, tb: lax.dynamic_index_in_dim(xb, tb, 0, keepdims=False))(x, t)
 
 
 def _put(buffer: Array | None, t: Array, value: Array | None) -> Array | None:
-    """``buffer[t[b], b] = value[b]`` for every batch row b."""
+    """``buffer[b, t[b]] = value[b]`` for every batch row b."""
     if buffer is None:
         return None
-    return jax.vmap(lambda bb, vb, tb: lax.dynamic_update_index_in_dim(bb, vb, tb, 0),
-                    in_axes=(1, 0, 0), out_axes=1)(buffer, value, t)
+    return jax.vmap(lambda bb, vb, tb: lax.dynamic_update_index_in_dim(bb, vb, tb, 0))(buffer, value, t)
 
 
 def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
@@ -163,6 +166,8 @@ def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
     time, 2T steps instead of T, each also doing one gather and one scatter per row.
     """
     zeros = zeros_like_sharded(w0, w0.dtype)
+    q, k, v, beta, writes, d_out = (None if x is None else jnp.swapaxes(x, 0, 1)
+                                    for x in (q, k, v, beta, writes, d_out))
 
     def step(carry, visit):
         w, g, d_w0, buffers = carry
@@ -189,6 +194,7 @@ def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
     buffers = (fill(q), fill(k), fill(v), fill(beta))
     (_, _, d_w0, (dq, dk, dv, dbeta)), _ = lax.scan(step, (zeros, zeros, zeros, buffers),
                                                     segment_schedule(resets))
+    dq, dk, dv, dbeta = (None if x is None else jnp.swapaxes(x, 0, 1) for x in (dq, dk, dv, dbeta))
     return dq, dk, dv, dbeta, d_w0
 
 
