@@ -494,7 +494,8 @@ def describe(args: argparse.Namespace, devices: int) -> str:
         attention += f" {args.rule} rule" + (", carried" if args.carry else "")
     processes = jax.process_count()
     where = f"{devices} device{'s' * (devices > 1)}" + (f", {processes} processes" if processes > 1 else "")
-    return (f"byte LM, {attention}: {args.depth} layer{'s' * (args.depth > 1)}, width {args.dim}, {args.heads} heads of {args.head_dim}, "
+    layers = f"{args.depth} layer{'s' * (args.depth > 1)}"
+    return (f"byte LM, {attention}: {layers}, width {args.dim}, {args.heads} heads of {args.head_dim}, "
             f"ff {args.ff_dim}\nbatch {args.batch_size} x {args.seq_len} bytes, lr {args.lr:g}, warmup "
             f"{args.warmup}, {args.steps} steps, seed {args.seed}; {where}")
 
