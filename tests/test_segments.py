@@ -26,12 +26,12 @@ def document_ids(length: int, starts: list[int], first_id: int = 5) -> np.ndarra
     return (count * 7 + first_id) % 11 - 3
 
 
-def packed_ids(length: int, seed: int) -> jnp.ndarray:
-    """Two rows: the first has documents starting at positions C-1, C and C+1 of a chunk (a
-    document of length 1 among them), at a chunk's first step 2C, and at T-1 (length 1 at the end);
-    the second has random lengths."""
+def packed_ids(length: int, seed: int, chunk: int = CHUNK) -> jnp.ndarray:
+    """Two rows: the first has documents starting at positions C-1, C and C+1 of a chunk (C =
+    ``chunk``; a document of length 1 among them), at a chunk's first step 2C, and at T-1 (length
+    1 at the end); the second has random lengths."""
     rng = np.random.default_rng(seed)
-    first = document_ids(length, [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, length - 1])
+    first = document_ids(length, [chunk - 1, chunk, chunk + 1, 2 * chunk, length - 1])
     cuts = sorted(set(rng.choice(np.arange(1, length), size=length // 6, replace=False).tolist()))
     return jnp.asarray(np.stack([first, document_ids(length, cuts, first_id=2)]))
 
@@ -74,14 +74,17 @@ def loss_and_grads(fn, inputs):
     return results, grads
 
 
-LENGTH = 5 * CHUNK - 3  # not a whole number of chunks
+def packed_length(chunk: int) -> int:
+    return 5 * chunk - 3  # not a whole number of chunks
 
 
 @functools.cache
-def packed_case(rule: str, dtype: str):
-    """Inputs, ids and the separate runs' results and gradients (the oracle, computed once per case)."""
-    inputs = make_inputs(3, time=LENGTH, rule=rule, dtype=jnp.dtype(dtype), with_state=True)
-    segment_ids = packed_ids(LENGTH, seed=3)
+def packed_case(rule: str, dtype: str, chunk: int = CHUNK):
+    """Inputs, ids and the separate runs' results and gradients (the oracle, computed once per case),
+    for chunks of ``chunk`` steps (which set T and where the first row's documents start)."""
+    length = packed_length(chunk)
+    inputs = make_inputs(3, time=length, rule=rule, dtype=jnp.dtype(dtype), with_state=True)
+    segment_ids = packed_ids(length, seed=3, chunk=chunk)
     return inputs, segment_ids, loss_and_grads(lambda x: run_separately(x, rule, segment_ids), inputs)
 
 
