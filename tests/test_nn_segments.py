@@ -124,7 +124,9 @@ def test_packed_equals_separate_dpfpformer(normalization):
     x = normal(0, (2, LENGTH, 8))
     params = model.init(jax.random.key(1), x)["params"]
     got, want = packed_and_separate(model, params, x, starting_memory(model, 2))
-    close(got, want)
+    # Looser than one layer: the LayerNorms' and feed-forward's gradients gather float32 rounding
+    # of summation orders that differ between the two (about 3e-5 on jax 0.12's CPU build).
+    close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_one_id_per_row_changes_nothing():
