@@ -8,14 +8,55 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
     python -m benchmarks.chunk                # the K sweep
     python -m benchmarks.chunk --quick        # K = 128 only
     python -m benchmarks.chunk --crossover    # chunk vs scan, T in {64, 256, 1024, 4096}
+    python -m benchmarks.chunk --packed       # packed documents: with segment ids vs without
+
+``--packed``: K in {128, 512}, each row packs documents of random lengths (mean ``--doc-length``,
+starting anywhere in a chunk); ``chunk`` and ``scan`` with those segment ids against ``chunk``
+without them, and jax-linear-attention's chunked deltanet with and without the same ids. The
+outputs of each packed contender are checked against our reference first.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import jax.numpy as jnp
+import numpy as np
+
 from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
-from dpfp_devtools.workloads import ours
+from dpfp_devtools.workloads import ours, worst_relative_error
+
+
+def packed_segment_ids(batch: int, length: int, mean_length: int, seed: int = 0) -> jnp.ndarray:
+    """``[B, T]`` ids of documents with geometric lengths of the given mean, numbered from 0 per row."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((batch, length)) < 1.0 / mean_length
+    starts[:, 0] = False
+    return jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+
+
+def packed(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> None:
+    length = 2048
+    segment_ids = packed_segment_ids(batch, length, args.doc_length)
+    documents = int(segment_ids[:, -1].sum()) + batch
+    fns = {"chunk": ours("chunk", chunk_size=args.chunk_size),
+           "chunk packed": ours("chunk", chunk_size=args.chunk_size, segment_ids=segment_ids),
+           "scan packed": ours("scan", segment_ids=segment_ids)}
+    peer, note = peer_deltanet("chunked")
+    if peer is None:
+        print(f"note: {note}")
+    else:
+        fns["jla chunked"] = peer
+        fns["jla chunked packed"] = peer_deltanet("chunked", segment_ids=segment_ids)[0]
+    for key_dim in (128,) if args.quick else (128, 512):
+        inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
+        want = ours("reference", segment_ids=segment_ids)(*inputs)
+        errors = ", ".join(f"{name} {worst_relative_error(fn(*inputs), want):.1e}"
+                           for name, fn in fns.items() if "packed" in name)
+        print(f"\n## packed documents: delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, "
+              f"V={value_dim}, chunk_size={args.chunk_size}, {documents} documents (mean length "
+              f"{batch * length / documents:.0f})\n\nrelative error against the reference: {errors}\n")
+        print_table(measure_forward_backward(fns, inputs, args.repeats), baseline="chunk")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,9 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crossover", action="store_true", help="chunk vs scan over T and K")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--packed", action="store_true", help="packed documents: with segment ids vs without")
+    parser.add_argument("--doc-length", type=int, default=300, help="mean document length for --packed")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
     print(f"machine: {machine_name()}")
+    if args.packed:
+        packed(args, batch, heads, value_dim)
+        return
 
     if args.crossover:
         fns = {"chunk": ours("chunk", chunk_size=args.chunk_size), "scan": ours("scan")}

@@ -86,14 +86,16 @@ def delta_rule_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim
     return inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
 
 
-def peer_deltanet(impl: str) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
-    """jax-linear-attention's deltanet with our calling convention, or None and why not."""
+def peer_deltanet(impl: str, **options: object) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
+    """jax-linear-attention's deltanet with our calling convention (``options`` passed on, e.g.
+    ``segment_ids``), or None and why not."""
     try:
         from jla.ops import linear_attention
     except ImportError as err:
         return None, f"jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it"
 
     def fn(q, k, v, beta):
-        return linear_attention("deltanet", q, k, v, beta=beta, impl=impl, scale=1.0, output_final_state=True)
+        return linear_attention("deltanet", q, k, v, beta=beta, impl=impl, scale=1.0, output_final_state=True,
+                                **options)
 
     return fn, None

@@ -9,7 +9,9 @@ oracle on one device:
 - inputs sharded over batch and heads, or heads alone, with a replicated ``initial_state``: the
   state takes the inputs' batch and head sharding, forward and gradients;
 - a FastWeightAttention layer decoding with a replicated cache and head-sharded projections: the
-  cached fast weights and key sum end up sharded like the inputs.
+  cached fast weights and key sum end up sharded like the inputs;
+- packed documents: batch-sharded ``segment_ids`` with inputs sharded over batch, or batch and
+  heads (the chunk form's per-head document masks take both), forward and gradients.
 """
 
 from __future__ import annotations
@@ -85,7 +87,42 @@ def main() -> None:
             print(f"{where}: {time.perf_counter() - start:.1f}s", flush=True)
 
     check_decoding_with_head_sharded_projections()
+    check_packed_documents(args)
     print("OK")
+
+
+def check_packed_documents(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    import dpfp_jax as dj
+
+    # Documents starting inside chunks of 8 and at their edges, different per row.
+    starts = np.zeros((8, 20), np.int32)
+    for row in range(8):
+        starts[row, [1 + row, 7, 8 + row % 3, 16]] = 1
+    segment_ids = jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+
+    def run(impl):
+        def f(q, k, v, beta, state, ids):
+            out, final = dj.fast_weight(q, k, v, beta, initial_state=state, impl=impl, chunk_size=8, segment_ids=ids)
+            return jnp.sum(out**2) + jnp.sum(jnp.sin(final))
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(5))))
+
+    want = run("reference")(*jax.device_put([*args, segment_ids], jax.devices()[0]))
+    for shape, axes, spec in [((8,), ("batch",), PartitionSpec("batch", None, None)),
+                              ((2, 4), ("batch", "heads"), PartitionSpec("batch", None, "heads"))]:
+        mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(axes))
+        placed = [jax.device_put(a, NamedSharding(mesh, spec)) for a in args[:4]]
+        placed.append(jax.device_put(args[4], NamedSharding(mesh, PartitionSpec())))
+        placed.append(jax.device_put(segment_ids, NamedSharding(mesh, PartitionSpec(spec[0]))))
+        for impl in ("scan", "chunk"):
+            got = run(impl)(*placed)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5,
+                                           err_msg=f"packed documents, {impl} on {axes}")
 
 
 def check_decoding_with_head_sharded_projections() -> None:

@@ -1,6 +1,13 @@
 """The language-model example: training, resuming, data parallelism, decoding."""
 
 import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -9,22 +16,131 @@ import numpy as np
 import pytest
 
 from examples import train_lm
-from tests.test_multidevice import run_with_host_devices
+from tests.test_multidevice import REPO_ROOT, run_with_host_devices
 
 TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--head-dim", "8", "--ff-dim", "64", "--seq-len", "32",
         "--batch-size", "8", "--corpus-bytes", "200000", "--no-progress", "--warmup", "5"]
 
 
-def test_twenty_steps_lower_the_loss_and_write_metrics(tmp_path):
-    result = train_lm.main([*TINY, "--steps", "20", "--eval-every", "10", "--out", str(tmp_path)])
+def test_twenty_steps_lower_the_loss_and_log_bits_per_byte(tmp_path):
+    result = train_lm.main([*TINY, "--steps", "20", "--eval-every", "10", "--log-every", "4", "--out", str(tmp_path)])
     losses = result["losses"]
     assert sorted(losses) == list(range(1, 21))
     assert np.mean([losses[s] for s in (18, 19, 20)]) < 0.8 * np.mean([losses[s] for s in (1, 2, 3)])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [10, 20]
-    assert set(records[0]) == {"step", "train_loss", "valid_bpb", "tokens_per_s"}
-    assert records[1]["valid_bpb"] < records[0]["valid_bpb"] < 9
+    assert records == result["metrics"]
+    # A row every 4 steps and at each evaluation; each holds the mean of the steps since the previous row.
+    assert [r["step"] for r in records] == [4, 8, 10, 12, 16, 20]
+    for previous, record in zip([0] + [r["step"] for r in records], records, strict=False):
+        evaluated = record["step"] in (10, 20)
+        assert set(record) == {"step", "train_bpb", "tokens_per_s"} | ({"valid_bpb"} if evaluated else set())
+        interval = [losses[s] for s in range(previous + 1, record["step"] + 1)]
+        np.testing.assert_allclose(record["train_bpb"], np.mean(interval) / math.log(2), rtol=1e-12)
+        assert record["tokens_per_s"] > 0
+    # The logged losses are the model's, in nats: step 1's is the initial parameters' on the first
+    # batch; valid_bpb is the final parameters' validation loss in bits.
+    args = train_lm.parse_args([*TINY, "--out", str(tmp_path)])
+    _, trainer = train_lm.build(args)
+    train, valid = train_lm.split(train_lm.load_corpus(None, args.corpus_bytes))
+    eval_loss = trainer.make_eval_step()
+    initial = trainer.init(args.seed, args.batch_size, args.seq_len)
+    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    np.testing.assert_allclose(float(eval_loss(initial["params"], first)), losses[1], rtol=1e-5)
+    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
+    final = float(eval_loss(result["state"]["params"], windows)) / math.log(2)
+    np.testing.assert_allclose(records[-1]["valid_bpb"], final, rtol=1e-5)
+    assert records[-1]["valid_bpb"] < records[2]["valid_bpb"] < 9
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_loss_plot_shows_every_logged_step_and_the_run_settings():
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    records = [dict(step=s, train_bpb=8 - s / 10 + rng.normal(0, 0.3), tokens_per_s=1.0) for s in range(1, 61)]
+    for record in records[5::6]:
+        record["valid_bpb"] = 8 - record["step"] / 10
+    args = train_lm.parse_args(["--out", "unused", "--steps", "60", "--carry"])
+    title = train_lm.describe(args, devices=2)
+    for words in ("dpfp-1 delta rule, carried", "2 layers", "width 64", "4 heads of 16", "ff 256", "batch 16 x 64",
+                  "lr 0.003", "60 steps", "2 devices"):
+        assert words in title
+    fig = train_lm.plot_losses(records, title)
+    try:
+        (ax,) = fig.axes
+        assert ax.get_title() == title
+        raw, smoothed, valid = ax.get_lines()
+        assert list(raw.get_xdata()) == list(smoothed.get_xdata()) == list(range(1, 61))
+        assert list(valid.get_xdata()) == list(range(6, 61, 6))
+        # Smoothed: a fraction of the logged rows' step-to-step noise.
+        assert np.std(np.diff(smoothed.get_ydata())) < 0.5 * np.std(np.diff(raw.get_ydata()))
+    finally:
+        plt.close(fig)
+
+
+def test_evaluation_and_logging_intervals_scale_with_the_run():
+    for steps, eval_every, log_every in ((60, 6, 1), (300, 30, 3), (20_000, 2000, 200), (5, 1, 1)):
+        args = train_lm.parse_args(["--out", "unused", "--steps", str(steps)])
+        assert (args.eval_every, args.log_every) == (eval_every, log_every)
+    args = train_lm.parse_args(["--out", "unused", "--steps", "60", "--eval-every", "50", "--log-every", "7"])
+    assert (args.eval_every, args.log_every) == (50, 7)
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--out", "unused", "--log-every", "0"])
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--help"])
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", text[text.index("options:"):])[1:]
+    assert len(blocks) == len(train_lm.build_parser()._actions)
+    for block in blocks:
+        assert block.startswith("-h") or "default" in block or "(required)" in block, block
+    flat = " ".join(text.split())
+    for shown in ("(default: 300)", "(default: 'def ')", "cpu 2, paper-small 16", "--steps // 10"):
+        assert shown in flat
+
+
+def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+    pause = 0.5  # every evaluation and every checkpoint call made that much slower
+    make_eval_step = train_lm.Trainer.make_eval_step
+
+    def slow_eval_step(self):
+        eval_loss = make_eval_step(self)
+
+        def slow(*args):
+            time.sleep(pause)
+            return eval_loss(*args)
+
+        return slow
+
+    class SlowSaves:
+        def __init__(self, manager):
+            self.manager = manager
+
+        def save(self, *args, **kwargs):
+            time.sleep(pause)
+            return self.manager.save(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.manager, name)
+
+    monkeypatch.setattr(train_lm.Trainer, "make_eval_step", slow_eval_step)
+    checkpoint_manager = train_lm.checkpoint_manager
+    monkeypatch.setattr(train_lm, "checkpoint_manager", lambda *args: SlowSaves(checkpoint_manager(*args)))
+    train_lm.main([*TINY, "--steps", "6", "--eval-every", "2", "--log-every", "2", "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    tokens_per_step = 8 * 32
+    for record in records:
+        # A step of this tiny model takes milliseconds; counting one pause would give < 2 steps/s.
+        assert record["tokens_per_s"] > tokens_per_step / 0.25, record
+
+
+@pytest.mark.jax_sensitive
+def test_sharded_step_on_eight_devices_equals_one_device():
+    result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -47,10 +163,58 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
-@pytest.mark.jax_sensitive
-def test_sharded_step_on_eight_devices_equals_one_device():
-    result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
+    # jax's multi-controller engine on the CPU: two processes of 2 host devices each (CPU
+    # collectives over gloo, jax's default), launched as the README says.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    run = [*TINY, "--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": path}
+    processes = [
+        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *run, "--out",
+                          str(tmp_path / "two"), "--coordinator-address", f"localhost:{port}", "--num-processes",
+                          "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out + err[-5000:]
+    one = train_lm.main([*run, "--out", str(tmp_path / "one")])  # this process: one device
+    assert len(one["state"]["params"]["head"]["kernel"].sharding.device_set) == 1
+
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once
+    for a, b in zip(two, one["metrics"], strict=True):
+        assert set(a) == set(b)
+        for key in ("train_bpb", "valid_bpb"):
+            if key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+    assert "4 steps:" in outputs[0][0] and "4 steps:" not in outputs[1][0]  # process 0 alone prints
+    assert (tmp_path / "two" / "loss.png").exists()
+    # The checkpoint both processes wrote together restores here to the one-process parameters.
+    args = train_lm.parse_args([*run, "--out", str(tmp_path / "two")])
+    _, trainer = train_lm.build(args)
+    manager = train_lm.checkpoint_manager(tmp_path / "two" / "checkpoints", args.save_every)
+    restored = train_lm.restore(manager, trainer, trainer.init(args.seed, args.batch_size, args.seq_len))
+    assert int(restored["step"]) == 4
+    for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(one["state"]["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_local_rows_of_the_global_batch():
+    args = train_lm.parse_args([*TINY, "--out", "unused"])
+    _, trainer = train_lm.build(args)
+    np.testing.assert_array_equal(trainer.local_rows(8), np.arange(8))
+    data = np.arange(5000)
+    np.testing.assert_array_equal(train_lm.random_windows(data, 3, 0, 8, 16, rows=np.array([2, 5])),
+                                  train_lm.random_windows(data, 3, 0, 8, 16)[[2, 5]])
+    windows, reset = train_lm.stream_windows(data, 0, 8, 16, rows=np.array([6, 7]))
+    np.testing.assert_array_equal(windows, train_lm.stream_windows(data, 0, 8, 16)[0][6:])
+    assert reset.shape == (2,) and reset.all()
 
 
 def test_greedy_decoding_with_cache_equals_full_forward_argmax():
@@ -65,9 +229,12 @@ def test_greedy_decoding_with_cache_equals_full_forward_argmax():
     np.testing.assert_array_equal(np.asarray(predicted), np.frombuffer(sample, np.uint8))
 
 
-def test_softmax_baseline_trains_and_samples(tmp_path):
+def test_softmax_baseline_trains_and_samples_under_a_labelled_header(tmp_path, capsys):
     result = train_lm.main([*TINY, "--attention", "softmax", "--steps", "3", "--sample", "4", "--out", str(tmp_path)])
     assert len(result["sample"]) == 4
+    header, text = capsys.readouterr().out.splitlines()[-2:]
+    assert header == "--- sample at step 3: prompt 'def ' + 4 bytes, greedy ---"
+    assert text == "def " + result["sample"].decode("utf-8", errors="replace")
 
 
 def test_default_corpus_is_fixed_and_capped():

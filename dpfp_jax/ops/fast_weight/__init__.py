@@ -20,7 +20,8 @@ from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_st
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
-from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs, check_scale
+from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs, check_scale, check_segment_ids
 from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
@@ -78,6 +79,7 @@ def fast_weight(
     scale: float | Array = 1.0,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -88,6 +90,12 @@ def fast_weight(
     - ``rule="delta"`` (Schlag et al. 2021, Sec. 4.2):
       ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
     - output ``o_t = scale * W_t^T q_t``.
+
+    Packed documents: with ``segment_ids``, W is set to zero before step t wherever
+    ``segment_ids[b, t] != segment_ids[b, t - 1]``, so each document (a run of equal ids) reads and
+    writes only its own fast weights: outputs and gradients are those of running each document
+    alone. ``initial_state`` belongs to the row's first document and ``final_state`` is the last
+    one's.
 
     ``q`` and ``k`` are already feature-mapped (and, for the paper's delta-rule layers,
     sum-normalised). The state and its accumulation are float32 for float32, bfloat16 or float16
@@ -131,6 +139,10 @@ def fast_weight(
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
         the same function without chunks and do not use it); ``"chunk"`` takes one chunk of T
         steps when ``chunk_size`` is above T, so its cost follows T.
+      segment_ids: ``[B, T]`` integer document ids (packed documents, see above); ids need not be
+        sorted or start at zero, and padding may be a document of its own. Documents may start
+        anywhere, chunk boundaries included or not. What each impl keeps for its backward with
+        them: docs/math.md, "Packed documents".
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -152,6 +164,7 @@ def fast_weight(
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
     check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
+    check_segment_ids(segment_ids, q)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)
     elif impl in _IMPLS:
@@ -161,13 +174,14 @@ def fast_weight(
     reasons = []
     for name in candidates:
         fn, supports = _IMPLS[name]
-        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state)
+        resets = None if segment_ids is None else resets_of(segment_ids)
+        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state, resets=resets)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32)
             else:
                 initial_state = with_batch_head_sharding_of(initial_state, q)
             options = {"chunk_size": chunk_size} if name in ("chunk", "pallas") else {}
-            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, **options)
+            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, resets=resets, **options)
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))

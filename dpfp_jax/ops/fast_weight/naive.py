@@ -24,6 +24,7 @@ def fast_weight_reference(
     *,
     rule: str,
     scale: float | Array,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op's contract, stated once here: every fast path computes this function.
 
@@ -32,6 +33,7 @@ def fast_weight_reference(
     - ``rule="sum"``: ``W_t = W_{t-1} + k_t v_t^T``
     - ``rule="delta"``: ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
     - output ``o_t = scale * W_t^T q_t`` (W after step t's write).
+    - packed documents: where ``resets[b, t]``, W is zero before step t (``W_{t-1}`` above is then 0).
 
     Args:
       q: ``[B, T, H, K]`` queries, k: ``[B, T, H, K]`` keys (both already feature-mapped),
@@ -40,6 +42,8 @@ def fast_weight_reference(
       initial_state: ``[B, H, K, V]``, W before the first step.
       rule: ``"delta"`` or ``"sum"``.
       scale: a Python or numpy number or a 0-d array; it may be traced.
+      resets: ``[B, T]`` bool, True where a new document starts (``segments.resets_of`` of the
+        op's ``segment_ids``; never at step 0), or None for one document per row.
 
     The arguments are taken as they come: ``dj.fast_weight`` validates them first.
 
@@ -66,7 +70,9 @@ def fast_weight_reference(
     scale = jnp.asarray(scale, acc)  # a float64 scale (x64) must not widen the outputs
 
     def step(w: Array, inputs: tuple[Array, ...]) -> tuple[Array, Array]:
-        q_t, k_t, v_t, beta_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H] or None
+        q_t, k_t, v_t, beta_t, reset_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H] or None, [B] or None
+        if reset_t is not None:
+            w = jnp.where(reset_t[:, None, None, None], 0.0, w)
         if rule == "delta":
             v_bar = jnp.einsum("bhkv,bhk->bhv", w, k_t, precision=HIGHEST)
             w = w + beta_t[..., None, None] * k_t[..., :, None] * (v_t - v_bar)[..., None, :]
@@ -74,6 +80,6 @@ def fast_weight_reference(
             w = w + k_t[..., :, None] * v_t[..., None, :]
         return w, scale * jnp.einsum("bhkv,bhk->bhv", w, q_t, precision=HIGHEST)
 
-    inputs = tuple(to_time_major(x, acc) for x in (q, k, v, beta))
+    inputs = (*(to_time_major(x, acc) for x in (q, k, v, beta)), to_time_major(resets, jnp.bool_))
     final_state, out = lax.scan(step, initial_state.astype(acc), inputs)
     return jnp.swapaxes(out, 0, 1).astype(v.dtype), final_state

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major, zeros_like_sharded
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
@@ -43,59 +43,158 @@ def _apply_t(w: Array, y: Array) -> Array:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(rule: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array):
-    """Time-major core (float32 or float64): q, k ``[T, B, H, K]``, v ``[T, B, H, V]``, beta ``[T, B, H]``."""
-    (out, final_state), _ = _forward(rule, q, k, v, beta, w0)
+def _recurrence(rule: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array, resets: Array | None):
+    """Time-major core (float32 or float64): q, k ``[T, B, H, K]``, v ``[T, B, H, V]``, beta ``[T, B, H]``,
+    resets ``[T, B]`` bool or None."""
+    (out, final_state), _ = _forward(rule, q, k, v, beta, w0, resets)
     return out, final_state
 
 
-def _forward(rule, q, k, v, beta, w0):
+def _forward(rule, q, k, v, beta, w0, resets):
     def step(w, inputs):
-        q_t, k_t, v_t, beta_t = inputs
+        q_t, k_t, v_t, beta_t, reset_t = inputs
+        if reset_t is not None:
+            w = jnp.where(reset_t[:, None, None, None], 0.0, w)
         # The delta rule writes beta * (v - W^T k): it replaces what k currently recalls.
         u_t = beta_t[..., None] * (v_t - _apply(w, k_t)) if rule == "delta" else v_t
         w = w + _outer(k_t, u_t)
         return w, (_apply(w, q_t), u_t)
 
-    final_state, (out, u) = lax.scan(step, w0, (q, k, v, beta))
+    final_state, (out, u) = lax.scan(step, w0, (q, k, v, beta, resets))
     # For the sum rule u is v itself; keep nothing extra.
     writes = u if rule == "delta" else None
-    return (out, final_state), (q, k, v, beta, writes, final_state)
+    # w0 is kept only with resets: without them the reverse walk ends at it by itself.
+    return (out, final_state), (q, k, v, beta, writes, final_state, None if resets is None else w0, resets)
 
 
 def _forward_rule(rule, *primals):
     return _forward(rule, *primal_values(*primals))
 
 
+def _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t, w_prev=None):
+    """One reverse step from ``W_t`` and ``g = dL/dW_t`` (less o_t's share): the gradients of step t
+    and ``(W_{t-1}, dL/dW_{t-1})``. ``w_prev`` when known; else rebuilt as ``W_t - k_t u_t^T``."""
+    if u_t is None:
+        u_t = v_t
+    dq_t = _apply_t(w, do_t)
+    g = g + _outer(q_t, do_t)
+    dk_t = _apply_t(g, u_t)
+    du_t = _apply(g, k_t)
+    if w_prev is None:
+        w_prev = w - _outer(k_t, u_t)
+    if rule == "delta":
+        residual = v_t - _apply(w_prev, k_t)
+        dbeta_t = jnp.sum(du_t * residual, axis=-1)
+        dv_t = beta_t[..., None] * du_t
+        # u = beta * (v - W^T k) also depends on k and W through the recall W^T k.
+        d_recall = -dv_t
+        dk_t = dk_t + _apply_t(w_prev, d_recall)
+        g = g + _outer(k_t, d_recall)
+    else:
+        dbeta_t, dv_t = None, du_t
+    return (w_prev, g), (dq_t, dk_t, dv_t, dbeta_t)
+
+
 def _backward(rule, residuals, cotangents):
-    q, k, v, beta, writes, final_state = residuals
+    q, k, v, beta, writes, final_state, w0, resets = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
+    if resets is not None:
+        return (*_backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final), None)
 
     def step(carry, inputs):
-        w, g = carry  # W_t and dL/dW_t (without o_t's share yet)
-        q_t, k_t, v_t, beta_t, u_t, do_t = inputs
-        if u_t is None:
-            u_t = v_t
-        dq_t = _apply_t(w, do_t)
-        g = g + _outer(q_t, do_t)
-        dk_t = _apply_t(g, u_t)
-        du_t = _apply(g, k_t)
-        w_prev = w - _outer(k_t, u_t)
-        if rule == "delta":
-            residual = v_t - _apply(w_prev, k_t)
-            dbeta_t = jnp.sum(du_t * residual, axis=-1)
-            dv_t = beta_t[..., None] * du_t
-            # u = beta * (v - W^T k) also depends on k and W through the recall W^T k.
-            d_recall = -dv_t
-            dk_t = dk_t + _apply_t(w_prev, d_recall)
-            g = g + _outer(k_t, d_recall)
-        else:
-            dbeta_t, dv_t = None, du_t
-        return (w_prev, g), (dq_t, dk_t, dv_t, dbeta_t)
+        return _step_back(rule, *carry, *inputs)
 
     (_, d_w0), (dq, dk, dv, dbeta) = lax.scan(
         step, (final_state, d_final), (q, k, v, beta, writes, d_out), reverse=True
     )
+    return dq, dk, dv, dbeta, d_w0, None
+
+
+def segment_schedule(resets: Array) -> tuple[Array, ...]:
+    """The backward's walk over packed documents: 2T virtual steps, per batch row.
+
+    Each document of steps ``[p, e]`` (length L) takes the virtual steps ``[2p, 2e + 2)``: L
+    forward steps ``p..e`` that re-add its writes to rebuild its final state, then L reverse steps
+    ``e..p``. Takes time-major ``resets [T, B]``; returns ``[2T, B]`` arrays: the step ``t``
+    visited, and bools ``forward``, ``begins`` (the first forward step: start from the document's
+    initial state), ``turns`` (the first reverse step), ``ends`` (the last reverse step, at p),
+    ``first_document`` and ``last_document`` (of the row).
+
+    Example: two documents, steps [0, 1] and [2]:
+        >>> import jax.numpy as jnp
+        >>> t, forward, *_ = segment_schedule(jnp.array([[False], [False], [True]]))
+        >>> t[:, 0].tolist(), forward[:, 0].astype(int).tolist()
+        ([0, 1, 1, 0, 2, 2], [1, 1, 0, 0, 1, 0])
+    """
+    length = resets.shape[0]
+    # Built from resets, not broadcast from a fresh arange: explicit sharding keeps the batch axis's.
+    zeros = zeros_like_sharded(resets, jnp.int32)
+    steps = zeros + jnp.arange(length)[:, None]
+    start = lax.cummax(jnp.where(resets, steps, zeros), axis=0)  # p of each step's document
+    last = jnp.concatenate([resets[1:], jnp.ones_like(resets[:1])], axis=0)  # the step before a reset
+    end = lax.cummin(jnp.where(last, steps, zeros + length - 1), axis=0, reverse=True)  # e
+    # Virtual step i lies in the document of step i // 2.
+    p, e = jnp.repeat(start, 2, axis=0), jnp.repeat(end, 2, axis=0)
+    size, j = e - p + 1, jnp.arange(2 * length)[:, None] - 2 * p
+    forward = j < size
+    t = jnp.where(forward, p + j, e - (j - size))
+    return t, forward, j == 0, j == size, j == 2 * size - 1, p == 0, e == length - 1
+
+
+# Batch-major [B, T, ...] arrays inside the walk: a gather or scatter along time per batch row is
+# then one indexed access per row, where a time-major operand would be transposed at every step.
+def _take(x: Array | None, t: Array) -> Array | None:
+    """``x[b, t[b]]`` for every batch row b: x ``[B, T, ...]``, t ``[B]``."""
+    if x is None:
+        return None
+    return jax.vmap(lambda xb, tb: lax.dynamic_index_in_dim(xb, tb, 0, keepdims=False))(x, t)
+
+
+def _put(buffer: Array | None, t: Array, value: Array | None) -> Array | None:
+    """``buffer[b, t[b]] = value[b]`` for every batch row b."""
+    if buffer is None:
+        return None
+    return jax.vmap(lambda bb, vb, tb: lax.dynamic_update_index_in_dim(bb, vb, tb, 0))(buffer, value, t)
+
+
+def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
+    """The reverse walk with documents: a reset discards the state before it, so ``W_{t-1}`` cannot
+    be rebuilt by subtracting writes there. Instead each document is walked twice
+    (``segment_schedule``): forward from its known start (``initial_state`` or zero) re-adding the
+    stored writes, which rebuilds its final state exactly, then in reverse as without documents.
+    Nothing more is kept than without documents (the initial state, and the resets): the price is
+    time, 2T steps instead of T, each also doing one gather and one scatter per row.
+    """
+    zeros = zeros_like_sharded(w0, w0.dtype)
+    q, k, v, beta, writes, d_out = (None if x is None else jnp.swapaxes(x, 0, 1)
+                                    for x in (q, k, v, beta, writes, d_out))
+
+    def step(carry, visit):
+        w, g, d_w0, buffers = carry
+        t, (forward, begins, turns, ends, first_document, last_document) = visit[0], (
+            x[:, None, None, None] for x in visit[1:])
+        q_t, k_t, v_t, beta_t, u_t, do_t = (_take(x, t) for x in (q, k, v, beta, writes, d_out))
+        write = _outer(k_t, v_t if u_t is None else u_t)
+        start = jnp.where(first_document, w0, 0.0)  # the document's state before its first write
+        # Forward visits re-add the writes from the document's start: at the turn, w is its final state.
+        w_forward = jnp.where(begins, start, w) + write
+        # Reverse visits: the first takes the final state's cotangent (the row's last document) or
+        # zero (a later reset overwrites the state); the last steps back to the known start.
+        g = jnp.where(turns, jnp.where(last_document, d_final, 0.0), g)
+        w_prev = jnp.where(ends, start, w - write)
+        (w_prev, g_prev), grads = _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t, w_prev=w_prev)
+        d_w0 = jnp.where(~forward & ends & first_document, g_prev, d_w0)
+        # A forward visit writes placeholders that the reverse visit of the same step overwrites later.
+        buffers = tuple(_put(b, t, x) for b, x in zip(buffers, grads, strict=True))
+        return (jnp.where(forward, w_forward, w_prev), jnp.where(forward, g, g_prev), d_w0, buffers), None
+
+    def fill(x):
+        return None if x is None else zeros_like_sharded(x, x.dtype)
+
+    buffers = (fill(q), fill(k), fill(v), fill(beta))
+    (_, _, d_w0, (dq, dk, dv, dbeta)), _ = lax.scan(step, (zeros, zeros, zeros, buffers),
+                                                    segment_schedule(resets))
+    dq, dk, dv, dbeta = (None if x is None else jnp.swapaxes(x, 0, 1) for x in (dq, dk, dv, dbeta))
     return dq, dk, dv, dbeta, d_w0
 
 
@@ -111,6 +210,7 @@ def fast_weight_scan(
     *,
     rule: str,
     scale: float | Array,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
     states, as a time scan with the memory-lean backward this module describes."""
@@ -118,5 +218,6 @@ def fast_weight_scan(
     # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
     # as a float64 scale (x64) would otherwise widen q past the state's dtype.
     q, k, v, beta = (to_time_major(x, acc) for x in (q, k, v, beta))
-    out, final_state = _recurrence(rule, q * jnp.asarray(scale, acc), k, v, beta, initial_state.astype(acc))
+    resets = to_time_major(resets, jnp.bool_)
+    out, final_state = _recurrence(rule, q * jnp.asarray(scale, acc), k, v, beta, initial_state.astype(acc), resets)
     return jnp.swapaxes(out, 0, 1).astype(out_dtype), final_state

@@ -80,3 +80,19 @@ def check_fast_weight_inputs(
         if initial_state.shape != expected:
             raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {initial_state.shape}")
         _check_float("initial_state", initial_state)
+
+
+def check_segment_ids(segment_ids: object, q: Array) -> None:
+    """Raise unless ``segment_ids`` is an integer array ``[B, T]`` matching q's batch and time."""
+    if segment_ids is None:
+        return
+    _check_array("segment_ids", segment_ids)
+    expected = q.shape[:2]
+    if segment_ids.shape != expected:
+        raise ValueError(f"segment_ids must be [B, T] = {expected} (one id per batch row and step); "
+                         f"got shape {segment_ids.shape}")
+    # bool is refused too: ids name documents, and a two-valued id is almost surely a mask.
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must have an integer dtype (document ids); got {segment_ids.dtype}"
+                        + ("; a boolean array looks like a padding mask, which the modules take as mask="
+                           if segment_ids.dtype == jnp.bool_ else ""))

@@ -19,9 +19,10 @@ from dpfp_jax.ops.fast_weight.common import HIGHEST, zeros_like_sharded
 Array = jax.Array
 
 
-def tril(x: Array, k: int = 0) -> Array:
+def tril(x: Array, k: int = 0, same_document: Array | None = None) -> Array:
     """``jnp.tril`` of the last two axes, as a select: step i of a chunk sees steps j <= i + k
-    (``k=-1``: strictly earlier ones).
+    (``k=-1``: strictly earlier ones), and with ``same_document`` (bool ``[..., C, C]``) only
+    those of its own document.
 
     Example:
         >>> import jax.numpy as jnp
@@ -29,7 +30,8 @@ def tril(x: Array, k: int = 0) -> Array:
         [[0, 0, 0], [1, 0, 0], [1, 1, 0]]
     """
     size = x.shape[-1]
-    return jnp.where(jnp.tril(jnp.ones((size, size), bool), k), x, 0.0)
+    keep = jnp.tril(jnp.ones((size, size), bool), k)
+    return jnp.where(keep if same_document is None else keep & same_document, x, 0.0)
 
 
 def to_chunks_nbhc(x: Array | None, chunk_size: int, dtype: jnp.dtype) -> Array | None:
@@ -51,8 +53,12 @@ def to_chunks_nbhc(x: Array | None, chunk_size: int, dtype: jnp.dtype) -> Array 
     return rearrange(x, "b (n c) h ... -> n b h c ...", c=chunk_size)
 
 
-def wy_inverse(k: Array, beta: Array) -> Array:
+def wy_inverse(k: Array, beta: Array, same_document: Array | None = None) -> Array:
     """``A^-1`` for ``A = I + diag(beta) strict_tril(K K^T)``, every chunk at once: [..., C, C].
+
+    With packed documents (``same_document [..., C, C]``, True where steps i and j belong to one
+    document) a step's write sees only earlier writes of its own document: the Gram matrix is
+    masked to them, so A and its inverse are block-diagonal by document.
 
     Computed in beta's dtype. k may be narrower (bfloat16 keys for the Pallas kernels): products
     of bfloat16 numbers are exact in float32, so the Gram matrix loses nothing by taking them as
@@ -66,7 +72,7 @@ def wy_inverse(k: Array, beta: Array) -> Array:
     """
     size = k.shape[-2]
     gram = jnp.einsum("...ik,...jk->...ij", k, k, precision=HIGHEST, preferred_element_type=beta.dtype)
-    a = jnp.eye(size, dtype=beta.dtype) + beta[..., :, None] * tril(gram, -1)
+    a = jnp.eye(size, dtype=beta.dtype) + beta[..., :, None] * tril(gram, -1, same_document)
     # Built from a, not broadcast, so it carries a's batch sharding (explicit meshes require it).
     identity = zeros_like_sharded(a, a.dtype) + jnp.eye(size, dtype=a.dtype)
     return solve_triangular(a, identity, lower=True, unit_diagonal=True)
