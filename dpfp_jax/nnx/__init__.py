@@ -20,12 +20,14 @@ from dpfp_jax.nnx.attention import DPFPAttention, FastWeightAttention
 from dpfp_jax.nnx.cell import DPFPCell
 from dpfp_jax.nnx.params import from_linen_params, to_linen_params
 from dpfp_jax.nnx.partitioning import KernelAxes
+from dpfp_jax.nnx.self_attention import DPFPSelfAttention
 from dpfp_jax.nnx.transformer import DPFPformer, FeedForward
 
 __all__ = [
     "NORMALIZATIONS",
     "DPFPAttention",
     "DPFPCell",
+    "DPFPSelfAttention",
     "DPFPformer",
     "FastWeightAttention",
     "FeedForward",
