@@ -313,11 +313,12 @@ class Trainer:
             return cross_entropy(logits, windows[:, 1:]), new_memory
 
         # Shardings fixed in and out, so the step compiled ahead of time accepts its own output.
-        # segment_ids is None (an empty pytree) unless documents are packed.
+        # segment_ids is None (an empty pytree) unless documents are packed; jit's in_shardings
+        # name every positional argument, so it has no default.
         @partial(jax.jit,
                  in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding, self.batch_sharding),
                  out_shardings=(self.state_sharding, self.replicated))
-        def train_step(state, windows, reset, segment_ids=None):
+        def train_step(state, windows, reset, segment_ids):
             memory = state.get("memory")
             if memory is not None:
                 # Truncated backprop: the carried memory is an input, not a path for gradients.
