@@ -25,6 +25,15 @@ library sources (every ``*.py`` directly under the stdlib folder, sorted by name
 ``--corpus-bytes``): text that exists on every machine without a download. The last 5% is the
 validation split; validation is reported in bits per byte.
 
+``--pack`` trains on packed documents: each default-corpus source file is a document that starts
+with the separator byte 0x1E (ASCII's record separator, made for this and absent from Python
+source; a file holding it is refused), and with ``--data`` the file's own 0x1E bytes start its
+documents. Every training and validation row carries ``segment_ids`` (which document each byte
+belongs to), so the fast weights (or, for softmax, the causal mask) restart at every document:
+no byte is predicted from another document's bytes. The last byte of a document is trained to
+predict the next separator, the end of the document. ``--carry`` refuses ``--pack`` (a carried
+memory would cross documents between segments).
+
 Outputs in ``--out``: ``metrics.jsonl``, one row every ``--log-every`` steps, at every evaluation
 and at the last step, with ``step``, ``train_bpb`` (the mean training loss of the steps since the
 previous row, in bits per byte), ``valid_bpb`` (rows where validation ran) and ``tokens_per_s``;
@@ -65,6 +74,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import dpfp_jax as dj
 
 ATTENTIONS = ("dpfp", "linear", "favor", "softmax")
+SEPARATOR = 0x1E  # ASCII record separator: starts every packed document
 PRESETS = {
     # The paper's small language model (Sec. 6.2): 16 layers, width 128, 8 heads of 16, ff 2048.
     "paper-small": dict(depth=16, dim=128, heads=8, head_dim=16, ff_dim=2048, seq_len=256, batch_size=96),
@@ -76,24 +86,51 @@ PRESETS = {
 # --- data ---------------------------------------------------------------------------------------
 
 
-def default_corpus(max_bytes: int) -> bytes:
-    """This Python's standard-library sources, in a fixed order, up to ``max_bytes``."""
+def default_documents(max_bytes: int) -> list[tuple[Path, bytes]]:
+    """This Python's standard-library source files, in a fixed order, until they hold ``max_bytes``."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
+    documents, total = [], 0
     for path in sorted(stdlib.glob("*.py")):
         data = path.read_bytes()
-        chunks.append(data)
+        documents.append((path, data))
         total += len(data)
         if total >= max_bytes:
             break
+    return documents
+
+
+def default_corpus(max_bytes: int) -> bytes:
+    """This Python's standard-library sources, in a fixed order, up to ``max_bytes``."""
+    return b"".join(data for _, data in default_documents(max_bytes))[:max_bytes]
+
+
+def packed_corpus(max_bytes: int) -> bytes:
+    """The default corpus's files as documents, each led by :data:`SEPARATOR`, up to ``max_bytes``."""
+    chunks = []
+    for path, data in default_documents(max_bytes):
+        if SEPARATOR in data:
+            raise ValueError(f"{path} holds the separator byte {SEPARATOR:#04x}; its documents cannot be packed")
+        chunks.append(bytes([SEPARATOR]) + data)
     return b"".join(chunks)[:max_bytes]
 
 
-def load_corpus(data: Path | None, max_bytes: int) -> np.ndarray:
-    text = data.read_bytes()[:max_bytes] if data is not None else default_corpus(max_bytes)
+def load_corpus(data: Path | None, max_bytes: int, pack: bool = False) -> np.ndarray:
+    if data is not None:
+        text = data.read_bytes()[:max_bytes]
+    else:
+        text = packed_corpus(max_bytes) if pack else default_corpus(max_bytes)
     if len(text) < 1024:
         raise ValueError(f"the corpus needs at least 1024 bytes; got {len(text)}")
     return np.frombuffer(text, np.uint8).astype(np.int32)
+
+
+def document_ids(corpus: np.ndarray) -> np.ndarray:
+    """Each byte's document: a new one starts at every :data:`SEPARATOR` byte.
+
+    >>> document_ids(np.array([97, SEPARATOR, 98, 99, SEPARATOR, SEPARATOR, 100])).tolist()
+    [0, 1, 1, 1, 2, 3, 3]
+    """
+    return np.cumsum(corpus == SEPARATOR, dtype=np.int32)
 
 
 def split(corpus: np.ndarray, valid_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +189,10 @@ class SoftmaxBlock(nn.Module):
     ff_dim: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, segment_ids=None):
         mask = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
+        if segment_ids is not None:  # packed documents: each attends only within itself
+            mask = nn.combine_masks(mask, nn.make_attention_mask(segment_ids, segment_ids, jnp.equal))
         h = nn.MultiHeadDotProductAttention(self.heads, qkv_features=self.heads * self.head_dim)(
             nn.LayerNorm()(x), mask=mask
         )
@@ -162,7 +201,8 @@ class SoftmaxBlock(nn.Module):
 
 
 class ByteLM(nn.Module):
-    """Bytes in, next-byte logits out. ``__call__(tokens, memory=None)`` -> ``(logits, memory)``."""
+    """Bytes in, next-byte logits out. ``__call__(tokens, memory=None, segment_ids=None)`` ->
+    ``(logits, memory)``; ``segment_ids [B, T]`` packs documents (no byte sees another document's)."""
 
     attention: str = "dpfp"
     rule: str = "delta"
@@ -177,11 +217,11 @@ class ByteLM(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, memory=None):
+    def __call__(self, tokens, memory=None, segment_ids=None):
         x = nn.Embed(256, self.dim)(tokens)
         if self.attention == "softmax":
             for _ in range(self.depth):
-                x = SoftmaxBlock(self.heads, self.head_dim, self.ff_dim)(x)
+                x = SoftmaxBlock(self.heads, self.head_dim, self.ff_dim)(x, segment_ids)
             x = nn.LayerNorm()(x)
         else:
             x, memory = dj.DPFPformer(
@@ -192,12 +232,19 @@ class ByteLM(nn.Module):
                 normalization="sum" if self.rule == "delta" else "attention",
                 num_features=self.num_features, ff_mult=max(1, self.ff_dim // self.dim), impl=self.impl,
                 decode=self.decode, name="transformer",
-            )(x, memory, return_memory=True)
+            )(x, memory, segment_ids=segment_ids, return_memory=True)
         return nn.Dense(256, name="head")(x), memory
 
 
 def cross_entropy(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def apply_lm(model: ByteLM, params, windows, memory=None, segment_ids=None):
+    """``(logits, memory)`` of ``windows [B, T + 1]``'s first T bytes, each predicting the next;
+    ``segment_ids`` (None, or ``[B, T + 1]`` like the windows) packs documents."""
+    ids = None if segment_ids is None else segment_ids[:, :-1]
+    return model.apply({"params": params}, windows[:, :-1], memory, segment_ids=ids)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -261,14 +308,17 @@ class Trainer:
     def make_train_step(self):
         model, optimizer = self.model, self.optimizer
 
-        def loss_fn(params, windows, memory):
-            logits, new_memory = model.apply({"params": params}, windows[:, :-1], memory)
+        def loss_fn(params, windows, memory, segment_ids):
+            logits, new_memory = apply_lm(model, params, windows, memory, segment_ids)
             return cross_entropy(logits, windows[:, 1:]), new_memory
 
         # Shardings fixed in and out, so the step compiled ahead of time accepts its own output.
-        @partial(jax.jit, in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding),
+        # segment_ids is None (an empty pytree) unless documents are packed; jit's in_shardings
+        # name every positional argument, so it has no default.
+        @partial(jax.jit,
+                 in_shardings=(self.state_sharding, self.batch_sharding, self.batch_sharding, self.batch_sharding),
                  out_shardings=(self.state_sharding, self.replicated))
-        def train_step(state, windows, reset):
+        def train_step(state, windows, reset, segment_ids):
             memory = state.get("memory")
             if memory is not None:
                 # Truncated backprop: the carried memory is an input, not a path for gradients.
@@ -276,7 +326,8 @@ class Trainer:
                 memory = jax.tree.map(
                     lambda m: jax.lax.stop_gradient(m) * keep.reshape(-1, *([1] * (m.ndim - 1))), memory
                 )
-            (loss, new_memory), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], windows, memory)
+            (loss, new_memory), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], windows, memory,
+                                                                                  segment_ids)
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             new_state = dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
                              step=state["step"] + 1)
@@ -290,8 +341,8 @@ class Trainer:
         model = self.model
 
         @jax.jit
-        def eval_loss(params, windows):
-            logits, _ = model.apply({"params": params}, windows[:, :-1])
+        def eval_loss(params, windows, segment_ids=None):
+            logits, _ = apply_lm(model, params, windows, segment_ids=segment_ids)
             return cross_entropy(logits, windows[:, 1:])
 
         return eval_loss
@@ -412,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's weight decay")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm")
     parser.add_argument("--carry", action="store_true", help="carry fast weights across consecutive segments")
+    parser.add_argument("--pack", action="store_true",
+                        help=f"pack documents (each source file, led by the byte {SEPARATOR:#04x}; with --data, "
+                             f"its {SEPARATOR:#04x} bytes start documents) and train and validate with segment ids")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="validate every N steps and at the last (default: --steps // 10, at least 1)")
     parser.add_argument("--log-every", type=int, default=None,
@@ -459,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.carry and args.attention == "softmax":
         parser.error("--carry carries fast weights; softmax attention has none")
+    if args.carry and args.pack:
+        parser.error("--carry and --pack cannot be combined: the carried memory would cross documents")
     if args.num_processes is not None and args.num_processes < 1:
         parser.error(f"--num-processes must be at least 1; got {args.num_processes}")
     if args.process_id is not None and args.num_processes is not None \
@@ -492,6 +548,8 @@ def describe(args: argparse.Namespace, devices: int) -> str:
     attention = {"dpfp": f"dpfp-{args.nu}", "favor": f"favor-{args.features}"}.get(args.attention, args.attention)
     if args.attention != "softmax":
         attention += f" {args.rule} rule" + (", carried" if args.carry else "")
+    if args.pack:
+        attention += ", packed documents"
     processes = jax.process_count()
     where = f"{devices} device{'s' * (devices > 1)}" + (f", {processes} processes" if processes > 1 else "")
     layers = f"{args.depth} layer{'s' * (args.depth > 1)}"
@@ -508,7 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     initialize_distributed(args)
     lead = jax.process_index() == 0  # the one process that writes metrics and the plot, and prints
     args.out.mkdir(parents=True, exist_ok=True)
-    train_data, valid_data = split(load_corpus(args.data, args.corpus_bytes))
+    corpus = load_corpus(args.data, args.corpus_bytes, args.pack)
+    train_data, valid_data = split(corpus)
+    train_ids, valid_ids = split(document_ids(corpus)) if args.pack else (None, None)
     model, trainer = build(args)
     state = trainer.init(args.seed, args.batch_size, args.seq_len)
     manager = checkpoint_manager(args.out / "checkpoints", args.save_every)
@@ -520,17 +580,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_loss = trainer.make_eval_step()
     valid_windows = validation_windows(valid_data, args.seq_len, args.eval_windows)
     valid = jax.make_array_from_process_local_data(trainer.replicated, valid_windows, valid_windows.shape)
+    valid_segments = None
+    if args.pack:  # each validation document starts from an empty memory
+        ids = validation_windows(valid_ids, args.seq_len, args.eval_windows)
+        valid_segments = jax.make_array_from_process_local_data(trainer.replicated, ids, ids.shape)
     metrics_path = args.out / "metrics.jsonl"
     if lead and not args.resume and metrics_path.exists():
         metrics_path.unlink()
 
-    def next_batch(step: int) -> tuple[jax.Array, jax.Array]:
+    def next_batch(step: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        segment_ids = None
         if args.carry:
             windows, reset = stream_windows(train_data, step, args.batch_size, args.seq_len, rows)
         else:
             windows = random_windows(train_data, step, args.seed, args.batch_size, args.seq_len, rows)
             reset = np.zeros(len(rows), bool)
-        return trainer.batch(windows, args.batch_size), trainer.batch(reset, args.batch_size)
+            if args.pack:  # the same offsets (same seed and step) in the ids
+                ids = random_windows(train_ids, step, args.seed, args.batch_size, args.seq_len, rows)
+                segment_ids = trainer.batch(ids, args.batch_size)
+        return trainer.batch(windows, args.batch_size), trainer.batch(reset, args.batch_size), segment_ids
 
     seconds = dict(compile=0.0, train=0.0, evaluate=0.0, checkpoint=0.0)
     if end_step > start_step:
@@ -538,7 +606,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clock = time.perf_counter()
         train_step = trainer.make_train_step().lower(
             state, jax.ShapeDtypeStruct((args.batch_size, args.seq_len + 1), jnp.int32),
-            jax.ShapeDtypeStruct((args.batch_size,), jnp.bool_)).compile()
+            jax.ShapeDtypeStruct((args.batch_size,), jnp.bool_),
+            jax.ShapeDtypeStruct((args.batch_size, args.seq_len + 1), jnp.int32) if args.pack else None).compile()
         seconds["compile"] = time.perf_counter() - clock
 
     from tqdm.auto import tqdm
@@ -552,8 +621,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     interval_tokens, interval_seconds, tokens = 0, 0.0, 0
     for step in bar:
         clock = time.perf_counter()
-        windows, reset = next_batch(step)
-        state, loss = train_step(state, windows, reset)
+        windows, reset, segment_ids = next_batch(step)
+        state, loss = train_step(state, windows, reset, segment_ids)
         done = step + 1
         losses[done] = float(loss)  # waits for the step: its time is all in the count
         step_seconds = time.perf_counter() - clock
@@ -567,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record = dict(step=done, train_bpb=float(np.mean(interval_losses)) / math.log(2))
             if evaluate:
                 clock = time.perf_counter()
-                record["valid_bpb"] = float(eval_loss(state["params"], valid)) / math.log(2)
+                record["valid_bpb"] = float(eval_loss(state["params"], valid, valid_segments)) / math.log(2)
                 seconds["evaluate"] += time.perf_counter() - clock
             record["tokens_per_s"] = interval_tokens / interval_seconds
             records.append(record)

@@ -330,7 +330,7 @@ def test_lm_example_train_step_compiles_for_a_slice(tpu, carry):
     windows = tpu.place(jax.ShapeDtypeStruct((args.batch_size, args.seq_len + 1), jnp.int32), mesh,
                         PartitionSpec("batch"))
     reset = tpu.place(jax.ShapeDtypeStruct((args.batch_size,), jnp.bool_), mesh, PartitionSpec("batch"))
-    compiled = tpu.compile_for_tpu(trainer.make_train_step(), state, windows, reset, mesh=mesh)
+    compiled = tpu.compile_for_tpu(trainer.make_train_step(), state, windows, reset, None, mesh=mesh)
     new_state, loss = compiled.out_info
     assert loss.shape == () and jax.tree.structure(new_state) == jax.tree.structure(state)
     assert "all-reduce" in compiled.as_text()

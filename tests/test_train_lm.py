@@ -240,3 +240,93 @@ def test_softmax_baseline_trains_and_samples_under_a_labelled_header(tmp_path, c
 def test_default_corpus_is_fixed_and_capped():
     a, b = train_lm.default_corpus(50_000), train_lm.default_corpus(50_000)
     assert a == b and len(a) == 50_000
+
+
+def test_packed_segment_ids_change_exactly_at_document_separators():
+    documents = train_lm.default_documents(30_000)
+    corpus = train_lm.load_corpus(None, 30_000, pack=True)
+    ids = train_lm.document_ids(corpus)
+    starts = np.flatnonzero(corpus == train_lm.SEPARATOR)
+    # Every file is a document led by one separator, in order, and nothing else holds the byte.
+    lengths = [len(data) + 1 for _, data in documents]
+    np.testing.assert_array_equal(starts, np.cumsum([0, *lengths[:-1]]))
+    for (_, data), start in zip(documents[:-1], starts, strict=False):
+        assert corpus[start + 1 : start + len(data) + 1].astype(np.uint8).tobytes() == data
+    assert len(corpus) == 30_000  # capped like the unpacked corpus
+    # In the training rows the id changes exactly where a separator byte sits.
+    windows = train_lm.random_windows(corpus, 3, 0, 64, 512)
+    segments = train_lm.random_windows(ids, 3, 0, 64, 512)
+    changes = segments[:, 1:] != segments[:, :-1]
+    np.testing.assert_array_equal(changes, windows[:, 1:] == train_lm.SEPARATOR)
+    assert changes.any()
+    # Without --pack the corpus is unchanged: the files' bytes joined, no separators.
+    assert train_lm.load_corpus(None, 30_000).astype(np.uint8).tobytes() == train_lm.default_corpus(30_000)
+
+
+def test_data_file_separators_start_documents(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_bytes((b"\x1e" + b"a" * 700) + (b"\x1e" + b"b" * 500))
+    corpus = train_lm.load_corpus(path, 10_000, pack=True)
+    np.testing.assert_array_equal(train_lm.document_ids(corpus), np.repeat([1, 2], [701, 501]))
+
+
+@pytest.mark.parametrize("attention", ["dpfp", "softmax"])
+def test_a_packed_document_does_not_see_the_previous_one(attention):
+    model = train_lm.ByteLM(attention, depth=2, dim=32, heads=2, head_dim=8, ff_dim=64)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    sep = train_lm.SEPARATOR
+    first, second = list(b"import os\nx = 1\n"), list(b"def f(y):\n    return y")
+    other = list(b"class C: pass  #")  # another previous document, same length
+    rows = np.array([[sep, *first, sep, *second], [sep, *other, sep, *second]], np.int32)
+    ids = train_lm.document_ids(rows.reshape(-1)).reshape(rows.shape)  # ids of the flat text: 1, 2 | 3, 4
+    boundary = 1 + len(first)
+    packed, _ = train_lm.apply_lm(model, params, rows, segment_ids=ids)
+    np.testing.assert_allclose(packed[0, boundary:], packed[1, boundary:], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(packed[0, :boundary] - packed[1, :boundary]).max()) > 1e-3
+    # Without segment ids the second document's logits depend on the first's bytes.
+    unpacked, _ = train_lm.apply_lm(model, params, rows)
+    assert float(jnp.abs(unpacked[0, boundary:] - unpacked[1, boundary:]).max()) > 1e-3
+
+
+def test_packed_run_trains_with_segment_ids_and_validates_per_document(tmp_path):
+    # Short documents (a --data file with its own separators), so every batch crosses documents.
+    data = tmp_path / "docs.txt"
+    data.write_bytes(b"".join(b"\x1e" + f"def f{i}(x):\n    return x * {i % 7}\n".encode() for i in range(3000)))
+    run = [*TINY, "--pack", "--data", str(data)]
+    result = train_lm.main([*run, "--steps", "6", "--eval-every", "3", "--log-every", "3",
+                            "--out", str(tmp_path / "out")])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records == result["metrics"] and [r["step"] for r in records] == [3, 6]
+    assert all(math.isfinite(r["train_bpb"]) and math.isfinite(r["valid_bpb"]) for r in records)
+    # Step 1's loss is the initial parameters' on the first packed batch with its segment ids, and
+    # not what the same bytes give without them: the training step gets the ids.
+    args = train_lm.parse_args([*run, "--out", "unused"])
+    _, trainer = train_lm.build(args)
+    corpus = train_lm.load_corpus(data, args.corpus_bytes, pack=True)
+    (train, valid), (train_ids, valid_ids) = train_lm.split(corpus), train_lm.split(train_lm.document_ids(corpus))
+    eval_loss = trainer.make_eval_step()
+    initial = trainer.init(args.seed, args.batch_size, args.seq_len)["params"]
+    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    first_ids = train_lm.random_windows(train_ids, 0, args.seed, args.batch_size, args.seq_len)
+    assert (first_ids[:, 1:] != first_ids[:, :-1]).any()  # the batch crosses documents
+    np.testing.assert_allclose(float(eval_loss(initial, first, first_ids)), result["losses"][1], rtol=1e-5)
+    assert abs(float(eval_loss(initial, first)) - result["losses"][1]) > 1e-5
+    # valid_bpb is per document: the validation rows carry their segment ids.
+    final = result["state"]["params"]
+    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
+    ids = train_lm.validation_windows(valid_ids, args.seq_len, args.eval_windows)
+    assert (ids[:, 1:] != ids[:, :-1]).any()
+    np.testing.assert_allclose(records[-1]["valid_bpb"], float(eval_loss(final, windows, ids)) / math.log(2),
+                               rtol=1e-5)
+    assert abs(records[-1]["valid_bpb"] - float(eval_loss(final, windows)) / math.log(2)) > 1e-5
+
+
+def test_pack_refuses_carry_and_shows_in_help(capsys):
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--out", "unused", "--pack", "--carry"])
+    assert "--carry and --pack cannot be combined" in capsys.readouterr().err
+    assert train_lm.parse_args(["--out", "unused"]).pack is False
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--pack" in flat and "0x1e" in flat
