@@ -90,7 +90,7 @@ def dataclass_replace(config, **changes):
 
 def test_cli_writes_csv_table_and_plot(tmp_path):
     rows = ar.main(["--setting", "2", "--feature-map", "dpfp", "--rule", "delta", "--S", "4,6",
-                    "--max-steps", "100", "--out", str(tmp_path), "--no-progress"])
+                    "--max-steps", "10", "--out", str(tmp_path), "--no-progress"])
     assert len(rows) == 2
     with (tmp_path / "results.csv").open() as f:
         written = list(csv.DictReader(f))
@@ -102,7 +102,7 @@ def test_cli_writes_csv_table_and_plot(tmp_path):
 
 
 def test_same_command_same_numbers(tmp_path):
-    args = ["--setting", "1", "--feature-map", "linear", "--S", "5", "--max-steps", "100", "--no-progress"]
+    args = ["--setting", "1", "--feature-map", "linear", "--S", "5", "--max-steps", "20", "--no-progress"]
     first = ar.main([*args, "--out", str(tmp_path / "a")])
     second = ar.main([*args, "--out", str(tmp_path / "b")])
     assert first[0]["final_eval_loss"] == second[0]["final_eval_loss"]
