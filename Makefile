@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-newest-jax test-all lint bench triton-report gpu-memory clean
+.PHONY: demo test test-newest-jax test-all lint bench triton-report gpu-memory tpu-compiler tpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -51,21 +51,36 @@ $(CUDA_STAMP): $(STAMP)
 	  jax-cuda13-plugin jax-cuda13-pjrt nvidia-cuda-nvcc nvidia-nvvm
 	touch $(CUDA_STAMP)
 
+# libtpu, the TPU compiler (about 690 MB; constraints.txt pins the version jax's own `tpu` extra
+# pins), kept out of .venv's import path: importable, it makes jax try to start a TPU runtime
+# whenever a backend initialises with JAX_PLATFORMS unset. dpfp_devtools/tpu.py loads it from the
+# folder DPFP_TPU_COMPILER names, for compiles on abstract TPU devices (no TPU needed).
+TPU_COMPILER := $(VENV)/tpu-compiler
+TPU_STAMP := $(VENV)/.installed-tpu-compiler
+
+$(TPU_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(TPU_COMPILER) -c constraints.txt libtpu
+	touch $(TPU_STAMP)
+
+tpu-compiler: $(TPU_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint test-newest-jax
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+# DPFP_TPU_COMPILER: the TPU compile tests (tests/test_tpu_compile.py) run, and fail without libtpu
+# instead of skipping.
+test: lint test-newest-jax $(TPU_STAMP)
+	DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-newest-jax: $(NEWEST_STAMP)
 	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'
 	$(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) -m 'jax_sensitive and not slow' tests
 
-test-all: lint $(CUDA_STAMP)
-	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
+test-all: lint $(CUDA_STAMP) $(TPU_STAMP)
+	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.ops
@@ -77,6 +92,9 @@ triton-report: $(CUDA_STAMP)
 
 gpu-memory: $(BENCH_STAMP) $(CUDA_STAMP)
 	PYTHONPATH=$(CUDA_COMPILER) $(PY) -m benchmarks.gpu --deviceless
+
+tpu-memory: $(TPU_STAMP)
+	DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m benchmarks.tpu --deviceless
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache build *.egg-info

@@ -104,24 +104,25 @@ KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
 
 
 def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
-                batch: int = 1, heads: int = 2, num_stages: int = 1):
+                batch: int = 1, heads: int = 2, num_stages: int = 1, packed: bool = False):
     """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs.
 
     ``kernel`` is one of ``KERNELS``; ``num_stages``: the fused chunk kernel's load-pipelining
-    stages (the others ignore it).
+    stages (the others ignore it); ``packed``: with packed documents, fn takes one more argument,
+    ``resets [B, T]`` bool.
     """
 
-    def run(q, k, v, beta, s):
+    def run(q, k, v, beta, s, resets):
         if kernel == "fused_recurrent":
-            return fused_recurrent(q, k, v, beta, s, rule=rule)
+            return fused_recurrent(q, k, v, beta, s, rule=rule, resets=resets)
         if kernel == "fused_chunk":
             return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
-                               wy_inverse=wy_inverse if rule == "delta" else None)
+                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets)
         return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
-                                 walk=chunk_walk(precise=float32_or_wider(q, k, v)))
+                                 walk=chunk_walk(precise=float32_or_wider(q, k, v)), resets=resets)
 
-    def loss(q, k, v, beta, s):
-        out, state = run(q, k, v, beta, s)
+    def loss(q, k, v, beta, s, resets=None):
+        out, state = run(q, k, v, beta, s, resets)
         return out.astype(jnp.float32).sum() + state.sum()
 
     def shape(*dims, dtype=dtype):
@@ -131,6 +132,8 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     beta = shape(batch, time, heads) if rule == "delta" else None
     args = (keys, keys, shape(batch, time, heads, value_dim), beta,
             shape(batch, heads, key_dim, value_dim, dtype=jnp.float32))
+    if packed:
+        args += (shape(batch, time, dtype=jnp.bool_),)
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args
 
 

@@ -17,6 +17,12 @@ tensor-core dots). ``validation`` (the argument checks) is backend-neutral.
 Each entry point checks its own arguments (``validation``: rule, beta, shapes, K <= ``MAX_KEY_DIM``);
 ``fused_chunk`` and ``fused_recurrent`` take ``scale`` as a run-time value, so it may be traced.
 
+Packed documents: ``fused_chunk`` and ``fused_recurrent`` take ``resets`` (bool ``[B, T]``, True
+where a step starts a new document: the state is zero before it), and ``chunk_walk``'s functions
+the chunk form's ``keep`` and ``states``. The fused kernels keep nothing more for their backward:
+after a reset they rebuild the discarded state by walking the previous document forward again
+from the stored writes; the walk alone stores each chunk's start state, as the XLA walk does.
+
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
 suite checks what they compute on machines without a GPU; the dev-only
 ``dpfp_devtools.triton_lowering`` lowers them to Triton IR for a named GPU, which is how it checks

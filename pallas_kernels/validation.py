@@ -9,6 +9,8 @@ module imports nothing outside ``pallas_kernels`` and JAX.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +65,10 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
 
 
-def check_wy_inverse(rule: str, wy_inverse: object) -> None:
+def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False) -> None:
     """The delta rule's per-chunk WY inverse comes from the caller as a function; the sum rule takes none.
+    With packed documents (``packed``) it is also given the same-document mask, so it must take three
+    arguments.
 
     Example:
         >>> check_wy_inverse("sum", lambda k, beta: k)
@@ -77,6 +81,18 @@ def check_wy_inverse(rule: str, wy_inverse: object) -> None:
                          "A^-1 [..., C, C] with A = I + diag(beta) strict_tril(K K^T); got None")
     if rule == "delta" and not callable(wy_inverse):
         raise TypeError(f"wy_inverse must be a function (k, beta) -> A^-1; got {type(wy_inverse).__name__}")
+    if rule == "delta" and packed:
+        try:
+            signature = inspect.signature(wy_inverse)
+        except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, None)
+            except TypeError:
+                raise TypeError("with resets, wy_inverse is called as wy_inverse(k, beta, same_document) and must "
+                                "mask the Gram matrix with same_document [..., C, C]; got a function "
+                                f"{getattr(wy_inverse, '__name__', type(wy_inverse).__name__)}{signature}") from None
     if rule != "delta" and wy_inverse is not None:
         seen = "a function" if callable(wy_inverse) else type(wy_inverse).__name__
         raise ValueError(f"wy_inverse is only used by rule='delta'; got {seen} with rule={rule!r}")
@@ -91,6 +107,31 @@ def check_wy_inverse_result(inverse: object, expected: tuple[int, ...]) -> None:
     _check_float("wy_inverse's result", inverse)
 
 
+def check_resets(resets: object, q: Array) -> None:
+    """``resets`` (packed documents) must be None or a bool array ``[B, T]`` with q's B and T: True
+    where a step starts a new document.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_resets(jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5, 1, 4)))
+        Traceback (most recent call last):
+        ...
+        TypeError: resets must be a bool array [B, T] (True where a new document starts); got dtype int32
+    """
+    if resets is None:
+        return
+    shape = getattr(resets, "shape", None)
+    if shape is None or not hasattr(resets, "dtype"):
+        raise TypeError(f"resets must be a bool array [B, T] (True where a new document starts); "
+                        f"got {type(resets).__name__}")
+    if resets.dtype != jnp.bool_:
+        raise TypeError(f"resets must be a bool array [B, T] (True where a new document starts); "
+                        f"got dtype {resets.dtype}")
+    if tuple(shape) != tuple(q.shape[:2]):
+        raise ValueError(f"resets must be [B, T] = {tuple(q.shape[:2])} (one flag per batch row and step); "
+                         f"got shape {tuple(shape)}")
+
+
 def check_kernel_inputs(
     q: Array,
     k: Array,
@@ -99,10 +140,12 @@ def check_kernel_inputs(
     initial_state: Array,
     rule: object,
     scale: object,
+    resets: object = None,
 ) -> None:
     """The fused kernels' contract: ``rule`` in ``RULES``; q, k ``[B, T, H, K]`` with K <=
     ``MAX_KEY_DIM``; v ``[B, T, H, V]``; beta ``[B, T, H]`` for the delta rule and None for the
-    sum rule; initial_state ``[B, H, K, V]``; all floating; ``scale`` a real scalar.
+    sum rule; initial_state ``[B, H, K, V]``; all floating; ``scale`` a real scalar;
+    ``resets`` None or bool ``[B, T]`` (``check_resets``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -138,6 +181,7 @@ def check_kernel_inputs(
                          f"got {None if initial_state is None else initial_state.shape}")
     _check_float("initial_state", initial_state)
     check_scale(scale)
+    check_resets(resets, q)
 
 
 def check_recurrence_inputs(per_key: dict[str, Array | None], per_value: dict[str, Array],
@@ -164,3 +208,36 @@ def check_recurrence_inputs(per_key: dict[str, Array | None], per_value: dict[st
         if x.shape != expected:
             raise ValueError(f"{name} must be [G, K, V] = {expected}; got {x.shape}")
     check_key_dim(keys.shape[-1], first_key)
+
+
+def check_chunk_documents(keep: object, states: object, num_chunks: int, groups: int, key_dim: int,
+                          value_dim: int, *, states_expected: bool) -> None:
+    """The chunk recurrence's packed documents: ``keep`` None or bool ``[N, G]`` (False for a chunk
+    in which a document starts); the backward's ``states`` (each chunk's start state, from the
+    forward) float ``[N, G, K, V]``, given exactly when ``keep`` is.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_chunk_documents(jnp.ones((2, 3), bool), None, 2, 3, 8, 4, states_expected=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: states is required with keep: the forward's chunk start states [N, G, K, V] = (2, 3, 8, 4); got None
+    """
+    if keep is not None:
+        if not hasattr(keep, "shape") or getattr(keep, "dtype", None) != jnp.bool_:
+            raise TypeError(f"keep must be a bool array [N, G] (False where a document starts in the chunk); got "
+                            f"{getattr(keep, 'dtype', type(keep).__name__)}")
+        if tuple(keep.shape) != (num_chunks, groups):
+            raise ValueError(f"keep must be [N, G] = {(num_chunks, groups)}; got shape {tuple(keep.shape)}")
+    if not states_expected:
+        return
+    expected = (num_chunks, groups, key_dim, value_dim)
+    if keep is not None and states is None:
+        raise ValueError(f"states is required with keep: the forward's chunk start states [N, G, K, V] = {expected}; "
+                         "got None")
+    if keep is None and states is not None:
+        raise ValueError("states is only used with keep (packed documents); got states and keep=None")
+    if states is not None:
+        if getattr(states, "shape", None) is None or tuple(states.shape) != expected:
+            raise ValueError(f"states must be [N, G, K, V] = {expected}; got {getattr(states, 'shape', states)}")
+        _check_float("states", states)

@@ -25,7 +25,7 @@ def main() -> None:
     for t in (trainer, single):
         state = t.init(0, 8, 16)
         state, loss = t.make_train_step()(state, jax.device_put(windows, t.batch_sharding),
-                                          jax.device_put(reset, t.batch_sharding))
+                                          jax.device_put(reset, t.batch_sharding), None)
         results.append((loss, state["params"]))
     (loss8, params8), (loss1, params1) = results
     np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)

@@ -159,8 +159,11 @@ def check_decoding_with_head_sharded_projections() -> None:
             y, state = step(state, tokens[:, t : t + 1])
             np.testing.assert_allclose(np.asarray(y), np.asarray(want[t]), rtol=1e-4, atol=1e-5,
                                        err_msg=f"head-sharded decoding step {t}")
-    for cached in jax.tree.leaves(state["cache"]):
-        assert tuple(cached.sharding.spec)[:2] == ("batch", "heads"), cached.sharding
+    # The carried states, W [B, H, K, V] and z [B, H, K]; the cache's last segment id per row [B]
+    # is a few bytes and may stay replicated.
+    for name in ("fast_weights", "key_sum"):
+        cached = state["cache"][name]
+        assert tuple(cached.sharding.spec)[:2] == ("batch", "heads"), (name, cached.sharding)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,27 @@ def test_same_command_same_numbers(tmp_path):
     first = ar.main([*args, "--out", str(tmp_path / "a")])
     second = ar.main([*args, "--out", str(tmp_path / "b")])
     assert first[0]["final_eval_loss"] == second[0]["final_eval_loss"]
+
+
+def test_plot_has_a_floored_log_axis_integer_s_ticks_and_the_threshold():
+    import matplotlib.pyplot as plt
+
+    rows = [dict(setting=1, feature_map="linear", nu="", features="", rule="sum", S=s, final_eval_loss=loss)
+            for s, loss in ((40, "0.025"), (100, "0.185"), (160, "0.000000"))]
+    rows += [dict(setting=2, feature_map="dpfp", nu=1, features="", rule=rule, S=20, final_eval_loss=loss)
+             for rule, loss in (("sum", "0.2064"), ("delta", "0.00008"))]
+    fig = ar.plot_results(rows)
+    try:
+        for ax in fig.axes:
+            assert ax.get_yscale() == "log"
+            assert ax.get_ylim()[0] == pytest.approx(ar.PLOT_FLOOR)
+            threshold = [line for line in ax.get_lines() if "threshold" in str(line.get_label())]
+            assert len(threshold) == 1 and set(threshold[0].get_ydata()) == {ar.TARGET_LOSS}
+            fig.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+        assert list(fig.axes[0].get_lines()[0].get_ydata()) == [0.025, 0.185, ar.PLOT_FLOOR]  # 0 on the floor
+        assert list(fig.axes[0].get_xticks()) == [40, 100, 160]
+        assert list(fig.axes[1].get_xticks()) == [20]  # one S: one tick, not 19.8, 19.9, ...
+    finally:
+        plt.close(fig)

@@ -1,4 +1,6 @@
-"""The layers run one way: ``dpfp_jax`` composes the kernels of ``pallas_kernels``, never back.
+"""The layers run one way: ``dpfp_jax`` composes the kernels of ``pallas_kernels``, never back; and
+the linen (``dpfp_jax.nn``) and NNX (``dpfp_jax.nnx``) modules stand on the shared math of
+``dpfp_jax.core``, which imports neither, and neither imports the other.
 
 The kernels take what they need from the library as arguments (the delta rule's WY inverse) or own
 it (the choice of tensor-core dot precision), so ``pallas_kernels`` can be read, tested and moved
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import dpfp_jax
 import pallas_kernels
 
 KERNELS = Path(pallas_kernels.__file__).parent
@@ -46,3 +49,33 @@ def test_pallas_kernels_imports_nothing_of_dpfp_jax(path):
     upward = [f"line {line}: {module}" for line, module in imported_modules(ast.parse(path.read_text()))
               if module == LIBRARY or module.startswith(LIBRARY + ".")]
     assert not upward, f"{path.relative_to(KERNELS.parent)} imports the library: " + "; ".join(upward)
+
+
+# --- the layers over the shared math: nn and nnx import dpfp_jax.core, never each other -----------
+
+LIBRARY_ROOT = Path(dpfp_jax.__file__).parent
+
+
+def imports_of(package: str) -> list[tuple[str, int, str]]:
+    """(file, line, module) of every absolute import in a dpfp_jax sub-package's files."""
+    root = LIBRARY_ROOT / package
+    return [(path.relative_to(LIBRARY_ROOT.parent).as_posix(), line, module)
+            for path in sorted(root.rglob("*.py")) for line, module in imported_modules(ast.parse(path.read_text()))]
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_shared_core_imports_no_layer_and_no_flax():
+    found = [f"{path}:{line}: {module}" for path, line, module in imports_of("core")
+             if any(within(module, p) for p in ("dpfp_jax.nn", "dpfp_jax.nnx", "flax"))]
+    assert not found, found
+
+
+@pytest.mark.parametrize("package, other", [("nn", "dpfp_jax.nnx"), ("nnx", "dpfp_jax.nn")])
+def test_linen_and_nnx_layers_do_not_import_each_other(package, other):
+    found = [f"{path}:{line}: {module}" for path, line, module in imports_of(package) if within(module, other)]
+    assert not found, found
+    # Both do stand on the shared core.
+    assert any(within(module, "dpfp_jax.core") for _, _, module in imports_of(package))

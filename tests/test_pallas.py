@@ -265,6 +265,11 @@ def bad_calls():
         ("no state", dict(initial_state=None), ValueError, "initial_state must be .* got None"),
         ("integer q", dict(q=x.astype(jnp.int32)), TypeError, "q must have a floating dtype; got int32"),
         ("scale per head", dict(scale=jnp.ones(2)), ValueError, "scale must be a scalar \\(0-d\\); got shape \\(2,\\)"),
+        ("resets of another T", dict(resets=jnp.zeros((1, 5), bool)), ValueError,
+         "resets must be \\[B, T\\] = \\(1, 4\\) .*got shape \\(1, 5\\)"),
+        ("integer resets", dict(resets=jnp.zeros((1, 4), jnp.int32)), TypeError,
+         "resets must be a bool array \\[B, T\\] \\(True where a new document starts\\); got dtype int32"),
+        ("resets as a list", dict(resets=[[False] * 4]), TypeError, "resets must be a bool array .*got list"),
     ], dict(q=x, k=x, v=x, beta=beta, initial_state=state, rule="delta")
 
 
@@ -342,3 +347,118 @@ def test_chunk_recurrence_refuses_inconsistent_shapes(direction, what, message):
             return backward_recurrence(keys, keys, values, y, values, state, state, interpret=True)
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(run)
+
+
+# Packed documents: every kernel against the oracle run one document at a time (tests/test_segments.py's
+# case: the first row's documents start at positions C-1, C and C+1 of a chunk, at 2C and at T-1, so
+# some have length 1; the second row's at random). The chunked kernels need C >= 16.
+PACKED_CHUNK = 16
+
+
+def packed_run(name, rule, segment_ids):
+    """``fn(inputs) -> (out, final_state)`` of one kernel with the documents of ``segment_ids``."""
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
+    from dpfp_jax.ops.fast_weight.segments import resets_of
+
+    resets = resets_of(segment_ids)
+
+    def fn(inputs):
+        args = [inputs[n] for n in ARGS]
+        if name == "fused_chunk":
+            return composed_fused_chunk(*args, rule=rule, chunk_size=PACKED_CHUNK, interpret=True, resets=resets)
+        if name == "fused_recurrent":
+            return fused_recurrent(*args, rule=rule, interpret=True, resets=resets)
+        if name == "chunk_recurrence":
+            return fast_weight_chunk(*args, rule=rule, scale=1.0, chunk_size=PACKED_CHUNK,
+                                     walk=chunk_walk(interpret=True), resets=resets)
+        # impl="pallas" as the op calls it: from one chunk on the fused chunked kernel; with a chunk
+        # longer than T the fused recurrent one.
+        chunk_size = PACKED_CHUNK if name == "pallas-chunked" else 128
+        return fast_weight_pallas(*args, rule=rule, scale=1.0, chunk_size=chunk_size, interpret=True, resets=resets)
+
+    return fn
+
+
+def packed_cases():
+    for name in ("fused_chunk", "fused_recurrent", "chunk_recurrence", "pallas-chunked", "pallas-recurrent"):
+        for rule in ("delta", "sum"):
+            for dtype in ("float32", "bfloat16"):
+                # The adapter's float32 delta cases run always; its others add coverage, not checks.
+                slow = dtype == "bfloat16" or (name.startswith("pallas") and rule == "sum")
+                yield pytest.param(name, rule, dtype, marks=[SLOW] if slow else [], id=f"{name}-{rule}-{dtype}")
+
+
+@pytest.mark.parametrize("name, rule, dtype", list(packed_cases()))
+def test_kernels_take_packed_documents(name, rule, dtype):
+    from tests.test_fast_weight import assert_close
+    from tests.test_segments import loss_and_grads, packed_case
+
+    inputs, segment_ids, want = packed_case(rule, dtype, PACKED_CHUNK)
+    got = loss_and_grads(packed_run(name, rule, segment_ids), inputs)
+    tight = dtype == "float32"
+    assert_close(got, want, rtol=1e-4 if tight else 2e-2, atol=1e-5 if tight else 2e-2)
+
+
+def test_fused_chunk_gives_wy_inverse_the_documents():
+    # With resets the WY inverse must mask the Gram matrix by document: a (k, beta) function cannot.
+    x, resets = jnp.ones((1, 32, 2, 16)), jnp.zeros((1, 32), bool).at[0, 5].set(True)
+    args = (x, x, x, jnp.full((1, 32, 2), 0.5), jnp.zeros((1, 2, 16, 16)))
+    with pytest.raises(TypeError, match=r"with resets, wy_inverse is called as wy_inverse\(k, beta, same_document\)"
+                                        r".*got a function <lambda>\(k, beta\)"):
+        jax.eval_shape(lambda: fused_chunk(*args, rule="delta", chunk_size=16, interpret=True, resets=resets,
+                                           wy_inverse=lambda k, beta: wy_inverse(k, beta)))
+    seen = []
+
+    def recording(k, beta, same_document):
+        seen.append(same_document.shape)
+        return wy_inverse(k, beta, same_document)
+
+    jax.eval_shape(lambda: fused_chunk(*args, rule="delta", chunk_size=16, interpret=True, resets=resets,
+                                       wy_inverse=recording))
+    assert seen == [(1, 2, 2, 16, 16)]  # [B, H, N, C, C]
+
+
+@pytest.mark.parametrize("direction, what, error, message", [
+    ("forward", "integer keep", TypeError, "keep must be a bool array \\[N, G\\].*got int32"),
+    ("forward", "keep of another G", ValueError, "keep must be \\[N, G\\] = \\(2, 3\\); got shape \\(2, 2\\)"),
+    ("backward", "keep without states", ValueError, "states is required with keep.*\\(2, 3, 8, 4\\); got None"),
+    ("backward", "states without keep", ValueError, "states is only used with keep"),
+    ("backward", "states of another V", ValueError,
+     "states must be \\[N, G, K, V\\] = \\(2, 3, 8, 4\\); got \\(2, 3, 8, 5\\)"),
+])
+def test_chunk_recurrence_refuses_inconsistent_documents(direction, what, error, message):
+    from pallas_kernels import backward_recurrence, forward_recurrence
+
+    keys, values, state, y = recurrence_args()
+    keep = {"integer keep": jnp.ones((2, 3), jnp.int32), "keep of another G": jnp.ones((2, 2), bool),
+            "states without keep": None}.get(what, jnp.ones((2, 3), bool))
+    states = {"keep without states": None, "states of another V": jnp.zeros((2, 3, 8, 5))}.get(
+        what, jnp.zeros((2, 3, 8, 4)))
+    if direction == "forward":
+        def run():
+            return forward_recurrence(keys, keys, values, y, values, state, keep, interpret=True)
+    else:
+        def run():
+            return backward_recurrence(keys, keys, values, y, values, state, state, keep, states, interpret=True)
+    with pytest.raises(error, match=message):
+        jax.eval_shape(run)
+
+
+@pytest.mark.parametrize("name", ["fused_recurrent", "fused_chunk"])
+def test_kernels_take_resets_as_the_oracle_does(name):
+    # Called directly the kernels take any resets, also at step 0 (which segment ids never make):
+    # the initial state is then dropped, as the oracle does; here with resets inside and at the
+    # end of a chunk of 16 too.
+    from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+
+    inputs = make_inputs(5, time=20, with_state=True)
+    resets = jnp.zeros((2, 20), bool).at[0, jnp.array([0, 4, 15])].set(True).at[1, jnp.array([1, 16])].set(True)
+    fns = {"fused_recurrent": lambda *a: fused_recurrent(*a, rule="delta", scale=0.5, interpret=True, resets=resets),
+           "fused_chunk": lambda *a: composed_fused_chunk(*a, rule="delta", scale=0.5, chunk_size=16,
+                                                          interpret=True, resets=resets),
+           "reference": lambda *a: fast_weight_reference(*a, rule="delta", scale=0.5, resets=resets)}
+    got, want = value_and_grads(fns[name], inputs), value_and_grads(fns["reference"], inputs)
+    assert not np.asarray(want[1][-1])[0].any()  # row 0's initial state was dropped: no gradient
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

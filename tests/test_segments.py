@@ -26,12 +26,12 @@ def document_ids(length: int, starts: list[int], first_id: int = 5) -> np.ndarra
     return (count * 7 + first_id) % 11 - 3
 
 
-def packed_ids(length: int, seed: int) -> jnp.ndarray:
-    """Two rows: the first has documents starting at positions C-1, C and C+1 of a chunk (a
-    document of length 1 among them), at a chunk's first step 2C, and at T-1 (length 1 at the end);
-    the second has random lengths."""
+def packed_ids(length: int, seed: int, chunk: int = CHUNK) -> jnp.ndarray:
+    """Two rows: the first has documents starting at positions C-1, C and C+1 of a chunk (C =
+    ``chunk``; a document of length 1 among them), at a chunk's first step 2C, and at T-1 (length
+    1 at the end); the second has random lengths."""
     rng = np.random.default_rng(seed)
-    first = document_ids(length, [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, length - 1])
+    first = document_ids(length, [chunk - 1, chunk, chunk + 1, 2 * chunk, length - 1])
     cuts = sorted(set(rng.choice(np.arange(1, length), size=length // 6, replace=False).tolist()))
     return jnp.asarray(np.stack([first, document_ids(length, cuts, first_id=2)]))
 
@@ -42,20 +42,33 @@ def documents(ids: np.ndarray) -> list[tuple[int, int]]:
 
 
 def run_separately(inputs, rule, segment_ids):
-    """The oracle, one document at a time: outputs and each row's last final state."""
-    rows_out, rows_state = [], []
-    for b in range(segment_ids.shape[0]):
-        outs, state = [], None
-        for n, (p, e) in enumerate(documents(np.asarray(segment_ids)[b])):
-            piece = {name: None if x is None else x[b : b + 1, p:e]
-                     for name, x in inputs.items() if name != "initial_state"}
-            start = inputs["initial_state"]
-            out, state = dj.fast_weight(**piece, rule=rule, impl="reference",
-                                        initial_state=None if n or start is None else start[b : b + 1])
-            outs.append(out)
-        rows_out.append(jnp.concatenate(outs, axis=1))
-        rows_state.append(state)
-    return jnp.concatenate(rows_out), jnp.concatenate(rows_state)
+    """The oracle, each document alone: every document zero-padded to a row of its own (zero k, v
+    and beta after its end write nothing), one reference run over those rows, then the outputs
+    gathered back and each row's last document's final state. It never meets a reset."""
+    rows = [documents(ids) for ids in np.asarray(segment_ids)]
+    spans = [(b, p, e) for b, row in enumerate(rows) for p, e in row]
+    longest = max(e - p for _, p, e in spans)
+    # [documents, longest] indices into the packed [B, T]; padding points at a zeroed copy below.
+    batch_of = np.array([[b] * longest for b, _, _ in spans])
+    time_of = np.array([[min(p + i, e - 1) for i in range(longest)] for _, p, e in spans])
+    real = np.array([[i < e - p for i in range(longest)] for _, p, e in spans])
+
+    def unpack(x):
+        picked = x[batch_of, time_of]
+        return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), picked, 0)
+
+    starts = inputs["initial_state"]
+    first = np.array([p == 0 for _, p, _ in spans])
+    alone = {name: None if x is None else unpack(x) for name, x in inputs.items() if name != "initial_state"}
+    if starts is not None:
+        alone["initial_state"] = jnp.where(first[:, None, None, None], starts[batch_of[:, 0]], 0)
+    out, state = dj.fast_weight(**alone, rule=rule, impl="reference")
+    # Back to [B, T]: step (b, t) is at (its document, t - p); the last document of row b holds its state.
+    where = {(b, p + i): (n, i) for n, (b, p, e) in enumerate(spans) for i in range(e - p)}
+    length = segment_ids.shape[1]
+    index = np.array([[where[b, t] for t in range(length)] for b in range(len(rows))])
+    last = [max(n for n, span in enumerate(spans) if span[0] == b) for b in range(len(rows))]
+    return out[index[..., 0], index[..., 1]], state[np.array(last)]
 
 
 def run_packed(inputs, rule, segment_ids, impl):
@@ -74,20 +87,25 @@ def loss_and_grads(fn, inputs):
     return results, grads
 
 
-LENGTH = 5 * CHUNK - 3  # not a whole number of chunks
+def packed_length(chunk: int) -> int:
+    return 5 * chunk - 3  # not a whole number of chunks
 
 
 @functools.cache
-def packed_case(rule: str, dtype: str):
-    """Inputs, ids and the separate runs' results and gradients (the oracle, computed once per case)."""
-    inputs = make_inputs(3, time=LENGTH, rule=rule, dtype=jnp.dtype(dtype), with_state=True)
-    segment_ids = packed_ids(LENGTH, seed=3)
+def packed_case(rule: str, dtype: str, chunk: int = CHUNK):
+    """Inputs, ids and the separate runs' results and gradients (the oracle, computed once per case),
+    for chunks of ``chunk`` steps (which set T and where the first row's documents start)."""
+    length = packed_length(chunk)
+    inputs = make_inputs(3, time=length, rule=rule, dtype=jnp.dtype(dtype), with_state=True)
+    segment_ids = packed_ids(length, seed=3, chunk=chunk)
     return inputs, segment_ids, loss_and_grads(lambda x: run_separately(x, rule, segment_ids), inputs)
 
 
 @pytest.mark.parametrize("impl", PACKED_IMPLS)
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=JAX_SENSITIVE), "bfloat16"])
+# bfloat16 with the slow tests (make test-all): make test is near its CI budget, and float32 holds the tight check.
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=JAX_SENSITIVE),
+                                   pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_packed_equals_separate(impl, rule, dtype):
     inputs, segment_ids, want = packed_case(rule, dtype)
     got = loss_and_grads(lambda x: run_packed(x, rule, segment_ids, impl), inputs)

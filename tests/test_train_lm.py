@@ -1,6 +1,13 @@
 """The language-model example: training, resuming, data parallelism, decoding."""
 
 import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -9,22 +16,131 @@ import numpy as np
 import pytest
 
 from examples import train_lm
-from tests.test_multidevice import run_with_host_devices
+from tests.test_multidevice import REPO_ROOT, run_with_host_devices
 
 TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--head-dim", "8", "--ff-dim", "64", "--seq-len", "32",
         "--batch-size", "8", "--corpus-bytes", "200000", "--no-progress", "--warmup", "5"]
 
 
-def test_twenty_steps_lower_the_loss_and_write_metrics(tmp_path):
-    result = train_lm.main([*TINY, "--steps", "20", "--eval-every", "10", "--out", str(tmp_path)])
+def test_twenty_steps_lower_the_loss_and_log_bits_per_byte(tmp_path):
+    result = train_lm.main([*TINY, "--steps", "20", "--eval-every", "10", "--log-every", "4", "--out", str(tmp_path)])
     losses = result["losses"]
     assert sorted(losses) == list(range(1, 21))
     assert np.mean([losses[s] for s in (18, 19, 20)]) < 0.8 * np.mean([losses[s] for s in (1, 2, 3)])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [10, 20]
-    assert set(records[0]) == {"step", "train_loss", "valid_bpb", "tokens_per_s"}
-    assert records[1]["valid_bpb"] < records[0]["valid_bpb"] < 9
+    assert records == result["metrics"]
+    # A row every 4 steps and at each evaluation; each holds the mean of the steps since the previous row.
+    assert [r["step"] for r in records] == [4, 8, 10, 12, 16, 20]
+    for previous, record in zip([0] + [r["step"] for r in records], records, strict=False):
+        evaluated = record["step"] in (10, 20)
+        assert set(record) == {"step", "train_bpb", "tokens_per_s"} | ({"valid_bpb"} if evaluated else set())
+        interval = [losses[s] for s in range(previous + 1, record["step"] + 1)]
+        np.testing.assert_allclose(record["train_bpb"], np.mean(interval) / math.log(2), rtol=1e-12)
+        assert record["tokens_per_s"] > 0
+    # The logged losses are the model's, in nats: step 1's is the initial parameters' on the first
+    # batch; valid_bpb is the final parameters' validation loss in bits.
+    args = train_lm.parse_args([*TINY, "--out", str(tmp_path)])
+    _, trainer = train_lm.build(args)
+    train, valid = train_lm.split(train_lm.load_corpus(None, args.corpus_bytes))
+    eval_loss = trainer.make_eval_step()
+    initial = trainer.init(args.seed, args.batch_size, args.seq_len)
+    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    np.testing.assert_allclose(float(eval_loss(initial["params"], first)), losses[1], rtol=1e-5)
+    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
+    final = float(eval_loss(result["state"]["params"], windows)) / math.log(2)
+    np.testing.assert_allclose(records[-1]["valid_bpb"], final, rtol=1e-5)
+    assert records[-1]["valid_bpb"] < records[2]["valid_bpb"] < 9
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_loss_plot_shows_every_logged_step_and_the_run_settings():
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    records = [dict(step=s, train_bpb=8 - s / 10 + rng.normal(0, 0.3), tokens_per_s=1.0) for s in range(1, 61)]
+    for record in records[5::6]:
+        record["valid_bpb"] = 8 - record["step"] / 10
+    args = train_lm.parse_args(["--out", "unused", "--steps", "60", "--carry"])
+    title = train_lm.describe(args, devices=2)
+    for words in ("dpfp-1 delta rule, carried", "2 layers", "width 64", "4 heads of 16", "ff 256", "batch 16 x 64",
+                  "lr 0.003", "60 steps", "2 devices"):
+        assert words in title
+    fig = train_lm.plot_losses(records, title)
+    try:
+        (ax,) = fig.axes
+        assert ax.get_title() == title
+        raw, smoothed, valid = ax.get_lines()
+        assert list(raw.get_xdata()) == list(smoothed.get_xdata()) == list(range(1, 61))
+        assert list(valid.get_xdata()) == list(range(6, 61, 6))
+        # Smoothed: a fraction of the logged rows' step-to-step noise.
+        assert np.std(np.diff(smoothed.get_ydata())) < 0.5 * np.std(np.diff(raw.get_ydata()))
+    finally:
+        plt.close(fig)
+
+
+def test_evaluation_and_logging_intervals_scale_with_the_run():
+    for steps, eval_every, log_every in ((60, 6, 1), (300, 30, 3), (20_000, 2000, 200), (5, 1, 1)):
+        args = train_lm.parse_args(["--out", "unused", "--steps", str(steps)])
+        assert (args.eval_every, args.log_every) == (eval_every, log_every)
+    args = train_lm.parse_args(["--out", "unused", "--steps", "60", "--eval-every", "50", "--log-every", "7"])
+    assert (args.eval_every, args.log_every) == (50, 7)
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--out", "unused", "--log-every", "0"])
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--help"])
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", text[text.index("options:"):])[1:]
+    assert len(blocks) == len(train_lm.build_parser()._actions)
+    for block in blocks:
+        assert block.startswith("-h") or "default" in block or "(required)" in block, block
+    flat = " ".join(text.split())
+    for shown in ("(default: 300)", "(default: 'def ')", "cpu 2, paper-small 16", "--steps // 10"):
+        assert shown in flat
+
+
+def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+    pause = 0.5  # every evaluation and every checkpoint call made that much slower
+    make_eval_step = train_lm.Trainer.make_eval_step
+
+    def slow_eval_step(self):
+        eval_loss = make_eval_step(self)
+
+        def slow(*args):
+            time.sleep(pause)
+            return eval_loss(*args)
+
+        return slow
+
+    class SlowSaves:
+        def __init__(self, manager):
+            self.manager = manager
+
+        def save(self, *args, **kwargs):
+            time.sleep(pause)
+            return self.manager.save(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.manager, name)
+
+    monkeypatch.setattr(train_lm.Trainer, "make_eval_step", slow_eval_step)
+    checkpoint_manager = train_lm.checkpoint_manager
+    monkeypatch.setattr(train_lm, "checkpoint_manager", lambda *args: SlowSaves(checkpoint_manager(*args)))
+    train_lm.main([*TINY, "--steps", "6", "--eval-every", "2", "--log-every", "2", "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    tokens_per_step = 8 * 32
+    for record in records:
+        # A step of this tiny model takes milliseconds; counting one pause would give < 2 steps/s.
+        assert record["tokens_per_s"] > tokens_per_step / 0.25, record
+
+
+@pytest.mark.jax_sensitive
+def test_sharded_step_on_eight_devices_equals_one_device():
+    result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -47,10 +163,58 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
-@pytest.mark.jax_sensitive
-def test_sharded_step_on_eight_devices_equals_one_device():
-    result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
+    # jax's multi-controller engine on the CPU: two processes of 2 host devices each (CPU
+    # collectives over gloo, jax's default), launched as the README says.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    run = [*TINY, "--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": path}
+    processes = [
+        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *run, "--out",
+                          str(tmp_path / "two"), "--coordinator-address", f"localhost:{port}", "--num-processes",
+                          "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out + err[-5000:]
+    one = train_lm.main([*run, "--out", str(tmp_path / "one")])  # this process: one device
+    assert len(one["state"]["params"]["head"]["kernel"].sharding.device_set) == 1
+
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once
+    for a, b in zip(two, one["metrics"], strict=True):
+        assert set(a) == set(b)
+        for key in ("train_bpb", "valid_bpb"):
+            if key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+    assert "4 steps:" in outputs[0][0] and "4 steps:" not in outputs[1][0]  # process 0 alone prints
+    assert (tmp_path / "two" / "loss.png").exists()
+    # The checkpoint both processes wrote together restores here to the one-process parameters.
+    args = train_lm.parse_args([*run, "--out", str(tmp_path / "two")])
+    _, trainer = train_lm.build(args)
+    manager = train_lm.checkpoint_manager(tmp_path / "two" / "checkpoints", args.save_every)
+    restored = train_lm.restore(manager, trainer, trainer.init(args.seed, args.batch_size, args.seq_len))
+    assert int(restored["step"]) == 4
+    for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(one["state"]["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_local_rows_of_the_global_batch():
+    args = train_lm.parse_args([*TINY, "--out", "unused"])
+    _, trainer = train_lm.build(args)
+    np.testing.assert_array_equal(trainer.local_rows(8), np.arange(8))
+    data = np.arange(5000)
+    np.testing.assert_array_equal(train_lm.random_windows(data, 3, 0, 8, 16, rows=np.array([2, 5])),
+                                  train_lm.random_windows(data, 3, 0, 8, 16)[[2, 5]])
+    windows, reset = train_lm.stream_windows(data, 0, 8, 16, rows=np.array([6, 7]))
+    np.testing.assert_array_equal(windows, train_lm.stream_windows(data, 0, 8, 16)[0][6:])
+    assert reset.shape == (2,) and reset.all()
 
 
 def test_greedy_decoding_with_cache_equals_full_forward_argmax():
@@ -65,11 +229,104 @@ def test_greedy_decoding_with_cache_equals_full_forward_argmax():
     np.testing.assert_array_equal(np.asarray(predicted), np.frombuffer(sample, np.uint8))
 
 
-def test_softmax_baseline_trains_and_samples(tmp_path):
+def test_softmax_baseline_trains_and_samples_under_a_labelled_header(tmp_path, capsys):
     result = train_lm.main([*TINY, "--attention", "softmax", "--steps", "3", "--sample", "4", "--out", str(tmp_path)])
     assert len(result["sample"]) == 4
+    header, text = capsys.readouterr().out.splitlines()[-2:]
+    assert header == "--- sample at step 3: prompt 'def ' + 4 bytes, greedy ---"
+    assert text == "def " + result["sample"].decode("utf-8", errors="replace")
 
 
 def test_default_corpus_is_fixed_and_capped():
     a, b = train_lm.default_corpus(50_000), train_lm.default_corpus(50_000)
     assert a == b and len(a) == 50_000
+
+
+def test_packed_segment_ids_change_exactly_at_document_separators():
+    documents = train_lm.default_documents(30_000)
+    corpus = train_lm.load_corpus(None, 30_000, pack=True)
+    ids = train_lm.document_ids(corpus)
+    starts = np.flatnonzero(corpus == train_lm.SEPARATOR)
+    # Every file is a document led by one separator, in order, and nothing else holds the byte.
+    lengths = [len(data) + 1 for _, data in documents]
+    np.testing.assert_array_equal(starts, np.cumsum([0, *lengths[:-1]]))
+    for (_, data), start in zip(documents[:-1], starts, strict=False):
+        assert corpus[start + 1 : start + len(data) + 1].astype(np.uint8).tobytes() == data
+    assert len(corpus) == 30_000  # capped like the unpacked corpus
+    # In the training rows the id changes exactly where a separator byte sits.
+    windows = train_lm.random_windows(corpus, 3, 0, 64, 512)
+    segments = train_lm.random_windows(ids, 3, 0, 64, 512)
+    changes = segments[:, 1:] != segments[:, :-1]
+    np.testing.assert_array_equal(changes, windows[:, 1:] == train_lm.SEPARATOR)
+    assert changes.any()
+    # Without --pack the corpus is unchanged: the files' bytes joined, no separators.
+    assert train_lm.load_corpus(None, 30_000).astype(np.uint8).tobytes() == train_lm.default_corpus(30_000)
+
+
+def test_data_file_separators_start_documents(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_bytes((b"\x1e" + b"a" * 700) + (b"\x1e" + b"b" * 500))
+    corpus = train_lm.load_corpus(path, 10_000, pack=True)
+    np.testing.assert_array_equal(train_lm.document_ids(corpus), np.repeat([1, 2], [701, 501]))
+
+
+@pytest.mark.parametrize("attention", ["dpfp", "softmax"])
+def test_a_packed_document_does_not_see_the_previous_one(attention):
+    model = train_lm.ByteLM(attention, depth=2, dim=32, heads=2, head_dim=8, ff_dim=64)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    sep = train_lm.SEPARATOR
+    first, second = list(b"import os\nx = 1\n"), list(b"def f(y):\n    return y")
+    other = list(b"class C: pass  #")  # another previous document, same length
+    rows = np.array([[sep, *first, sep, *second], [sep, *other, sep, *second]], np.int32)
+    ids = train_lm.document_ids(rows.reshape(-1)).reshape(rows.shape)  # ids of the flat text: 1, 2 | 3, 4
+    boundary = 1 + len(first)
+    packed, _ = train_lm.apply_lm(model, params, rows, segment_ids=ids)
+    np.testing.assert_allclose(packed[0, boundary:], packed[1, boundary:], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(packed[0, :boundary] - packed[1, :boundary]).max()) > 1e-3
+    # Without segment ids the second document's logits depend on the first's bytes.
+    unpacked, _ = train_lm.apply_lm(model, params, rows)
+    assert float(jnp.abs(unpacked[0, boundary:] - unpacked[1, boundary:]).max()) > 1e-3
+
+
+def test_packed_run_trains_with_segment_ids_and_validates_per_document(tmp_path):
+    # Short documents (a --data file with its own separators), so every batch crosses documents.
+    data = tmp_path / "docs.txt"
+    data.write_bytes(b"".join(b"\x1e" + f"def f{i}(x):\n    return x * {i % 7}\n".encode() for i in range(3000)))
+    run = [*TINY, "--pack", "--data", str(data)]
+    result = train_lm.main([*run, "--steps", "6", "--eval-every", "3", "--log-every", "3",
+                            "--out", str(tmp_path / "out")])
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records == result["metrics"] and [r["step"] for r in records] == [3, 6]
+    assert all(math.isfinite(r["train_bpb"]) and math.isfinite(r["valid_bpb"]) for r in records)
+    # Step 1's loss is the initial parameters' on the first packed batch with its segment ids, and
+    # not what the same bytes give without them: the training step gets the ids.
+    args = train_lm.parse_args([*run, "--out", "unused"])
+    _, trainer = train_lm.build(args)
+    corpus = train_lm.load_corpus(data, args.corpus_bytes, pack=True)
+    (train, valid), (train_ids, valid_ids) = train_lm.split(corpus), train_lm.split(train_lm.document_ids(corpus))
+    eval_loss = trainer.make_eval_step()
+    initial = trainer.init(args.seed, args.batch_size, args.seq_len)["params"]
+    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    first_ids = train_lm.random_windows(train_ids, 0, args.seed, args.batch_size, args.seq_len)
+    assert (first_ids[:, 1:] != first_ids[:, :-1]).any()  # the batch crosses documents
+    np.testing.assert_allclose(float(eval_loss(initial, first, first_ids)), result["losses"][1], rtol=1e-5)
+    assert abs(float(eval_loss(initial, first)) - result["losses"][1]) > 1e-5
+    # valid_bpb is per document: the validation rows carry their segment ids.
+    final = result["state"]["params"]
+    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
+    ids = train_lm.validation_windows(valid_ids, args.seq_len, args.eval_windows)
+    assert (ids[:, 1:] != ids[:, :-1]).any()
+    np.testing.assert_allclose(records[-1]["valid_bpb"], float(eval_loss(final, windows, ids)) / math.log(2),
+                               rtol=1e-5)
+    assert abs(records[-1]["valid_bpb"] - float(eval_loss(final, windows)) / math.log(2)) > 1e-5
+
+
+def test_pack_refuses_carry_and_shows_in_help(capsys):
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--out", "unused", "--pack", "--carry"])
+    assert "--carry and --pack cannot be combined" in capsys.readouterr().err
+    assert train_lm.parse_args(["--out", "unused"]).pack is False
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--pack" in flat and "0x1e" in flat

@@ -18,9 +18,9 @@ from tests.conftest import pallas_calls
 SLOW = pytest.mark.slow
 
 
-def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1):
+def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False):
     fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
-                                         num_stages=num_stages)
+                           num_stages=num_stages, packed=packed)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -125,3 +125,37 @@ def test_chunked_kernels_pad_keys_to_whole_tiles_only(kernel):
     widths = {v.aval.shape[-1] for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr) for v in eqn.invars
               if v.aval.shape}
     assert 384 in widths and 512 not in widths, widths
+
+
+@pytest.mark.parametrize("kernel", ["fused_recurrent", *CHUNKED])
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_kernels_lower_to_triton_with_packed_documents(kernel, rule):
+    # Packed documents reach every kernel as int32 operands (per step or per chunk); the fused
+    # kernels' backwards branch (scf.if) at a reset to walk the previous document forward again.
+    time = 64 if kernel == "fused_recurrent" else 256
+    packed = kernels_of(kernel, rule, 128, time, 64, packed=True)
+    plain = kernels_of(kernel, rule, 128, time, 64)
+    assert sorted(packed) == ["bwd", "fwd"]
+    for name, call in packed.items():
+        assert "!tt.ptr<i32>" in call.ir and "!tt.ptr<i32>" not in plain[name].ir, name
+        assert (call.num_warps, call.num_stages, call.grid) == (
+            plain[name].num_warps, plain[name].num_stages, plain[name].grid), name
+    if kernel != "chunk_recurrence":  # the walk alone reads the forward's chunk states instead
+        assert "scf.if" in packed["bwd"].ir and "scf.if" not in plain["bwd"].ir
+
+
+def test_impl_pallas_takes_segment_ids_on_a_gpu_compile_target():
+    # dj.fast_weight hands the segment ids' resets to the kernels (both lowered with their packed operands).
+    import dpfp_jax as dj
+
+    keys, beta = jax.ShapeDtypeStruct((1, 128, 2, 32), jnp.bfloat16), jax.ShapeDtypeStruct((1, 128, 2), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+
+    def loss(q, k, v, b, ids, chunk_size):
+        out, state = dj.fast_weight(q, k, v, b, impl="pallas", chunk_size=chunk_size, segment_ids=ids)
+        return out.astype(jnp.float32).sum() + state.sum()
+
+    for chunk_size, kernel in ((64, "fused_chunk"), (256, "fused_recurrent")):
+        calls = triton_calls(jax.grad(lambda *a, c=chunk_size: loss(*a, c)), keys, keys, keys, beta, ids)
+        assert [call.name for call in calls] == [f"fast_weight_{kernel}_fwd", f"fast_weight_{kernel}_bwd"]
+        assert all("!tt.ptr<i32>" in call.ir for call in calls)

@@ -2,6 +2,15 @@
 
 from dpfp_jax.nn.attention import NORMALIZATIONS, DPFPAttention, FastWeightAttention
 from dpfp_jax.nn.cell import DPFPCell
+from dpfp_jax.nn.self_attention import DPFPSelfAttention
 from dpfp_jax.nn.transformer import DPFPformer, FeedForward
 
-__all__ = ["NORMALIZATIONS", "DPFPAttention", "DPFPCell", "DPFPformer", "FastWeightAttention", "FeedForward"]
+__all__ = [
+    "NORMALIZATIONS",
+    "DPFPAttention",
+    "DPFPCell",
+    "DPFPSelfAttention",
+    "DPFPformer",
+    "FastWeightAttention",
+    "FeedForward",
+]

@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import (
-    FeatureMapLike,
-    apply_feature_map,
-    check_feature_map,
-    favor_projection,
-    feature_dim,
-    l2_norm,
-    sum_norm,
+from dpfp_jax.core.attention import (
+    NORMALIZATIONS,
+    AttentionSpec,
+    Memory,
+    check_cache_shape,
+    check_sequence,
+    split_heads_projection,
+    zero_padding,
 )
-from dpfp_jax.ops import IMPLS, RULES, fast_weight
-from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zeros_without_time
-from dpfp_jax.validation import check_choice, check_dropout_rate, check_mask, check_positive_int
+from dpfp_jax.core.segments import SEGMENT_ID_DTYPE, decode_restart, last_segment_id
+from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.ops.fast_weight.validation import check_segment_ids
+from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
 
 Array = jax.Array
-Memory = Array | tuple[Array, Array]
 
-NORMALIZATIONS = ("sum", "l2", "attention", "none")
-"""Accepted values of the modules' ``normalization`` attribute."""
-
-
-def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
-    """``[..., H, 3 * d (+ 1)] -> q, k, v [..., H, d]`` and ``beta [..., H]`` (or None)."""
-    q, k, v = (projection[..., i * head_dim : (i + 1) * head_dim] for i in range(3))
-    beta = jax.nn.sigmoid(projection[..., 3 * head_dim].astype(jnp.float32)) if with_beta else None
-    return q, k, v, beta
+__all__ = ["NORMALIZATIONS", "DPFPAttention", "FastWeightAttention", "Memory", "split_heads_projection"]
 
 
 class FastWeightAttention(nn.Module):
@@ -83,15 +74,22 @@ class FastWeightAttention(nn.Module):
       impl: passed to :func:`dpfp_jax.fast_weight`.
       decode: keep the memory in the ``cache`` collection and continue it on every call
         (recurrent generation); init with a full-size input, then apply with ``mutable=["cache"]``.
+        The cache also keeps each row's last segment id: a call whose first ``segment_ids``
+        differ from it starts a new document (memory and key sum from zero); a call without
+        ``segment_ids`` continues the current one.
       eps: the normalisations' epsilon.
 
-    ``__call__(x, memory=None, *, mask=None, deterministic=True)`` takes ``x [B, T, D]`` and
-    returns ``(y [B, T, out_features], new_memory)``. The memory is W ``[B, H, K, V]``, or
-    ``(W, z)`` with ``z [B, H, K]`` for ``normalization="attention"``; None (or zeros) starts
-    empty. ``mask [B, T]`` (boolean, or integer 0/1) marks real tokens: a masked token writes
-    nothing and outputs zeros, whatever its value (NaN and inf included): its input is replaced by
-    zeros before the projections and its query, key, value and beta by zeros before the memory, so
-    neither the other tokens, nor the memory, nor the parameters' gradients ever see it.
+    ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=True)`` takes
+    ``x [B, T, D]`` and returns ``(y [B, T, out_features], new_memory)``. The memory is W
+    ``[B, H, K, V]``, or ``(W, z)`` with ``z [B, H, K]`` for ``normalization="attention"``; None
+    (or zeros) starts empty. ``mask [B, T]`` (boolean, or integer 0/1) marks real tokens: a masked
+    token writes nothing and outputs zeros, whatever its value (NaN and inf included): its input is
+    replaced by zeros before the projections and its query, key, value and beta by zeros before the
+    memory, so neither the other tokens, nor the memory, nor the parameters' gradients ever see it.
+    ``segment_ids [B, T]`` (integers) packs documents into a row: where the id changes, W and z
+    restart from zero, so each document sees only its own tokens (outputs, memory and gradients
+    are those of running each document alone); the row's first document continues ``memory``,
+    and the returned memory is the last document's. A masked token's id still counts.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -124,89 +122,51 @@ class FastWeightAttention(nn.Module):
     eps: float = 1e-6
     allow_unbounded_delta: bool = False
 
+    def spec(self) -> AttentionSpec:
+        """The settings the math depends on (:class:`dpfp_jax.core.attention.AttentionSpec`)."""
+        return AttentionSpec(
+            num_heads=self.num_heads, head_dim=self.head_dim, feature_map=self.feature_map, nu=self.nu,
+            num_features=self.num_features, favor_seed=self.favor_seed, rule=self.rule,
+            normalization=self.normalization, impl=self.impl, eps=self.eps,
+            allow_unbounded_delta=self.allow_unbounded_delta,
+        )
+
     @property
     def key_dim(self) -> int:
         """K, the feature-mapped key width."""
-        return feature_dim(self.feature_map, self.head_dim, nu=self.nu, num_features=self.num_features)
+        return self.spec().key_dim
 
     def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
         """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
-        self.check_config()
-        return (batch, self.num_heads, self.key_dim, self.head_dim)
+        return self.spec().memory_shape(batch)
 
     def check_config(self) -> None:
         """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the configuration is not usable."""
-        check_positive_int("num_heads", self.num_heads)
-        check_positive_int("head_dim", self.head_dim)
-        check_feature_map(self.feature_map)
-        check_choice("rule", self.rule, RULES)
-        check_choice("normalization", self.normalization, NORMALIZATIONS)
-        check_choice("impl", self.impl, IMPLS)
+        self.spec().check()
         check_dropout_rate("dropout_rate", self.dropout_rate)
-        if self.feature_map == "dpfp":
-            check_positive_int("nu", self.nu)
-        if self.feature_map == "favor":
-            check_positive_int("num_features", self.num_features)
-        if self.normalization == "attention" and self.rule != "sum":
-            raise ValueError(
-                "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
-                "the delta rule uses normalization='sum' (the paper's choice, for non-negative feature maps) "
-                "or 'l2' (any feature map)"
-            )
-        if self.rule == "delta" and self.normalization == "none" and not self.allow_unbounded_delta:
-            raise ValueError(
-                "normalization='none' with rule='delta' leaves the fast weights unbounded: each step "
-                "W <- (I - beta k k^T) W + beta k v^T is non-expanding only while 0 <= beta |phi(k)|^2 <= 2, "
-                "and raw feature-mapped keys break that (at default init the state overflows to inf within "
-                "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
-                "(any feature map), or set allow_unbounded_delta=True to opt in"
-            )
 
     def _features(self, x: Array) -> Array:
-        projection = None
-        if self.feature_map == "favor":
-            projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
-        phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
-        if self.normalization == "sum":
-            return sum_norm(phi, self.eps)
-        if self.normalization == "l2":
-            return l2_norm(phi, self.eps)
-        return phi
-
-    def _split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
-        shape = self.get_memory_shape(batch)
-        if memory is None:
-            return None, None
-        if self.normalization == "attention":
-            if not (isinstance(memory, tuple | list) and len(memory) == 2):
-                raise ValueError(
-                    "memory must be a (W, z) pair for normalization='attention'; "
-                    f"got {type(memory).__name__}"
-                )
-            w, z = memory
-            if z.shape != shape[:3]:
-                raise ValueError(f"memory's key sum z must be [B, H, K] = {shape[:3]}; got {z.shape}")
-        else:
-            w, z = memory, None
-        if not hasattr(w, "shape") or w.shape != shape:
-            raise ValueError(
-                f"memory must be fast weights of shape [B, H, K, V] = {shape}; "
-                f"got {getattr(w, 'shape', type(w).__name__)}"
-            )
-        return w, z
+        return self.spec().features(x)
 
     @nn.compact
     def __call__(
-        self, x: Array, memory: Memory | None = None, *, mask: Array | None = None, deterministic: bool = True
+        self,
+        x: Array,
+        memory: Memory | None = None,
+        *,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
     ) -> tuple[Array, Memory]:
         self.check_config()
-        if x.ndim != 3:
-            raise ValueError(f"x must be [batch, time, features]; got shape {x.shape}")
-        batch, length, width = x.shape
+        spec = self.spec()
+        batch, length, width = check_sequence(x)
         mask = check_mask(mask, batch, length)
-        w0, z0 = self._split_memory(memory, batch)
-        shape = self.get_memory_shape(batch)
+        check_segment_ids(segment_ids, x)
+        w0, z0 = spec.split_memory(memory, batch)
+        shape = spec.memory_shape(batch)
 
+        restart = None
         if self.decode:
             if memory is not None:
                 raise ValueError("decode=True keeps the memory in the 'cache' collection; pass memory=None")
@@ -224,56 +184,29 @@ class FastWeightAttention(nn.Module):
                 if self.normalization == "attention"
                 else None
             )
+            # Each row's last segment id: a call whose first id differs starts a new document.
+            cached_id = self.variable("cache", "segment_id", jnp.zeros, (batch,), SEGMENT_ID_DTYPE)
             if initialized:
-                for cached, want in ((cached_w, shape), (cached_z, shape[:3])):
-                    if cached is not None and cached.value.shape != want:
-                        raise ValueError(
-                            f"the decode cache's {cached.name} has shape {cached.value.shape} (batch "
-                            f"{cached.value.shape[0]}), but x of batch {batch} needs {want}; init the decoder "
-                            "with an input of this batch"
-                        )
+                for cached, want in ((cached_w, shape), (cached_z, shape[:3]), (cached_id, (batch,))):
+                    if cached is not None:
+                        check_cache_shape(cached.name, cached.value.shape, want, batch)
                 w0 = cached_w.value
                 z0 = None if cached_z is None else cached_z.value
+                restart = decode_restart(cached_id.value, segment_ids)
 
-        if mask is not None:
-            # Select, never multiply: 0 * nan is nan. And select x itself, not only what comes
-            # out of the projection: the Dense's kernel gradient is x^T d(projection), where a
-            # padded NaN in x would meet the zero cotangent of a later select and give NaN.
-            x = jnp.where(mask[:, :, None], x, 0)
-
-        delta = self.rule == "delta"
+        x = zero_padding(x, mask)
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init)
-        projection = nn.DenseGeneral(
-            features=(self.num_heads, 3 * self.head_dim + int(delta)), name="qkv", **dense
-        )(x)
-        q, k, v, beta = split_heads_projection(projection, self.head_dim, delta)
-        phi_q, phi_k = self._features(q), self._features(k)
-        if mask is not None:
-            # A zero key writes nothing under either rule (W += 0 (...)^T), and zero values and beta
-            # make the delta rule's write beta (v - W^T k) itself zero, so the chunked impls, which
-            # mix the steps of a chunk in matmuls, meet nothing but zeros at a padded step.
-            real = mask[:, :, None, None]
-            phi_q, phi_k, v = (jnp.where(real, t, 0) for t in (phi_q, phi_k, v))
-            beta = None if beta is None else jnp.where(mask[:, :, None], beta, 0)
-
-        out, w = fast_weight(
-            phi_q, phi_k, v, beta, rule=self.rule, initial_state=w0,
-            scale=1.0 / math.sqrt(self.head_dim), impl=self.impl,
-        )
-        new_memory: Memory = w
-        if self.normalization == "attention":
-            z_start = (zeros_without_time(phi_k, jnp.float32) if z0 is None
-                       else with_batch_head_sharding_of(z0.astype(jnp.float32), phi_k))
-            z = z_start[:, None] + jnp.cumsum(phi_k.astype(jnp.float32), axis=1)
-            denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
-            out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
-            new_memory = (w, z[:, -1] if length else z_start)
+        projection = nn.DenseGeneral(features=spec.projection_features, name="qkv", **dense)(x)
+        out, new_memory = spec.attend(projection, mask=mask, segment_ids=segment_ids, initial_state=w0,
+                                      key_sum=z0, restart=restart)
 
         if self.decode and initialized:
-            cached_w.value = w
-            if cached_z is not None:
-                cached_z.value = new_memory[1]
+            if cached_z is None:
+                cached_w.value = new_memory
+            else:
+                cached_w.value, cached_z.value = new_memory
+            cached_id.value = last_segment_id(cached_id.value, segment_ids)
 
         y = nn.DenseGeneral(features=self.out_features or width, axis=(-2, -1), name="out", **dense)(out)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
@@ -288,7 +221,8 @@ class DPFPAttention(nn.Module):
     ``DPFPAttention(dim, nu=v)`` of the original PyTorch package, dpfp-pytorch
     (docs/original_package.md), in Flax form, with the recurrence real at every position.
     ``get_memory_shape(batch)`` is ``(batch, num_heads, 2 * nu * head_dim, head_dim)``;
-    ``y, W = model.apply(variables, x, W)`` continues from W (None or zeros: empty memory).
+    ``y, W = model.apply(variables, x, W)`` continues from W (None or zeros: empty memory);
+    ``segment_ids=`` packs documents as in :class:`FastWeightAttention`.
 
     Attributes:
       dim: model width D (input and output).
@@ -335,10 +269,16 @@ class DPFPAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, memory: Array | None = None, *, mask: Array | None = None, deterministic: bool = True
+        self,
+        x: Array,
+        memory: Array | None = None,
+        *,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
     ) -> tuple[Array, Array]:
         check_positive_int("dim", self.dim)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
         layer = FastWeightAttention(**self._layer_config(), name="attention")
-        return layer(x, memory, mask=mask, deterministic=deterministic)
+        return layer(x, memory, mask=mask, segment_ids=segment_ids, deterministic=deterministic)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.feature_maps import dpfp, sum_norm
-from dpfp_jax.nn.attention import split_heads_projection
-from dpfp_jax.validation import check_positive_int
+from dpfp_jax.core.cell import cell_memory, cell_memory_shape, check_cell_step, dpfp_cell_step
 
 Array = jax.Array
 
@@ -24,6 +21,10 @@ class DPFPCell(nn.Module):
     The original package's cell multiplied elementwise where W must be applied; here it is applied.
     The parameters are laid out as :class:`FastWeightAttention` with one head, so a cell looped
     over time equals that layer with the same variables.
+
+    The cell takes one step and its memory comes in and goes out with every call, so it has no
+    ``segment_ids``: the caller starts a new document by passing ``memory=None`` (or zeros) at its
+    first step, which is all a segment id would do to a single step.
 
     Attributes:
       dim: input and output width.
@@ -59,30 +60,16 @@ class DPFPCell(nn.Module):
 
     def get_memory_shape(self, batch: int) -> tuple[int, int, int]:
         """``(batch, 2 * nu * head_dim, head_dim)``."""
-        check_positive_int("dim", self.dim)
-        check_positive_int("nu", self.nu)
-        check_positive_int("head_dim", self._head_dim)
-        return (batch, 2 * self.nu * self._head_dim, self._head_dim)
+        return cell_memory_shape(self.dim, self.nu, self._head_dim, batch)
 
     @nn.compact
     def __call__(self, x: Array, memory: Array | None = None) -> tuple[Array, Array]:
-        if x.ndim != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be one time step [batch, dim={self.dim}]; got shape {x.shape}")
-        shape = self.get_memory_shape(x.shape[0])
-        if memory is None:
-            memory = jnp.zeros(shape, jnp.float32)
-        elif memory.shape != shape:
-            raise ValueError(f"memory must be [B, 2*nu*head_dim, head_dim] = {shape}; got {memory.shape}")
+        memory = cell_memory(memory, self.get_memory_shape(check_cell_step(x, self.dim)))
         d = self._head_dim
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      precision=self.precision, kernel_init=self.kernel_init)
         projection = nn.DenseGeneral(features=(1, 3 * d + 1), name="qkv", **dense)(x)[:, 0]
-        q, k, v, beta = split_heads_projection(projection, d, with_beta=True)
-        phi_q, phi_k = (sum_norm(dpfp(t, self.nu), self.eps).astype(jnp.float32) for t in (q, k))
-        w = memory.astype(jnp.float32)
-        v_bar = jnp.einsum("bkv,bk->bv", w, phi_k)  # what phi(k) currently recalls
-        w = w + jnp.einsum("bk,bv->bkv", phi_k, beta[:, None] * (v.astype(jnp.float32) - v_bar))
-        out = jnp.einsum("bkv,bk->bv", w, phi_q) / math.sqrt(d)
+        out, w = dpfp_cell_step(projection, memory, head_dim=d, nu=self.nu, eps=self.eps)
         y = nn.DenseGeneral(features=self.dim, axis=(-2, -1), name="out", **dense)(
             out[:, None].astype(projection.dtype)
         )

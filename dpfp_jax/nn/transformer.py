@@ -9,9 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.core.attention import Memory, zero_padding
+from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories
 from dpfp_jax.feature_maps import FeatureMapLike
-from dpfp_jax.nn.attention import FastWeightAttention, Memory
-from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
+from dpfp_jax.nn.attention import FastWeightAttention
+from dpfp_jax.ops.fast_weight.validation import check_segment_ids
+from dpfp_jax.validation import check_dropout_rate, check_mask
 
 Array = jax.Array
 
@@ -62,12 +65,16 @@ class DPFPformer(nn.Module):
       activation: the feed-forward non-linearity.
       dtype, param_dtype, precision, kernel_init, impl, decode: passed to every layer.
 
-    ``__call__(x, memory=None, *, mask=None, deterministic=True, return_memory=False)`` maps
-    ``x [B, T, D]`` to ``y [B, T, D]``, or ``(y, memories)`` with ``return_memory=True``;
-    ``memory`` is None or a sequence of ``depth`` per-layer memories. ``mask [B, T]`` (boolean,
-    or integer 0/1) marks real tokens: a padded token is replaced by zeros on entry, so whatever
-    its value (NaN and inf included) it reaches neither the real tokens, nor the memories, nor the
-    parameters' gradients, and its output is zeros.
+    ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=True,
+    return_memory=False)`` maps ``x [B, T, D]`` to ``y [B, T, D]``, or ``(y, memories)`` with
+    ``return_memory=True``; ``memory`` is None or a sequence of ``depth`` per-layer memories.
+    ``mask [B, T]`` (boolean, or integer 0/1) marks real tokens: a padded token is replaced by zeros
+    on entry, so whatever its value (NaN and inf included) it reaches neither the real tokens, nor
+    the memories, nor the parameters' gradients, and its output is zeros. ``segment_ids [B, T]``
+    packs documents: every layer's memory restarts where the id changes (see
+    :class:`FastWeightAttention`), and the other sub-layers act token by token, so each document's
+    outputs and gradients are those of running it alone; with ``decode=True`` every layer's cache
+    restarts at a new id.
 
     Example:
         >>> import jax
@@ -108,24 +115,18 @@ class DPFPformer(nn.Module):
         memory: Sequence[Memory | None] | None = None,
         *,
         mask: Array | None = None,
+        segment_ids: Array | None = None,
         deterministic: bool = True,
         return_memory: bool = False,
     ) -> Array | tuple[Array, tuple[Memory, ...]]:
-        check_positive_int("dim", self.dim)
-        check_positive_int("depth", self.depth)
-        check_dropout_rate("attention_dropout_rate", self.attention_dropout_rate)
-        check_dropout_rate("ff_dropout_rate", self.ff_dropout_rate)
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [batch, time, dim={self.dim}]; got shape {x.shape}")
+        check_transformer(self.dim, self.depth, self.attention_dropout_rate, self.ff_dropout_rate)
+        check_model_input(x, self.dim)
         mask = check_mask(mask, *x.shape[:2])
-        if mask is not None:
-            # The residual stream, LayerNorms and feed-forwards act on every position; a padded one
-            # must not carry its value into them (0 * nan is nan in their gradients).
-            x = jnp.where(mask[:, :, None], x, 0)
-        if memory is None:
-            memory = [None] * self.depth
-        elif len(memory) != self.depth:
-            raise ValueError(f"memory must hold one entry per layer ({self.depth}); got {len(memory)}")
+        check_segment_ids(segment_ids, x)
+        # The residual stream, LayerNorms and feed-forwards act on every position; a padded one
+        # must not carry its value into them (0 * nan is nan in their gradients).
+        x = zero_padding(x, mask)
+        memory = layer_memories(memory, self.depth)
         norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         new_memories = []
         for i in range(self.depth):
@@ -144,11 +145,12 @@ class DPFPformer(nn.Module):
             )
             if self.pre_norm:
                 h, layer_memory = attention(nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x), memory[i],
-                                            mask=mask, deterministic=deterministic)
+                                            mask=mask, segment_ids=segment_ids, deterministic=deterministic)
                 x = x + h
                 x = x + ff(nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x), deterministic=deterministic)
             else:
-                h, layer_memory = attention(x, memory[i], mask=mask, deterministic=deterministic)
+                h, layer_memory = attention(x, memory[i], mask=mask, segment_ids=segment_ids,
+                                            deterministic=deterministic)
                 x = nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x + h)
                 x = nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x + ff(x, deterministic=deterministic))
             new_memories.append(layer_memory)

@@ -10,6 +10,13 @@ per chunk, does three [C, K] x [K, BV]-sized matmuls (``jnp.dot``: tensor cores 
 each chunk's start state from its writes as the XLA path does; products that sum over V come
 back as one partial per value block, summed outside.
 
+Packed documents (``keep``, as ``chunk.forward_recurrence_xla`` takes it): a chunk in which a
+document starts does not carry its start state into its end state (k comes masked to the chunk's
+last document, by the caller), so the backward could not rebuild that start state by
+subtraction; as the XLA walk does, the forward then also stores every chunk's start state
+(``states``, ``T / C`` states of ``[K, V]`` per head) and the backward reads them instead of
+subtracting.
+
 On-chip budget (checked for H100/H200 by ``benchmarks/triton_report.py``): the state is held as
 ``K / 64`` separate ``[64, BV]`` tiles and every chunk is read 64 key columns at a time, so no
 ``[C, K]`` operand is ever materialised whole: Triton stages such operands through shared
@@ -42,7 +49,7 @@ from pallas_kernels.triton.tiles import (
     tile_dot,
     walk_in_reverse,
 )
-from pallas_kernels.validation import check_recurrence_inputs
+from pallas_kernels.validation import check_chunk_documents, check_recurrence_inputs
 
 Array = jax.Array
 
@@ -53,11 +60,16 @@ FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
 
 
-def _forward_kernel(*refs, delta: bool, dot):
-    if delta:
-        q_ref, k_ref, u_tilde_ref, y_ref, out_intra_ref, w0_ref, out_ref, u_ref, w_ref = refs
-    else:
-        q_ref, k_ref, u_tilde_ref, out_intra_ref, w0_ref, out_ref, w_ref = refs
+def _forward_kernel(*refs, delta: bool, packed: bool, dot):
+    refs = iter(refs)
+    q_ref, k_ref, u_tilde_ref = next(refs), next(refs), next(refs)
+    y_ref = next(refs) if delta else None
+    out_intra_ref = next(refs)
+    keep_ref = next(refs) if packed else None
+    w0_ref, out_ref = next(refs), next(refs)
+    u_ref = next(refs) if delta else None
+    states_ref = next(refs) if packed else None
+    w_ref = next(refs)
     tiles = key_tiles(w0_ref.shape[0])
 
     def step(n, w):
@@ -68,6 +80,11 @@ def _forward_kernel(*refs, delta: bool, dot):
         if delta:
             u_ref[n] = u
         out_ref[n] = times_state(q_ref) + out_intra_ref[n]
+        if packed:
+            keep = keep_ref[n] != 0
+            for rows, w_tile in zip(tiles, w, strict=True):
+                states_ref[n, rows, :] = w_tile
+            w = tuple(jnp.where(keep, w_tile, 0.0) for w_tile in w)
         return tuple(w_tile + dot(k_ref[n, :, rows].T, u) for rows, w_tile in zip(tiles, w, strict=True))
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
@@ -75,12 +92,15 @@ def _forward_kernel(*refs, delta: bool, dot):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, dot):
-    if delta:
-        (q_ref, k_ref, u_ref, y_ref, d_out_ref, w_ref, d_w_ref,
-         dq_ref, dk_ref, du_ref, dy_ref, d_w0_ref) = refs
-    else:
-        q_ref, k_ref, u_ref, d_out_ref, w_ref, d_w_ref, dq_ref, dk_ref, du_ref, d_w0_ref = refs
+def _backward_kernel(*refs, delta: bool, packed: bool, dot):
+    refs = iter(refs)
+    q_ref, k_ref, u_ref = next(refs), next(refs), next(refs)
+    y_ref = next(refs) if delta else None
+    d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
+    keep_ref, states_ref = (next(refs), next(refs)) if packed else (None, None)
+    dq_ref, dk_ref, du_ref = next(refs), next(refs), next(refs)
+    dy_ref = next(refs) if delta else None
+    d_w0_ref = next(refs)
     num_chunks = q_ref.shape[0]
     tiles = key_tiles(w_ref.shape[0])
 
@@ -92,9 +112,11 @@ def _backward_kernel(*refs, delta: bool, dot):
         du_ref[n] = du
         w0, dw0 = [], []
         for rows, w, dw in zip(tiles, w1, dw1, strict=True):
-            w = w - dot(k_ref[n, :, rows].T, u)
+            # With documents the start state is the forward's (a reset in the chunk discarded it).
+            w = states_ref[n, rows, :] if packed else w - dot(k_ref[n, :, rows].T, u)
             dk_ref[n, :, rows] = dot(u, dw.T)
             dq_ref[n, :, rows] = dot(d_out, w.T)
+            dw = dw if not packed else jnp.where(keep_ref[n] != 0, dw, 0.0)
             dw = dw + dot(q_ref[n, :, rows].T, d_out)
             if delta:
                 dw = dw - dot(y_ref[n, :, rows].T, du)
@@ -114,76 +136,99 @@ def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
     return keys, values, state, partial_keys
 
 
-def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, *, interpret: bool = False, precise: bool = True):
+def _document_specs(num_chunks: int, key_dim: int, block: int):
+    """Packed documents: ``keep`` as int32 ``[G, N]`` and the chunks' start states ``[N, G, K, V]``."""
+    per_chunk = pl.BlockSpec((None, num_chunks), lambda g, j: (g, 0))
+    states = pl.BlockSpec((num_chunks, None, key_dim, block), lambda g, j: (0, g, 0, j))
+    return per_chunk, states
+
+
+def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interpret: bool = False,
+                       precise: bool = True):
     """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results.
 
     ``precise``: three-pass TF32 dots (float32 inputs) rather than one (bfloat16/float16 inputs).
     Shapes (checked, with K <= ``MAX_KEY_DIM``): q_eff, k and y (None for the sum rule)
-    ``[N, G, C, K]``; u_tilde, out_intra ``[N, G, C, V]``; w0 ``[G, K, V]``.
+    ``[N, G, C, K]``; u_tilde, out_intra ``[N, G, C, V]``; w0 ``[G, K, V]``; ``keep`` (packed
+    documents) None or bool ``[N, G]``, with which every chunk's start state comes back too
+    (``states [N, G, K, V]``, else None).
     """
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u_tilde": u_tilde, "out_intra": out_intra},
                             {"w0": w0})
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
+    check_chunk_documents(keep, None, num_chunks, groups, key_dim, value_dim, states_expected=False)
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
                                         key_tile=KEY_TILE)
-    delta = y is not None
+    delta, packed = y is not None, keep is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, _ = _specs(num_chunks, chunk, k_pad, block)
-    inputs = [pad_k(q_eff), pad_k(k), pad_v(u_tilde)] + ([pad_k(y)] if delta else []) + [
-        pad_v(out_intra), pad_state(w0, k_pad, v_pad)]
+    per_chunk, states = _document_specs(num_chunks, k_pad, block)
+    inputs = [pad_k(q_eff), pad_k(k), pad_v(u_tilde)] + ([pad_k(y)] if delta else []) + [pad_v(out_intra)]
+    inputs = [x.astype(jnp.float32) for x in inputs]
+    inputs += ([keep.T.astype(jnp.int32)] if packed else []) + [pad_state(w0, k_pad, v_pad).astype(jnp.float32)]
     value_shape = jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)
-    out_shape = [value_shape] + ([value_shape] if delta else []) + [
+    out_shape = [value_shape] + ([value_shape] if delta else []) + (
+        [jax.ShapeDtypeStruct((num_chunks, groups, k_pad, v_pad), jnp.float32)] if packed else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
-        in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state],
-        out_specs=tuple([values] + ([values] if delta else []) + [state]),
+        in_specs=[keys, keys, values] + ([keys] if delta else []) + [values] + ([per_chunk] if packed else []) + [
+            state],
+        out_specs=tuple([values] + ([values] if delta else []) + ([states] if packed else []) + [state]),
         compiler_params=compiler_params(NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_fwd",
-    )(*[x.astype(jnp.float32) for x in inputs])
+    )(*inputs)
     out, final_state = results[0], results[-1]
     u = results[1][..., :value_dim] if delta else None
-    # No chunk states: this walk takes no packed documents (no ``keep``), so the backward rebuilds them.
-    return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim], None
+    # Without documents no chunk states: the backward rebuilds them by subtraction.
+    chunk_states = results[-2][..., :key_dim, :value_dim] if packed else None
+    return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim], chunk_states
 
 
-def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, *, interpret: bool = False,
-                        precise: bool = True):
+def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, keep=None, states=None, *,
+                        interpret: bool = False, precise: bool = True):
     """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results; ``precise`` as
     in ``forward_recurrence``. Shapes (checked): q_eff, k and y (None for the sum rule) ``[N, G, C, K]``;
-    u, d_out ``[N, G, C, V]``; final_state, d_final ``[G, K, V]``."""
+    u, d_out ``[N, G, C, V]``; final_state, d_final ``[G, K, V]``; with packed documents ``keep``
+    (bool ``[N, G]``) and the forward's ``states`` (``[N, G, K, V]``) together, or neither."""
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u": u, "d_out": d_out},
                             {"final_state": final_state, "d_final": d_final})
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
+    check_chunk_documents(keep, states, num_chunks, groups, key_dim, value_dim, states_expected=True)
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16,
                                         key_tile=KEY_TILE)
     num_blocks = v_pad // block
-    delta = y is not None
+    delta, packed = y is not None, keep is not None
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, partial_keys = _specs(num_chunks, chunk, k_pad, block)
+    per_chunk, chunk_states = _document_specs(num_chunks, k_pad, block)
     inputs = [pad_k(q_eff), pad_k(k), pad_v(u)] + ([pad_k(y)] if delta else []) + [
         pad_v(d_out), pad_state(final_state, k_pad, v_pad), pad_state(d_final, k_pad, v_pad)]
+    inputs = [x.astype(jnp.float32) for x in inputs]
+    if packed:
+        inputs += [keep.T.astype(jnp.int32), pad_to(pad_to(states, 2, k_pad), 3, v_pad).astype(jnp.float32)]
     partial_shape = jax.ShapeDtypeStruct((num_blocks, num_chunks, groups, chunk, k_pad), jnp.float32)
     out_shape = [partial_shape, partial_shape,
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
     out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
-        in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state],
+        in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state] + (
+            [per_chunk, chunk_states] if packed else []),
         out_specs=tuple([partial_keys, partial_keys, values] + ([partial_keys] if delta else []) + [state]),
         compiler_params=compiler_params(NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_bwd",
-    )(*[x.astype(jnp.float32) for x in inputs])
+    )(*inputs)
     dq, dk, du = results[0].sum(0), results[1].sum(0), results[2]
     dy = results[3].sum(0)[..., :key_dim] if delta else None
     return dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim]

@@ -22,6 +22,11 @@ state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the resi
 programs with atomic adds (so their order, and the last bits of those gradients, can vary from
 run to run when there are more than two blocks).
 
+Packed documents (``resets``): each chunk step is the masked WY form, with the masks built on
+chip from one int32 per step (how many documents have started in the chunk up to it); a chunk
+in which a document starts does not carry its start state, so the backward rebuilds that one by
+walking forward again from the stored writes (``fused_chunk``'s docstring says what it costs).
+
 On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
 ``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (unless
 ``num_stages`` asks), and the dots are TF32 on tensor cores (three passes for float32 inputs, one
@@ -75,13 +80,49 @@ FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
 
 
-def _tril(scores: Array) -> Array:
+def _tril(scores: Array, same: Array | None = None) -> Array:
     """``jnp.tril(scores)``, from iotas (what a kernel can build): step i of a chunk reads the
-    writes of steps j <= i. The same mask as ``tril`` of the library's chunk form (which this
-    package does not import)."""
+    writes of steps j <= i, and with packed documents (``same``, ``[C, C]`` bool) only those of its
+    own document. The same mask as ``tril`` of the library's chunk form (which this package does
+    not import)."""
     rows = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
     cols = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-    return jnp.where(rows >= cols, scores, 0.0)
+    mask = rows >= cols
+    return jnp.where(mask if same is None else mask & same, scores, 0.0)
+
+
+class _Documents(NamedTuple):
+    """Packed documents within one chunk (the masked WY form, docs/math.md "Packed documents")."""
+
+    same: Array  # [C, C] steps i and j in one document
+    first: Array  # [C, 1] step in the document the chunk began in: it reads the chunk's start state
+    last: Array  # [C, 1] step in the chunk's last document: its write reaches the chunk's end state
+    keep: Array  # scalar: no document starts in the chunk, so its end state carries its start state
+
+
+def _documents(docs_ref, n) -> _Documents:
+    """Chunk n's masks from ``docs`` (per step, how many documents have started in the chunk up to it)."""
+    docs = docs_ref[n]
+    final = jnp.max(docs)  # docs never decrease within a chunk: the last step's
+    return _Documents(docs[:, None] == docs[None, :], (docs == 0)[:, None], (docs == final)[:, None], final == 0)
+
+
+def _rows(mask: Array | None, x: Array) -> Array:
+    """x with the steps (rows) where mask is False zeroed, by selection (x itself without documents)."""
+    return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def _end_state(w, k_ref, n, u, docs: _Documents | None, dot):
+    """A chunk's end state from its start state w (key tiles): ``W0 + K^T u``; with documents
+    ``keep W0 + (diag(last) K)^T u``. The forward and the backward's rebuild share it, so the
+    rebuilt states are the forward's bit for bit."""
+    tiles = key_tiles(k_ref.shape[-1])
+    if docs is not None:
+        u = _rows(docs.last, u)
+    # k's tiles are loaded again rather than kept from the step's first loop: holding all of them
+    # alongside the state would cost K / 64 more [C, 64] tiles of registers.
+    return tuple((w_tile if docs is None else jnp.where(docs.keep, w_tile, 0.0)) + dot(_tile(k_ref, n, rows).T, u)
+                 for rows, w_tile in zip(tiles, w, strict=True))
 
 
 def _tile(ref, n, rows: slice) -> Array:
@@ -89,18 +130,21 @@ def _tile(ref, n, rows: slice) -> Array:
     return ref[n, :, rows].astype(jnp.float32)
 
 
-def _forward_kernel(*refs, delta: bool, keep_writes: bool, dot):
-    if delta and keep_writes:
-        scale_ref, q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, u_ref, w_ref = refs
-    elif delta:
-        scale_ref, q_ref, k_ref, v_ref, tb_ref, w0_ref, out_ref, w_ref = refs
-    else:
-        scale_ref, q_ref, k_ref, v_ref, w0_ref, out_ref, w_ref = refs
+def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot):
+    refs = iter(refs)
+    scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
+    tb_ref = next(refs) if delta else None
+    docs_ref = next(refs) if packed else None
+    w0_ref, out_ref = next(refs), next(refs)
+    u_ref = next(refs) if delta and keep_writes else None
+    w_ref = next(refs)
     tiles = key_tiles(w0_ref.shape[0])
     scale = scale_ref[0]
     chunk, block = v_ref.shape[1], v_ref.shape[2]
 
     def step(n, w):
+        docs = _documents(docs_ref, n) if packed else None
+        first, same = (None, None) if docs is None else (docs.first, docs.same)
         # Everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         q_w = jnp.zeros((chunk, block), jnp.float32)
@@ -112,28 +156,31 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, dot):
             if delta:
                 recall += dot(k_tile, w_tile)
         v = v_ref[n].astype(jnp.float32)
-        u = dot(tb_ref[n], v - recall) if delta else v
+        # With documents only the chunk's first document reads W0 (through Q W0 and the recall K W0).
+        u = dot(tb_ref[n], v - _rows(first, recall)) if delta else v
         if delta and keep_writes:
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
-        out_ref[n] = (scale * (q_w + dot(_tril(scores), u))).astype(out_ref.dtype)
-        # k's tiles are loaded again rather than kept from the loop above: holding all of them
-        # alongside the state would cost K / 64 more [C, 64] tiles of registers.
-        return tuple(w_tile + dot(_tile(k_ref, n, rows).T, u) for rows, w_tile in zip(tiles, w, strict=True))
+        out_ref[n] = (scale * (_rows(first, q_w) + dot(_tril(scores, same), u))).astype(out_ref.dtype)
+        return _end_state(w, k_ref, n, u, docs, dot)
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
     for rows, w_tile in zip(tiles, w, strict=True):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, dot):
+def _backward_kernel(*refs, delta: bool, packed: bool, dot):
+    refs = iter(refs)
+    scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
+    tb_ref, u_ref = (next(refs), next(refs)) if delta else (None, None)
+    d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
+    docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
     # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
-    if delta:
-        (scale_ref, q_ref, k_ref, v_ref, tb_ref, u_ref, d_out_ref, w_ref, d_w_ref, _, _, _,
-         dq_ref, dk_ref, dtb_ref, dv_ref, d_w0_ref) = refs
-    else:
-        (scale_ref, q_ref, k_ref, v_ref, d_out_ref, w_ref, d_w_ref, _, _,
-         dq_ref, dk_ref, dv_ref, d_w0_ref) = refs
+    for _ in range(3 if delta else 2):
+        next(refs)
+    dq_ref, dk_ref = next(refs), next(refs)
+    dtb_ref = next(refs) if delta else None
+    dv_ref, d_w0_ref = next(refs), next(refs)
     num_chunks, chunk, block = v_ref.shape
     tiles = key_tiles(w_ref.shape[0])
     # The output is linear in q, so the kernel differentiates it as a function of the scaled
@@ -141,13 +188,32 @@ def _backward_kernel(*refs, delta: bool, dot):
     # is the gradient w.r.t. scale * q (the caller rescales it, and takes dL/dscale = <q, dq> from it).
     scale = scale_ref[0]
 
+    def writes(n):
+        return u_ref[n] if delta else v_ref[n].astype(jnp.float32)
+
+    def rebuilt_start_state(n):
+        """Chunk n's start state where a document starts in it (its end state no longer holds it):
+        the chunks since the last one in which a document started (``origin``; -1: none, walk from
+        the initial state), walked forward again from the stored writes."""
+        origin = origin_ref[n]
+        begin = tuple(jnp.where(origin < 0, w0_ref[rows, :], 0.0) for rows in tiles)
+        return lax.fori_loop(jnp.maximum(origin, 0), n,
+                             lambda m, w: _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot), begin)
+
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
         n = num_chunks - 1 - i
         v = v_ref[n].astype(jnp.float32)
-        u = u_ref[n] if delta else v
+        u = writes(n)
         d_out = d_out_ref[n].astype(jnp.float32)
-        # Rebuild W0 and everything that sums over K, one key tile at a time.
+        docs = _documents(docs_ref, n) if packed else None
+        first, last, same = (None,) * 3 if docs is None else (docs.first, docs.last, docs.same)
+        if packed:
+            w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows).T, u)
+                                                   for rows, w_tile in zip(tiles, w1, strict=True)),
+                          lambda: rebuilt_start_state(n))
+        # Rebuild W0 (without documents; with them it is w1 now) and everything that sums over K,
+        # one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         du = jnp.zeros((chunk, block), jnp.float32)  # dL/du through W1 = W0 + K^T u
         recall = jnp.zeros((chunk, block), jnp.float32)
@@ -156,27 +222,35 @@ def _backward_kernel(*refs, delta: bool, dot):
             q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
             scores += dot(q_tile, k_tile.T)
             du += dot(k_tile, dw_tile)
-            w_tile = w_tile - dot(k_tile.T, u)
+            if not packed:
+                w_tile = w_tile - dot(k_tile.T, u)
             if delta:
                 recall += dot(k_tile, w_tile)
             w0.append(w_tile)
-        du += dot(_tril(scale * scores).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
-        d_scores = _tril(dot(d_out, u.T))
+        # With documents only the last one's writes reach W1 and only the first one's steps read W0.
+        du = _rows(last, du)
+        recall = _rows(first, recall)
+        du += dot(_tril(scale * scores, same).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
+        d_scores = _tril(dot(d_out, u.T), same)
+        d_out_first, u_last = _rows(first, d_out), _rows(last, u)
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
             pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
             dv_ref[n] = dr.astype(dv_ref.dtype)
+            dr_first = _rows(first, dr)
         else:
             dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
             q_tile, k_tile = scale * _tile(q_ref, n, rows), _tile(k_ref, n, rows)
-            pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out, w_tile.T) + dot(d_scores, k_tile))
-            dk = dot(d_scores.T, q_tile) + dot(u, dw_tile.T)
-            dw_tile = dw_tile + dot(q_tile.T, d_out)
+            pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out_first, w_tile.T) + dot(d_scores, k_tile))
+            dk = dot(d_scores.T, q_tile) + dot(u_last, dw_tile.T)
+            if packed:
+                dw_tile = jnp.where(docs.keep, dw_tile, 0.0)
+            dw_tile = dw_tile + dot(q_tile.T, d_out_first)
             if delta:
-                dk -= dot(dr, w_tile.T)
-                dw_tile -= dot(k_tile.T, dr)
+                dk -= dot(dr_first, w_tile.T)
+                dw_tile -= dot(k_tile.T, dr_first)
             pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
             dw0.append(dw_tile)
         return tuple(w0), tuple(dw0)
@@ -202,6 +276,14 @@ def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int):
     return keys, values, square, state
 
 
+def _document_specs(heads: int, num_chunks: int, chunk: int):
+    """BlockSpecs of the packed documents' per-row arrays, shared by the row's heads: ``docs
+    [B, N, C]`` and the backward's ``origin [B, N]``."""
+    per_step = pl.BlockSpec((None, num_chunks, chunk), lambda g, j: (g // heads, 0, 0))
+    per_chunk = pl.BlockSpec((None, num_chunks), lambda g, j: (g // heads, 0))
+    return per_step, per_chunk
+
+
 class _Launch(NamedTuple):
     """Static settings of the kernels: value columns per program, forward and backward, and
     Triton's load-pipelining stages."""
@@ -218,40 +300,44 @@ _SCALAR = pl.BlockSpec((1,), lambda g, j: (0,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v, tb, w0):
+def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v, tb, w0, docs):
     """``[B, N, C, H, ...]`` padded chunks -> ``(scale * out [B, N, C, H, V] in v's dtype,
-    final_state [G, K, V] float32)``; ``scale`` float32 of shape (1,). Without a gradient to take,
-    the writes u are not stored."""
-    out, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, keep_writes=False)
+    final_state [G, K, V] float32)``; ``scale`` float32 of shape (1,); ``docs [B, N, C]`` int32
+    (packed documents: how many have started in the chunk up to each step) or None. Without a
+    gradient to take, the writes u are not stored."""
+    out, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, keep_writes=False)
     return out, final_state
 
 
-def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0):
-    out, u, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, keep_writes=True)
-    return (out, final_state), (scale, q, k, v, tb, u, final_state)
+def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs):
+    out, u, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, keep_writes=True)
+    # w0 is kept only with documents: the backward rebuilds start states after a reset from it.
+    return (out, final_state), (scale, q, k, v, tb, u, final_state, docs, None if docs is None else w0)
 
 
-def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, *, keep_writes: bool):
+def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, *, keep_writes: bool):
     """The forward kernel: ``(out, u or None, final_state)``; u (float32) only if ``keep_writes``
     and the rule is delta (the backward rebuilds states from it)."""
     batch, num_chunks, chunk, heads, key_dim = q.shape
     groups, value_dim = batch * heads, v.shape[-1]
     block = launch.forward_block
-    delta = tb is not None
+    delta, packed = tb is not None, docs is not None
     keep_writes = keep_writes and delta
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
+    per_step, _ = _document_specs(heads, num_chunks, chunk)
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, dot=tile_dot(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, packed=packed,
+                          dot=tile_dot(interpret, precise)),
         out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype),
                    *([jax.ShapeDtypeStruct(v.shape, jnp.float32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
         grid=(groups, value_dim // block),
-        in_specs=[_SCALAR, keys, keys, values, *([square] if delta else []), state],
+        in_specs=[_SCALAR, keys, keys, values, *([square] if delta else []), *([per_step] if packed else []), state],
         out_specs=(values, *([values] if keep_writes else []), state),
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_fwd",
-    )(scale, q, k, v, *([tb] if delta else []), w0)
+    )(scale, q, k, v, *([tb] if delta else []), *([docs] if packed else []), w0)
     return results[0], results[1] if keep_writes else None, results[-1]
 
 
@@ -260,27 +346,36 @@ def _fused_chunk_forward_rule(interpret, precise, launch, *primals):
 
 
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
-    scale, q, k, v, tb, u, final_state = residuals
+    scale, q, k, v, tb, u, final_state, docs, w0 = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     batch, num_chunks, chunk, heads, key_dim = q.shape
     groups, value_dim = batch * heads, v.shape[-1]
     block = launch.backward_block
     num_blocks = value_dim // block
-    delta = tb is not None
+    delta, packed = tb is not None, docs is not None
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
+    per_step, per_chunk = _document_specs(heads, num_chunks, chunk)
     f32 = jnp.float32
+    documents = []
+    if packed:
+        # Per chunk, the last earlier chunk in which a document starts (-1: none): where the walk
+        # that rebuilds a start state after a reset begins.
+        chunks = jnp.arange(num_chunks, dtype=jnp.int32)
+        started = lax.cummax(jnp.where(docs[..., -1] > 0, chunks, -1), axis=1)
+        origin = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), started[:, :-1]], axis=1)
+        documents = [docs, origin, w0]
     # Gradients that sum over V are accumulated by every value block's program with atomic adds
     # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
     # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
     summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
-    inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final]
+    inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
         in_specs=[_SCALAR, keys, keys, values, *([square, values] if delta else []), values, state, state,
-                  keys, keys, *([square] if delta else [])],
+                  *([per_step, per_chunk, state] if packed else []), keys, keys, *([square] if delta else [])],
         out_specs=(keys, keys, *([square] if delta else []), values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
@@ -290,7 +385,7 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
     d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
     dq, dk = (scale[0] * results[0]).astype(q.dtype), results[1].astype(k.dtype)
-    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1]
+    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1], None
 
 
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
@@ -317,7 +412,8 @@ def fused_chunk(
     chunk_size: int = 64,
     interpret: bool = False,
     num_stages: int = 1,
-    wy_inverse: Callable[[Array, Array], Array] | None = None,
+    wy_inverse: Callable[..., Array] | None = None,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels.
 
@@ -336,7 +432,26 @@ def fused_chunk(
     ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function
     ``(k [..., C, K], beta [..., C]) -> A^-1 [..., C, C]`` with ``A = I + diag(beta) strict_tril(K K^T)``,
     every chunk at once (k zero-padded to whole key tiles, beta float32); it must be
-    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.wy.wy_inverse``.
+    differentiable by JAX. ``dpfp_jax`` passes ``dpfp_jax.ops.fast_weight.wy.wy_inverse``. With
+    ``resets`` it is called as ``wy_inverse(k, beta, same_document)``, ``same_document`` a bool
+    ``[..., C, C]`` (True where steps i and j of a chunk belong to one document), and must mask the
+    Gram matrix with it: ``A = I + diag(beta) (strict_tril(K K^T) * same_document)``.
+
+    ``resets``: packed documents, a bool ``[B, T]`` that is True where a step starts a new document
+    (the library makes it from ``segment_ids``, never True at step 0): the state is zero before
+    that step, as the oracle's ``resets`` says. Documents may start
+    anywhere in a chunk: each chunk step is the masked WY form (docs/math.md, "Packed documents":
+    scores and Gram matrix kept within a document, only the chunk's first document reads its start
+    state, only its last document's writes reach its end state). The backward cannot rebuild a
+    chunk's start state from its end state across a reset; instead it walks forward again from the
+    last earlier chunk in which a document started (or from the initial state), re-adding the
+    stored writes with the forward's own arithmetic, so the rebuilt state is the forward's bit for
+    bit. Over the whole backward that costs at most one more ``[C, 64] x [C, BV]`` product per chunk
+    and key tile (a backward chunk step does about a dozen) and, in chunks where a document starts,
+    a second read of k; no
+    state per chunk is kept, unlike ``impl="chunk"``'s ``T / C`` states of ``K x V`` per head (at
+    K = V = 128, C = 64 twice the stored writes), because the fused kernels' point is to keep
+    memory traffic and footprint at the outputs and the writes.
 
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
@@ -351,10 +466,10 @@ def fused_chunk(
         >>> out.shape, w.shape
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
-    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets)
     check_chunk_size(chunk_size)
     check_positive_int("num_stages", num_stages)
-    check_wy_inverse(rule, wy_inverse)
+    check_wy_inverse(rule, wy_inverse, packed=resets is not None)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
@@ -364,19 +479,27 @@ def fused_chunk(
     f32 = jnp.float32
     qc, kc = _to_chunks_bnch(q, chunk_size, k_pad), _to_chunks_bnch(k, chunk_size, k_pad)
     vc = _to_chunks_bnch(v, chunk_size, v_pad)
+    docs = None
+    if resets is not None:
+        # Per step, how many documents have started in its chunk up to it (padding starts none).
+        docs = jnp.cumsum(_to_chunks_bnch(resets, chunk_size), axis=-1, dtype=jnp.int32)
     tb = None
     if rule == "delta":
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
         # read head-major here (the one transposition left, done by XLA for its matmuls).
         beta_c = jnp.moveaxis(_to_chunks_bnch(beta.astype(f32), chunk_size), 3, 1)
-        inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
+        if docs is None:
+            inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
+        else:
+            same = docs[:, None, :, :, None] == docs[:, None, :, None, :]  # [B, 1, N, C, C]
+            inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c, jnp.broadcast_to(same, (*beta_c.shape, chunk_size)))
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
     launch = _Launch(forward_block, backward_block, num_stages)
     scale = jnp.asarray(scale, f32).reshape(1)
-    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0)
+    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0, docs)
     out = out.reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return out, final_state

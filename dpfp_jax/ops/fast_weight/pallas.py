@@ -15,7 +15,14 @@ would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
 shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a sharded
 batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
-own slice. Not part of ``impl="auto"`` until the kernels have passed the test suite on a GPU.
+own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not part of
+``impl="auto"`` until the kernels have passed the test suite on a GPU.
+
+Packed documents: both kernels take ``resets`` (``segments.resets_of`` of the op's
+``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
+mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
+a reset they rebuild the state it discarded by walking the previous document forward again
+(their docstrings say what that costs).
 """
 
 from __future__ import annotations
@@ -42,13 +49,10 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
-                    **_: object) -> str | None:
+def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call."""
     from pallas_kernels import MAX_KEY_DIM
 
-    if resets is not None:
-        return "the Pallas kernels do not take segment_ids yet"
     platform = target_platform()
     if platform not in ("gpu", "cuda", "rocm"):
         return (f"the Pallas kernels need a GPU and the target platform is {platform!r}; "
@@ -72,33 +76,41 @@ def fast_weight_pallas(
     resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
-    recurrent kernel, run per batch and head shard (the kernels compute in float32)."""
+    recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
+    (packed documents) as the oracle takes them."""
     from pallas_kernels import fused_chunk, fused_recurrent
 
-    if resets is not None:
-        raise ValueError(pallas_supports(q, k, v, beta, resets=resets))
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
         # or empty; a kernel cannot be launched over an empty grid.
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
-    def run(q, k, v, beta, initial_state):
+    def run(q, k, v, beta, initial_state, resets):
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                               interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None)
-        return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret)
+                               interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
+                               resets=resets)
+        return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
+                               resets=resets)
 
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     if batch_axis is None and head_axis is None:
-        return run(q, k, v, beta, initial_state)
+        return run(q, k, v, beta, initial_state, resets)
     # Batch elements and heads are independent: each device runs the kernel on its own slice of both.
     per_step, state = PartitionSpec(batch_axis, None, head_axis), PartitionSpec(batch_axis, head_axis)
     initial_state = with_batch_head_sharding_of(initial_state, q)
+    # Only the arrays given go through shard_map (None is not an array); resets [B, T] follow the batch.
+    given = {name: (x, spec) for name, x, spec in (
+        ("q", q, per_step), ("k", k, per_step), ("v", v, per_step), ("beta", beta, per_step),
+        ("initial_state", initial_state, state), ("resets", resets, PartitionSpec(batch_axis, None)))
+        if x is not None}
+
+    def run_given(*arrays):
+        named = dict(zip(given, arrays, strict=True))
+        return run(*(named.get(name) for name in ("q", "k", "v", "beta", "initial_state", "resets")))
+
     # check_vma=False: pallas_call's out_shape carries no varying-axes annotation; every output is
     # per shard along the batch and head axes, which out_specs states.
-    per_shard = dict(mesh=mesh, out_specs=(per_step, state), check_vma=False)
-    if beta is None:
-        return jax.shard_map(lambda q, k, v, s: run(q, k, v, None, s), in_specs=(per_step,) * 3 + (state,),
-                             **per_shard)(q, k, v, initial_state)
-    return jax.shard_map(run, in_specs=(per_step,) * 4 + (state,), **per_shard)(q, k, v, beta, initial_state)
+    return jax.shard_map(run_given, mesh=mesh, in_specs=tuple(spec for _, spec in given.values()),
+                         out_specs=(per_step, state), check_vma=False)(*(x for x, _ in given.values()))

@@ -1,0 +1,96 @@
+"""TPU memory without a TPU: ``chunk`` and ``scan`` compiled for v5e and v6e by libtpu's compiler.
+
+Run as ``python -m benchmarks.tpu --deviceless`` (``make tpu-memory`` installs libtpu and names it
+in ``DPFP_TPU_COMPILER``). For B=8, T=4096, H=8, V=64, bfloat16 and K in {128, 256, 512, 1024} it
+prints, per topology, the forward's and the forward+backward's temporary and peak memory on one
+chip (XLA's ``memory_analysis`` of the compiled program, dpfp_devtools/tpu.py) beside the inputs'
+size. The forward+backward is ``jax.grad`` of a loss on both results (outputs and final state),
+as in the GPU benchmark. A program that does not compile shows libtpu's error instead.
+
+Nothing runs: these are compile-time figures, and no TPU speed comes from here. The chunk form
+takes minutes per program to compile at these shapes (more with K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import machine_name
+from dpfp_devtools import tpu
+from dpfp_devtools.workloads import forward_and_backward, ours
+
+MB = 1e6
+
+
+def input_bytes(shapes: list[tuple[int, ...]], dtype) -> int:
+    return sum(math.prod(shape) for shape in shapes) * jnp.dtype(dtype).itemsize
+
+
+def measure(topology: str, impl: str, shapes: list[tuple[int, ...]], dtype) -> tuple[float, ...] | str:
+    """(fwd temp, fwd peak, fwd+bwd temp, fwd+bwd peak) in MB and the compile seconds, or why not."""
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+    figures, start = [], time.perf_counter()
+    try:
+        for fn in forward_and_backward(ours(impl), len(args)):
+            memory = tpu.memory(tpu.compile_for_tpu(fn, *args, topology=topology))
+            figures += [memory.temp_bytes / MB, memory.peak_bytes / MB]
+    except Exception as err:  # noqa: BLE001 - a program the TPU compiler refuses is a result
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return (*figures, time.perf_counter() - start)
+
+
+def report(topologies: list[str], key_dims: list[int], impls: list[str], batch: int, length: int, heads: int,
+           value_dim: int, dtype) -> int:
+    """Print one table per topology; returns how many programs failed to compile."""
+    failures = 0
+    for topology in topologies:
+        print(f"\n## {topology}, one chip: B={batch}, T={length}, H={heads}, V={value_dim}, "
+              f"{jnp.dtype(dtype).name}\n")
+        print("| K | impl | inputs MB | fwd temp MB | fwd peak MB | fwd+bwd temp MB | fwd+bwd peak MB | "
+              "fwd+bwd temp / inputs | compile s |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for key_dim in key_dims:
+            shapes = [(batch, length, heads, key_dim)] * 2 + [(batch, length, heads, value_dim), (batch, length, heads)]
+            inputs = input_bytes(shapes, dtype) / MB
+            for impl in impls:
+                row = measure(topology, impl, shapes, dtype)
+                if isinstance(row, str):
+                    failures += 1
+                    print(f"| {key_dim} | {impl} | {inputs:.1f} | {row} | | | | | |")
+                else:
+                    fwd_temp, fwd_peak, bwd_temp, bwd_peak, seconds = row
+                    print(f"| {key_dim} | {impl} | {inputs:.1f} | {fwd_temp:.1f} | {fwd_peak:.1f} | {bwd_temp:.1f} | "
+                          f"{bwd_peak:.1f} | {bwd_temp / inputs:.1f}x | {seconds:.0f} |")
+                sys.stdout.flush()
+    return failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deviceless", action="store_true",
+                        help="compile for TPU on this machine and print memory (the only mode: nothing runs on a TPU)")
+    parser.add_argument("--topologies", nargs="+", default=["v5e:2x2", "v6e:2x2"], help="libtpu topology names")
+    parser.add_argument("--keys", nargs="+", type=int, default=[128, 256, 512, 1024], help="key widths K")
+    parser.add_argument("--impls", nargs="+", default=["chunk", "scan"], help="dj.fast_weight impls")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--time", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--value-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    args = parser.parse_args()
+    if not args.deviceless:
+        parser.error("there is no TPU to run on: --deviceless compiles for one and prints the memory figures")
+    print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
+    failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
+                      jnp.dtype(args.dtype))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

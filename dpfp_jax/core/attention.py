@@ -1,0 +1,234 @@
+"""Multi-head fast-weight attention's math, shared by the linen and NNX layers.
+
+:class:`AttentionSpec` holds the settings that decide the math (heads, feature map, rule,
+normalisation, impl) and computes, from the one q/k/v/beta projection of the input, the heads'
+outputs and the new memory (:meth:`AttentionSpec.attend`). The layers own the projections'
+parameters, dropout and the decode cache, and call it.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> spec = AttentionSpec(num_heads=2, head_dim=4, nu=2)
+    >>> spec.projection_features, spec.memory_shape(3)
+    ((2, 13), (3, 2, 16, 4))
+    >>> out, memory = spec.attend(jnp.ones((3, 5, 2, 13)))
+    >>> out.shape, memory.shape
+    ((3, 5, 2, 4), (3, 2, 16, 4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dpfp_jax.core.segments import restart_rows, running_key_sum
+from dpfp_jax.feature_maps import (
+    FeatureMapLike,
+    apply_feature_map,
+    check_feature_map,
+    favor_projection,
+    feature_dim,
+    l2_norm,
+    sum_norm,
+)
+from dpfp_jax.ops import IMPLS, RULES, fast_weight
+from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zeros_without_time
+from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.validation import check_choice, check_positive_int
+
+Array = jax.Array
+Memory = Array | tuple[Array, Array]
+
+NORMALIZATIONS = ("sum", "l2", "attention", "none")
+"""Accepted values of the modules' ``normalization`` attribute."""
+
+
+def split_heads_projection(projection: Array, head_dim: int, with_beta: bool):
+    """``[..., H, 3 * d (+ 1)] -> q, k, v [..., H, d]`` and ``beta [..., H]`` (or None).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q, k, v, beta = split_heads_projection(jnp.zeros((2, 3, 7)), 2, with_beta=True)
+        >>> q.shape, beta.shape, float(beta[0, 0])
+        ((2, 3, 2), (2, 3), 0.5)
+    """
+    q, k, v = (projection[..., i * head_dim : (i + 1) * head_dim] for i in range(3))
+    beta = jax.nn.sigmoid(projection[..., 3 * head_dim].astype(jnp.float32)) if with_beta else None
+    return q, k, v, beta
+
+
+def check_sequence(x: Array) -> tuple[int, int, int]:
+    """``(batch, time, width)`` of a layer input ``x [B, T, D]``; a ValueError for any other rank."""
+    if x.ndim != 3:
+        raise ValueError(f"x must be [batch, time, features]; got shape {x.shape}")
+    return x.shape
+
+
+def zero_padding(x: Array, mask: Array | None) -> Array:
+    """x with its padded steps (``mask [B, T]`` False) replaced by zeros; x itself without a mask.
+
+    Select, never multiply: ``0 * nan`` is nan. The layers select the input itself, not only what
+    comes out of its projection: a Dense's kernel gradient is ``x^T d(projection)``, where a padded
+    NaN in x would meet the zero cotangent of a later select and give NaN.
+    """
+    return x if mask is None else jnp.where(mask[:, :, None], x, 0)
+
+
+def check_cache_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...], batch: int) -> None:
+    """A decode cache entry made for another batch than x's: a ValueError naming both."""
+    if shape != want:
+        raise ValueError(
+            f"the decode cache's {name} has shape {shape} (batch {shape[0] if shape else '?'}), but x of batch "
+            f"{batch} needs {want}; init the decoder with an input of this batch"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """The settings of a fast-weight attention layer that its math depends on.
+
+    The attributes mean what :class:`dpfp_jax.nn.FastWeightAttention`'s of the same names do.
+    """
+
+    num_heads: int
+    head_dim: int
+    feature_map: FeatureMapLike = "dpfp"
+    nu: int = 1
+    num_features: int = 64
+    favor_seed: int = 0
+    rule: str = "delta"
+    normalization: str = "sum"
+    impl: str = "auto"
+    eps: float = 1e-6
+    allow_unbounded_delta: bool = False
+
+    def check(self) -> None:
+        """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the settings are not usable."""
+        check_positive_int("num_heads", self.num_heads)
+        check_positive_int("head_dim", self.head_dim)
+        check_feature_map(self.feature_map)
+        check_choice("rule", self.rule, RULES)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("impl", self.impl, IMPLS)
+        if self.feature_map == "dpfp":
+            check_positive_int("nu", self.nu)
+        if self.feature_map == "favor":
+            check_positive_int("num_features", self.num_features)
+        if self.normalization == "attention" and self.rule != "sum":
+            raise ValueError(
+                "normalization='attention' (the running key-sum denominator) is defined for rule='sum'; "
+                "the delta rule uses normalization='sum' (the paper's choice, for non-negative feature maps) "
+                "or 'l2' (any feature map)"
+            )
+        if self.rule == "delta" and self.normalization == "none" and not self.allow_unbounded_delta:
+            raise ValueError(
+                "normalization='none' with rule='delta' leaves the fast weights unbounded: each step "
+                "W <- (I - beta k k^T) W + beta k v^T is non-expanding only while 0 <= beta |phi(k)|^2 <= 2, "
+                "and raw feature-mapped keys break that (at default init the state overflows to inf within "
+                "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
+                "(any feature map), or set allow_unbounded_delta=True to opt in"
+            )
+
+    @property
+    def key_dim(self) -> int:
+        """K, the feature-mapped key width."""
+        return feature_dim(self.feature_map, self.head_dim, nu=self.nu, num_features=self.num_features)
+
+    @property
+    def projection_features(self) -> tuple[int, int]:
+        """``(H, 3 * head_dim (+ 1))``: the input projection's output axes (q, k, v and the delta rule's beta)."""
+        return (self.num_heads, 3 * self.head_dim + int(self.rule == "delta"))
+
+    def memory_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
+        self.check()
+        return (batch, self.num_heads, self.key_dim, self.head_dim)
+
+    def features(self, x: Array) -> Array:
+        """phi(x) over the last axis, normalised as ``normalization`` says (``"sum"``, ``"l2"``)."""
+        projection = None
+        if self.feature_map == "favor":
+            projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
+        phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
+        if self.normalization == "sum":
+            return sum_norm(phi, self.eps)
+        if self.normalization == "l2":
+            return l2_norm(phi, self.eps)
+        return phi
+
+    def split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
+        """``(W, z)`` of a carried memory (z None unless ``normalization="attention"``), shapes checked."""
+        shape = self.memory_shape(batch)
+        if memory is None:
+            return None, None
+        if self.normalization == "attention":
+            if not (isinstance(memory, tuple | list) and len(memory) == 2):
+                raise ValueError(
+                    "memory must be a (W, z) pair for normalization='attention'; "
+                    f"got {type(memory).__name__}"
+                )
+            w, z = memory
+            if z.shape != shape[:3]:
+                raise ValueError(f"memory's key sum z must be [B, H, K] = {shape[:3]}; got {z.shape}")
+        else:
+            w, z = memory, None
+        if not hasattr(w, "shape") or w.shape != shape:
+            raise ValueError(
+                f"memory must be fast weights of shape [B, H, K, V] = {shape}; "
+                f"got {getattr(w, 'shape', type(w).__name__)}"
+            )
+        return w, z
+
+    def attend(
+        self,
+        projection: Array,
+        *,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        initial_state: Array | None = None,
+        key_sum: Array | None = None,
+        restart: Array | None = None,
+    ) -> tuple[Array, Memory]:
+        """From the input projection ``[B, T, H, 3 d (+ 1)]`` to the heads' outputs ``[B, T, H, d]``
+        (before the output projection) and the new memory: W, or ``(W, z)`` for ``"attention"``.
+
+        Args:
+          projection: the q/k/v/beta projection of the (padding-zeroed) input.
+          mask: ``[B, T]`` bool, True for a real token: a padded one writes nothing (zero key,
+            value and beta, selected) and reads zeros.
+          segment_ids: ``[B, T]`` integer document ids (packed documents): W and z restart from
+            zero at every change of id; the row's first document continues ``initial_state``
+            and ``key_sum``.
+          initial_state: W ``[B, H, K, V]`` to continue (None: zeros).
+          key_sum: z ``[B, H, K]`` to continue (``normalization="attention"``; None: zeros).
+          restart: ``[B]`` bool, True for a row whose carried W and z belong to a finished
+            document (a decode cache meeting a new segment id): that row starts from zeros.
+        """
+        q, k, v, beta = split_heads_projection(projection, self.head_dim, self.rule == "delta")
+        phi_q, phi_k = self.features(q), self.features(k)
+        if mask is not None:
+            # A zero key writes nothing under either rule (W += 0 (...)^T), and zero values and beta
+            # make the delta rule's write beta (v - W^T k) itself zero, so the chunked impls, which
+            # mix the steps of a chunk in matmuls, meet nothing but zeros at a padded step.
+            real = mask[:, :, None, None]
+            phi_q, phi_k, v = (jnp.where(real, t, 0) for t in (phi_q, phi_k, v))
+            beta = None if beta is None else jnp.where(mask[:, :, None], beta, 0)
+        if restart is not None and initial_state is not None:
+            initial_state = restart_rows(restart, with_batch_head_sharding_of(initial_state, phi_k))
+
+        out, w = fast_weight(
+            phi_q, phi_k, v, beta, rule=self.rule, initial_state=initial_state,
+            scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, segment_ids=segment_ids,
+        )
+        if self.normalization != "attention":
+            return out, w
+        z_start = (zeros_without_time(phi_k, jnp.float32) if key_sum is None
+                   else with_batch_head_sharding_of(key_sum.astype(jnp.float32), phi_k))
+        if restart is not None:
+            z_start = restart_rows(restart, z_start)
+        z = running_key_sum(phi_k, z_start, None if segment_ids is None else resets_of(segment_ids))
+        denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
+        out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
+        return out, (w, z[:, -1] if z.shape[1] else z_start)

@@ -1,0 +1,167 @@
+"""DPFPformer (Flax NNX): a stack of residual fast-weight attention and feed-forward blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dpfp_jax.core.attention import Memory, zero_padding
+from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories
+from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.nnx.attention import DEFAULT_KERNEL_INIT, ZEROS, FastWeightAttention
+from dpfp_jax.nnx.partitioning import DOWN_KERNEL, EMBED, UP_BIAS, UP_KERNEL, KernelAxes, partitioned, project
+from dpfp_jax.ops.fast_weight.validation import check_segment_ids
+from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
+
+Array = jax.Array
+
+
+class FeedForward(nnx.Module):
+    """``Linear(ff_mult * D) -> activation -> dropout -> Linear(D) -> dropout`` (Flax NNX), the twin
+    of linen's :class:`dpfp_jax.nn.FeedForward`; ``dim`` is D."""
+
+    def __init__(
+        self,
+        dim: int,
+        ff_mult: int = 4,
+        activation: Callable[[Array], Array] = nnx.relu,
+        dropout_rate: float = 0.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = DEFAULT_KERNEL_INIT,
+        *,
+        kernel_axes: KernelAxes | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_positive_int("dim", dim)
+        check_positive_int("ff_mult", ff_mult)
+        check_dropout_rate("dropout_rate", dropout_rate)
+        self.activation = activation
+        dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.up = nnx.Linear(dim, ff_mult * dim, kernel_init=partitioned(kernel_init, kernel_axes, UP_KERNEL),
+                             bias_init=partitioned(ZEROS, kernel_axes, UP_BIAS), **dense)
+        self.down = nnx.Linear(ff_mult * dim, dim, kernel_init=partitioned(kernel_init, kernel_axes, DOWN_KERNEL),
+                               bias_init=partitioned(ZEROS, kernel_axes, EMBED), **dense)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+        h = self.dropout(self.activation(project(self.up, x)), deterministic=deterministic)
+        return self.dropout(project(self.down, h), deterministic=deterministic)
+
+
+class DPFPformer(nnx.Module):
+    """A fast-weight transformer (Flax NNX): ``depth`` residual blocks of attention and feed-forward.
+
+    The twin of linen's :class:`dpfp_jax.nn.DPFPformer`: the same attributes, math and parameter
+    names (``attention_{i}``, ``ff_{i}``, ``norm_attention_{i}``, ``norm_ff_{i}``, ``norm_out``),
+    plus ``kernel_axes`` (passed to every layer; LayerNorms over ``embed``) and ``rngs``.
+    ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=None,
+    return_memory=False)``; :meth:`init_cache` makes every layer's decode cache (``decode=True``).
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> model = DPFPformer(32, 2, num_heads=2, head_dim=16, rngs=nnx.Rngs(0))
+        >>> y, memories = model(jax.random.normal(jax.random.key(0), (4, 16, 32)), return_memory=True)
+        >>> y.shape, len(memories), memories[0].shape
+        ((4, 16, 32), 2, (4, 2, 32, 16))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        nu: int = 1,
+        feature_map: FeatureMapLike = "dpfp",
+        rule: str = "delta",
+        normalization: str = "sum",
+        num_features: int = 64,
+        ff_mult: int = 4,
+        attention_dropout_rate: float = 0.0,
+        ff_dropout_rate: float = 0.0,
+        pre_norm: bool = True,
+        activation: Callable[[Array], Array] = nnx.relu,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = DEFAULT_KERNEL_INIT,
+        impl: str = "auto",
+        decode: bool = False,
+        allow_unbounded_delta: bool = False,
+        *,
+        kernel_axes: KernelAxes | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_transformer(dim, depth, attention_dropout_rate, ff_dropout_rate)
+        self.dim, self.depth, self.pre_norm = dim, depth, pre_norm
+        norm = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                    scale_init=partitioned(nnx.initializers.ones_init(), kernel_axes, EMBED),
+                    bias_init=partitioned(ZEROS, kernel_axes, EMBED))
+        for i in range(depth):
+            setattr(self, f"attention_{i}", FastWeightAttention(
+                num_heads=num_heads, head_dim=head_dim, feature_map=feature_map, nu=nu, num_features=num_features,
+                favor_seed=i, rule=rule, normalization=normalization, dtype=dtype, param_dtype=param_dtype,
+                precision=precision, kernel_init=kernel_init, dropout_rate=attention_dropout_rate, impl=impl,
+                decode=decode, allow_unbounded_delta=allow_unbounded_delta, in_features=dim,
+                kernel_axes=kernel_axes, rngs=rngs,
+            ))
+            setattr(self, f"ff_{i}", FeedForward(
+                dim, ff_mult=ff_mult, activation=activation, dropout_rate=ff_dropout_rate, dtype=dtype,
+                param_dtype=param_dtype, precision=precision, kernel_init=kernel_init, kernel_axes=kernel_axes,
+                rngs=rngs,
+            ))
+            setattr(self, f"norm_attention_{i}", nnx.LayerNorm(dim, **norm))
+            setattr(self, f"norm_ff_{i}", nnx.LayerNorm(dim, **norm))
+        self.norm_out = nnx.LayerNorm(dim, **norm) if pre_norm else None
+
+    def layers(self) -> list[tuple[FastWeightAttention, FeedForward, nnx.LayerNorm, nnx.LayerNorm]]:
+        """Per block: its attention, feed-forward and their two LayerNorms."""
+        return [(getattr(self, f"attention_{i}"), getattr(self, f"ff_{i}"), getattr(self, f"norm_attention_{i}"),
+                 getattr(self, f"norm_ff_{i}")) for i in range(self.depth)]
+
+    def init_cache(self, batch: int) -> None:
+        """Make (or reset) every layer's decode cache for ``batch`` rows (``decode=True``)."""
+        for attention, *_ in self.layers():
+            attention.init_cache(batch)
+
+    def __call__(
+        self,
+        x: Array,
+        memory: Sequence[Memory | None] | None = None,
+        *,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool | None = None,
+        return_memory: bool = False,
+    ) -> Array | tuple[Array, tuple[Memory, ...]]:
+        check_model_input(x, self.dim)
+        mask = check_mask(mask, *x.shape[:2])
+        check_segment_ids(segment_ids, x)
+        # The residual stream, LayerNorms and feed-forwards act on every position; a padded one
+        # must not carry its value into them (0 * nan is nan in their gradients).
+        x = zero_padding(x, mask)
+        memory = layer_memories(memory, self.depth)
+        new_memories = []
+        for (attention, ff, norm_attention, norm_ff), layer_memory in zip(self.layers(), memory, strict=True):
+            options = dict(mask=mask, segment_ids=segment_ids, deterministic=deterministic)
+            if self.pre_norm:
+                h, layer_memory = attention(norm_attention(x), layer_memory, **options)
+                x = x + h
+                x = x + ff(norm_ff(x), deterministic=deterministic)
+            else:
+                h, layer_memory = attention(x, layer_memory, **options)
+                x = norm_attention(x + h)
+                x = norm_ff(x + ff(x, deterministic=deterministic))
+            new_memories.append(layer_memory)
+        if self.pre_norm:
+            x = self.norm_out(x)
+        if mask is not None:
+            x = jnp.where(mask[:, :, None], x, 0)
+        return (x, tuple(new_memories)) if return_memory else x
