@@ -10,6 +10,7 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
     python -m benchmarks.chunk --crossover    # chunk vs scan, T in {64, 256, 1024, 4096}
     python -m benchmarks.chunk --packed       # packed documents: with segment ids vs without
     python -m benchmarks.chunk --loss outputs # any of the above with a loss on the outputs alone
+    python -m benchmarks.chunk --spans        # chunk at several span sizes (its unit of recomputation)
 
 ``--loss``: what the timed gradient is of, the sum of the outputs and the final state (the default)
 or of the outputs alone, as in training; jax-linear-attention then runs without a final state.
@@ -65,6 +66,30 @@ def packed(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> 
         print_table(measure_forward_backward(fns, inputs, args.repeats, args.loss), baseline="chunk")
 
 
+def span_sizes(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> None:
+    """``chunk``'s forward+backward at span sizes from one chunk to the whole sequence, K in {128, 512}."""
+    from dpfp_jax.ops.fast_weight import fast_weight_chunk
+    from dpfp_jax.ops.fast_weight.chunk import DEFAULT_SPAN_SIZE
+    from dpfp_jax.ops.fast_weight.common import zero_state
+
+    def at(span_size):
+        def fn(q, k, v, beta):
+            return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule="delta", scale=1.0,
+                                     chunk_size=args.chunk_size, span_size=span_size)
+
+        return fn
+
+    length = 2048
+    sizes = [s for s in (64, 128, 256, 512, 1024, 2048) if s >= args.chunk_size]
+    fns = {f"span {s}" + (" (default)" if s == DEFAULT_SPAN_SIZE else ""): at(s) for s in sizes}
+    for key_dim in (128,) if args.quick else (128, 512):
+        inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
+        print(f"\n## chunk by span size: delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, "
+              f"V={value_dim}, chunk_size={args.chunk_size}, loss on {args.loss}\n")
+        rows = measure_forward_backward(fns, inputs, args.repeats, args.loss)
+        print_table(rows, baseline=next(n for n in fns if "default" in n))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K = 128 only")
@@ -73,12 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--packed", action="store_true", help="packed documents: with segment ids vs without")
     parser.add_argument("--doc-length", type=int, default=300, help="mean document length for --packed")
+    parser.add_argument("--spans", action="store_true", help="chunk at several span sizes")
     parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help="what the timed gradient is of")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
     print(f"machine: {machine_name()}")
     if args.packed:
         packed(args, batch, heads, value_dim)
+        return
+    if args.spans:
+        span_sizes(args, batch, heads, value_dim)
         return
 
     if args.crossover:
