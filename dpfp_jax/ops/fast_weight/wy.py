@@ -80,7 +80,9 @@ def unit_lower_inverse(strict_lower: Array) -> Array:
     size = strict_lower.shape[-1]
     padded = 1 << max(size - 1, 0).bit_length()
     lead = strict_lower.shape[:-2]
-    blocks = jnp.pad(strict_lower, [(0, 0)] * len(lead) + [(0, padded - size)] * 2)[..., None, :, :]
+    # Padded only when C is not a power of two (a pad of nothing is still an op, and a copy).
+    blocks = strict_lower if padded == size else jnp.pad(strict_lower, [(0, 0)] * len(lead) + [(0, padded - size)] * 2)
+    blocks = blocks[..., None, :, :]
     lower_lefts = []  # per level, [..., n, h, h]: the lower-left quarter of each of the n diagonal blocks
     while blocks.shape[-1] > _BASE_BLOCK:
         half = blocks.shape[-1] // 2
