@@ -9,6 +9,11 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
     python -m benchmarks.chunk --quick        # K = 128 only
     python -m benchmarks.chunk --crossover    # chunk vs scan, T in {64, 256, 1024, 4096}
     python -m benchmarks.chunk --packed       # packed documents: with segment ids vs without
+    python -m benchmarks.chunk --loss outputs # any of the above with a loss on the outputs alone
+    python -m benchmarks.chunk --spans        # chunk at several span sizes (its unit of recomputation)
+
+``--loss``: what the timed gradient is of, the sum of the outputs and the final state (the default)
+or of the outputs alone, as in training; jax-linear-attention then runs without a final state.
 
 ``--packed``: K in {128, 512}, each row packs documents of random lengths (mean ``--doc-length``,
 starting anywhere in a chunk); ``chunk`` and ``scan`` with those segment ids against ``chunk``
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
-from dpfp_devtools.workloads import ours, worst_relative_error
+from dpfp_devtools.workloads import LOSSES, ours, worst_relative_error
 
 
 def packed_segment_ids(batch: int, length: int, mean_length: int, seed: int = 0) -> jnp.ndarray:
@@ -42,12 +47,13 @@ def packed(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> 
     fns = {"chunk": ours("chunk", chunk_size=args.chunk_size),
            "chunk packed": ours("chunk", chunk_size=args.chunk_size, segment_ids=segment_ids),
            "scan packed": ours("scan", segment_ids=segment_ids)}
-    peer, note = peer_deltanet("chunked")
+    final_state = args.loss != "outputs"
+    peer, note = peer_deltanet("chunked", final_state=final_state)
     if peer is None:
         print(f"note: {note}")
     else:
         fns["jla chunked"] = peer
-        fns["jla chunked packed"] = peer_deltanet("chunked", segment_ids=segment_ids)[0]
+        fns["jla chunked packed"] = peer_deltanet("chunked", final_state=final_state, segment_ids=segment_ids)[0]
     for key_dim in (128,) if args.quick else (128, 512):
         inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
         want = ours("reference", segment_ids=segment_ids)(*inputs)
@@ -55,8 +61,33 @@ def packed(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> 
                            for name, fn in fns.items() if "packed" in name)
         print(f"\n## packed documents: delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, "
               f"V={value_dim}, chunk_size={args.chunk_size}, {documents} documents (mean length "
-              f"{batch * length / documents:.0f})\n\nrelative error against the reference: {errors}\n")
-        print_table(measure_forward_backward(fns, inputs, args.repeats), baseline="chunk")
+              f"{batch * length / documents:.0f}), loss on {args.loss}\n\n"
+              f"relative error against the reference: {errors}\n")
+        print_table(measure_forward_backward(fns, inputs, args.repeats, args.loss), baseline="chunk")
+
+
+def span_sizes(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> None:
+    """``chunk``'s forward+backward at span sizes from one chunk to the whole sequence, K in {128, 512}."""
+    from dpfp_jax.ops.fast_weight import fast_weight_chunk
+    from dpfp_jax.ops.fast_weight.chunk import DEFAULT_SPAN_SIZE
+    from dpfp_jax.ops.fast_weight.common import zero_state
+
+    def at(span_size):
+        def fn(q, k, v, beta):
+            return fast_weight_chunk(q, k, v, beta, zero_state(q, v, jnp.float32), rule="delta", scale=1.0,
+                                     chunk_size=args.chunk_size, span_size=span_size)
+
+        return fn
+
+    length = 2048
+    sizes = [s for s in (64, 128, 256, 512, 1024, 2048) if s >= args.chunk_size]
+    fns = {f"span {s}" + (" (default)" if s == DEFAULT_SPAN_SIZE else ""): at(s) for s in sizes}
+    for key_dim in (128,) if args.quick else (128, 512):
+        inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
+        print(f"\n## chunk by span size: delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, "
+              f"V={value_dim}, chunk_size={args.chunk_size}, loss on {args.loss}\n")
+        rows = measure_forward_backward(fns, inputs, args.repeats, args.loss)
+        print_table(rows, baseline=next(n for n in fns if "default" in n))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,29 +98,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--packed", action="store_true", help="packed documents: with segment ids vs without")
     parser.add_argument("--doc-length", type=int, default=300, help="mean document length for --packed")
+    parser.add_argument("--spans", action="store_true", help="chunk at several span sizes")
+    parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help="what the timed gradient is of")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
     print(f"machine: {machine_name()}")
     if args.packed:
         packed(args, batch, heads, value_dim)
         return
+    if args.spans:
+        span_sizes(args, batch, heads, value_dim)
+        return
 
     if args.crossover:
         fns = {"chunk": ours("chunk", chunk_size=args.chunk_size), "scan": ours("scan")}
-        print(f"\n# chunk vs scan, delta rule, float32, B={batch}, H={heads}, V={value_dim}\n")
+        print(f"\n# chunk vs scan, delta rule, float32, B={batch}, H={heads}, V={value_dim}, loss on {args.loss}\n")
         print("| T | K | chunk fwd ms | scan fwd ms | chunk fwd+bwd ms | scan fwd+bwd ms | scan / chunk (fwd+bwd) |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for key_dim in (128, 512):
             for length in (64, 256, 1024, 4096):
                 inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
-                rows = measure_forward_backward(fns, inputs, args.repeats)
+                rows = measure_forward_backward(fns, inputs, args.repeats, args.loss)
                 (cf, cb, _, _), (sf, sb, _, _) = rows["chunk"], rows["scan"]
                 print(f"| {length} | {key_dim} | {cf:.2f} | {sf:.2f} | {cb:.2f} | {sb:.2f} | {sb / cb:.2f}x |")
         return
 
     fns = {"chunk": ours("chunk", chunk_size=args.chunk_size), "scan": ours("scan"),
            "reference": ours("reference")}
-    peer, note = peer_deltanet("chunked")
+    peer, note = peer_deltanet("chunked", final_state=args.loss != "outputs")
     if peer is None:
         print(f"note: {note}")
     else:
@@ -98,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     for key_dim in (128,) if args.quick else (128, 256, 384, 512):
         inputs = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
         print(f"\n## delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, "
-              f"chunk_size={args.chunk_size}\n")
-        print_table(measure_forward_backward(fns, inputs, args.repeats), baseline="chunk")
+              f"chunk_size={args.chunk_size}, loss on {args.loss}\n")
+        print_table(measure_forward_backward(fns, inputs, args.repeats, args.loss), baseline="chunk")
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ Row = tuple[float, float, float, float]  # fwd ms, fwd+bwd ms, fwd temp MB, fwd+
 
 
 def measure_forward_backward(
-    fns: dict[str, Callable[..., tuple[jax.Array, jax.Array]]], args: tuple, repeats: int
+    fns: dict[str, Callable[..., tuple[jax.Array, jax.Array]]], args: tuple, repeats: int,
+    loss: str = "outputs+state",
 ) -> dict[str, Row]:
-    """Time (interleaved) and read the temp memory of jit(fn) and jit(grad of a loss on fn)."""
+    """Time (interleaved) and read the temp memory of jit(fn) and jit(grad of a loss on fn);
+    ``loss`` as ``workloads.forward_and_backward`` takes it."""
     forwards, backwards = {}, {}
     for name, fn in fns.items():
-        forwards[name], backwards[name] = forward_and_backward(fn, len(args))
+        forwards[name], backwards[name] = forward_and_backward(fn, len(args), loss)
     fwd = time_interleaved_ms(forwards, *args, repeats=repeats)
     bwd = time_interleaved_ms(backwards, *args, repeats=repeats)
     return {n: (fwd[n], bwd[n], temp_mb(forwards[n], *args), temp_mb(backwards[n], *args)) for n in fns}
@@ -86,16 +88,18 @@ def delta_rule_inputs(batch: int, time: int, heads: int, key_dim: int, value_dim
     return inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
 
 
-def peer_deltanet(impl: str, **options: object) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
+def peer_deltanet(impl: str, final_state: bool = True,
+                  **options: object) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
     """jax-linear-attention's deltanet with our calling convention (``options`` passed on, e.g.
-    ``segment_ids``), or None and why not."""
+    ``segment_ids``), or None and why not. ``final_state=False`` runs it without one (its second
+    result is then None), as for a loss on the outputs alone."""
     try:
         from jla.ops import linear_attention
     except ImportError as err:
         return None, f"jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it"
 
     def fn(q, k, v, beta):
-        return linear_attention("deltanet", q, k, v, beta=beta, impl=impl, scale=1.0, output_final_state=True,
-                                **options)
+        return linear_attention("deltanet", q, k, v, beta=beta, impl=impl, scale=1.0,
+                                output_final_state=final_state, **options)
 
     return fn, None

@@ -69,14 +69,23 @@ def ours(impl: str, **options: object) -> FastWeightFn:
     return fn
 
 
-def forward_and_backward(fn: FastWeightFn, num_args: int) -> tuple[Callable, Callable]:
-    """``jit(fn)`` and ``jit(grad)`` of a loss on both of fn's results (outputs and final state)."""
+LOSSES = ("outputs+state", "outputs")
+"""What ``forward_and_backward``'s loss sums: both results, or the outputs alone (as a training loss does)."""
 
-    def loss(*a):
+
+def forward_and_backward(fn: FastWeightFn, num_args: int, loss: str = "outputs+state") -> tuple[Callable, Callable]:
+    """``jit(fn)`` and ``jit(grad)`` of a loss on fn's results: the sum of the outputs and of the final
+    state (``loss="outputs+state"``), or of the outputs alone (``"outputs"``; fn's state is then
+    ignored and may be None)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+
+    def loss_fn(*a):
         out, state = fn(*a)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+        total = jnp.sum(out.astype(jnp.float32))
+        return total if loss == "outputs" else total + jnp.sum(state)
 
-    return jax.jit(fn), jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
+    return jax.jit(fn), jax.jit(jax.grad(loss_fn, argnums=tuple(range(num_args))))
 
 
 def worst_relative_error(got, want) -> float:

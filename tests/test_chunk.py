@@ -137,6 +137,86 @@ def test_chunk_backward_keeps_no_state_per_chunk():
     assert reference / chunk >= 8, (reference, chunk)
 
 
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_chunk_backward_keeps_the_writes_and_one_state_per_span(rule):
+    # What the backward needs per step beyond the inputs as they came is the delta rule's write
+    # u_t (V floats; the sum rule's is v_t itself) and, per span of span_size steps, the state
+    # at its end; everything else (scores, the WY inverse, U_tilde, Y, Q - S Y, widened copies of
+    # the inputs) is recomputed one span at a time, so it must not grow with T. Measured as the
+    # growth of the compiled gradient's scratch memory from T = 4096 to 8192, per step and head.
+    from dpfp_jax.ops.fast_weight.chunk import DEFAULT_SPAN_SIZE, fast_weight_chunk
+
+    batch, heads, key_dim, value_dim = 2, 4, 128, 64
+
+    def temp_bytes(length):
+        def shape(*dims):
+            return jax.ShapeDtypeStruct(dims, jnp.float32)
+
+        def loss(q, k, v, beta):
+            out, state = fast_weight_chunk(q, k, v, beta, jnp.zeros((batch, heads, key_dim, value_dim)), rule=rule,
+                                           scale=1.0)
+            return jnp.sum(out) + jnp.sum(state)
+
+        keys, beta = shape(batch, length, heads, key_dim), shape(batch, length, heads) if rule == "delta" else None
+        args = (keys, keys, shape(batch, length, heads, value_dim), beta)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    per_step = (temp_bytes(8192) - temp_bytes(4096)) / (4096 * batch * heads * 4)  # float32s per step and head
+    kept = (value_dim if rule == "delta" else 0) + key_dim * value_dim / DEFAULT_SPAN_SIZE
+    assert per_step <= kept + value_dim / 4, (per_step, kept)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 9, 16, 64, 70])
+def test_wy_inverse_matches_a_triangular_solve_with_matmuls_only(x64, size):
+    # The per-chunk inverse is built from matmuls (a batched triangular solve stalled for seconds
+    # on a loaded CPU); it must still be the inverse, for any chunk size, also with documents.
+    from jax.scipy.linalg import solve_triangular
+
+    from dpfp_jax.ops.fast_weight.wy import wy_inverse
+
+    inputs = make_inputs(size, batch=1, time=size, heads=3, key_dim=16, dtype=jnp.float64)
+    k, beta = inputs["k"][0].swapaxes(0, 1), inputs["beta"][0].T  # [H, C, K], [H, C]
+    document = jnp.cumsum(jnp.arange(size) % 5 == 4)
+    same = document[:, None] == document[None, :]
+    for mask in (None, same):
+        gram = jnp.einsum("hik,hjk->hij", k, k)
+        lower = beta[..., None] * jnp.tril(gram if mask is None else jnp.where(mask, gram, 0.0), -1)
+        want = solve_triangular(jnp.eye(size) + lower, jnp.broadcast_to(jnp.eye(size), lower.shape), lower=True,
+                                unit_diagonal=True)
+        got = wy_inverse(k, beta, mask)
+        chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-13)
+    assert "triangular_solve" not in str(jax.make_jaxpr(wy_inverse)(k, beta))
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_span_size_changes_nothing_but_memory(rule, packed):
+    # Spans of one chunk, of 3 chunks (T = 300 in chunks of 16 needs 19: 7 spans, 2 chunks of
+    # padding), of 12 chunks and of the whole sequence: the same outputs and gradients, to round-off.
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+    from dpfp_jax.ops.fast_weight.segments import resets_of
+
+    inputs = make_inputs(9, time=300, key_dim=24, rule=rule, with_state=True)
+    resets = resets_of(jnp.cumsum(jnp.arange(300) % 37 == 36)[None].repeat(2, 0)) if packed else None
+    names = [n for n in DIFF_ARGS if inputs[n] is not None]
+
+    def grads(span_size):
+        def loss(*args):
+            a = {**inputs, **dict(zip(names, args, strict=True))}
+            out, state = fast_weight_chunk(a["q"], a["k"], a["v"], a["beta"], a["initial_state"], rule=rule,
+                                           scale=0.5, chunk_size=16, resets=resets, span_size=span_size)
+            return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+        return jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(*[inputs[n] for n in names])
+
+    want = grads(10**6)
+    for span_size in (16, 48, 200):
+        assert_close(grads(span_size), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="span_size must be a positive int; got 0"):
+        grads(0)
+
+
 def test_chunk_size_is_validated():
     inputs = make_inputs(0, time=8)
     for bad in (0, -4, 2.0, True):

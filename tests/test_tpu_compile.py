@@ -194,6 +194,22 @@ def test_training_memory_keeps_no_state_per_step(tpu):
     assert temp["reference"] >= states and temp["scan"] < states / 4, temp
 
 
+# Forward+backward temporaries of the chunk form on one v5e chip at B=8, T=4096, H=8, V=64,
+# bfloat16, as compiled when every chunk's pieces (scores, WY inverse, U_tilde, Y, Q - S Y, float32
+# copies of the inputs) were made at once and kept for the backward (docs/tpu_memory.md, "Where
+# the chunk form's memory went"). Computing them one span at a time, and again in the backward,
+# was to at least halve these.
+ALL_CHUNKS_AT_ONCE_TEMP_MB = {128: 2077.0, 512: 4879.4}
+
+
+@pytest.mark.slow  # minutes of compiling per key width
+@pytest.mark.parametrize("key_dim", sorted(ALL_CHUNKS_AT_ONCE_TEMP_MB))
+def test_chunk_training_memory_on_v5e_is_at_most_half_of_the_all_chunks_at_once_form(tpu, key_dim):
+    fn, args = op_program("chunk", "delta", key_dim, batch=8, time=4096, heads=8)
+    temp_mb = tpu.memory(tpu.compile_for_tpu(fn, *args, topology=V5E)).temp_bytes / 1e6
+    assert temp_mb <= ALL_CHUNKS_AT_ONCE_TEMP_MB[key_dim] / 2, temp_mb
+
+
 # --- the linen modules ----------------------------------------------------------------------------
 
 MODULES = {

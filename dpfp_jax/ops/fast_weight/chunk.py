@@ -14,12 +14,18 @@ for all chunks at once since it does not depend on W0, gives ``U_tilde = A^-1 di
 The sum rule is the special case U = V. Every step is a [C, K] x [K, V] or [C, C] matmul, which
 is what accelerators are built for.
 
-Backward memory: a ``custom_vjp`` keeps per-step vectors only (the writes U, ``U_tilde``, ``Y``,
-``Q - S Y``: O(T * (K + V))), the per-chunk scores and inverses (O(T * C)) and the final state,
-and walks the chunks in reverse rebuilding ``W0 = W1 - K^T U``. So no state per chunk is kept:
-only the one being walked (O(K * V) per head), as in the scan's backward but with T / C
-subtractions instead of T, hence less round-off. Autodiff through the batched triangular solve
-was slower on CPU and kept every chunk's state.
+Memory: the op runs as a scan over spans of ``span_size`` steps (S = span_size / C chunks; 512
+steps by default). Within a span, the state-independent pieces (scores ``S = tril(Q K^T)``, the
+inverse, ``U_tilde``, ``Y``, ``Q - S Y``) are computed for its S chunks at once in float32, then
+the walk runs over them. A ``custom_vjp`` keeps the inputs as they came (bfloat16 stays
+bfloat16), the writes U (V floats per step) and the state at each span's end (K x V per span),
+and nothing else: its backward takes the spans in reverse, recomputes a span's pieces (matmuls,
+independent of the state) and walks its chunks in reverse from the span's end state, rebuilding
+``W0 = W1 - K^T U`` per chunk. So the pieces only ever exist for one span, no state per chunk is
+kept, and the rebuild subtracts at most S writes from a stored state (less round-off than the
+scan's T). Spans are cut from the ``[B, T, H, ...]`` inputs and gradients written back in place,
+so no chunk-major copy of a whole input is made either. Autodiff through the batched triangular
+solve was slower on CPU and kept every chunk's state.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from jax import lax
 
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of, zeros_like_sharded
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, tril, wy_inverse, wy_writes
+from dpfp_jax.validation import check_positive_int
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
 Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 64
+DEFAULT_SPAN_SIZE = 512
 
 
 def _mm(spec: str, a: Array, b: Array) -> Array:
@@ -166,83 +174,186 @@ def _rows(mask: Array | None, x: Array) -> Array:
     return x if mask is None else jnp.where(mask[..., None], x, 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked(rule: str, walk: Walk, q: Array, k: Array, v: Array, beta: Array | None, w0: Array,
-             document: Array | None):
-    """Chunked core on ``[N, G, C, ...]`` arrays; returns ``(out [N, G, C, V], final_state)``."""
-    (out, final_state), _ = _chunked_forward(rule, walk, q, k, v, beta, w0, document)
+class _Pieces(NamedTuple):
+    """The state-independent pieces of a span of chunks (``[S, G, C, ...]``, float32 or wider)."""
+
+    scores: Array  # S = tril(Q K^T), masked to same-document pairs
+    gram: Array | None  # K K^T (delta rule)
+    inverse: Array | None  # A^-1 (delta rule)
+    u_tilde: Array  # A^-1 diag(beta) V (the sum rule: V)
+    y: Array | None  # A^-1 diag(beta) K, the rows of the chunk's first document (delta rule)
+    q_eff: Array  # Q - S Y (first document's rows of Q)
+
+
+def _pieces(rule: str, q: Array, k: Array, v: Array, beta: Array | None, docs: Documents | None) -> _Pieces:
+    # Packed documents (docs/math.md): S and the Gram matrix keep same-document pairs only, steps
+    # of the chunk's first document alone read W0 (Y and Q's rows).
+    same, first = (None, None) if docs is None else docs[:2]
+    scores = tril(_mm("...ik,...jk->...ij", q, k), 0, same)
+    if rule != "delta":
+        return _Pieces(scores, None, None, v, None, _rows(first, q))
+    gram = _mm("...ik,...jk->...ij", k, k)
+    inverse = wy_inverse(k, beta, same, gram=gram)
+    u_tilde, y = wy_writes(inverse, k, v, beta)
+    y = _rows(first, y)
+    return _Pieces(scores, gram, inverse, u_tilde, y, _rows(first, q) - _mm("...ij,...jk->...ik", scores, y))
+
+
+class _Spans(NamedTuple):
+    """How ``[B, T, H, ...]`` arrays are cut into spans of ``chunks`` chunks of ``chunk_size`` steps, one
+    span ``[S, G, C, ...]`` at a time, with G = B * H: one batch axis keeps XLA's batched matmuls simple.
+
+    Under an explicit mesh the merged and split axes are given their sharding: G over the batch and
+    head mesh axes together, then batch and head axes as they came in. That is what ``reshape`` is
+    for: einops' rearrange cannot pass an ``out_sharding``, so it only moves and splits the
+    unsharded chunk and step axes, and B and H are merged and split here.
+    """
+
+    chunks: int
+    chunk_size: int
+    mesh: object
+    batch_axis: object
+    head_axis: object
+
+    @property
+    def steps(self) -> int:
+        return self.chunks * self.chunk_size
+
+    @property
+    def group_axes(self) -> tuple | None:
+        # A dimension may be sharded over several mesh axes (a tuple); G takes them all, in order.
+        return tuple(n for a in (self.batch_axis, self.head_axis) if a is not None
+                     for n in ((a,) if isinstance(a, str) else a)) or None
+
+    def reshape(self, x: Array, shape: tuple[int, ...], *spec: object) -> Array:
+        mesh = self.mesh
+        if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return x.reshape(shape)
+        return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+    def take(self, x: Array | None, index: Array) -> Array | None:
+        """Span ``index`` of ``x [B, T, H, ...]`` as ``[S, G, C, ...]``."""
+        if x is None:
+            return None
+        x = lax.dynamic_slice_in_dim(x, index * self.steps, self.steps, axis=1)
+        x = rearrange(x, "b (s c) h ... -> s b h c ...", c=self.chunk_size)
+        return self.reshape(x, (self.chunks, x.shape[1] * x.shape[2], *x.shape[3:]), None, self.group_axes)
+
+    def put(self, into: Array | None, x: Array | None, index: Array) -> Array | None:
+        """``into [B, T, H, ...]`` with span ``index`` replaced by ``x [S, G, C, ...]`` (cast to into's dtype)."""
+        if into is None:
+            return None
+        batch, _, heads = into.shape[:3]
+        x = self.reshape(x, (self.chunks, batch, heads, *x.shape[2:]), None, self.batch_axis, self.head_axis)
+        x = rearrange(x, "s b h c ... -> b (s c) h ...").astype(into.dtype)
+        return lax.dynamic_update_slice_in_dim(into, x, index * self.steps, axis=1)
+
+
+def _widen(acc: jnp.dtype, scale: Array, q: Array, k: Array, v: Array, beta: Array | None):
+    """A span's inputs in the accumulation dtype, q scaled."""
+    return q.astype(acc) * scale, k.astype(acc), v.astype(acc), None if beta is None else beta.astype(acc)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked(rule: str, walk: Walk, spans: _Spans, q: Array, k: Array, v: Array, beta: Array | None, w0: Array,
+             document: Array | None, scale: Array):
+    """Chunked core on ``[B, T, H, ...]`` inputs in their own dtypes, T a whole number M of spans,
+    state ``[G, K, V]``, ``document [M, S, G, C]``; returns ``(out [B, T, H, V] in v's dtype, final_state)``."""
+    (out, final_state), _ = _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale)
     return out, final_state
 
 
-def _chunked_forward(rule, walk, q, k, v, beta, w0, document):
-    # Everything that does not depend on the state is done for all chunks at once; with
-    # U = U_tilde - Y W0 the output O = Q W0 + S U is (Q - S Y) W0 + S U_tilde, so the sequential
-    # loop is left with three [C, K] x [K, V]-sized matmuls per chunk.
-    # Packed documents (docs/math.md): S and the Gram matrix keep same-document pairs only, steps
-    # of the chunk's first document alone read W0 (Y and Q's rows), and only the last document's
-    # writes reach W1 (K's rows in the walk).
-    docs = documents_of(document)
-    same, first, last, keep = (None,) * 4 if docs is None else docs
-    scores = tril(_mm("...ik,...jk->...ij", q, k), 0, same)  # S, [N, B, H, C, C]
-    if rule == "delta":
-        inverse = wy_inverse(k, beta, same)
-        u_tilde, y = wy_writes(inverse, k, v, beta)
-        y = _rows(first, y)
-        q_eff = _rows(first, q) - _mm("...ij,...jk->...ik", scores, y)
-    else:
-        inverse, u_tilde, y, q_eff = None, v, None, _rows(first, q)
-    out_intra = _mm("...ij,...jv->...iv", scores, u_tilde)
-
-    options = {} if keep is None else {"keep": keep}
-    out, u, final_state, states = walk[0](q_eff, _rows(last, k), u_tilde, y, out_intra, w0, **options)
-    # The sum rule's writes are v itself; nothing more to keep.
-    return (out, final_state), (q, k, v, beta, document, scores, inverse, u_tilde, y, q_eff, u, final_state,
-                                states)
+def _num_spans(spans: _Spans, q: Array) -> int:
+    return q.shape[1] // spans.steps
 
 
-def _chunked_forward_rule(rule, walk, *primals):
-    return _chunked_forward(rule, walk, *primal_values(*primals))
+def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale):
+    # A lax.scan over spans of chunks. Within a span, everything that does not depend on the state
+    # is done for all its chunks at once; with U = U_tilde - Y W0 the output O = Q W0 + S U is
+    # (Q - S Y) W0 + S U_tilde, so the walk is left with three [C, K] x [K, V]-sized matmuls per
+    # chunk. Only a span's worth of those pieces is ever alive, and the backward recomputes them
+    # span by span: what is kept is the inputs as they came, the writes U and each span's end state.
+    acc = w0.dtype
+
+    def span(carry, xs):
+        w, out = carry
+        index, document = xs
+        q_s, k_s, v_s, beta_s = _widen(acc, scale, *(spans.take(x, index) for x in (q, k, v, beta)))
+        docs = documents_of(document)
+        p = _pieces(rule, q_s, k_s, v_s, beta_s, docs)
+        out_intra = _mm("...ij,...jv->...iv", p.scores, p.u_tilde)
+        # Only the chunk's last document's writes reach W1 (K's rows in the walk).
+        options = {} if docs is None else {"keep": docs.keep}
+        out_s, u, w1, states = walk[0](p.q_eff, k_s if docs is None else _rows(docs.last, k_s), p.u_tilde, p.y,
+                                       out_intra, w, **options)
+        # The sum rule's writes are v itself (u None): nothing more to keep.
+        return (w1, spans.put(out, out_s, index)), (u, w1, states)
+
+    out = zeros_like_sharded(v, v.dtype)
+    (final_state, out), (u, ends, states) = lax.scan(span, (w0, out), (jnp.arange(_num_spans(spans, q)), document))
+    return (out, final_state), (q, k, v, beta, document, scale, u, ends, states)
 
 
-def _chunked_backward(rule, walk, residuals, cotangents):
-    q, k, v, beta, document, scores, inverse, u_tilde, y, q_eff, u, final_state, states = residuals
+def _chunked_forward_rule(rule, walk, spans, *primals):
+    return _chunked_forward(rule, walk, spans, *primal_values(*primals))
+
+
+def _chunked_backward(rule, walk, spans, residuals, cotangents):
+    q, k, v, beta, document, scale, u, ends, states = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
-    docs = documents_of(document)
-    same, first, last, keep = (None,) * 4 if docs is None else docs
-    if rule != "delta":
-        u = v
+    acc = ends.dtype
 
-    options = {} if keep is None else {"keep": keep, "states": states}
-    dq_eff, dk, du_tilde, dy, dw0 = walk[1](q_eff, _rows(last, k), u, y, d_out, final_state, d_final, **options)
-    dk = _rows(last, dk)
-    # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all chunks at once.
-    d_scores = _mm("...iv,...jv->...ij", d_out, u_tilde)
-    du_tilde = du_tilde + _mm("...ij,...iv->...jv", scores, d_out)
-    if rule == "delta":
-        d_scores = d_scores - _mm("...ik,...jk->...ij", dq_eff, y)
-        dy = _rows(first, dy - _mm("...ij,...ik->...jk", scores, dq_eff))
-    d_scores = tril(d_scores, 0, same)
-    dk = dk + _mm("...ij,...ik->...jk", d_scores, q)
-    dq = _rows(first, dq_eff) + _mm("...ij,...jk->...ik", d_scores, k)
-    if rule != "delta":
-        return dq, dk, du_tilde, None, dw0, None
+    def span(carry, xs):
+        dw1, dq_all, dk_all, dv_all, dbeta_all, d_scale = carry
+        index, document, u, w1, states = xs
+        q_in, k_in, v_in, beta_in, d_out_s = (spans.take(x, index) for x in (q, k, v, beta, d_out))
+        q_s, k_s, v_s, beta_s = _widen(acc, scale, q_in, k_in, v_in, beta_in)
+        docs = documents_of(document)
+        same, first, last, keep = (None,) * 4 if docs is None else docs
+        scores, gram, inverse, u_tilde, y, q_eff = _pieces(rule, q_s, k_s, v_s, beta_s, docs)
+        d_out_s = d_out_s.astype(acc)
+        options = {} if docs is None else {"keep": keep, "states": states}
+        dq_eff, dk, du_tilde, dy, dw0 = walk[1](q_eff, _rows(last, k_s), v_s if u is None else u, y, d_out_s, w1,
+                                                dw1, **options)
+        dk = _rows(last, dk)
+        # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all the span's chunks at once.
+        d_scores = _mm("...iv,...jv->...ij", d_out_s, u_tilde)
+        du_tilde = du_tilde + _mm("...ij,...iv->...jv", scores, d_out_s)
+        if rule == "delta":
+            d_scores = d_scores - _mm("...ik,...jk->...ij", dq_eff, y)
+            dy = _rows(first, dy - _mm("...ij,...ik->...jk", scores, dq_eff))
+        d_scores = tril(d_scores, 0, same)
+        dk = dk + _mm("...ij,...ik->...jk", d_scores, q_s)
+        dq = _rows(first, dq_eff) + _mm("...ij,...jk->...ik", d_scores, k_s)
+        dv, dbeta = du_tilde, None  # the sum rule's U_tilde is V
+        if rule == "delta":
+            # Back through U_tilde, Y = A^-1 diag(beta) (V, K) and A = I + diag(beta) strict_tril(K K^T).
+            # (With documents y holds the first document's rows only; the rows it lacks meet zero
+            # rows of d_scaled_k below, as A^-1 is block-diagonal by document.)
+            d_scaled_v = _mm("...ji,...jd->...id", inverse, du_tilde)  # A^-T dU_tilde: d(diag(beta) V)
+            d_scaled_k = _mm("...ji,...jd->...id", inverse, dy)
+            dv = beta_s[..., None] * d_scaled_v
+            dk = dk + beta_s[..., None] * d_scaled_k
+            dbeta = jnp.sum(d_scaled_v * v_s, axis=-1) + jnp.sum(d_scaled_k * k_s, axis=-1)
+            # d(A^-1 X) / dA = -A^-T dR (A^-1 X)^T, strict lower part (of the same document) only.
+            d_a = -tril(
+                _mm("...id,...jd->...ij", d_scaled_v, u_tilde) + _mm("...id,...jd->...ij", d_scaled_k, y), -1, same
+            )
+            dbeta = dbeta + jnp.sum(d_a * gram, axis=-1)
+            # The Gram matrix K K^T is symmetric in its two K's: dK = (dG + dG^T) K, one product.
+            d_gram = beta_s[..., :, None] * d_a
+            dk = dk + _mm("...ij,...jk->...ik", d_gram + jnp.swapaxes(d_gram, -1, -2), k_s)
+        # q entered scaled: dL/dscale is the sum of dL/d(scaled q) times q as it came.
+        d_scale = d_scale + jnp.sum(dq * q_in.astype(acc))
+        grads = (spans.put(dq_all, dq * scale, index), spans.put(dk_all, dk, index), spans.put(dv_all, dv, index),
+                 spans.put(dbeta_all, dbeta, index))
+        return (dw0, *grads, d_scale), None
 
-    # Back through U_tilde, Y = A^-1 diag(beta) (V, K) and A = I + diag(beta) strict_tril(K K^T).
-    # (With documents y holds the first document's rows only; the rows it lacks meet zero rows of
-    # d_scaled_k below, as A^-1 is block-diagonal by document.)
-    d_scaled_v = _mm("...ji,...jd->...id", inverse, du_tilde)  # A^-T dU_tilde: d(diag(beta) V)
-    d_scaled_k = _mm("...ji,...jd->...id", inverse, dy)
-    dv = beta[..., None] * d_scaled_v
-    dk = dk + beta[..., None] * d_scaled_k
-    dbeta = jnp.sum(d_scaled_v * v, axis=-1) + jnp.sum(d_scaled_k * k, axis=-1)
-    # d(A^-1 X) / dA = -A^-T dR (A^-1 X)^T, strict lower part (of the same document) only.
-    d_a = -tril(
-        _mm("...id,...jd->...ij", d_scaled_v, u_tilde) + _mm("...id,...jd->...ij", d_scaled_k, y), -1, same
-    )
-    dbeta = dbeta + jnp.sum(d_a * _mm("...ik,...jk->...ij", k, k), axis=-1)
-    d_gram = beta[..., :, None] * d_a
-    dk = dk + _mm("...ij,...jk->...ik", d_gram, k) + _mm("...ji,...jk->...ik", d_gram, k)
-    return dq, dk, dv, dbeta, dw0, None
+    zeros = tuple(None if x is None else zeros_like_sharded(x, x.dtype) for x in (q, k, v, beta))
+    (dw0, dq, dk, dv, dbeta, d_scale), _ = lax.scan(
+        span, (d_final, *zeros, jnp.zeros((), acc)), (jnp.arange(_num_spans(spans, q)), document, u, ends, states),
+        reverse=True)
+    return dq, dk, dv, dbeta, dw0, None, d_scale.astype(scale.dtype)
 
 
 _chunked.defvjp(_chunked_forward_rule, _chunked_backward, symbolic_zeros=True)
@@ -260,6 +371,7 @@ def fast_weight_chunk(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     walk: Walk = XLA_WALK,
     resets: Array | None = None,
+    span_size: int = DEFAULT_SPAN_SIZE,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
     states, in chunks of ``chunk_size`` steps as this module describes.
@@ -275,8 +387,15 @@ def fast_weight_chunk(
     ``resets [B, T]`` (packed documents, ``segments.resets_of``) may fall anywhere in a chunk: the
     masked WY form (docs/math.md) handles them, and the backward then takes each chunk's start
     state from the forward instead of rebuilding it (T / C states of K x V per head kept).
+
+    ``span_size``: steps per span, the unit of work and of recomputation (see the module
+    docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
+    least one) as hold T, each of as few chunks as then hold T. The result does not depend on it;
+    the backward's scratch memory grows with it (its pieces are alive for one span) and its time
+    has a shallow minimum around the default on the CPU (docs/chunk_memory.md).
     """
     _check_walk(walk)
+    check_positive_int("span_size", span_size)
     batch, length, heads, _ = q.shape
     if isinstance(walk, Walk):
         # A chunk longer than the sequence would only add inert padding, at O(C^2) per chunk; the
@@ -285,39 +404,35 @@ def fast_weight_chunk(
         chunk_size = min(chunk_size, length)
     # At least 1: T = 0 is then zero chunks.
     chunk_size = max(chunk_size, 1)
-    acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
+    acc = accumulation_dtype(q, k, v, beta, initial_state)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
-    # Chunks as [N, G, C, ...] with G = B * H: one batch axis keeps XLA's batched matmuls simple.
-    # Under an explicit mesh the merged and split axes are given their sharding: G over the batch
-    # and head mesh axes together, then batch and head axes as they came in. That is what
-    # ``reshape`` is for: einops' rearrange cannot pass an ``out_sharding``, so it only moves and
-    # splits the unsharded chunk and step axes, and B and H are merged and split here.
-    mesh, batch_axis, head_axis = batch_head_axes_of(q)
-    # A dimension may be sharded over several mesh axes (a tuple); G takes them all, in order.
-    group_axes = tuple(n for a in (batch_axis, head_axis) if a is not None
-                       for n in ((a,) if isinstance(a, str) else a)) or None
+    # M spans of S chunks, the unit the custom_vjp's scans work in: as few spans of at most span_size
+    # steps as hold T, each of as few chunks as then hold T (so at most M - 1 chunks of padding
+    # beyond the last partial chunk).
+    num_chunks = -(-length // chunk_size)
+    num_spans = -(-num_chunks // max(span_size // chunk_size, 1))
+    spans = _Spans(-(-num_chunks // max(num_spans, 1)), chunk_size, *batch_head_axes_of(q))
+    padded = num_spans * spans.steps
 
-    def reshape(x: Array, shape: tuple[int, ...], *spec: object) -> Array:
-        if mesh is None or not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-            return x.reshape(shape)
-        return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    def pad(x: Array | None) -> Array | None:
+        # Zero-padded steps are inert: a zero key writes nothing under either rule, and their outputs are sliced off.
+        if x is None or padded == length:
+            return x
+        return jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
 
-    qc, kc, vc, bc = (
-        None if x is None else reshape(x, (x.shape[0], batch * heads, *x.shape[3:]), None, group_axes)
-        for x in (to_chunks_nbhc(x, chunk_size, acc) for x in (q, k, v, beta))
-    )
-    w0 = reshape(initial_state.astype(acc), (batch * heads, key_dim, value_dim), group_axes)
+    if num_spans == 0:  # T = 0: no step to take (a span's slice would not fit)
+        return zeros_like_sharded(v, v.dtype), initial_state.astype(acc)
+    w0 = spans.reshape(initial_state.astype(acc), (batch * heads, key_dim, value_dim), spans.group_axes)
     document = None
     if resets is not None:
         # Per head as beta is ([B, T, H], with q's sharding), then the documents started so far in each chunk.
         resets = jnp.logical_or(resets[:, :, None], zeros_like_sharded(q[..., 0], jnp.bool_))
-        resets = to_chunks_nbhc(resets, chunk_size, jnp.int32)
-        document = jnp.cumsum(reshape(resets, (resets.shape[0], batch * heads, chunk_size), None, group_axes),
-                              axis=-1, dtype=jnp.int32)
-    # Scaled in acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
-    out, final_state = _chunked(rule, walk, qc * jnp.asarray(scale, acc), kc, vc, bc, w0, document)
-    # [N, G, C, V] -> [N, B, H, C, V] -> [B, T, H, V] (T padded to whole chunks)
-    out = reshape(out, (out.shape[0], batch, heads, chunk_size, value_dim), None, batch_axis, head_axis)
-    out = rearrange(out, "n b h c v -> b (n c) h v")
-    final_state = reshape(final_state, (batch, heads, key_dim, value_dim), batch_axis, head_axis)
-    return out[:, :length].astype(out_dtype), final_state
+        resets = to_chunks_nbhc(resets, chunk_size, jnp.int32, num_chunks=num_spans * spans.chunks)
+        resets = spans.reshape(resets, (num_spans, spans.chunks, batch * heads, chunk_size), None, None,
+                               spans.group_axes)
+        document = jnp.cumsum(resets, axis=-1, dtype=jnp.int32)
+    # In acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
+    out, final_state = _chunked(rule, walk, spans, *(pad(x) for x in (q, k, v, beta)), w0, document,
+                                jnp.asarray(scale, acc))
+    final_state = spans.reshape(final_state, (batch, heads, key_dim, value_dim), spans.batch_axis, spans.head_axis)
+    return out[:, :length], final_state
