@@ -148,7 +148,7 @@ class CompilerAbort(AssertionError):
 @pytest.mark.xfail(strict=True, raises=CompilerAbort, reason=(
     "libtpu 0.0.48's compiler aborts the process (fusion_emitter.cc: Check failed: rank == "
     "best_window_bounds_in_chunks.size(), for the fusion that converts bfloat16 keys to float32 chunks "
-    "[N, B*H, C, K]) on v5p, when the chunk form's delta-rule forward+backward takes bfloat16 inputs of "
+    "[S, B*H, C, K] of a span) on v5p, when the chunk form's delta-rule forward+backward takes bfloat16 inputs of "
     "one sequence and 2 or 4 heads per chip under an explicit mesh; 8 heads, two sequences, float32 "
     "inputs, an Auto mesh, the forward alone, v5e, v6e and v4 all compile"))
 def test_v5p_compiles_the_chunk_form_for_one_sequence_of_few_heads_per_chip(tpu):
