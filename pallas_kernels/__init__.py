@@ -29,10 +29,11 @@ suite checks what they compute on machines without a GPU; the dev-only
 that they can become GPU kernels.
 """
 
+from pallas_kernels.tpu import fused_chunk_tpu
 from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_walk, forward_recurrence
 from pallas_kernels.triton.fused_chunk import fused_chunk
 from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
-__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk",
+__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk", "fused_chunk_tpu",
            "fused_recurrent"]

@@ -35,7 +35,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "coll
 V5E, V6E = "v5e:2x2", "v6e:2x2"
 TOPOLOGIES = (V5E, V6E, "v5p:2x2x1", "v4:2x2x1")
 KEY_DIMS = (128, 512, 1024)
-XLA_IMPLS = ("reference", "scan", "chunk", "auto")  # impl="pallas" is the GPU kernels: refused, tested below
+XLA_IMPLS = ("reference", "scan", "chunk", "auto")  # impl="pallas" (the TPU kernel): tested below
 
 
 @pytest.fixture
@@ -120,14 +120,26 @@ def test_float32_inputs_compile(tpu):
     assert out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("topology", [V5E, V6E])
-def test_pallas_impl_is_refused_for_tpu_with_the_reason(tpu, topology):
-    # The Pallas kernels are Triton (GPU) kernels; for a TPU, fast_weight says so at trace time
-    # instead of failing inside Pallas's TPU lowering.
-    fn, args = op_program("pallas", "delta", 128)
-    with pytest.raises(ValueError, match="impl='pallas' cannot take this call: pallas: the Pallas kernels need a GPU "
-                                         "and the target platform is 'tpu'"):
-        tpu.compile_for_tpu(fn, *args, topology=topology)
+@pytest.mark.parametrize("topology, rule", [(V5E, "delta"), (V6E, "sum")])
+def test_pallas_impl_compiles_the_tpu_kernel(tpu, topology, rule):
+    # For a TPU, impl="pallas" is the Mosaic kernel of pallas_kernels/tpu (the Triton ones are for GPUs).
+    fn, args = op_program("pallas", rule, 128)
+    compiled = tpu.compile_for_tpu(fn, *args, topology=topology)
+    assert "fast_weight_tpu_chunk_bwd" in compiled.as_text()
+    (out, state), grads = compiled.out_info
+    assert (out.shape, out.dtype, state.dtype) == ((1, 128, 2, 64), jnp.bfloat16, jnp.float32)
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args if a is not None]
+
+
+def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
+    _, (q, k, v, beta) = op_program("pallas", "delta", 128)
+
+    def fn(q, k, v, beta):
+        return dj.fast_weight(q, k, v, beta, impl="pallas", segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
+
+    with pytest.raises(ValueError, match="impl='pallas' cannot take this call: pallas: the Pallas TPU kernel does "
+                                         "not take packed documents"):
+        tpu.compile_for_tpu(fn, q, k, v, beta, topology=V5E)
 
 
 # One sequence per chip and few heads, explicit mesh: the programs above, on v5p, for data parallelism.

@@ -49,16 +49,32 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
+def runs_tpu_kernel() -> bool:
+    """Whether ``impl="pallas"`` takes the TPU kernel: compiled for a TPU, or inside
+    ``pltpu.force_tpu_interpret_mode()`` (on any host: Pallas then interprets every TPU call)."""
+    from pallas_kernels.tpu import tpu_interpret_params
+
+    return target_platform() == "tpu" or tpu_interpret_params() is not None
+
+
+def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
+                    **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call."""
     from pallas_kernels import MAX_KEY_DIM
 
-    platform = target_platform()
-    if platform not in ("gpu", "cuda", "rocm"):
-        return (f"the Pallas kernels need a GPU and the target platform is {platform!r}; "
-                "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs them anywhere, slowly")
     if q.shape[-1] > MAX_KEY_DIM:
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
+    if runs_tpu_kernel():
+        if resets is not None:
+            return ("the Pallas TPU kernel does not take packed documents (segment_ids); impl='chunk' or 'scan' "
+                    "does")
+        return None
+    platform = target_platform()
+    if platform not in ("gpu", "cuda", "rocm"):
+        return (f"the Pallas kernels need a GPU or a TPU and the target platform is {platform!r}; "
+                "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs the GPU kernels anywhere, "
+                "slowly, and inside jax.experimental.pallas.tpu.force_tpu_interpret_mode() impl='pallas' runs the "
+                "TPU kernel interpreted")
     return None
 
 
@@ -78,7 +94,7 @@ def fast_weight_pallas(
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
     (packed documents) as the oracle takes them."""
-    from pallas_kernels import fused_chunk, fused_recurrent
+    from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
@@ -86,7 +102,12 @@ def fast_weight_pallas(
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
+    tpu = runs_tpu_kernel()
+
     def run(q, k, v, beta, initial_state, resets):
+        if tpu:
+            return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
+                                   interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,

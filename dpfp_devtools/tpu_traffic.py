@@ -1,0 +1,72 @@
+"""HBM traffic of the Pallas TPU kernel, counted from its own block specs (no TPU needed).
+
+Mosaic's pipeline copies an operand's block between HBM and VMEM at a grid step only when its
+block index differs from the previous step's (a state block whose index stays put over the
+chunks is read once per head, an output block written once when the walk leaves it). So the
+bytes a ``pallas_call`` moves are: for each operand, its block's bytes times the number of runs
+of equal consecutive block indices over the grid, walked in order (the last axis fastest). An
+operand placed whole in SMEM (the scale) is read once. :func:`kernel_bytes` does that walk on
+the ``CallPlan`` the kernel itself is launched from (``pallas_kernels.tpu.forward_plan`` /
+``backward_plan``).
+
+:func:`minimum_bytes` is what any implementation must move: read q, k, v, beta (and the initial
+state) once and write the outputs (and the final state); the backward reads the same inputs and
+the gradients of the outputs and final state, and writes the gradients of q, k, v, beta and the
+initial state. Work outside the kernel (XLA's triangular inverse, the layout copies of
+``pallas_kernels/tpu/layout.py``) is not counted by either; docs/tpu_kernel.md says what it adds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax.numpy as jnp
+
+
+def _block_bytes(spec, shape) -> int:
+    block = spec.block_shape
+    if block is None:
+        return math.prod(shape.shape) * jnp.dtype(shape.dtype).itemsize
+    return math.prod(1 if d is None else d for d in block) * jnp.dtype(shape.dtype).itemsize
+
+
+def kernel_bytes(plan) -> int:
+    """HBM bytes one call of the kernel described by ``plan`` (a ``CallPlan``) reads and writes.
+
+    Example (two heads, two chunks of 16 steps, K = 128, V = 64, float32; the sum rule):
+        >>> import jax.numpy as jnp
+        >>> from pallas_kernels.tpu import call_dims, forward_plan
+        >>> dims = call_dims((1, 32, 2, 128), 64, 16)
+        >>> plan = forward_plan(dims, jnp.float32, jnp.float32, jnp.float32, delta=False, keep_writes=False)
+        >>> kernel_bytes(plan) == minimum_bytes(1, 32, 2, 128, 64, 4, delta=False, backward=False) + 4  # + the scale
+        True
+    """
+    total = 0
+    for spec, shape in (*plan.inputs, *plan.outputs):
+        if spec.block_shape is None:
+            total += _block_bytes(spec, shape)
+            continue
+        previous, runs = None, 0
+        for point in itertools.product(*(range(size) for size in plan.grid)):
+            index = tuple(int(i) for i in spec.index_map(*point))
+            runs += index != previous
+            previous = index
+        total += runs * _block_bytes(spec, shape)
+    return total
+
+
+def minimum_bytes(batch: int, length: int, heads: int, key_dim: int, value_dim: int, itemsize: int, *,
+                  delta: bool, backward: bool) -> int:
+    """The least HBM traffic of the op (inputs of ``itemsize`` bytes, states float32).
+
+    Forward: read q, k, v, beta (delta rule) and the initial state; write the outputs and the final
+    state. Backward: read q, k, v, beta, the outputs' and the final state's gradients; write the
+    gradients of q, k, v, beta and the initial state.
+    """
+    steps = batch * length * heads
+    per_step = (2 * key_dim + value_dim + (1 if delta else 0)) * itemsize
+    state = batch * heads * key_dim * value_dim * 4
+    if not backward:
+        return steps * (per_step + value_dim * itemsize) + 2 * state
+    return steps * (2 * per_step + value_dim * itemsize) + 2 * state
