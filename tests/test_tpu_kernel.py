@@ -93,7 +93,7 @@ def test_matches_reference_in_interpret_mode(rule, dtype, key_dim, with_state):
 @pytest.mark.parametrize("key_dim, value_dim", [(128, 128), pytest.param(200, 64, marks=SLOW),
                                                 pytest.param(64, 32, marks=SLOW)])
 def test_other_layouts_match_reference(key_dim, value_dim):
-    # V = 128 is read in place, K = 200 and 64 are padded to whole lane tiles, V = 32 is head-major.
+    # K = 200 and 64 are padded to whole lane tiles; V = 128 is a whole lane tile, V = 32 a quarter.
     check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=32)
 
 
@@ -139,17 +139,17 @@ def test_bad_chunk_size_is_refused():
 def test_hbm_traffic_of_a_hand_counted_case():
     # One row, two heads, two chunks of 16 steps, K = 128, V = 64, bfloat16; the delta rule with the
     # writes kept (a training forward). Per head and chunk: q, k 16 x 128 x 2 bytes each, v and the
-    # output 16 x 64 x 2, u 16 x 64 x 4, T_beta 16 x 16 x 4; per head: W0 and the final state
-    # 128 x 64 x 4 each; the scale 4 bytes once.
+    # output 16 x 64 x 2, u 16 x 64 x 4, beta 16 x 4; per head: W0 and the final state 128 x 64 x 4
+    # each; the scale 4 bytes once.
     dims = call_dims((1, 32, 2, 128), 64, 16)
     bf16 = jnp.bfloat16
     plan = forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True)
-    per_chunk = 2 * 16 * 128 * 2 + 2 * 16 * 64 * 2 + 16 * 64 * 4 + 16 * 16 * 4
+    per_chunk = 2 * 16 * 128 * 2 + 2 * 16 * 64 * 2 + 16 * 64 * 4 + 16 * 4
     assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk + 2 * 2 * 128 * 64 * 4
-    # The backward reads q, k, v, T_beta, u and d_out and writes dq, dk, dv and dT_beta per chunk; per
+    # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per chunk; per
     # head it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
     plan = backward_plan(dims, bf16, bf16, bf16, delta=True)
-    per_chunk_backward = 4 * 16 * 128 * 2 + 3 * 16 * 64 * 2 + 16 * 64 * 4 + 2 * 16 * 16 * 4
+    per_chunk_backward = 4 * 16 * 128 * 2 + 3 * 16 * 64 * 2 + 16 * 64 * 4 + 2 * 16 * 4
     assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk_backward + 2 * 3 * 128 * 64 * 4 + 2 * 4
     # The least any implementation moves: q, k, v, beta and the states (2 bytes per beta).
     steps = 32 * 2

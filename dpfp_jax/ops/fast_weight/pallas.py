@@ -107,7 +107,7 @@ def fast_weight_pallas(
     def run(q, k, v, beta, initial_state, resets):
         if tpu:
             return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                   interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None)
+                                   interpret=interpret)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
