@@ -142,6 +142,37 @@ def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
         tpu.compile_for_tpu(fn, q, k, v, beta, topology=V5E)
 
 
+# The Pallas TPU kernel at the training shape B=8, T=4096, H=8, V=64, bfloat16: it compiles (libtpu
+# refuses VMEM beyond the chip's), forward and backward, and its forward+backward temporary memory is
+# at most half of the chunk form's, both compiled here for the same shape and topology.
+PALLAS_KEY_DIMS = (128, 256, 384, 512, 1024)
+CHEAP_PALLAS = {(V5E, 128)}
+
+
+def training_args(key_dim: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    keys = jax.ShapeDtypeStruct((8, 4096, 8, key_dim), jnp.bfloat16)
+    return keys, keys, jax.ShapeDtypeStruct((8, 4096, 8, 64), jnp.bfloat16), jax.ShapeDtypeStruct((8, 4096, 8),
+                                                                                                    jnp.bfloat16)
+
+
+@pytest.mark.parametrize("topology, key_dim", [
+    pytest.param(*case, marks=slow_unless(case in CHEAP_PALLAS)) for case in itertools.product(TOPOLOGIES,
+                                                                                                PALLAS_KEY_DIMS)])
+def test_pallas_tpu_kernel_training_memory_is_at_most_half_of_chunks(tpu, topology, key_dim):
+    from dpfp_devtools.workloads import forward_and_backward, ours
+
+    args = training_args(key_dim)
+    temp = {}
+    for impl in ("pallas", "chunk"):
+        forward, backward = forward_and_backward(ours(impl), len(args))
+        if impl == "pallas":
+            compiled = tpu.compile_for_tpu(forward, *args, topology=topology)
+            assert "fast_weight_tpu_chunk_fwd" in compiled.as_text()
+        compiled = tpu.compile_for_tpu(backward, *args, topology=topology)
+        temp[impl] = tpu.memory(compiled).temp_bytes
+    assert temp["pallas"] <= temp["chunk"] / 2, temp
+
+
 # One sequence per chip and few heads, explicit mesh: the programs above, on v5p, for data parallelism.
 V5P_ONE_SEQUENCE_PER_CHIP = """
 from jax.sharding import PartitionSpec
