@@ -381,14 +381,14 @@ def test_lm_example_train_step_compiles_for_a_slice(tpu, carry):
 
 @pytest.mark.slow
 def test_tpu_memory_benchmark_runs_at_a_small_shape(tpu):
-    # benchmarks/tpu.py (make tpu-memory) at a shape that compiles in seconds: both impls get figures.
+    # benchmarks/tpu.py (make tpu-memory) at a shape that compiles in seconds: every impl gets figures.
     command = ["-m", "benchmarks.tpu", "--deviceless", "--topologies", V5E, "--keys", "512", "--batch", "1", "--time",
                "128", "--heads", "2"]
     result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| 512 |")]
-    assert sorted(cells[1] for cells in rows) == ["chunk", "scan"], result.stdout
+    assert sorted(cells[1] for cells in rows) == ["chunk", "pallas", "scan"], result.stdout
     inputs_mb = 128 * 2 * (512 + 512 + 64 + 1) * 2 / 1e6  # q, k, v, beta in bfloat16
     for cells in rows:
         inputs, fwd_temp, fwd_peak, bwd_temp, bwd_peak = (float(c) for c in cells[2:7])

@@ -6,6 +6,10 @@ Through the public path: inside ``pltpu.force_tpu_interpret_mode`` (with race de
 Compiles for real TPUs are in tests/test_tpu_compile.py; the HBM traffic count is checked here.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +159,19 @@ def test_hbm_traffic_of_a_hand_counted_case():
     steps = 32 * 2
     assert minimum_bytes(1, 32, 2, 128, 64, 2, delta=True, backward=False) == (
         steps * (2 * 128 * 2 + 64 * 2 + 2 + 64 * 2) + 2 * 2 * 128 * 64 * 4)
+
+
+def test_tpu_benchmark_run_path_in_interpret_mode():
+    # benchmarks/tpu.py --run times impls on a TPU; --interpret takes that path on this CPU.
+    command = [sys.executable, "-m", "benchmarks.tpu", "--run", "--interpret", "--keys", "128", "--batch", "1",
+               "--time", "32", "--heads", "1", "--repeats", "1", "--impls", "chunk", "pallas"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in result.stdout.splitlines() if line.startswith("| "))}
+    assert rows["chunk"][5:] == ["1.00x", "1.0x"] and float(rows["pallas"][2]) > 0, result.stdout
+    # Without a TPU and without --interpret, --run refuses.
+    refused = subprocess.run(command[:4] + command[5:], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode != 0 and "--run needs a TPU" in refused.stderr
