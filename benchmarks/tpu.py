@@ -74,7 +74,8 @@ def report(topologies: list[str], key_dims: list[int], impls: list[str], batch: 
                     print(f"| {key_dim} | {impl} | {inputs:.1f} | {row} | | | | | | |")
                 else:
                     fwd_temp, fwd_peak, bwd_temp, bwd_peak, seconds = row
-                    over_chunk = "" if chunk is None or isinstance(chunk, str) else f"{bwd_temp / chunk[2]:.2f}x"
+                    over_chunk = ("" if chunk is None or isinstance(chunk, str) else
+                                  f"{bwd_temp / chunk[2]:.2f}x" if chunk[2] > 0 else "chunk's is 0")
                     print(f"| {key_dim} | {impl} | {inputs:.1f} | {fwd_temp:.1f} | {fwd_peak:.1f} | {bwd_temp:.1f} | "
                           f"{bwd_peak:.1f} | {bwd_temp / inputs:.1f}x | {seconds:.0f} | {over_chunk} |")
             sys.stdout.flush()
