@@ -131,6 +131,20 @@ def test_pallas_impl_compiles_the_tpu_kernel(tpu, topology, rule):
     assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args if a is not None]
 
 
+@pytest.mark.parametrize("spec", [PartitionSpec("batch"), PartitionSpec(None, None, "batch")],
+                         ids=["batch", "heads"])
+def test_pallas_tpu_kernel_runs_per_shard(tpu, spec):
+    # A Mosaic kernel cannot be partitioned by XLA: under a mesh with the batch or the heads
+    # sharded, impl="pallas" runs it per shard (shard_map), with no communication between chips.
+    mesh = tpu.tpu_mesh(V5E, (4,), ("batch",))
+    fn, args = op_program("pallas", "delta", 128, batch=4, heads=4)
+    per_step = jax.tree.map(lambda a: tpu.place(a, mesh, spec if a.ndim == 4 else PartitionSpec(*spec[:3])), args)
+    compiled = tpu.compile_for_tpu(fn, *per_step, mesh=mesh)
+    text = compiled.as_text()
+    assert "fast_weight_tpu_chunk_bwd" in text
+    assert not [c for c in COLLECTIVES if c in text], [c for c in COLLECTIVES if c in text]
+
+
 def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
     _, (q, k, v, beta) = op_program("pallas", "delta", 128)
 

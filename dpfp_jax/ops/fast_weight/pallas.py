@@ -1,24 +1,34 @@
-"""``impl="pallas"``: the Pallas GPU kernels of the top-level ``pallas_kernels`` package.
+"""``impl="pallas"``: the Pallas kernels of the top-level ``pallas_kernels`` package, GPU or TPU.
 
-Two kernels: the fused chunked one (``pallas_kernels.fused_chunk``: each chunk's whole step,
-matmuls on tensor cores, in one program per head and value block) for sequences of at least one
-chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused
-recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A third,
-``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
-reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+Which kernels run follows the platform being compiled for (:func:`target_platform`):
 
-The layers run one way: this library composes the kernels (it hands the fused chunked kernel the
-delta rule's per-chunk WY inverse, ``wy.wy_inverse``), and ``pallas_kernels`` imports nothing
-of it. The kernels are imported where they are called: loading Pallas and its Triton backend
-would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
+- a TPU, or any host inside ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (where
+  Pallas interprets every TPU kernel, which is how the tests and users check it on a CPU): the
+  Mosaic kernel ``pallas_kernels.fused_chunk_tpu`` (``pallas_kernels/tpu/``), the chunkwise WY
+  form with the state in VMEM across chunks and the triangular inverse computed in-kernel, for
+  every T (the last chunk zero-padded) and ``chunk_size`` a multiple of 16. It does not take
+  packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
+- a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
+  whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
+  at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
+  third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
+  reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+- anything else (a CPU outside interpret mode): a ValueError that says so.
 
-This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
-shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a sharded
-batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
-own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not part of
-``impl="auto"`` until the kernels have passed the test suite on a GPU.
+The layers run one way: this library composes the kernels (it hands the fused chunked GPU kernel
+the delta rule's per-chunk WY inverse, ``wy.wy_inverse``), and ``pallas_kernels`` imports nothing
+of it. The kernels are imported where they are called: loading Pallas and its backends would
+otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 
-Packed documents: both kernels take ``resets`` (``segments.resets_of`` of the op's
+This adapter says when the kernels can take a call (a GPU or a TPU, K <= 1024) and runs them
+once per shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
+sharded batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on
+its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not part of
+``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
+until it has been timed on a TPU and found faster than ``chunk``.
+
+Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
 a reset they rebuild the state it discarded by walking the previous document forward again
