@@ -87,22 +87,27 @@ def table(key_dims=(128, 256, 384, 512, 1024), batch: int = 8, length: int = 409
           value_dim: int = 64, dtype=jnp.bfloat16, chunk_size: int = 64) -> str:
     """A markdown table of the delta rule's kernel traffic against the minimum, per K: the forward
     without a gradient (no writes stored), the forward of a training step (the writes u stored)
-    and the backward. MB are 10^6 bytes."""
+    and the backward, each as the blocks' own bytes and as whole HBM tiles (``kernel_bytes``'s
+    ``tiled``), over the minimum. MB are 10^6 bytes."""
     from pallas_kernels.tpu import backward_plan, call_dims, forward_plan
 
     itemsize = jnp.dtype(dtype).itemsize
     lines = ["| K | fwd MB | fwd min MB | fwd / min | training fwd MB | training fwd / min | bwd MB | bwd min MB | "
-             "bwd / min |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "bwd / min | in whole tiles: fwd, training fwd, bwd / min |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key_dim in key_dims:
         dims = call_dims((batch, length, heads, key_dim), value_dim, chunk_size)
-        forward = kernel_bytes(forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=False))
-        training = kernel_bytes(forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=True))
-        backward = kernel_bytes(backward_plan(dims, dtype, dtype, dtype, delta=True))
+        plans = (forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=False),
+                 forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=True),
+                 backward_plan(dims, dtype, dtype, dtype, delta=True))
+        forward, training, backward = (kernel_bytes(plan) for plan in plans)
         least = minimum_bytes(batch, length, heads, key_dim, value_dim, itemsize, delta=True, backward=False)
         least_backward = minimum_bytes(batch, length, heads, key_dim, value_dim, itemsize, delta=True, backward=True)
+        tiled = ", ".join(f"{kernel_bytes(plan, tiled=True) / base:.2f}x"
+                          for plan, base in zip(plans, (least, least, least_backward), strict=True))
         lines.append(f"| {key_dim} | {forward / 1e6:.1f} | {least / 1e6:.1f} | {forward / least:.2f}x | "
                      f"{training / 1e6:.1f} | {training / least:.2f}x | {backward / 1e6:.1f} | "
-                     f"{least_backward / 1e6:.1f} | {backward / least_backward:.2f}x |")
+                     f"{least_backward / 1e6:.1f} | {backward / least_backward:.2f}x | {tiled} |")
     return "\n".join(lines)
 
 

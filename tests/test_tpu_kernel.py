@@ -150,6 +150,10 @@ def test_hbm_traffic_of_a_hand_counted_case():
     plan = forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True)
     per_chunk = 2 * 16 * 128 * 2 + 2 * 16 * 64 * 2 + 16 * 64 * 4 + 16 * 4
     assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk + 2 * 2 * 128 * 64 * 4
+    # In whole HBM tiles (8 rows of 32 bits by 128 lanes): V = 64 fills half of each tile's lanes and
+    # beta's one row one of its 8 rows, so those count double and 8 x 128 / 16 times over.
+    per_chunk_tiled = 2 * 16 * 128 * 2 + 2 * 16 * 128 * 2 + 16 * 128 * 4 + 8 * 128 * 4
+    assert kernel_bytes(plan, tiled=True) == 4 + 2 * 2 * per_chunk_tiled + 2 * 2 * 128 * 128 * 4
     # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per chunk; per
     # head it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
     plan = backward_plan(dims, bf16, bf16, bf16, delta=True)
