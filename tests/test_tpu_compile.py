@@ -120,14 +120,15 @@ def test_float32_inputs_compile(tpu):
     assert out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("topology, rule", [(V5E, "delta"), (V6E, "sum")])
-def test_pallas_impl_compiles_the_tpu_kernel(tpu, topology, rule):
+@pytest.mark.parametrize("topology, rule, dtype", [(V5E, "delta", jnp.bfloat16), (V6E, "sum", jnp.bfloat16),
+                                                   (V5E, "delta", jnp.float32)])
+def test_pallas_impl_compiles_the_tpu_kernel(tpu, topology, rule, dtype):
     # For a TPU, impl="pallas" is the Mosaic kernel of pallas_kernels/tpu (the Triton ones are for GPUs).
-    fn, args = op_program("pallas", rule, 128)
+    fn, args = op_program("pallas", rule, 128, dtype)
     compiled = tpu.compile_for_tpu(fn, *args, topology=topology)
     assert "fast_weight_tpu_chunk_bwd" in compiled.as_text()
     (out, state), grads = compiled.out_info
-    assert (out.shape, out.dtype, state.dtype) == ((1, 128, 2, 64), jnp.bfloat16, jnp.float32)
+    assert (out.shape, out.dtype, state.dtype) == ((1, 128, 2, 64), dtype, jnp.float32)
     assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args if a is not None]
 
 
