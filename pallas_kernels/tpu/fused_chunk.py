@@ -285,16 +285,16 @@ class CallPlan(NamedTuple):
 _SCALAR = (pl.BlockSpec(memory_space=pltpu.SMEM), jax.ShapeDtypeStruct((1,), f32))
 
 
-def _per_head(dims: Dims, rows: int, columns: int, reverse: bool = False, dtype=f32):
+def _per_head(dims: Dims, rows: int, columns: int, reverse: bool = False):
     """A per-head float32 array ``[G, N, rows, columns]`` read one chunk at a time (``rows=0``: a
     ``[G, K, columns]`` block per head, the same at every chunk: a state)."""
     num_chunks = dims.num_chunks
     if rows == 0:
         return (pl.BlockSpec((None, dims.keys.width, columns), lambda g, n: (g, 0, 0)),
-                jax.ShapeDtypeStruct((dims.groups, dims.keys.width, columns), dtype))
+                jax.ShapeDtypeStruct((dims.groups, dims.keys.width, columns), f32))
     return (pl.BlockSpec((None, None, rows, columns),
                          lambda g, n: (g, num_chunks - 1 - n if reverse else n, 0, 0)),
-            jax.ShapeDtypeStruct((dims.groups, num_chunks, rows, columns), dtype))
+            jax.ShapeDtypeStruct((dims.groups, num_chunks, rows, columns), f32))
 
 
 def _per_step(dims: Dims, layout: Layout, dtype, reverse: bool = False):
