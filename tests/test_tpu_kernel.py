@@ -22,6 +22,7 @@ from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
 from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
 from tests.conftest import random_like
+from tests.test_pallas import bad_calls
 
 ARGS = ("q", "k", "v", "beta", "initial_state")
 SLOW = pytest.mark.slow
@@ -131,6 +132,19 @@ def test_packed_documents_are_refused_with_the_reason():
     with pltpu.force_tpu_interpret_mode(), pytest.raises(
             ValueError, match="the Pallas TPU kernel does not take packed documents"):
         dj.fast_weight(**inputs, impl="pallas", segment_ids=segment_ids)
+
+
+TPU_BAD_CALLS = [case for case in bad_calls()[0] if "resets" not in case[1]]  # it takes no resets
+
+
+@pytest.mark.parametrize("case", TPU_BAD_CALLS, ids=[c[0] for c in TPU_BAD_CALLS])
+def test_kernel_refuses_what_the_dispatcher_refuses(case):
+    # Called directly, the TPU kernel checks its arguments at trace time as the GPU kernels do.
+    _, changes, error, message = case
+    kwargs = {**bad_calls()[1], **changes}
+    args = [kwargs.pop(n) for n in ARGS]
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda *a: fused_chunk_tpu(*a, **kwargs, chunk_size=16, interpret=True), *args)
 
 
 def test_bad_chunk_size_is_refused():
