@@ -27,8 +27,9 @@ from XLA's triangular solve (a float32 ``[C, C]`` per chunk, its gradient by JAX
 the solve) made the forward+backward's temporary memory 1.22 GB, 0.59x of ``impl="chunk"``'s then;
 in-kernel it is 0.55 GB (0.26x): no ``[C, C]`` array per chunk is written to HBM, forward or
 backward, and k is not read a second time. It costs MXU work: 12 ``[C, C] x [C, C]`` float32
-products per chunk at C = 64 (forward; about twice that in the backward), against the chunk
-step's ``[C, K] x [K, V]``-sized ones. No per-row loop: each Horner step is one matmul that
+products per chunk at C = 64 in the forward, the same again in the backward (which recomputes the
+inverse rather than store it) and 3 more for its gradient, beside the chunk step's
+``[C, K] x [K, V]``-sized ones. No per-row loop: each Horner step is one matmul that
 settles one more row of every diagonal block. Forward substitution row by row would be C
 dependent vector steps per chunk; a plain Neumann product ``(I - L)(I + L^2)(I + L^4)...`` over
 the whole chunk would form large powers of L (growing combinatorially for correlated keys, as
