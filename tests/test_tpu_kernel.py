@@ -102,6 +102,12 @@ def test_other_layouts_match_reference(key_dim, value_dim):
     check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=32)
 
 
+@SLOW
+def test_many_chunks_of_the_default_size_match_reference():
+    # 16 chunks of 64: the backward rebuilds 15 start states in a row from the stored writes.
+    check_against_reference("delta", jnp.float32, 128, True, time=1000, chunk_size=64, heads=1)
+
+
 def test_forward_alone_matches_reference():
     # Without a gradient the writes u are not stored: the forward kernel's other variant.
     inputs = make_inputs(4, batch=1, time=20, heads=2, key_dim=128, value_dim=64)
