@@ -1,9 +1,16 @@
-"""Pallas GPU kernels for the fast-weight op, reached through ``dpfp_jax.fast_weight(impl="pallas")``.
+"""Pallas kernels for the fast-weight op (GPU and TPU), reached through ``dpfp_jax.fast_weight(impl="pallas")``.
 
 Kernels are grouped by backend: ``pallas_kernels.triton`` holds the GPU ones (lowered through
 Triton) and the tiles they share (``triton.tiles``: padding, value blocks, launch settings,
-tensor-core dots). ``validation`` (the argument checks) is backend-neutral.
+tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout helpers.
+``validation`` (the argument checks) is backend-neutral.
 
+- ``fused_chunk_tpu`` (TPU): the chunkwise WY form, sum and delta rules, one program per
+  (batch x head) walking chunks on a sequential grid axis with the float32 state in VMEM, the
+  chunk step and the per-chunk triangular inverse as MXU matmuls; its ``custom_vjp`` backward
+  walks chunks in reverse, rebuilding start states from the stored writes. No packed documents.
+  Runs in Pallas's TPU interpret mode anywhere (``interpret=True`` or inside
+  ``pltpu.force_tpu_interpret_mode()``).
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state
   update) in one program per (batch x head, value block), walking chunks with its slice of W on
   chip; ``impl="pallas"`` from one chunk on. The delta rule's per-chunk WY inverse comes from the
@@ -24,15 +31,17 @@ after a reset they rebuild the discarded state by walking the previous document 
 from the stored writes; the walk alone stores each chunk's start state, as the XLA walk does.
 
 Every kernel also runs in Pallas's interpret mode (``interpret=True``), which is how the test
-suite checks what they compute on machines without a GPU; the dev-only
-``dpfp_devtools.triton_lowering`` lowers them to Triton IR for a named GPU, which is how it checks
-that they can become GPU kernels.
+suite checks what they compute on machines without a GPU or TPU; the dev-only
+``dpfp_devtools.triton_lowering`` lowers the GPU ones to Triton IR for a named GPU, and
+``dpfp_devtools.tpu`` compiles the TPU one with libtpu for a named TPU slice, which is how it
+checks that they can become GPU and TPU kernels.
 """
 
+from pallas_kernels.tpu import fused_chunk_tpu
 from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_walk, forward_recurrence
 from pallas_kernels.triton.fused_chunk import fused_chunk
 from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
-__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk",
+__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk", "fused_chunk_tpu",
            "fused_recurrent"]

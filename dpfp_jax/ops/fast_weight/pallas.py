@@ -1,24 +1,34 @@
-"""``impl="pallas"``: the Pallas GPU kernels of the top-level ``pallas_kernels`` package.
+"""``impl="pallas"``: the Pallas kernels of the top-level ``pallas_kernels`` package, GPU or TPU.
 
-Two kernels: the fused chunked one (``pallas_kernels.fused_chunk``: each chunk's whole step,
-matmuls on tensor cores, in one program per head and value block) for sequences of at least one
-chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and the fused
-recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A third,
-``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
-reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+Which kernels run follows the platform being compiled for (:func:`target_platform`):
 
-The layers run one way: this library composes the kernels (it hands the fused chunked kernel the
-delta rule's per-chunk WY inverse, ``wy.wy_inverse``), and ``pallas_kernels`` imports nothing
-of it. The kernels are imported where they are called: loading Pallas and its Triton backend
-would otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
+- a TPU, or any host inside ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (where
+  Pallas interprets every TPU kernel, which is how the tests and users check it on a CPU): the
+  Mosaic kernel ``pallas_kernels.fused_chunk_tpu`` (``pallas_kernels/tpu/``), the chunkwise WY
+  form with the state in VMEM across chunks and the triangular inverse computed in-kernel, for
+  every T (the last chunk zero-padded) and ``chunk_size`` a multiple of 16. It does not take
+  packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
+- a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
+  whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
+  at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
+  third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
+  reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+- anything else (a CPU outside interpret mode): a ValueError that says so.
 
-This adapter says when the kernels can take a call (a GPU, K <= 1024) and runs them once per
-shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a sharded
-batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on its
-own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not part of
-``impl="auto"`` until the kernels have passed the test suite on a GPU.
+The layers run one way: this library composes the kernels (it hands the fused chunked GPU kernel
+the delta rule's per-chunk WY inverse, ``wy.wy_inverse``), and ``pallas_kernels`` imports nothing
+of it. The kernels are imported where they are called: loading Pallas and its backends would
+otherwise slow every ``import dpfp_jax``, also where no kernel ever runs.
 
-Packed documents: both kernels take ``resets`` (``segments.resets_of`` of the op's
+This adapter says when the kernels can take a call (a GPU or a TPU, K <= 1024) and runs them
+once per shard: XLA cannot partition a custom kernel, so under an explicit-sharding mesh with a
+sharded batch or head axis the kernel is wrapped in ``jax.shard_map`` and each device runs it on
+its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not part of
+``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
+until it has been timed on a TPU and found faster than ``chunk``.
+
+Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
 a reset they rebuild the state it discarded by walking the previous document forward again
@@ -49,16 +59,32 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, **_: object) -> str | None:
+def runs_tpu_kernel() -> bool:
+    """Whether ``impl="pallas"`` takes the TPU kernel: compiled for a TPU, or inside
+    ``pltpu.force_tpu_interpret_mode()`` (on any host: Pallas then interprets every TPU call)."""
+    from pallas_kernels.tpu import tpu_interpret_params
+
+    return target_platform() == "tpu" or tpu_interpret_params() is not None
+
+
+def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
+                    **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call."""
     from pallas_kernels import MAX_KEY_DIM
 
-    platform = target_platform()
-    if platform not in ("gpu", "cuda", "rocm"):
-        return (f"the Pallas kernels need a GPU and the target platform is {platform!r}; "
-                "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs them anywhere, slowly")
     if q.shape[-1] > MAX_KEY_DIM:
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
+    if runs_tpu_kernel():
+        if resets is not None:
+            return ("the Pallas TPU kernel does not take packed documents (segment_ids); impl='chunk' or 'scan' "
+                    "does")
+        return None
+    platform = target_platform()
+    if platform not in ("gpu", "cuda", "rocm"):
+        return (f"the Pallas kernels need a GPU or a TPU and the target platform is {platform!r}; "
+                "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs the GPU kernels anywhere, "
+                "slowly, and inside jax.experimental.pallas.tpu.force_tpu_interpret_mode() impl='pallas' runs the "
+                "TPU kernel interpreted")
     return None
 
 
@@ -78,7 +104,7 @@ def fast_weight_pallas(
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
     (packed documents) as the oracle takes them."""
-    from pallas_kernels import fused_chunk, fused_recurrent
+    from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
@@ -86,7 +112,12 @@ def fast_weight_pallas(
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
+    tpu = runs_tpu_kernel()
+
     def run(q, k, v, beta, initial_state, resets):
+        if tpu:
+            return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
+                                   interpret=interpret)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,

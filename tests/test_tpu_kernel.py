@@ -1,0 +1,201 @@
+"""The Pallas TPU kernel (pallas_kernels/tpu) in Pallas's TPU interpret mode on the CPU, against the oracle.
+
+Through the public path: inside ``pltpu.force_tpu_interpret_mode`` (with race detection on)
+``dj.fast_weight(..., impl="pallas")`` runs the TPU kernel interpreted. Interpret mode is slow, so
+``make test`` runs a few small cases and the rest (K = 1024, bfloat16 sweeps) are marked slow.
+Compiles for real TPUs are in tests/test_tpu_compile.py; the HBM traffic count is checked here.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+from jax.experimental.pallas import tpu as pltpu
+
+import dpfp_jax as dj
+from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
+from dpfp_devtools.workloads import make_inputs
+from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
+from tests.conftest import random_like
+from tests.test_pallas import bad_calls
+
+ARGS = ("q", "k", "v", "beta", "initial_state")
+SLOW = pytest.mark.slow
+# Two simulated cores: the "parallel" head axis is split between them, so the race detector
+# sees the heads' programs run concurrently.
+RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+
+
+def value_and_grads(fn, inputs, scale):
+    """(out, final state) and the gradients of a loss on both w.r.t. every input given and ``scale``."""
+    names = [n for n in ARGS if inputs[n] is not None]
+
+    def loss(scale, *args):
+        named = dict(zip(names, args, strict=True))
+        out, state = fn(named["q"], named["k"], named["v"], named.get("beta"), named.get("initial_state"), scale)
+        return (jnp.sum(out.astype(jnp.float32) * random_like(1, out).astype(jnp.float32))
+                + jnp.sum(state * random_like(2, state)), (out, state))
+
+    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names) + 1)), has_aux=True)(
+        jnp.float32(scale), *[inputs[n] for n in names])
+    return values, grads
+
+
+def public(impl, rule, chunk_size):
+    def fn(q, k, v, beta, state, scale):
+        return dj.fast_weight(q, k, v, beta, rule=rule, initial_state=state, scale=scale, impl=impl,
+                              chunk_size=chunk_size)
+    return fn
+
+
+def assert_races_not_found():
+    races = interpret_pallas_call.races
+    assert races is not None and not races.races_found
+
+
+def assert_close(got, want, tolerance):
+    """Every leaf within ``tolerance`` of the reference, relative to the leaf's largest magnitude."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape
+        error = np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-6)
+        assert error <= tolerance, (error, g.shape)
+
+
+def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, time=40, chunk_size=16, heads=2):
+    # T = 40 is two whole chunks of 16 and a partial one.
+    inputs = make_inputs(3, batch=1, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
+                         dtype=dtype, with_state=with_state)
+    if with_state:  # the state stays float32
+        inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(jnp.float32)
+    want = value_and_grads(public("reference", rule, chunk_size), inputs, 0.7)
+    with pltpu.force_tpu_interpret_mode(RACES):
+        got = jax.jit(lambda: value_and_grads(public("pallas", rule, chunk_size), inputs, 0.7))()
+        jax.block_until_ready(got)
+    assert_races_not_found()
+    (out, state), _ = got
+    assert out.dtype == dtype and state.dtype == jnp.float32
+    assert_close(got, want, 2e-5 if dtype == jnp.float32 else 2e-2)
+
+
+CHEAP = {("delta", jnp.float32, 128, True), ("sum", jnp.bfloat16, 128, False), ("delta", jnp.bfloat16, 384, True)}
+
+
+@pytest.mark.parametrize("rule, dtype, key_dim, with_state", [
+    pytest.param(*case, marks=() if case in CHEAP else SLOW)
+    for case in [(rule, dtype, key_dim, with_state) for rule in dj.RULES for dtype in (jnp.float32, jnp.bfloat16)
+                 for key_dim in (128, 384, 1024) for with_state in (True, False)]],
+    ids=lambda x: getattr(x, "__name__", str(x)))
+def test_matches_reference_in_interpret_mode(rule, dtype, key_dim, with_state):
+    check_against_reference(rule, dtype, key_dim, with_state)
+
+
+@pytest.mark.parametrize("key_dim, value_dim", [(128, 128), pytest.param(200, 64, marks=SLOW),
+                                                pytest.param(64, 32, marks=SLOW)])
+def test_other_layouts_match_reference(key_dim, value_dim):
+    # K = 200 and 64 are padded to whole lane tiles; V = 128 is a whole lane tile, V = 32 a quarter.
+    check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=32)
+
+
+@SLOW
+def test_many_chunks_of_the_default_size_match_reference():
+    # 16 chunks of 64: the backward rebuilds 15 start states in a row from the stored writes.
+    check_against_reference("delta", jnp.float32, 128, True, time=1000, chunk_size=64, heads=1)
+
+
+def test_forward_alone_matches_reference():
+    # Without a gradient the writes u are not stored: the forward kernel's other variant.
+    inputs = make_inputs(4, batch=1, time=20, heads=2, key_dim=128, value_dim=64)
+    want = dj.fast_weight(**inputs, impl="reference")
+    with pltpu.force_tpu_interpret_mode(RACES):
+        got = dj.fast_weight(**inputs, impl="pallas", chunk_size=16)
+    assert_races_not_found()
+    assert_close(got, want, 2e-5)
+
+
+def test_interpret_mode_is_detected():
+    assert tpu_interpret_params() is None
+    with pltpu.force_tpu_interpret_mode(RACES):
+        assert tpu_interpret_params() is RACES
+    assert tpu_interpret_params() is None
+
+
+def test_pallas_outside_interpret_mode_on_cpu_keeps_its_error():
+    inputs = make_inputs(0, time=16, key_dim=128)
+    with pytest.raises(ValueError, match="need a GPU or a TPU and the target platform is 'cpu'.*"
+                                         "force_tpu_interpret_mode"):
+        dj.fast_weight(**inputs, impl="pallas")
+
+
+def test_packed_documents_are_refused_with_the_reason():
+    inputs = make_inputs(0, time=16, key_dim=128)
+    segment_ids = jnp.repeat(jnp.arange(2), 8)[None].repeat(2, axis=0)
+    with pltpu.force_tpu_interpret_mode(), pytest.raises(
+            ValueError, match="the Pallas TPU kernel does not take packed documents"):
+        dj.fast_weight(**inputs, impl="pallas", segment_ids=segment_ids)
+
+
+TPU_BAD_CALLS = [case for case in bad_calls()[0] if "resets" not in case[1]]  # it takes no resets
+
+
+@pytest.mark.parametrize("case", TPU_BAD_CALLS, ids=[c[0] for c in TPU_BAD_CALLS])
+def test_kernel_refuses_what_the_dispatcher_refuses(case):
+    # Called directly, the TPU kernel checks its arguments at trace time as the GPU kernels do.
+    _, changes, error, message = case
+    kwargs = {**bad_calls()[1], **changes}
+    args = [kwargs.pop(n) for n in ARGS]
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda *a: fused_chunk_tpu(*a, **kwargs, chunk_size=16, interpret=True), *args)
+
+
+def test_bad_chunk_size_is_refused():
+    inputs = make_inputs(0, time=16, key_dim=128, rule="sum")
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 16"):
+        fused_chunk_tpu(inputs["q"], inputs["k"], inputs["v"], None, jnp.zeros((2, 2, 128, 4)), rule="sum",
+                        chunk_size=24, interpret=True)
+
+
+def test_hbm_traffic_of_a_hand_counted_case():
+    # One row, two heads, two chunks of 16 steps, K = 128, V = 64, bfloat16; the delta rule with the
+    # writes kept (a training forward). Per head and chunk: q, k 16 x 128 x 2 bytes each, v and the
+    # output 16 x 64 x 2, u 16 x 64 x 4, beta 16 x 4; per head: W0 and the final state 128 x 64 x 4
+    # each; the scale 4 bytes once.
+    dims = call_dims((1, 32, 2, 128), 64, 16)
+    bf16 = jnp.bfloat16
+    plan = forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True)
+    per_chunk = 2 * 16 * 128 * 2 + 2 * 16 * 64 * 2 + 16 * 64 * 4 + 16 * 4
+    assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk + 2 * 2 * 128 * 64 * 4
+    # In whole HBM tiles (8 rows of 32 bits by 128 lanes): V = 64 fills half of each tile's lanes and
+    # beta's one row one of its 8 rows, so those count double and 8 x 128 / 16 times over.
+    per_chunk_tiled = 2 * 16 * 128 * 2 + 2 * 16 * 128 * 2 + 16 * 128 * 4 + 8 * 128 * 4
+    assert kernel_bytes(plan, tiled=True) == 4 + 2 * 2 * per_chunk_tiled + 2 * 2 * 128 * 128 * 4
+    # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per chunk; per
+    # head it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
+    plan = backward_plan(dims, bf16, bf16, bf16, delta=True)
+    per_chunk_backward = 4 * 16 * 128 * 2 + 3 * 16 * 64 * 2 + 16 * 64 * 4 + 2 * 16 * 4
+    assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk_backward + 2 * 3 * 128 * 64 * 4 + 2 * 4
+    # The least any implementation moves: q, k, v, beta and the states (2 bytes per beta).
+    steps = 32 * 2
+    assert minimum_bytes(1, 32, 2, 128, 64, 2, delta=True, backward=False) == (
+        steps * (2 * 128 * 2 + 64 * 2 + 2 + 64 * 2) + 2 * 2 * 128 * 64 * 4)
+
+
+def test_tpu_benchmark_run_path_in_interpret_mode():
+    # benchmarks/tpu.py --run times impls on a TPU; --interpret takes that path on this CPU.
+    command = [sys.executable, "-m", "benchmarks.tpu", "--run", "--interpret", "--keys", "128", "--batch", "1",
+               "--time", "32", "--heads", "1", "--repeats", "1", "--impls", "chunk", "pallas"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in result.stdout.splitlines() if line.startswith("| "))}
+    assert rows["chunk"][5:] == ["1.00x", "1.0x"] and float(rows["pallas"][2]) > 0, result.stdout
+    # Without a TPU and without --interpret, --run refuses.
+    refused = subprocess.run(command[:4] + command[5:], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode != 0 and "--run needs a TPU" in refused.stderr
