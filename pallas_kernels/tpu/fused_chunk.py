@@ -25,8 +25,9 @@ it in-kernel (``dA = -A^-T dA^-1 A^-T``, then beta and ``K K^T``). Why not from 
 kernel takes it: compiled for v5e at B=8, T=4096, H=8, K=128, V=64, bfloat16, taking ``T_beta``
 from XLA's triangular solve (a float32 ``[C, C]`` per chunk, its gradient by JAX's autodiff of
 the solve) made the forward+backward's temporary memory 1.22 GB, 0.59x of ``impl="chunk"``'s then;
-in-kernel it is 0.55 GB (0.26x): no ``[C, C]`` array per chunk is written to HBM, forward or
-backward, and k is not read a second time. It costs MXU work: 12 ``[C, C] x [C, C]`` float32
+in-kernel it is 0.55 GB (0.26x of that chunk form's, before it worked in spans of steps): no
+``[C, C]`` array per chunk is written to HBM, forward or backward, and k is not read a second
+time. It costs MXU work: 12 ``[C, C] x [C, C]`` float32
 products per chunk at C = 64 in the forward, the same again in the backward (which recomputes the
 inverse rather than store it) and 3 more for its gradient, beside the chunk step's
 ``[C, K] x [K, V]``-sized ones. No per-row loop: each Horner step is one matmul that
