@@ -56,7 +56,8 @@ def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
 
     benchmarks/chunk.py --crossover on this project's CPU machine (README's crossover table): chunk's
-    forward+backward beats scan's at every T from one chunk on, at both key widths, forwards about even;
+    forward+backward beats scan's at every T from one chunk on, at both key widths and with a loss on the
+    outputs alone or on both results, forwards about even;
     below one chunk (not measured there) the scan is kept, the chunk form being a single [T, T] block. On
     GPU and TPU the chunkwise form is the matmul-shaped one (the peers' H200 figures, docs/peers.md);
     our own GPU measurement is pending.
