@@ -12,8 +12,8 @@ the ``CallPlan`` the kernel itself is launched from (``pallas_kernels.tpu.forwar
 :func:`minimum_bytes` is what any implementation must move: read q, k, v, beta (and the initial
 state) once and write the outputs (and the final state); the backward reads the same inputs and
 the gradients of the outputs and final state, and writes the gradients of q, k, v, beta and the
-initial state. Work outside the kernel (XLA's triangular inverse, the layout copies of
-``pallas_kernels/tpu/layout.py``) is not counted by either; docs/tpu_kernel.md says what it adds.
+initial state. Work outside the kernel (padding T to whole blocks and K to whole lane tiles when
+they are not; ``pallas_kernels/tpu/layout.py``) is not counted by either.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def _block_bytes(spec, shape, tiled: bool = False) -> int:
     itemsize = jnp.dtype(shape.dtype).itemsize
     block = list(shape.shape if spec.block_shape is None else (1 if d is None else d for d in spec.block_shape))
     if tiled and spec.block_shape is not None and len(block) >= 2:
-        # HBM tiles: 128 lanes by 8 rows of 32 bits (16 of bfloat16).
+        # HBM tiles: 8 rows by 128 lanes (XLA's T(8,128) for 32-bit arrays; T(8,128)(2,1) for 16-bit
+        # ones, which packs pairs of rows: an [8, 4096, 8, 128] bfloat16 array takes exactly its bytes).
         block[-1] = -(-block[-1] // LANES) * LANES
-        rows = SUBLANES * 4 // itemsize
-        block[-2] = -(-block[-2] // rows) * rows
+        block[-2] = -(-block[-2] // SUBLANES) * SUBLANES
     return math.prod(block) * itemsize
 
 
@@ -41,12 +41,10 @@ def kernel_bytes(plan, tiled: bool = False) -> int:
     """HBM bytes one call of the kernel described by ``plan`` (a ``CallPlan``) reads and writes.
 
     ``tiled``: count each block as the whole HBM tiles it spans (a 64-wide block is half of each
-    128-lane tile it touches, and a one-row block one row of each 8-row tile); else its own bytes.
+    128-lane tile it touches, and a two-row block two rows of each 8-row tile); else its own bytes.
 
-    Example (two heads, two chunks of 16 steps, K = 128, V = 64, float32; the sum rule):
+    Example (two heads, 32 steps in chunks of 16, K = 128, V = 64, float32; the sum rule):
         >>> import jax.numpy as jnp
-
-LANES, SUBLANES = 128, 8
         >>> from pallas_kernels.tpu import call_dims, forward_plan
         >>> dims = call_dims((1, 32, 2, 128), 64, 16)
         >>> plan = forward_plan(dims, jnp.float32, jnp.float32, jnp.float32, delta=False, keep_writes=False)

@@ -5,10 +5,11 @@ Triton) and the tiles they share (``triton.tiles``: padding, value blocks, launc
 tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout helpers.
 ``validation`` (the argument checks) is backend-neutral.
 
-- ``fused_chunk_tpu`` (TPU): the chunkwise WY form, sum and delta rules, one program per
-  (batch x head) walking chunks on a sequential grid axis with the float32 state in VMEM, the
-  chunk step and the per-chunk triangular inverse as MXU matmuls; its ``custom_vjp`` backward
-  walks chunks in reverse, rebuilding start states from the stored writes. No packed documents.
+- ``fused_chunk_tpu`` (TPU): the chunkwise WY form, sum and delta rules, one program per batch
+  row walking blocks of all heads' steps on a sequential grid axis with the float32 states in
+  VMEM, reading the arrays in place (no copies around it), the chunk step and the per-chunk
+  triangular inverse as MXU matmuls; its ``custom_vjp`` backward walks chunks in reverse,
+  rebuilding start states from the stored writes. No packed documents.
   Runs in Pallas's TPU interpret mode anywhere (``interpret=True`` or inside
   ``pltpu.force_tpu_interpret_mode()``).
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state

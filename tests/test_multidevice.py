@@ -17,7 +17,8 @@ def run_with_host_devices(script: Path, count: int = 8) -> subprocess.CompletedP
     """Run a script in a fresh Python with ``count`` host CPU devices; the repo root is importable
     (``tests.*``, ``examples.*``) as it is for pytest itself."""
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags,
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
 

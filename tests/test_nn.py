@@ -228,8 +228,9 @@ def test_mask_must_be_boolean_or_integer_0_1(name):
     want = model.apply(variables, x, mask=mask)
     for integer_mask in (mask.astype(jnp.int32), mask.astype(jnp.uint8), np.asarray(mask, np.int64)):
         close(model.apply(variables, x, mask=integer_mask), want, rtol=0, atol=0)
-    # Traced under jit, an integer mask's values cannot be checked; it is still read as mask != 0.
-    close(jax.jit(lambda m: model.apply(variables, x, mask=m))(mask.astype(jnp.int32)), want, rtol=0, atol=0)
+    # Traced under jit, an integer mask's values cannot be checked; it is still read as mask != 0
+    # (compiled whole, the model may round differently from op by op).
+    close(jax.jit(lambda m: model.apply(variables, x, mask=m))(mask.astype(jnp.int32)), want)
     for float_mask in (mask * 0.5, mask * 2.0, mask.astype(jnp.bfloat16), np.asarray(mask, np.float64)):
         with pytest.raises(TypeError, match=r"mask must be boolean or integer 0/1.*got dtype (float|bfloat)"):
             model.apply(variables, x, mask=float_mask)

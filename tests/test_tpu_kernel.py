@@ -26,8 +26,8 @@ from tests.test_pallas import bad_calls
 
 ARGS = ("q", "k", "v", "beta", "initial_state")
 SLOW = pytest.mark.slow
-# Two simulated cores: the "parallel" head axis is split between them, so the race detector
-# sees the heads' programs run concurrently.
+# Two simulated cores: the "parallel" batch axis is split between them, so the race detector
+# sees two batch rows' programs run concurrently (where a test has two).
 RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 
 
@@ -67,9 +67,10 @@ def assert_close(got, want, tolerance):
         assert error <= tolerance, (error, g.shape)
 
 
-def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, time=40, chunk_size=16, heads=2):
-    # T = 40 is two whole chunks of 16 and a partial one.
-    inputs = make_inputs(3, batch=1, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
+def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, time=40, chunk_size=16, heads=2,
+                            batch=1):
+    # T = 40 is two whole chunks of 16 and a partial one, in one block of 48 steps.
+    inputs = make_inputs(3, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
                          dtype=dtype, with_state=with_state)
     if with_state:  # the state stays float32
         inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(jnp.float32)
@@ -100,6 +101,13 @@ def test_matches_reference_in_interpret_mode(rule, dtype, key_dim, with_state):
 def test_other_layouts_match_reference(key_dim, value_dim):
     # K = 200 and 64 are padded to whole lane tiles; V = 128 is a whole lane tile, V = 32 a quarter.
     check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=32)
+
+
+def test_several_blocks_of_several_chunks_match_reference():
+    # T = 300 in chunks of 64: three grid steps of two chunks each (the last two chunks padding
+    # and part of one): the state passes between chunks of a block and between blocks, forward
+    # and backward. Two batch rows: the race detector's two cores run one each, concurrently.
+    check_against_reference("delta", jnp.float32, 128, True, time=300, chunk_size=64, batch=2)
 
 
 @SLOW
@@ -153,35 +161,48 @@ def test_kernel_refuses_what_the_dispatcher_refuses(case):
         jax.eval_shape(lambda *a: fused_chunk_tpu(*a, **kwargs, chunk_size=16, interpret=True), *args)
 
 
-def test_bad_chunk_size_is_refused():
+@pytest.mark.parametrize("chunk_size", [24, 48, 96, 200])
+def test_bad_chunk_size_is_refused(chunk_size):
     inputs = make_inputs(0, time=16, key_dim=128, rule="sum")
-    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 16"):
+    message = f"chunk_size must be 16, 32, 64 or a multiple of 128 .*got chunk_size={chunk_size}"
+    with pytest.raises(ValueError, match=message):
         fused_chunk_tpu(inputs["q"], inputs["k"], inputs["v"], None, jnp.zeros((2, 2, 128, 4)), rule="sum",
-                        chunk_size=24, interpret=True)
+                        chunk_size=chunk_size, interpret=True)
+
+
+def test_blocks_are_whole_lane_tiles_of_steps_or_the_whole_sequence():
+    # The value arrays' blocks have the steps on the lanes: 128 of them (two chunks of 64, eight of
+    # 16), a chunk of 256, or all of a sequence shorter than that.
+    assert [call_dims((1, 4096, 8, 128), 64, c)[3:5] for c in (16, 64, 128, 256)] == [
+        (128, 32), (128, 32), (128, 32), (256, 16)]
+    assert call_dims((1, 40, 2, 128), 64, 16)[3:5] == (48, 1)
+    assert call_dims((1, 300, 2, 200), 64, 64)[3:] == (128, 3, 256, 64)
 
 
 def test_hbm_traffic_of_a_hand_counted_case():
-    # One row, two heads, two chunks of 16 steps, K = 128, V = 64, bfloat16; the delta rule with the
-    # writes kept (a training forward). Per head and chunk: q, k 16 x 128 x 2 bytes each, v and the
-    # output 16 x 64 x 2, u 16 x 64 x 4, beta 16 x 4; per head: W0 and the final state 128 x 64 x 4
-    # each; the scale 4 bytes once.
-    dims = call_dims((1, 32, 2, 128), 64, 16)
+    # One row, two heads, 256 steps in two blocks of 128 (chunks of 64), K = 128, V = 64, bfloat16;
+    # the delta rule with the writes kept (a training forward). Per block: q, k [128 steps, 2
+    # heads, 128] bf16 each; v and the output [2 heads, 64, 128 steps] bf16, u the same in float32,
+    # beta [2, 128] float32. Per row: W0^T and the final state^T [2, 64, 128] float32; the scale 4 bytes.
+    dims = call_dims((1, 256, 2, 128), 64, 64)
+    assert (dims.block, dims.num_blocks, dims.chunks_per_block) == (128, 2, 2)
     bf16 = jnp.bfloat16
     plan = forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True)
-    per_chunk = 2 * 16 * 128 * 2 + 2 * 16 * 64 * 2 + 16 * 64 * 4 + 16 * 4
-    assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk + 2 * 2 * 128 * 64 * 4
-    # In whole HBM tiles (8 rows of 32 bits by 128 lanes): V = 64 fills half of each tile's lanes and
-    # beta's one row one of its 8 rows, so those count double and 8 x 128 / 16 times over.
-    per_chunk_tiled = 2 * 16 * 128 * 2 + 2 * 16 * 128 * 2 + 16 * 128 * 4 + 8 * 128 * 4
-    assert kernel_bytes(plan, tiled=True) == 4 + 2 * 2 * per_chunk_tiled + 2 * 2 * 128 * 128 * 4
-    # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per chunk; per
-    # head it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
+    state = 2 * 64 * 128 * 4
+    per_block = 2 * 128 * 2 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 2 * 128 * 4
+    assert kernel_bytes(plan) == 4 + 2 * per_block + 2 * state
+    # In whole HBM tiles (8 rows by 128 lanes): a step's two heads of q and k fill two of a tile's 8
+    # rows, and so do beta's two heads; the value arrays and states are whole tiles.
+    per_block_tiled = 2 * 128 * 8 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 8 * 128 * 4
+    assert kernel_bytes(plan, tiled=True) == 4 + 2 * per_block_tiled + 2 * state
+    # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per block; per
+    # row it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
     plan = backward_plan(dims, bf16, bf16, bf16, delta=True)
-    per_chunk_backward = 4 * 16 * 128 * 2 + 3 * 16 * 64 * 2 + 16 * 64 * 4 + 2 * 16 * 4
-    assert kernel_bytes(plan) == 4 + 2 * 2 * per_chunk_backward + 2 * 3 * 128 * 64 * 4 + 2 * 4
+    per_block_backward = 4 * 128 * 2 * 128 * 2 + 3 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 2 * 2 * 128 * 4
+    assert kernel_bytes(plan) == 4 + 2 * per_block_backward + 3 * state + 4
     # The least any implementation moves: q, k, v, beta and the states (2 bytes per beta).
-    steps = 32 * 2
-    assert minimum_bytes(1, 32, 2, 128, 64, 2, delta=True, backward=False) == (
+    steps = 256 * 2
+    assert minimum_bytes(1, 256, 2, 128, 64, 2, delta=True, backward=False) == (
         steps * (2 * 128 * 2 + 64 * 2 + 2 + 64 * 2) + 2 * 2 * 128 * 64 * 4)
 
 

@@ -171,8 +171,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
         port = s.getsockname()[1]
     run = [*TINY, "--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": path}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": path}
     processes = [
         subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *run, "--out",
                           str(tmp_path / "two"), "--coordinator-address", f"localhost:{port}", "--num-processes",

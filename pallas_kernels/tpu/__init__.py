@@ -3,8 +3,8 @@
 - ``fused_chunk``: the kernels, their ``custom_vjp`` and the entry point ``fused_chunk_tpu``;
   ``forward_plan`` / ``backward_plan`` give each ``pallas_call``'s grid and block specs (the dev
   tools count HBM traffic from them).
-- ``layout``: how per-step arrays sit in HBM and in the kernel's 128-lane blocks (V = 64, K not a
-  multiple of 128).
+- ``layout``: how the kernel reads per-step arrays where XLA keeps them (q, k row-major in blocks
+  of all heads; V = 64 arrays with the steps on the lanes) and pads T and K.
 - ``interpret``: whether the caller is inside ``pltpu.force_tpu_interpret_mode()``.
 """
 

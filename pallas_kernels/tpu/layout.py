@@ -1,35 +1,38 @@
-"""How the TPU kernel's per-step arrays sit in HBM and in its blocks: TPU tiles are 128 lanes wide.
+"""How the TPU kernel reads and writes per-step arrays: in the layouts XLA already gives them.
 
-A Mosaic block's last two dims must be multiples of the tile (8 sublanes for float32, 16 for
-bfloat16, by 128 lanes) or equal the whole array's. The kernel reads one head's chunk of C steps
-per grid step, a ``[C, D]`` block with the feature axis D on the lanes, from a head-major
-``[B * H, T, D]`` array: the caller's ``[B, T, H, D]`` transposed.
+XLA stores a TPU array in tiles of its last two dims (8 sublanes of 32 bits by 128 lanes). For
+the op's ``[B, T, H, D]`` arrays that means two cases, and the kernel reads each in place:
 
-Why head-major, not ``[B, T, H * D]`` read in place (lane block h, also a legal block when D is
-a multiple of 128, and free in the row-major sense): XLA lays out every array in tiles of its
-last two dims, so ``[B, T, H, D]`` is tiled over (H, D) and its reshape to ``[B, T, H * D]``
-(tiled over (T, H * D)) is a relayout copy on a TPU, not a bitcast. Compiled for v5e (B=8,
-T=4096, H=8, K=128, V=64, bfloat16, forward and backward) both views cost XLA the same copies of
-q, k and their gradients and the same temporary memory; the head-major one is a plain
-permutation of the dims, a layout XLA can also give an array where it is made, and makes v
-(V = 64, not a whole lane tile) readable at all.
+- **Keys** (q, k and their gradients; D = K, a multiple of 128 after padding): XLA keeps
+  ``[B, T, H, K]`` row-major, tiled over (H, K). The kernel's block is ``[L, H, K]`` (L steps, all
+  heads) at index (b, block, 0, 0), and one head's chunk is ``ref[rows, h, :]``: a strided load
+  Mosaic does from the tiles as they are. No copy of q, k or their gradients is made around the
+  kernel. (A block with the head axis squeezed, ``[L, None, K]``, is what Mosaic refuses: the
+  second-to-last block dim must be whole tiles or the whole axis.)
+- **Values** (v, the outputs, the stored writes u and their gradients; V = 64 in DPFP's
+  configurations): a 64-wide last dim would fill half of each 128-lane tile, so XLA stores
+  ``[B, T, H, 64]`` with T on the lanes (layout ``{1,3,2,0}``). The kernel takes the same bytes
+  as the logical transpose ``[B, H, V, T]`` (a bitcast for XLA, no copy) in ``[H, V, L]`` blocks:
+  a chunk of one head is ``ref[h, :, steps]``, ``[V, C]`` with the steps on the lanes, and the
+  kernel does its math on the transposes ``v^T``, ``u^T``, ``O^T`` and the state ``W^T`` ``[V, K]``
+  (also no padding of V = 64 in VMEM). The stored writes u, which only the kernel reads, are
+  kept that way at every V.
+- **Values with V a multiple of 128** (e.g. 128) XLA keeps row-major like the keys: the kernel
+  reads and writes them as they are, in ``[L, H, V]`` blocks, and transposes each chunk in VMEM
+  (``[C, V] <-> [V, C]``, Mosaic's transpose), so the math is the same and there is no copy in HBM
+  (reading them transposed would make XLA copy v, the outputs and their gradients).
 
-V = 64 (less than a lane tile) stays 64 wide: the block takes the whole lane axis, which is
-legal, and Mosaic pads it to 128 lanes in VMEM only. Zero-padding V to 128 in HBM instead would
-double the bytes of v, the outputs, the stored writes, their gradients and the state.
-
-Keys whose K is not a multiple of 128 are zero-padded to the next one: zero key columns are inert
-(they add nothing to ``Q K^T``, ``K W`` or ``K^T u``, and the state's padded rows stay zero), the
-padding is one copy of q and k, and the MXU works on 128-wide operands anyway.
+A block's step axis L must be whole lane tiles for the value arrays: L = 128 steps when the
+chunk C divides 128 (the kernel walks the ``128 / C`` chunks of a block in turn), else L = C (a
+multiple of 128); when the whole padded sequence is one block, L is its length (a block may be
+the whole axis). T is zero-padded to whole blocks and K to whole lane tiles: zero keys and
+values are inert (they add nothing to ``Q K^T``, ``K W`` or ``K^T u``, and their beta is 0).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from pallas_kernels.triton.tiles import pad_to as _pad
 
@@ -48,44 +51,36 @@ def padded_key_dim(key_dim: int) -> int:
     return -(-key_dim // LANES) * LANES
 
 
-class Layout(NamedTuple):
-    """Where head g = b * H + h's chunk n of a per-step array is, for one feature width D."""
-
-    heads: int
-    width: int  # D as the kernel reads it (K padded to whole lane tiles, V as given)
-
-    def block(self, chunk: int, num_chunks: int, reverse: bool = False) -> pl.BlockSpec:
-        """The BlockSpec of chunk n of head g on the grid (g, n); ``reverse`` walks chunks from the last."""
-        if reverse:
-            return pl.BlockSpec((None, chunk, self.width), lambda g, n: (g, num_chunks - 1 - n, 0))
-        return pl.BlockSpec((None, chunk, self.width), lambda g, n: (g, n, 0))
-
-    def array_shape(self, batch: int, padded_length: int) -> tuple[int, int, int]:
-        """The shape of the kernel's view of a ``[B, T, H, D]`` array: ``[B * H, T, D]``."""
-        return batch * self.heads, padded_length, self.width
-
-    def to_kernel(self, x: Array, chunk: int) -> Array:
-        """``[B, T, H, D] -> [B * H, T, D]``: T zero-padded to whole chunks, D to ``width``."""
-        x = _pad(_pad(x, 1, -(-x.shape[1] // chunk) * chunk), 3, self.width)
-        batch, length, heads, width = x.shape
-        return jnp.swapaxes(x, 1, 2).reshape(batch * heads, length, width)
-
-    def from_kernel(self, y: Array, batch: int, length: int, width: int) -> Array:
-        """``[B * H, T, D] -> [B, T, H, D]``, the padding of T and D sliced off."""
-        y = jnp.swapaxes(y.reshape(batch, self.heads, y.shape[1], self.width), 1, 2)
-        return y[:, :length, :, :width]
-
-
-def key_layout(heads: int, key_dim: int) -> Layout:
-    """q and k (and their gradients): K padded to whole lane tiles."""
-    return Layout(heads, padded_key_dim(key_dim))
-
-
-def value_layout(heads: int, value_dim: int) -> Layout:
-    """v, the outputs, the writes and their gradients: V as it is (64 is the whole lane axis of a block).
+def block_steps(chunk: int, length: int) -> int:
+    """L, the steps of one grid step's blocks: whole lane tiles of whole chunks, or the whole
+    (padded) sequence when that is shorter.
 
     Example:
-        >>> value_layout(8, 64).width, key_layout(8, 200).width
-        (64, 256)
+        >>> block_steps(64, 4096), block_steps(16, 40), block_steps(256, 4096)
+        (128, 48, 256)
     """
-    return Layout(heads, value_dim)
+    padded = -(-length // chunk) * chunk
+    return min(max(chunk, LANES), padded)
+
+
+def keys_to_kernel(x: Array, padded_length: int, width: int) -> Array:
+    """``[B, T, H, K] -> [B, T', H, K']``: zero-padded to whole blocks and lane tiles (x itself when
+    it is that shape already)."""
+    return _pad(_pad(x, 1, padded_length), 3, width)
+
+
+def values_to_kernel(x: Array, padded_length: int, on_lanes: bool) -> Array:
+    """``[B, T, H, V] -> [B, H, V, T']``, T zero-padded: the steps on the lanes (``on_lanes``: V on the
+    lanes, ``[B, T', H, V]`` as it is)."""
+    x = _pad(x, 1, padded_length)
+    return x if on_lanes else jnp.transpose(x, (0, 2, 3, 1))
+
+
+def values_from_kernel(y: Array, length: int, on_lanes: bool) -> Array:
+    """The inverse of :func:`values_to_kernel`, the padding of T sliced off."""
+    return (y if on_lanes else jnp.transpose(y, (0, 3, 1, 2)))[:, :length]
+
+
+def betas_to_kernel(beta: Array, padded_length: int) -> Array:
+    """``[B, T, H] -> [B, H, T']`` float32: a head's chunk of write strengths is a lane row."""
+    return jnp.swapaxes(_pad(beta.astype(jnp.float32), 1, padded_length), 1, 2)
