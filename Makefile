@@ -80,14 +80,14 @@ FAST_COMPILE := XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0"
 # DPFP_TPU_COMPILER: the TPU compile tests (tests/test_tpu_compile.py) run, and fail without libtpu
 # instead of skipping.
 test: lint test-newest-jax $(TPU_STAMP)
-	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 test-newest-jax: $(NEWEST_STAMP)
 	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'
-	$(FAST_COMPILE) $(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) -m 'jax_sensitive and not slow' tests
+	$(FAST_COMPILE) $(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m 'jax_sensitive and not slow' tests
 
 test-all: lint $(CUDA_STAMP) $(TPU_STAMP)
-	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m ''
+	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m ''
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.ops

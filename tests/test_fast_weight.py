@@ -148,10 +148,11 @@ def test_composes_with_jit_vmap_grad_checkpoint(impl):
 
     plain = jax.grad(loss(f), argnums=(0, 1, 2, 3, 4))(*args)
     remat = jax.jit(jax.grad(loss(jax.checkpoint(f)), argnums=(0, 1, 2, 3, 4)))(*args)
-    assert_close(remat, plain, rtol=1e-5, atol=1e-7)
+    # Gradients reach ~5 here: float32 rounding of differently batched matmuls is ~1e-6 absolute.
+    assert_close(remat, plain, rtol=1e-5, atol=1e-6)
     # vmap of grad.
     per_copy = jax.vmap(jax.grad(loss(f), argnums=(0, 1, 2, 3, 4)))(*stacked)
-    assert_close([g[0] for g in per_copy], plain, rtol=1e-5, atol=1e-7)
+    assert_close([g[0] for g in per_copy], plain, rtol=1e-5, atol=1e-6)
 
 
 @JAX_SENSITIVE

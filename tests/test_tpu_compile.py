@@ -213,7 +213,7 @@ def test_pallas_tpu_kernel_reads_128_wide_values_in_place(tpu):
 
 
 @pytest.mark.slow  # minutes of compiling the chunk form per case
-@pytest.mark.parametrize("topology, key_dim", [(V5E, 128), (V5E, 512), (V6E, 128), (V6E, 1024)])
+@pytest.mark.parametrize("topology, key_dim", [*((V5E, k) for k in PALLAS_KEY_DIMS), (V6E, 128), (V6E, 1024)])
 def test_pallas_tpu_kernel_training_memory_is_at_most_half_of_chunks(tpu, topology, key_dim):
     temp = {impl: training_temp_bytes(tpu, impl, topology, key_dim) for impl in ("pallas", "chunk")}
     assert temp["pallas"] <= temp["chunk"] / 2, temp
