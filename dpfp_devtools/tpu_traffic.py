@@ -2,7 +2,7 @@
 
 Mosaic's pipeline copies an operand's block between HBM and VMEM at a grid step only when its
 block index differs from the previous step's (a state block whose index stays put over the
-chunks is read once per head, an output block written once when the walk leaves it). So the
+blocks is read once per batch row, an output block written once when the walk leaves it). So the
 bytes a ``pallas_call`` moves are: for each operand, its block's bytes times the number of runs
 of equal consecutive block indices over the grid, walked in order (the last axis fastest). An
 operand placed whole in SMEM (the scale) is read once. :func:`kernel_bytes` does that walk on

@@ -170,11 +170,11 @@ def training_args(key_dim: int, value_dim: int = 64) -> tuple[jax.ShapeDtypeStru
             jax.ShapeDtypeStruct((8, 4096, 8), jnp.bfloat16))
 
 
-def training_temp_bytes(tpu, impl: str, topology: str, key_dim: int, value_dim: int = 64) -> int:
+def training_temp_bytes(tpu, impl: str, topology: str, key_dim: int, value_dim: int = 64, **options) -> int:
     from dpfp_devtools.workloads import forward_and_backward, ours
 
     args = training_args(key_dim, value_dim)
-    forward, backward = forward_and_backward(ours(impl), len(args))
+    forward, backward = forward_and_backward(ours(impl, **options), len(args))
     if impl == "pallas":
         assert "fast_weight_tpu_chunk_fwd" in tpu.compile_for_tpu(forward, *args, topology=topology).as_text()
     return tpu.memory(tpu.compile_for_tpu(backward, *args, topology=topology)).temp_bytes
@@ -210,6 +210,16 @@ def test_pallas_tpu_kernel_reads_128_wide_values_in_place(tpu):
     # temporaries (reading them transposed made XLA copy v and the outputs' gradient: 1.36x this).
     writes_and_output_gradient = 8 * 4096 * 8 * 128 * (4 + 2)
     assert training_temp_bytes(tpu, "pallas", V5E, 128, value_dim=128) <= 1.1 * writes_and_output_gradient
+
+
+@pytest.mark.parametrize("value_dim, chunk_size", [(64, 16), pytest.param(64, 256, marks=pytest.mark.slow),
+                                                   pytest.param(128, 16, marks=pytest.mark.slow)])
+def test_pallas_tpu_kernel_compiles_at_other_chunk_sizes(tpu, value_dim, chunk_size):
+    # Eight chunks of 16 per block of 128 steps (lane slices of v at offsets of 16; at V = 128,
+    # [16, 128] chunks transposed in VMEM), or one chunk of 256 per block.
+    writes_and_output_gradient = 8 * 4096 * 8 * value_dim * (4 + 2)
+    temp = training_temp_bytes(tpu, "pallas", V5E, 128, value_dim=value_dim, chunk_size=chunk_size)
+    assert temp <= 1.1 * writes_and_output_gradient
 
 
 @pytest.mark.slow  # minutes of compiling the chunk form per case

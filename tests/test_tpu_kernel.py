@@ -99,14 +99,16 @@ def test_matches_reference_in_interpret_mode(rule, dtype, key_dim, with_state):
 @pytest.mark.parametrize("key_dim, value_dim", [(128, 128), pytest.param(200, 64, marks=SLOW),
                                                 pytest.param(64, 32, marks=SLOW)])
 def test_other_layouts_match_reference(key_dim, value_dim):
-    # K = 200 and 64 are padded to whole lane tiles; V = 128 is a whole lane tile, V = 32 a quarter.
-    check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=32)
+    # K = 200 and 64 are padded to whole lane tiles; V = 128 is a whole lane tile (read as the
+    # caller's [B, T, H, V], chunks transposed in the kernel), V = 32 a quarter. T = 300 in chunks of
+    # 128: three blocks of one chunk each.
+    check_against_reference("delta", jnp.float32, key_dim, True, value_dim=value_dim, time=300, chunk_size=128)
 
 
 def test_several_blocks_of_several_chunks_match_reference():
-    # T = 300 in chunks of 64: three grid steps of two chunks each (the last two chunks padding
-    # and part of one): the state passes between chunks of a block and between blocks, forward
-    # and backward. Two batch rows: the race detector's two cores run one each, concurrently.
+    # T = 300 in chunks of 64: three grid steps of two chunks each (the fifth chunk holds 44 steps,
+    # the sixth is all padding): the state passes between chunks of a block and between blocks,
+    # forward and backward. Two batch rows: the race detector's two cores run one each, concurrently.
     check_against_reference("delta", jnp.float32, 128, True, time=300, chunk_size=64, batch=2)
 
 
@@ -161,7 +163,7 @@ def test_kernel_refuses_what_the_dispatcher_refuses(case):
         jax.eval_shape(lambda *a: fused_chunk_tpu(*a, **kwargs, chunk_size=16, interpret=True), *args)
 
 
-@pytest.mark.parametrize("chunk_size", [24, 48, 96, 200])
+@pytest.mark.parametrize("chunk_size", [8, 24, 48, 96, 144, 192, 200])
 def test_bad_chunk_size_is_refused(chunk_size):
     inputs = make_inputs(0, time=16, key_dim=128, rule="sum")
     message = f"chunk_size must be 16, 32, 64 or a multiple of 128 .*got chunk_size={chunk_size}"

@@ -60,6 +60,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.tpu.layout import (
+    LANES,
     betas_to_kernel,
     block_steps,
     keys_to_kernel,
@@ -72,7 +73,8 @@ from pallas_kernels.validation import check_kernel_inputs
 Array = jax.Array
 f32 = jnp.float32
 
-# A bfloat16 block's sublane tile is 16 rows: a chunk of C steps is the second-to-last block dim.
+# A chunk is a slice of a block's step axis (the sublanes of q's and k's blocks): whole bfloat16
+# sublane tiles of 16 rows.
 CHUNK_MULTIPLE = 16
 
 
@@ -186,7 +188,7 @@ class Dims(NamedTuple):
     def values_on_lanes(self) -> bool:
         """Whether v, the outputs and their gradients are read as the caller's ``[B, T, H, V]`` (V a
         multiple of 128, which XLA keeps row-major), not as ``[B, H, V, T]`` (layout.py)."""
-        return self.value_dim % 128 == 0
+        return self.value_dim % LANES == 0
 
     @property
     def chunks_per_block(self) -> int:
@@ -239,8 +241,8 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
             else:
                 ut = vt
             # O^T = scale (W0^T Q^T + u^T tril(Q K^T)^T); the output is linear in q, so the scale is applied last.
-            out = scale * (_mm_t(wt, q) + _mm_t(ut, _tril(_mm_t(q, k))))
-            _store_t(out_ref, h, steps, out, dims)
+            out_t = scale * (_mm_t(wt, q) + _mm_t(ut, _tril(_mm_t(q, k))))
+            _store_t(out_ref, h, steps, out_t, dims)
             wt = wt + _mm(ut, k)  # W1 = W0 + K^T u
         w_ref[h] = wt
 
@@ -352,21 +354,26 @@ def _keys(dims: Dims, dtype, reverse: bool = False):
             jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, dims.key_width), dtype))
 
 
-def _writes(dims: Dims, reverse: bool = False):
-    """The stored writes u (only this kernel reads them): ``[B, H, V, T']`` float32, an ``[H, V, L]`` block."""
+def _steps_on_lanes(dims: Dims, dtype, reverse: bool = False):
+    """A per-step value array as ``[B, H, V, T']``, an ``[H, V, L]`` block: the steps on the lanes."""
     at = _block_index(dims, reverse)
     return (pl.BlockSpec((None, dims.heads, dims.value_dim, dims.block), lambda b, n: (b, 0, 0, at(n))),
-            jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.value_dim, dims.padded_length), f32))
+            jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.value_dim, dims.padded_length), dtype))
+
+
+def _writes(dims: Dims, reverse: bool = False):
+    """The stored writes u (only this kernel reads them): float32, the steps on the lanes at every V."""
+    return _steps_on_lanes(dims, f32, reverse)
 
 
 def _values(dims: Dims, dtype, reverse: bool = False):
     """v, the outputs or a gradient of them: ``[B, T', H, V]`` in ``[L, H, V]`` blocks when V is whole
-    lane tiles, else ``[B, H, V, T']`` in ``[H, V, L]`` blocks."""
-    if dims.values_on_lanes:
-        at = _block_index(dims, reverse)
-        return (pl.BlockSpec((None, dims.block, dims.heads, dims.value_dim), lambda b, n: (b, at(n), 0, 0)),
-                jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, dims.value_dim), dtype))
-    return _writes(dims, reverse)[0], jax.ShapeDtypeStruct(_writes(dims)[1].shape, dtype)
+    lane tiles, else the steps on the lanes."""
+    if not dims.values_on_lanes:
+        return _steps_on_lanes(dims, dtype, reverse)
+    at = _block_index(dims, reverse)
+    return (pl.BlockSpec((None, dims.block, dims.heads, dims.value_dim), lambda b, n: (b, at(n), 0, 0)),
+            jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, dims.value_dim), dtype))
 
 
 def _betas(dims: Dims, reverse: bool = False):
@@ -427,7 +434,7 @@ def vmem_bytes(plan: CallPlan, scratch_bytes: int) -> int:
             continue
         itemsize = jnp.dtype(shape.dtype).itemsize
         block = [1 if d is None else d for d in spec.block_shape]
-        block[-1] = -(-block[-1] // 128) * 128
+        block[-1] = -(-block[-1] // LANES) * LANES
         rows = 8 * 4 // itemsize
         block[-2] = -(-block[-2] // rows) * rows
         total += 2 * math.prod(block) * itemsize
@@ -509,7 +516,7 @@ def check_tpu_chunk_size(chunk_size: object) -> None:
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int; got {type(chunk_size).__name__} {chunk_size!r}")
-    if chunk_size < CHUNK_MULTIPLE or chunk_size % CHUNK_MULTIPLE or (chunk_size < 128 and 128 % chunk_size):
+    if chunk_size < CHUNK_MULTIPLE or (LANES % chunk_size if chunk_size < LANES else chunk_size % LANES):
         raise ValueError(f"chunk_size must be 16, 32, 64 or a multiple of 128 for the TPU kernel (whole "
                          f"bfloat16 sublane tiles, and whole chunks in a block of 128-lane tiles of steps); "
                          f"got chunk_size={chunk_size}")

@@ -16,7 +16,8 @@ the op's ``[B, T, H, D]`` arrays that means two cases, and the kernel reads each
   a chunk of one head is ``ref[h, :, steps]``, ``[V, C]`` with the steps on the lanes, and the
   kernel does its math on the transposes ``v^T``, ``u^T``, ``O^T`` and the state ``W^T`` ``[V, K]``
   (also no padding of V = 64 in VMEM). The stored writes u, which only the kernel reads, are
-  kept that way at every V.
+  kept that way at every V. Other V below 128 take the same path; whether XLA stores those
+  T-minor too (so that the view is free) was checked for V = 64 only.
 - **Values with V a multiple of 128** (e.g. 128) XLA keeps row-major like the keys: the kernel
   reads and writes them as they are, in ``[L, H, V]`` blocks, and transposes each chunk in VMEM
   (``[C, V] <-> [V, C]``, Mosaic's transpose), so the math is the same and there is no copy in HBM
