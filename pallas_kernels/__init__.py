@@ -3,7 +3,7 @@
 Kernels are grouped by backend: ``pallas_kernels.triton`` holds the GPU ones (lowered through
 Triton) and the tiles they share (``triton.tiles``: padding, value blocks, launch settings,
 tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout helpers.
-``validation`` (the argument checks) is backend-neutral.
+``validation`` (the argument checks) and ``padding`` are backend-neutral.
 
 - ``fused_chunk_tpu`` (TPU): the chunkwise WY form, sum and delta rules, one program per batch
   row walking blocks of all heads' steps on a sequential grid axis with the float32 states in

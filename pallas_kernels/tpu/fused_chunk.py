@@ -59,6 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.padding import pad_to
 from pallas_kernels.tpu.layout import (
     LANES,
     betas_to_kernel,
@@ -579,8 +580,7 @@ def fused_chunk_tpu(
     qk, kk = (keys_to_kernel(x, dims.padded_length, dims.key_width) for x in (q, k))
     beta_k = betas_to_kernel(beta, dims.padded_length) if rule == "delta" else None
     # The state in the kernel's orientation, W^T [B, H, V, K'] (a few MB: the copies are small).
-    w0 = jnp.swapaxes(jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, dims.key_width - key_dim), (0, 0))),
-                      2, 3)
+    w0 = jnp.swapaxes(pad_to(initial_state.astype(f32), 2, dims.key_width), 2, 3)
     out, final_state = _fused_chunk(interpret, dims, jnp.asarray(scale, f32).reshape(1), qk, kk,
                                     values_to_kernel(v, dims.padded_length, dims.values_on_lanes), beta_k, w0)
     return values_from_kernel(out, length, dims.values_on_lanes), jnp.swapaxes(final_state, 2, 3)[:, :, :key_dim]

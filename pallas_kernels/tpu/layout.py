@@ -35,7 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.triton.tiles import pad_to as _pad
+from pallas_kernels.padding import pad_to as _pad
 
 Array = jax.Array
 

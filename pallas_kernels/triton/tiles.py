@@ -16,6 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.padding import pad_to
+
 Array = jax.Array
 
 
@@ -43,15 +45,6 @@ def padded_sizes(key_dim: int, value_dim: int, state_budget: int = 16_384, min_b
         k_pad = -(-key_dim // key_tile) * key_tile
     block = value_block(k_pad, value_dim, state_budget, min_block)
     return k_pad, block, -(-value_dim // block) * block
-
-
-def pad_to(x: Array, axis: int, size: int) -> Array:
-    """Zero-pad ``axis`` of x up to ``size`` (x itself when it is that size already)."""
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def pad_state(w: Array, k_pad: int, v_pad: int) -> Array:

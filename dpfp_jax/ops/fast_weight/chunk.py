@@ -43,6 +43,7 @@ from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_h
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, tril, wy_inverse, wy_writes
 from dpfp_jax.validation import check_positive_int
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.padding import pad_to
 
 Array = jax.Array
 
@@ -416,9 +417,7 @@ def fast_weight_chunk(
 
     def pad(x: Array | None) -> Array | None:
         # Zero-padded steps are inert: a zero key writes nothing under either rule, and their outputs are sliced off.
-        if x is None or padded == length:
-            return x
-        return jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+        return None if x is None else pad_to(x, 1, padded)
 
     if num_spans == 0:  # T = 0: no step to take (a span's slice would not fit)
         return zeros_like_sharded(v, v.dtype), initial_state.astype(acc)
