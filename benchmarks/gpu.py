@@ -35,7 +35,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import delta_rule_inputs, machine_name, peer_deltanet, time_interleaved_ms  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    delta_rule_inputs,
+    peer_deltanet,
+    reported_run,
+    time_interleaved_ms,
+)
 from dpfp_devtools.deviceless import GPUS, compile_for_gpu, peak_bytes  # noqa: E402
 from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, forward_and_backward, ours  # noqa: E402
 
@@ -317,11 +322,14 @@ def main() -> None:
     if args.runtime_peak_of:
         runtime_peak_child(args.runtime_peak_of, args.shape, args.cache_dir, args.step)
         return
-    if args.deviceless:
-        print(f"compiled on {machine_name()} for {args.deviceless}, not run")
-        sys.exit(1 if deviceless_memory(args.deviceless) else 0)
-    print(f"machine: {machine_name()}")
-    benchmark(args.repeats, args.memory_shapes)
+    with reported_run():
+        if args.deviceless:
+            print(f"compiled for {args.deviceless}, not run")
+            failures = deviceless_memory(args.deviceless)
+        else:
+            benchmark(args.repeats, args.memory_shapes)
+            failures = 0
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":
