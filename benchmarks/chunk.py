@@ -28,7 +28,13 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
+from benchmarks.common import (
+    delta_rule_inputs,
+    measure_forward_backward,
+    peer_deltanet,
+    print_table,
+    reported_run,
+)
 from dpfp_devtools.workloads import LOSSES, ours, worst_relative_error
 
 
@@ -102,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help="what the timed gradient is of")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
-    print(f"machine: {machine_name()}")
     if args.packed:
         packed(args, batch, heads, value_dim)
         return
@@ -139,4 +144,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_run():
+        main()

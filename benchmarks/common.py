@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,35 @@ def machine_name() -> str:
             pass
         return f"CPU: {cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
     return f"{device.platform.upper()}: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. "0.12 / 0.30 / 0.41" (a quiet 2-core machine is < 1)."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@contextlib.contextmanager
+def reported_run() -> Iterator[None]:
+    """Print what a table needs beside it to be reproduced and weighed: the command, the machine,
+    the date and the load average, before the run; the load average again after it.
+
+    Example:
+        >>> with reported_run():  # doctest: +ELLIPSIS
+        ...     pass
+        command: ...
+        machine: ...
+        date: ...
+        load average (1 / 5 / 15 min) at start: ...
+        load average at end: ...
+    """
+    module = sys.modules["__main__"].__spec__
+    program = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
+    print(f"command: {program} {shlex.join(sys.argv[1:])}".rstrip())
+    print(f"machine: {machine_name()}")
+    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"load average (1 / 5 / 15 min) at start: {load_average()}", flush=True)
+    yield
+    print(f"load average at end: {load_average()}", flush=True)
 
 
 def time_interleaved_ms(

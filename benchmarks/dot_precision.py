@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import dpfp_jax as dj
-from benchmarks.common import delta_rule_inputs, machine_name
+from benchmarks.common import delta_rule_inputs, machine_name, reported_run
 from dpfp_devtools.workloads import worst_relative_error
 from dpfp_jax.ops.fast_weight.chunk import XLA_WALK, fast_weight_chunk, xla_walk
 from dpfp_jax.ops.fast_weight.common import zero_state
@@ -87,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_run():
+        main()

@@ -9,6 +9,12 @@ fused chunk kernel with two load-pipelining stages, up to K=256), FLA's
 ``chunk_delta_rule`` and ``fused_recurrent_delta_rule`` (PyTorch + Triton) and
 jax-linear-attention's ``mosaic_gpu`` deltanet, each as a ratio to our ``chunk``.
 A peer that refuses a shape is listed with its reason.
+
+Like for like: every contender is timed in the same interleaved rounds (one call of each per
+round, the median kept), PyTorch's forward without autograd as JAX's jitted forward; memory is
+each side's allocator peak over one forward+backward with the inputs included (PyTorch's
+``max_memory_allocated``, XLA's ``peak_bytes_in_use`` in a fresh process), and JAX's compiled
+peak (what ``--deviceless`` reads) stands beside it for comparison with the deviceless tables.
 """
 
 from __future__ import annotations
@@ -22,57 +28,114 @@ if __name__ == "__main__" and "--deviceless" in sys.argv:
     prepare_environment()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
+import math  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import delta_rule_inputs, machine_name, peer_deltanet  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    delta_rule_inputs,
+    peer_deltanet,
+    reported_run,
+    time_interleaved_ms,
+)
 from dpfp_devtools.deviceless import GPUS, compile_for_gpu, peak_bytes  # noqa: E402
 from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, forward_and_backward, ours  # noqa: E402
 
 
-def jax_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
-    """(fwd ms, fwd+bwd ms, fwd+bwd peak GB: XLA's temporaries + arguments + outputs)."""
+def jax_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward+backward) of a JAX contender as calls that return once the device is done."""
     forward, backward = forward_and_backward(fn, len(args))
-    times = []
-    for f in (forward, backward):
-        jax.block_until_ready(f(*args))
-        start = time.perf_counter()
-        for _ in range(repeats):
-            result = f(*args)
-        jax.block_until_ready(result)
-        times.append((time.perf_counter() - start) / repeats * 1e3)
-    return times[0], times[1], peak_bytes(backward.lower(*args).compile()) / 1e9
+    return (lambda: jax.block_until_ready(forward(*args))), (lambda: jax.block_until_ready(backward(*args)))
 
 
-def torch_timings(fn: Callable, args: tuple, repeats: int) -> tuple[float, float, float]:
+def torch_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward+backward) of a PyTorch contender, each synchronising the GPU before it returns.
+
+    The forward runs without autograd (``torch.no_grad`` on inputs that do not require grad), as
+    JAX's jitted forward keeps nothing for a backward; forward+backward runs on inputs that require
+    grad and ends with their gradients, as JAX's ``grad`` does.
+    """
     import torch
 
-    tensors = [torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16).requires_grad_()
-               for a in args]
+    def to_torch(a, requires_grad: bool):
+        tensor = torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16)
+        return tensor.requires_grad_(requires_grad)
+
+    plain = [to_torch(a, False) for a in args]
+    grads = [to_torch(a, True) for a in args]
 
     def forward():
-        out, state = fn(*tensors)
-        return out, state
+        with torch.no_grad():
+            fn(*plain)
+        torch.cuda.synchronize()
 
     def forward_backward():
-        out, state = forward()
+        for t in grads:
+            t.grad = None
+        out, state = fn(*grads)
         (out.float().sum() + state.float().sum()).backward()
+        torch.cuda.synchronize()
 
-    result = []
-    for f in (forward, forward_backward):
-        f()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            f()
-        torch.cuda.synchronize()
-        result.append((time.perf_counter() - start) / repeats * 1e3)
-    return result[0], result[1], torch.cuda.max_memory_allocated() / 1e9
+    return forward, forward_backward
+
+
+def torch_runtime_peak_bytes(forward_backward: Callable[[], object]) -> int:
+    """PyTorch's allocator peak over one forward+backward, the inputs (allocated before) included."""
+    import torch
+
+    forward_backward()  # first call: Triton autotuning and compilation are not part of the figure
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    forward_backward()
+    return torch.cuda.max_memory_allocated()
+
+
+def jax_runtime_peak_bytes(name: str, shape: tuple[int, ...]) -> int | str:
+    """XLA's allocator peak over one forward+backward of contender ``name`` at ``shape``, the inputs
+    (allocated before) included: the figure ``torch_runtime_peak_bytes`` reads on the PyTorch side.
+
+    jax cannot reset its allocator's peak, and compiling (autotuning) allocates device memory too,
+    so each figure comes from a fresh process that loads the program from a persistent compilation
+    cache that another fresh process filled: the measured process allocates only the inputs and
+    what the run itself needs. Returns the bytes, or why there is no figure.
+    """
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        command = [sys.executable, "-m", "benchmarks.gpu", "--runtime-peak-of", name,
+                   "--shape", ",".join(map(str, shape)), "--cache-dir", cache]
+        for step in ("compile", "measure"):
+            done = subprocess.run([*command, "--step", step], capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode or (step == "measure" and not lines):
+                return f"{step} failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        return json.loads(lines[-1])["peak_bytes"]
+
+
+def runtime_peak_child(name: str, shape: tuple[int, ...], cache_dir: str, step: str) -> None:
+    """The fresh process of ``jax_runtime_peak_bytes``: ``step="compile"`` fills the cache,
+    ``"measure"`` runs once from it and prints ``{"peak_bytes": ...}`` (XLA's ``peak_bytes_in_use``)."""
+    import json
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Draw the inputs on the host: drawing them on the device would leave float32 draws in the peak.
+    with jax.default_device(jax.devices("cpu")[0]):
+        host_args = delta_rule_inputs(*shape, jnp.bfloat16)
+    args = jax.device_put(host_args, jax.devices()[0])
+    _, backward = forward_and_backward(contenders()[name][1], len(args))
+    compiled = backward.lower(*args).compile()
+    if step == "measure":
+        if compiled.memory_analysis() is None or jax.devices()[0].memory_stats() is None:
+            raise SystemExit(f"no allocator statistics on {jax.devices()[0].platform}")
+        jax.block_until_ready(compiled(*args))
+        print(json.dumps({"peak_bytes": jax.devices()[0].memory_stats()["peak_bytes_in_use"]}))
 
 
 def fla(name: str) -> Callable | None:
@@ -153,24 +216,47 @@ def compile_jla_for(num_sms: int) -> None:
             module.num_sms = lambda: num_sms
 
 
-def benchmark(repeats: int) -> None:
+def benchmark(repeats: int, memory_shapes: list[tuple[int, ...]]) -> None:
+    """Each shape's table: every contender's forward and forward+backward timed in interleaved rounds
+    (median of ``repeats``: ``benchmarks.common.time_interleaved_ms``), its runtime allocator peak
+    over a forward+backward (the same figure on both sides; for JAX contenders only at
+    ``memory_shapes``, each taking two fresh processes), and JAX's compiled peak beside it."""
     for shape in SHAPES:
         batch, length, heads, key_dim, value_dim = shape
         args = delta_rule_inputs(batch, length, heads, key_dim, value_dim, jnp.bfloat16)
         print(f"\n## B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, bfloat16\n")
-        rows = {}
+        rows: dict[str, tuple[float, ...] | str] = {}
+        calls, peaks, compiled = {}, {}, {}
         for name, (framework, fn) in contenders().items():
             if fn is None:
                 rows[name] = "not installed"
-                continue
-            if not fits_on_chip(fn, key_dim, jnp.bfloat16):
+            elif not fits_on_chip(fn, key_dim, jnp.bfloat16):
                 rows[name] = "skipped: over an H200's shared memory at this K (triton_report.py)"
-                continue
-            try:
-                rows[name] = (jax_timings if framework == "jax" else torch_timings)(fn, args, repeats)
-            except Exception as err:  # noqa: BLE001 - a peer refusing a shape is a result
-                rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        print_ratios(rows)
+            else:
+                try:
+                    calls[name] = (jax_calls if framework == "jax" else torch_calls)(fn, args)
+                    for call in calls[name]:
+                        call()  # compile (and a peer's refusal of the shape) before any timing
+                    if framework == "torch":
+                        peaks[name] = torch_runtime_peak_bytes(calls[name][1])
+                    else:
+                        backward = forward_and_backward(fn, len(args))[1]
+                        compiled[name] = peak_bytes(backward.lower(*args).compile())
+                        if shape in memory_shapes:
+                            peaks[name] = jax_runtime_peak_bytes(name, shape)
+                except Exception as err:  # noqa: BLE001 - a peer refusing a shape is a result
+                    calls.pop(name, None)
+                    rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        forward = time_interleaved_ms({n: c[0] for n, c in calls.items()}, repeats=repeats)
+        backward = time_interleaved_ms({n: c[1] for n, c in calls.items()}, repeats=repeats)
+        for name in calls:
+            peak = peaks.get(name, "not measured")
+            rows[name] = (forward[name], backward[name],
+                          peak / 1e9 if isinstance(peak, int) else float("nan"),
+                          compiled[name] / 1e9 if name in compiled else float("nan"))
+            if isinstance(peak, str) and peak != "not measured":
+                print(f"- {name}: no runtime peak: {peak}")
+        print_ratios({name: rows[name] for name in contenders()})
         sys.stdout.flush()
 
 
@@ -178,10 +264,11 @@ def benchmark(repeats: int) -> None:
 RATIO_BASES = ("ours chunk", "FLA chunk_delta_rule", "FLA fused_recurrent_delta_rule", "jla mosaic_gpu deltanet")
 
 
-def print_ratios(rows: dict[str, tuple[float, float, float] | str]) -> None:
-    """The benchmark table: times, peak memory, and fwd+bwd time and memory over each base row."""
-    print_ratio_table(rows, ("fwd ms", "fwd+bwd ms", "fwd+bwd peak GB"), {"time": 1, "memory": 2}, RATIO_BASES,
-                      digits=2)
+def print_ratios(rows: dict[str, tuple[float, ...] | str]) -> None:
+    """The benchmark table: times, runtime peak memory (nan: not measured), JAX's compiled peak, and
+    fwd+bwd time and runtime peak over each base row."""
+    print_ratio_table(rows, ("fwd ms", "fwd+bwd ms", "fwd+bwd runtime peak GB", "fwd+bwd compiled peak GB"),
+                      {"time": 1, "memory": 2}, RATIO_BASES, digits=2)
 
 
 def print_ratio_table(rows: dict[str, tuple[float, ...] | str], columns: tuple[str, ...],
@@ -197,23 +284,52 @@ def print_ratio_table(rows: dict[str, tuple[float, ...] | str], columns: tuple[s
         if isinstance(row, str):
             print(f"| {name} | {row} |" + " |" * (len(columns) + len(heads) - 1))
             continue
-        cells = [f"{x:.{digits}f}" for x in row]
-        cells += [f"{row[i] / base[i]:.2f}x" for base in present.values() for i in ratios.values()]
+        cells = ["n/a" if math.isnan(x) else f"{x:.{digits}f}" for x in row]
+        cells += ["n/a" if math.isnan(row[i] / base[i]) else f"{row[i] / base[i]:.2f}x"
+                  for base in present.values() for i in ratios.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8,4096,8,128,64"`` -> ``(8, 4096, 8, 128, 64)`` (B, T, H, K, V)."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is five positive integers B,T,H,K,V; got {text!r}")
+    return shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (median)")
+    parser.add_argument("--memory-shapes", type=parse_shape, nargs="*", default=[SHAPES[0], SHAPES[3]],
+                        metavar="B,T,H,K,V",
+                        help="shapes at which JAX contenders' runtime peak is measured (two fresh processes "
+                             "each); default: K=128 and K=512 at B=8, T=4096")
     parser.add_argument("--deviceless", metavar="GPU", nargs="?", const="NVIDIA H200",
                         help="no GPU needed: compile every JAX path for GPU (default NVIDIA H200) and print "
                              "its temp memory (dpfp_devtools/deviceless.py; `make gpu-memory`)")
+    # The fresh processes of jax_runtime_peak_bytes.
+    parser.add_argument("--runtime-peak-of", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", type=parse_shape, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--step", choices=("compile", "measure"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.deviceless:
-        print(f"compiled on {machine_name()} for {args.deviceless}, not run")
-        sys.exit(1 if deviceless_memory(args.deviceless) else 0)
-    print(f"machine: {machine_name()}")
-    benchmark(args.repeats)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
+    if args.runtime_peak_of:
+        runtime_peak_child(args.runtime_peak_of, args.shape, args.cache_dir, args.step)
+        return
+    with reported_run():
+        if args.deviceless:
+            print(f"compiled for {args.deviceless}, not run")
+            failures = deviceless_memory(args.deviceless)
+        else:
+            benchmark(args.repeats, args.memory_shapes)
+            failures = 0
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

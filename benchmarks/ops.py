@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, peer_deltanet, print_table
+from benchmarks.common import (
+    delta_rule_inputs,
+    measure_forward_backward,
+    peer_deltanet,
+    print_table,
+    reported_run,
+)
 from dpfp_devtools.workloads import ours
 
 
@@ -39,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             fns[f"jla {impl}"] = fn
     print(f"# fast_weight delta rule, float32, B={args.batch}, H={args.heads}, V={args.value_dim}")
-    print(f"machine: {machine_name()}")
     for note in sorted(set(notes)):
         print(f"note: {note}")
     for key_dim in key_dims:
@@ -50,4 +55,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_run():
+        main()

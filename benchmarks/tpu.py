@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, print_table
+from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, print_table, reported_run
 from dpfp_devtools import tpu
 from dpfp_devtools.workloads import forward_and_backward, ours
 
@@ -131,4 +131,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_run():
+        main()

@@ -132,9 +132,13 @@ def test_chunk_long_sequence_stays_accurate(rule):
 def test_chunk_backward_keeps_no_state_per_chunk():
     from tests.test_fast_weight import temp_bytes_of_grad
 
-    reference, chunk = temp_bytes_of_grad("reference"), temp_bytes_of_grad("chunk")
-    # T / C = 32 chunks; a state per chunk alone would be 32 * B * H * K * V * 4 bytes.
-    assert reference / chunk >= 8, (reference, chunk)
+    scan, chunk = temp_bytes_of_grad("scan"), temp_bytes_of_grad("chunk")
+    # T / C = 32 chunks; a state per chunk alone would be 32 * B * H * K * V * 4 bytes (8.4 MB).
+    # The scan keeps no state at all beyond the running one, so chunk's temporaries may exceed
+    # the scan's by its per-chunk pieces, but by less than half of a state per chunk (2.8 MB when
+    # written: 36.7 MB against 33.9).
+    per_chunk_states = 32 * 2 * 4 * 128 * 64 * 4
+    assert chunk - scan < per_chunk_states / 2, (chunk, scan, per_chunk_states)
 
 
 @pytest.mark.parametrize("rule", ["delta", "sum"])

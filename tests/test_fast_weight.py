@@ -8,7 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import dpfp_jax as dj
-from dpfp_devtools.workloads import make_inputs
+from dpfp_devtools.workloads import make_inputs, worst_relative_error
 from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
@@ -170,6 +170,10 @@ def test_bfloat16_inputs(impl, rule):
     assert_close(state, want_state, rtol=1e-5, atol=1e-5)
     g = grads(bf16, impl, rule)
     chex.assert_type(g[:3], jnp.bfloat16)
+    # Their values: the oracle's gradients on the same bf16-rounded inputs in float32, up to
+    # bfloat16's rounding of the gradients themselves (relative 2^-8 per entry).
+    want_g = grads({n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}, "reference", rule)
+    assert worst_relative_error(g, want_g) < 1e-2, worst_relative_error(g, want_g)
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
@@ -216,10 +220,12 @@ def test_delta_rule_with_l2_normalised_keys_stays_bounded_at_t_65536(impl):
     assert (out**2 <= delta_column_bound(k, v, beta) * (1 + 1e-4)).all()
 
 
-# "pallas_interpret": the Pallas kernels in interpret mode, fused chunk from one chunk (16 steps)
-# on, fused recurrent below. inf goes the way of NaN (0 * inf is NaN), so it is run once.
+# "pallas_interpret": the Pallas GPU kernels in interpret mode, fused chunk from one chunk (16 steps)
+# on, fused recurrent below; "tpu_interpret": the Pallas TPU kernel (impl="pallas" inside
+# force_tpu_interpret_mode), chunked at every length. inf goes the way of NaN (0 * inf is NaN),
+# so it is run once.
 NON_FINITE_CASES = [
-    *[(impl, 40, np.nan) for impl in ("reference", *FAST_IMPLS, "pallas_interpret")],
+    *[(impl, 40, np.nan) for impl in ("reference", *FAST_IMPLS, "pallas_interpret", "tpu_interpret")],
     ("chunk", 40, np.inf),
     ("pallas_interpret", 12, np.nan),
 ]
@@ -242,6 +248,11 @@ def test_where_a_non_finite_input_reaches(impl, length, bad, rule, arg):
         out, state = fast_weight_pallas(inputs["q"], inputs["k"], inputs["v"], inputs["beta"],
                                         jnp.zeros((2, 2, 8, 4)), rule=rule, scale=1.0, chunk_size=chunk_size,
                                         interpret=True)
+    elif impl == "tpu_interpret":
+        from jax.experimental.pallas import tpu as pltpu
+
+        with pltpu.force_tpu_interpret_mode():
+            out, state = run(inputs, "pallas", rule, chunk_size=chunk_size)
     else:
         out, state = run(inputs, impl, rule, chunk_size=chunk_size)
     out, state = np.asarray(out), np.asarray(state)
@@ -253,7 +264,7 @@ def test_where_a_non_finite_input_reaches(impl, length, bad, rule, arg):
         assert np.isfinite(np.delete(spoilt, t, axis=0)).all() and np.isfinite(state).all()
         return
     assert not np.isfinite(spoilt[t:]).any() and not np.isfinite(state[0, 0]).any()
-    chunked = impl == "chunk" or (impl == "pallas_interpret" and length >= chunk_size)
+    chunked = impl in ("chunk", "tpu_interpret") or (impl == "pallas_interpret" and length >= chunk_size)
     causal_from = t - t % chunk_size if chunked else t
     assert np.isfinite(spoilt[:causal_from]).all()
 

@@ -52,9 +52,9 @@ def cases(draw) -> dict:
     return dict(
         shape=tuple(shape),
         rule=draw(st.sampled_from(dj.RULES)),
-        # chunk twice: the most machinery; the oracle against itself still checks shapes, dtypes
-        # and the empty cases.
-        impl=draw(st.sampled_from(["chunk", "scan", "auto", "chunk", "reference"])),
+        # chunk twice: the most machinery. Every draw compares a fast impl with the oracle (the
+        # oracle's own shapes, dtypes and empty cases are what the other impls are held to).
+        impl=draw(st.sampled_from(["chunk", "scan", "auto", "chunk"])),
         dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         chunk_size=draw(st.sampled_from([1, 3, 16, max(time, 1), 10**6])),
         with_state=draw(st.booleans()),
