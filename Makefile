@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-newest-jax test-all lint bench triton-report gpu-memory tpu-compiler tpu-memory clean
+.PHONY: demo test test-newest-jax test-all lint docs bench triton-report gpu-memory tpu-compiler tpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -64,6 +64,32 @@ $(TPU_STAMP): $(STAMP)
 
 tpu-compiler: $(TPU_STAMP)
 
+# The documentation site (docs/, Sphinx + MyST): `make docs` writes docs/_build/html. Warnings are
+# errors (-W, all reported: --keep-going), cross-references are checked (-n), and every page is
+# re-read (-E), since Sphinx re-reports an unchanged page's warnings only when it reads it again.
+DOCS_STAMP := $(VENV)/.installed-docs
+DOCS_HTML := docs/_build/html
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m sphinx -b html -W --keep-going -n -E -q docs $(DOCS_HTML)
+
+# The browser test of the built site (tests/test_docs_site.py): Debian's chromium and its driver,
+# installed with apt-get (as root, or through sudo) when missing, and selenium into .venv.
+BROWSER_STAMP := $(VENV)/.installed-browser
+
+$(BROWSER_STAMP): $(STAMP)
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver with apt-get for the browser test (needs root)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium chromium-driver; \
+	fi
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[browser]'
+	touch $(BROWSER_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
 
@@ -79,15 +105,16 @@ FAST_COMPILE := XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0"
 
 # DPFP_TPU_COMPILER: the TPU compile tests (tests/test_tpu_compile.py) run, and fail without libtpu
 # instead of skipping.
-test: lint test-newest-jax $(TPU_STAMP)
+test: lint docs test-newest-jax $(TPU_STAMP)
 	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 test-newest-jax: $(NEWEST_STAMP)
 	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'
 	$(FAST_COMPILE) $(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m 'jax_sensitive and not slow' tests
 
-test-all: lint $(CUDA_STAMP) $(TPU_STAMP)
-	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m ''
+# DPFP_DOCS_SITE: the browser test opens the site `docs` built, and fails without chromium.
+test-all: lint docs $(CUDA_STAMP) $(TPU_STAMP) $(BROWSER_STAMP)
+	DPFP_CUDA_COMPILER=$(CUDA_COMPILER) DPFP_TPU_COMPILER=$(TPU_COMPILER) DPFP_DOCS_SITE=$(DOCS_HTML) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m ''
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.ops
@@ -104,4 +131,4 @@ tpu-memory: $(TPU_STAMP)
 	DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m benchmarks.tpu --deviceless
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache build *.egg-info docs/_build

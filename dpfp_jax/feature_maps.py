@@ -31,7 +31,7 @@ Array = jax.Array
 
 
 def dpfp(x: Array, nu: int = 1) -> Array:
-    """DPFP-nu projection (Schlag et al. 2021, Sec. 5.4), element for element as dpfp-pytorch's.
+    """DPFP-nu projection (Schlag et al. 2021, section 5.4), element for element as dpfp-pytorch's.
 
     ``a = concat(relu(x), relu(-x))`` in R^{2d}; ``b_j = a * roll(a, j)`` for ``j = 1..nu``;
     the result is ``concat(b_1, ..., b_nu)`` in R^{2 nu d}, non-negative.

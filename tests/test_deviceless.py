@@ -50,7 +50,7 @@ def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
     assert sorted(r["name"].rsplit("_", 1)[-1] for r in rows) == ["bwd", "fwd"], result.stdout
     for row in rows:
         assert row["shared_kib"] <= SHARED_LIMIT_KIB and row["registers"] <= 255, row
-        # Some spilling is expected (docs/triton_report_h200.md); a whole state slice spilled
+        # Some spilling is expected (docs/reports/triton_report_h200.md); a whole state slice spilled
         # ([512, 32] float32 is 64 KiB) would not be.
         assert row["spill_stores"] <= 8 * 1024, row
 

@@ -295,7 +295,7 @@ def test_training_memory_keeps_no_state_per_step(tpu):
 
 # Forward+backward temporaries of the chunk form on one v5e chip at B=8, T=4096, H=8, V=64,
 # bfloat16, as compiled when every chunk's pieces (scores, WY inverse, U_tilde, Y, Q - S Y, float32
-# copies of the inputs) were made at once and kept for the backward (docs/tpu_memory.md, "Where
+# copies of the inputs) were made at once and kept for the backward (docs/reports/tpu_memory.md, "Where
 # the chunk form's memory went"). Computing them one span at a time, and again in the backward,
 # was to at least halve these.
 ALL_CHUNKS_AT_ONCE_TEMP_MB = {128: 2077.0, 512: 4879.4}

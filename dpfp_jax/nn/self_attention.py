@@ -40,8 +40,10 @@ class DPFPSelfAttention(nn.Module):
     naming them while tracing when their values are known; a mask made inside ``jit`` is checked
     in the computation instead, and a batch row whose mask is not a padding mask outputs NaN.
 
-    Attributes (Flax's where they share its names; ``qkv_features`` and ``out_features`` default
-    to the input width, ``use_bias`` to True as Flax's):
+    The attributes are Flax's where they share its names; ``qkv_features`` and ``out_features``
+    default to the input width, ``use_bias`` to True as Flax's.
+
+    Attributes:
       num_heads, qkv_features, out_features, dtype, param_dtype, precision, kernel_init,
       bias_init, use_bias: as in ``nn.MultiHeadDotProductAttention``.
       dropout_rate: dropout on the layer's output (there are no attention weights to drop);

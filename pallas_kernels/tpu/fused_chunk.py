@@ -22,7 +22,7 @@ V (dq, dk, dbeta) are complete there and written once; TPU Pallas has no atomic 
 them over value blocks.
 
 The triangular inverse ``A^-1`` is computed in the kernel, per chunk, by matmuls
-(:func:`unit_lower_inverse`: Horner's rule on the diagonal blocks, then a product of
+(``unit_lower_inverse``: Horner's rule on the diagonal blocks, then a product of
 ``log2(C / 8)`` factors for the rest), and recomputed in the backward, which also differentiates
 it in-kernel (``dA = -A^-T dA^-1 A^-T``, then beta and ``K K^T``). Why not from XLA, as the GPU
 kernel takes it: compiled for v5e at B=8, T=4096, H=8, K=128, V=64, bfloat16, taking ``T_beta``
@@ -557,7 +557,7 @@ def fused_chunk_tpu(
     checked here (``pallas_kernels.validation``).
 
     The delta rule's per-chunk triangular inverse is computed in the kernel, by matmuls
-    (:func:`unit_lower_inverse`), forward and backward.
+    (``unit_lower_inverse``), forward and backward.
 
     ``interpret``: run in Pallas's TPU interpret mode on any backend (True, or a
     ``pltpu.InterpretParams``, e.g. with ``detect_races=True``); inside

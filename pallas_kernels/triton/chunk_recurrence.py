@@ -21,7 +21,7 @@ On-chip budget (checked for H100/H200 by ``benchmarks/triton_report.py``): the s
 ``K / 64`` separate ``[64, BV]`` tiles and every chunk is read 64 key columns at a time, so no
 ``[C, K]`` operand is ever materialised whole: Triton stages such operands through shared
 memory, and whole ones at large K overflowed what a program may use (each kernel's shared memory
-against the H200's limit: docs/triton_report_h200.md). Loads are not software-pipelined
+against the H200's limit: docs/reports/triton_report_h200.md). Loads are not software-pipelined
 (``num_stages=1``) for the same reason: pipelining keeps every load of the loop body in flight
 several times over.
 
@@ -55,7 +55,7 @@ Array = jax.Array
 
 # Floats of state per program: the backward holds W and dL/dW and more temporaries, so its value
 # blocks are narrower (K = 128: BV = 32; K >= 256: BV = 16), which keeps spills small
-# (docs/triton_report_h200.md, from ``benchmarks/triton_report.py``); the forward holds W alone.
+# (docs/reports/triton_report_h200.md, from ``benchmarks/triton_report.py``); the forward holds W alone.
 FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
 

@@ -73,7 +73,7 @@ Array = jax.Array
 # Floats of state per program. Besides its [K, BV] state slice a program holds [C, C] scores (and,
 # for the delta rule, T_beta and in the backward dL/dscores), so the value blocks are narrower than
 # chunk_recurrence.py's: BV = 32 at K = 128, 16 from K = 256. A wider forward block spills more
-# (docs/triton_report_h200.md, "The fused chunk kernel: value blocks, spills, atomic adds", from
+# (docs/reports/triton_report_h200.md, "The fused chunk kernel: value blocks, spills, atomic adds", from
 # ``benchmarks/triton_report.py``). Narrower blocks also mean more programs: B * H = 64 heads
 # fill 128 of an H200's 132 SMs with two blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
@@ -426,7 +426,7 @@ def fused_chunk(
     ``num_stages``: Triton's software pipelining of the per-chunk loads; 1 (the default) turns it
     off. More stages keep more loads in flight in shared memory, which the backward then outgrows
     from some K on (sooner with float32 inputs): which K fit on an H200, per input dtype, is in
-    docs/triton_report_h200.md ("Two load stages", from ``benchmarks/triton_report.py``). Whether
+    docs/reports/triton_report_h200.md ("Two load stages", from ``benchmarks/triton_report.py``). Whether
     they pay is for the GPU benchmark to say.
 
     ``wy_inverse``: for the delta rule (required; refused for the sum rule), the function

@@ -55,7 +55,7 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
 
-    benchmarks/chunk.py --crossover on this project's CPU machine (README's crossover table): chunk's
+    benchmarks/chunk.py --crossover on this project's CPU machine (docs/reports/cpu_benchmarks.md): chunk's
     forward+backward beats scan's at every T from one chunk on, at both key widths and with a loss on the
     outputs alone or on both results, forwards about even;
     below one chunk (not measured there) the scan is kept, the chunk form being a single [T, T] block. On
