@@ -99,7 +99,7 @@ def test_help_shows_every_default(capsys):
     for block in blocks:
         assert block.startswith("-h") or "default" in block or "(required)" in block, block
     flat = " ".join(text.split())
-    for shown in ("(default: 300)", "(default: 'def ')", "cpu 2, paper-small 16", "--steps // 10"):
+    for shown in ("(default: 300)", "(default: 'def '; with --sample)", "cpu 2, paper-small 16", "--steps // 10"):
         assert shown in flat
 
 
@@ -388,3 +388,107 @@ def test_pack_refuses_carry_and_shows_in_help(capsys):
         train_lm.parse_args(["--help"])
     flat = " ".join(capsys.readouterr().out.split())
     assert "--pack" in flat and "0x1e" in flat
+
+
+def no_separator_file(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_bytes(b"def f(x):\n    return x\n" * 100)
+    return path
+
+
+# Each bad command line, and the flag its one-line error must name. All fail before any training.
+BAD_COMMANDS = {
+    "negative steps": (["--steps", "-5"], "--steps"),
+    "no steps without resume": (["--steps", "0"], "--steps"),
+    "negative stop-at": (["--stop-at", "-3"], "--stop-at"),
+    "stop-at past steps": (["--steps", "10", "--stop-at", "20"], "--stop-at"),
+    "zero seq-len": (["--seq-len", "0"], "--seq-len"),
+    "zero batch": (["--batch-size", "0"], "--batch-size"),
+    "word for depth": (["--depth", "two"], "--depth"),
+    "negative sample": (["--sample", "-1"], "--sample"),
+    "negative temperature": (["--sample", "2", "--temperature", "-0.5"], "--temperature"),
+    "negative lr": (["--lr", "-1e-3"], "--lr"),
+    "nan lr": (["--lr", "nan"], "--lr"),
+    "negative warmup": (["--warmup", "-1"], "--warmup"),
+    "negative weight decay": (["--weight-decay", "-0.1"], "--weight-decay"),
+    "zero clip": (["--clip", "0"], "--clip"),
+    "zero eval windows": (["--eval-windows", "0"], "--eval-windows"),
+    "zero save interval": (["--save-every", "0"], "--save-every"),
+    "tiny corpus": (["--corpus-bytes", "100"], "--corpus-bytes"),
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "rule with softmax": (["--attention", "softmax", "--rule", "sum"], "--rule"),
+    "impl with softmax": (["--attention", "softmax", "--impl", "chunk"], "--impl"),
+    "nu without dpfp": (["--attention", "linear", "--nu", "2"], "--nu"),
+    "features without favor": (["--features", "32"], "--features"),
+    "temperature without sample": (["--temperature", "1.0"], "--temperature"),
+    "prompt without sample": (["--prompt", "x"], "--prompt"),
+    "empty prompt": (["--sample", "3", "--prompt", ""], "--prompt"),
+    "resume and overwrite": (["--resume", "--overwrite"], "--overwrite"),
+    "address without port": (["--coordinator-address", "localhost"], "--coordinator-address"),
+    "process id out of range": (["--num-processes", "2", "--process-id", "2"], "--process-id"),
+    "missing data file": (["--data", "{tmp}/absent.txt"], "--data"),
+    # Found once the data and the output folder are read, still before any state is built:
+    "resume without a checkpoint": (["--resume"], "--resume"),
+    "pack without separators": (["--pack", "--data", "{plain}"], "--pack"),
+    "data shorter than a window": (["--data", "{plain}", "--seq-len", "2000"], "--seq-len"),
+    "streams shorter than a segment": (["--carry", "--batch-size", "8000"], "--carry"),
+}
+
+
+@pytest.mark.parametrize("argv, flag", list(BAD_COMMANDS.values()), ids=list(BAD_COMMANDS))
+def test_a_bad_command_line_is_one_argparse_error_naming_the_flag(tmp_path, capsys, argv, flag):
+    plain = no_separator_file(tmp_path)
+    argv = [arg.format(tmp=tmp_path, plain=plain) for arg in argv]
+    error = usage_error(capsys, train_lm.main, [*TINY, *argv, "--out", str(tmp_path / "out")])
+    assert flag in error
+    if "--pack" in argv:
+        assert "0x1e" in error
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def run_example(script, *argv, devices=1):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script), *argv], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_scripts_exit_with_status_2_and_no_traceback(tmp_path):
+    # A batch two devices cannot share is found after jax starts: still one line and status 2.
+    result = run_example("train_lm.py", *TINY, "--batch-size", "3", "--out", str(tmp_path), devices=2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--batch-size 3 must be a multiple of the 2 devices the batch is split over (jax.device_count())")
+    result = run_example("associative_retrieval.py", "--setting", "1", "--feature-map", "softmax", "--rule", "delta",
+                         "--S", "4", "--out", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--rule" in result.stderr.strip().splitlines()[-1]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from examples import arguments, lm_throughput
+
+    for module in (train_lm, arguments, lm_throughput, input_pipeline, checkpoints, plotting):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_throughput_comparison_prints_the_machine_the_load_and_the_ratio(tmp_path, capsys):
+    from examples import lm_throughput
+
+    result = lm_throughput.main(["--attentions", "dpfp:delta,linear:sum", *TINY, "--steps", "2"])
+    out = capsys.readouterr().out
+    assert set(result["runs"]) == {"dpfp delta", "linear sum"} and all(len(v) == 1 for v in result["runs"].values())
+    assert result["ratios"]["dpfp delta"] == 1.0
+    np.testing.assert_allclose(result["ratios"]["linear sum"],
+                               result["runs"]["linear sum"][0] / result["runs"]["dpfp delta"][0])
+    lines = out.splitlines()
+    assert lines[0].startswith("machine: ") and f"jax {jax.__version__}" in lines[0]
+    assert lines[1].startswith("load average at start: ") and "(1 / 5 / 15 min)" in lines[1]
+    assert any(line.startswith("load average at end: ") for line in lines)
+    assert f"| linear sum | 1 | {result['runs']['linear sum'][0]:,.0f} |" in out
+    assert f"{result['ratios']['linear sum']:.2f}x" in out
+    error = usage_error(capsys, lm_throughput.main, ["--out", str(tmp_path)])
+    assert "--out" in error
