@@ -58,6 +58,11 @@ def attention_list(text: str) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def command(run: list[str], attention: str, rule: str | None, out: str) -> list[str]:
+    """``train_lm.py``'s command line for one run."""
+    return [*run, "--attention", attention, *(["--rule", rule] if rule else []), "--out", out]
+
+
 def label(attention: str, rule: str | None) -> str:
     return attention if rule is None else f"{attention} {rule}"
 
@@ -100,9 +105,9 @@ def summarize(runs: dict[str, list[float]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run, print, and return ``runs`` (label -> tokens/s of each run) and ``ratios`` (label -> ratio
-    of medians to the first attention)."""
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's flags, and the ``train_lm.py`` command line every run shares (checked for
+    each attention by ``train_lm.py``'s own parser: a bad flag is an argparse error before any run)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--attentions", type=attention_list, default=attention_list(DEFAULT_ATTENTIONS),
                         help=f"ATTENTION[:RULE] items, comma-separated (default: {DEFAULT_ATTENTIONS})")
@@ -112,9 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if own:
         parser.error(f"{own[0]} is set by this script for each run; give --attentions instead")
     run = [*DEFAULT_RUN, *run, "--no-progress"]  # later flags win: the caller's --steps over the default
-    for attention, rule in args.attentions:  # every run's flags checked before the first starts
-        train_lm.parse_args([*run, "--attention", attention, *(["--rule", rule] if rule else []), "--out", "unused"],
-                            parser=train_lm.build_parser())
+    for attention, rule in args.attentions:
+        train_lm.parse_args(command(run, attention, rule, "unused"))
+    return args, run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run, print, and return ``runs`` (label -> tokens/s of each run) and ``ratios`` (label -> ratio
+    of medians to the first attention)."""
+    args, run = parse_args(argv)
     print(f"machine: {machine()}")
     print(f"load average at start: {load_average()}", flush=True)
     runs: dict[str, list[float]] = {label(*pair): [] for pair in args.attentions}
@@ -122,10 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for repeat in range(args.repeats):
             for attention, rule in args.attentions:
                 name = label(attention, rule)
-                print(f"--- {name}, run {repeat + 1} of {args.repeats}: train_lm.py {' '.join(run)} "
-                      f"--attention {attention}{f' --rule {rule}' if rule else ''}", flush=True)
-                result = train_lm.main([*run, "--attention", attention, *(["--rule", rule] if rule else []),
-                                        "--out", str(Path(folder) / f"{attention}-{rule}-{repeat}")])
+                argv = command(run, attention, rule, str(Path(folder) / f"{attention}-{rule}-{repeat}"))
+                print(f"--- {name}, run {repeat + 1} of {args.repeats}: train_lm.py {' '.join(argv[:-2])}", flush=True)
+                result = train_lm.main(argv)
                 runs[name].append(result["tokens_per_s"])
     print(f"load average at end: {load_average()}")
     print("\n".join(summarize(runs)))

@@ -206,7 +206,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--carry and --pack cannot be combined: the carried memory would cross documents"
     if args.data is not None and not args.data.is_file():
         return f"--data {args.data}: no such file"
-    if args.sample and not args.prompt:
+    if args.sample and args.prompt == "":  # None: the fallback fills it in
         return "--prompt must hold at least one byte for --sample"
     if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
         return f"--process-id must be in [0, {args.num_processes}); got {args.process_id}"

@@ -43,10 +43,10 @@ def test_twenty_steps_lower_the_loss_and_log_bits_per_byte(tmp_path):
     # batch; valid_bpb is the final parameters' validation loss in bits.
     args = train_lm.parse_args([*TINY, "--out", str(tmp_path)])
     _, trainer = train.build(args)
-    train, valid = input_pipeline.split(input_pipeline.load_corpus(None, args.corpus_bytes))
+    train_data, valid = input_pipeline.split(input_pipeline.load_corpus(None, args.corpus_bytes))
     eval_loss = trainer.make_eval_step()
     initial = trainer.init(args.seed, args.batch_size, args.seq_len)
-    first = input_pipeline.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    first = input_pipeline.random_windows(train_data, 0, args.seed, args.batch_size, args.seq_len)
     np.testing.assert_allclose(float(eval_loss(initial["params"], first)), losses[1], rtol=1e-5)
     windows = input_pipeline.validation_windows(valid, args.seq_len, args.eval_windows)
     final = float(eval_loss(result["state"]["params"], windows)) / math.log(2)
@@ -361,10 +361,11 @@ def test_packed_run_trains_with_segment_ids_and_validates_per_document(tmp_path)
     args = train_lm.parse_args([*run, "--out", "unused"])
     _, trainer = train.build(args)
     corpus = input_pipeline.load_corpus(data, args.corpus_bytes, pack=True)
-    (train, valid), (train_ids, valid_ids) = input_pipeline.split(corpus), input_pipeline.split(input_pipeline.document_ids(corpus))
+    train_data, valid = input_pipeline.split(corpus)
+    train_ids, valid_ids = input_pipeline.split(input_pipeline.document_ids(corpus))
     eval_loss = trainer.make_eval_step()
     initial = trainer.init(args.seed, args.batch_size, args.seq_len)["params"]
-    first = input_pipeline.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    first = input_pipeline.random_windows(train_data, 0, args.seed, args.batch_size, args.seq_len)
     first_ids = input_pipeline.random_windows(train_ids, 0, args.seed, args.batch_size, args.seq_len)
     assert (first_ids[:, 1:] != first_ids[:, :-1]).any()  # the batch crosses documents
     np.testing.assert_allclose(float(eval_loss(initial, first, first_ids)), result["losses"][1], rtol=1e-5)
@@ -492,3 +493,34 @@ def test_throughput_comparison_prints_the_machine_the_load_and_the_ratio(tmp_pat
     assert f"{result['ratios']['linear sum']:.2f}x" in out
     error = usage_error(capsys, lm_throughput.main, ["--out", str(tmp_path)])
     assert "--out" in error
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(where, script, argv)`` of every command line in the README, the docs pages, the
+    examples' README and the Makefile that runs one of the example scripts."""
+    import shlex
+
+    pattern = re.compile(r"^\s*(?:python|\$\(PY\))\s+examples/(\w+)\.py((?:[^\n#\\]|\\\n)*)", re.M)
+    found = []
+    for path in [REPO_ROOT / "README.md", REPO_ROOT / "Makefile", *sorted(REPO_ROOT.glob("docs/**/*.md")),
+                 *sorted(REPO_ROOT.glob("examples/**/*.md"))]:
+        text = path.read_text()
+        for match in pattern.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            argv = shlex.split(match.group(2).replace("\\\n", " ").rstrip().removesuffix("&"))
+            found.append((f"{path.relative_to(REPO_ROOT)}:{line}", match.group(1), argv))
+    return found
+
+
+def test_every_documented_command_line_is_accepted():
+    from examples import associative_retrieval, lm_throughput
+
+    parsers = dict(train_lm=train_lm.parse_args, associative_retrieval=associative_retrieval.parse_args,
+                   lm_throughput=lm_throughput.parse_args)
+    commands = documented_commands()
+    assert {script for _, script, _ in commands} == set(parsers), commands
+    for where, script, argv in commands:
+        try:
+            parsers[script](argv)
+        except SystemExit as exit_:
+            raise AssertionError(f"{where}: examples/{script}.py {' '.join(argv)} is refused") from exit_
