@@ -172,6 +172,20 @@ class RunConfig:
     patience: int = 10
     target_loss: float = TARGET_LOSS
 
+    def __post_init__(self):
+        if self.setting not in (1, 2):
+            raise ValueError(f"setting must be 1 or 2; got {self.setting!r}")
+        if self.feature_map not in MAPS:
+            raise ValueError(f"feature_map must be one of {MAPS}; got {self.feature_map!r}")
+        if self.rule not in dj.RULES:
+            raise ValueError(f"rule must be one of {dj.RULES}; got {self.rule!r}")
+        for name in ("num_symbols", "nu", "num_features", "max_steps", "batch_size", "eval_every", "eval_sequences",
+                     "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be above 0; got {self.learning_rate}")
+
     @property
     def label(self) -> str:
         if self.feature_map == "dpfp":

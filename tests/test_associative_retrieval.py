@@ -174,3 +174,11 @@ def test_max_steps_caps_every_preset_run():
     assert {c.max_steps for c in ar.full_runs(0, 7)} == {7}
     args = ar.parse_args(["--setting", "2", "--feature-map", "favor", "--S", "20,40", "--out", "unused"])
     assert (args.S, args.rule, args.nu, args.features) == ([20, 40], "sum", 1, 64)
+
+
+@pytest.mark.parametrize("change", [dict(max_steps=0), dict(num_symbols=0), dict(eval_every=0), dict(rule="hebb"),
+                                    dict(feature_map="relu"), dict(learning_rate=float("nan"))])
+def test_run_config_refuses_what_would_not_train(change):
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=name):
+        dataclass_replace(ar.RunConfig(1, "dpfp", "sum", 8), **change)
