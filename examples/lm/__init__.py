@@ -6,9 +6,9 @@
 - :mod:`.checkpoints`: orbax checkpoints, the run's settings saved next to them, resuming.
 - :mod:`.sampling`: decoding with the recurrent cache.
 - :mod:`.plotting`: the loss curve.
-- :mod:`.throughput`: tokens/s of several attentions, run one after another (the README's ratio).
 
-``examples/train_lm.py`` is the command line over these.
+``examples/train_lm.py`` is the command line over these; ``examples/lm_throughput.py`` compares the
+attentions' training throughput with it.
 """
 
 
