@@ -46,6 +46,11 @@ import optax
 
 import dpfp_jax as dj
 
+if __package__:  # imported as examples.associative_retrieval (the tests), or run with python -m
+    from .arguments import HelpFormatter, integer, integers
+else:  # python examples/associative_retrieval.py: Python puts examples/ first on the module path
+    from arguments import HelpFormatter, integer, integers
+
 MAPS = ("softmax", "linear", "favor", "dpfp")
 KEY_DIM = 64
 CSV_COLUMNS = ("setting", "feature_map", "nu", "features", "rule", "S", "final_eval_loss", "steps", "seconds")
@@ -167,6 +172,20 @@ class RunConfig:
     patience: int = 10
     target_loss: float = TARGET_LOSS
 
+    def __post_init__(self):
+        if self.setting not in (1, 2):
+            raise ValueError(f"setting must be 1 or 2; got {self.setting!r}")
+        if self.feature_map not in MAPS:
+            raise ValueError(f"feature_map must be one of {MAPS}; got {self.feature_map!r}")
+        if self.rule not in dj.RULES:
+            raise ValueError(f"rule must be one of {dj.RULES}; got {self.rule!r}")
+        for name in ("num_symbols", "nu", "num_features", "max_steps", "batch_size", "eval_every", "eval_sequences",
+                     "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be above 0; got {self.learning_rate}")
+
     @property
     def label(self) -> str:
         if self.feature_map == "dpfp":
@@ -249,7 +268,7 @@ def _progress(config: RunConfig, enabled: bool):
 
 def quick_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
     """The demo: the paper's two effects at a few sizes, in minutes on a CPU."""
-    cap = max_steps or 3000
+    cap = 3000 if max_steps is None else max_steps
     for s in (40, 100):
         for feature_map, nu in (("linear", 1), ("dpfp", 1), ("dpfp", 2)):
             yield RunConfig(1, feature_map, "sum", s, nu=nu, seed=seed, max_steps=cap)
@@ -259,7 +278,7 @@ def quick_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
 
 def full_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
     """The paper's sweeps (Figures 2 and 3)."""
-    cap = max_steps or 20_000
+    cap = 20_000 if max_steps is None else max_steps
     maps = [("softmax", 1, 64), ("linear", 1, 64), ("favor", 1, 64), ("favor", 1, 128), ("favor", 1, 512),
             ("dpfp", 1, 64), ("dpfp", 2, 64), ("dpfp", 3, 64)]
     for s in range(20, 601, 20):
@@ -344,25 +363,63 @@ def write_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# Flags of a single run (not --quick or --full); the last three are filled in after parsing, so
+# that one given where it does nothing is refused rather than ignored.
+SINGLE_RUN = ("setting", "feature_map", "S", "rule", "nu", "features")
+FALLBACKS = dict(rule="sum", nu=1, features=64)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the parsed flags together (one line naming the flags), or None."""
+    given = [name for name in SINGLE_RUN if getattr(args, name) is not None]
+    flag = {name: "--" + name.replace("_", "-") for name in SINGLE_RUN}
+    if args.quick and args.full:
+        return "--quick and --full are exclusive"
+    if args.quick or args.full:
+        if given:
+            return f"{flag[given[0]]} sets a single run; --{'quick' if args.quick else 'full'} runs its own list"
+        return None
+    missing = [flag[name] for name in ("setting", "feature_map", "S") if getattr(args, name) is None]
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (or --quick, or --full)"
+    if args.feature_map == "softmax" and args.rule is not None:
+        return "--rule: --feature-map softmax attends over the pairs and has no fast-weight rule"
+    if args.nu is not None and args.feature_map != "dpfp":
+        return f"--nu is DPFP's; this run has --feature-map {args.feature_map}"
+    if args.features is not None and args.feature_map != "favor":
+        return f"--features is FAVOR+'s; this run has --feature-map {args.feature_map}"
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", type=int, choices=(1, 2))
-    parser.add_argument("--feature-map", choices=MAPS)
-    parser.add_argument("--nu", type=int, default=1)
-    parser.add_argument("--features", type=int, default=64, help="FAVOR+'s number of random features m")
-    parser.add_argument("--rule", choices=dj.RULES, default="sum")
-    parser.add_argument("--S", default=None, help="comma-separated numbers of unique keys, e.g. 20,40,60")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None)
+    """The command line, checked (an argparse error, exit status 2, names the flag), with the
+    single-run fallbacks filled in."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    single = "(a single run: required unless --quick or --full)"
+    parser.add_argument("--setting", type=int, choices=(1, 2), help=f"1: capacity, 2: updates {single}")
+    parser.add_argument("--feature-map", choices=MAPS, help=f"feature map of the keys and queries {single}")
+    parser.add_argument("--S", type=integers(1), default=None,
+                        help=f"comma-separated numbers of unique keys, e.g. 20,40,60 {single}")
+    parser.add_argument("--rule", choices=dj.RULES, default=None,
+                        help="fast-weight update rule (default: sum; a single run, not with softmax)")
+    parser.add_argument("--nu", type=integer(1), default=None, help="DPFP's nu (default: 1; a single dpfp run)")
+    parser.add_argument("--features", type=integer(1), default=None,
+                        help="FAVOR+'s number of random features m (default: 64; a single favor run)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="initialisation and data")
+    parser.add_argument("--max-steps", type=integer(1), default=None,
+                        help="the step cap of every run (default: 20000; --quick 3000)")
     parser.add_argument("--quick", action="store_true", help="the demo preset")
     parser.add_argument("--full", action="store_true", help="the paper's sweeps (hours)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.quick and args.full:
-        parser.error("--quick and --full are exclusive")
-    if not (args.quick or args.full) and (args.setting is None or args.feature_map is None or args.S is None):
-        parser.error("give --setting, --feature-map and --S, or --quick, or --full")
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
+    if not (args.quick or args.full):
+        for name, value in FALLBACKS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     return args
 
 
@@ -373,9 +430,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif args.full:
         configs = list(full_runs(args.seed, args.max_steps))
     else:
-        sizes = [int(s) for s in args.S.split(",")]
         configs = [RunConfig(args.setting, args.feature_map, args.rule, s, nu=args.nu, num_features=args.features,
-                             seed=args.seed, max_steps=args.max_steps or 20_000) for s in sizes]
+                             seed=args.seed, max_steps=20_000 if args.max_steps is None else args.max_steps)
+                   for s in args.S]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:

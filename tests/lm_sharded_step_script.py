@@ -10,16 +10,17 @@ def main() -> None:
     from jax.sharding import AxisType
 
     from examples import train_lm
+    from examples.lm import input_pipeline, train
 
     assert jax.device_count() == 8, jax.device_count()
     args = train_lm.parse_args(["--out", "/tmp/unused", "--depth", "1", "--dim", "32", "--heads", "2",
                                 "--head-dim", "8", "--ff-dim", "64", "--seq-len", "16", "--batch-size", "8"])
-    _, trainer = train_lm.build(args)
+    _, trainer = train.build(args)
     assert trainer.mesh.size == 8
-    single = train_lm.Trainer(trainer.model, trainer.optimizer,
+    single = train.Trainer(trainer.model, trainer.optimizer,
                               jax.make_mesh((1,), ("batch",), axis_types=(AxisType.Auto,),
                                             devices=jax.devices()[:1]), carry=False)
-    windows = train_lm.random_windows(np.arange(5000) % 256, 0, 0, 8, 16).astype(np.int32)
+    windows = input_pipeline.random_windows(np.arange(5000) % 256, 0, 0, 8, 16).astype(np.int32)
     reset = np.zeros(8, bool)
     results = []
     for t in (trainer, single):

@@ -130,3 +130,55 @@ def test_plot_has_a_floored_log_axis_integer_s_ticks_and_the_threshold():
         assert list(fig.axes[1].get_xticks()) == [20]  # one S: one tick, not 19.8, 19.9, ...
     finally:
         plt.close(fig)
+
+
+BAD_COMMANDS = {
+    "zero max steps": (["--quick", "--max-steps", "0"], "--max-steps"),
+    "word in S": (["--setting", "1", "--feature-map", "dpfp", "--S", "5,abc"], "--S"),
+    "zero in S": (["--setting", "1", "--feature-map", "dpfp", "--S", "5,0"], "--S"),
+    "no run given": (["--setting", "1"], "--feature-map and --S are required"),
+    "softmax with a rule": (["--setting", "1", "--feature-map", "softmax", "--rule", "delta", "--S", "4"], "--rule"),
+    "nu without dpfp": (["--setting", "1", "--feature-map", "linear", "--nu", "2", "--S", "4"], "--nu"),
+    "features without favor": (["--setting", "1", "--feature-map", "dpfp", "--features", "8", "--S", "4"],
+                               "--features"),
+    "zero nu": (["--setting", "1", "--feature-map", "dpfp", "--nu", "0", "--S", "4"], "--nu"),
+    "single-run flag with quick": (["--quick", "--feature-map", "dpfp"], "--feature-map"),
+    "quick and full": (["--quick", "--full"], "--full"),
+    "negative seed": (["--quick", "--seed", "-1"], "--seed"),
+}
+
+
+@pytest.mark.parametrize("argv, flag", list(BAD_COMMANDS.values()), ids=list(BAD_COMMANDS))
+def test_a_bad_command_line_is_one_argparse_error_naming_the_flag(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_:
+        ar.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert flag in err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_required_flags_say_so_in_help(capsys):
+    with pytest.raises(SystemExit):
+        ar.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "output folder (required)" in flat
+    assert flat.count("(a single run: required unless --quick or --full)") == 3  # --setting, --feature-map, --S
+    with pytest.raises(SystemExit):
+        ar.parse_args(["--quick"])  # --out is required
+
+
+def test_max_steps_caps_every_preset_run():
+    assert {c.max_steps for c in ar.quick_runs(0, 7)} == {7}
+    assert {c.max_steps for c in ar.quick_runs(0, None)} == {3000}
+    assert {c.max_steps for c in ar.full_runs(0, 7)} == {7}
+    args = ar.parse_args(["--setting", "2", "--feature-map", "favor", "--S", "20,40", "--out", "unused"])
+    assert (args.S, args.rule, args.nu, args.features) == ([20, 40], "sum", 1, 64)
+
+
+@pytest.mark.parametrize("change", [dict(max_steps=0), dict(num_symbols=0), dict(eval_every=0), dict(rule="hebb"),
+                                    dict(feature_map="relu"), dict(learning_rate=float("nan"))])
+def test_run_config_refuses_what_would_not_train(change):
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=name):
+        dataclass_replace(ar.RunConfig(1, "dpfp", "sum", 8), **change)

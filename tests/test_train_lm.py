@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from examples import train_lm
+from examples.lm import checkpoints, input_pipeline, models, plotting, sampling, train
 from tests.test_multidevice import REPO_ROOT, run_with_host_devices
 
 TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--head-dim", "8", "--ff-dim", "64", "--seq-len", "32",
@@ -40,13 +42,13 @@ def test_twenty_steps_lower_the_loss_and_log_bits_per_byte(tmp_path):
     # The logged losses are the model's, in nats: step 1's is the initial parameters' on the first
     # batch; valid_bpb is the final parameters' validation loss in bits.
     args = train_lm.parse_args([*TINY, "--out", str(tmp_path)])
-    _, trainer = train_lm.build(args)
-    train, valid = train_lm.split(train_lm.load_corpus(None, args.corpus_bytes))
+    _, trainer = train.build(args)
+    train_data, valid = input_pipeline.split(input_pipeline.load_corpus(None, args.corpus_bytes))
     eval_loss = trainer.make_eval_step()
     initial = trainer.init(args.seed, args.batch_size, args.seq_len)
-    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
+    first = input_pipeline.random_windows(train_data, 0, args.seed, args.batch_size, args.seq_len)
     np.testing.assert_allclose(float(eval_loss(initial["params"], first)), losses[1], rtol=1e-5)
-    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
+    windows = input_pipeline.validation_windows(valid, args.seq_len, args.eval_windows)
     final = float(eval_loss(result["state"]["params"], windows)) / math.log(2)
     np.testing.assert_allclose(records[-1]["valid_bpb"], final, rtol=1e-5)
     assert records[-1]["valid_bpb"] < records[2]["valid_bpb"] < 9
@@ -61,11 +63,11 @@ def test_loss_plot_shows_every_logged_step_and_the_run_settings():
     for record in records[5::6]:
         record["valid_bpb"] = 8 - record["step"] / 10
     args = train_lm.parse_args(["--out", "unused", "--steps", "60", "--carry"])
-    title = train_lm.describe(args, devices=2)
+    title = train.describe(args, devices=2)
     for words in ("dpfp-1 delta rule, carried", "2 layers", "width 64", "4 heads of 16", "ff 256", "batch 16 x 64",
                   "lr 0.003", "60 steps", "2 devices"):
         assert words in title
-    fig = train_lm.plot_losses(records, title)
+    fig = plotting.plot_losses(records, title)
     try:
         (ax,) = fig.axes
         assert ax.get_title() == title
@@ -97,13 +99,13 @@ def test_help_shows_every_default(capsys):
     for block in blocks:
         assert block.startswith("-h") or "default" in block or "(required)" in block, block
     flat = " ".join(text.split())
-    for shown in ("(default: 300)", "(default: 'def ')", "cpu 2, paper-small 16", "--steps // 10"):
+    for shown in ("(default: 300)", "(default: 'def '; with --sample)", "cpu 2, paper-small 16", "--steps // 10"):
         assert shown in flat
 
 
 def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
     pause = 0.5  # every evaluation and every checkpoint call made that much slower
-    make_eval_step = train_lm.Trainer.make_eval_step
+    make_eval_step = train.Trainer.make_eval_step
 
     def slow_eval_step(self):
         eval_loss = make_eval_step(self)
@@ -114,21 +116,25 @@ def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
 
         return slow
 
+    saves = []
+
     class SlowSaves:
         def __init__(self, manager):
             self.manager = manager
 
         def save(self, *args, **kwargs):
+            saves.append(args[0])
             time.sleep(pause)
             return self.manager.save(*args, **kwargs)
 
         def __getattr__(self, name):
             return getattr(self.manager, name)
 
-    monkeypatch.setattr(train_lm.Trainer, "make_eval_step", slow_eval_step)
-    checkpoint_manager = train_lm.checkpoint_manager
-    monkeypatch.setattr(train_lm, "checkpoint_manager", lambda *args: SlowSaves(checkpoint_manager(*args)))
+    monkeypatch.setattr(train.Trainer, "make_eval_step", slow_eval_step)
+    checkpoint_manager = checkpoints.checkpoint_manager
+    monkeypatch.setattr(checkpoints, "checkpoint_manager", lambda *args: SlowSaves(checkpoint_manager(*args)))
     train_lm.main([*TINY, "--steps", "6", "--eval-every", "2", "--log-every", "2", "--out", str(tmp_path)])
+    assert saves == [1, 2, 3, 4, 5, 6]  # every save went through the slow manager
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
     tokens_per_step = 8 * 32
@@ -143,19 +149,71 @@ def test_sharded_step_on_eight_devices_equals_one_device():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train_lm.main([*TINY, "--steps", "6", "--save-every", "3", "--out", str(tmp_path / "a")])
-    train_lm.main([*TINY, "--steps", "6", "--stop-at", "3", "--save-every", "3", "--out", str(tmp_path / "b")])
-    resumed = train_lm.main([*TINY, "--steps", "6", "--save-every", "3", "--resume", "--out", str(tmp_path / "b")])
+def usage_error(capsys, main, argv) -> str:
+    """The one-line argparse error ``main(argv)`` exits with (status 2, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith("usage: ") and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_crash_continues_exactly_and_logs_each_step_once(tmp_path):
+    run = [*TINY, "--steps", "6", "--save-every", "3", "--log-every", "1", "--eval-every", "3"]
+    straight = train_lm.main([*run, "--out", str(tmp_path / "a")])
+    train_lm.main([*run, "--stop-at", "5", "--out", str(tmp_path / "b")])
+    # What a crash after logging step 5 and before its checkpoint leaves: rows 1-5, checkpoint 3.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "5")
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    resumed = train_lm.main([*run, "--resume", "--out", str(tmp_path / "b")])
     assert sorted(resumed["losses"]) == [4, 5, 6]  # it did not start over
     for step in (4, 5, 6):
         np.testing.assert_allclose(resumed["losses"][step], straight["losses"][step], rtol=1e-6)
+    # Rows 4 and 5 of the crashed run were dropped, not doubled: one row per step, as straight's.
+    rows = read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row, expected in zip(rows, straight["metrics"], strict=True):
+        np.testing.assert_allclose(row["train_bpb"], expected["train_bpb"], rtol=1e-6)
+
+
+def test_a_fresh_run_refuses_another_runs_checkpoints_unless_overwrite(tmp_path, capsys):
+    run = [*TINY, "--steps", "2", "--save-every", "1", "--out", str(tmp_path)]
+    first = train_lm.main(run)
+    old_rows = (tmp_path / "metrics.jsonl").read_text()
+    assert checkpoints.saved_steps(tmp_path / "checkpoints") == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["dim"] == 32
+    error = usage_error(capsys, train_lm.main, [*run, "--steps", "1", "--seed", "1"])
+    assert "--overwrite" in error and "--resume" in error
+    assert (tmp_path / "metrics.jsonl").read_text() == old_rows  # nothing was touched
+    assert checkpoints.saved_steps(tmp_path / "checkpoints") == [1, 2]
+    # --overwrite deletes the old run: a later --resume finds this run's step 1, not the old step 2.
+    second = train_lm.main([*run, "--steps", "1", "--seed", "1", "--overwrite"])
+    assert checkpoints.saved_steps(tmp_path / "checkpoints") == [1]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+    resumed = train_lm.main([*run, "--steps", "1", "--seed", "1", "--resume"])
+    assert int(resumed["state"]["step"]) == 1
+    for a, b in zip(jax.tree.leaves(resumed["state"]["params"]), jax.tree.leaves(second["state"]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(first["state"]["params"]["head"]["kernel"], second["state"]["params"]["head"]["kernel"])
+    # --resume with another model width: one line naming the setting, before orbax is asked.
+    error = usage_error(capsys, train_lm.main, [*run, "--steps", "1", "--seed", "1", "--resume", "--dim", "48"])
+    assert "--dim 32 there, --dim 48 here" in error
 
 
 def test_carrying_fast_weights_across_segments(tmp_path):
     data = np.arange(1000)
-    first, reset0 = train_lm.stream_windows(data, 0, 4, 10)
-    second, reset1 = train_lm.stream_windows(data, 1, 4, 10)
+    first, reset0 = input_pipeline.stream_windows(data, 0, 4, 10)
+    second, reset1 = input_pipeline.stream_windows(data, 1, 4, 10)
     np.testing.assert_array_equal(second[:, 0], first[:, -1])  # segment s + 1 continues segment s
     assert reset0.all() and not reset1.any()
     result = train_lm.main([*TINY, "--steps", "4", "--carry", "--out", str(tmp_path)])
@@ -197,9 +255,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert (tmp_path / "two" / "loss.png").exists()
     # The checkpoint both processes wrote together restores here to the one-process parameters.
     args = train_lm.parse_args([*run, "--out", str(tmp_path / "two")])
-    _, trainer = train_lm.build(args)
-    manager = train_lm.checkpoint_manager(tmp_path / "two" / "checkpoints", args.save_every)
-    restored = train_lm.restore(manager, trainer, trainer.init(args.seed, args.batch_size, args.seq_len))
+    _, trainer = train.build(args)
+    manager = checkpoints.checkpoint_manager(tmp_path / "two" / "checkpoints", args.save_every)
+    restored = checkpoints.restore(manager, trainer.init(args.seed, args.batch_size, args.seq_len))
     assert int(restored["step"]) == 4
     for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(one["state"]["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -207,21 +265,21 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
 
 def test_local_rows_of_the_global_batch():
     args = train_lm.parse_args([*TINY, "--out", "unused"])
-    _, trainer = train_lm.build(args)
+    _, trainer = train.build(args)
     np.testing.assert_array_equal(trainer.local_rows(8), np.arange(8))
     data = np.arange(5000)
-    np.testing.assert_array_equal(train_lm.random_windows(data, 3, 0, 8, 16, rows=np.array([2, 5])),
-                                  train_lm.random_windows(data, 3, 0, 8, 16)[[2, 5]])
-    windows, reset = train_lm.stream_windows(data, 0, 8, 16, rows=np.array([6, 7]))
-    np.testing.assert_array_equal(windows, train_lm.stream_windows(data, 0, 8, 16)[0][6:])
+    np.testing.assert_array_equal(input_pipeline.random_windows(data, 3, 0, 8, 16, rows=np.array([2, 5])),
+                                  input_pipeline.random_windows(data, 3, 0, 8, 16)[[2, 5]])
+    windows, reset = input_pipeline.stream_windows(data, 0, 8, 16, rows=np.array([6, 7]))
+    np.testing.assert_array_equal(windows, input_pipeline.stream_windows(data, 0, 8, 16)[0][6:])
     assert reset.shape == (2,) and reset.all()
 
 
 def test_greedy_decoding_with_cache_equals_full_forward_argmax():
-    model = train_lm.ByteLM(depth=2, dim=32, heads=2, head_dim=8, ff_dim=64, nu=2)
+    model = models.ByteLM(depth=2, dim=32, heads=2, head_dim=8, ff_dim=64, nu=2)
     params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"]
     prompt = b"def f(x):"
-    sample = train_lm.generate(model, params, prompt, 12)
+    sample = sampling.generate(model, params, prompt, 12)
     assert len(sample) == 12
     tokens = jnp.asarray(list(prompt + sample))[None]
     logits, _ = model.apply({"params": params}, tokens[:, :-1])
@@ -238,15 +296,15 @@ def test_softmax_baseline_trains_and_samples_under_a_labelled_header(tmp_path, c
 
 
 def test_default_corpus_is_fixed_and_capped():
-    a, b = train_lm.default_corpus(50_000), train_lm.default_corpus(50_000)
+    a, b = input_pipeline.default_corpus(50_000), input_pipeline.default_corpus(50_000)
     assert a == b and len(a) == 50_000
 
 
 def test_packed_segment_ids_change_exactly_at_document_separators():
-    documents = train_lm.default_documents(30_000)
-    corpus = train_lm.load_corpus(None, 30_000, pack=True)
-    ids = train_lm.document_ids(corpus)
-    starts = np.flatnonzero(corpus == train_lm.SEPARATOR)
+    documents = input_pipeline.default_documents(30_000)
+    corpus = input_pipeline.load_corpus(None, 30_000, pack=True)
+    ids = input_pipeline.document_ids(corpus)
+    starts = np.flatnonzero(corpus == input_pipeline.SEPARATOR)
     # Every file is a document led by one separator, in order, and nothing else holds the byte.
     lengths = [len(data) + 1 for _, data in documents]
     np.testing.assert_array_equal(starts, np.cumsum([0, *lengths[:-1]]))
@@ -254,37 +312,37 @@ def test_packed_segment_ids_change_exactly_at_document_separators():
         assert corpus[start + 1 : start + len(data) + 1].astype(np.uint8).tobytes() == data
     assert len(corpus) == 30_000  # capped like the unpacked corpus
     # In the training rows the id changes exactly where a separator byte sits.
-    windows = train_lm.random_windows(corpus, 3, 0, 64, 512)
-    segments = train_lm.random_windows(ids, 3, 0, 64, 512)
+    windows = input_pipeline.random_windows(corpus, 3, 0, 64, 512)
+    segments = input_pipeline.random_windows(ids, 3, 0, 64, 512)
     changes = segments[:, 1:] != segments[:, :-1]
-    np.testing.assert_array_equal(changes, windows[:, 1:] == train_lm.SEPARATOR)
+    np.testing.assert_array_equal(changes, windows[:, 1:] == input_pipeline.SEPARATOR)
     assert changes.any()
     # Without --pack the corpus is unchanged: the files' bytes joined, no separators.
-    assert train_lm.load_corpus(None, 30_000).astype(np.uint8).tobytes() == train_lm.default_corpus(30_000)
+    assert input_pipeline.load_corpus(None, 30_000).astype(np.uint8).tobytes() == input_pipeline.default_corpus(30_000)
 
 
 def test_data_file_separators_start_documents(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_bytes((b"\x1e" + b"a" * 700) + (b"\x1e" + b"b" * 500))
-    corpus = train_lm.load_corpus(path, 10_000, pack=True)
-    np.testing.assert_array_equal(train_lm.document_ids(corpus), np.repeat([1, 2], [701, 501]))
+    corpus = input_pipeline.load_corpus(path, 10_000, pack=True)
+    np.testing.assert_array_equal(input_pipeline.document_ids(corpus), np.repeat([1, 2], [701, 501]))
 
 
 @pytest.mark.parametrize("attention", ["dpfp", "softmax"])
 def test_a_packed_document_does_not_see_the_previous_one(attention):
-    model = train_lm.ByteLM(attention, depth=2, dim=32, heads=2, head_dim=8, ff_dim=64)
+    model = models.ByteLM(attention, depth=2, dim=32, heads=2, head_dim=8, ff_dim=64)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    sep = train_lm.SEPARATOR
+    sep = input_pipeline.SEPARATOR
     first, second = list(b"import os\nx = 1\n"), list(b"def f(y):\n    return y")
     other = list(b"class C: pass  #")  # another previous document, same length
     rows = np.array([[sep, *first, sep, *second], [sep, *other, sep, *second]], np.int32)
-    ids = train_lm.document_ids(rows.reshape(-1)).reshape(rows.shape)  # ids of the flat text: 1, 2 | 3, 4
+    ids = input_pipeline.document_ids(rows.reshape(-1)).reshape(rows.shape)  # ids of the flat text: 1, 2 | 3, 4
     boundary = 1 + len(first)
-    packed, _ = train_lm.apply_lm(model, params, rows, segment_ids=ids)
+    packed, _ = models.apply_lm(model, params, rows, segment_ids=ids)
     np.testing.assert_allclose(packed[0, boundary:], packed[1, boundary:], rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(packed[0, :boundary] - packed[1, :boundary]).max()) > 1e-3
     # Without segment ids the second document's logits depend on the first's bytes.
-    unpacked, _ = train_lm.apply_lm(model, params, rows)
+    unpacked, _ = models.apply_lm(model, params, rows)
     assert float(jnp.abs(unpacked[0, boundary:] - unpacked[1, boundary:]).max()) > 1e-3
 
 
@@ -301,20 +359,21 @@ def test_packed_run_trains_with_segment_ids_and_validates_per_document(tmp_path)
     # Step 1's loss is the initial parameters' on the first packed batch with its segment ids, and
     # not what the same bytes give without them: the training step gets the ids.
     args = train_lm.parse_args([*run, "--out", "unused"])
-    _, trainer = train_lm.build(args)
-    corpus = train_lm.load_corpus(data, args.corpus_bytes, pack=True)
-    (train, valid), (train_ids, valid_ids) = train_lm.split(corpus), train_lm.split(train_lm.document_ids(corpus))
+    _, trainer = train.build(args)
+    corpus = input_pipeline.load_corpus(data, args.corpus_bytes, pack=True)
+    train_data, valid = input_pipeline.split(corpus)
+    train_ids, valid_ids = input_pipeline.split(input_pipeline.document_ids(corpus))
     eval_loss = trainer.make_eval_step()
     initial = trainer.init(args.seed, args.batch_size, args.seq_len)["params"]
-    first = train_lm.random_windows(train, 0, args.seed, args.batch_size, args.seq_len)
-    first_ids = train_lm.random_windows(train_ids, 0, args.seed, args.batch_size, args.seq_len)
+    first = input_pipeline.random_windows(train_data, 0, args.seed, args.batch_size, args.seq_len)
+    first_ids = input_pipeline.random_windows(train_ids, 0, args.seed, args.batch_size, args.seq_len)
     assert (first_ids[:, 1:] != first_ids[:, :-1]).any()  # the batch crosses documents
     np.testing.assert_allclose(float(eval_loss(initial, first, first_ids)), result["losses"][1], rtol=1e-5)
     assert abs(float(eval_loss(initial, first)) - result["losses"][1]) > 1e-5
     # valid_bpb is per document: the validation rows carry their segment ids.
     final = result["state"]["params"]
-    windows = train_lm.validation_windows(valid, args.seq_len, args.eval_windows)
-    ids = train_lm.validation_windows(valid_ids, args.seq_len, args.eval_windows)
+    windows = input_pipeline.validation_windows(valid, args.seq_len, args.eval_windows)
+    ids = input_pipeline.validation_windows(valid_ids, args.seq_len, args.eval_windows)
     assert (ids[:, 1:] != ids[:, :-1]).any()
     np.testing.assert_allclose(records[-1]["valid_bpb"], float(eval_loss(final, windows, ids)) / math.log(2),
                                rtol=1e-5)
@@ -330,3 +389,138 @@ def test_pack_refuses_carry_and_shows_in_help(capsys):
         train_lm.parse_args(["--help"])
     flat = " ".join(capsys.readouterr().out.split())
     assert "--pack" in flat and "0x1e" in flat
+
+
+def no_separator_file(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_bytes(b"def f(x):\n    return x\n" * 100)
+    return path
+
+
+# Each bad command line, and the flag its one-line error must name. All fail before any training.
+BAD_COMMANDS = {
+    "negative steps": (["--steps", "-5"], "--steps"),
+    "no steps without resume": (["--steps", "0"], "--steps"),
+    "negative stop-at": (["--stop-at", "-3"], "--stop-at"),
+    "stop-at past steps": (["--steps", "10", "--stop-at", "20"], "--stop-at"),
+    "zero seq-len": (["--seq-len", "0"], "--seq-len"),
+    "zero batch": (["--batch-size", "0"], "--batch-size"),
+    "word for depth": (["--depth", "two"], "--depth"),
+    "negative sample": (["--sample", "-1"], "--sample"),
+    "negative temperature": (["--sample", "2", "--temperature", "-0.5"], "--temperature"),
+    "negative lr": (["--lr", "-1e-3"], "--lr"),
+    "nan lr": (["--lr", "nan"], "--lr"),
+    "negative warmup": (["--warmup", "-1"], "--warmup"),
+    "negative weight decay": (["--weight-decay", "-0.1"], "--weight-decay"),
+    "zero clip": (["--clip", "0"], "--clip"),
+    "zero eval windows": (["--eval-windows", "0"], "--eval-windows"),
+    "zero save interval": (["--save-every", "0"], "--save-every"),
+    "tiny corpus": (["--corpus-bytes", "100"], "--corpus-bytes"),
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "rule with softmax": (["--attention", "softmax", "--rule", "sum"], "--rule"),
+    "impl with softmax": (["--attention", "softmax", "--impl", "chunk"], "--impl"),
+    "nu without dpfp": (["--attention", "linear", "--nu", "2"], "--nu"),
+    "features without favor": (["--features", "32"], "--features"),
+    "temperature without sample": (["--temperature", "1.0"], "--temperature"),
+    "prompt without sample": (["--prompt", "x"], "--prompt"),
+    "empty prompt": (["--sample", "3", "--prompt", ""], "--prompt"),
+    "resume and overwrite": (["--resume", "--overwrite"], "--overwrite"),
+    "address without port": (["--coordinator-address", "localhost"], "--coordinator-address"),
+    "process id out of range": (["--num-processes", "2", "--process-id", "2"], "--process-id"),
+    "missing data file": (["--data", "{tmp}/absent.txt"], "--data"),
+    # Found once the data and the output folder are read, still before any state is built:
+    "resume without a checkpoint": (["--resume"], "--resume"),
+    "pack without separators": (["--pack", "--data", "{plain}"], "--pack"),
+    "data shorter than a window": (["--data", "{plain}", "--seq-len", "2000"], "--seq-len"),
+    "streams shorter than a segment": (["--carry", "--batch-size", "8000"], "--carry"),
+}
+
+
+@pytest.mark.parametrize("argv, flag", list(BAD_COMMANDS.values()), ids=list(BAD_COMMANDS))
+def test_a_bad_command_line_is_one_argparse_error_naming_the_flag(tmp_path, capsys, argv, flag):
+    plain = no_separator_file(tmp_path)
+    argv = [arg.format(tmp=tmp_path, plain=plain) for arg in argv]
+    error = usage_error(capsys, train_lm.main, [*TINY, *argv, "--out", str(tmp_path / "out")])
+    assert flag in error
+    if "--pack" in argv:
+        assert "0x1e" in error
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def run_example(script, *argv, devices=1):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script), *argv], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_scripts_exit_with_status_2_and_no_traceback(tmp_path):
+    # A batch two devices cannot share is found after jax starts: still one line and status 2.
+    result = run_example("train_lm.py", *TINY, "--batch-size", "3", "--out", str(tmp_path), devices=2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--batch-size 3 must be a multiple of the 2 devices the batch is split over (jax.device_count())")
+    result = run_example("associative_retrieval.py", "--setting", "1", "--feature-map", "softmax", "--rule", "delta",
+                         "--S", "4", "--out", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--rule" in result.stderr.strip().splitlines()[-1]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from examples import arguments, lm_throughput
+
+    for module in (train_lm, arguments, lm_throughput, input_pipeline, checkpoints, plotting):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_throughput_comparison_prints_the_machine_the_load_and_the_ratio(tmp_path, capsys):
+    from examples import lm_throughput
+
+    result = lm_throughput.main(["--attentions", "dpfp:delta,linear:sum", *TINY, "--steps", "2"])
+    out = capsys.readouterr().out
+    assert set(result["runs"]) == {"dpfp delta", "linear sum"} and all(len(v) == 1 for v in result["runs"].values())
+    assert result["ratios"]["dpfp delta"] == 1.0
+    np.testing.assert_allclose(result["ratios"]["linear sum"],
+                               result["runs"]["linear sum"][0] / result["runs"]["dpfp delta"][0])
+    lines = out.splitlines()
+    assert lines[0].startswith("machine: ") and f"jax {jax.__version__}" in lines[0]
+    assert lines[1].startswith("load average at start: ") and "(1 / 5 / 15 min)" in lines[1]
+    assert any(line.startswith("load average at end: ") for line in lines)
+    assert f"| linear sum | 1 | {result['runs']['linear sum'][0]:,.0f} |" in out
+    assert f"{result['ratios']['linear sum']:.2f}x" in out
+    error = usage_error(capsys, lm_throughput.main, ["--out", str(tmp_path)])
+    assert "--out" in error
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(where, script, argv)`` of every command line in the README, the docs pages, the
+    examples' README and the Makefile that runs one of the example scripts."""
+    import shlex
+
+    pattern = re.compile(r"^\s*(?:python|\$\(PY\))\s+examples/(\w+)\.py((?:[^\n#\\]|\\\n)*)", re.M)
+    found = []
+    for path in [REPO_ROOT / "README.md", REPO_ROOT / "Makefile", *sorted(REPO_ROOT.glob("docs/**/*.md")),
+                 *sorted(REPO_ROOT.glob("examples/**/*.md"))]:
+        text = path.read_text()
+        for match in pattern.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            argv = shlex.split(match.group(2).replace("\\\n", " ").rstrip().removesuffix("&"))
+            found.append((f"{path.relative_to(REPO_ROOT)}:{line}", match.group(1), argv))
+    return found
+
+
+def test_every_documented_command_line_is_accepted():
+    from examples import associative_retrieval, lm_throughput
+
+    parsers = dict(train_lm=train_lm.parse_args, associative_retrieval=associative_retrieval.parse_args,
+                   lm_throughput=lm_throughput.parse_args)
+    commands = documented_commands()
+    assert {script for _, script, _ in commands} == set(parsers), commands
+    for where, script, argv in commands:
+        try:
+            parsers[script](argv)
+        except SystemExit as exit_:
+            raise AssertionError(f"{where}: examples/{script}.py {' '.join(argv)} is refused") from exit_
