@@ -4,7 +4,8 @@
 static options and the inputs' shapes and dtypes (``dpfp_jax/ops/fast_weight/eager.py``), so only
 the first call with new shapes traces and compiles. This prints, per impl, the first eager call,
 the median of later eager calls and the median of calls to ``jax.jit(dj.fast_weight)``; then the
-same for a linen ``FastWeightAttention``'s ``apply``, eager and jitted. Delta rule, float32, one
+same for a linen ``FastWeightAttention``'s ``apply`` and for one token of the README's decoding loop
+(a ``decode=True`` ``DPFPformer``), eager and jitted. Delta rule, float32, one
 row per line, with the machine and its load average (a shared machine's numbers move with its load).
 
     python -m benchmarks.eager            # B=2, T=256, H=4, K=32, V=16
@@ -63,6 +64,28 @@ def main() -> None:
     jitted_apply = jax.jit(layer.apply)
     _, jitted = first_and_median_ms(lambda: jitted_apply(variables, inputs), args.repeats)
     print(f"| FastWeightAttention.apply (linen) | {first:.1f} | {later:.2f} | {jitted:.2f} | {later / jitted:.1f}x |")
+
+    # The README's decoding loop: one token per eager apply of a decode=True DPFPformer.
+    decoder = dj.DPFPformer(64, 2, num_heads=4, head_dim=16, decode=True)
+    tokens = jax.random.normal(jax.random.key(2), (2, args.repeats + 1, 64))
+    decoder_variables = decoder.init(jax.random.key(3), tokens)
+
+    def decode_step(cache, token):
+        return decoder.apply({"params": decoder_variables["params"], "cache": cache}, token, mutable=["cache"])
+
+    jitted_step = jax.jit(decode_step)
+    times = {}
+    for name, step in (("eager", decode_step), ("jitted", jitted_step)):
+        cache, times[name] = decoder_variables["cache"], []
+        for t in range(args.repeats + 1):
+            start = time.perf_counter()
+            _, updates = jax.block_until_ready(step(cache, tokens[:, t : t + 1]))
+            times[name].append((time.perf_counter() - start) * 1e3)
+            cache = updates["cache"]
+    first, later = times["eager"][0], statistics.median(times["eager"][1:])
+    jitted = statistics.median(times["jitted"][1:])
+    print(f"| DPFPformer decode step (linen, 2 layers) | {first:.1f} | {later:.2f} | {jitted:.2f} | "
+          f"{later / jitted:.1f}x |")
 
 
 if __name__ == "__main__":

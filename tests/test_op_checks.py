@@ -7,6 +7,7 @@ Kernel calls run in Pallas's interpret mode on the CPU at tiny shapes, to stay c
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight import check_delta_stability
 from pallas_kernels import chunk_walk, fused_chunk, fused_chunk_tpu, fused_recurrent
+from tests.test_multidevice import run_with_host_devices
 
 # ---------------------------------------------------------------------------------------------
 # Stability check (check_stability=True)
@@ -39,7 +41,7 @@ def test_raw_gaussian_keys_diverge_and_the_check_names_the_first_step():
     out, _ = dj.fast_weight(q, k, v, beta, impl="scan")
     assert not jnp.isfinite(out).all()
     first_nan = int(jnp.argmax(~jnp.isfinite(out[0, :, 0]).any(-1)))
-    assert 20 < first_nan < 128, first_nan
+    assert 50 < first_nan < 128, first_nan  # 87 for this draw
     with pytest.raises(ValueError, match=r"first at batch 0, head 0, step 0: beta \|k\|\^2 = .*128 of 128"):
         dj.fast_weight(q, k, v, beta, impl="scan", check_stability=True)
 
@@ -286,3 +288,8 @@ def test_kernels_take_numpy_integer_chunk_sizes(kernel):
     for bad in (16.0, True):
         with pytest.raises(TypeError, match="chunk_size must be an int"):
             _kernel_call(kernel, chunk_size=bad)
+
+
+def test_eager_calls_on_an_explicit_mesh_keep_shardings_and_values():
+    result = run_with_host_devices(Path(__file__).with_name("eager_sharded_script.py"), count=4)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

@@ -105,6 +105,10 @@ def jit_when_eager(fn: Callable[..., Any], *, dynamic: tuple[str, ...], numbers_
             return fn(*args, **kwargs)
         if arguments.get(CHECK_OPTION) is True:
             error, result = jitted_checked(**arguments)
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(error)):
+                # Concrete arguments inside an outer trace (closed-over constants): the error is not
+                # known yet; the plain function stages its checkify check, as under any jit.
+                return fn(*args, **kwargs)
             message = error.get()
             if message is not None:
                 raise ValueError(message.removesuffix(" (`check` failed)"))
