@@ -169,9 +169,10 @@ def fast_weight(
     Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
     dtypes and the options above, so only the first call with new ones traces (docs/op_checks.md).
 
-    Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works with
-    ``impl="reference"`` only: the other impls' memory-lean backward is a ``jax.custom_vjp``,
-    which JAX differentiates in reverse mode only, and they raise a TypeError that says so.
+    Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) works with ``impl="reference"`` only: the
+    other impls' memory-lean backward is a ``jax.custom_vjp``, which JAX differentiates in reverse
+    mode only, and they raise a TypeError that says so. ``jax.hessian`` (forward over reverse)
+    works with every impl.
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
