@@ -24,7 +24,8 @@ Array = jax.Array
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1: TypeError for a non-int, ValueError for an int below 1.
+    """Return ``value`` as an int if it is an integer >= 1 (a Python int or a numpy integer such as
+    ``np.int64(32)``): TypeError for a non-integer (bools and floats included), ValueError below 1.
 
     Example:
         >>> check_positive_int("num_heads", 0)
@@ -33,11 +34,12 @@ def check_positive_int(name: str, value: object) -> int:
         ValueError: num_heads must be a positive int; got 0
     """
     # bool is an int subclass; `nu=True` is almost certainly a mistake, so refuse it too.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral: int and numpy's integers (np.bool_ is not one); a float 32.0 is refused, not truncated.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int; got {value!r} of type {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int; got {value}")
-    return value
+    return int(value)
 
 
 def check_choice[T](name: str, value: T, choices: tuple[str, ...]) -> T:

@@ -10,6 +10,7 @@ module imports nothing outside ``pallas_kernels`` and JAX.
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,21 @@ MAX_KEY_DIM = 1024
 
 # The smallest chunk a tensor-core dot tiles (``tl.dot`` needs both sides >= 16).
 MIN_CHUNK_SIZE = 16
+
+
+def _check_array(name: str, x: object) -> None:
+    """``x`` must be an array (anything with a shape and a dtype: jax, numpy, a tracer or a
+    ``ShapeDtypeStruct``); the message names its type, never its contents (a list may be long).
+
+    Example:
+        >>> _check_array("q", [[1.0, 2.0]] * 1000)
+        Traceback (most recent call last):
+        ...
+        TypeError: q must be an array (jax.Array or numpy.ndarray); got list of length 1000
+    """
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        length = f" of length {len(x)}" if isinstance(x, list | tuple) else ""
+        raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray); got {type(x).__name__}{length}")
 
 
 def _check_float(name: str, x: Array) -> None:
@@ -50,19 +66,74 @@ def check_scale(scale: object) -> None:
         raise TypeError(f"scale must be a real number; got dtype {dtype}")
 
 
-def check_chunk_size(chunk_size: object) -> None:
-    """``chunk_size`` must be an int power of two >= ``MIN_CHUNK_SIZE``."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be an int; got {type(chunk_size).__name__} {chunk_size!r}")
+def check_int(name: str, value: object) -> int:
+    """``value`` as an int if it is an integer (a Python int or a numpy integer such as ``np.int64(32)``);
+    a bool or a float is refused (TypeError), not converted.
+
+    Example:
+        >>> import numpy as np
+        >>> check_int("chunk_size", np.int64(32)), type(check_int("chunk_size", np.int64(32))).__name__
+        (32, 'int')
+        >>> check_int("chunk_size", 32.0)
+        Traceback (most recent call last):
+        ...
+        TypeError: chunk_size must be an int; got float 32.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    """``chunk_size`` must be an int power of two >= ``MIN_CHUNK_SIZE``; returned as an int."""
+    chunk_size = check_int("chunk_size", chunk_size)
     if chunk_size < MIN_CHUNK_SIZE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= {MIN_CHUNK_SIZE}; got chunk_size={chunk_size} "
                          f"({MIN_CHUNK_SIZE} is the smallest tile a tensor-core dot takes)")
+    return chunk_size
 
 
-def check_positive_int(name: str, value: object) -> None:
-    """``value`` must be an int >= 1."""
+def check_interpret(interpret: object, *params: type) -> None:
+    """``interpret`` must be a bool (numpy's included), or an instance of one of ``params`` (the
+    TPU kernel also takes a ``pltpu.InterpretParams``): a string such as ``"yes"`` is refused,
+    not read by its truth value.
+
+    Example:
+        >>> check_interpret("yes")
+        Traceback (most recent call last):
+        ...
+        TypeError: interpret must be a bool (True runs Pallas's interpreter); got 'yes' of type str
+    """
+    if not isinstance(interpret, (bool, np.bool_, *params)):
+        also = "".join(f" or {p.__name__}" for p in params)
+        raise TypeError(f"interpret must be a bool (True runs Pallas's interpreter){also}; got {interpret!r} of type "
+                        f"{type(interpret).__name__}")
+
+
+def empty_result(v: Array, initial_state: Array, q: Array) -> tuple[Array, Array] | None:
+    """``(out, final_state)`` of a call with nothing to compute, else None.
+
+    When B, T, H, K or V is 0 there is no step to take or no output element to compute, and a
+    kernel cannot be launched over an empty grid: ``out`` is then zeros ``[B, T, H, V]`` in v's
+    dtype (for K = 0, W^T q is a sum of no terms) and ``final_state`` the initial state in float32,
+    as ``dpfp_jax.fast_weight`` returns for such calls.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out, state = empty_result(jnp.ones((1, 0, 2, 4)), jnp.ones((1, 2, 8, 4)), jnp.ones((1, 0, 2, 8)))
+        >>> out.shape, state.dtype, float(state.sum())
+        ((1, 0, 2, 4), dtype('float32'), 64.0)
+    """
+    if 0 not in (*q.shape, *v.shape):
+        return None
+    return jnp.zeros(v.shape, v.dtype), initial_state.astype(jnp.float32)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` must be an int >= 1; returned as an int."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+    return int(value)
 
 
 def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False) -> None:
@@ -157,9 +228,12 @@ def check_kernel_inputs(
     """
     if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("initial_state", initial_state)):
+        if x is not None or name in ("q", "k", "v"):
+            _check_array(name, x)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "shape") or len(x.shape) != 4:
-            raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {getattr(x, 'shape', x)}")
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {tuple(x.shape)}")
         _check_float(name, x)
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")

@@ -69,7 +69,7 @@ from pallas_kernels.tpu.layout import (
     values_from_kernel,
     values_to_kernel,
 )
-from pallas_kernels.validation import check_kernel_inputs
+from pallas_kernels.validation import check_int, check_interpret, check_kernel_inputs, empty_result
 
 Array = jax.Array
 f32 = jnp.float32
@@ -505,7 +505,7 @@ def _fused_chunk_backward(interpret, dims, residuals, cotangents):
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
 
 
-def check_tpu_chunk_size(chunk_size: object) -> None:
+def check_tpu_chunk_size(chunk_size: object) -> int:
     """``chunk_size`` must be 16, 32 or 64 (whole bfloat16 sublane tiles that divide a 128-lane
     block) or a multiple of 128 (layout.py: the value arrays' blocks are whole lane tiles of steps).
 
@@ -515,12 +515,12 @@ def check_tpu_chunk_size(chunk_size: object) -> None:
         ...
         ValueError: chunk_size must be 16, 32, 64 or a multiple of 128 for the TPU kernel ...; got chunk_size=48
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int; got {type(chunk_size).__name__} {chunk_size!r}")
+    chunk_size = check_int("chunk_size", chunk_size)
     if chunk_size < CHUNK_MULTIPLE or (LANES % chunk_size if chunk_size < LANES else chunk_size % LANES):
         raise ValueError(f"chunk_size must be 16, 32, 64 or a multiple of 128 for the TPU kernel (whole "
                          f"bfloat16 sublane tiles, and whole chunks in a block of 128-lane tiles of steps); "
                          f"got chunk_size={chunk_size}")
+    return chunk_size
 
 
 def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int) -> Dims:
@@ -572,7 +572,10 @@ def fused_chunk_tpu(
         ((1, 20, 2, 64), (1, 2, 128, 64), 0.002)
     """
     check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
-    check_tpu_chunk_size(chunk_size)
+    chunk_size = check_tpu_chunk_size(chunk_size)
+    check_interpret(interpret, pltpu.InterpretParams)
+    if (empty := empty_result(v, initial_state, q)) is not None:
+        return empty
     if interpret is True:
         interpret = pltpu.InterpretParams()
     batch, length, heads, key_dim = q.shape

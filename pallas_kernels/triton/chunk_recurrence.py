@@ -49,7 +49,7 @@ from pallas_kernels.triton.tiles import (
     tile_dot,
     walk_in_reverse,
 )
-from pallas_kernels.validation import check_chunk_documents, check_recurrence_inputs
+from pallas_kernels.validation import check_chunk_documents, check_interpret, check_recurrence_inputs
 
 Array = jax.Array
 
@@ -153,6 +153,7 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interp
     documents) None or bool ``[N, G]``, with which every chunk's start state comes back too
     (``states [N, G, K, V]``, else None).
     """
+    check_interpret(interpret)
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u_tilde": u_tilde, "out_intra": out_intra},
                             {"w0": w0})
     num_chunks, groups, chunk, key_dim = q_eff.shape
@@ -196,6 +197,7 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, keep=None, 
     in ``forward_recurrence``. Shapes (checked): q_eff, k and y (None for the sum rule) ``[N, G, C, K]``;
     u, d_out ``[N, G, C, V]``; final_state, d_final ``[G, K, V]``; with packed documents ``keep``
     (bool ``[N, G]``) and the forward's ``states`` (``[N, G, K, V]``) together, or neither."""
+    check_interpret(interpret)
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u": u, "d_out": d_out},
                             {"final_state": final_state, "d_final": d_final})
     num_chunks, groups, chunk, key_dim = q_eff.shape
@@ -249,5 +251,6 @@ def chunk_walk(interpret: bool = False, precise: bool = True) -> tuple[Callable,
         >>> out.shape, u, float(state[0, 0, 0]), chunk_walk(interpret=True) == (forward, backward)
         ((2, 1, 16, 4), None, 32.0, True)
     """
+    check_interpret(interpret)
     return (functools.partial(forward_recurrence, interpret=interpret, precise=precise),
             functools.partial(backward_recurrence, interpret=interpret, precise=precise))

@@ -62,10 +62,12 @@ from pallas_kernels.triton.tiles import (
 )
 from pallas_kernels.validation import (
     check_chunk_size,
+    check_interpret,
     check_kernel_inputs,
     check_positive_int,
     check_wy_inverse,
     check_wy_inverse_result,
+    empty_result,
 )
 
 Array = jax.Array
@@ -467,9 +469,12 @@ def fused_chunk(
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
     check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets)
-    check_chunk_size(chunk_size)
-    check_positive_int("num_stages", num_stages)
+    chunk_size = check_chunk_size(chunk_size)
+    num_stages = check_positive_int("num_stages", num_stages)
+    check_interpret(interpret)
     check_wy_inverse(rule, wy_inverse, packed=resets is not None)
+    if (empty := empty_result(v, initial_state, q)) is not None:
+        return empty
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.triton.tiles import compiler_params, pad_state, pad_to, padded_sizes, value_block, warps_for_state
-from pallas_kernels.validation import check_kernel_inputs
+from pallas_kernels.validation import check_interpret, check_kernel_inputs, empty_result
 
 Array = jax.Array
 
@@ -247,6 +247,9 @@ def fused_recurrent(
         ((1, 3, 2, 4), (1, 2, 4, 4))
     """
     check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets)
+    check_interpret(interpret)
+    if (empty := empty_result(v, initial_state, q)) is not None:
+        return empty
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)

@@ -10,6 +10,7 @@ that cannot take the call raises that reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -17,11 +18,20 @@ import jax.numpy as jnp
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_state
+from dpfp_jax.ops.fast_weight.eager import jit_when_eager
+from dpfp_jax.ops.fast_weight.forward_mode import refuse_forward_mode
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.segments import resets_of
-from dpfp_jax.ops.fast_weight.validation import RULES, check_fast_weight_inputs, check_scale, check_segment_ids
+from dpfp_jax.ops.fast_weight.stability import check_delta_stability
+from dpfp_jax.ops.fast_weight.validation import (
+    RULES,
+    check_bool,
+    check_fast_weight_inputs,
+    check_scale,
+    check_segment_ids,
+)
 from dpfp_jax.validation import check_positive_int
 
 Array = jax.Array
@@ -30,6 +40,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "IMPLS",
     "RULES",
+    "check_delta_stability",
     "fast_weight",
     "fast_weight_chunk",
     "fast_weight_reference",
@@ -69,6 +80,8 @@ IMPLS = (*_IMPLS, "auto")
 """Accepted values of ``impl``."""
 
 
+@functools.partial(jit_when_eager, dynamic=("q", "k", "v", "beta", "initial_state", "scale", "segment_ids"),
+                   numbers_ok=("scale",))
 def fast_weight(
     q: Array,
     k: Array,
@@ -81,6 +94,7 @@ def fast_weight(
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     segment_ids: Array | None = None,
+    check_stability: bool = False,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -105,7 +119,8 @@ def fast_weight(
     Stability of the delta rule: a step is ``W_t = (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T``,
     and ``I - beta k k^T`` is non-expanding only while ``0 <= beta_t |k_t|^2 <= 2``. Keys that break
     it make the state grow exponentially (raw Gaussian keys of width 64 overflow float32 within about
-    a hundred steps); nothing here checks it. Normalised keys keep it at every step, for any length:
+    a hundred steps, and the outputs turn to NaN without an error); nothing checks it unless
+    ``check_stability=True`` asks for it (below). Normalised keys keep it at every step, for any length:
     :func:`dpfp_jax.sum_norm` (non-negative features) or :func:`dpfp_jax.l2_norm` (any sign) give
     ``|k| <= 1``, and beta in ``[0, 1]`` (a sigmoid) then gives ``beta |k|^2 <= 1``. Then, whatever
     the keys, a column ``W[:, j]`` gains at most ``beta_t v_tj^2 / (2 - beta_t |k_t|^2)`` in squared
@@ -144,6 +159,20 @@ def fast_weight(
         sorted or start at zero, and padding may be a document of its own. Documents may start
         anywhere, chunk boundaries included or not. What each impl keeps for its backward with
         them: docs/math.md, "Packed documents".
+      check_stability: delta rule only: check ``0 <= beta_t |k_t|^2 <= 2`` at every step and raise a
+        ValueError naming the first (batch, head, step) that breaks it, before the op runs
+        (:func:`~dpfp_jax.ops.fast_weight.stability.check_delta_stability`, which says the
+        tolerance). Under ``jax.jit`` the check is a ``jax.experimental.checkify`` check: wrap
+        the jitted function in ``checkify.checkify`` to get its error. Off by default, and then
+        nothing of it is computed or traced.
+
+    Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
+    dtypes and the options above, so only the first call with new ones traces (docs/op_checks.md).
+
+    Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) works with ``impl="reference"`` only: the
+    other impls' memory-lean backward is a ``jax.custom_vjp``, which JAX differentiates in reverse
+    mode only, and they raise a TypeError that says so. ``jax.hessian`` (forward over reverse)
+    works with every impl.
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -164,7 +193,7 @@ def fast_weight(
     """
     check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
     check_scale(scale)
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     check_segment_ids(segment_ids, q)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)
@@ -172,6 +201,11 @@ def fast_weight(
         candidates = (impl,)
     else:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if check_bool("check_stability", check_stability):
+        if rule != "delta":
+            raise ValueError(f"check_stability checks the delta rule's condition 0 <= beta |k|^2 <= 2; rule={rule!r} "
+                             "has none")
+        check_delta_stability(k, beta)
     reasons = []
     for name in candidates:
         fn, supports = _IMPLS[name]
@@ -183,6 +217,7 @@ def fast_weight(
             else:
                 initial_state = with_batch_head_sharding_of(initial_state, q)
             options = {"chunk_size": chunk_size} if name in ("chunk", "pallas") else {}
-            return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, resets=resets, **options)
+            with refuse_forward_mode(name, impl, q, k, v, beta, initial_state, scale):
+                return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, resets=resets, **options)
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))

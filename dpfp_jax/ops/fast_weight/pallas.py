@@ -115,6 +115,15 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
+    if tpu and interpret is False:
+        from pallas_kernels.tpu import tpu_interpret_params
+
+        # Inside pltpu.force_tpu_interpret_mode() Pallas reads the mode when each pallas_call is
+        # traced, and the backward is traced when the gradient is taken, possibly after the
+        # context has exited (a forward in `with force_tpu_interpret_mode():` under jax.grad): it
+        # would then be compiled for the host's platform. Passing the mode now fixes it for both:
+        # the kernel's custom_vjp keeps it as a non-differentiable argument.
+        interpret = tpu_interpret_params() or False
 
     def run(q, k, v, beta, initial_state, resets):
         if tpu:

@@ -35,6 +35,20 @@ def check_scale(scale: object) -> None:
         raise TypeError(f"scale must be a real number or a 0-d array; got {scale!r} of type {type(scale).__name__}")
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool (Python or numpy), else a TypeError naming ``name``.
+
+    Example:
+        >>> check_bool("check_stability", "yes")
+        Traceback (most recent call last):
+        ...
+        TypeError: check_stability must be a bool (True or False); got 'yes' of type str
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool (True or False); got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
 def _check_float(name: str, x: Array) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
