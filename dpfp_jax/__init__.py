@@ -21,7 +21,7 @@ from dpfp_jax.feature_maps import (
     sum_norm,
 )
 from dpfp_jax.nn import NORMALIZATIONS, DPFPAttention, DPFPCell, DPFPformer, FastWeightAttention
-from dpfp_jax.ops import IMPLS, RULES, fast_weight
+from dpfp_jax.ops import IMPLS, RULES, check_delta_stability, fast_weight
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "DPFPformer",
     "FastWeightAttention",
     "apply_feature_map",
+    "check_delta_stability",
     "dpfp",
     "elu_plus_one",
     "fast_weight",

@@ -161,7 +161,7 @@ def fast_weight(
         them: docs/math.md, "Packed documents".
       check_stability: delta rule only: check ``0 <= beta_t |k_t|^2 <= 2`` at every step and raise a
         ValueError naming the first (batch, head, step) that breaks it, before the op runs
-        (:func:`~dpfp_jax.ops.fast_weight.stability.check_delta_stability`, which says the
+        (:func:`~dpfp_jax.check_delta_stability`, which says the
         tolerance). Under ``jax.jit`` the check is a ``jax.experimental.checkify`` check: wrap
         the jitted function in ``checkify.checkify`` to get its error. Off by default, and then
         nothing of it is computed or traced.

@@ -73,7 +73,7 @@ def _first_violation(k: Array, beta: Array) -> tuple[Array, ...]:
 
 
 def check_delta_stability(k: Array, beta: Array) -> None:
-    """Raise unless ``0 <= beta_t |k_t|^2 <= 2`` (up to :data:`STABILITY_RTOL`) at every (batch, head, step).
+    """Raise unless ``0 <= beta_t |k_t|^2 <= 2`` at every (batch, head, step), up to ``STABILITY_RTOL``.
 
     ``k [B, T, H, K]`` (feature-mapped, as :func:`dpfp_jax.fast_weight` takes it) and ``beta [B, T, H]``.
     With concrete arrays: a ValueError naming the first offending (batch, head, step), the value
