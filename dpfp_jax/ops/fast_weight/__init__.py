@@ -66,12 +66,13 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
     """``chunk`` from one full chunk of steps on, ``scan`` below (a decoding step, say).
 
+    The choice optimises training (forward+backward), whether or not a backward follows.
     benchmarks/chunk.py --crossover on this project's CPU machine (docs/reports/cpu_benchmarks.md): chunk's
     forward+backward beats scan's at every T from one chunk on, at both key widths and with a loss on the
-    outputs alone or on both results, forwards about even;
-    below one chunk (not measured there) the scan is kept, the chunk form being a single [T, T] block. On
-    GPU and TPU the chunkwise form is the matmul-shaped one (the peers' H200 figures, docs/peers.md);
-    our own GPU measurement is pending.
+    outputs alone or on both results; the forward alone is slower with chunk at K = 128 and T <= 1024
+    (1.2x to 2.6x scan's there), so forward-only CPU calls at those shapes are faster with ``impl="scan"``.
+    Below one chunk (not measured there) the scan is kept, the chunk form being a single [T, T] block. On
+    GPU and TPU the chunkwise form is the matmul-shaped one; that it is faster there is not measured yet.
     """
     return ("chunk", "scan") if q.shape[1] >= chunk_size else ("scan",)
 
@@ -148,10 +149,12 @@ def fast_weight(
         (a jit argument) and is differentiated, on every impl.
       impl: ``"reference"`` (plain scan, autodiff: the oracle), ``"scan"`` (scan with a backward
         that recomputes states, O(K*V) memory per head), ``"chunk"`` (chunkwise parallel:
-        matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (the Pallas GPU kernels:
-        fused chunk from one chunk on when ``chunk_size`` is a power of two >= 16, fused recurrent
-        otherwise; a clear ValueError off the GPU), or
-        ``"auto"`` (``chunk`` when T >= chunk_size, else ``scan``).
+        matmuls over chunks of ``chunk_size`` steps), ``"pallas"`` (on a GPU the Pallas Triton
+        kernels: fused chunk from one chunk on when ``chunk_size`` is a power of two >= 16, fused
+        recurrent otherwise; on a TPU, or on a CPU inside
+        ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``, the Pallas TPU kernel; a
+        ValueError saying why anywhere else), or ``"auto"`` (``chunk`` when T >= chunk_size, else
+        ``scan``: it optimises forward+backward time; the docs' benchmarks page says by how much).
       chunk_size: steps per chunk for ``impl="chunk"`` and ``"pallas"`` (the other impls compute
         the same function without chunks and do not use it); ``"chunk"`` takes one chunk of T
         steps when ``chunk_size`` is above T, so its cost follows T.
