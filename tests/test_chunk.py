@@ -7,7 +7,7 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import random_like
+from tests.helpers import random_like
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
 JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted

@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
+from tests.helpers import assert_bounded_and_not_drifting, delta_column_bound, random_like
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
 JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted

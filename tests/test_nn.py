@@ -11,7 +11,7 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_jax.nn.attention import split_heads_projection
-from tests.conftest import assert_bounded_and_not_drifting
+from tests.helpers import assert_bounded_and_not_drifting
 
 # Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
 JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted

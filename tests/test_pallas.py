@@ -11,7 +11,7 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import MAX_KEY_DIM, chunk_walk, fused_chunk, fused_recurrent
-from tests.conftest import pallas_calls, random_like
+from tests.helpers import pallas_calls, random_like
 from tests.test_multidevice import run_with_host_devices
 
 ARGS = ("q", "k", "v", "beta", "initial_state")

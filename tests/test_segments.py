@@ -9,7 +9,7 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import random_like
+from tests.helpers import random_like
 from tests.test_fast_weight import DIFF_ARGS, JAX_SENSITIVE, assert_close
 
 CHUNK = 8

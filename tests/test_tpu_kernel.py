@@ -21,7 +21,7 @@ import dpfp_jax as dj
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
 from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
-from tests.conftest import random_like
+from tests.helpers import random_like
 from tests.test_pallas import bad_calls
 
 ARGS = ("q", "k", "v", "beta", "initial_state")
