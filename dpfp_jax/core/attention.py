@@ -132,6 +132,8 @@ class AttentionSpec(FastWeightSettings):
                 "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
                 "(any feature map), or set allow_unbounded_delta=True to opt in"
             )
+        # A callable's width is checked (on one [head_dim] vector) before its values are probed.
+        feature_dim(self.feature_map, self.head_dim, nu=self.nu, num_features=self.num_features)
         if self.normalization in ("sum", "attention") and not is_non_negative(self.feature_map, self.head_dim):
             why = (
                 "sum-normalised keys phi(k) / sum(phi(k)) then have norms far above 1 (the sum can be near "
