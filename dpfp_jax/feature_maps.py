@@ -382,9 +382,11 @@ def sign_probe(dim: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _callable_non_negative(fn: Callable[[Array], Array], dim: int) -> bool:
-    # Values, not shapes: evaluated now even inside a jit trace (the probe is a constant).
+    _callable_width(fn, dim)  # a [d] -> [K] map, or the error that says what it is instead
+    # Values, not shapes: evaluated now even inside a jit trace (the probe is a constant). Row by
+    # row (vmap): the map is only known to take [d] vectors here; other shapes are checked when applied.
     with jax.ensure_compile_time_eval():
-        out = np.asarray(_apply_callable(fn, jnp.asarray(sign_probe(dim))))
+        out = np.asarray(jax.vmap(fn)(jnp.asarray(sign_probe(dim))))
     return not bool(np.any(out < 0))  # NaN compares False: it is no evidence of a sign
 
 
