@@ -90,7 +90,8 @@ def test_bad_inputs_are_named():
         with pytest.raises(ValueError, match=rf"{name} must be None or inputs_q itself: this layer is causal"):
             layer.apply({"params": params}, x, **kwargs)
     for mask, error, match in [
-        (jnp.ones((B, 1, T, T + 1)), ValueError, r"mask must be \[B or 1, H or 1, T, T\] = \[2 or 1, 4 or 1, 6, 6\]"),
+        (jnp.ones((B, 1, T, T + 1)), ValueError,
+         r"mask must be \[B or 1, H or 1, T or 1, T\] = \[2 or 1, 4 or 1, 6 or 1, 6\]"),
         (jnp.ones((3, 1, T, T)), ValueError, r"got shape \(3, 1, 6, 6\)"),
         (jnp.ones((B, 2, T, T)), ValueError, r"got shape \(2, 2, 6, 6\)"),
         (jnp.ones((T,)), ValueError, r"got shape \(6,\)"),
