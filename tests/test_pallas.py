@@ -98,7 +98,7 @@ def test_kernels_take_bfloat16(kernel_of):
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
     (want_out, want_state), want_grads = value_and_grads(
-        oracle("delta"), {n: x.astype(jnp.float32) for n, x in bf16.items()})
+        positional(oracle("delta")), {n: x.astype(jnp.float32) for n, x in bf16.items()})
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out), rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5, atol=1e-5)
     for g, w in zip(grads, want_grads, strict=True):
