@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpfp_jax.validation import check_choice, check_positive_int
 
@@ -192,10 +193,13 @@ class FeatureMap:
       width: the output width for an input width d, called as ``width(d, **{o: ... for o in width_options})``.
       options: the keywords of :func:`apply_feature_map` that ``fn`` takes (``"nu"``, ``"projection"``).
       width_options: the keywords of :func:`feature_dim` that ``width`` takes (``"nu"``, ``"num_features"``).
+      non_negative: whether every feature is >= 0 for every input. Sum normalisation and the
+        attention normalisation's denominator assume it (:func:`is_non_negative`); False, the
+        default, is the safe answer for a map not known to be.
 
     Example:
-        >>> REGISTRY["dpfp"].width(8, nu=2)
-        32
+        >>> REGISTRY["dpfp"].width(8, nu=2), REGISTRY["dpfp"].non_negative, REGISTRY["identity"].non_negative
+        (32, True, False)
     """
 
     name: str
@@ -203,6 +207,7 @@ class FeatureMap:
     width: Callable[..., int]
     options: tuple[str, ...] = ()
     width_options: tuple[str, ...] = ()
+    non_negative: bool = False
 
 
 def _dpfp_width(dim: int, nu: int) -> int:
@@ -218,11 +223,12 @@ def _same_width(dim: int) -> int:
 
 
 REGISTRY: Mapping[str, FeatureMap] = MappingProxyType({m.name: m for m in (
-    FeatureMap("dpfp", dpfp, _dpfp_width, options=("nu",), width_options=("nu",)),
-    FeatureMap("linear", elu_plus_one, _same_width),
-    FeatureMap("favor", favor, _favor_width, options=("projection",), width_options=("num_features",)),
-    FeatureMap("relu", relu, _same_width),
-    FeatureMap("identity", identity, _same_width),
+    FeatureMap("dpfp", dpfp, _dpfp_width, options=("nu",), width_options=("nu",), non_negative=True),
+    FeatureMap("linear", elu_plus_one, _same_width, non_negative=True),  # elu(x) + 1 > 0
+    FeatureMap("favor", favor, _favor_width, options=("projection",), width_options=("num_features",),
+               non_negative=True),  # exp(.) > 0
+    FeatureMap("relu", relu, _same_width, non_negative=True),
+    FeatureMap("identity", identity, _same_width, non_negative=False),
 )})
 """The feature maps by name (read-only); a new map is one :class:`FeatureMap` entry here."""
 
@@ -356,3 +362,57 @@ def apply_feature_map(
         users = " or ".join(repr(m.name) for m in REGISTRY.values() if "projection" in m.options)
         raise ValueError(f"projection is only used by feature_map {users}; got it for {feature_map!r}")
     return entry.fn(x, **_options(entry, entry.options, dict(nu=nu, projection=projection)))
+
+
+def sign_probe(dim: int) -> np.ndarray:
+    """The fixed inputs ``[16, dim]`` float32 on which :func:`is_non_negative` evaluates a callable:
+    a ramp over [-3, 3] and its reverse, constant rows from -3 to 3 (zero included), and eight
+    fixed Gaussian rows of scale 1.5: the range a layer's pre-feature projections live in.
+
+    Example:
+        >>> sign_probe(4).shape, float(sign_probe(4).min()) <= -3.0
+        ((16, 4), True)
+    """
+    dim = check_positive_int("dim", dim)
+    ramp = np.linspace(-3.0, 3.0, dim)
+    constants = np.array([-3.0, -1.0, -0.25, 0.0, 0.25, 1.0])[:, None] * np.ones(dim)
+    gaussian = 1.5 * np.random.default_rng(0).standard_normal((8, dim))
+    return np.concatenate([ramp[None], ramp[None, ::-1], constants, gaussian]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _callable_non_negative(fn: Callable[[Array], Array], dim: int) -> bool:
+    _callable_width(fn, dim)  # a [d] -> [K] map, or the error that says what it is instead
+    # Values, not shapes: evaluated now even inside a jit trace (the probe is a constant). Row by
+    # row (vmap): the map is only known to take [d] vectors here; other shapes are checked when applied.
+    with jax.ensure_compile_time_eval():
+        out = np.asarray(jax.vmap(fn)(jnp.asarray(sign_probe(dim))))
+    return not bool(np.any(out < 0))  # NaN compares False: it is no evidence of a sign
+
+
+def is_non_negative(feature_map: FeatureMapLike, dim: int) -> bool:
+    """Whether ``feature_map``'s features are non-negative, as sum normalisation needs.
+
+    A registered map answers from :data:`REGISTRY` (``"identity"`` is signed, every other one
+    non-negative). A callable is evaluated on the fixed :func:`sign_probe` input of width
+    ``dim`` (concrete values, also inside ``jit``): any negative feature makes it signed. That is
+    evidence, not proof: a callable negative only far outside [-3, 3] passes. ``dim`` is the
+    input width d (a registered map's sign depends on neither d nor its options).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> is_non_negative("dpfp", 8), is_non_negative("identity", 8)
+        (True, False)
+        >>> is_non_negative(jnp.tanh, 8), is_non_negative(jax.nn.relu, 8)
+        (False, True)
+    """
+    entry = _entry(feature_map)
+    if isinstance(feature_map, str):
+        return entry.non_negative
+    dim = check_positive_int("dim", dim)
+    try:
+        return _callable_non_negative(feature_map, dim)
+    except TypeError as error:  # an unhashable callable: not cached
+        if "unhashable" not in str(error):
+            raise
+        return _callable_non_negative.__wrapped__(feature_map, dim)

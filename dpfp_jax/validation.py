@@ -71,11 +71,19 @@ def check_mask(mask: Any, batch: int, length: int) -> Array | None:
 
     A boolean mask is taken as it is; an integer mask must hold 0 and 1 (checked when its values
     are concrete, i.e. not traced under ``jit``) and is read as ``mask != 0``. A float mask is
-    refused: a mask selects tokens, it is not a weight to multiply them by.
+    refused: a mask selects tokens, it is not a weight to multiply them by. So is a list (a
+    TypeError, as for ``segment_ids``): ``jnp.asarray`` would give it a shape and dtype of its own.
+
+    Example:
+        >>> check_mask([[1, 0]], 1, 2)
+        Traceback (most recent call last):
+        ...
+        TypeError: mask must be an array (jax.Array or numpy.ndarray); got list
     """
     if mask is None:
         return None
-    mask = mask if isinstance(mask, jax.Array | np.ndarray) else jnp.asarray(mask)
+    if not isinstance(mask, jax.Array | np.ndarray):
+        raise TypeError(f"mask must be an array (jax.Array or numpy.ndarray); got {type(mask).__name__}")
     if mask.shape != (batch, length):
         raise ValueError(f"mask must be [B, T] = {(batch, length)}; got {mask.shape}")
     if mask.dtype == jnp.bool_:

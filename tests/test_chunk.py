@@ -7,35 +7,12 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import random_like
-
-# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
-JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
-
-DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
+from tests.helpers import DIFF_ARGS, JAX_SENSITIVE, assert_close, random_like, temp_bytes_of_grad, value_and_grads
 
 
 def run(inputs, impl, rule, **kwargs):
     return dj.fast_weight(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], rule=rule,
                           initial_state=inputs["initial_state"], impl=impl, **kwargs)
-
-
-def value_and_grads(inputs, impl, rule, **kwargs):
-    names = [n for n in DIFF_ARGS if inputs[n] is not None]
-
-    def loss(*args):
-        out, state = run({**inputs, **dict(zip(names, args, strict=True))}, impl, rule, **kwargs)
-        return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
-
-    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
-        *[inputs[n] for n in names]
-    )
-    return values, grads
-
-
-def assert_close(got, want, rtol, atol):
-    # Leaf by leaf, whatever containers hold them (a list of gradients against jax.grad's tuple).
-    chex.assert_trees_all_close(jax.tree.leaves(got), jax.tree.leaves(want), rtol=rtol, atol=atol)
 
 
 def float64_cases():
@@ -57,8 +34,8 @@ def float64_cases():
 def test_chunk_matches_reference_float64(x64, rule, chunk_size, T, K, with_state):
     inputs = make_inputs(T + K, batch=1, time=T, heads=2, key_dim=K, value_dim=8, rule=rule,
                          dtype=jnp.float64, with_state=with_state)
-    got = value_and_grads(inputs, "chunk", rule, chunk_size=chunk_size)
-    want = value_and_grads(inputs, "reference", rule)
+    got = value_and_grads(lambda x: run(x, "chunk", rule, chunk_size=chunk_size), inputs)
+    want = value_and_grads(lambda x: run(x, "reference", rule), inputs)
     assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -76,8 +53,8 @@ def float32_cases():
 @pytest.mark.parametrize("rule, chunk_size, T, K", list(float32_cases()))
 def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
     inputs = make_inputs(T * K, time=T, key_dim=K, value_dim=8, rule=rule, with_state=True)
-    got = value_and_grads(inputs, "chunk", rule, chunk_size=chunk_size)
-    want = value_and_grads(inputs, "reference", rule)
+    got = value_and_grads(lambda x: run(x, "chunk", rule, chunk_size=chunk_size), inputs)
+    want = value_and_grads(lambda x: run(x, "reference", rule), inputs)
     assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -86,11 +63,11 @@ def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
 def test_chunk_bfloat16(rule):
     inputs = make_inputs(3, time=100, key_dim=32, value_dim=8, rule=rule, with_state=True)
     bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
-    (out, state), grads = value_and_grads(bf16, "chunk", rule)
+    (out, state), grads = value_and_grads(lambda x: run(x, "chunk", rule), bf16)
     chex.assert_type([out, state], [jnp.bfloat16, jnp.float32])
     chex.assert_type(grads, jnp.bfloat16)
     upcast = {n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}
-    want = value_and_grads(upcast, "reference", rule)
+    want = value_and_grads(lambda x: run(x, "reference", rule), upcast)
     assert_close((out.astype(jnp.float32), state), want[0], rtol=2e-2, atol=2e-2)
     assert_close([g.astype(jnp.float32) for g in grads], want[1], rtol=5e-2, atol=5e-2)
 
@@ -122,15 +99,14 @@ def test_chunk_long_sequence_stays_accurate(rule):
     # Sum-normalised keys, T = 8192, float32: outputs and gradients within 1e-4 of the oracle.
     inputs = make_inputs(21, batch=1, time=8192, heads=2, key_dim=64, value_dim=16, rule=rule,
                          with_state=True)
-    got = value_and_grads(inputs, "chunk", rule)
-    want = value_and_grads(inputs, "reference", rule)
+    got = value_and_grads(lambda x: run(x, "chunk", rule), inputs)
+    want = value_and_grads(lambda x: run(x, "reference", rule), inputs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         rel = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
         assert rel < 1e-4, rel
 
 
 def test_chunk_backward_keeps_no_state_per_chunk():
-    from tests.test_fast_weight import temp_bytes_of_grad
 
     scan, chunk = temp_bytes_of_grad("scan"), temp_bytes_of_grad("chunk")
     # T / C = 32 chunks; a state per chunk alone would be 32 * B * H * K * V * 4 bytes (8.4 MB).
@@ -226,7 +202,6 @@ def test_chunk_size_is_validated():
     for bad in (0, -4, 2.0, True):
         with pytest.raises((TypeError, ValueError), match="chunk_size"):
             run(inputs, "chunk", "delta", chunk_size=bad)
-
 
 
 def compiled_grad(inputs, impl, **kwargs):

@@ -68,7 +68,7 @@ def test_gpu_training_memory_does_not_grow_with_t_k_v():
     # Compiled for an H200: the oracle's autodiff keeps every state (T * H * K * V floats, 268 MB
     # here); scan and the fused chunk kernel recompute them, the chunk form keeps one per chunk
     # (1/64 of them) beside [T, K]-sized work arrays.
-    result = run_deviceless("tests/deviceless_memory_script.py")
+    result = run_deviceless("tests/scripts/deviceless_memory_script.py")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     temp = {}
     for line in result.stdout.splitlines():

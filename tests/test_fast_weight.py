@@ -9,13 +9,17 @@ from jax.test_util import check_grads
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs, worst_relative_error
-from tests.conftest import assert_bounded_and_not_drifting, delta_column_bound, random_like
-
-# Also run by `make test` with the newest jax admitted (.venv-newest): see the Makefile.
-JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
+from tests.helpers import (
+    DIFF_ARGS,
+    JAX_SENSITIVE,
+    assert_bounded_and_not_drifting,
+    assert_close,
+    delta_column_bound,
+    random_like,
+    temp_bytes_of_grad,
+)
 
 FAST_IMPLS = ["scan", "chunk"]
-DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
 
 def run(inputs, impl, rule, **kwargs):
@@ -23,11 +27,6 @@ def run(inputs, impl, rule, **kwargs):
         inputs["q"], inputs["k"], inputs["v"], inputs["beta"],
         rule=rule, initial_state=inputs["initial_state"], impl=impl, **kwargs,
     )
-
-
-def assert_close(got, want, rtol, atol=0.0):
-    # Leaf by leaf, whatever containers hold them (a list of gradients against jax.grad's tuple).
-    chex.assert_trees_all_close(jax.tree.leaves(got), jax.tree.leaves(want), rtol=rtol, atol=atol)
 
 
 def grads(inputs, impl, rule, seed=7, on=("out", "state")):
@@ -104,18 +103,6 @@ def test_long_sequence_gradients_do_not_drift(impl):
     for g, w in zip(got, want, strict=True):
         rel = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
         assert rel < 1e-4, rel
-
-
-def temp_bytes_of_grad(impl, batch=2, time=2048, heads=4, key_dim=128, value_dim=64):
-    inputs = make_inputs(0, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim)
-
-    def loss(q, k, v, beta):
-        out, state = dj.fast_weight(q, k, v, beta, impl=impl)
-        return jnp.sum(out**2) + jnp.sum(state**2)
-
-    args = [inputs[n] for n in ("q", "k", "v", "beta")]
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_scan_backward_memory_does_not_grow_with_t_k_v():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
+from dpfp_jax.feature_maps import REGISTRY, favor_projection, is_non_negative, sign_probe
 
 
 def dpfp_original_numpy(x: np.ndarray, nu: int) -> np.ndarray:
@@ -193,3 +194,18 @@ def test_feature_map_neither_name_nor_callable(feature_map):
         dj.feature_dim(feature_map, 4)
     with pytest.raises(TypeError, match=r"feature_map must be one of .* or a callable"):
         dj.apply_feature_map(feature_map, jnp.ones(4))
+
+
+@pytest.mark.parametrize("name", dj.FEATURE_MAPS)
+def test_each_registered_sign_flag_is_what_the_map_gives(name):
+    x = jnp.asarray(sign_probe(8))
+    projection = favor_projection(jax.random.key(0), 16, 8) if name == "favor" else None
+    features = np.asarray(dj.apply_feature_map(name, x, nu=2, projection=projection))
+    assert is_non_negative(name, 8) == REGISTRY[name].non_negative == bool((features >= 0).all())
+
+
+def test_a_callable_is_signed_when_the_probe_finds_a_negative_feature():
+    assert not is_non_negative(jnp.tanh, 4) and not is_non_negative(lambda x: x - 2.5, 4)
+    assert is_non_negative(jax.nn.softplus, 4) and is_non_negative(lambda x: x**2, 4)
+    with pytest.raises(ValueError, match="keeping the leading shape"):
+        is_non_negative(lambda x: x.sum(-1), 4)

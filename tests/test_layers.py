@@ -79,3 +79,40 @@ def test_linen_and_nnx_layers_do_not_import_each_other(package, other):
     assert not found, found
     # Both do stand on the shared core.
     assert any(within(module, "dpfp_jax.core") for _, _, module in imports_of(package))
+
+
+# --- the tests: no test file imports another; what they share is tests/helpers.py ------------------
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (``tests.test_*`` or a bare ``test_*``) a file imports, in statements or in
+    the source of a script it runs (a module-level string holding ``from tests.test_x import ...``)."""
+    tree = ast.parse(path.read_text())
+    found = [module for _, module in imported_modules(tree)
+             if module.startswith("tests.test_") or module.startswith("test_")]
+    # Module-level strings: the scripts a test runs in a subprocess.
+    scripts = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+               and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+    for script in scripts:
+        try:
+            found += [module for _, module in imported_modules(ast.parse(script))
+                      if module.startswith("tests.test_") or module.startswith("test_")]
+        except SyntaxError:
+            continue
+    return sorted(set(found))
+
+
+def test_the_import_finder_sees_test_modules_in_statements_and_scripts(tmp_path):
+    path = tmp_path / "test_probe.py"
+    path.write_text('import test_a\nfrom tests.test_b import x\nfrom tests.helpers import y\n'
+                    'S = """\nfrom tests.test_c import z\n"""\n')
+    assert imported_test_modules(path) == ["test_a", "tests.test_b", "tests.test_c"]
+
+
+@pytest.mark.parametrize("path", sorted([*TESTS.glob("*.py"), *TESTS.glob("scripts/*.py")]),
+                         ids=lambda p: p.relative_to(TESTS).as_posix())
+def test_no_test_file_imports_another(path):
+    assert imported_test_modules(path) == [], (
+        f"{path.name} imports a test module: move what it needs to tests/helpers.py")

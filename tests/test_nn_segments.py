@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
-from tests.test_segments import document_ids, documents
-
-JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax admitted
+from tests.helpers import JAX_SENSITIVE, close, document_ids, documents, normal
 
 LENGTH = 11
 # Row 0: documents of 3, 1 (masked), 5 and 2 tokens; row 1: 6, 4 and 1. Row 1's first id is 0,
@@ -26,15 +24,6 @@ LAYER_CONFIGS = {
     # states' float32 rounding shows.
     "attention": dict(feature_map="linear", rule="sum", normalization="attention"),
 }
-
-
-def normal(seed, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape)
-
-
-def close(a, b, rtol=1e-5, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol)
 
 
 def test_the_case_has_what_it_claims():

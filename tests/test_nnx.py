@@ -1,7 +1,6 @@
 """Flax NNX modules: twins of the linen ones (same weights, same outputs and memories), the parameter
 mapping, decoding with nnx.Cache, partitioning annotations, training, and sharded training."""
 
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -13,22 +12,20 @@ from flax import nnx
 
 import dpfp_jax as dj
 from dpfp_jax import nnx as djnnx
-from tests.test_multidevice import run_with_host_devices
-
-JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax and flax admitted
+from tests.helpers import (
+    JAX_SENSITIVE,
+    SCRIPTS,
+    Regressor,
+    close,
+    normal,
+    regression_batch,
+    run_with_host_devices,
+    train_step,
+)
 
 B, T, D = 2, 7, 8
 MASK = jnp.ones((B, T), bool).at[0, 5].set(False).at[1, 0].set(False)
 SEGMENT_IDS = jnp.array([[3, 3, 3, 1, 1, 1, 1], [0, 0, 2, 2, 2, 5, 5]])
-
-
-def normal(seed, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape)
-
-
-def close(a, b, rtol=1e-5, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol)
 
 
 # name -> (linen module, NNX twin factory, call options); the NNX factory takes rngs.
@@ -235,33 +232,6 @@ def test_partitioning_annotations():
 # --- training -----------------------------------------------------------------------------------
 
 
-class Regressor(nnx.Module):
-    """Predict the running mean of the inputs so far (needs memory of the past)."""
-
-    def __init__(self, kernel_axes=None, *, rngs):
-        self.embed = nnx.Linear(4, 16, rngs=rngs)
-        self.body = djnnx.DPFPformer(16, 1, num_heads=4, head_dim=4, kernel_axes=kernel_axes, rngs=rngs)
-        self.head = nnx.Linear(16, 4, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(self.body(self.embed(x)))
-
-
-def regression_batch():
-    x = normal(0, (8, 12, 4))
-    return x, jnp.cumsum(x, axis=1) / jnp.arange(1, 13)[None, :, None]
-
-
-@nnx.jit
-def train_step(model, optimizer, x, target):
-    def loss_fn(model):
-        return jnp.mean((model(x) - target) ** 2)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-
 @JAX_SENSITIVE
 def test_an_nnx_optimizer_lowers_the_loss_under_nnx_jit():
     model = Regressor(rngs=nnx.Rngs(0))
@@ -273,5 +243,5 @@ def test_an_nnx_optimizer_lowers_the_loss_under_nnx_jit():
 
 @JAX_SENSITIVE
 def test_data_parallel_and_head_sharded_nnx_training_equal_one_device():
-    result = run_with_host_devices(Path(__file__).with_name("nnx_sharded_script.py"))
+    result = run_with_host_devices(SCRIPTS / "nnx_sharded_script.py")
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

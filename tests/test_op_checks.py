@@ -7,7 +7,6 @@ Kernel calls run in Pallas's interpret mode on the CPU at tiny shapes, to stay c
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight import check_delta_stability
 from pallas_kernels import chunk_walk, fused_chunk, fused_chunk_tpu, fused_recurrent
-from tests.test_multidevice import run_with_host_devices
+from tests.helpers import SCRIPTS, run_with_host_devices
 
 # ---------------------------------------------------------------------------------------------
 # Stability check (check_stability=True)
@@ -291,5 +290,5 @@ def test_kernels_take_numpy_integer_chunk_sizes(kernel):
 
 
 def test_eager_calls_on_an_explicit_mesh_keep_shardings_and_values():
-    result = run_with_host_devices(Path(__file__).with_name("eager_sharded_script.py"), count=4)
+    result = run_with_host_devices(SCRIPTS / "eager_sharded_script.py", count=4)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

@@ -1,6 +1,5 @@
 """Pallas kernels in interpret mode on the CPU, against the oracle; the GPU-only dispatch."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,24 +10,19 @@ import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import MAX_KEY_DIM, chunk_walk, fused_chunk, fused_recurrent
-from tests.conftest import pallas_calls, random_like
-from tests.test_multidevice import run_with_host_devices
-
-ARGS = ("q", "k", "v", "beta", "initial_state")
-
-
-def value_and_grads(fn, inputs):
-    names = [n for n in ARGS if inputs[n] is not None]
-
-    def loss(*args):
-        out, state = fn(*args) if len(args) == 5 else fn(args[0], args[1], args[2], None, args[3])
-        return (jnp.sum(out.astype(jnp.float32) * random_like(1, out).astype(jnp.float32))
-                + jnp.sum(state * random_like(2, state)), (out, state))
-
-    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
-        *[inputs[n] for n in names]
-    )
-    return values, grads
+from tests.helpers import DIFF_ARGS as ARGS
+from tests.helpers import (
+    SCRIPTS,
+    assert_close,
+    bad_kernel_calls,
+    loss_and_grads,
+    packed_case,
+    pallas_calls,
+    positional,
+    random_like,
+    run_with_host_devices,
+    value_and_grads,
+)
 
 
 def kernel(rule, scale=1.0):
@@ -49,8 +43,8 @@ SLOW = pytest.mark.slow
 def test_fused_recurrent_matches_reference(rule, key_dim, value_dim):
     # 12 and 96 exercise the padding of K to a power of two; V = 70 splits over value blocks.
     inputs = make_inputs(key_dim, time=11, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
-    got = value_and_grads(kernel(rule, 0.5), inputs)
-    want = value_and_grads(oracle(rule, 0.5), inputs)
+    got = value_and_grads(positional(kernel(rule, 0.5)), inputs)
+    want = value_and_grads(positional(oracle(rule, 0.5)), inputs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
@@ -88,8 +82,8 @@ def test_chunked_kernels_match_reference(kernel_of, rule, key_dim, value_dim, T)
     # V = 70 splits over value blocks (forward and backward differently); T = 33 and 50 end in a
     # partial chunk.
     inputs = make_inputs(T, time=T, rule=rule, key_dim=key_dim, value_dim=value_dim, with_state=True)
-    got = value_and_grads(kernel_of(rule, 0.5), inputs)
-    want = value_and_grads(oracle(rule, 0.5), inputs)
+    got = value_and_grads(positional(kernel_of(rule, 0.5)), inputs)
+    want = value_and_grads(positional(oracle(rule, 0.5)), inputs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
@@ -100,11 +94,11 @@ def test_kernels_take_bfloat16(kernel_of):
     # float32. T = 40 is two and a half chunks of 16 for the chunked kernel.
     inputs = make_inputs(1, time=40, key_dim=16, value_dim=8, with_state=True)
     bf16 = {n: x.astype(jnp.bfloat16) for n, x in inputs.items()}
-    (out, state), grads = value_and_grads(kernel_of("delta"), bf16)
+    (out, state), grads = value_and_grads(positional(kernel_of("delta")), bf16)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
     (want_out, want_state), want_grads = value_and_grads(
-        oracle("delta"), {n: x.astype(jnp.float32) for n, x in bf16.items()})
+        positional(oracle("delta")), {n: x.astype(jnp.float32) for n, x in bf16.items()})
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out), rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5, atol=1e-5)
     for g, w in zip(grads, want_grads, strict=True):
@@ -197,7 +191,7 @@ def test_impl_pallas_needs_a_gpu():
 
 @pytest.mark.jax_sensitive
 def test_kernel_runs_per_batch_shard_under_sharded_jit():
-    result = run_with_host_devices(Path(__file__).with_name("pallas_sharded_script.py"))
+    result = run_with_host_devices(SCRIPTS / "pallas_sharded_script.py")
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
@@ -246,38 +240,11 @@ def test_kernels_take_a_traced_scale_and_differentiate_it(name, rule, scale):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
-def bad_calls():
-    """(what is wrong, keyword changes to a good fused-kernel call, error type, message), for both fused kernels."""
-    x, wide = jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, MAX_KEY_DIM + 1))
-    beta, state = jnp.full((1, 4, 2), 0.5), jnp.zeros((1, 2, 8, 8))
-    return [
-        ("bogus rule", dict(rule="bogus"), ValueError, "rule must be one of \\('delta', 'sum'\\); got 'bogus'"),
-        ("delta without beta", dict(beta=None), ValueError, "beta is required for rule='delta'"),
-        ("sum with beta", dict(rule="sum"), ValueError, "beta is only used by rule='delta'; got beta of shape"),
-        ("K over the bound", dict(q=wide, k=wide, initial_state=jnp.zeros((1, 2, MAX_KEY_DIM + 1, 8))),
-         ValueError, f"K <= {MAX_KEY_DIM}; got K={MAX_KEY_DIM + 1}"),
-        ("k unlike q", dict(k=jnp.ones((1, 4, 2, 4))), ValueError, "k must have q's shape"),
-        ("3-D q", dict(q=x[0]), ValueError, "q must be 4-D"),
-        ("v of another T", dict(v=jnp.ones((1, 5, 2, 8))), ValueError, "v must be \\[B, T, H, V\\] with q's B, T, H"),
-        ("beta per head missing", dict(beta=beta[..., :1]), ValueError, "beta must be \\[B, T, H\\] = \\(1, 4, 2\\)"),
-        ("state of another V", dict(initial_state=jnp.zeros((1, 2, 8, 4))), ValueError,
-         "initial_state must be \\[B, H, K, V\\] = \\(1, 2, 8, 8\\); got \\(1, 2, 8, 4\\)"),
-        ("no state", dict(initial_state=None), ValueError, "initial_state must be .* got None"),
-        ("integer q", dict(q=x.astype(jnp.int32)), TypeError, "q must have a floating dtype; got int32"),
-        ("scale per head", dict(scale=jnp.ones(2)), ValueError, "scale must be a scalar \\(0-d\\); got shape \\(2,\\)"),
-        ("resets of another T", dict(resets=jnp.zeros((1, 5), bool)), ValueError,
-         "resets must be \\[B, T\\] = \\(1, 4\\) .*got shape \\(1, 5\\)"),
-        ("integer resets", dict(resets=jnp.zeros((1, 4), jnp.int32)), TypeError,
-         "resets must be a bool array \\[B, T\\] \\(True where a new document starts\\); got dtype int32"),
-        ("resets as a list", dict(resets=[[False] * 4]), TypeError, "resets must be a bool array .*got list"),
-    ], dict(q=x, k=x, v=x, beta=beta, initial_state=state, rule="delta")
-
-
 @pytest.mark.parametrize("kernel_fn", [composed_fused_chunk, fused_recurrent], ids=["fused_chunk", "fused_recurrent"])
-@pytest.mark.parametrize("case", range(len(bad_calls()[0])), ids=[c[0] for c in bad_calls()[0]])
+@pytest.mark.parametrize("case", range(len(bad_kernel_calls()[0])), ids=[c[0] for c in bad_kernel_calls()[0]])
 def test_kernels_refuse_what_the_dispatcher_refuses(kernel_fn, case):
     # Called directly (no dispatcher in front), each kernel checks its own arguments at trace time.
-    cases, good = bad_calls()
+    cases, good = bad_kernel_calls()
     _, changes, error, message = cases[case]
     kwargs = {**good, **changes}
     args = [kwargs.pop(n) for n in ARGS]
@@ -391,8 +358,6 @@ def packed_cases():
 
 @pytest.mark.parametrize("name, rule, dtype", list(packed_cases()))
 def test_kernels_take_packed_documents(name, rule, dtype):
-    from tests.test_fast_weight import assert_close
-    from tests.test_segments import loss_and_grads, packed_case
 
     inputs, segment_ids, want = packed_case(rule, dtype, PACKED_CHUNK)
     got = loss_and_grads(packed_run(name, rule, segment_ids), inputs)
@@ -458,7 +423,7 @@ def test_kernels_take_resets_as_the_oracle_does(name):
            "fused_chunk": lambda *a: composed_fused_chunk(*a, rule="delta", scale=0.5, chunk_size=16,
                                                           interpret=True, resets=resets),
            "reference": lambda *a: fast_weight_reference(*a, rule="delta", scale=0.5, resets=resets)}
-    got, want = value_and_grads(fns[name], inputs), value_and_grads(fns["reference"], inputs)
+    got, want = value_and_grads(positional(fns[name]), inputs), value_and_grads(positional(fns["reference"]), inputs)
     assert not np.asarray(want[1][-1])[0].any()  # row 0's initial state was dropped: no gradient
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

@@ -22,13 +22,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dpfp_jax as dj
+from tests.helpers import DIFF_ARGS as ARGS
+from tests.helpers import assert_close_to_scale
 
 EXAMPLES = 50
 PROPERTY_SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-ARGS = ("q", "k", "v", "beta", "initial_state")
 # float32: the fast paths reassociate sums, nothing more. bfloat16: outputs are rounded to
 # bfloat16 at the end (one ulp is 2**-8 relative), the state stays float32 on both sides.
 TOLERANCES = {"float32": (1e-4, 1e-5), "bfloat16": (2e-2, 2e-2)}
@@ -106,14 +107,6 @@ def impl_and_oracle(inputs, weights, *, impl, rule, chunk_size, with_grads):
     return got, want
 
 
-def assert_close(got, want, tolerances) -> None:
-    rtol, atol = tolerances
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    scale = 1.0 + (float(np.abs(want).max()) if want.size else 0.0)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale)
-
-
 @PROPERTY_SETTINGS
 @given(cases())
 def test_every_impl_equals_the_oracle(case):
@@ -131,13 +124,13 @@ def test_every_impl_equals_the_oracle(case):
 
     assert out.shape == (batch, time, heads, value_dim) and out.dtype == jnp.dtype(case["dtype"])
     assert state.shape == (batch, heads, key_dim, value_dim) and state.dtype == jnp.float32
-    assert_close(out, want_out, TOLERANCES[case["dtype"]])
-    assert_close(state, want_state, STATE_TOLERANCES[case["dtype"]])
+    assert_close_to_scale(out, want_out, TOLERANCES[case["dtype"]])
+    assert_close_to_scale(state, want_state, STATE_TOLERANCES[case["dtype"]])
     if time == 0:  # no step: the state is the initial one, or zeros
         start = inputs["initial_state"]
-        assert_close(state, np.zeros(state.shape) if start is None else start, (0, 0))
+        assert_close_to_scale(state, np.zeros(state.shape) if start is None else start, (0, 0))
     if with_grads:
         for name in ARGS:
             if inputs[name] is not None:
                 assert got[1][name].shape == inputs[name].shape, name
-                assert_close(got[1][name], want[1][name], (2e-4, 2e-5))
+                assert_close_to_scale(got[1][name], want[1][name], (2e-4, 2e-5))

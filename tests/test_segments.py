@@ -1,7 +1,5 @@
 """Packed documents (``segment_ids``): packed equals separate, for every impl, rule and dtype."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,96 +7,21 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.conftest import random_like
-from tests.test_fast_weight import DIFF_ARGS, JAX_SENSITIVE, assert_close
+from tests.helpers import (
+    JAX_SENSITIVE,
+    assert_close,
+    document_ids,
+    loss_and_grads,
+    packed_case,
+    packed_ids,
+)
+from tests.helpers import PACKED_CHUNK as CHUNK
 
-CHUNK = 8
 PACKED_IMPLS = ["reference", "scan", "chunk", "auto"]
-
-
-def document_ids(length: int, starts: list[int], first_id: int = 5) -> np.ndarray:
-    """Ids for one row whose documents start at ``starts`` (besides 0): unsorted, negative ones too,
-    and an id may come back later (a new document all the same)."""
-    count = np.zeros(length, np.int32)
-    for start in starts:
-        count[start:] += 1
-    # 7 is coprime to 11: consecutive documents always differ.
-    return (count * 7 + first_id) % 11 - 3
-
-
-def packed_ids(length: int, seed: int, chunk: int = CHUNK) -> jnp.ndarray:
-    """Two rows: the first has documents starting at positions C-1, C and C+1 of a chunk (C =
-    ``chunk``; a document of length 1 among them), at a chunk's first step 2C, and at T-1 (length
-    1 at the end); the second has random lengths."""
-    rng = np.random.default_rng(seed)
-    first = document_ids(length, [chunk - 1, chunk, chunk + 1, 2 * chunk, length - 1])
-    cuts = sorted(set(rng.choice(np.arange(1, length), size=length // 6, replace=False).tolist()))
-    return jnp.asarray(np.stack([first, document_ids(length, cuts, first_id=2)]))
-
-
-def documents(ids: np.ndarray) -> list[tuple[int, int]]:
-    starts = [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]] + [len(ids)]
-    return list(zip(starts[:-1], starts[1:], strict=True))
-
-
-def run_separately(inputs, rule, segment_ids):
-    """The oracle, each document alone: every document zero-padded to a row of its own (zero k, v
-    and beta after its end write nothing), one reference run over those rows, then the outputs
-    gathered back and each row's last document's final state. It never meets a reset."""
-    rows = [documents(ids) for ids in np.asarray(segment_ids)]
-    spans = [(b, p, e) for b, row in enumerate(rows) for p, e in row]
-    longest = max(e - p for _, p, e in spans)
-    # [documents, longest] indices into the packed [B, T]; padding points at a zeroed copy below.
-    batch_of = np.array([[b] * longest for b, _, _ in spans])
-    time_of = np.array([[min(p + i, e - 1) for i in range(longest)] for _, p, e in spans])
-    real = np.array([[i < e - p for i in range(longest)] for _, p, e in spans])
-
-    def unpack(x):
-        picked = x[batch_of, time_of]
-        return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), picked, 0)
-
-    starts = inputs["initial_state"]
-    first = np.array([p == 0 for _, p, _ in spans])
-    alone = {name: None if x is None else unpack(x) for name, x in inputs.items() if name != "initial_state"}
-    if starts is not None:
-        alone["initial_state"] = jnp.where(first[:, None, None, None], starts[batch_of[:, 0]], 0)
-    out, state = dj.fast_weight(**alone, rule=rule, impl="reference")
-    # Back to [B, T]: step (b, t) is at (its document, t - p); the last document of row b holds its state.
-    where = {(b, p + i): (n, i) for n, (b, p, e) in enumerate(spans) for i in range(e - p)}
-    length = segment_ids.shape[1]
-    index = np.array([[where[b, t] for t in range(length)] for b in range(len(rows))])
-    last = [max(n for n, span in enumerate(spans) if span[0] == b) for b in range(len(rows))]
-    return out[index[..., 0], index[..., 1]], state[np.array(last)]
 
 
 def run_packed(inputs, rule, segment_ids, impl):
     return dj.fast_weight(**inputs, rule=rule, impl=impl, chunk_size=CHUNK, segment_ids=segment_ids)
-
-
-def loss_and_grads(fn, inputs):
-    names = [n for n in DIFF_ARGS if inputs[n] is not None]
-
-    def loss(*args):
-        out, state = fn({**inputs, **dict(zip(names, args, strict=True))})
-        return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
-
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))
-    grads, results = grad(*[inputs[n] for n in names])
-    return results, grads
-
-
-def packed_length(chunk: int) -> int:
-    return 5 * chunk - 3  # not a whole number of chunks
-
-
-@functools.cache
-def packed_case(rule: str, dtype: str, chunk: int = CHUNK):
-    """Inputs, ids and the separate runs' results and gradients (the oracle, computed once per case),
-    for chunks of ``chunk`` steps (which set T and where the first row's documents start)."""
-    length = packed_length(chunk)
-    inputs = make_inputs(3, time=length, rule=rule, dtype=jnp.dtype(dtype), with_state=True)
-    segment_ids = packed_ids(length, seed=3, chunk=chunk)
-    return inputs, segment_ids, loss_and_grads(lambda x: run_separately(x, rule, segment_ids), inputs)
 
 
 @pytest.mark.parametrize("impl", PACKED_IMPLS)

@@ -11,20 +11,10 @@ from flax import nnx
 
 import dpfp_jax as dj
 from dpfp_jax import nnx as djnnx
-
-JAX_SENSITIVE = pytest.mark.jax_sensitive  # these also run on the newest jax and flax admitted
+from tests.helpers import JAX_SENSITIVE, close, normal
 
 B, T, D, H = 2, 6, 16, 4
 PAD = jnp.array([[True] * 6, [True] * 4 + [False] * 2])
-
-
-def normal(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape)
-
-
-def close(a, b, rtol=1e-5, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol)
 
 
 def causal(pad=PAD):
@@ -39,6 +29,7 @@ PADDING_MASKS = {
     "key-padding-and-causal": nn.combine_masks(nn.make_attention_mask(ONES, PAD), nn.make_causal_mask(PAD)),
     "boolean-per-head": jnp.broadcast_to(causal() > 0, (B, H, T, T)),
     "integer-2d-causal-one-row": nn.make_causal_mask(PAD[:1])[0, 0].astype(jnp.int32),  # [T, T]: no padding
+    "flax-key-padding-b11t": PAD[:, None, None, :],                      # Flax's usual pad[:, None, None, :]
 }
 
 
@@ -99,7 +90,8 @@ def test_bad_inputs_are_named():
         with pytest.raises(ValueError, match=rf"{name} must be None or inputs_q itself: this layer is causal"):
             layer.apply({"params": params}, x, **kwargs)
     for mask, error, match in [
-        (jnp.ones((B, 1, T, T + 1)), ValueError, r"mask must be \[B or 1, H or 1, T, T\] = \[2 or 1, 4 or 1, 6, 6\]"),
+        (jnp.ones((B, 1, T, T + 1)), ValueError,
+         r"mask must be \[B or 1, H or 1, T or 1, T\] = \[2 or 1, 4 or 1, 6 or 1, 6\]"),
         (jnp.ones((3, 1, T, T)), ValueError, r"got shape \(3, 1, 6, 6\)"),
         (jnp.ones((B, 2, T, T)), ValueError, r"got shape \(2, 2, 6, 6\)"),
         (jnp.ones((T,)), ValueError, r"got shape \(6,\)"),
@@ -244,5 +236,150 @@ def test_linen_and_nnx_drop_ins_are_twins_and_decode():
         cache = updates["cache"]
         close(y, want[:, t : t + 1])
         close(twin_decoder(x[:, t : t + 1], mask=step_mask), want[:, t : t + 1])
-    with pytest.raises(ValueError, match="memory is float32"):
-        twin_decoder.init_cache(x.shape, dtype=jnp.bfloat16)
+    # init_cache takes Flax's dtype; the memory stays float32 (it sums the whole sequence's writes).
+    twin_decoder.init_cache(x.shape, dtype=jnp.bfloat16)
+    assert twin_decoder.attention.fast_weights[...].dtype == jnp.float32
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        twin_decoder.init_cache(x.shape, dtype=jnp.int32)
+
+
+# --- Flax's call patterns, one test per form: the same call to nn.MultiHeadDotProductAttention (or
+# nnx.MultiHeadAttention) runs, and the drop-in computes the layer underneath on the padding ----------
+
+def mhdpa_accepts(*args, **kwargs):
+    """Flax's own layer takes the same call (shapes only: nothing computed)."""
+    flax_layer = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=D, out_features=D)
+    shape = jax.eval_shape(lambda: flax_layer.init_with_output(jax.random.key(0), *args, **kwargs)[0]).shape
+    assert shape == args[0].shape
+
+
+def test_the_key_padding_mask_b11t_is_the_padding():
+    x, mask = normal(0, (B, T, D)), PAD[:, None, None, :]
+    mhdpa_accepts(x, mask=mask)
+    layer = dj.nn.DPFPSelfAttention(num_heads=H, qkv_features=D, out_features=D)
+    params = layer.init(jax.random.key(1), x, mask=mask)["params"]
+    close(layer.apply({"params": params}, x, mask=mask), reference(params, x, PAD))
+    twin = djnnx.DPFPSelfAttention(H, D, rngs=nnx.Rngs(0))
+    djnnx.from_linen_params(twin, params)
+    close(twin(x, mask=mask), reference(params, x, PAD))
+
+
+def test_the_positional_mask_of_nn_self_attention():
+    x, mask = normal(0, (B, T, D)), causal()
+    flax_self = nn.SelfAttention(num_heads=H, qkv_features=D, out_features=D)
+    assert jax.eval_shape(lambda: flax_self.init_with_output(jax.random.key(0), x, mask, True)[0]).shape == x.shape
+    layer = dj.nn.DPFPSelfAttention(num_heads=H, qkv_features=D, out_features=D)
+    params = layer.init(jax.random.key(1), x, mask)["params"]
+    want = reference(params, x, PAD)
+    close(layer.apply({"params": params}, x, mask), want)
+    close(layer.apply({"params": params}, x, mask, True), want)  # nn.SelfAttention's (x, mask, deterministic)
+    close(layer.apply({"params": params}, x, PAD[:, None, None, :]), want)
+    with pytest.raises(ValueError, match="mask given twice"):
+        layer.apply({"params": params}, x, mask, mask=mask)
+    # As nn.MultiHeadDotProductAttention's, a second positional input is inputs_k.
+    with pytest.raises(ValueError, match="inputs_k must be None or inputs_q itself"):
+        layer.apply({"params": params}, x, normal(3, (B, T, D)))
+
+
+def decode_mask_steps(mask):
+    """Flax's decode-time masks: at step t the rows of the new token over the whole cache."""
+    return [mask[:, :, t : t + 1, :] for t in range(T)]
+
+
+@pytest.mark.parametrize("form", ["key-padding", "causal-row"])
+def test_the_decode_time_mask_over_the_whole_cache(form):
+    x = normal(0, (B, T, D))
+    full = PAD[:, None, None, :] if form == "key-padding" else causal()
+    steps = [full] * T if form == "key-padding" else decode_mask_steps(full)
+    # Flax's decoder takes these masks, [B, 1, 1, max_len], one token per call.
+    flax_decoder = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=D, out_features=D, decode=True)
+    flax_vars = flax_decoder.init(jax.random.key(0), x)
+    flax_y, _ = flax_decoder.apply(flax_vars, x[:, :1], mask=steps[0], mutable=["cache"])
+    assert flax_y.shape == (B, 1, D)
+
+    layer = dj.nn.DPFPSelfAttention(num_heads=H, qkv_features=D, out_features=D)
+    params = layer.init(jax.random.key(1), x)["params"]
+    want = reference(params, x, PAD)
+    decoder = layer.clone(decode=True)
+    cache = decoder.init(jax.random.key(1), x)["cache"]
+    twin = djnnx.DPFPSelfAttention(H, D, decode=True, rngs=nnx.Rngs(0))
+    djnnx.from_linen_params(twin, params)
+    twin.init_cache(x.shape)
+
+    @jax.jit  # the cache's index traced: the new token's entry is read in the computation
+    def step(cache, token, mask):
+        return decoder.apply({"params": params, "cache": cache}, token, mask=mask, mutable=["cache"])
+
+    for t in range(T):
+        y, updates = step(cache, x[:, t : t + 1], steps[t])
+        cache = updates["cache"]
+        close(y, want[:, t : t + 1])
+        close(twin(x[:, t : t + 1], mask=steps[t]), want[:, t : t + 1])
+    assert int(cache["cache_index"]) == T and int(twin.cache_index[...]) == T
+    # Past max_len there is no entry for the new token: an error while the index is known, NaN under jit.
+    with pytest.raises(ValueError, match=r"covers 6 positions \(max_len\), but this call's 1 token\(s\) are at "
+                                         r"positions 6..6"):
+        decoder.apply({"params": params, "cache": cache}, x[:, :1], mask=steps[0], mutable=["cache"])
+    assert np.isnan(np.asarray(step(cache, x[:, :1], steps[0])[0])).all()
+
+
+def test_nnx_call_arguments_of_multi_head_attention():
+    x, mask = normal(0, (B, T, D)), causal()
+    flax_layer = nnx.MultiHeadAttention(H, D, qkv_features=D, out_features=D, decode=False, rngs=nnx.Rngs(0))
+    assert flax_layer(x, mask=mask, is_causal=False, decode=False).shape == x.shape
+    layer = djnnx.DPFPSelfAttention(H, D, rngs=nnx.Rngs(0))
+    want = layer(x, mask=mask)
+    close(layer(x, mask=mask, is_causal=True), want)  # what the layer does anyway
+    close(layer(x, mask=mask, decode=False), want)
+    with pytest.raises(ValueError, match="is_causal=False asks for attention to later tokens.*cannot compute"):
+        layer(x, mask=mask, is_causal=False)
+    with pytest.raises(ValueError, match="decode=True at the call continues the decode cache, which only a layer made "
+                                         "with decode=True has"):
+        layer(x[:, :1], decode=True)
+    # decode=False on a decoding layer runs the call alone, the cache untouched.
+    decoder = djnnx.DPFPSelfAttention(H, D, decode=True, rngs=nnx.Rngs(0))
+    decoder.init_cache(x.shape)
+    close(decoder(x, mask=mask, decode=False), want)
+    assert int(decoder.cache_index[...]) == 0 and not np.asarray(decoder.attention.fast_weights[...]).any()
+
+
+def test_the_missing_cache_error_names_init_cache_as_it_is_called():
+    decoder = djnnx.DPFPSelfAttention(H, D, decode=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"call init_cache\(input_shape\) once before decoding, e\.g\. "
+                                         r"layer\.init_cache\(x\.shape\)"):
+        decoder(normal(0, (B, 1, D)))
+
+
+def test_a_list_mask_is_refused_as_segment_ids_are():
+    x = normal(0, (B, T, D))
+    listed = np.asarray(causal()).tolist()
+    layer = dj.nn.DPFPSelfAttention(num_heads=H)
+    params = layer.init(jax.random.key(1), x)["params"]
+    match = r"mask must be an array \(jax.Array or numpy.ndarray\); got list"
+    with pytest.raises(TypeError, match=match):
+        layer.apply({"params": params}, x, mask=listed)
+    with pytest.raises(TypeError, match=match):
+        djnnx.DPFPSelfAttention(H, D, rngs=nnx.Rngs(0))(x, mask=listed)
+    fast = dj.FastWeightAttention(num_heads=H, head_dim=D // H)
+    with pytest.raises(TypeError, match=match):
+        fast.init(jax.random.key(0), x, mask=np.asarray(PAD).tolist())
+    with pytest.raises(TypeError, match="segment_ids must be an array"):
+        fast.init(jax.random.key(0), x, segment_ids=np.zeros((B, T), int).tolist())
+
+
+def test_a_traced_mask_that_is_not_padding_makes_loss_and_gradients_nan():
+    x = normal(0, (B, T, D))
+    layer = dj.nn.DPFPSelfAttention(num_heads=H)
+    params = layer.init(jax.random.key(1), x)["params"]
+    mask = jnp.broadcast_to(NOT_PADDING["sliding-window"], (B, 1, T, T)).at[1].set(causal()[1])
+
+    @jax.jit
+    def loss_and_grads(params, mask):
+        # The loss reads only the valid row 1: a select would leave every gradient finite.
+        return jax.value_and_grad(lambda p: jnp.sum(layer.apply({"params": p}, x, mask=mask)[1] ** 2))(params)
+
+    loss, grads = loss_and_grads(params, mask)
+    assert np.isfinite(float(loss))
+    assert all(np.isnan(np.asarray(g)).any() for g in jax.tree.leaves(grads))
+    loss, grads = loss_and_grads(params, jnp.broadcast_to(causal(), (B, 1, T, T)))
+    assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

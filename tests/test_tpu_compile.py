@@ -29,6 +29,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 import dpfp_jax as dj
 from examples import train_lm
+from tests.helpers import op_program
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
@@ -64,30 +65,6 @@ def test_constraints_pin_the_libtpu_of_jaxs_tpu_extra():
 
 
 # --- the op --------------------------------------------------------------------------------------
-
-
-def op_program(impl: str, rule: str, key_dim: int, dtype=jnp.bfloat16, *, batch: int = 1, time: int = 128,
-               heads: int = 2, value_dim: int = 64):
-    """fn(q, k, v, beta) -> ((out, final state), gradients of a loss on both) and its abstract args.
-
-    T = 128 is two chunks: the chunk form's walk runs over more than one."""
-
-    def run(q, k, v, beta):
-        return dj.fast_weight(q, k, v, beta, rule=rule, impl=impl)
-
-    def loss(*args):
-        out, state = run(*args)
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
-
-    delta = rule == "delta"
-
-    def fn(*args):
-        return run(*args), jax.grad(loss, argnums=(0, 1, 2, 3) if delta else (0, 1, 2))(*args)
-
-    keys = jax.ShapeDtypeStruct((batch, time, heads, key_dim), dtype)
-    args = (keys, keys, jax.ShapeDtypeStruct((batch, time, heads, value_dim), dtype),
-            jax.ShapeDtypeStruct((batch, time, heads), dtype) if delta else None)
-    return fn, args
 
 
 # Run by `make test`: every impl once on v5e, K up to 1024 for the chunk form (whose program grows
@@ -233,7 +210,7 @@ def test_pallas_tpu_kernel_training_memory_is_at_most_half_of_chunks(tpu, topolo
 V5P_ONE_SEQUENCE_PER_CHIP = """
 from jax.sharding import PartitionSpec
 from dpfp_devtools import tpu
-from tests.test_tpu_compile import op_program
+from tests.helpers import op_program
 mesh = tpu.tpu_mesh("v5p:2x2x1", (4,), ("batch",))
 fn, args = op_program("chunk", "delta", 128, batch=4, heads=2)
 tpu.compile_for_tpu(fn, *tpu.place(args, mesh, PartitionSpec("batch")), mesh=mesh)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental.pallas import tpu as pltpu
@@ -21,29 +20,19 @@ import dpfp_jax as dj
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
 from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
-from tests.conftest import random_like
-from tests.test_pallas import bad_calls
+from tests.helpers import DIFF_ARGS as ARGS
+from tests.helpers import assert_relative_error, bad_kernel_calls, value_and_grads
 
-ARGS = ("q", "k", "v", "beta", "initial_state")
 SLOW = pytest.mark.slow
 # Two simulated cores: the "parallel" batch axis is split between them, so the race detector
 # sees two batch rows' programs run concurrently (where a test has two).
 RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 
 
-def value_and_grads(fn, inputs, scale):
-    """(out, final state) and the gradients of a loss on both w.r.t. every input given and ``scale``."""
-    names = [n for n in ARGS if inputs[n] is not None]
-
-    def loss(scale, *args):
-        named = dict(zip(names, args, strict=True))
-        out, state = fn(named["q"], named["k"], named["v"], named.get("beta"), named.get("initial_state"), scale)
-        return (jnp.sum(out.astype(jnp.float32) * random_like(1, out).astype(jnp.float32))
-                + jnp.sum(state * random_like(2, state)), (out, state))
-
-    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names) + 1)), has_aux=True)(
-        jnp.float32(scale), *[inputs[n] for n in names])
-    return values, grads
+def scaled_value_and_grads(fn, inputs, scale):
+    """(out, final state) and the gradients of a loss on both w.r.t. ``scale`` and every input given."""
+    return value_and_grads(lambda x: fn(*(x[n] for n in ARGS), x["scale"]), {**inputs, "scale": jnp.float32(scale)},
+                           names=("scale", *ARGS))
 
 
 def public(impl, rule, chunk_size):
@@ -58,15 +47,6 @@ def assert_races_not_found():
     assert races is not None and not races.races_found
 
 
-def assert_close(got, want, tolerance):
-    """Every leaf within ``tolerance`` of the reference, relative to the leaf's largest magnitude."""
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert g.shape == w.shape
-        error = np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-6)
-        assert error <= tolerance, (error, g.shape)
-
-
 def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, time=40, chunk_size=16, heads=2,
                             batch=1):
     # T = 40 is two whole chunks of 16 and a partial one, in one block of 48 steps.
@@ -74,14 +54,14 @@ def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, t
                          dtype=dtype, with_state=with_state)
     if with_state:  # the state stays float32
         inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(jnp.float32)
-    want = value_and_grads(public("reference", rule, chunk_size), inputs, 0.7)
+    want = scaled_value_and_grads(public("reference", rule, chunk_size), inputs, 0.7)
     with pltpu.force_tpu_interpret_mode(RACES):
-        got = jax.jit(lambda: value_and_grads(public("pallas", rule, chunk_size), inputs, 0.7))()
+        got = jax.jit(lambda: scaled_value_and_grads(public("pallas", rule, chunk_size), inputs, 0.7))()
         jax.block_until_ready(got)
     assert_races_not_found()
     (out, state), _ = got
     assert out.dtype == dtype and state.dtype == jnp.float32
-    assert_close(got, want, 2e-5 if dtype == jnp.float32 else 2e-2)
+    assert_relative_error(got, want, 2e-5 if dtype == jnp.float32 else 2e-2)
 
 
 CHEAP = {("delta", jnp.float32, 128, True), ("sum", jnp.bfloat16, 128, False), ("delta", jnp.bfloat16, 384, True)}
@@ -125,7 +105,7 @@ def test_forward_alone_matches_reference():
     with pltpu.force_tpu_interpret_mode(RACES):
         got = dj.fast_weight(**inputs, impl="pallas", chunk_size=16)
     assert_races_not_found()
-    assert_close(got, want, 2e-5)
+    assert_relative_error(got, want, 2e-5)
 
 
 def test_interpret_mode_is_detected():
@@ -150,14 +130,14 @@ def test_packed_documents_are_refused_with_the_reason():
         dj.fast_weight(**inputs, impl="pallas", segment_ids=segment_ids)
 
 
-TPU_BAD_CALLS = [case for case in bad_calls()[0] if "resets" not in case[1]]  # it takes no resets
+TPU_BAD_CALLS = [case for case in bad_kernel_calls()[0] if "resets" not in case[1]]  # it takes no resets
 
 
 @pytest.mark.parametrize("case", TPU_BAD_CALLS, ids=[c[0] for c in TPU_BAD_CALLS])
 def test_kernel_refuses_what_the_dispatcher_refuses(case):
     # Called directly, the TPU kernel checks its arguments at trace time as the GPU kernels do.
     _, changes, error, message = case
-    kwargs = {**bad_calls()[1], **changes}
+    kwargs = {**bad_kernel_calls()[1], **changes}
     args = [kwargs.pop(n) for n in ARGS]
     with pytest.raises(error, match=message):
         jax.eval_shape(lambda *a: fused_chunk_tpu(*a, **kwargs, chunk_size=16, interpret=True), *args)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import pytest
 
 from examples import train_lm
 from examples.lm import checkpoints, input_pipeline, models, plotting, sampling, train
-from tests.test_multidevice import REPO_ROOT, run_with_host_devices
+from tests.helpers import REPO_ROOT, SCRIPTS, run_with_host_devices
 
 TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--head-dim", "8", "--ff-dim", "64", "--seq-len", "32",
         "--batch-size", "8", "--corpus-bytes", "200000", "--no-progress", "--warmup", "5"]
@@ -145,7 +144,7 @@ def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
 
 @pytest.mark.jax_sensitive
 def test_sharded_step_on_eight_devices_equals_one_device():
-    result = run_with_host_devices(Path(__file__).with_name("lm_sharded_step_script.py"))
+    result = run_with_host_devices(SCRIPTS / "lm_sharded_step_script.py")
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 

@@ -13,7 +13,7 @@ import pytest
 from dpfp_devtools.triton_lowering import triton_calls
 from dpfp_devtools.workloads import op_gradient
 from pallas_kernels.triton import tiles
-from tests.conftest import pallas_calls
+from tests.helpers import pallas_calls
 
 SLOW = pytest.mark.slow
 

@@ -1,7 +1,8 @@
 """Multi-head fast-weight attention's math, shared by the linen and NNX layers.
 
-:class:`AttentionSpec` holds the settings that decide the math (heads, feature map, rule,
-normalisation, impl) and computes, from the one q/k/v/beta projection of the input, the heads'
+:class:`AttentionSpec` holds the settings that decide the math (the heads' shape and the
+:class:`dpfp_jax.core.settings.FastWeightSettings`: feature map, rule, normalisation, impl, ...)
+and computes, from the one q/k/v/beta projection of the input, the heads'
 outputs and the new memory (:meth:`AttentionSpec.attend`). The layers own the projections'
 parameters, dropout and the decode cache, and call it.
 
@@ -24,12 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from dpfp_jax.core.segments import restart_rows, running_key_sum
+from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.feature_maps import (
-    FeatureMapLike,
     apply_feature_map,
     check_feature_map,
     favor_projection,
     feature_dim,
+    is_non_negative,
     l2_norm,
     sum_norm,
 )
@@ -85,24 +87,23 @@ def check_cache_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...], 
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionSpec:
-    """The settings of a fast-weight attention layer that its math depends on.
+@dataclasses.dataclass
+class AttentionSpec(FastWeightSettings):
+    """The settings of a fast-weight attention layer that its math depends on: the heads' shape
+    and the :class:`dpfp_jax.core.settings.FastWeightSettings` (keyword-only, documented there).
 
-    The attributes mean what :class:`dpfp_jax.nn.FastWeightAttention`'s of the same names do.
+    Attributes:
+      num_heads: number of heads H.
+      head_dim: width d of q, k, v per head; V = d, K = ``feature_dim(feature_map, d)``.
     """
 
     num_heads: int
     head_dim: int
-    feature_map: FeatureMapLike = "dpfp"
-    nu: int = 1
-    num_features: int = 64
-    favor_seed: int = 0
-    rule: str = "delta"
-    normalization: str = "sum"
-    impl: str = "auto"
-    eps: float = 1e-6
-    allow_unbounded_delta: bool = False
+
+    @classmethod
+    def of(cls, layer: object) -> AttentionSpec:
+        """The spec of a layer holding ``num_heads``, ``head_dim`` and every setting as attributes."""
+        return cls(num_heads=layer.num_heads, head_dim=layer.head_dim, **settings_of(layer))
 
     def check(self) -> None:
         """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the settings are not usable."""
@@ -112,6 +113,7 @@ class AttentionSpec:
         check_choice("rule", self.rule, RULES)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("impl", self.impl, IMPLS)
+        check_positive_int("chunk_size", self.chunk_size)
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":
@@ -129,6 +131,20 @@ class AttentionSpec:
                 "and raw feature-mapped keys break that (at default init the state overflows to inf within "
                 "a few hundred steps); use normalization='sum' (non-negative feature maps) or 'l2' "
                 "(any feature map), or set allow_unbounded_delta=True to opt in"
+            )
+        # A callable's width is checked (on one [head_dim] vector) before its values are probed.
+        feature_dim(self.feature_map, self.head_dim, nu=self.nu, num_features=self.num_features)
+        if self.normalization in ("sum", "attention") and not is_non_negative(self.feature_map, self.head_dim):
+            why = (
+                "sum-normalised keys phi(k) / sum(phi(k)) then have norms far above 1 (the sum can be near "
+                "zero or negative), so the delta rule's beta |k|^2 <= 2 fails and the state diverges, and the "
+                "sum rule's outputs blow up" if self.normalization == "sum" else
+                "the denominator z . phi(q) (running key sum times the query) can then be near zero or "
+                "negative, so the outputs blow up"
+            )
+            raise ValueError(
+                f"normalization={self.normalization!r} needs a non-negative feature map, but feature_map="
+                f"{self.feature_map!r} gives negative features: {why}; use normalization='l2' (any sign)"
             )
 
     @property
@@ -220,7 +236,8 @@ class AttentionSpec:
 
         out, w = fast_weight(
             phi_q, phi_k, v, beta, rule=self.rule, initial_state=initial_state,
-            scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, segment_ids=segment_ids,
+            scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, chunk_size=self.chunk_size,
+            segment_ids=segment_ids,
         )
         if self.normalization != "attention":
             return out, w
@@ -232,3 +249,22 @@ class AttentionSpec:
         denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
         out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
         return out, (w, z[:, -1] if z.shape[1] else z_start)
+
+
+class HasAttentionSpec:
+    """What the linen and NNX ``FastWeightAttention`` read off their :class:`AttentionSpec`,
+    written once: a mixin for a layer holding ``num_heads``, ``head_dim`` and every
+    :class:`dpfp_jax.core.settings.FastWeightSettings` as attributes."""
+
+    def spec(self) -> AttentionSpec:
+        """The settings the math depends on (:class:`AttentionSpec`)."""
+        return AttentionSpec.of(self)
+
+    @property
+    def key_dim(self) -> int:
+        """K, the feature-mapped key width."""
+        return self.spec().key_dim
+
+    def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
+        return self.spec().memory_shape(batch)

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from dpfp_jax.core.attention import Memory
 from dpfp_jax.validation import check_dropout_rate, check_positive_int
@@ -34,3 +35,14 @@ def layer_memories(memory: Sequence[Memory | None] | None, depth: int) -> list[M
     if len(memory) != depth:
         raise ValueError(f"memory must hold one entry per layer ({depth}); got {len(memory)}")
     return list(memory)
+
+
+def layer_settings(settings: dict[str, Any], index: int) -> dict[str, Any]:
+    """The fast-weight settings of the stack's layer ``index``: the stack's, with the FAVOR+ seed
+    ``favor_seed + index`` so that layers draw independent projections.
+
+    Example:
+        >>> layer_settings({"favor_seed": 10, "nu": 2}, 3)
+        {'favor_seed': 13, 'nu': 2}
+    """
+    return {**settings, "favor_seed": settings["favor_seed"] + index}

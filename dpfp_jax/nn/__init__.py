@@ -1,5 +1,6 @@
 """Flax linen modules: thin layers over :func:`dpfp_jax.fast_weight` and the feature maps."""
 
+from dpfp_jax.core.settings import FastWeightSettings
 from dpfp_jax.nn.attention import NORMALIZATIONS, DPFPAttention, FastWeightAttention
 from dpfp_jax.nn.cell import DPFPCell
 from dpfp_jax.nn.self_attention import DPFPSelfAttention
@@ -12,5 +13,6 @@ __all__ = [
     "DPFPSelfAttention",
     "DPFPformer",
     "FastWeightAttention",
+    "FastWeightSettings",
     "FeedForward",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from dpfp_jax.core.attention import (
     NORMALIZATIONS,
-    AttentionSpec,
+    HasAttentionSpec,
     Memory,
     check_cache_shape,
     check_sequence,
@@ -18,16 +19,17 @@ from dpfp_jax.core.attention import (
     zero_padding,
 )
 from dpfp_jax.core.segments import SEGMENT_ID_DTYPE, decode_restart, last_segment_id
-from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
 from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
 
 Array = jax.Array
 
-__all__ = ["NORMALIZATIONS", "DPFPAttention", "FastWeightAttention", "Memory", "split_heads_projection"]
+__all__ = ["NORMALIZATIONS", "DPFPAttention", "FastWeightAttention", "FastWeightSettings", "Memory",
+           "split_heads_projection"]
 
 
-class FastWeightAttention(nn.Module):
+class FastWeightAttention(nn.Module, FastWeightSettings, HasAttentionSpec):
     """Multi-head fast-weight (linear) attention with a feature map and an update rule.
 
     One Dense maps the input to ``H * (3 * head_dim + 1)`` (q, k, v and, for the delta rule, a
@@ -38,32 +40,10 @@ class FastWeightAttention(nn.Module):
     Attributes:
       num_heads: number of heads H.
       head_dim: width d of q, k, v per head; V = d, K = ``feature_dim(feature_map, d)``.
-      feature_map: ``"dpfp"``, ``"linear"`` (elu+1), ``"favor"``, ``"relu"`` or ``"identity"``
-        (:data:`dpfp_jax.FEATURE_MAPS`), or a pure callable ``[..., d] -> [..., K]`` for any K,
-        e.g. ``lambda x: dj.dpfp(x, 3)``: K is found from its output shape on a ``[head_dim]``
-        input (:func:`jax.eval_shape`, nothing computed); the output must keep the leading shape
-        and be floating. ``nu``, ``num_features`` and ``favor_seed`` do not apply to a callable.
-      nu: DPFP's nu (``feature_map="dpfp"``).
-      num_features: FAVOR+'s number of random projections m (K = 2m).
-      favor_seed: FAVOR+'s projection is drawn once from ``jax.random.key(favor_seed)``
-        (block-orthogonal, see :func:`dpfp_jax.favor_projection`) and is a constant of the
-        layer, not a parameter: it is never trained or decayed and needs no extra collection.
-        Give layers different seeds for independent draws.
-      rule: ``"delta"`` or ``"sum"``.
-      normalization: ``"sum"`` (phi(q), phi(k) divided by their sums: the paper's delta-rule
-        layers; for non-negative feature maps), ``"l2"`` (divided by their L2 norms,
-        :func:`dpfp_jax.l2_norm`: for any feature map, ``identity`` and its negative entries
-        included), ``"attention"`` (sum rule only: ``W^T phi(q) / (z . phi(q) + eps)`` with the
-        running key sum z, the classic linear transformer) or ``"none"``. The delta rule's step
-        ``W <- (I - beta k k^T) W + beta k v^T`` is non-expanding only while
-        ``0 <= beta |phi(k)|^2 <= 2``; with raw features ``|phi(k)|^2`` is unbounded and the
-        state can grow exponentially (at default init, to inf within a few hundred steps). ``"sum"``
-        and ``"l2"`` give ``|phi(k)| <= 1``, and beta is a sigmoid in (0, 1), so the condition holds
-        at every step; ``rule="delta"`` with ``"none"`` is refused unless
-        ``allow_unbounded_delta=True``.
-      allow_unbounded_delta: opt in to ``rule="delta"`` with ``normalization="none"``, whose
-        state is bounded only if the keys keep ``beta |phi(k)|^2 <= 2`` by themselves (nothing
-        checks it). Not consulted for other configurations.
+      feature_map, nu, num_features, favor_seed, rule, normalization, eps,
+        allow_unbounded_delta, impl, chunk_size: the fast-weight settings, keyword-only,
+        documented once in :class:`dpfp_jax.core.settings.FastWeightSettings` (every layer
+        takes them). Default: the paper's DPFP-1, delta rule, sum normalisation.
       out_features: output width (default: the input width).
       use_bias: whether the projections have biases.
       dtype: computation dtype of the projections (default: inferred); state is float32.
@@ -71,13 +51,13 @@ class FastWeightAttention(nn.Module):
       precision: matmul precision of the projections.
       kernel_init, bias_init: initialisers of the projections.
       dropout_rate: dropout on the layer's output, in [0, 1).
-      impl: passed to :func:`dpfp_jax.fast_weight`.
       decode: keep the memory in the ``cache`` collection and continue it on every call
         (recurrent generation); init with a full-size input, then apply with ``mutable=["cache"]``.
         The cache also keeps each row's last segment id: a call whose first ``segment_ids``
         differ from it starts a new document (memory and key sum from zero); a call without
         ``segment_ids`` continues the current one.
-      eps: the normalisations' epsilon.
+
+    Every attribute but ``num_heads`` and ``head_dim`` is keyword-only.
 
     ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=True)`` takes
     ``x [B, T, D]`` and returns ``(y [B, T, out_features], new_memory)``. The memory is W
@@ -101,14 +81,12 @@ class FastWeightAttention(nn.Module):
         ((3, 5, 16), (3, 2, 32, 8))
     """
 
+    # The settings (feature_map, ..., chunk_size) are inherited from FastWeightSettings as
+    # keyword-only fields; so are the attributes below the marker, which once followed them by
+    # position: a positional call past head_dim is a TypeError, never a silent reinterpretation.
     num_heads: int = 8
     head_dim: int = 64
-    feature_map: FeatureMapLike = "dpfp"
-    nu: int = 1
-    num_features: int = 64
-    favor_seed: int = 0
-    rule: str = "delta"
-    normalization: str = "sum"
+    _: dataclasses.KW_ONLY
     out_features: int | None = None
     use_bias: bool = False
     dtype: Any = None
@@ -117,28 +95,7 @@ class FastWeightAttention(nn.Module):
     kernel_init: Any = nn.linear.default_kernel_init
     bias_init: Any = nn.initializers.zeros_init()
     dropout_rate: float = 0.0
-    impl: str = "auto"
     decode: bool = False
-    eps: float = 1e-6
-    allow_unbounded_delta: bool = False
-
-    def spec(self) -> AttentionSpec:
-        """The settings the math depends on (:class:`dpfp_jax.core.attention.AttentionSpec`)."""
-        return AttentionSpec(
-            num_heads=self.num_heads, head_dim=self.head_dim, feature_map=self.feature_map, nu=self.nu,
-            num_features=self.num_features, favor_seed=self.favor_seed, rule=self.rule,
-            normalization=self.normalization, impl=self.impl, eps=self.eps,
-            allow_unbounded_delta=self.allow_unbounded_delta,
-        )
-
-    @property
-    def key_dim(self) -> int:
-        """K, the feature-mapped key width."""
-        return self.spec().key_dim
-
-    def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
-        return self.spec().memory_shape(batch)
 
     def check_config(self) -> None:
         """Raise a ValueError (a TypeError for a wrong type) naming the attribute if the configuration is not usable."""
@@ -215,7 +172,7 @@ class FastWeightAttention(nn.Module):
         return y, new_memory
 
 
-class DPFPAttention(nn.Module):
+class DPFPAttention(nn.Module, FastWeightSettings):
     """The paper's best fast-weight layer: DPFP-nu features, delta rule, sum normalisation.
 
     ``DPFPAttention(dim, nu=v)`` of the original PyTorch package, dpfp-pytorch
@@ -226,8 +183,14 @@ class DPFPAttention(nn.Module):
 
     Attributes:
       dim: model width D (input and output).
-      num_heads, head_dim, nu: as in :class:`FastWeightAttention`.
-      dropout_rate, use_bias, dtype, param_dtype, precision, kernel_init, impl, decode: passed on.
+      num_heads, head_dim: as in :class:`FastWeightAttention`.
+      feature_map, nu, num_features, favor_seed, rule, normalization, eps,
+        allow_unbounded_delta, impl, chunk_size: the fast-weight settings, keyword-only
+        (:class:`dpfp_jax.core.settings.FastWeightSettings`); their defaults are the paper's
+        layer, which is what this class is for: change ``feature_map``, ``rule`` or
+        ``normalization`` and it is a :class:`FastWeightAttention` of width ``dim``.
+      dropout_rate, use_bias, dtype, param_dtype, precision, kernel_init, decode: passed on
+        (keyword-only).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -243,23 +206,20 @@ class DPFPAttention(nn.Module):
     dim: int
     num_heads: int = 8
     head_dim: int = 64
-    nu: int = 1
+    _: dataclasses.KW_ONLY  # nu once came fourth by position; it is a setting now (keyword-only)
     dropout_rate: float = 0.0
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
     kernel_init: Any = nn.linear.default_kernel_init
-    impl: str = "auto"
     decode: bool = False
 
     def _layer_config(self) -> dict[str, Any]:
         return dict(
-            num_heads=self.num_heads, head_dim=self.head_dim, feature_map="dpfp", nu=self.nu,
-            rule="delta", normalization="sum", out_features=self.dim, use_bias=self.use_bias,
+            num_heads=self.num_heads, head_dim=self.head_dim, out_features=self.dim, use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-            kernel_init=self.kernel_init, dropout_rate=self.dropout_rate, impl=self.impl,
-            decode=self.decode,
+            kernel_init=self.kernel_init, dropout_rate=self.dropout_rate, decode=self.decode, **settings_of(self),
         )
 
     def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:

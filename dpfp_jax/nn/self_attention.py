@@ -7,22 +7,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpfp_jax.core.self_attention import (
     check_self_inputs,
     check_sow_weights,
+    padding_of_decode_mask,
     padding_of_mask,
     poison_invalid_rows,
     qkv_head_dim,
+    self_attention_arguments,
 )
-from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.nn.attention import FastWeightAttention
 from dpfp_jax.validation import check_dropout_rate
 
 Array = jax.Array
 
 
-class DPFPSelfAttention(nn.Module):
+class DPFPSelfAttention(nn.Module, FastWeightSettings):
     """Causal self-attention by fast weights, called as Flax's dot-product attention is.
 
     ``DPFPSelfAttention(num_heads, qkv_features=..., out_features=...)(inputs_q, mask=...,
@@ -38,7 +41,15 @@ class DPFPSelfAttention(nn.Module):
     with ``nn.make_causal_mask``, broadcastable to ``[B, H, T, T]``; booleans or 0/1). Padded
     tokens write nothing and output zeros. Other inputs and masks are refused with a ValueError
     naming them while tracing when their values are known; a mask made inside ``jit`` is checked
-    in the computation instead, and a batch row whose mask is not a padding mask outputs NaN.
+    in the computation instead, and a batch row whose mask is not a padding mask outputs NaN, with
+    NaN gradients too (the output is multiplied by NaN, not replaced: a replaced output would give
+    finite parameter gradients from a NaN loss, and training would go on). A mask must be an array
+    (a list is a TypeError, as for the fast-weight layers' ``mask`` and ``segment_ids``).
+
+    Called as ``nn.SelfAttention`` is, ``layer(x, mask)`` (or ``layer(x, mask, deterministic)``),
+    it takes the second positional argument as the mask when it is one (rank 2 or 4, or boolean);
+    as ``nn.MultiHeadDotProductAttention`` is, it is ``inputs_k``. Flax's key-padding mask
+    ``pad[:, None, None, :]`` (``[B, 1, 1, T]``) is taken as the padding ``pad``.
 
     The attributes are Flax's where they share its names; ``qkv_features`` and ``out_features``
     default to the input width, ``use_bias`` to True as Flax's.
@@ -50,10 +61,14 @@ class DPFPSelfAttention(nn.Module):
         ``deterministic`` (attribute or call argument, the call's winning) and ``dropout_rng``
         as in Flax.
       decode: recurrent generation as :class:`FastWeightAttention`'s (the ``cache``
-        collection): init with a full-size input, then one or more tokens per call; the mask,
-        if any, is then the call's ``[.., T, T]`` one.
-      feature_map, nu, num_features, rule, normalization, impl, eps, allow_unbounded_delta:
-        the fast-weight attention's (see :class:`FastWeightAttention`).
+        collection, which also counts the tokens so far in ``cache_index`` as Flax's does):
+        init with a full-size input, then one or more tokens per call. The mask, if any, is then
+        the call's own ``[.., T, T]`` one, or Flax's decode-time mask over the whole cache,
+        ``[B, 1, 1 or T, max_len]``, of which each new token's own entry says whether it is real
+        (:func:`dpfp_jax.core.self_attention.padding_of_decode_mask`).
+      feature_map, nu, num_features, favor_seed, rule, normalization, eps,
+        allow_unbounded_delta, impl, chunk_size: the fast-weight settings, keyword-only
+        (:class:`dpfp_jax.core.settings.FastWeightSettings`).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -79,14 +94,6 @@ class DPFPSelfAttention(nn.Module):
     bias_init: Any = nn.initializers.zeros_init()
     use_bias: bool = True
     decode: bool = False
-    feature_map: FeatureMapLike = "dpfp"
-    nu: int = 1
-    num_features: int = 64
-    rule: str = "delta"
-    normalization: str = "sum"
-    impl: str = "auto"
-    eps: float = 1e-6
-    allow_unbounded_delta: bool = False
 
     @nn.compact
     def __call__(
@@ -101,6 +108,8 @@ class DPFPSelfAttention(nn.Module):
         dropout_rng: Array | None = None,
         sow_weights: bool = False,
     ) -> Array:
+        inputs_k, inputs_v, mask, deterministic = self_attention_arguments(
+            inputs_q, inputs_k, inputs_v, mask, deterministic)
         check_self_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
         check_sow_weights(sow_weights)
         check_dropout_rate("dropout_rate", self.dropout_rate)
@@ -108,16 +117,23 @@ class DPFPSelfAttention(nn.Module):
             raise ValueError(f"inputs_q must be [batch, time, features]; got shape {inputs_q.shape}")
         batch, length, width = inputs_q.shape
         head_dim = qkv_head_dim(self.qkv_features or width, self.num_heads)
-        padding, valid = padding_of_mask(mask, batch=batch, num_heads=self.num_heads, length=length)
+        index = None
+        if self.decode and (self.has_variable("cache", "cache_index") or self.is_initializing()):
+            index = self.variable("cache", "cache_index", jnp.zeros, (), jnp.int32)
+        if index is not None and not self.is_initializing() and mask is not None and np.shape(mask)[-1] != length:
+            padding, valid = padding_of_decode_mask(mask, batch=batch, num_heads=self.num_heads, length=length,
+                                                    index=index.value)
+        else:
+            padding, valid = padding_of_mask(mask, batch=batch, num_heads=self.num_heads, length=length)
         attention = FastWeightAttention(
-            num_heads=self.num_heads, head_dim=head_dim, feature_map=self.feature_map, nu=self.nu,
-            num_features=self.num_features, rule=self.rule, normalization=self.normalization,
-            out_features=self.out_features or width, use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, precision=self.precision, kernel_init=self.kernel_init,
-            bias_init=self.bias_init, impl=self.impl, decode=self.decode, eps=self.eps,
-            allow_unbounded_delta=self.allow_unbounded_delta, name="attention",
+            num_heads=self.num_heads, head_dim=head_dim, out_features=self.out_features or width,
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, bias_init=self.bias_init, decode=self.decode, name="attention",
+            **settings_of(self),
         )
         y, _ = attention(inputs_q, mask=padding)
+        if index is not None and not self.is_initializing():
+            index.value = index.value + length
         if self.dropout_rate > 0:
             deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
             y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic, rng=dropout_rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from dpfp_jax.core.attention import Memory, zero_padding
-from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories
-from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.core.settings import FastWeightSettings, settings_of
+from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories, layer_settings
 from dpfp_jax.nn.attention import FastWeightAttention
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
 from dpfp_jax.validation import check_dropout_rate, check_mask
@@ -41,7 +42,7 @@ class FeedForward(nn.Module):
         return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
 
 
-class DPFPformer(nn.Module):
+class DPFPformer(nn.Module, FastWeightSettings):
     """A fast-weight transformer: ``depth`` blocks of attention and feed-forward, each residual.
 
     Every layer has its own memory (the original package passed one layer's W on); memories are
@@ -50,20 +51,19 @@ class DPFPformer(nn.Module):
     Attributes:
       dim: model width D.
       depth: number of blocks.
-      num_heads, head_dim, nu: DPFP attention shape (see :class:`FastWeightAttention`).
-      feature_map, rule, normalization, num_features: the attention's feature map (a name or a
-        callable ``[..., d] -> [..., K]``) and rule (default: the paper's DPFP, delta rule, sum
-        normalisation). ``normalization`` is
-        ``"sum"``, ``"l2"``, ``"attention"`` (sum rule only) or ``"none"``; the delta rule needs
-        ``"sum"`` or ``"l2"`` to keep ``0 <= beta |phi(k)|^2 <= 2`` (its steps non-expanding) and
-        refuses ``"none"`` unless ``allow_unbounded_delta`` (see :class:`FastWeightAttention`).
-      allow_unbounded_delta: passed to every layer: opt in to ``rule="delta"`` with
-        ``normalization="none"``, unbounded unless the keys keep the condition by themselves.
+      num_heads, head_dim: the attention's heads (see :class:`FastWeightAttention`).
+      feature_map, nu, num_features, favor_seed, rule, normalization, eps,
+        allow_unbounded_delta, impl, chunk_size: the fast-weight settings, keyword-only,
+        passed to every layer (:class:`dpfp_jax.core.settings.FastWeightSettings`; default:
+        the paper's DPFP, delta rule, sum normalisation), except that layer i draws its FAVOR+
+        projection from ``favor_seed + i``.
       ff_mult: feed-forward width multiplier.
       attention_dropout_rate, ff_dropout_rate: dropout rates, in [0, 1).
       pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
       activation: the feed-forward non-linearity.
-      dtype, param_dtype, precision, kernel_init, impl, decode: passed to every layer.
+      dtype, param_dtype, precision, kernel_init, decode: passed to every layer.
+
+    Every attribute after ``head_dim`` is keyword-only.
 
     ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=True,
     return_memory=False)`` maps ``x [B, T, D]`` to ``y [B, T, D]``, or ``(y, memories)`` with
@@ -90,11 +90,7 @@ class DPFPformer(nn.Module):
     depth: int
     num_heads: int = 8
     head_dim: int = 64
-    nu: int = 1
-    feature_map: FeatureMapLike = "dpfp"
-    rule: str = "delta"
-    normalization: str = "sum"
-    num_features: int = 64
+    _: dataclasses.KW_ONLY  # nu once came fifth by position; it is a setting now (keyword-only)
     ff_mult: int = 4
     attention_dropout_rate: float = 0.0
     ff_dropout_rate: float = 0.0
@@ -104,9 +100,7 @@ class DPFPformer(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     kernel_init: Any = nn.linear.default_kernel_init
-    impl: str = "auto"
     decode: bool = False
-    allow_unbounded_delta: bool = False
 
     @nn.compact
     def __call__(
@@ -131,12 +125,9 @@ class DPFPformer(nn.Module):
         new_memories = []
         for i in range(self.depth):
             attention = FastWeightAttention(
-                num_heads=self.num_heads, head_dim=self.head_dim, feature_map=self.feature_map,
-                nu=self.nu, num_features=self.num_features, favor_seed=i, rule=self.rule,
-                normalization=self.normalization, dtype=self.dtype, param_dtype=self.param_dtype,
-                precision=self.precision, kernel_init=self.kernel_init,
-                dropout_rate=self.attention_dropout_rate, impl=self.impl, decode=self.decode,
-                allow_unbounded_delta=self.allow_unbounded_delta, name=f"attention_{i}",
+                num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, kernel_init=self.kernel_init, dropout_rate=self.attention_dropout_rate,
+                decode=self.decode, name=f"attention_{i}", **layer_settings(settings_of(self), i),
             )
             ff = FeedForward(
                 ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,

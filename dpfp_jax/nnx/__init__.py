@@ -16,6 +16,7 @@ Example:
 """
 
 from dpfp_jax.core.attention import NORMALIZATIONS
+from dpfp_jax.core.settings import FastWeightSettings
 from dpfp_jax.nnx.attention import DPFPAttention, FastWeightAttention
 from dpfp_jax.nnx.cell import DPFPCell
 from dpfp_jax.nnx.params import from_linen_params, to_linen_params
@@ -30,6 +31,7 @@ __all__ = [
     "DPFPSelfAttention",
     "DPFPformer",
     "FastWeightAttention",
+    "FastWeightSettings",
     "FeedForward",
     "KernelAxes",
     "from_linen_params",

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpfp_jax.core.attention import (
-    AttentionSpec,
+    HasAttentionSpec,
     Memory,
     check_cache_shape,
     check_sequence,
     zero_padding,
 )
 from dpfp_jax.core.segments import SEGMENT_ID_DTYPE, decode_restart, last_segment_id
-from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.core.settings import FastWeightSettings
 from dpfp_jax.nnx.partitioning import EMBED, OUT_KERNEL, QKV_BIAS, QKV_KERNEL, KernelAxes, partitioned, project
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
 from dpfp_jax.validation import check_dropout_rate, check_mask, check_positive_int
@@ -32,11 +32,15 @@ DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 ZEROS = nnx.initializers.zeros_init()
 
 
-class FastWeightAttention(nnx.Module):
+class FastWeightAttention(nnx.Module, HasAttentionSpec):
     """Multi-head fast-weight (linear) attention with a feature map and an update rule (Flax NNX).
 
     The attributes, the math and the parameter layout are those of the linen
-    :class:`dpfp_jax.nn.FastWeightAttention` (see there for each attribute); NNX adds:
+    :class:`dpfp_jax.nn.FastWeightAttention` (see there for each attribute; as there, every
+    argument after ``head_dim`` is keyword-only). The fast-weight settings (``feature_map``,
+    ``nu``, ..., ``chunk_size``) are keyword arguments, documented once in
+    :class:`dpfp_jax.core.settings.FastWeightSettings`: a name that is not one is a TypeError.
+    Each is kept as an attribute of the same name. NNX adds:
 
     Args:
       in_features: the input width D (linen finds it from the first input; NNX makes the
@@ -47,9 +51,12 @@ class FastWeightAttention(nnx.Module):
         annotates nothing, so the layer is made without a mesh too.
       rngs: ``nnx.Rngs`` for the parameters (and the dropout stream).
 
-    ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=None)`` returns
-    ``(y, new_memory)`` as linen's does. ``deterministic=None`` leaves dropout to the layer's mode
-    (NNX's: active until ``model.eval()``; only with ``dropout_rate > 0``).
+    ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=None, decode=None)``
+    returns ``(y, new_memory)`` as linen's does. ``deterministic=None`` leaves dropout to the
+    layer's mode (NNX's: active until ``model.eval()``; only with ``dropout_rate > 0``).
+    ``decode`` overrides the layer's for one call, as ``nnx.MultiHeadAttention``'s does:
+    ``False`` on a decoding layer runs the call on ``memory`` alone, the cache neither read nor
+    written; ``True`` needs a layer made with ``decode=True``.
 
     Decoding: ``decode=True`` keeps the memory in ``nnx.Cache`` variables (``fast_weights``,
     ``key_sum`` for ``normalization="attention"``, and ``segment_id``, each row's last segment
@@ -69,12 +76,7 @@ class FastWeightAttention(nnx.Module):
         self,
         num_heads: int = 8,
         head_dim: int = 64,
-        feature_map: FeatureMapLike = "dpfp",
-        nu: int = 1,
-        num_features: int = 64,
-        favor_seed: int = 0,
-        rule: str = "delta",
-        normalization: str = "sum",
+        *,
         out_features: int | None = None,
         use_bias: bool = False,
         dtype: Any = None,
@@ -83,22 +85,18 @@ class FastWeightAttention(nnx.Module):
         kernel_init: Any = DEFAULT_KERNEL_INIT,
         bias_init: Any = ZEROS,
         dropout_rate: float = 0.0,
-        impl: str = "auto",
         decode: bool = False,
-        eps: float = 1e-6,
-        allow_unbounded_delta: bool = False,
-        *,
         in_features: int,
         kernel_axes: KernelAxes | None = None,
         rngs: nnx.Rngs,
+        **settings: Any,
     ):
-        self.num_heads, self.head_dim, self.feature_map, self.nu = num_heads, head_dim, feature_map, nu
-        self.num_features, self.favor_seed = num_features, favor_seed
-        self.rule, self.normalization = rule, normalization
+        self.num_heads, self.head_dim = num_heads, head_dim
+        for name, value in FastWeightSettings.from_kwargs(type(self).__name__, settings).settings().items():
+            setattr(self, name, value)
         self.out_features, self.use_bias, self.dtype, self.param_dtype = out_features, use_bias, dtype, param_dtype
         self.precision, self.kernel_init, self.bias_init = precision, kernel_init, bias_init
-        self.dropout_rate, self.impl, self.decode, self.eps = dropout_rate, impl, decode, eps
-        self.allow_unbounded_delta = allow_unbounded_delta
+        self.dropout_rate, self.decode = dropout_rate, decode
         self.in_features, self.kernel_axes = in_features, kernel_axes
         spec = self.spec()
         spec.check()
@@ -115,24 +113,6 @@ class FastWeightAttention(nnx.Module):
             bias_init=partitioned(bias_init, kernel_axes, EMBED), **dense,
         )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-
-    def spec(self) -> AttentionSpec:
-        """The settings the math depends on (:class:`dpfp_jax.core.attention.AttentionSpec`)."""
-        return AttentionSpec(
-            num_heads=self.num_heads, head_dim=self.head_dim, feature_map=self.feature_map, nu=self.nu,
-            num_features=self.num_features, favor_seed=self.favor_seed, rule=self.rule,
-            normalization=self.normalization, impl=self.impl, eps=self.eps,
-            allow_unbounded_delta=self.allow_unbounded_delta,
-        )
-
-    @property
-    def key_dim(self) -> int:
-        """K, the feature-mapped key width."""
-        return self.spec().key_dim
-
-    def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
-        return self.spec().memory_shape(batch)
 
     def init_cache(self, batch: int) -> None:
         """Make (or reset) the decode cache for ``batch`` rows: empty memory, segment ids 0."""
@@ -164,8 +144,13 @@ class FastWeightAttention(nnx.Module):
         mask: Array | None = None,
         segment_ids: Array | None = None,
         deterministic: bool | None = None,
+        decode: bool | None = None,
     ) -> tuple[Array, Memory]:
         spec = self.spec()
+        decode = self.decode if decode is None else decode
+        if decode and not self.decode:
+            raise ValueError("decode=True at the call continues the decode cache, which only a layer made with "
+                             "decode=True has (init_cache refuses the others); this one has decode=False")
         batch, length, width = check_sequence(x)
         if width != self.in_features:
             raise ValueError(f"x must be [batch, time, in_features={self.in_features}]; got shape {x.shape}")
@@ -173,7 +158,7 @@ class FastWeightAttention(nnx.Module):
         check_segment_ids(segment_ids, x)
         w0, z0 = spec.split_memory(memory, batch)
         restart = None
-        if self.decode:
+        if decode:
             if memory is not None:
                 raise ValueError("decode=True keeps the memory in the layer's nnx.Cache variables; pass memory=None")
             w0, z0, cached_id = self._cached(batch)
@@ -181,7 +166,7 @@ class FastWeightAttention(nnx.Module):
 
         out, new_memory = spec.attend(project(self.qkv, zero_padding(x, mask)), mask=mask, segment_ids=segment_ids,
                                       initial_state=w0, key_sum=z0, restart=restart)
-        if self.decode:
+        if decode:
             if self.key_sum is None:
                 self.fast_weights[...] = new_memory
             else:
@@ -198,7 +183,9 @@ class DPFPAttention(nnx.Module):
     """The paper's best fast-weight layer (Flax NNX): DPFP-nu features, delta rule, sum normalisation.
 
     The twin of linen's :class:`dpfp_jax.nn.DPFPAttention` (same attributes and parameters,
-    under ``attention``), plus ``kernel_axes`` and ``rngs`` as in :class:`FastWeightAttention`.
+    under ``attention``; every argument after ``head_dim`` keyword-only; the fast-weight settings
+    as keyword arguments, :class:`dpfp_jax.core.settings.FastWeightSettings`, defaulting to the
+    paper's), plus ``kernel_axes`` and ``rngs`` as in :class:`FastWeightAttention`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -215,25 +202,24 @@ class DPFPAttention(nnx.Module):
         dim: int,
         num_heads: int = 8,
         head_dim: int = 64,
-        nu: int = 1,
+        *,
         dropout_rate: float = 0.0,
         use_bias: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         kernel_init: Any = DEFAULT_KERNEL_INIT,
-        impl: str = "auto",
         decode: bool = False,
-        *,
         kernel_axes: KernelAxes | None = None,
         rngs: nnx.Rngs,
+        **settings: Any,
     ):
         self.dim = check_positive_int("dim", dim)
         self.attention = FastWeightAttention(
-            num_heads=num_heads, head_dim=head_dim, feature_map="dpfp", nu=nu, rule="delta",
-            normalization="sum", out_features=dim, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-            precision=precision, kernel_init=kernel_init, dropout_rate=dropout_rate, impl=impl, decode=decode,
-            in_features=dim, kernel_axes=kernel_axes, rngs=rngs,
+            num_heads=num_heads, head_dim=head_dim, out_features=dim, use_bias=use_bias, dtype=dtype,
+            param_dtype=param_dtype, precision=precision, kernel_init=kernel_init, dropout_rate=dropout_rate,
+            decode=decode, in_features=dim, kernel_axes=kernel_axes, rngs=rngs,
+            **FastWeightSettings.from_kwargs(type(self).__name__, settings).settings(),
         )
 
     def get_memory_shape(self, batch: int) -> tuple[int, int, int, int]:

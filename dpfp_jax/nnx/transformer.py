@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpfp_jax.core.attention import Memory, zero_padding
-from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories
-from dpfp_jax.feature_maps import FeatureMapLike
+from dpfp_jax.core.settings import FastWeightSettings
+from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories, layer_settings
 from dpfp_jax.nnx.attention import DEFAULT_KERNEL_INIT, ZEROS, FastWeightAttention
 from dpfp_jax.nnx.partitioning import DOWN_KERNEL, EMBED, UP_BIAS, UP_KERNEL, KernelAxes, partitioned, project
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
@@ -58,7 +58,9 @@ class DPFPformer(nnx.Module):
     """A fast-weight transformer (Flax NNX): ``depth`` residual blocks of attention and feed-forward.
 
     The twin of linen's :class:`dpfp_jax.nn.DPFPformer`: the same attributes, math and parameter
-    names (``attention_{i}``, ``ff_{i}``, ``norm_attention_{i}``, ``norm_ff_{i}``, ``norm_out``),
+    names (``attention_{i}``, ``ff_{i}``, ``norm_attention_{i}``, ``norm_ff_{i}``, ``norm_out``;
+    every argument after ``head_dim`` keyword-only; the fast-weight settings as keyword arguments,
+    :class:`dpfp_jax.core.settings.FastWeightSettings`, layer i's FAVOR+ seed ``favor_seed + i``),
     plus ``kernel_axes`` (passed to every layer; LayerNorms over ``embed``) and ``rngs``.
     ``__call__(x, memory=None, *, mask=None, segment_ids=None, deterministic=None,
     return_memory=False)``; :meth:`init_cache` makes every layer's decode cache (``decode=True``).
@@ -78,11 +80,7 @@ class DPFPformer(nnx.Module):
         depth: int,
         num_heads: int = 8,
         head_dim: int = 64,
-        nu: int = 1,
-        feature_map: FeatureMapLike = "dpfp",
-        rule: str = "delta",
-        normalization: str = "sum",
-        num_features: int = 64,
+        *,
         ff_mult: int = 4,
         attention_dropout_rate: float = 0.0,
         ff_dropout_rate: float = 0.0,
@@ -92,25 +90,22 @@ class DPFPformer(nnx.Module):
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         kernel_init: Any = DEFAULT_KERNEL_INIT,
-        impl: str = "auto",
         decode: bool = False,
-        allow_unbounded_delta: bool = False,
-        *,
         kernel_axes: KernelAxes | None = None,
         rngs: nnx.Rngs,
+        **settings: Any,
     ):
         check_transformer(dim, depth, attention_dropout_rate, ff_dropout_rate)
+        settings = FastWeightSettings.from_kwargs(type(self).__name__, settings).settings()
         self.dim, self.depth, self.pre_norm = dim, depth, pre_norm
         norm = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                     scale_init=partitioned(nnx.initializers.ones_init(), kernel_axes, EMBED),
                     bias_init=partitioned(ZEROS, kernel_axes, EMBED))
         for i in range(depth):
             setattr(self, f"attention_{i}", FastWeightAttention(
-                num_heads=num_heads, head_dim=head_dim, feature_map=feature_map, nu=nu, num_features=num_features,
-                favor_seed=i, rule=rule, normalization=normalization, dtype=dtype, param_dtype=param_dtype,
-                precision=precision, kernel_init=kernel_init, dropout_rate=attention_dropout_rate, impl=impl,
-                decode=decode, allow_unbounded_delta=allow_unbounded_delta, in_features=dim,
-                kernel_axes=kernel_axes, rngs=rngs,
+                num_heads=num_heads, head_dim=head_dim, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                kernel_init=kernel_init, dropout_rate=attention_dropout_rate, decode=decode, in_features=dim,
+                kernel_axes=kernel_axes, rngs=rngs, **layer_settings(settings, i),
             ))
             setattr(self, f"ff_{i}", FeedForward(
                 dim, ff_mult=ff_mult, activation=activation, dropout_rate=ff_dropout_rate, dtype=dtype,

@@ -19,7 +19,7 @@ def main() -> None:
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     from dpfp_jax import nnx as djnnx
-    from tests.test_nnx import Regressor, regression_batch, train_step
+    from tests.helpers import Regressor, regression_batch, train_step
 
     assert jax.device_count() == 8, f"expected 8 host devices, got {jax.device_count()}"
     x, target = regression_batch()
