@@ -52,6 +52,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"dpfp_jax\.core(\..*)?"),
     (r"py:.*", r"(jax|jaxlib|flax|numpy|np|jnp|optax|typing|collections|nnx|nn)(\..*)?"),
     (r"py:.*", r"(Array|ArrayLike|PRNGKey|Dtype|DTypeLike|PrecisionLike|Initializer|Callable|Sequence|Any)"),
+    # A type alias of dpfp_jax.feature_maps (a name or a callable), spelled out in the docstrings.
+    (r"py:.*", r"FeatureMapLike"),
 ]
 
 html_theme = "furo"
