@@ -169,6 +169,40 @@ def pallas_case(topology: str, key_dim: int):
     return pytest.param(topology, key_dim, marks=marks)
 
 
+def documented_training_temp_mb() -> dict[tuple[str, int, str], float]:
+    """The fwd+bwd temp MB that docs/reports/tpu_memory.md (``make tpu-memory``'s output) gives per
+    (topology, K, impl), for the tests that hold the documentation to the compiler."""
+    figures, topology = {}, None
+    for line in (REPO_ROOT / "docs" / "reports" / "tpu_memory.md").read_text().splitlines():
+        if line.startswith("## "):
+            topology = line.split()[1].rstrip(",") if ":2x2" in line else None
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if topology and len(cells) == 10 and cells[0].isdigit():
+            figures[topology, int(cells[0]), cells[1]] = float(cells[5])
+    return figures
+
+
+def assert_documented(figure_mb: float, topology: str, key_dim: int, impl: str) -> None:
+    """A compiled figure and docs/reports/tpu_memory.md agree (to its 0.1 MB rounding): a change
+    of the program's memory fails here until the report (and what quotes it) is regenerated."""
+    documented = documented_training_temp_mb().get((topology, key_dim, impl))
+    if documented is not None:
+        assert abs(figure_mb - documented) <= 0.06, (
+            f"{impl} at {topology}, K={key_dim}: compiled {figure_mb:.1f} MB of fwd+bwd temp, the report says "
+            f"{documented} MB: rerun `make tpu-memory` and update docs/reports/tpu_memory.md and its quotes")
+
+
+def test_the_tpu_memory_report_holds_the_headline_ratios():
+    # The TPU kernel's fwd+bwd temporaries are 0.07x-0.25x of chunk's on v5e and v6e (README,
+    # docs/tpu_kernel.md), and the span form's are at most half of the all-chunks-at-once form's:
+    # what the report says; the compile tests below hold the report to the compiler.
+    figures = documented_training_temp_mb()
+    ratios = [figures[t, k, "pallas"] / figures[t, k, "chunk"] for t in (V5E, V6E) for k in PALLAS_KEY_DIMS]
+    assert 0.06 <= min(ratios) and max(ratios) <= 0.255, ratios
+    for key_dim, before in ALL_CHUNKS_AT_ONCE_TEMP_MB.items():
+        assert figures[V5E, key_dim, "chunk"] <= before / 2
+
+
 @pytest.mark.parametrize("topology, key_dim", [pallas_case(*case) for case in itertools.product(TOPOLOGIES,
                                                                                                     PALLAS_KEY_DIMS)])
 def test_pallas_tpu_kernel_compiles_for_training_keeping_only_the_writes(tpu, topology, key_dim):
@@ -178,7 +212,10 @@ def test_pallas_tpu_kernel_compiles_for_training_keeping_only_the_writes(tpu, to
     # adds: 101 MB in all on v5e at every K up to 512, at most 153 MB (v5p, K = 1024). A copy of q
     # or k around the kernel (67 MB at K = 128) would break the bound.
     writes_and_output_gradient = 8 * 4096 * 8 * 64 * (4 + 2)
-    assert training_temp_bytes(tpu, "pallas", topology, key_dim) <= 1.6 * writes_and_output_gradient
+    temp = training_temp_bytes(tpu, "pallas", topology, key_dim)
+    assert temp <= 1.6 * writes_and_output_gradient
+    # ... and is the report's figure, so the report's ratios to chunk (checked above) are current.
+    assert_documented(temp / 1e6, topology, key_dim, "pallas")
 
 
 def test_pallas_tpu_kernel_reads_128_wide_values_in_place(tpu):
@@ -204,6 +241,7 @@ def test_pallas_tpu_kernel_compiles_at_other_chunk_sizes(tpu, value_dim, chunk_s
 def test_pallas_tpu_kernel_training_memory_is_at_most_half_of_chunks(tpu, topology, key_dim):
     temp = {impl: training_temp_bytes(tpu, impl, topology, key_dim) for impl in ("pallas", "chunk")}
     assert temp["pallas"] <= temp["chunk"] / 2, temp
+    assert_documented(temp["chunk"] / 1e6, topology, key_dim, "chunk")
 
 
 # One sequence per chip and few heads, explicit mesh: the programs above, on v5p, for data parallelism.
