@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_state
+from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
@@ -81,6 +82,7 @@ def fast_weight(
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     segment_ids: Array | None = None,
+    context_axis: str | None = None,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -144,6 +146,10 @@ def fast_weight(
         sorted or start at zero, and padding may be a document of its own. Documents may start
         anywhere, chunk boundaries included or not. What each impl keeps for its backward with
         them: docs/math.md, "Packed documents".
+      context_axis: the mesh axis that shards T (context parallelism, docs/context_parallel.md):
+        every device runs the chunk form on its slice and only state-sized arrays are exchanged.
+        Under an explicit mesh a T sharded in the inputs' types is found without it; under an
+        Auto mesh (``jax.set_mesh``) name it here. ``impl`` must then be ``"chunk"`` or ``"auto"``.
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -166,6 +172,13 @@ def fast_weight(
     check_scale(scale)
     check_positive_int("chunk_size", chunk_size)
     check_segment_ids(segment_ids, q)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    plan = context_plan(q, context_axis, impl)
+    if plan is not None:
+        state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
+        return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
+                                            segment_ids=segment_ids, plan=plan)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)
     elif impl in _IMPLS:

@@ -1,0 +1,314 @@
+"""Context parallelism: the fast-weight op with the time axis T sharded over a mesh axis.
+
+Over a shard of L steps every rule is affine in the state that enters it,
+``W_end = M W_in + N`` (``N``: the shard's end state from zero; ``M``: the product of
+``I - beta_t k_t k_t^T`` over the shard for the delta rule, ``I`` for the sum rule, ``0`` when a
+document starts inside the shard). docs/context_parallel.md derives the scheme and counts its
+cost; in short, per call:
+
+forward, every shard at once:
+  1. ``(M, N)`` of its own slice: one chunk-form pass from ``[0 | I]`` with values ``[v | 0]``
+     (state ``K x (V + K)``; the sum rule needs only ``N``, its ``M`` is a per-row 0 or 1);
+  2. all-gather the ``(M, N)`` of every shard (state-sized), fold them in order from
+     ``initial_state``: the state entering each shard, and the final state;
+  3. run its slice from its true entering state: the outputs.
+
+backward, every shard at once (the state's gradient flows the other way):
+  1. ``G``: the gradient of the shard's entering state from its own outputs alone;
+  2. all-gather ``G``, fold ``dW_in = M^T dW_end + G`` from the last shard down: every shard's
+     end-state gradient, and ``initial_state``'s;
+  3. the chunk form's own backward over the slice from its entering state and end-state gradient.
+
+Only state-sized arrays cross devices (``[P, B, H, K, K + V]`` gathers, a ``[B, 1]`` shift of
+document ids); nothing of length T is ever gathered. The forward keeps, besides the inputs, only
+each shard's entering state and ``M``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, PartitionSpec
+
+from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype
+from dpfp_jax.ops.fast_weight.segments import resets_of
+
+Array = jax.Array
+
+CONTEXT_IMPLS = ("chunk", "auto")
+"""The ``impl`` values that run with a sharded T (the chunk form on every shard)."""
+
+
+class ContextPlan(NamedTuple):
+    """How a call's T is sharded: the mesh (concrete or abstract), the axis over T, its size, and
+    the mesh axes of the batch and head dimensions when every other axis is manual too (explicit
+    meshes) or None (Auto meshes: only the T axis is manual, the rest is left to the partitioner)."""
+
+    mesh: object
+    axis: str
+    shards: int
+    explicit: bool
+    batch_axis: object
+    head_axis: object
+
+    def spec(self, *dims: str | None) -> PartitionSpec:
+        """A PartitionSpec from logical dims: "T" (or "P", a leading per-shard axis), "B", "H", None."""
+        names = {"T": self.axis, "P": self.axis}
+        if self.explicit:
+            names |= {"B": self.batch_axis, "H": self.head_axis}
+        return PartitionSpec(*(names.get(d) for d in dims))
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        """The manual mesh axes a sum over the whole batch must reduce (d_scale)."""
+        axes = [self.axis]
+        if self.explicit:
+            for a in (self.batch_axis, self.head_axis):
+                axes += [] if a is None else [a] if isinstance(a, str) else list(a)
+        return tuple(axes)
+
+
+def _sharding_of(x: Array):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None, None
+    return mesh, tuple(sharding.spec) + (None,) * x.ndim
+
+
+def _single_axis(entry: object) -> str | None:
+    if entry is None or isinstance(entry, str):
+        return entry
+    entry = tuple(entry)
+    if len(entry) == 1:
+        return entry[0]
+    raise ValueError(f"q's time axis is sharded over several mesh axes {entry}; context parallelism takes one "
+                     "mesh axis over T (context_axis)")
+
+
+def context_plan(q: Array, context_axis: str | None, impl: str) -> ContextPlan | None:
+    """The :class:`ContextPlan` of a call, or None when T is not sharded (the single-device op).
+
+    Under an explicit mesh T's sharding is read from q's type; ``context_axis`` names it under an
+    Auto mesh (the mesh of ``jax.set_mesh``). Raises a ValueError naming the argument for an
+    axis that is not in the mesh, that also shards the batch or heads, that does not divide T, or
+    an ``impl`` that cannot run sharded.
+    """
+    mesh, spec = _sharding_of(q)
+    explicit = mesh is not None and all(t == AxisType.Explicit for t in mesh.axis_types)
+    time_axis = _single_axis(spec[1]) if explicit else None
+    if context_axis is None and time_axis is None:
+        return None
+    if context_axis is not None and not isinstance(context_axis, str):
+        raise TypeError(f"context_axis must be a mesh axis name (str) or None; got {context_axis!r}")
+    if not explicit:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            raise ValueError(f"context_axis={context_axis!r} needs a mesh: call under `with jax.set_mesh(mesh):` "
+                             "(or pass inputs sharded over an explicit mesh)")
+    if context_axis is not None and time_axis is not None and context_axis != time_axis:
+        raise ValueError(f"context_axis={context_axis!r} but q's time axis is sharded over {time_axis!r}")
+    axis = time_axis if time_axis is not None else context_axis
+    if axis not in mesh.axis_names:
+        raise ValueError(f"context_axis={axis!r} is not an axis of the mesh; its axes are {mesh.axis_names}")
+    batch_axis, head_axis = (spec[0], spec[2]) if explicit else (None, None)
+    for name, entry in (("batch", batch_axis), ("heads", head_axis)):
+        if entry is not None and axis in ((entry,) if isinstance(entry, str) else tuple(entry)):
+            raise ValueError(f"context_axis={axis!r} also shards q's {name} axis; the axis over T must be "
+                             "another mesh axis")
+    if impl not in CONTEXT_IMPLS:
+        raise ValueError(f"impl={impl!r} cannot run with T sharded over mesh axis {axis!r}: use impl='chunk' (or "
+                         "'auto'), the chunkwise form every shard runs")
+    shards = mesh.shape[axis]
+    if q.shape[1] % shards:
+        raise ValueError(f"q's time axis T={q.shape[1]} must be divisible by the {shards} shards of context_axis="
+                         f"{axis!r}")
+    if explicit and mesh.shape[axis] > 1 and time_axis is None:
+        raise ValueError(f"context_axis={axis!r}: under an explicit mesh shard q, k, v (and beta, segment_ids) over "
+                         f"{axis!r} on their time axis, e.g. jax.sharding.reshard(q, P(None, {axis!r}))")
+    return ContextPlan(mesh, axis, shards, explicit, batch_axis, head_axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-shard pieces (run inside shard_map: arrays are one shard's slice, [B, L, H, ...]).
+
+
+def _local_resets(segment_ids: Array | None, axis: str, shards: int) -> Array | None:
+    """This shard's ``resets [B, L]``: ``resets_of`` within the slice, and at its first step a
+    comparison with the previous shard's last id (a ``[B, 1]`` shift: the only T-side exchange)."""
+    if segment_ids is None:
+        return None
+    within = resets_of(segment_ids)
+    previous = lax.ppermute(segment_ids[:, -1:], axis, [(i, i + 1) for i in range(shards - 1)])
+    boundary = (segment_ids[:, :1] != previous) & (lax.axis_index(axis) > 0)
+    return jnp.concatenate([boundary, within[:, 1:]], axis=1)
+
+
+def _apply(rule: str, m: Array, w: Array) -> Array:
+    """``M W``: a K x K product for the delta rule, a per-row factor ``[B, 1, 1, 1]`` for the sum rule."""
+    return jnp.einsum("bhij,bhjv->bhiv", m, w, precision=HIGHEST) if rule == "delta" else m * w
+
+
+def _apply_transposed(rule: str, m: Array, d: Array) -> Array:
+    return jnp.einsum("bhji,bhjv->bhiv", m, d, precision=HIGHEST) if rule == "delta" else m * d
+
+
+def _transition(rule, k, v, beta, resets, acc, chunk_size):
+    """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring)."""
+    batch, _, heads, key_dim = k.shape
+    if rule == "sum":
+        zero = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+        _, n = fast_weight_chunk(k, k, v, None, zero, rule="sum", scale=1.0, chunk_size=chunk_size, resets=resets)
+        no_reset = jnp.ones((batch,), bool) if resets is None else ~jnp.any(resets, axis=1)
+        return no_reset.astype(acc)[:, None, None, None], n
+    # One pass with the state [W | M], from [0 | I], values [v | 0]: its W part ends at N, its M
+    # part at M; the WY pieces (the triangular inverse) are shared by both.
+    values = jnp.concatenate([v.astype(acc), jnp.zeros((*v.shape[:3], key_dim), acc)], axis=-1)
+    start = jnp.concatenate([jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc),
+                             jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim))], -1)
+    _, end = fast_weight_chunk(k, k, values, beta, start, rule="delta", scale=1.0, chunk_size=chunk_size,
+                               resets=resets)
+    return end[..., v.shape[-1]:], end[..., :v.shape[-1]]
+
+
+def _fold(rule: str, ms: Array, ns: Array, w0: Array) -> tuple[Array, Array]:
+    """States entering each shard ``[P, B, H, K, V]`` and the final state, from the gathered (M, N)."""
+
+    def step(w, mn):
+        return _apply(rule, mn[0], w) + mn[1], w
+
+    final, starts = lax.scan(step, w0, (ms, ns))
+    return starts, final
+
+
+def _fold_back(rule: str, ms: Array, gs: Array, d_final: Array) -> tuple[Array, Array]:
+    """End-state gradients of each shard ``[P, ...]`` and initial_state's, from the gathered (M, G)."""
+
+    def step(d, mg):
+        return _apply_transposed(rule, mg[0], d) + mg[1], d
+
+    d_w0, d_ends = lax.scan(step, d_final, (ms, gs), reverse=True)
+    return d_ends, d_w0
+
+
+class _Static(NamedTuple):
+    rule: str
+    chunk_size: int
+    plan: ContextPlan
+
+
+def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+    rule, chunk_size, plan = static
+    acc = w0.dtype
+    resets = _local_resets(segment_ids, plan.axis, plan.shards)
+    m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
+    ms, ns = (lax.all_gather(x, plan.axis) for x in (m, n))
+    starts, final = _fold(rule, ms, ns, w0)
+    w_in = lax.dynamic_index_in_dim(starts, lax.axis_index(plan.axis), keepdims=False)
+    out, _ = fast_weight_chunk(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size, resets=resets)
+    return out, final, w_in, m
+
+
+def _shard_backward(static: _Static, q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final):
+    rule, chunk_size, plan = static
+    resets = _local_resets(segment_ids, plan.axis, plan.shards)
+
+    def local(q, k, v, beta, w_in, scale):
+        return fast_weight_chunk(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size, resets=resets)
+
+    _, vjp = jax.vjp(local, q, k, v, beta, w_in, scale)
+    # G: the entering state's gradient from this shard's own outputs (end-state gradient zero).
+    g = vjp((d_out, jnp.zeros_like(w_in)))[4]
+    ms, gs = (lax.all_gather(x, plan.axis) for x in (m, g))
+    d_ends, d_w0 = _fold_back(rule, ms, gs, d_final)
+    d_end = lax.dynamic_index_in_dim(d_ends, lax.axis_index(plan.axis), keepdims=False)
+    dq, dk, dv, dbeta, _, d_scale = vjp((d_out, d_end))
+    return dq, dk, dv, dbeta, d_w0, lax.psum(d_scale, plan.data_axes)
+
+
+def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
+    seq, state = plan.spec("B", "T", "H"), plan.spec("B", "H")
+    beta_spec = None if beta is None else seq
+    ids_spec = None if segment_ids is None else plan.spec("B", "T")
+    return seq, beta_spec, ids_spec, state
+
+
+def _shard_map(plan: ContextPlan, body, in_specs, out_specs):
+    axis_names = set(plan.mesh.axis_names) if plan.explicit else {plan.axis}
+    return jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names,
+                         check_vma=False)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _context_parallel(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+    out, final, _ = _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale)
+    return out, final
+
+
+def _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale):
+    plan = static.plan
+    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
+    per_shard = plan.spec("P", "B", "H")
+
+    def body(q, k, v, beta, w0, segment_ids, scale):
+        out, final, w_in, m = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale)
+        return out, final, w_in[None], m[None]
+
+    run = _shard_map(plan, body, (seq, seq, seq, beta_spec, state, ids_spec, PartitionSpec()),
+                     (seq, state, per_shard, per_shard))
+    out, final, w_in, m = run(q, k, v, beta, w0, segment_ids, scale)
+    return out, final, (w_in, m)
+
+
+def _context_parallel_fwd(static, q, k, v, beta, w0, segment_ids, scale):
+    out, final, (w_in, m) = _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale)
+    return (out, final), (q, k, v, beta, segment_ids, scale, w_in, m)
+
+
+def _context_parallel_bwd(static, residuals, cotangents):
+    plan = static.plan
+    q, k, v, beta, segment_ids, scale, w_in, m = residuals
+    d_out, d_final = cotangents
+    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
+    per_shard = plan.spec("P", "B", "H")
+
+    def body(q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final):
+        return _shard_backward(static, q, k, v, beta, segment_ids, scale, w_in[0], m[0], d_out, d_final)
+
+    run = _shard_map(plan, body,
+                     (seq, seq, seq, beta_spec, ids_spec, PartitionSpec(), per_shard, per_shard, seq, state),
+                     (seq, seq, seq, beta_spec, state, PartitionSpec()))
+    dq, dk, dv, dbeta, d_w0, d_scale = run(q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final)
+    return dq, dk, dv, dbeta, d_w0, None, d_scale
+
+
+_context_parallel.defvjp(_context_parallel_fwd, _context_parallel_bwd)
+
+
+def fast_weight_context_parallel(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    *,
+    rule: str,
+    scale: float | Array,
+    chunk_size: int,
+    segment_ids: Array | None,
+    plan: ContextPlan,
+) -> tuple[Array, Array]:
+    """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
+    says (:func:`context_plan`), every shard running the chunk form on its slice (module docstring).
+
+    ``initial_state`` enters the first shard; the final state (the last shard's end) and its
+    gradient are replicated over the T axis.
+    """
+    acc = accumulation_dtype(q, k, v, beta, initial_state)
+    static = _Static(rule, chunk_size, plan)
+    return _context_parallel(static, q, k, v, beta, initial_state.astype(acc), segment_ids, jnp.asarray(scale, acc))
