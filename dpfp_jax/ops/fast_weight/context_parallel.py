@@ -239,6 +239,9 @@ def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
 
 
 def _shard_map(plan: ContextPlan, body, in_specs, out_specs):
+    """``body`` over the shards: under an explicit mesh every axis is manual (the inputs come sharded
+    as ``in_specs`` say, :func:`fast_weight_context_parallel` reshards them), under an Auto mesh only
+    the T axis is, the others being left to the partitioner."""
     axis_names = set(plan.mesh.axis_names) if plan.explicit else {plan.axis}
     return jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names,
                          check_vma=False)
@@ -311,4 +314,12 @@ def fast_weight_context_parallel(
     """
     acc = accumulation_dtype(q, k, v, beta, initial_state)
     static = _Static(rule, chunk_size, plan)
-    return _context_parallel(static, q, k, v, beta, initial_state.astype(acc), segment_ids, jnp.asarray(scale, acc))
+    args = (q, k, v, beta, initial_state.astype(acc), segment_ids)
+    if plan.explicit:
+        # Before the custom_vjp, so that its gradients come back in the inputs' own shardings: a
+        # replicated initial_state takes the inputs' batch and head sharding, say.
+        seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
+        args = tuple(x if x is None or jax.typeof(x).sharding.spec == spec
+                     else jax.sharding.reshard(x, jax.sharding.NamedSharding(plan.mesh, spec))
+                     for x, spec in zip(args, (seq, seq, seq, beta_spec, state, ids_spec), strict=True))
+    return _context_parallel(static, *args, jnp.asarray(scale, acc))
