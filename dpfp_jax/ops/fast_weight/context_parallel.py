@@ -238,6 +238,16 @@ def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
     return seq, beta_spec, ids_spec, state
 
 
+def _resharded(plan: ContextPlan, args: tuple, specs: tuple) -> tuple:
+    """Under an explicit mesh, ``args`` resharded to ``specs`` where they differ (a replicated
+    ``initial_state`` takes the inputs' batch and head sharding, say); under an Auto mesh as they are."""
+    if not plan.explicit:
+        return args
+    return tuple(x if x is None or jax.typeof(x).sharding.spec == spec
+                 else jax.sharding.reshard(x, jax.sharding.NamedSharding(plan.mesh, spec))
+                 for x, spec in zip(args, specs, strict=True))
+
+
 def _shard_map(plan: ContextPlan, body, in_specs, out_specs):
     """``body`` over the shards: under an explicit mesh every axis is manual (the inputs come sharded
     as ``in_specs`` say, :func:`fast_weight_context_parallel` reshards them), under an Auto mesh only
@@ -314,12 +324,49 @@ def fast_weight_context_parallel(
     """
     acc = accumulation_dtype(q, k, v, beta, initial_state)
     static = _Static(rule, chunk_size, plan)
-    args = (q, k, v, beta, initial_state.astype(acc), segment_ids)
-    if plan.explicit:
-        # Before the custom_vjp, so that its gradients come back in the inputs' own shardings: a
-        # replicated initial_state takes the inputs' batch and head sharding, say.
-        seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
-        args = tuple(x if x is None or jax.typeof(x).sharding.spec == spec
-                     else jax.sharding.reshard(x, jax.sharding.NamedSharding(plan.mesh, spec))
-                     for x, spec in zip(args, (seq, seq, seq, beta_spec, state, ids_spec), strict=True))
+    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
+    # Before the custom_vjp, so that its gradients come back in the inputs' own shardings.
+    args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids),
+                      (seq, seq, seq, beta_spec, state, ids_spec))
     return _context_parallel(static, *args, jnp.asarray(scale, acc))
+
+
+def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Array | None = None, *,
+                                     context_axis: str | None = None) -> Array:
+    """The ``attention`` normalisation's running key sum ``z_t [B, T, H, K]`` (float32) with T sharded
+    as :func:`context_plan` finds it: the sum of ``phi_k`` over the steps of t's document up to t,
+    the row's first document adding ``start [B, H, K]``.
+
+    ``dpfp_jax.core.segments.running_key_sum`` with the ids instead of the resets, for a sharded T:
+    each shard sums its own slice, the shards all-gather their totals (and whether a document
+    starts in them; ``[P, B, H, K]``, never the sequence) and add what enters them. Without a
+    sharded T it is that function itself.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> phi_k = jnp.ones((1, 4, 1, 1))
+        >>> running_key_sum_context_parallel(phi_k, jnp.full((1, 1, 1), 10.0))[0, :, 0, 0].tolist()
+        [11.0, 12.0, 13.0, 14.0]
+    """
+    from dpfp_jax.core.segments import running_key_sum  # the core builds on the ops, not the reverse
+
+    plan = context_plan(phi_k, context_axis, "chunk")
+    if plan is None:
+        return running_key_sum(phi_k, start.astype(jnp.float32),
+                               None if segment_ids is None else resets_of(segment_ids))
+    seq, _, ids_spec, state = _specs(plan, None, segment_ids)
+
+    def body(phi_k, start, segment_ids):
+        resets = _local_resets(segment_ids, plan.axis, plan.shards)
+        local = running_key_sum(phi_k, jnp.zeros_like(start), resets)
+        keep = jnp.ones(phi_k.shape[:1], bool) if resets is None else ~jnp.any(resets, axis=1)
+        keeps = lax.all_gather(keep.astype(jnp.float32)[:, None, None], plan.axis)
+        totals = lax.all_gather(local[:, -1], plan.axis)
+        starts, _ = _fold("sum", keeps, totals, start)
+        entering = lax.dynamic_index_in_dim(starts, lax.axis_index(plan.axis), keepdims=False)
+        first = jnp.ones(phi_k.shape[:2], bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
+        return local + jnp.where(first[:, :, None, None], entering[:, None], 0.0)
+
+    run = jax.shard_map(body, mesh=plan.mesh, in_specs=(seq, state, ids_spec), out_specs=seq, check_vma=False,
+                        axis_names=set(plan.mesh.axis_names) if plan.explicit else {plan.axis})
+    return run(*_resharded(plan, (phi_k, start.astype(jnp.float32), segment_ids), (seq, state, ids_spec)))
