@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfp_jax.ops.fast_weight.context_parallel import _apply, _fold, _transition
+from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _fold, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from tests.test_multidevice import REPO_ROOT
 
@@ -45,6 +45,24 @@ def test_a_shard_is_affine_in_its_entering_state(rule, with_resets):
     np.testing.assert_allclose(_apply(rule, m, w_in) + n, want, rtol=1e-5, atol=1e-5)
     if with_resets:
         assert float(jnp.max(jnp.abs(m[0]))) == 0.0 and float(jnp.max(jnp.abs(m[1]))) > 0.0
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_the_entering_gradient_is_the_oracles_from_the_outputs_alone(rule, with_resets):
+    k, v, beta, w_in = _inputs(2)
+    q = jnp.roll(k, 1, axis=-1)
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(k.shape[:2], bool).at[1, 5].set(True).at[1, 17].set(True) if with_resets else None
+    d_out = jax.random.normal(jax.random.key(3), v.shape)
+    scale = jnp.float32(0.6)
+
+    def outputs(w):
+        return fast_weight_reference(q, k, v, beta, w, rule=rule, scale=scale, resets=resets)[0]
+
+    want = jax.vjp(outputs, w_in)[1](d_out)[0]
+    got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_fold_gives_each_shard_the_state_the_sequence_reaches_there():

@@ -34,9 +34,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec
 
-from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
-from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype
+from dpfp_jax.ops.fast_weight.chunk import (
+    DEFAULT_SPAN_SIZE,
+    _pieces,
+    _rows,
+    _Spans,
+    documents_of,
+    fast_weight_chunk,
+)
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
 from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
+from pallas_kernels.padding import pad_to
 
 Array = jax.Array
 
@@ -158,22 +167,136 @@ def _apply_transposed(rule: str, m: Array, d: Array) -> Array:
     return jnp.einsum("bhji,bhjv->bhiv", m, d, precision=HIGHEST) if rule == "delta" else m * d
 
 
+def _mm(spec: str, a: Array, b: Array) -> Array:
+    return jnp.einsum(spec, a, b, precision=HIGHEST)
+
+
+class _Chunked(NamedTuple):
+    """A shard's slice cut as the chunk form cuts it: ``spans`` of chunks, T padded to ``padded``
+    steps, ``document [M, S, G, C]`` (documents started so far in each chunk) or None."""
+
+    spans: _Spans
+    padded: int
+    document: Array | None
+
+    @property
+    def count(self) -> int:
+        return self.padded // self.spans.steps
+
+    def pad(self, x: Array | None) -> Array | None:
+        return None if x is None else pad_to(x, 1, self.padded)
+
+
+def _chunked(q: Array, resets: Array | None, chunk_size: int, span_size: int = DEFAULT_SPAN_SIZE) -> _Chunked:
+    """The chunk form's layout (``chunk.fast_weight_chunk``) of a ``[B, L, H, ...]`` slice."""
+    batch, length, heads, _ = q.shape
+    chunk_size = max(min(chunk_size, length), 1)
+    num_chunks = -(-length // chunk_size)
+    num_spans = -(-num_chunks // max(span_size // chunk_size, 1))
+    spans = _Spans(-(-num_chunks // num_spans), chunk_size, *batch_head_axes_of(q))
+    document = None
+    if resets is not None:
+        per_head = jnp.broadcast_to(resets[:, :, None], (batch, length, heads))
+        per_head = to_chunks_nbhc(per_head, chunk_size, jnp.int32, num_chunks=num_spans * spans.chunks)
+        per_head = per_head.reshape(num_spans, spans.chunks, batch * heads, chunk_size)
+        document = jnp.cumsum(per_head, axis=-1, dtype=jnp.int32)
+    return _Chunked(spans, num_spans * spans.steps, document)
+
+
+def _group(x: Array) -> Array:
+    """``[B, H, ...] -> [B * H, ...]``, the chunk form's group axis."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _after_last_reset(resets: Array | None, length: int, batch: int) -> Array:
+    """``[B, L]`` True for the steps whose writes reach the shard's end (after its last reset)."""
+    if resets is None:
+        return jnp.ones((batch, length), bool)
+    return jnp.cumsum(resets, axis=1) == jnp.sum(resets, axis=1, keepdims=True)
+
+
 def _transition(rule, k, v, beta, resets, acc, chunk_size):
-    """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring)."""
-    batch, _, heads, key_dim = k.shape
+    """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring).
+
+    The sum rule: ``N`` sums ``k_t v_t^T`` over the steps after the shard's last reset, ``M`` is 1
+    per row without a reset, 0 with one. The delta rule: the chunk form's walk over the pair
+    ``(N, M)`` from ``(0, I)`` with its writes ``U = U_tilde - Y N`` and ``-Y M`` (the values of
+    ``M``'s part are zero), no outputs: ``2 C K (V + K)`` per chunk, the WY pieces shared.
+    """
+    batch, length, heads, key_dim = k.shape
     if rule == "sum":
-        zero = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
-        _, n = fast_weight_chunk(k, k, v, None, zero, rule="sum", scale=1.0, chunk_size=chunk_size, resets=resets)
+        reach = _after_last_reset(resets, length, batch)
+        n = _mm("blhk,blhv->bhkv", jnp.where(reach[:, :, None, None], k.astype(acc), 0.0), v.astype(acc))
         no_reset = jnp.ones((batch,), bool) if resets is None else ~jnp.any(resets, axis=1)
         return no_reset.astype(acc)[:, None, None, None], n
-    # One pass with the state [W | M], from [0 | I], values [v | 0]: its W part ends at N, its M
-    # part at M; the WY pieces (the triangular inverse) are shared by both.
-    values = jnp.concatenate([v.astype(acc), jnp.zeros((*v.shape[:3], key_dim), acc)], axis=-1)
-    start = jnp.concatenate([jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc),
-                             jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim))], -1)
-    _, end = fast_weight_chunk(k, k, values, beta, start, rule="delta", scale=1.0, chunk_size=chunk_size,
-                               resets=resets)
-    return end[..., v.shape[-1]:], end[..., :v.shape[-1]]
+    layout = _chunked(k, resets, chunk_size)
+    spans = layout.spans
+    k, v, beta = (layout.pad(x) for x in (k, v, beta))
+
+    def span(carry, xs):
+        index, document = xs
+        k_s, v_s, beta_s = (spans.take(x, index).astype(acc) for x in (k, v, beta))
+        docs = documents_of(document)
+        inverse = wy_inverse(k_s, beta_s, None if docs is None else docs.same)
+        u_tilde, y = wy_writes(inverse, k_s, v_s, beta_s)
+        y = y if docs is None else _rows(docs.first, y)
+        k_s = k_s if docs is None else _rows(docs.last, k_s)
+
+        def chunk(state, xs):
+            (n, m), (k_c, u_c, y_c, keep_c) = state, xs
+            u_n, u_m = u_c - _mm("gck,gkv->gcv", y_c, n), -_mm("gck,gkj->gcj", y_c, m)
+            if keep_c is not None:  # a document starts in the chunk: what entered it is gone
+                n, m = (jnp.where(keep_c[:, None, None], x, 0.0) for x in (n, m))
+            return (n + _mm("gck,gcv->gkv", k_c, u_n), m + _mm("gck,gcj->gkj", k_c, u_m)), None
+
+        carry, _ = lax.scan(chunk, carry, (k_s, u_tilde, y, None if docs is None else docs.keep))
+        return carry, None
+
+    groups = batch * heads
+    start = (jnp.zeros((groups, key_dim, v.shape[-1]), acc),
+             jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (groups, key_dim, key_dim)))
+    (n, m), _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document))
+    return m.reshape(batch, heads, key_dim, key_dim), n.reshape(batch, heads, key_dim, v.shape[-1])
+
+
+def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size):
+    """``G``: the gradient of the state entering the shard from the shard's own outputs alone
+    (its end state's gradient taken as zero), ``[B, H, K, V]``.
+
+    The sum rule: ``scale * sum q_t dout_t^T`` over the steps before the shard's first reset.
+    The delta rule: the chunk form's backward walk of the state gradient alone, chunks in reverse,
+    ``dW0 = dW1 + Q_eff^T dO - Y^T K dW1`` (``Q_eff = Q - S Y``), no input gradients.
+    """
+    acc = scale.dtype
+    batch, length, heads, key_dim = q.shape
+    d_out = d_out.astype(acc)
+    if rule == "sum":
+        first = jnp.ones((batch, length), bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
+        return scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
+    layout = _chunked(q, resets, chunk_size)
+    spans = layout.spans
+    q, k, beta, d_out = (layout.pad(x) for x in (q, k, beta, d_out))
+    no_values = jnp.zeros((*k.shape[:3], 0), acc)  # _pieces' U_tilde is not needed: zero-wide
+
+    def span(dw, xs):
+        index, document = xs
+        q_s, k_s, beta_s, do_s = (spans.take(x, index).astype(acc) for x in (q, k, beta, d_out))
+        docs = documents_of(document)
+        p = _pieces("delta", q_s * scale, k_s, spans.take(no_values, index), beta_s, docs)
+        k_s = k_s if docs is None else _rows(docs.last, k_s)
+
+        def chunk(dw1, xs):
+            q_c, k_c, y_c, do_c, keep_c = xs
+            du = _mm("gck,gkv->gcv", k_c, dw1)
+            dw0 = dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0)
+            return dw0 + _mm("gck,gcv->gkv", q_c, do_c) - _mm("gck,gcv->gkv", y_c, du), None
+
+        dw, _ = lax.scan(chunk, dw, (p.q_eff, k_s, p.y, do_s, None if docs is None else docs.keep), reverse=True)
+        return dw, None
+
+    zero = jnp.zeros((batch * heads, key_dim, d_out.shape[-1]), acc)
+    dw, _ = lax.scan(span, zero, (jnp.arange(layout.count), layout.document), reverse=True)
+    return dw.reshape(batch, heads, key_dim, d_out.shape[-1])
 
 
 def _fold(rule: str, ms: Array, ns: Array, w0: Array) -> tuple[Array, Array]:
@@ -222,8 +345,7 @@ def _shard_backward(static: _Static, q, k, v, beta, segment_ids, scale, w_in, m,
         return fast_weight_chunk(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size, resets=resets)
 
     _, vjp = jax.vjp(local, q, k, v, beta, w_in, scale)
-    # G: the entering state's gradient from this shard's own outputs (end-state gradient zero).
-    g = vjp((d_out, jnp.zeros_like(w_in)))[4]
+    g = _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size)
     ms, gs = (lax.all_gather(x, plan.axis) for x in (m, g))
     d_ends, d_w0 = _fold_back(rule, ms, gs, d_final)
     d_end = lax.dynamic_index_in_dim(d_ends, lax.axis_index(plan.axis), keepdims=False)
