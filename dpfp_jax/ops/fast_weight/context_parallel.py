@@ -36,11 +36,13 @@ from jax.sharding import AxisType, PartitionSpec
 
 from dpfp_jax.ops.fast_weight.chunk import (
     DEFAULT_SPAN_SIZE,
+    XLA_WALK,
+    _chunked_backward,
+    _chunked_forward,
     _pieces,
     _rows,
     _Spans,
     documents_of,
-    fast_weight_chunk,
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
 from dpfp_jax.ops.fast_weight.segments import resets_of
@@ -319,10 +321,36 @@ def _fold_back(rule: str, ms: Array, gs: Array, d_final: Array) -> tuple[Array, 
     return d_ends, d_w0
 
 
+def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
+    """The chunk form's forward over the slice from ``w_in``, keeping its residuals (its custom_vjp's
+    own: the inputs, the writes U and each span's end state), so the backward needs no recompute."""
+    layout = _chunked(q, resets, chunk_size)
+    batch, length, heads, key_dim = q.shape
+    w0 = w_in.reshape(batch * heads, key_dim, v.shape[-1])
+    (out, _), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
+                                           w0, layout.document, scale)
+    return out[:, :length], residuals
+
+
+def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end):
+    layout = _chunked(q, resets, chunk_size)
+    length = q.shape[1]
+    dq, dk, dv, dbeta, _, _, d_scale = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
+                                                         (layout.pad(d_out), _group(d_end)))
+    return *(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta)), d_scale
+
+
 class _Static(NamedTuple):
     rule: str
     chunk_size: int
     plan: ContextPlan
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+    """One shard's part of the op (inside shard_map): ``(out, final_state)`` of the whole sequence."""
+    (out, final), _ = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale)
+    return out, final
 
 
 def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
@@ -333,24 +361,32 @@ def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
     ms, ns = (lax.all_gather(x, plan.axis) for x in (m, n))
     starts, final = _fold(rule, ms, ns, w0)
     w_in = lax.dynamic_index_in_dim(starts, lax.axis_index(plan.axis), keepdims=False)
-    out, _ = fast_weight_chunk(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size, resets=resets)
-    return out, final, w_in, m
+    out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+    return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
 
 
-def _shard_backward(static: _Static, q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final):
+def _shard_backward(static: _Static, saved, cotangents):
     rule, chunk_size, plan = static
+    q, k, beta, segment_ids, scale, m, residuals = saved
+    d_out, d_final = cotangents
+    # The final state is replicated over the shards: differentiating the shard_map hands its
+    # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
+    d_final = lax.psum(d_final, plan.axis)
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
-
-    def local(q, k, v, beta, w_in, scale):
-        return fast_weight_chunk(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size, resets=resets)
-
-    _, vjp = jax.vjp(local, q, k, v, beta, w_in, scale)
     g = _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size)
     ms, gs = (lax.all_gather(x, plan.axis) for x in (m, g))
     d_ends, d_w0 = _fold_back(rule, ms, gs, d_final)
-    d_end = lax.dynamic_index_in_dim(d_ends, lax.axis_index(plan.axis), keepdims=False)
-    dq, dk, dv, dbeta, _, d_scale = vjp((d_out, d_end))
-    return dq, dk, dv, dbeta, d_w0, lax.psum(d_scale, plan.data_axes)
+    index = lax.axis_index(plan.axis)
+    d_end = lax.dynamic_index_in_dim(d_ends, index, keepdims=False)
+    dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+    # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
+    # initial_state's gradient, the same on every shard, is given by the first alone; scale's is
+    # each shard's own part.
+    d_w0 = jnp.where(index == 0, d_w0, 0.0)
+    return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
+
+
+_shard_op.defvjp(_shard_forward, _shard_backward)
 
 
 def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
@@ -372,57 +408,12 @@ def _resharded(plan: ContextPlan, args: tuple, specs: tuple) -> tuple:
 
 def _shard_map(plan: ContextPlan, body, in_specs, out_specs):
     """``body`` over the shards: under an explicit mesh every axis is manual (the inputs come sharded
-    as ``in_specs`` say, :func:`fast_weight_context_parallel` reshards them), under an Auto mesh only
-    the T axis is, the others being left to the partitioner."""
+    as ``in_specs`` say, after :func:`_resharded`), under an Auto mesh only the T axis is, the others
+    being left to the partitioner. Autodiff goes through it: the residuals the custom_vjp keeps
+    stay on their shards, and the cotangents of replicated inputs are summed over the shards."""
     axis_names = set(plan.mesh.axis_names) if plan.explicit else {plan.axis}
     return jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names,
                          check_vma=False)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _context_parallel(static: _Static, q, k, v, beta, w0, segment_ids, scale):
-    out, final, _ = _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale)
-    return out, final
-
-
-def _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale):
-    plan = static.plan
-    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
-    per_shard = plan.spec("P", "B", "H")
-
-    def body(q, k, v, beta, w0, segment_ids, scale):
-        out, final, w_in, m = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale)
-        return out, final, w_in[None], m[None]
-
-    run = _shard_map(plan, body, (seq, seq, seq, beta_spec, state, ids_spec, PartitionSpec()),
-                     (seq, state, per_shard, per_shard))
-    out, final, w_in, m = run(q, k, v, beta, w0, segment_ids, scale)
-    return out, final, (w_in, m)
-
-
-def _context_parallel_fwd(static, q, k, v, beta, w0, segment_ids, scale):
-    out, final, (w_in, m) = _context_parallel_forward(static, q, k, v, beta, w0, segment_ids, scale)
-    return (out, final), (q, k, v, beta, segment_ids, scale, w_in, m)
-
-
-def _context_parallel_bwd(static, residuals, cotangents):
-    plan = static.plan
-    q, k, v, beta, segment_ids, scale, w_in, m = residuals
-    d_out, d_final = cotangents
-    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
-    per_shard = plan.spec("P", "B", "H")
-
-    def body(q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final):
-        return _shard_backward(static, q, k, v, beta, segment_ids, scale, w_in[0], m[0], d_out, d_final)
-
-    run = _shard_map(plan, body,
-                     (seq, seq, seq, beta_spec, ids_spec, PartitionSpec(), per_shard, per_shard, seq, state),
-                     (seq, seq, seq, beta_spec, state, PartitionSpec()))
-    dq, dk, dv, dbeta, d_w0, d_scale = run(q, k, v, beta, segment_ids, scale, w_in, m, d_out, d_final)
-    return dq, dk, dv, dbeta, d_w0, None, d_scale
-
-
-_context_parallel.defvjp(_context_parallel_fwd, _context_parallel_bwd)
 
 
 def fast_weight_context_parallel(
@@ -447,10 +438,10 @@ def fast_weight_context_parallel(
     acc = accumulation_dtype(q, k, v, beta, initial_state)
     static = _Static(rule, chunk_size, plan)
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
-    # Before the custom_vjp, so that its gradients come back in the inputs' own shardings.
-    args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids),
-                      (seq, seq, seq, beta_spec, state, ids_spec))
-    return _context_parallel(static, *args, jnp.asarray(scale, acc))
+    specs = (seq, seq, seq, beta_spec, state, ids_spec)
+    args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
+    run = _shard_map(plan, partial(_shard_op, static), (*specs, PartitionSpec()), (seq, state))
+    return run(*args, jnp.asarray(scale, acc))
 
 
 def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Array | None = None, *,
