@@ -7,21 +7,23 @@ document starts inside the shard). docs/context_parallel.md derives the scheme a
 cost; in short, per call:
 
 forward, every shard at once:
-  1. ``(M, N)`` of its own slice: one chunk-form pass from ``[0 | I]`` with values ``[v | 0]``
-     (state ``K x (V + K)``; the sum rule needs only ``N``, its ``M`` is a per-row 0 or 1);
-  2. all-gather the ``(M, N)`` of every shard (state-sized), fold them in order from
-     ``initial_state``: the state entering each shard, and the final state;
-  3. run its slice from its true entering state: the outputs.
+  1. ``(M, N)`` of its own slice: the chunk form's walk over the pair from ``(0, I)``, no outputs
+     (the sum rule needs only ``N``, a sum; its ``M`` is a per-row 1, or 0 after a reset);
+  2. the entering states, passed shard to shard: P - 1 rounds in which every shard sends
+     ``M W + N`` of the state it holds to the next (a ``[B, H, K, V]`` ppermute and one small
+     product per round), and a psum of the last shard's end: the final state;
+  3. the chunk form over its slice from its true entering state: the outputs, and the chunk
+     form's own residuals for the backward.
 
 backward, every shard at once (the state's gradient flows the other way):
-  1. ``G``: the gradient of the shard's entering state from its own outputs alone;
-  2. all-gather ``G``, fold ``dW_in = M^T dW_end + G`` from the last shard down: every shard's
-     end-state gradient, and ``initial_state``'s;
-  3. the chunk form's own backward over the slice from its entering state and end-state gradient.
+  1. ``G``: the gradient of the shard's entering state from its own outputs alone, by the chunk
+     form's state-gradient walk (no input gradients);
+  2. the end-state gradients, passed back shard to shard: ``dW_in = M^T dW_end + G``;
+  3. the chunk form's backward over the slice with its end state's true gradient.
 
-Only state-sized arrays cross devices (``[P, B, H, K, K + V]`` gathers, a ``[B, 1]`` shift of
-document ids); nothing of length T is ever gathered. The forward keeps, besides the inputs, only
-each shard's entering state and ``M``.
+Only state-sized arrays cross devices (``[B, H, K, V]`` ppermutes and psums, a ``[B, 1]`` shift of
+document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares this with
+gathering every shard's ``(M, N)`` and with running the shards one after the other.
 """
 
 from __future__ import annotations
@@ -311,14 +313,29 @@ def _fold(rule: str, ms: Array, ns: Array, w0: Array) -> tuple[Array, Array]:
     return starts, final
 
 
-def _fold_back(rule: str, ms: Array, gs: Array, d_final: Array) -> tuple[Array, Array]:
-    """End-state gradients of each shard ``[P, ...]`` and initial_state's, from the gathered (M, G)."""
+def _relay(rule: str, m: Array, n: Array, w0: Array, axis: str, shards: int) -> tuple[Array, Array]:
+    """The state entering this shard, and the final state (on every shard), passed shard to shard:
+    P - 1 rounds of a ``[B, H, K, V]`` ppermute, each shard sending ``M W + N`` of what it holds.
+    A round costs every shard one ``K x K`` by ``K x V`` product; shard r + 1 holds its true
+    entering state after round r."""
+    index = lax.axis_index(axis)
+    w, shift = w0, [(i, i + 1) for i in range(shards - 1)]
+    for r in range(shards - 1):
+        received = lax.ppermute(_apply(rule, m, w) + n, axis, shift)
+        w = jnp.where(index == r + 1, received, w)
+    final = lax.psum(jnp.where(index == shards - 1, _apply(rule, m, w) + n, 0.0), axis)
+    return w, final
 
-    def step(d, mg):
-        return _apply_transposed(rule, mg[0], d) + mg[1], d
 
-    d_w0, d_ends = lax.scan(step, d_final, (ms, gs), reverse=True)
-    return d_ends, d_w0
+def _relay_back(rule: str, m: Array, g: Array, d_final: Array, axis: str, shards: int) -> tuple[Array, Array]:
+    """The gradient of this shard's end state, and initial_state's (on the first shard, zero on the
+    others), passed the other way: shard p sends ``M^T dW_end + G``, its entering state's gradient."""
+    index = lax.axis_index(axis)
+    d, shift = d_final, [(i + 1, i) for i in range(shards - 1)]
+    for r in range(shards - 1):
+        received = lax.ppermute(_apply_transposed(rule, m, d) + g, axis, shift)
+        d = jnp.where(index == shards - 2 - r, received, d)
+    return d, jnp.where(index == 0, _apply_transposed(rule, m, d) + g, 0.0)
 
 
 def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
@@ -358,9 +375,7 @@ def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
-    ms, ns = (lax.all_gather(x, plan.axis) for x in (m, n))
-    starts, final = _fold(rule, ms, ns, w0)
-    w_in = lax.dynamic_index_in_dim(starts, lax.axis_index(plan.axis), keepdims=False)
+    w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
     out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
     return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
 
@@ -374,15 +389,10 @@ def _shard_backward(static: _Static, saved, cotangents):
     d_final = lax.psum(d_final, plan.axis)
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     g = _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size)
-    ms, gs = (lax.all_gather(x, plan.axis) for x in (m, g))
-    d_ends, d_w0 = _fold_back(rule, ms, gs, d_final)
-    index = lax.axis_index(plan.axis)
-    d_end = lax.dynamic_index_in_dim(d_ends, index, keepdims=False)
-    dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
     # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
-    # initial_state's gradient, the same on every shard, is given by the first alone; scale's is
-    # each shard's own part.
-    d_w0 = jnp.where(index == 0, d_w0, 0.0)
+    # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
+    d_end, d_w0 = _relay_back(rule, m, g, d_final, plan.axis, plan.shards)
+    dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
     return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
 
 
