@@ -113,6 +113,20 @@ def flops_table(length: int, heads: int, value_dim: int, chunk: int, shard_count
 # --------------------------------------------------------------------------- compiled programs
 
 
+def sharded_op(name: str, mesh):
+    """``fn(q, k, v, beta) -> (out, final state)`` with T sharded over ``mesh``'s "seq" axis (an Auto
+    mesh, current in ``jax.set_mesh``): ours (``context_axis="seq"``) or jax-linear-attention's
+    ``context_parallel_linear_attention("deltanet", ...)`` (the ``bench`` extra), the same function."""
+    import dpfp_jax as dj
+
+    if name == "ours":
+        return lambda q, k, v, beta: dj.fast_weight(q, k, v, beta, impl="chunk", context_axis="seq")
+    from jla.distributed.context_parallel import context_parallel_linear_attention
+
+    return lambda q, k, v, beta: context_parallel_linear_attention(
+        "deltanet", q, k, v, beta=beta, mesh=mesh, axis="seq", output_final_state=True, scale=1.0)
+
+
 def collective_bytes(hlo: str) -> tuple[int, int]:
     """(count, bytes) of the collectives in compiled HLO text, bytes of each one's result."""
     count, total = 0, 0
@@ -127,60 +141,78 @@ def collective_bytes(hlo: str) -> tuple[int, int]:
     return count, total
 
 
-def tpu_rows(key_dims: list[int], shard_counts: list[int], length: int, heads: int, value_dim: int) -> str:
+def tpu_rows(key_dims: list[int], shard_counts: list[int], length: int, heads: int, value_dim: int,
+             names: list[str]) -> str:
+    from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
 
     from dpfp_devtools import tpu
     from dpfp_devtools.workloads import forward_and_backward
-    from dpfp_devtools.workloads import ours as op
+    from dpfp_devtools.workloads import ours as single_op
 
-    rows = ["| K | chips P | fwd+bwd temp MB per chip | / one chip's | collectives | collective MB | compile s |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| K | chips P | op | fwd+bwd temp MB per chip | / one chip's chunk | collectives | collective MB per chip "
+            "| compile s |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for k in key_dims:
         shapes = [(1, length, heads, k), (1, length, heads, k), (1, length, heads, value_dim), (1, length, heads)]
         args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
-        _, grad = forward_and_backward(op("chunk"), 4)
         one = None
         for shards in shard_counts:
-            start = time.perf_counter()
-            if shards == 1:
-                compiled = tpu.compile_for_tpu(grad, *args, topology="v5e:2x2")
-            else:
-                mesh = tpu.tpu_mesh("v5e:2x2", (shards,), ("seq",))
-                compiled = tpu.compile_for_tpu(grad, *(tpu.place(a, mesh, P(None, "seq")) for a in args), mesh=mesh)
-            seconds = time.perf_counter() - start
-            temp = tpu.memory(compiled).temp_bytes / MB
-            one = temp if shards == 1 else one
-            count, size = collective_bytes(compiled.as_text())
-            ratio = "" if one is None else f"{temp / one:.2f}x"
-            rows.append(f"| {k} | {shards} | {temp:.1f} | {ratio} | {count} | {size / MB:.2f} | {seconds:.0f} |")
-            print(rows[-1], flush=True)
+            for name in ["chunk"] if shards == 1 else names:
+                start = time.perf_counter()
+                if shards == 1:
+                    compiled = tpu.compile_for_tpu(forward_and_backward(single_op("chunk"), 4)[1], *args,
+                                                   topology="v5e:2x2")
+                else:
+                    mesh = tpu.tpu_mesh("v5e:2x2", (shards,), ("seq",), axis_types=(AxisType.Auto,))
+                    grad = forward_and_backward(sharded_op(name, mesh), 4)[1]
+                    compiled = tpu.compile_for_tpu(grad, *(tpu.place(a, mesh, P(None, "seq")) for a in args),
+                                                   mesh=mesh)
+                seconds = time.perf_counter() - start
+                temp = tpu.memory(compiled).temp_bytes / MB
+                one = temp if shards == 1 else one
+                count, size = collective_bytes(compiled.as_text())
+                ratio = "" if one is None else f"{temp / one:.2f}x"
+                rows.append(f"| {k} | {shards} | {name} | {temp:.1f} | {ratio} | {count} | {size / MB:.2f} | "
+                            f"{seconds:.0f} |")
+                print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
-def cpu_rows(key_dims: list[int], length: int, heads: int, value_dim: int, repeats: int) -> str:
-    """Run in a process with 4 host devices: the sharded op against the single-device chunk form."""
+def _bound(fn, args, mesh=None):
+    """``fn`` with its arguments bound (``time_interleaved_ms`` passes one placeholder), called under
+    ``jax.set_mesh(mesh)`` when given."""
+    def call(_):
+        if mesh is None:
+            return fn(*args)
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
+
+
+def cpu_rows(key_dims: list[int], length: int, heads: int, value_dim: int, repeats: int, names: list[str]) -> str:
+    """Run in a process with 4 host devices: the sharded ops against the single-device chunk form."""
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from benchmarks.common import time_interleaved_ms
     from dpfp_devtools.workloads import forward_and_backward, make_inputs
-    from dpfp_devtools.workloads import ours as op
+    from dpfp_devtools.workloads import ours as single_op
 
-    shards = jax.device_count()
-    mesh = jax.make_mesh((shards,), ("seq",), axis_types=(AxisType.Explicit,))
-    rows = ["| K | single-device chunk fwd+bwd ms | sharded over 4 fwd+bwd ms | ratio |", "|---:|---:|---:|---:|"]
+    mesh = jax.make_mesh((jax.device_count(),), ("seq",), axis_types=(AxisType.Auto,))
+    rows = [f"| K | op | fwd+bwd ms | / single-device chunk's ({jax.device_count()} host devices share the cores) |",
+            "|---:|---|---:|---:|"]
     for k in key_dims:
         inputs = make_inputs(0, batch=1, time=length, heads=heads, key_dim=k, value_dim=value_dim)
         args = tuple(inputs[n] for n in ("q", "k", "v", "beta"))
-        _, grad = forward_and_backward(op("chunk"), 4)
         on_one = jax.device_put(args, jax.devices()[0])
         sharded = tuple(jax.device_put(x, NamedSharding(mesh, P(None, "seq"))) for x in args)
-        times = time_interleaved_ms({"one": lambda _, grad=grad, x=on_one: grad(*x),
-                                     "many": lambda _, grad=grad, x=sharded: grad(*x)}, None, repeats=repeats)
-        one, many = times["one"], times["many"]
-        rows.append(f"| {k} | {one:.0f} | {many:.0f} | {many / one:.2f}x |")
-        print(rows[-1], flush=True)
+        fns = {"single-device chunk": _bound(forward_and_backward(single_op("chunk"), 4)[1], on_one)}
+        for name in names:
+            fns[name] = _bound(forward_and_backward(sharded_op(name, mesh), 4)[1], sharded, mesh)
+        times = time_interleaved_ms(fns, None, repeats=repeats)
+        for name, ms in times.items():
+            rows.append(f"| {k} | {name} | {ms:.0f} | {ms / times['single-device chunk']:.2f}x |")
+            print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
@@ -195,22 +227,26 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, 4 for --cpu)")
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer", action="store_true", help="also jax-linear-attention's context_parallel")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = ["ours", "jax-linear-attention"] if args.peer else ["ours"]
     if args.flops:
         print(flops_table(args.length or 65536, args.heads or 8, args.value_dim, 64, [2, 4],
                           args.key_dims or [128, 512, 1024]))
     if args.tpu:
-        print(tpu_rows(args.key_dims or [128, 512], args.shards, args.length or 65536, args.heads or 8, args.value_dim))
+        print(tpu_rows(args.key_dims or [128, 512], args.shards, args.length or 65536, args.heads or 8, args.value_dim,
+                       names))
     if args.cpu and args.in_child:
-        print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim, args.repeats))
+        print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim, args.repeats,
+                       names))
     elif args.cpu:
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        command = [sys.executable, "-m", "benchmarks.context_parallel", "--cpu", "--in-child",
-                   "--repeats", str(args.repeats), "--value-dim", str(args.value_dim)]
+        command = [sys.executable, "-m", "benchmarks.context_parallel", "--cpu", "--in-child", "--repeats",
+                   str(args.repeats), "--value-dim", str(args.value_dim), *(["--peer"] if args.peer else [])]
         for flag, value in (("--key-dims", args.key_dims), ("--length", args.length), ("--heads", args.heads)):
             if value is not None:
                 command += [flag, *map(str, value if isinstance(value, list) else [value])]
