@@ -227,10 +227,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, 4 for --cpu)")
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer", action="store_true", help="also jax-linear-attention's context_parallel")
+    parser.add_argument("--ops", nargs="+", default=["ours"], choices=["ours", "jax-linear-attention"],
+                        help="the sharded ops (jax-linear-attention's context_parallel: the bench extra)")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    names = ["ours", "jax-linear-attention"] if args.peer else ["ours"]
+    names = args.ops
     if args.flops:
         print(flops_table(args.length or 65536, args.heads or 8, args.value_dim, 64, [2, 4],
                           args.key_dims or [128, 512, 1024]))
@@ -246,7 +247,7 @@ def main() -> None:
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         command = [sys.executable, "-m", "benchmarks.context_parallel", "--cpu", "--in-child", "--repeats",
-                   str(args.repeats), "--value-dim", str(args.value_dim), *(["--peer"] if args.peer else [])]
+                   str(args.repeats), "--value-dim", str(args.value_dim), "--ops", *names]
         for flag, value in (("--key-dims", args.key_dims), ("--length", args.length), ("--heads", args.heads)):
             if value is not None:
                 command += [flag, *map(str, value if isinstance(value, list) else [value])]

@@ -104,3 +104,21 @@ def test_sharded_sequence_on_2_and_8_devices_equals_one_device(count):
 @pytest.mark.parametrize("count", [2, 4, 8])
 def test_every_combination_on_2_4_8_devices(count):
     _run("--full", count=count)
+
+
+@pytest.mark.slow
+@pytest.mark.jax_sensitive
+def test_sequence_split_between_two_processes_equals_one_device():
+    import socket
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).with_name("scripts") / "context_parallel_processes_script.py"
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=1200)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0 and output.strip().endswith("OK"), output
