@@ -190,9 +190,11 @@ def check_key_sum_and_layers(count, ids) -> None:
     ids_of[0] = ids
     with jax.set_mesh(jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))):
         got_auto = jax.jit(lambda p, s: grad(p, s, running_key_sum_context_parallel, context_axis="seq"))(phi, start)
+    # phi's gradient sums cos(z) over up to 48 later steps (values up to ~30), in another order on
+    # each side: float32 rounding of such sums is ~1e-5 (seen: 1.5e-5 on 8 devices).
     for result in (got, got_auto):
         for g, w in zip(jax.tree.leaves(result), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg="key sum")
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=5e-5, err_msg="key sum")
 
     model = dj.DPFPformer(16, 2, num_heads=2, head_dim=4, nu=2)
     x = jax.random.normal(jax.random.key(2), (2, 16 * count, 16))
