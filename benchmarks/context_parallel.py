@@ -128,7 +128,8 @@ def sharded_op(name: str, mesh):
 
 
 def collective_bytes(hlo: str) -> tuple[int, int]:
-    """(count, bytes) of the collectives in compiled HLO text, bytes of each one's result."""
+    """(count, bytes) of the collectives in compiled HLO text: per collective its largest result
+    buffer (an async ``-start`` op's result is a tuple that also holds its operand and context)."""
     count, total = 0, 0
     sizes = {"f32": 4, "bf16": 2, "s32": 4, "pred": 1, "f16": 2, "u32": 4, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
     for line in hlo.splitlines():
@@ -136,8 +137,8 @@ def collective_bytes(hlo: str) -> tuple[int, int]:
         if match is None:
             continue
         count += 1
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-            total += sizes.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        total += max(sizes.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
     return count, total
 
 
