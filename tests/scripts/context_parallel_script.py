@@ -178,11 +178,16 @@ def check_key_sum_and_layers(count, ids) -> None:
     start = jax.random.normal(jax.random.key(1), (ids.shape[0], 2, 3))
 
     def loss(phi, start, key_sum, **options):
-        return jnp.sum(jnp.sin(key_sum(phi, start, ids_of[0], **options)))
+        z, last = key_sum(phi, start, ids_of[0], **options)
+        return jnp.sum(jnp.sin(z)) + jnp.sum(jnp.cos(last))
+
+    def oracle(phi, start, ids):
+        z = running_key_sum(phi, start, resets_of(ids))
+        return z, z[:, -1]
 
     ids_of = [ids]
     grad = functools.partial(jax.value_and_grad(loss, argnums=(0, 1)))
-    want = grad(phi, start, lambda p, s, i: running_key_sum(p, s, resets_of(i)))
+    want = grad(phi, start, oracle)
     explicit = jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Explicit,))
     along_t = NamedSharding(explicit, P(None, "seq"))
     ids_of[0] = jax.device_put(ids, along_t)

@@ -455,28 +455,31 @@ def fast_weight_context_parallel(
 
 
 def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Array | None = None, *,
-                                     context_axis: str | None = None) -> Array:
-    """The ``attention`` normalisation's running key sum ``z_t [B, T, H, K]`` (float32) with T sharded
-    as :func:`context_plan` finds it: the sum of ``phi_k`` over the steps of t's document up to t,
-    the row's first document adding ``start [B, H, K]``.
+                                     context_axis: str | None = None) -> tuple[Array, Array]:
+    """The ``attention`` normalisation's running key sum with T sharded as :func:`context_plan`
+    finds it: ``(z [B, T, H, K], z_T [B, H, K])``, float32, ``z_t`` the sum of ``phi_k`` over the
+    steps of t's document up to t (the row's first document adding ``start [B, H, K]``) and
+    ``z_T`` the last step's (``start`` when T = 0), replicated over the T axis.
 
-    ``dpfp_jax.core.segments.running_key_sum`` with the ids instead of the resets, for a sharded T:
-    each shard sums its own slice, the shards all-gather their totals (and whether a document
-    starts in them; ``[P, B, H, K]``, never the sequence) and add what enters them. Without a
+    ``dpfp_jax.core.segments.running_key_sum`` with the ids instead of the resets, and the last
+    step's sum returned, not indexed (indexing a sharded T is refused under an explicit mesh).
+    Each shard sums its own slice, the shards all-gather their totals (and whether a document
+    starts in them: ``[P, B, H, K]``, never the sequence) and add what enters them. Without a
     sharded T it is that function itself.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> phi_k = jnp.ones((1, 4, 1, 1))
-        >>> running_key_sum_context_parallel(phi_k, jnp.full((1, 1, 1), 10.0))[0, :, 0, 0].tolist()
-        [11.0, 12.0, 13.0, 14.0]
+        >>> z, last = running_key_sum_context_parallel(jnp.ones((1, 4, 1, 1)), jnp.full((1, 1, 1), 10.0))
+        >>> z[0, :, 0, 0].tolist(), last[0, 0].tolist()
+        ([11.0, 12.0, 13.0, 14.0], [14.0])
     """
     from dpfp_jax.core.segments import running_key_sum  # the core builds on the ops, not the reverse
 
+    start = start.astype(jnp.float32)
     plan = context_plan(phi_k, context_axis, "chunk")
     if plan is None:
-        return running_key_sum(phi_k, start.astype(jnp.float32),
-                               None if segment_ids is None else resets_of(segment_ids))
+        z = running_key_sum(phi_k, start, None if segment_ids is None else resets_of(segment_ids))
+        return z, z[:, -1] if z.shape[1] else start
     seq, _, ids_spec, state = _specs(plan, None, segment_ids)
 
     def body(phi_k, start, segment_ids):
@@ -485,11 +488,12 @@ def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Ar
         keep = jnp.ones(phi_k.shape[:1], bool) if resets is None else ~jnp.any(resets, axis=1)
         keeps = lax.all_gather(keep.astype(jnp.float32)[:, None, None], plan.axis)
         totals = lax.all_gather(local[:, -1], plan.axis)
-        starts, _ = _fold("sum", keeps, totals, start)
-        entering = lax.dynamic_index_in_dim(starts, lax.axis_index(plan.axis), keepdims=False)
+        starts, last = _fold("sum", keeps, totals, start)
+        index = lax.axis_index(plan.axis)
+        entering = lax.dynamic_index_in_dim(starts, index, keepdims=False)
         first = jnp.ones(phi_k.shape[:2], bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
-        return local + jnp.where(first[:, :, None, None], entering[:, None], 0.0)
+        return local + jnp.where(first[:, :, None, None], entering[:, None], 0.0), last
 
-    run = jax.shard_map(body, mesh=plan.mesh, in_specs=(seq, state, ids_spec), out_specs=seq, check_vma=False,
-                        axis_names=set(plan.mesh.axis_names) if plan.explicit else {plan.axis})
-    return run(*_resharded(plan, (phi_k, start.astype(jnp.float32), segment_ids), (seq, state, ids_spec)))
+    run = jax.shard_map(body, mesh=plan.mesh, in_specs=(seq, state, ids_spec), out_specs=(seq, state),
+                        check_vma=False, axis_names=set(plan.mesh.axis_names) if plan.explicit else {plan.axis})
+    return run(*_resharded(plan, (phi_k, start, segment_ids), (seq, state, ids_spec)))
