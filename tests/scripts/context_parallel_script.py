@@ -5,7 +5,8 @@ Context parallelism (T sharded over a mesh axis) against the oracle on one devic
 outputs, final state and the gradients of q, k, v, beta, initial_state and scale, from a loss on
 both results, within 1e-5; both rules, with and without initial_state and segment_ids (a
 document crossing a shard boundary, a boundary falling on a reset), T / P not a multiple of the
-chunk size; explicit meshes (T found from the inputs' types) and Auto meshes with
+chunk size (and with ``impl="pallas"``, on 2 devices, the TPU kernel interpreted as each shard's
+engine); explicit meshes (T found from the inputs' types) and Auto meshes with
 ``context_axis``; ``(seq,)``, ``(data, seq)`` and ``(data, seq, heads)`` meshes. Then the compiled
 program's collectives: none has an operand with the global T (and the same check does find the
 sequence all-gathers of the unsharded op on an Auto mesh, so it can fail). ``--full`` runs every
@@ -124,6 +125,8 @@ def main() -> None:
                 checked += 1
 
     check_key_sum_and_layers(count, ids)
+    if count == 2:
+        check_pallas_engine()
 
     # The compiled program's collectives: none carries the global T (here 48; no other
     # dimension of these arrays is 48).
@@ -218,6 +221,40 @@ def check_key_sum_and_layers(count, ids) -> None:
     largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6 * largest, err_msg="DPFPformer")
+
+
+def check_pallas_engine() -> None:
+    """``impl="pallas"`` with T sharded over 2 devices: the TPU kernel (interpreted) runs each shard's
+    forward and backward from its entering state; results and gradients (values up to ~50) against
+    the oracle to float32 round-off."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    from dpfp_devtools.workloads import make_inputs
+
+    inputs = make_inputs(0, batch=1, time=64, heads=2, key_dim=16, value_dim=64, with_state=True)
+    args = [inputs[n] for n in ("q", "k", "v", "beta", "initial_state")]
+
+    def grads(impl):
+        def loss(q, k, v, beta, w0):
+            out, state = dj.fast_weight(q, k, v, beta, initial_state=w0, impl=impl, chunk_size=16)
+            return jnp.sum(out * jnp.sin(out)) + jnp.sum(state**2), (out, state)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(5)), has_aux=True))
+
+    want = grads("reference")(*args)
+    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Explicit,))
+    sharded = [jax.device_put(x, NamedSharding(mesh, P() if x.shape == args[4].shape else P(None, "seq")))
+               for x in args]
+    with pltpu.force_tpu_interpret_mode():
+        got = grads("pallas")(*sharded)
+    largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6 * largest, err_msg="pallas")
 
 
 def expect_error(call, words, mesh) -> None:

@@ -149,7 +149,8 @@ def fast_weight(
       context_axis: the mesh axis that shards T (context parallelism, docs/context_parallel.md):
         every device runs the chunk form on its slice and only state-sized arrays are exchanged.
         Under an explicit mesh a T sharded in the inputs' types is found without it; under an
-        Auto mesh (``jax.set_mesh``) name it here. ``impl`` must then be ``"chunk"`` or ``"auto"``.
+        Auto mesh (``jax.set_mesh``) name it here. ``impl`` must then be ``"chunk"``, ``"auto"`` or
+        ``"pallas"`` (the TPU kernel per shard).
 
     Returns:
       ``out [B, T, H, V]`` in v's dtype and ``final_state [B, H, K, V]`` float32 (float64 for
@@ -178,7 +179,7 @@ def fast_weight(
     if plan is not None:
         state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
         return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                            segment_ids=segment_ids, plan=plan)
+                                            segment_ids=segment_ids, plan=plan, impl=impl)
     if impl == "auto":
         candidates = auto_candidates(q, chunk_size)
     elif impl in _IMPLS:

@@ -47,14 +47,16 @@ from dpfp_jax.ops.fast_weight.chunk import (
     documents_of,
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
 from pallas_kernels.padding import pad_to
 
 Array = jax.Array
 
-CONTEXT_IMPLS = ("chunk", "auto")
-"""The ``impl`` values that run with a sharded T (the chunk form on every shard)."""
+CONTEXT_IMPLS = ("chunk", "auto", "pallas")
+"""The ``impl`` values that run with a sharded T: the chunk form on every shard, or with ``"pallas"``
+the Pallas TPU kernel for each shard's forward and backward from its entering state."""
 
 
 class ContextPlan(NamedTuple):
@@ -136,7 +138,7 @@ def context_plan(q: Array, context_axis: str | None, impl: str) -> ContextPlan |
                              "another mesh axis")
     if impl not in CONTEXT_IMPLS:
         raise ValueError(f"impl={impl!r} cannot run with T sharded over mesh axis {axis!r}: use impl='chunk' (or "
-                         "'auto'), the chunkwise form every shard runs")
+                         "'auto'), the chunkwise form every shard runs (or 'pallas' on a TPU)")
     shards = mesh.shape[axis]
     if q.shape[1] % shards:
         raise ValueError(f"q's time axis T={q.shape[1]} must be divisible by the {shards} shards of context_axis="
@@ -361,6 +363,7 @@ class _Static(NamedTuple):
     rule: str
     chunk_size: int
     plan: ContextPlan
+    engine: str  # "chunk" (XLA) or "pallas" (the TPU kernel) for each shard's forward and backward
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -371,17 +374,24 @@ def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale):
 
 
 def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
-    rule, chunk_size, plan = static
+    rule, chunk_size, plan, engine = static
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
     w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
-    out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+    if engine == "pallas":
+        # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
+        def kernel(q, k, v, beta, w_in, scale):
+            return fast_weight_pallas(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size)
+
+        (out, _), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
+    else:
+        out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
     return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
 
 
 def _shard_backward(static: _Static, saved, cotangents):
-    rule, chunk_size, plan = static
+    rule, chunk_size, plan, engine = static
     q, k, beta, segment_ids, scale, m, residuals = saved
     d_out, d_final = cotangents
     # The final state is replicated over the shards: differentiating the shard_map hands its
@@ -392,7 +402,10 @@ def _shard_backward(static: _Static, saved, cotangents):
     # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
     # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
     d_end, d_w0 = _relay_back(rule, m, g, d_final, plan.axis, plan.shards)
-    dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+    if engine == "pallas":
+        dq, dk, dv, dbeta, _, d_scale = residuals((d_out, d_end))
+    else:
+        dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
     return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
 
 
@@ -438,15 +451,24 @@ def fast_weight_context_parallel(
     chunk_size: int,
     segment_ids: Array | None,
     plan: ContextPlan,
+    impl: str = "chunk",
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
     says (:func:`context_plan`), every shard running the chunk form on its slice (module docstring).
 
     ``initial_state`` enters the first shard; the final state (the last shard's end) and its
-    gradient are replicated over the T axis.
+    gradient are replicated over the T axis. ``impl="pallas"``: the Pallas TPU kernel runs each
+    shard's forward and backward (on a TPU, or inside ``pltpu.force_tpu_interpret_mode()``).
     """
+    engine = "pallas" if impl == "pallas" else "chunk"
+    if engine == "pallas":
+        if segment_ids is not None:
+            raise ValueError("segment_ids with a sharded T need impl='chunk' (the TPU kernel takes no resets)")
+        reason = pallas_supports(q, k, v, beta)
+        if reason is not None:
+            raise ValueError(f"impl='pallas' cannot take this call: {reason}")
     acc = accumulation_dtype(q, k, v, beta, initial_state)
-    static = _Static(rule, chunk_size, plan)
+    static = _Static(rule, chunk_size, plan, engine)
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
     specs = (seq, seq, seq, beta_spec, state, ids_spec)
     args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
