@@ -115,12 +115,14 @@ def flops_table(length: int, heads: int, value_dim: int, chunk: int, shard_count
 
 def sharded_op(name: str, mesh):
     """``fn(q, k, v, beta) -> (out, final state)`` with T sharded over ``mesh``'s "seq" axis (an Auto
-    mesh, current in ``jax.set_mesh``): ours (``context_axis="seq"``) or jax-linear-attention's
+    mesh, current in ``jax.set_mesh``): ours (``context_axis="seq"``, ``impl="chunk"`` or, for
+    "ours-pallas", ``"pallas"``) or jax-linear-attention's
     ``context_parallel_linear_attention("deltanet", ...)`` (the ``bench`` extra), the same function."""
     import dpfp_jax as dj
 
-    if name == "ours":
-        return lambda q, k, v, beta: dj.fast_weight(q, k, v, beta, impl="chunk", context_axis="seq")
+    if name in ("ours", "ours-pallas"):
+        impl = "pallas" if name == "ours-pallas" else "chunk"
+        return lambda q, k, v, beta: dj.fast_weight(q, k, v, beta, impl=impl, context_axis="seq")
     from jla.distributed.context_parallel import context_parallel_linear_attention
 
     return lambda q, k, v, beta: context_parallel_linear_attention(
@@ -228,8 +230,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, 4 for --cpu)")
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ops", nargs="+", default=["ours"], choices=["ours", "jax-linear-attention"],
-                        help="the sharded ops (jax-linear-attention's context_parallel: the bench extra)")
+    parser.add_argument("--ops", nargs="+", default=["ours"], choices=["ours", "ours-pallas", "jax-linear-attention"],
+                        help="the sharded ops: ours with the chunk form or (--tpu only) the TPU kernel per "
+                             "shard, jax-linear-attention's context_parallel (the bench extra)")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.ops
