@@ -140,6 +140,8 @@ def context_plan(q: Array, context_axis: str | None, impl: str) -> ContextPlan |
         raise ValueError(f"impl={impl!r} cannot run with T sharded over mesh axis {axis!r}: use impl='chunk' (or "
                          "'auto'), the chunkwise form every shard runs (or 'pallas' on a TPU)")
     shards = mesh.shape[axis]
+    if q.shape[1] == 0:  # no step to shard: the single-device op returns the initial state
+        return None
     if q.shape[1] % shards:
         raise ValueError(f"q's time axis T={q.shape[1]} must be divisible by the {shards} shards of context_axis="
                          f"{axis!r}")
