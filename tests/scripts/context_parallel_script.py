@@ -149,6 +149,8 @@ def main() -> None:
     # Errors, each naming its argument.
     expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="nope"), "context_axis", mesh)
     expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="seq", impl="scan"), "chunk", mesh)
+    if count > 1:  # the TPU kernel per shard: only on a TPU or in interpret mode
+        expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="seq", impl="pallas"), "pallas", mesh)
     if count > 1:
         odd = q[:, : count + 1]
         expect_error(lambda: dj.fast_weight(odd, odd, v[:, : count + 1], beta[:, : count + 1], context_axis="seq"),
