@@ -54,9 +54,9 @@ def chunk_forward(c: int, k: int, v: int) -> float:
 
 
 def chunk_backward(c: int, k: int, v: int) -> float:
-    """The chunk form's backward: pieces again, the reverse walk (seven K x V products) and the
-    pieces' own backward (eleven C x C products)."""
-    return 22 * c * c * k + 12 * c * c * v + c**3 + 14 * c * k * v
+    """The chunk form's backward: pieces again (``8 C^2 K + 2 C^2 V + C^3``), the reverse walk (seven
+    K x V products) and the pieces' own backward (seven ``C x C x K`` and four ``C x C x V`` products)."""
+    return 22 * c * c * k + 10 * c * c * v + c**3 + 14 * c * k * v
 
 
 def transition(c: int, k: int, v: int) -> float:
@@ -83,6 +83,40 @@ def ours(c: int, k: int, v: int) -> Work:
 def state_passing(c: int, k: int, v: int) -> Work:
     """Per shard the single-device work of its slice, but shard p waits for p - 1: P times the walks."""
     return single(c, k, v)
+
+
+def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
+    """The per-chunk counts against XLA's ``cost_analysis()`` on one chunk (B = H = 1, T = C), where
+    every scan runs once, so counting its body once is exact. In the forward+backward program XLA
+    merges the backward's recomputed pieces with the forward's (the same computation, both alive
+    in one program), so that row is compared with the count less one set of pieces."""
+    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
+    from dpfp_jax.ops.fast_weight.context_parallel import _entering_gradient, _transition
+
+    q, values, beta = jnp.ones((1, c, 1, k)), jnp.ones((1, c, 1, v)), jnp.ones((1, c, 1))
+    state = jnp.zeros((1, 1, k, v))
+
+    def op(q, k, v, beta, w):
+        return fast_weight_chunk(q, k, v, beta, w, rule="delta", scale=1.0, chunk_size=c)
+
+    def pullback(q, k, v, beta, w, d_out, d_state):  # cotangents as inputs: nothing folds as a constant
+        return jax.vjp(op, q, k, v, beta, w)[1]((d_out, d_state))
+
+    def counted(fn, *args):
+        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+    pieces = 8 * c * c * k + 2 * c * c * v + c**3
+    rows = [(f"chunk forward, C={c} K={k} V={v}", counted(op, q, q, values, beta, state), chunk_forward(c, k, v)),
+            ("chunk forward+backward (less one set of pieces)", counted(pullback, q, q, values, beta, state, values,
+                                                                       state),
+             chunk_forward(c, k, v) + chunk_backward(c, k, v) - pieces),
+            ("transition (M, N)", counted(lambda k, v, b: _transition("delta", k, v, b, None, jnp.float32, c), q,
+                                          values, beta), transition(c, k, v)),
+            ("G", counted(lambda q, k, b, d: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c), q, q,
+                          beta, values), entering_gradient(c, k, v))]
+    lines = ["| program | cost_analysis() flops | counted | counted / XLA's |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {xla:,.0f} | {mine:,.0f} | {mine / xla:.3f} |" for name, xla, mine in rows]
+    return "\n".join(lines)
 
 
 def flops_table(length: int, heads: int, value_dim: int, chunk: int, shard_counts: list[int],
@@ -222,6 +256,7 @@ def cpu_rows(key_dims: list[int], length: int, heads: int, value_dim: int, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--check-counts", action="store_true", help="the per-chunk counts against cost_analysis()")
     parser.add_argument("--tpu", action="store_true")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--key-dims", type=int, nargs="+", default=None)
@@ -239,6 +274,8 @@ def main() -> None:
     if args.flops:
         print(flops_table(args.length or 65536, args.heads or 8, args.value_dim, 64, [2, 4],
                           args.key_dims or [128, 512, 1024]))
+    if args.check_counts:
+        print(check_counts())
     if args.tpu:
         print(tpu_rows(args.key_dims or [128, 512], args.shards, args.length or 65536, args.heads or 8, args.value_dim,
                        names))
