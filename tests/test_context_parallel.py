@@ -19,7 +19,7 @@ import pytest
 
 from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _fold, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
-from tests.test_multidevice import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 SCRIPT = Path(__file__).with_name("scripts") / "context_parallel_script.py"
 
