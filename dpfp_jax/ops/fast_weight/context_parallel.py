@@ -48,7 +48,7 @@ from dpfp_jax.ops.fast_weight.chunk import (
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
-from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.ops.fast_weight.segments import resets_of, running_key_sum
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
 from pallas_kernels.padding import pad_to
 
@@ -497,7 +497,6 @@ def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Ar
         >>> z[0, :, 0, 0].tolist(), last[0, 0].tolist()
         ([11.0, 12.0, 13.0, 14.0], [14.0])
     """
-    from dpfp_jax.core.segments import running_key_sum  # the core builds on the ops, not the reverse
 
     start = start.astype(jnp.float32)
     plan = context_plan(phi_k, context_axis, "chunk")
