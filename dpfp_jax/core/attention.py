@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpfp_jax.core.segments import restart_rows, running_key_sum
+from dpfp_jax.core.segments import restart_rows
 from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.feature_maps import (
     apply_feature_map,
@@ -37,7 +37,7 @@ from dpfp_jax.feature_maps import (
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zeros_without_time
-from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.ops.fast_weight.context_parallel import running_key_sum_context_parallel
 from dpfp_jax.validation import check_choice, check_positive_int
 
 Array = jax.Array
@@ -114,6 +114,8 @@ class AttentionSpec(FastWeightSettings):
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("impl", self.impl, IMPLS)
         check_positive_int("chunk_size", self.chunk_size)
+        if self.context_axis is not None and not isinstance(self.context_axis, str):
+            raise TypeError(f"context_axis must be a mesh axis name (a str) or None; got {self.context_axis!r}")
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":
@@ -237,7 +239,7 @@ class AttentionSpec(FastWeightSettings):
         out, w = fast_weight(
             phi_q, phi_k, v, beta, rule=self.rule, initial_state=initial_state,
             scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, chunk_size=self.chunk_size,
-            segment_ids=segment_ids,
+            segment_ids=segment_ids, context_axis=self.context_axis,
         )
         if self.normalization != "attention":
             return out, w
@@ -245,10 +247,11 @@ class AttentionSpec(FastWeightSettings):
                    else with_batch_head_sharding_of(key_sum.astype(jnp.float32), phi_k))
         if restart is not None:
             z_start = restart_rows(restart, z_start)
-        z = running_key_sum(phi_k, z_start, None if segment_ids is None else resets_of(segment_ids))
+        # The last step's sum comes back beside z: indexing z[:, -1] is refused on a sharded T.
+        z, z_last = running_key_sum_context_parallel(phi_k, z_start, segment_ids, context_axis=self.context_axis)
         denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
         out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
-        return out, (w, z[:, -1] if z.shape[1] else z_start)
+        return out, (w, z_last)
 
 
 class HasAttentionSpec:

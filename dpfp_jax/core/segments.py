@@ -2,7 +2,8 @@
 
 The op restarts W itself (``fast_weight(..., segment_ids=)``). The layers add two carried
 things: ``normalization="attention"``'s running key sum z, which restarts with W
-(:func:`running_key_sum`), and the decode cache, which remembers each row's last segment id so
+(:func:`running_key_sum`, which lives with the op's segments so that the context-parallel
+op can use it too), and the decode cache, which remembers each row's last segment id so
 that a call whose first token starts a new document restarts W and z (:func:`decode_restart`,
 :func:`last_segment_id`, :func:`restart_rows`).
 
@@ -18,37 +19,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from dpfp_jax.ops.fast_weight.segments import running_key_sum
 
 Array = jax.Array
 
+__all__ = ["SEGMENT_ID_DTYPE", "decode_restart", "last_segment_id", "restart_rows", "running_key_sum"]
+
 SEGMENT_ID_DTYPE = jnp.int32
 """The decode cache keeps each row's last segment id as int32 (ids of 32 bits or fewer compare exactly)."""
-
-
-def _segmented_add(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
-    # Associative: the later run restarts the sum if it holds a reset, else adds to it.
-    reset_a, sum_a = a
-    reset_b, sum_b = b
-    return reset_a | reset_b, jnp.where(reset_b, sum_b, sum_a + sum_b)
-
-
-def running_key_sum(phi_k: Array, start: Array, resets: Array | None = None) -> Array:
-    """``z_t`` ``[B, T, H, K]`` float32: the sum of ``phi_k`` over the steps of t's document up to t.
-
-    The row's first document (the steps before its first reset) adds ``start [B, H, K]`` (the
-    carried key sum); a reset at step t (``resets [B, T]`` True, as
-    :func:`dpfp_jax.ops.fast_weight.segments.resets_of` makes them) drops everything before t.
-    Without resets it is a plain cumulative sum; with them a segmented one, as a parallel
-    (associative) scan, so no document's sum is made by subtracting another's.
-    """
-    x = phi_k.astype(jnp.float32)
-    if resets is None or x.shape[1] == 0:
-        return start[:, None] + jnp.cumsum(x, axis=1)
-    flags = resets[:, :, None, None]
-    _, within = lax.associative_scan(_segmented_add, (flags, x), axis=1)
-    first_document = jnp.cumsum(resets, axis=1) == 0
-    return within + jnp.where(first_document[:, :, None, None], start[:, None], 0)
 
 
 def restart_rows(restart: Array, state: Array) -> Array:

@@ -80,6 +80,12 @@ class FastWeightSettings:
       chunk_size: passed to :func:`dpfp_jax.fast_weight`: steps per chunk for ``impl="chunk"``
         and ``"pallas"`` (and the length from which ``"auto"`` picks ``"chunk"``); the other
         impls compute the same function without chunks.
+      context_axis: passed to :func:`dpfp_jax.fast_weight`: the mesh axis that shards the
+        sequence (context parallelism, docs/context_parallel.md), for inputs under an Auto mesh
+        (``jax.set_mesh``), whose layout the op cannot see; under an explicit mesh a sequence
+        sharded in the inputs' types is found without it. ``normalization="attention"``'s
+        running key sum is carried across the shards too. None: the sequence is not sharded
+        (or is, under an explicit mesh).
     """
 
     feature_map: FeatureMapLike = "dpfp"
@@ -92,6 +98,7 @@ class FastWeightSettings:
     allow_unbounded_delta: bool = False
     impl: str = "auto"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    context_axis: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

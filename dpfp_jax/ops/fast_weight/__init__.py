@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_state
+from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
 from dpfp_jax.ops.fast_weight.eager import jit_when_eager
 from dpfp_jax.ops.fast_weight.forward_mode import refuse_forward_mode
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
@@ -96,6 +97,7 @@ def fast_weight(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     segment_ids: Array | None = None,
     check_stability: bool = False,
+    context_axis: str | None = None,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -162,6 +164,11 @@ def fast_weight(
         sorted or start at zero, and padding may be a document of its own. Documents may start
         anywhere, chunk boundaries included or not. What each impl keeps for its backward with
         them: docs/math.md, "Packed documents".
+      context_axis: the mesh axis that shards T (context parallelism, docs/context_parallel.md):
+        every device runs the chunk form on its slice and only state-sized arrays are exchanged.
+        Under an explicit mesh a T sharded in the inputs' types is found without it; under an
+        Auto mesh (``jax.set_mesh``) name it here. ``impl`` must then be ``"chunk"``, ``"auto"`` or
+        ``"pallas"`` (the TPU kernel per shard).
       check_stability: delta rule only: check ``0 <= beta_t |k_t|^2 <= 2`` at every step and raise a
         ValueError naming the first (batch, head, step) that breaks it, before the op runs
         (:func:`~dpfp_jax.check_delta_stability`, which says the
@@ -198,17 +205,20 @@ def fast_weight(
     check_scale(scale)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     check_segment_ids(segment_ids, q)
-    if impl == "auto":
-        candidates = auto_candidates(q, chunk_size)
-    elif impl in _IMPLS:
-        candidates = (impl,)
-    else:
+    if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if check_bool("check_stability", check_stability):
         if rule != "delta":
             raise ValueError(f"check_stability checks the delta rule's condition 0 <= beta |k|^2 <= 2; rule={rule!r} "
                              "has none")
         check_delta_stability(k, beta)
+    plan = context_plan(q, context_axis, impl)
+    if plan is not None:
+        state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
+        with refuse_forward_mode("context parallel chunk", impl, q, k, v, beta, state, scale):
+            return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
+                                                segment_ids=segment_ids, plan=plan, impl=impl)
+    candidates = auto_candidates(q, chunk_size) if impl == "auto" else (impl,)
     reasons = []
     for name in candidates:
         fn, supports = _IMPLS[name]

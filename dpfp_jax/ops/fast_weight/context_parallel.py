@@ -1,0 +1,522 @@
+"""Context parallelism: the fast-weight op with the time axis T sharded over a mesh axis.
+
+Over a shard of L steps every rule is affine in the state that enters it,
+``W_end = M W_in + N`` (``N``: the shard's end state from zero; ``M``: the product of
+``I - beta_t k_t k_t^T`` over the shard for the delta rule, ``I`` for the sum rule, ``0`` when a
+document starts inside the shard). docs/context_parallel.md derives the scheme and counts its
+cost; in short, per call:
+
+forward, every shard at once:
+  1. ``(M, N)`` of its own slice: the chunk form's walk over the pair from ``(0, I)``, no outputs
+     (the sum rule needs only ``N``, a sum; its ``M`` is a per-row 1, or 0 after a reset);
+  2. the entering states, passed shard to shard: P - 1 rounds in which every shard sends
+     ``M W + N`` of the state it holds to the next (a ``[B, H, K, V]`` ppermute and one small
+     product per round), and a psum of the last shard's end: the final state;
+  3. the chunk form over its slice from its true entering state: the outputs, and the chunk
+     form's own residuals for the backward.
+
+backward, every shard at once (the state's gradient flows the other way):
+  1. ``G``: the gradient of the shard's entering state from its own outputs alone, by the chunk
+     form's state-gradient walk (no input gradients);
+  2. the end-state gradients, passed back shard to shard: ``dW_in = M^T dW_end + G``;
+  3. the chunk form's backward over the slice with its end state's true gradient.
+
+Only state-sized arrays cross devices (``[B, H, K, V]`` ppermutes and psums, a ``[B, 1]`` shift of
+document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares this with
+gathering every shard's ``(M, N)`` and with running the shards one after the other.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, PartitionSpec
+
+from dpfp_jax.ops.fast_weight.chunk import (
+    DEFAULT_SPAN_SIZE,
+    XLA_WALK,
+    _chunked_backward,
+    _chunked_forward,
+    _pieces,
+    _rows,
+    _Spans,
+    documents_of,
+)
+from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
+from dpfp_jax.ops.fast_weight.segments import resets_of, running_key_sum
+from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
+from pallas_kernels.padding import pad_to
+
+Array = jax.Array
+
+CONTEXT_IMPLS = ("chunk", "auto", "pallas")
+"""The ``impl`` values that run with a sharded T: the chunk form on every shard, or with ``"pallas"``
+the Pallas TPU kernel for each shard's forward and backward from its entering state."""
+
+
+class ContextPlan(NamedTuple):
+    """How a call's T is sharded: the mesh (concrete or abstract), the axis over T, its size, and
+    the mesh axes of the batch and head dimensions when every other axis is manual too (explicit
+    meshes) or None (Auto meshes: only the T axis is manual, the rest is left to the partitioner)."""
+
+    mesh: object
+    axis: str
+    shards: int
+    explicit: bool
+    batch_axis: object
+    head_axis: object
+
+    def spec(self, *dims: str | None) -> PartitionSpec:
+        """A PartitionSpec from logical dims: "T" (or "P", a leading per-shard axis), "B", "H", None."""
+        names = {"T": self.axis, "P": self.axis}
+        if self.explicit:
+            names |= {"B": self.batch_axis, "H": self.head_axis}
+        return PartitionSpec(*(names.get(d) for d in dims))
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        """The manual mesh axes a sum over the whole batch must reduce (d_scale)."""
+        axes = [self.axis]
+        if self.explicit:
+            for a in (self.batch_axis, self.head_axis):
+                axes += [] if a is None else [a] if isinstance(a, str) else list(a)
+        return tuple(axes)
+
+
+def _sharding_of(x: Array):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None, None
+    return mesh, tuple(sharding.spec) + (None,) * x.ndim
+
+
+def _single_axis(entry: object) -> str | None:
+    if entry is None or isinstance(entry, str):
+        return entry
+    entry = tuple(entry)
+    if len(entry) == 1:
+        return entry[0]
+    raise ValueError(f"q's time axis is sharded over several mesh axes {entry}; context parallelism takes one "
+                     "mesh axis over T (context_axis)")
+
+
+def context_plan(q: Array, context_axis: str | None, impl: str) -> ContextPlan | None:
+    """The :class:`ContextPlan` of a call, or None when T is not sharded (the single-device op).
+
+    Under an explicit mesh T's sharding is read from q's type; ``context_axis`` names it under an
+    Auto mesh (the mesh of ``jax.set_mesh``). Raises a ValueError naming the argument for an
+    axis that is not in the mesh, that also shards the batch or heads, that does not divide T, or
+    an ``impl`` that cannot run sharded.
+    """
+    mesh, spec = _sharding_of(q)
+    explicit = mesh is not None and all(t == AxisType.Explicit for t in mesh.axis_types)
+    time_axis = _single_axis(spec[1]) if explicit else None
+    if context_axis is None and time_axis is None:
+        return None
+    if context_axis is not None and not isinstance(context_axis, str):
+        raise TypeError(f"context_axis must be a mesh axis name (str) or None; got {context_axis!r}")
+    if not explicit:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            raise ValueError(f"context_axis={context_axis!r} needs a mesh: call under `with jax.set_mesh(mesh):` "
+                             "(or pass inputs sharded over an explicit mesh)")
+    if context_axis is not None and time_axis is not None and context_axis != time_axis:
+        raise ValueError(f"context_axis={context_axis!r} but q's time axis is sharded over {time_axis!r}")
+    axis = time_axis if time_axis is not None else context_axis
+    if axis not in mesh.axis_names:
+        raise ValueError(f"context_axis={axis!r} is not an axis of the mesh; its axes are {mesh.axis_names}")
+    batch_axis, head_axis = (spec[0], spec[2]) if explicit else (None, None)
+    for name, entry in (("batch", batch_axis), ("heads", head_axis)):
+        if entry is not None and axis in ((entry,) if isinstance(entry, str) else tuple(entry)):
+            raise ValueError(f"context_axis={axis!r} also shards q's {name} axis; the axis over T must be "
+                             "another mesh axis")
+    if impl not in CONTEXT_IMPLS:
+        raise ValueError(f"impl={impl!r} cannot run with T sharded over mesh axis {axis!r}: use impl='chunk' (or "
+                         "'auto'), the chunkwise form every shard runs (or 'pallas' on a TPU)")
+    shards = mesh.shape[axis]
+    if q.shape[1] == 0:  # no step to shard: the single-device op returns the initial state
+        return None
+    if q.shape[1] % shards:
+        raise ValueError(f"q's time axis T={q.shape[1]} must be divisible by the {shards} shards of context_axis="
+                         f"{axis!r}")
+    if explicit and mesh.shape[axis] > 1 and time_axis is None:
+        raise ValueError(f"context_axis={axis!r}: under an explicit mesh shard q, k, v (and beta, segment_ids) over "
+                         f"{axis!r} on their time axis, e.g. jax.sharding.reshard(q, P(None, {axis!r}))")
+    return ContextPlan(mesh, axis, shards, explicit, batch_axis, head_axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-shard pieces (run inside shard_map: arrays are one shard's slice, [B, L, H, ...]).
+
+
+def _local_resets(segment_ids: Array | None, axis: str, shards: int) -> Array | None:
+    """This shard's ``resets [B, L]``: ``resets_of`` within the slice, and at its first step a
+    comparison with the previous shard's last id (a ``[B, 1]`` shift: the only T-side exchange)."""
+    if segment_ids is None:
+        return None
+    within = resets_of(segment_ids)
+    previous = lax.ppermute(segment_ids[:, -1:], axis, [(i, i + 1) for i in range(shards - 1)])
+    boundary = (segment_ids[:, :1] != previous) & (lax.axis_index(axis) > 0)
+    return jnp.concatenate([boundary, within[:, 1:]], axis=1)
+
+
+def _apply(rule: str, m: Array, w: Array) -> Array:
+    """``M W``: a K x K product for the delta rule, a per-row factor ``[B, 1, 1, 1]`` for the sum rule."""
+    return jnp.einsum("bhij,bhjv->bhiv", m, w, precision=HIGHEST) if rule == "delta" else m * w
+
+
+def _apply_transposed(rule: str, m: Array, d: Array) -> Array:
+    return jnp.einsum("bhji,bhjv->bhiv", m, d, precision=HIGHEST) if rule == "delta" else m * d
+
+
+def _mm(spec: str, a: Array, b: Array) -> Array:
+    return jnp.einsum(spec, a, b, precision=HIGHEST)
+
+
+class _Chunked(NamedTuple):
+    """A shard's slice cut as the chunk form cuts it: ``spans`` of chunks, T padded to ``padded``
+    steps, ``document [M, S, G, C]`` (documents started so far in each chunk) or None."""
+
+    spans: _Spans
+    padded: int
+    document: Array | None
+
+    @property
+    def count(self) -> int:
+        return self.padded // self.spans.steps
+
+    def pad(self, x: Array | None) -> Array | None:
+        return None if x is None else pad_to(x, 1, self.padded)
+
+
+def _chunked(q: Array, resets: Array | None, chunk_size: int, span_size: int = DEFAULT_SPAN_SIZE) -> _Chunked:
+    """The chunk form's layout (``chunk.fast_weight_chunk``) of a ``[B, L, H, ...]`` slice."""
+    batch, length, heads, _ = q.shape
+    chunk_size = max(min(chunk_size, length), 1)
+    num_chunks = -(-length // chunk_size)
+    num_spans = -(-num_chunks // max(span_size // chunk_size, 1))
+    spans = _Spans(-(-num_chunks // num_spans), chunk_size, *batch_head_axes_of(q))
+    document = None
+    if resets is not None:
+        per_head = jnp.broadcast_to(resets[:, :, None], (batch, length, heads))
+        per_head = to_chunks_nbhc(per_head, chunk_size, jnp.int32, num_chunks=num_spans * spans.chunks)
+        per_head = per_head.reshape(num_spans, spans.chunks, batch * heads, chunk_size)
+        document = jnp.cumsum(per_head, axis=-1, dtype=jnp.int32)
+    return _Chunked(spans, num_spans * spans.steps, document)
+
+
+def _group(x: Array) -> Array:
+    """``[B, H, ...] -> [B * H, ...]``, the chunk form's group axis."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _after_last_reset(resets: Array | None, length: int, batch: int) -> Array:
+    """``[B, L]`` True for the steps whose writes reach the shard's end (after its last reset)."""
+    if resets is None:
+        return jnp.ones((batch, length), bool)
+    return jnp.cumsum(resets, axis=1) == jnp.sum(resets, axis=1, keepdims=True)
+
+
+def _transition(rule, k, v, beta, resets, acc, chunk_size):
+    """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring).
+
+    The sum rule: ``N`` sums ``k_t v_t^T`` over the steps after the shard's last reset, ``M`` is 1
+    per row without a reset, 0 with one. The delta rule: the chunk form's walk over the pair
+    ``(N, M)`` from ``(0, I)`` with its writes ``U = U_tilde - Y N`` and ``-Y M`` (the values of
+    ``M``'s part are zero), no outputs: ``2 C K (V + K)`` per chunk, the WY pieces shared.
+    """
+    batch, length, heads, key_dim = k.shape
+    if rule == "sum":
+        reach = _after_last_reset(resets, length, batch)
+        n = _mm("blhk,blhv->bhkv", jnp.where(reach[:, :, None, None], k.astype(acc), 0.0), v.astype(acc))
+        no_reset = jnp.ones((batch,), bool) if resets is None else ~jnp.any(resets, axis=1)
+        return no_reset.astype(acc)[:, None, None, None], n
+    layout = _chunked(k, resets, chunk_size)
+    spans = layout.spans
+    k, v, beta = (layout.pad(x) for x in (k, v, beta))
+
+    def span(carry, xs):
+        index, document = xs
+        k_s, v_s, beta_s = (spans.take(x, index).astype(acc) for x in (k, v, beta))
+        docs = documents_of(document)
+        inverse = wy_inverse(k_s, beta_s, None if docs is None else docs.same)
+        u_tilde, y = wy_writes(inverse, k_s, v_s, beta_s)
+        y = y if docs is None else _rows(docs.first, y)
+        k_s = k_s if docs is None else _rows(docs.last, k_s)
+
+        def chunk(state, xs):
+            (n, m), (k_c, u_c, y_c, keep_c) = state, xs
+            u_n, u_m = u_c - _mm("gck,gkv->gcv", y_c, n), -_mm("gck,gkj->gcj", y_c, m)
+            if keep_c is not None:  # a document starts in the chunk: what entered it is gone
+                n, m = (jnp.where(keep_c[:, None, None], x, 0.0) for x in (n, m))
+            return (n + _mm("gck,gcv->gkv", k_c, u_n), m + _mm("gck,gcj->gkj", k_c, u_m)), None
+
+        carry, _ = lax.scan(chunk, carry, (k_s, u_tilde, y, None if docs is None else docs.keep))
+        return carry, None
+
+    groups = batch * heads
+    start = (jnp.zeros((groups, key_dim, v.shape[-1]), acc),
+             jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (groups, key_dim, key_dim)))
+    (n, m), _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document))
+    return m.reshape(batch, heads, key_dim, key_dim), n.reshape(batch, heads, key_dim, v.shape[-1])
+
+
+def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size):
+    """``G``: the gradient of the state entering the shard from the shard's own outputs alone
+    (its end state's gradient taken as zero), ``[B, H, K, V]``.
+
+    The sum rule: ``scale * sum q_t dout_t^T`` over the steps before the shard's first reset.
+    The delta rule: the chunk form's backward walk of the state gradient alone, chunks in reverse,
+    ``dW0 = dW1 + Q_eff^T dO - Y^T K dW1`` (``Q_eff = Q - S Y``), no input gradients.
+    """
+    acc = scale.dtype
+    batch, length, heads, key_dim = q.shape
+    d_out = d_out.astype(acc)
+    if rule == "sum":
+        first = jnp.ones((batch, length), bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
+        return scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
+    layout = _chunked(q, resets, chunk_size)
+    spans = layout.spans
+    q, k, beta, d_out = (layout.pad(x) for x in (q, k, beta, d_out))
+    no_values = jnp.zeros((*k.shape[:3], 0), acc)  # _pieces' U_tilde is not needed: zero-wide
+
+    def span(dw, xs):
+        index, document = xs
+        q_s, k_s, beta_s, do_s = (spans.take(x, index).astype(acc) for x in (q, k, beta, d_out))
+        docs = documents_of(document)
+        p = _pieces("delta", q_s * scale, k_s, spans.take(no_values, index), beta_s, docs)
+        k_s = k_s if docs is None else _rows(docs.last, k_s)
+
+        def chunk(dw1, xs):
+            q_c, k_c, y_c, do_c, keep_c = xs
+            du = _mm("gck,gkv->gcv", k_c, dw1)
+            dw0 = dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0)
+            return dw0 + _mm("gck,gcv->gkv", q_c, do_c) - _mm("gck,gcv->gkv", y_c, du), None
+
+        dw, _ = lax.scan(chunk, dw, (p.q_eff, k_s, p.y, do_s, None if docs is None else docs.keep), reverse=True)
+        return dw, None
+
+    zero = jnp.zeros((batch * heads, key_dim, d_out.shape[-1]), acc)
+    dw, _ = lax.scan(span, zero, (jnp.arange(layout.count), layout.document), reverse=True)
+    return dw.reshape(batch, heads, key_dim, d_out.shape[-1])
+
+
+def _fold(rule: str, ms: Array, ns: Array, w0: Array) -> tuple[Array, Array]:
+    """States entering each shard ``[P, B, H, K, V]`` and the final state, from the gathered (M, N)."""
+
+    def step(w, mn):
+        return _apply(rule, mn[0], w) + mn[1], w
+
+    final, starts = lax.scan(step, w0, (ms, ns))
+    return starts, final
+
+
+def _relay(rule: str, m: Array, n: Array, w0: Array, axis: str, shards: int) -> tuple[Array, Array]:
+    """The state entering this shard, and the final state (on every shard), passed shard to shard:
+    P - 1 rounds of a ``[B, H, K, V]`` ppermute, each shard sending ``M W + N`` of what it holds.
+    A round costs every shard one ``K x K`` by ``K x V`` product; shard r + 1 holds its true
+    entering state after round r."""
+    index = lax.axis_index(axis)
+    w, shift = w0, [(i, i + 1) for i in range(shards - 1)]
+    for r in range(shards - 1):
+        received = lax.ppermute(_apply(rule, m, w) + n, axis, shift)
+        w = jnp.where(index == r + 1, received, w)
+    final = lax.psum(jnp.where(index == shards - 1, _apply(rule, m, w) + n, 0.0), axis)
+    return w, final
+
+
+def _relay_back(rule: str, m: Array, g: Array, d_final: Array, axis: str, shards: int) -> tuple[Array, Array]:
+    """The gradient of this shard's end state, and initial_state's (on the first shard, zero on the
+    others), passed the other way: shard p sends ``M^T dW_end + G``, its entering state's gradient."""
+    index = lax.axis_index(axis)
+    d, shift = d_final, [(i + 1, i) for i in range(shards - 1)]
+    for r in range(shards - 1):
+        received = lax.ppermute(_apply_transposed(rule, m, d) + g, axis, shift)
+        d = jnp.where(index == shards - 2 - r, received, d)
+    return d, jnp.where(index == 0, _apply_transposed(rule, m, d) + g, 0.0)
+
+
+def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
+    """The chunk form's forward over the slice from ``w_in``, keeping its residuals (its custom_vjp's
+    own: the inputs, the writes U and each span's end state), so the backward needs no recompute."""
+    layout = _chunked(q, resets, chunk_size)
+    batch, length, heads, key_dim = q.shape
+    w0 = w_in.reshape(batch * heads, key_dim, v.shape[-1])
+    (out, _), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
+                                           w0, layout.document, scale)
+    return out[:, :length], residuals
+
+
+def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end):
+    layout = _chunked(q, resets, chunk_size)
+    length = q.shape[1]
+    dq, dk, dv, dbeta, _, _, d_scale = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
+                                                         (layout.pad(d_out), _group(d_end)))
+    return *(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta)), d_scale
+
+
+class _Static(NamedTuple):
+    rule: str
+    chunk_size: int
+    plan: ContextPlan
+    engine: str  # "chunk" (XLA) or "pallas" (the TPU kernel) for each shard's forward and backward
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+    """One shard's part of the op (inside shard_map): ``(out, final_state)`` of the whole sequence."""
+    (out, final), _ = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale)
+    return out, final
+
+
+def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+    rule, chunk_size, plan, engine = static
+    acc = w0.dtype
+    resets = _local_resets(segment_ids, plan.axis, plan.shards)
+    m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
+    w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
+    if engine == "pallas":
+        # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
+        def kernel(q, k, v, beta, w_in, scale):
+            return fast_weight_pallas(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size)
+
+        (out, _), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
+    else:
+        out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+    return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
+
+
+def _shard_backward(static: _Static, saved, cotangents):
+    rule, chunk_size, plan, engine = static
+    q, k, beta, segment_ids, scale, m, residuals = saved
+    d_out, d_final = cotangents
+    # The final state is replicated over the shards: differentiating the shard_map hands its
+    # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
+    d_final = lax.psum(d_final, plan.axis)
+    resets = _local_resets(segment_ids, plan.axis, plan.shards)
+    g = _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size)
+    # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
+    # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
+    d_end, d_w0 = _relay_back(rule, m, g, d_final, plan.axis, plan.shards)
+    if engine == "pallas":
+        dq, dk, dv, dbeta, _, d_scale = residuals((d_out, d_end))
+    else:
+        dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+    return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
+
+
+_shard_op.defvjp(_shard_forward, _shard_backward)
+
+
+def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
+    seq, state = plan.spec("B", "T", "H"), plan.spec("B", "H")
+    beta_spec = None if beta is None else seq
+    ids_spec = None if segment_ids is None else plan.spec("B", "T")
+    return seq, beta_spec, ids_spec, state
+
+
+def _resharded(plan: ContextPlan, args: tuple, specs: tuple) -> tuple:
+    """Under an explicit mesh, ``args`` resharded to ``specs`` where they differ (a replicated
+    ``initial_state`` takes the inputs' batch and head sharding, say); under an Auto mesh as they are."""
+    if not plan.explicit:
+        return args
+    return tuple(x if x is None or jax.typeof(x).sharding.spec == spec
+                 else jax.sharding.reshard(x, jax.sharding.NamedSharding(plan.mesh, spec))
+                 for x, spec in zip(args, specs, strict=True))
+
+
+def _shard_map(plan: ContextPlan, body, in_specs, out_specs):
+    """``body`` over the shards: under an explicit mesh every axis is manual (the inputs come sharded
+    as ``in_specs`` say, after :func:`_resharded`), under an Auto mesh only the T axis is, the others
+    being left to the partitioner. Autodiff goes through it: the residuals the custom_vjp keeps
+    stay on their shards, and the cotangents of replicated inputs are summed over the shards."""
+    axis_names = set(plan.mesh.axis_names) if plan.explicit else {plan.axis}
+    return jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names,
+                         check_vma=False)
+
+
+def fast_weight_context_parallel(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array | None,
+    initial_state: Array,
+    *,
+    rule: str,
+    scale: float | Array,
+    chunk_size: int,
+    segment_ids: Array | None,
+    plan: ContextPlan,
+    impl: str = "chunk",
+) -> tuple[Array, Array]:
+    """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
+    says (:func:`context_plan`), every shard running the chunk form on its slice (module docstring).
+
+    ``initial_state`` enters the first shard; the final state (the last shard's end) and its
+    gradient are replicated over the T axis. ``impl="pallas"``: the Pallas TPU kernel runs each
+    shard's forward and backward (on a TPU, or inside ``pltpu.force_tpu_interpret_mode()``).
+    """
+    engine = "pallas" if impl == "pallas" else "chunk"
+    if engine == "pallas":
+        if segment_ids is not None:
+            raise ValueError("segment_ids with a sharded T need impl='chunk' (the TPU kernel takes no resets)")
+        reason = pallas_supports(q, k, v, beta)
+        if reason is not None:
+            raise ValueError(f"impl='pallas' cannot take this call: {reason}")
+    acc = accumulation_dtype(q, k, v, beta, initial_state)
+    static = _Static(rule, chunk_size, plan, engine)
+    seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
+    specs = (seq, seq, seq, beta_spec, state, ids_spec)
+    args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
+    run = _shard_map(plan, partial(_shard_op, static), (*specs, PartitionSpec()), (seq, state))
+    return run(*args, jnp.asarray(scale, acc))
+
+
+def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Array | None = None, *,
+                                     context_axis: str | None = None) -> tuple[Array, Array]:
+    """The ``attention`` normalisation's running key sum with T sharded as :func:`context_plan`
+    finds it: ``(z [B, T, H, K], z_T [B, H, K])``, float32, ``z_t`` the sum of ``phi_k`` over the
+    steps of t's document up to t (the row's first document adding ``start [B, H, K]``) and
+    ``z_T`` the last step's (``start`` when T = 0), replicated over the T axis.
+
+    ``dpfp_jax.core.segments.running_key_sum`` with the ids instead of the resets, and the last
+    step's sum returned, not indexed (indexing a sharded T is refused under an explicit mesh).
+    Each shard sums its own slice, the shards all-gather their totals (and whether a document
+    starts in them: ``[P, B, H, K]``, never the sequence) and add what enters them. Without a
+    sharded T it is that function itself.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z, last = running_key_sum_context_parallel(jnp.ones((1, 4, 1, 1)), jnp.full((1, 1, 1), 10.0))
+        >>> z[0, :, 0, 0].tolist(), last[0, 0].tolist()
+        ([11.0, 12.0, 13.0, 14.0], [14.0])
+    """
+
+    start = start.astype(jnp.float32)
+    plan = context_plan(phi_k, context_axis, "chunk")
+    if plan is None:
+        z = running_key_sum(phi_k, start, None if segment_ids is None else resets_of(segment_ids))
+        return z, z[:, -1] if z.shape[1] else start
+    seq, _, ids_spec, state = _specs(plan, None, segment_ids)
+
+    def body(phi_k, start, segment_ids):
+        resets = _local_resets(segment_ids, plan.axis, plan.shards)
+        local = running_key_sum(phi_k, jnp.zeros_like(start), resets)
+        keep = jnp.ones(phi_k.shape[:1], bool) if resets is None else ~jnp.any(resets, axis=1)
+        keeps = lax.all_gather(keep.astype(jnp.float32)[:, None, None], plan.axis)
+        totals = lax.all_gather(local[:, -1], plan.axis)
+        starts, last = _fold("sum", keeps, totals, start)
+        index = lax.axis_index(plan.axis)
+        entering = lax.dynamic_index_in_dim(starts, index, keepdims=False)
+        first = jnp.ones(phi_k.shape[:2], bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
+        return local + jnp.where(first[:, :, None, None], entering[:, None], 0.0), last
+
+    run = jax.shard_map(body, mesh=plan.mesh, in_specs=(seq, state, ids_spec), out_specs=(seq, state),
+                        check_vma=False, axis_names=set(plan.mesh.axis_names) if plan.explicit else {plan.axis})
+    return run(*_resharded(plan, (phi_k, start, segment_ids), (seq, state, ids_spec)))

@@ -1,0 +1,277 @@
+"""Run by tests/test_context_parallel.py in a fresh process with N host CPU devices (XLA_FLAGS set
+there): ``python context_parallel_script.py N [--full]``. Prints OK on success.
+
+Context parallelism (T sharded over a mesh axis) against the oracle on one device, float32:
+outputs, final state and the gradients of q, k, v, beta, initial_state and scale, from a loss on
+both results, within 1e-5; both rules, with and without initial_state and segment_ids (a
+document crossing a shard boundary, a boundary falling on a reset), T / P not a multiple of the
+chunk size (and with ``impl="pallas"``, on 2 devices, the TPU kernel interpreted as each shard's
+engine); explicit meshes (T found from the inputs' types) and Auto meshes with
+``context_axis``; ``(seq,)``, ``(data, seq)`` and ``(data, seq, heads)`` meshes. Then the compiled
+program's collectives: none has an operand with the global T (and the same check does find the
+sequence all-gathers of the unsharded op on an Auto mesh, so it can fail). ``--full`` runs every
+combination, the default a covering subset, ``--quick`` both rules with every option, to keep the
+compile time small.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def collectives_with_length(hlo: str, length: int | None) -> list[str]:
+    """The lines of compiled HLO text whose collective has an array with a dimension ``length``
+    (every collective's with None)."""
+    found = []
+    for line in hlo.splitlines():
+        op = re.search(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if op is None:
+            # Tuple-shaped results put the shapes first: "= (f32[..], ..) all-gather-start(".
+            op = re.search(r"\)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if op is None:
+            continue
+        dims = [int(d) for shape in re.findall(r"\[([\d,]*)\]", line) for d in shape.split(",") if d]
+        if length is None or length in dims:
+            found.append(line.strip())
+    return found
+
+
+def main() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+
+    count = int(sys.argv[1])
+    full, quick = "--full" in sys.argv, "--quick" in sys.argv
+    assert jax.device_count() == count, f"expected {count} host devices, got {jax.device_count()}"
+    batch, length, heads, key_dim, value_dim, chunk = 2, 48, 2, 8, 4, 5
+    keys = jax.random.split(jax.random.key(count), 6)
+    q = dj.sum_norm(jax.nn.relu(jax.random.normal(keys[0], (batch, length, heads, key_dim))))
+    k = dj.sum_norm(jax.nn.relu(jax.random.normal(keys[1], (batch, length, heads, key_dim))))
+    v = jax.random.normal(keys[2], (batch, length, heads, value_dim))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (batch, length, heads)))
+    w0 = jax.random.normal(keys[4], (batch, heads, key_dim, value_dim))
+    scale = jnp.float32(0.7)
+    shard = length // count
+    # Row 0: a reset exactly on the first shard boundary and one just after it; row 1: a document
+    # from mid first shard across the boundary, another starting on the last step. (One device:
+    # the same ids, no boundary.)
+    starts = [[shard, shard + 3], [shard // 2, length - 1]]
+    ids = jnp.array([[sum(t >= s for s in row) for t in range(length)] for row in starts], jnp.int32)
+
+    def run(impl, rule, with_state, segment_ids, context_axis=None):
+        """Value, results and gradients of a loss on both results, wrt q, k, v, beta, w0, scale."""
+        def loss(q, k, v, beta, w0, scale):
+            out, state = dj.fast_weight(q, k, v, beta if rule == "delta" else None, rule=rule, scale=scale,
+                                        initial_state=w0 if with_state else None, impl=impl, chunk_size=chunk,
+                                        segment_ids=segment_ids, context_axis=context_axis)
+            return jnp.sum(out * jnp.sin(out)) + 0.3 * jnp.sum(state * jnp.cos(state)), (out, state)
+        return jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)
+
+    def check(name, got, want):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
+
+    args = (q, k, v, beta, w0, scale)
+    meshes = [("seq",)]
+    if count >= 4:
+        meshes.append(("data", "seq"))
+    if count >= 8:
+        meshes.append(("data", "seq", "heads"))
+    cases = list(itertools.product(("delta", "sum"), (True, False), (True, False)))
+    if not full:  # a covering subset: each rule with both options on, and each option off once
+        cases = [("delta", True, True), ("sum", True, True), ("delta", False, True), ("sum", True, False)]
+    if quick:  # both rules with every option on
+        cases = cases[:2]
+    checked = 0
+    for rule, with_state, with_ids in cases:
+        fn = run("reference", rule, with_state, ids if with_ids else None)
+        want = jax.jit(fn)(*args)
+        for names in meshes:
+            shape = tuple(2 if n != "seq" else count // 2 ** (len(names) - 1) for n in names)
+            time_spec = P("data" if "data" in names else None, "seq", "heads" if "heads" in names else None)
+            for axis_type in (AxisType.Explicit, AxisType.Auto):
+                if not full and (names != meshes[-1] and axis_type == AxisType.Auto):
+                    continue
+                mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+                name = f"{rule} state={with_state} ids={with_ids} mesh={names} {axis_type}"
+                if axis_type == AxisType.Explicit:
+                    spec_of = {4: time_spec, 3: P(*time_spec[:3]), 2: P(*time_spec[:2])}
+
+                    def put(x, spec_of=spec_of, mesh=mesh):
+                        if x.ndim == 0:
+                            return jax.device_put(x, NamedSharding(mesh, P()))
+                        if x.shape == w0.shape:  # the state: replicated, as a model's parameters would be
+                            return jax.device_put(x, NamedSharding(mesh, P()))
+                        return jax.device_put(x, NamedSharding(mesh, spec_of[x.ndim]))
+
+                    fn = run("chunk", rule, with_state, put(ids) if with_ids else None)
+                    got = jax.jit(fn)(*(put(x) for x in args))
+                    out = got[0][1][0]
+                    assert out.sharding.spec[1] == "seq", (name, out.sharding)
+                else:
+                    fn = run("auto", rule, with_state, ids if with_ids else None, context_axis="seq")
+                    with jax.set_mesh(mesh):
+                        got = jax.jit(fn)(*args)
+                check(name, got, want)
+                checked += 1
+
+    check_key_sum_and_layers(count, ids)
+    if count == 2:
+        check_pallas_engine()
+
+    # The compiled program's collectives: none carries the global T (here 48; no other
+    # dimension of these arrays is 48).
+    mesh = jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))
+    fn = run("auto", "delta", True, ids, context_axis="seq")
+    with jax.set_mesh(mesh):
+        along_t = NamedSharding(mesh, P(None, "seq"))
+        sharded = tuple(jax.device_put(x, along_t) if x.ndim >= 3 and x.shape[1] == length else x for x in args)
+        hlo = jax.jit(fn).lower(*sharded).compile().as_text()
+        bad = collectives_with_length(hlo, length)
+        assert not bad, "collectives with the global T:\n" + "\n".join(bad)
+        if count > 1:
+            assert collectives_with_length(hlo, None), "expected the states passed between the shards"
+        if count > 1:
+            # The check can fail: a replicating constraint on a sequence-sharded input gathers T.
+            gather = jax.jit(lambda x: jax.lax.with_sharding_constraint(x * 2, P()))
+            assert collectives_with_length(gather.lower(sharded[0]).compile().as_text(), length)
+    print(f"checked {checked} sharded runs")
+
+    # Errors, each naming its argument.
+    expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="nope"), "context_axis", mesh)
+    expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="seq", impl="scan"), "chunk", mesh)
+    if count > 1:  # the TPU kernel per shard: only on a TPU or in interpret mode
+        expect_error(lambda: dj.fast_weight(q, k, v, beta, context_axis="seq", impl="pallas"), "pallas", mesh)
+    if count > 1:
+        odd = q[:, : count + 1]
+        expect_error(lambda: dj.fast_weight(odd, odd, v[:, : count + 1], beta[:, : count + 1], context_axis="seq"),
+                     "divisible", mesh)
+    if count >= 4:
+        both = jax.make_mesh((count // 2, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+        xs = [jax.device_put(x, NamedSharding(both, P("seq"))) for x in (q, k, v, beta)]
+        expect_error(lambda: dj.fast_weight(*xs, context_axis="seq"), "context_axis", None)
+    print("OK")
+
+
+def check_key_sum_and_layers(count, ids) -> None:
+    """The ``attention`` normalisation's running key sum with T sharded (explicit and Auto meshes),
+    value and gradients; and a DPFPformer taking sequence-sharded activations under an explicit mesh
+    (the op finds the sharded T itself), outputs and parameter gradients."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    from dpfp_jax.core.segments import running_key_sum
+    from dpfp_jax.ops.fast_weight.context_parallel import running_key_sum_context_parallel
+    from dpfp_jax.ops.fast_weight.segments import resets_of
+
+    phi = jax.random.uniform(jax.random.key(0), (*ids.shape, 2, 3))
+    start = jax.random.normal(jax.random.key(1), (ids.shape[0], 2, 3))
+
+    def loss(phi, start, key_sum, **options):
+        z, last = key_sum(phi, start, ids_of[0], **options)
+        return jnp.sum(jnp.sin(z)) + jnp.sum(jnp.cos(last))
+
+    def oracle(phi, start, ids):
+        z = running_key_sum(phi, start, resets_of(ids))
+        return z, z[:, -1]
+
+    ids_of = [ids]
+    grad = functools.partial(jax.value_and_grad(loss, argnums=(0, 1)))
+    want = grad(phi, start, oracle)
+    explicit = jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Explicit,))
+    along_t = NamedSharding(explicit, P(None, "seq"))
+    ids_of[0] = jax.device_put(ids, along_t)
+    got = jax.jit(lambda p, s: grad(p, s, running_key_sum_context_parallel))(jax.device_put(phi, along_t), start)
+    ids_of[0] = ids
+    with jax.set_mesh(jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))):
+        got_auto = jax.jit(lambda p, s: grad(p, s, running_key_sum_context_parallel, context_axis="seq"))(phi, start)
+    # phi's gradient sums cos(z) over up to 48 later steps (values up to ~30), in another order on
+    # each side: float32 rounding of such sums is ~1e-5 (seen: 1.5e-5 on 8 devices).
+    for result in (got, got_auto):
+        for g, w in zip(jax.tree.leaves(result), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=5e-5, err_msg="key sum")
+
+    model = dj.DPFPformer(16, 2, num_heads=2, head_dim=4, nu=2)
+    x = jax.random.normal(jax.random.key(2), (2, 16 * count, 16))
+    variables = model.init(jax.random.key(3), x)
+
+    def model_loss(params, x):
+        return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+    want = jax.jit(jax.value_and_grad(model_loss))(variables["params"], x)
+    x_sharded = jax.device_put(x, along_t)
+    params = jax.device_put(variables["params"], NamedSharding(explicit, P()))
+    got = jax.jit(jax.value_and_grad(model_loss))(params, x_sharded)
+    assert jax.jit(model.apply)({"params": params}, x_sharded).sharding.spec[1] == "seq"
+    # The final LayerNorm's gradients (hundreds) set the round-off of all others: float32's own
+    # error against a float64 run was up to 2e-4 on one device, the same on four.
+    largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6 * largest, err_msg="DPFPformer")
+
+
+def check_pallas_engine() -> None:
+    """``impl="pallas"`` with T sharded over 2 devices: the TPU kernel (interpreted) runs each shard's
+    forward and backward from its entering state; results and gradients (values up to ~50) against
+    the oracle to float32 round-off."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    from dpfp_devtools.workloads import make_inputs
+
+    inputs = make_inputs(0, batch=1, time=64, heads=2, key_dim=16, value_dim=64, with_state=True)
+    args = [inputs[n] for n in ("q", "k", "v", "beta", "initial_state")]
+
+    def grads(impl):
+        def loss(q, k, v, beta, w0):
+            out, state = dj.fast_weight(q, k, v, beta, initial_state=w0, impl=impl, chunk_size=16)
+            return jnp.sum(out * jnp.sin(out)) + jnp.sum(state**2), (out, state)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(5)), has_aux=True))
+
+    want = grads("reference")(*args)
+    mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Explicit,))
+    sharded = [jax.device_put(x, NamedSharding(mesh, P() if x.shape == args[4].shape else P(None, "seq")))
+               for x in args]
+    with pltpu.force_tpu_interpret_mode():
+        got = grads("pallas")(*sharded)
+    largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6 * largest, err_msg="pallas")
+
+
+def expect_error(call, words, mesh) -> None:
+    import contextlib
+
+    import jax
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        try:
+            call()
+        except ValueError as error:
+            assert words in str(error), (words, str(error))
+            return
+    raise AssertionError(f"expected a ValueError about {words}")
+
+
+if __name__ == "__main__":
+    main()

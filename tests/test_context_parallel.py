@@ -1,0 +1,124 @@
+"""Context parallelism: T sharded over a mesh axis equals the single-device op.
+
+The multi-device checks run tests/scripts/context_parallel_script.py in fresh processes with 2, 4
+and 8 host CPU devices (its docstring lists them); here also the per-shard algebra on one device:
+over a shard, the end state is ``M W_in + N`` for the ``(M, N)`` the scheme exchanges.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _fold, _transition
+from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+from tests.helpers import REPO_ROOT
+
+SCRIPT = Path(__file__).with_name("scripts") / "context_parallel_script.py"
+
+
+def _inputs(seed: int, batch=2, length=23, heads=2, key_dim=6, value_dim=3):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    k = jax.nn.softmax(jax.random.normal(keys[0], (batch, length, heads, key_dim)), axis=-1)
+    v = jax.random.normal(keys[1], (batch, length, heads, value_dim))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[2], (batch, length, heads)))
+    w_in = jax.random.normal(keys[3], (batch, heads, key_dim, value_dim))
+    return k, v, beta, w_in
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_a_shard_is_affine_in_its_entering_state(rule, with_resets):
+    k, v, beta, w_in = _inputs(0)
+    beta = beta if rule == "delta" else None
+    # Row 0 restarts mid-shard (M must be zero there), row 1 runs through.
+    resets = jnp.zeros(k.shape[:2], bool).at[0, 9].set(True) if with_resets else None
+    m, n = _transition(rule, k, v, beta, resets, jnp.float32, 4)
+    _, want = fast_weight_reference(k, k, v, beta, w_in, rule=rule, scale=1.0, resets=resets)
+    np.testing.assert_allclose(_apply(rule, m, w_in) + n, want, rtol=1e-5, atol=1e-5)
+    if with_resets:
+        assert float(jnp.max(jnp.abs(m[0]))) == 0.0 and float(jnp.max(jnp.abs(m[1]))) > 0.0
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_the_entering_gradient_is_the_oracles_from_the_outputs_alone(rule, with_resets):
+    k, v, beta, w_in = _inputs(2)
+    q = jnp.roll(k, 1, axis=-1)
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(k.shape[:2], bool).at[1, 5].set(True).at[1, 17].set(True) if with_resets else None
+    d_out = jax.random.normal(jax.random.key(3), v.shape)
+    scale = jnp.float32(0.6)
+
+    def outputs(w):
+        return fast_weight_reference(q, k, v, beta, w, rule=rule, scale=scale, resets=resets)[0]
+
+    want = jax.vjp(outputs, w_in)[1](d_out)[0]
+    got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fold_gives_each_shard_the_state_the_sequence_reaches_there():
+    k, v, beta, w0 = _inputs(1, length=24)
+    shards = [slice(0, 8), slice(8, 16), slice(16, 24)]
+    pieces = [_transition("delta", k[:, s], v[:, s], beta[:, s], None, jnp.float32, 3) for s in shards]
+    starts, final = _fold("delta", *(jnp.stack(x) for x in zip(*pieces, strict=True)), w0)
+    for index, s in enumerate(shards):
+        _, want = fast_weight_reference(k[:, :s.start], k[:, :s.start], v[:, :s.start], beta[:, :s.start], w0,
+                                        rule="delta", scale=1.0)
+        np.testing.assert_allclose(starts[index], want, rtol=1e-5, atol=1e-5)
+    _, want = fast_weight_reference(k, k, v, beta, w0, rule="delta", scale=1.0)
+    np.testing.assert_allclose(final, want, rtol=1e-5, atol=1e-5)
+
+
+def _run(*args: str, count: int) -> None:
+    # As tests/test_multidevice.py's run_with_host_devices, with the script's arguments.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, str(SCRIPT), str(count), *args], env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+@pytest.mark.jax_sensitive
+def test_sharded_sequence_on_4_devices_equals_one_device():
+    _run(count=4)
+
+
+@pytest.mark.jax_sensitive
+@pytest.mark.parametrize("count", [2, 8])
+def test_sharded_sequence_on_2_and_8_devices_equals_one_device(count):
+    _run("--quick", count=count)
+
+
+@pytest.mark.slow
+@pytest.mark.jax_sensitive
+@pytest.mark.parametrize("count", [2, 4, 8])
+def test_every_combination_on_2_4_8_devices(count):
+    _run("--full", count=count)
+
+
+@pytest.mark.slow
+@pytest.mark.jax_sensitive
+def test_sequence_split_between_two_processes_equals_one_device():
+    import socket
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).with_name("scripts") / "context_parallel_processes_script.py"
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=1200)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0 and output.strip().endswith("OK"), output
