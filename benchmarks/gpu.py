@@ -216,12 +216,12 @@ def compile_jla_for(num_sms: int) -> None:
             module.num_sms = lambda: num_sms
 
 
-def benchmark(repeats: int, memory_shapes: list[tuple[int, ...]]) -> None:
+def benchmark(repeats: int, memory_shapes: list[tuple[int, ...]], shapes: list[tuple[int, ...]]) -> None:
     """Each shape's table: every contender's forward and forward+backward timed in interleaved rounds
     (median of ``repeats``: ``benchmarks.common.time_interleaved_ms``), its runtime allocator peak
     over a forward+backward (the same figure on both sides; for JAX contenders only at
     ``memory_shapes``, each taking two fresh processes), and JAX's compiled peak beside it."""
-    for shape in SHAPES:
+    for shape in shapes:
         batch, length, heads, key_dim, value_dim = shape
         args = delta_rule_inputs(batch, length, heads, key_dim, value_dim, jnp.bfloat16)
         print(f"\n## B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, bfloat16\n")
@@ -304,6 +304,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (median)")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=SHAPES, metavar="B,T,H,K,V",
+                        help="the shapes to time (default: the issue's four at T=4096 and one at T=16384)")
     parser.add_argument("--memory-shapes", type=parse_shape, nargs="*", default=[SHAPES[0], SHAPES[3]],
                         metavar="B,T,H,K,V",
                         help="shapes at which JAX contenders' runtime peak is measured (two fresh processes "
@@ -327,7 +329,7 @@ def main() -> None:
             print(f"compiled for {args.deviceless}, not run")
             failures = deviceless_memory(args.deviceless)
         else:
-            benchmark(args.repeats, args.memory_shapes)
+            benchmark(args.repeats, args.memory_shapes, args.shapes)
             failures = 0
     sys.exit(1 if failures else 0)
 

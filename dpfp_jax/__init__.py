@@ -23,7 +23,7 @@ from dpfp_jax.feature_maps import (
 from dpfp_jax.nn import NORMALIZATIONS, DPFPAttention, DPFPCell, DPFPformer, FastWeightAttention
 from dpfp_jax.ops import IMPLS, RULES, check_delta_stability, fast_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FEATURE_MAPS",

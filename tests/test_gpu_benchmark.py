@@ -1,58 +1,44 @@
 """benchmarks/gpu.py measures like for like, checked on the CPU (its GPU run needs a lent GPU).
 
-Both frameworks' contenders are timed in the same interleaved rounds, the memory column is an
-allocator peak on both sides (JAX's from a fresh process loading its program from a compilation
-cache), and a figure that is missing reads "n/a", never a number.
+Run as the script it is (``python -m benchmarks.gpu``) at a tiny shape: every contender gets a
+row (figures, or why not), the memory column is each side's allocator peak, JAX's taken in fresh
+processes (which on a CPU, where XLA keeps no allocator statistics, say so instead of giving a
+number), and a figure that is missing reads "n/a", never a number.
 """
 
-import math
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks import gpu
-from dpfp_devtools.workloads import ours
+from tests.helpers import REPO_ROOT
 
-TINY = (1, 32, 1, 8, 4)
-
-
-def test_every_contender_is_timed_in_the_same_interleaved_rounds(monkeypatch, capsys):
-    rounds = []
-
-    def fake_interleaved(fns, *args, repeats):
-        rounds.append(sorted(fns))
-        return {name: float(i + 1) for i, name in enumerate(sorted(fns))}
-
-    monkeypatch.setattr(gpu, "SHAPES", [TINY])
-    monkeypatch.setattr(gpu, "time_interleaved_ms", fake_interleaved)
-    monkeypatch.setattr(gpu, "contenders", lambda: {"ours chunk": ("jax", ours("chunk")),
-                                                    "ours scan": ("jax", ours("scan")),
-                                                    "FLA chunk_delta_rule": ("torch", None)})
-    gpu.benchmark(repeats=3, memory_shapes=[])
-    table = capsys.readouterr().out
-    # one round of forwards, one of forward+backwards, both over every contender that runs
-    assert rounds == [["ours chunk", "ours scan"]] * 2
-    assert "| FLA chunk_delta_rule | not installed |" in table
-    # no runtime peak was asked for: n/a, not a number; the compiled peak is there
-    chunk_row = next(line for line in table.splitlines() if line.startswith("| ours chunk |"))
-    cells = [c.strip() for c in chunk_row.strip("|").split("|")]
-    assert cells[1:4] == ["1.00", "1.00", "n/a"]
-    assert cells[4] != "n/a" and float(cells[4]) >= 0  # GB: a tiny program rounds to 0.00
+TINY = "1,32,1,8,4"
 
 
-def test_ratio_cells_of_a_missing_figure_read_na(capsys):
-    gpu.print_ratio_table({"a": (1.0, math.nan), "b": (2.0, 4.0)}, ("x", "y"), {"x": 0, "y": 1}, ("a",), digits=1)
-    out = capsys.readouterr().out
-    assert "| b | 2.0 | 4.0 | 2.00x | n/a |" in out
+def run_benchmark(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
 
 
-@pytest.mark.slow
-def test_jax_runtime_peak_comes_from_a_fresh_process_or_says_why():
-    # On a CPU XLA keeps no allocator statistics: the figure is a reason, not a number.
-    peak = gpu.jax_runtime_peak_bytes("ours chunk", TINY)
-    assert isinstance(peak, str) and "no allocator statistics on cpu" in peak
+@pytest.mark.slow  # runs every contender and two fresh processes: about half a minute
+def test_the_table_gives_every_contender_a_row_and_missing_figures_as_na():
+    result = run_benchmark("--shapes", TINY, "--memory-shapes", TINY, "--repeats", "2")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("command: python -m benchmarks.gpu") and "load average at end:" in out, out
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in out.splitlines() if line.startswith("| "))}
+    assert rows["FLA chunk_delta_rule"][1] == "not installed", out  # no PyTorch here
+    chunk = rows["ours chunk"]
+    assert float(chunk[1]) > 0 and float(chunk[2]) > 0, out  # forward and forward+backward ms
+    # Runtime peak asked for at this shape: on a CPU the fresh process says there is none.
+    assert chunk[3] == "n/a" and "- ours chunk: no runtime peak: measure failed: no allocator statistics on cpu" in out
+    assert chunk[4] != "n/a" and float(chunk[4]) >= 0, out  # the compiled peak (GB) is there
+    assert chunk[5] == "1.00x", out  # the time ratio over itself, the base row
+    assert rows["ours scan"][5].endswith("x") and rows["ours scan"][6] == "n/a", out  # no runtime peak: no ratio
 
 
-def test_shapes_are_parsed_with_a_clear_error():
-    assert gpu.parse_shape("8,4096,8,128,64") == (8, 4096, 8, 128, 64)
-    with pytest.raises(Exception, match="five positive integers"):
-        gpu.parse_shape("8,4096,8,0,64")
+def test_shapes_are_checked_by_the_command_line():
+    result = run_benchmark("--shapes", "8,4096,8,0,64")
+    assert result.returncode == 2 and "five positive integers B,T,H,K,V" in result.stderr, result.stderr

@@ -73,6 +73,14 @@ def test_the_shared_core_imports_no_layer_and_no_flax():
     assert not found, found
 
 
+def test_the_op_imports_no_layer_and_no_flax():
+    # The op (dpfp_jax.ops) sits under the layers' math: the context-parallel op's key sum, say,
+    # lives with the op's segments and the core imports it, never the reverse.
+    found = [f"{path}:{line}: {module}" for path, line, module in imports_of("ops")
+             if any(within(module, p) for p in ("dpfp_jax.core", "dpfp_jax.nn", "dpfp_jax.nnx", "flax"))]
+    assert not found, found
+
+
 @pytest.mark.parametrize("package, other", [("nn", "dpfp_jax.nnx"), ("nnx", "dpfp_jax.nn")])
 def test_linen_and_nnx_layers_do_not_import_each_other(package, other):
     found = [f"{path}:{line}: {module}" for path, line, module in imports_of(package) if within(module, other)]

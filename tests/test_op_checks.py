@@ -87,6 +87,10 @@ def test_check_stability_arguments():
         dj.fast_weight(**inputs, check_stability="yes")
     with pytest.raises(ValueError, match="first at batch 0, head 0, step 2"):
         dj.fast_weight(**{**inputs, "beta": inputs["beta"].at[0, 2, 0].set(-0.5)}, check_stability=True)
+    # numpy's booleans are booleans: checked eagerly, passing or naming the step, as True is.
+    dj.fast_weight(**inputs, check_stability=np.True_)
+    with pytest.raises(ValueError, match="first at batch 0, head 0, step 2"):
+        dj.fast_weight(**{**inputs, "beta": inputs["beta"].at[0, 2, 0].set(-0.5)}, check_stability=np.True_)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import dpfp_jax as dj
 import dpfp_jax.core.attention as core_attention
 from dpfp_jax import nnx as djnnx
 from dpfp_jax.core.settings import FastWeightSettings
-from tests.helpers import normal
+from tests.helpers import SCRIPTS, normal, run_with_host_devices
 
 B, T, D, H = 2, 8, 8, 2
 
@@ -178,3 +178,11 @@ def test_identity_with_l2_is_accepted_and_stays_bounded():
     assert np.isfinite(np.asarray(y)).all()
     # |k| <= 1 and beta < 1: no column of W grows past the sum of its writes (the values' scale).
     assert float(jnp.abs(memory).max()) < 50.0, float(jnp.abs(memory).max())
+
+
+# --- context_axis: the sequence sharded over devices (docs/context_parallel.md) -----------------
+
+@pytest.mark.jax_sensitive
+def test_context_axis_shards_the_sequence_but_not_a_decode_step():
+    result = run_with_host_devices(SCRIPTS / "context_axis_decode_script.py", count=2)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]

@@ -208,6 +208,7 @@ class AttentionSpec(FastWeightSettings):
         initial_state: Array | None = None,
         key_sum: Array | None = None,
         restart: Array | None = None,
+        decoding: bool = False,
     ) -> tuple[Array, Memory]:
         """From the input projection ``[B, T, H, 3 d (+ 1)]`` to the heads' outputs ``[B, T, H, d]``
         (before the output projection) and the new memory: W, or ``(W, z)`` for ``"attention"``.
@@ -223,7 +224,10 @@ class AttentionSpec(FastWeightSettings):
           key_sum: z ``[B, H, K]`` to continue (``normalization="attention"``; None: zeros).
           restart: ``[B]`` bool, True for a row whose carried W and z belong to a finished
             document (a decode cache meeting a new segment id): that row starts from zeros.
+          decoding: the call continues a decode cache (a few new tokens): ``context_axis`` is
+            not applied, since a decode step's tokens are not split over devices.
         """
+        context_axis = None if decoding else self.context_axis
         q, k, v, beta = split_heads_projection(projection, self.head_dim, self.rule == "delta")
         phi_q, phi_k = self.features(q), self.features(k)
         if mask is not None:
@@ -239,7 +243,7 @@ class AttentionSpec(FastWeightSettings):
         out, w = fast_weight(
             phi_q, phi_k, v, beta, rule=self.rule, initial_state=initial_state,
             scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, chunk_size=self.chunk_size,
-            segment_ids=segment_ids, context_axis=self.context_axis,
+            segment_ids=segment_ids, context_axis=context_axis,
         )
         if self.normalization != "attention":
             return out, w
@@ -248,7 +252,7 @@ class AttentionSpec(FastWeightSettings):
         if restart is not None:
             z_start = restart_rows(restart, z_start)
         # The last step's sum comes back beside z: indexing z[:, -1] is refused on a sharded T.
-        z, z_last = running_key_sum_context_parallel(phi_k, z_start, segment_ids, context_axis=self.context_axis)
+        z, z_last = running_key_sum_context_parallel(phi_k, z_start, segment_ids, context_axis=context_axis)
         denominator = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z) + self.eps
         out = (out.astype(jnp.float32) / denominator[..., None]).astype(out.dtype)
         return out, (w, z_last)

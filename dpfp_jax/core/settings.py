@@ -85,7 +85,9 @@ class FastWeightSettings:
         (``jax.set_mesh``), whose layout the op cannot see; under an explicit mesh a sequence
         sharded in the inputs' types is found without it. ``normalization="attention"``'s
         running key sum is carried across the shards too. None: the sequence is not sharded
-        (or is, under an explicit mesh).
+        (or is, under an explicit mesh). Not applied while decoding (``decode=True`` calls
+        continuing the cache); a layer with it runs only under a mesh that has that axis, so
+        evaluate on one device with a copy that has ``context_axis=None`` (same parameters).
     """
 
     feature_map: FeatureMapLike = "dpfp"

@@ -156,7 +156,7 @@ class FastWeightAttention(nn.Module, FastWeightSettings, HasAttentionSpec):
                      precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init)
         projection = nn.DenseGeneral(features=spec.projection_features, name="qkv", **dense)(x)
         out, new_memory = spec.attend(projection, mask=mask, segment_ids=segment_ids, initial_state=w0,
-                                      key_sum=z0, restart=restart)
+                                      key_sum=z0, restart=restart, decoding=self.decode)
 
         if self.decode and initialized:
             if cached_z is None:

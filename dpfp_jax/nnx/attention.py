@@ -165,7 +165,7 @@ class FastWeightAttention(nnx.Module, HasAttentionSpec):
             restart = decode_restart(cached_id, segment_ids)
 
         out, new_memory = spec.attend(project(self.qkv, zero_padding(x, mask)), mask=mask, segment_ids=segment_ids,
-                                      initial_state=w0, key_sum=z0, restart=restart)
+                                      initial_state=w0, key_sum=z0, restart=restart, decoding=decode)
         if decode:
             if self.key_sum is None:
                 self.fast_weights[...] = new_memory

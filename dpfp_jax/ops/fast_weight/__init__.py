@@ -215,7 +215,7 @@ def fast_weight(
     plan = context_plan(q, context_axis, impl)
     if plan is not None:
         state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
-        with refuse_forward_mode("context parallel chunk", impl, q, k, v, beta, state, scale):
+        with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, state, scale):
             return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
                                                 segment_ids=segment_ids, plan=plan, impl=impl)
     candidates = auto_candidates(q, chunk_size) if impl == "auto" else (impl,)

@@ -47,7 +47,7 @@ from dpfp_jax.ops.fast_weight.chunk import (
     documents_of,
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
 from dpfp_jax.ops.fast_weight.segments import resets_of, running_key_sum
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
 from pallas_kernels.padding import pad_to
@@ -466,6 +466,10 @@ def fast_weight_context_parallel(
     if engine == "pallas":
         if segment_ids is not None:
             raise ValueError("segment_ids with a sharded T need impl='chunk' (the TPU kernel takes no resets)")
+        if not runs_tpu_kernel():
+            # The GPU kernels have not run on a GPU yet, and not as a shard's engine anywhere.
+            raise ValueError("impl='pallas' with a sharded T runs the Pallas TPU kernel per shard: on a TPU, or on a "
+                             "CPU inside pltpu.force_tpu_interpret_mode(); elsewhere use impl='chunk'")
         reason = pallas_supports(q, k, v, beta)
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot take this call: {reason}")

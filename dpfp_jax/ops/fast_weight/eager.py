@@ -103,7 +103,7 @@ def jit_when_eager(fn: Callable[..., Any], *, dynamic: tuple[str, ...], numbers_
         arguments = bound.arguments
         if not all(_passes_jit_unchanged(arguments.get(name), name in numbers_ok) for name in dynamic):
             return fn(*args, **kwargs)
-        if arguments.get(CHECK_OPTION) is True:
+        if isinstance(arguments.get(CHECK_OPTION), bool | np.bool_) and bool(arguments.get(CHECK_OPTION)):
             error, result = jitted_checked(**arguments)
             if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(error)):
                 # Concrete arguments inside an outer trace (closed-over constants): the error is not
