@@ -148,6 +148,14 @@ def test_sharded_step_on_eight_devices_equals_one_device():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
+@pytest.mark.jax_sensitive
+def test_context_parallel_training_on_four_devices_gives_the_unsharded_losses():
+    # --context-parallel 2 and 4 (and 2 with --pack) against the batch over all 4 devices, step by
+    # step; the step's compiled collectives carry no global T (the script's docstring).
+    result = run_with_host_devices(SCRIPTS / "lm_context_parallel_script.py", count=4)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
 def usage_error(capsys, main, argv) -> str:
     """The one-line argparse error ``main(argv)`` exits with (status 2, no traceback)."""
     capsys.readouterr()
@@ -427,11 +435,16 @@ BAD_COMMANDS = {
     "address without port": (["--coordinator-address", "localhost"], "--coordinator-address"),
     "process id out of range": (["--num-processes", "2", "--process-id", "2"], "--process-id"),
     "missing data file": (["--data", "{tmp}/absent.txt"], "--data"),
+    "zero context parallel": (["--context-parallel", "0"], "--context-parallel"),
+    "context parallel softmax": (["--attention", "softmax", "--context-parallel", "2"], "--context-parallel"),
+    "seq-len not split in N": (["--context-parallel", "3"], "--seq-len 32 must be divisible by --context-parallel 3"),
     # Found once the data and the output folder are read, still before any state is built:
     "resume without a checkpoint": (["--resume"], "--resume"),
     "pack without separators": (["--pack", "--data", "{plain}"], "--pack"),
     "data shorter than a window": (["--data", "{plain}", "--seq-len", "2000"], "--seq-len"),
     "streams shorter than a segment": (["--carry", "--batch-size", "8000"], "--carry"),
+    # Found once jax knows the devices (1 here, 16 not being a divisor of any usual count):
+    "context parallel over more devices": (["--context-parallel", "16"], "--context-parallel 16 must divide the"),
 }
 
 
