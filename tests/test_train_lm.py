@@ -228,18 +228,21 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("context_parallel", ["1", "4"])
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, context_parallel):
     # jax's multi-controller engine on the CPU: two processes of 2 host devices each (CPU
-    # collectives over gloo, jax's default), launched as the README says.
+    # collectives over gloo, jax's default), launched as the README says. With --context-parallel
+    # 4 every sequence is split over all four devices, between the two processes.
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     run = [*TINY, "--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+    two_run = [*run, "--context-parallel", context_parallel]
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": path}
     processes = [
-        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *run, "--out",
+        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *two_run, "--out",
                           str(tmp_path / "two"), "--coordinator-address", f"localhost:{port}", "--num-processes",
                           "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
