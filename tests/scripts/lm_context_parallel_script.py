@@ -3,8 +3,8 @@
 losses of the same run without it (the batch over all 4 devices), step by step, within float32
 round-off (1e-5 relative), for N = 2 and 4, and for N = 2 with packed documents (segment ids
 split with the sequence) and with ``--carry`` (the memory carried between steps enters the first
-shard); and the context-parallel step compiles to a program none of whose
-collectives carries the global T. Prints OK on success."""
+shard); and the context-parallel step compiles to a program whose activations are split over
+``seq`` and none of whose collectives carries the global T. Prints OK on success."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def main() -> None:
     hlo = trainer.make_train_step().lower(state, windows, reset, None).compile().as_text()
     bad = collectives_with_length(hlo, args.seq_len)
     assert not bad, "collectives with the global T:\n" + "\n".join(bad)
+    # And the sequence is split at all (without context parallelism no collective carries T
+    # either, every device running whole rows): each device's embeddings are 2 rows of 12 bytes,
+    # never of 24.
+    assert "f32[2,12,16]" in hlo and "f32[2,24,16]" not in hlo, "the activations are not split over seq"
     print("OK")
 
 
