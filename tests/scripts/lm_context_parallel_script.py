@@ -29,16 +29,22 @@ def main() -> None:
             "--batch-size", "4", "--corpus-bytes", "20000", "--no-progress", "--warmup", "1", "--steps", "3",
             "--eval-windows", "2"]
     with tempfile.TemporaryDirectory() as folder:
-        def losses(*extra: str) -> list[float]:
-            out = Path(folder) / "-".join(extra)
-            result = train_lm.main([*tiny, *extra, "--out", str(out)])
+        def run(*extra: str) -> dict:
+            return train_lm.main([*tiny, *extra, "--out", str(Path(folder) / "-".join(extra))])
+
+        def losses(result: dict) -> list[float]:
             return [result["losses"][step] for step in sorted(result["losses"])]
 
         for extra in ([], ["--pack"], ["--carry"]):
-            want = losses(*extra)
+            want = losses(run(*extra))
             for parts in (2, 4) if not extra else (2,):
-                got = losses(*extra, "--context-parallel", str(parts))
-                np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"--context-parallel {parts} {extra}")
+                # --sample once: decoding (one byte a call) runs without the sequence axis.
+                sample = ["--sample", "4"] if parts == 4 else []
+                result = run(*extra, *sample, "--context-parallel", str(parts))
+                np.testing.assert_allclose(losses(result), want, rtol=1e-5,
+                                           err_msg=f"--context-parallel {parts} {extra}")
+                if sample:
+                    assert len(result["sample"]) == 4, result["sample"]
 
     # The step's compiled program: the sequence stays split (only parameter-sized and state-sized
     # collectives; T = 24 is no other dimension of this model).
