@@ -9,6 +9,7 @@ devices, a GPU, a TPU slice, or several machines (one process each, see below).
     python examples/train_lm.py --preset paper-small --steps 20000 --out out/lm-gpu   # the paper's LM size
     python examples/train_lm.py --attention linear --rule sum --out out/lm-linear
     python examples/train_lm.py --carry --out out/lm-carry                   # fast weights across segments
+    python examples/train_lm.py --context-parallel 4 --out out/lm-cp         # each sequence over 4 devices
     python examples/train_lm.py --resume --steps 600 --out out/lm            # continue from the checkpoint
     python examples/train_lm.py --sample 200 --steps 0 --resume --out out/lm  # generate from a checkpoint
 
@@ -19,6 +20,12 @@ start the same command once per process with ``--coordinator-address HOST:PORT -
 devices, each process builds only its rows of the global batch, orbax writes one checkpoint
 together, and process 0 alone writes ``metrics.jsonl`` and ``loss.png`` and prints. ``--out`` must
 be a folder every process sees.
+
+``--context-parallel N`` splits each window's sequence over N devices (context parallelism): the
+mesh becomes ``(batch, seq)`` of ``(devices / N, N)`` and the layers get ``context_axis="seq"``,
+so each device holds and computes a slice of every sequence; the losses are those of the run
+without it. ``--seq-len`` must be divisible by N and N must divide the devices; softmax attention
+is refused.
 
 Data: ``--data PATH`` (any text file, read as bytes) or, by default, this Python's own standard
 library sources (every ``*.py`` directly under the stdlib folder, sorted by name, up to
@@ -145,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=real(0.0, inclusive=False), default=1.0,
                         help="gradient clipping by global norm")
     parser.add_argument("--carry", action="store_true", help="carry fast weights across consecutive segments")
+    parser.add_argument("--context-parallel", type=integer(1), default=1,
+                        help="split each window's sequence over N devices (context parallelism: a (batch, seq) "
+                             "mesh of devices / N x N; --seq-len divisible by N; fast-weight attention only)")
     parser.add_argument("--pack", action="store_true",
                         help=f"pack documents (each source file, led by the byte {SEPARATOR:#04x}; with --data, "
                              f"its {SEPARATOR:#04x} bytes start documents) and train and validate with segment ids")
@@ -204,6 +214,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--carry carries fast weights; softmax attention has none"
     if args.carry and args.pack:
         return "--carry and --pack cannot be combined: the carried memory would cross documents"
+    if args.context_parallel > 1 and args.attention == "softmax":
+        return (f"--context-parallel {args.context_parallel} splits the fast-weight attentions' sequence; "
+                "softmax attention has no context-parallel form here")
     if args.data is not None and not args.data.is_file():
         return f"--data {args.data}: no such file"
     if args.sample and args.prompt == "":  # None: the fallback fills it in
@@ -231,6 +244,8 @@ def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = 
     for name, (value, _) in FALLBACKS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.seq_len % args.context_parallel:  # the preset's --seq-len is known only now
+        parser.error(f"--seq-len {args.seq_len} must be divisible by --context-parallel {args.context_parallel}")
     args.eval_every, args.log_every = default_intervals(args.steps, args.eval_every, args.log_every)
     return args
 

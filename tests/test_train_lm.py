@@ -148,6 +148,14 @@ def test_sharded_step_on_eight_devices_equals_one_device():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
+@pytest.mark.jax_sensitive
+def test_context_parallel_training_on_four_devices_gives_the_unsharded_losses():
+    # --context-parallel 2 and 4 (and 2 with --pack) against the batch over all 4 devices, step by
+    # step; the step's compiled collectives carry no global T (the script's docstring).
+    result = run_with_host_devices(SCRIPTS / "lm_context_parallel_script.py", count=4)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
 def usage_error(capsys, main, argv) -> str:
     """The one-line argparse error ``main(argv)`` exits with (status 2, no traceback)."""
     capsys.readouterr()
@@ -220,18 +228,21 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("context_parallel", ["1", "4"])
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, context_parallel):
     # jax's multi-controller engine on the CPU: two processes of 2 host devices each (CPU
-    # collectives over gloo, jax's default), launched as the README says.
+    # collectives over gloo, jax's default), launched as the README says. With --context-parallel
+    # 4 every sequence is split over all four devices, between the two processes.
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     run = [*TINY, "--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]
+    two_run = [*run, "--context-parallel", context_parallel]
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": path}
     processes = [
-        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *run, "--out",
+        subprocess.Popen([sys.executable, str(REPO_ROOT / "examples" / "train_lm.py"), *two_run, "--out",
                           str(tmp_path / "two"), "--coordinator-address", f"localhost:{port}", "--num-processes",
                           "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -427,11 +438,16 @@ BAD_COMMANDS = {
     "address without port": (["--coordinator-address", "localhost"], "--coordinator-address"),
     "process id out of range": (["--num-processes", "2", "--process-id", "2"], "--process-id"),
     "missing data file": (["--data", "{tmp}/absent.txt"], "--data"),
+    "zero context parallel": (["--context-parallel", "0"], "--context-parallel"),
+    "context parallel softmax": (["--attention", "softmax", "--context-parallel", "2"], "--context-parallel"),
+    "seq-len not split in N": (["--context-parallel", "3"], "--seq-len 32 must be divisible by --context-parallel 3"),
     # Found once the data and the output folder are read, still before any state is built:
     "resume without a checkpoint": (["--resume"], "--resume"),
     "pack without separators": (["--pack", "--data", "{plain}"], "--pack"),
     "data shorter than a window": (["--data", "{plain}", "--seq-len", "2000"], "--seq-len"),
     "streams shorter than a segment": (["--carry", "--batch-size", "8000"], "--carry"),
+    # Found once jax knows the devices (1 here, 16 not being a divisor of any usual count):
+    "context parallel over more devices": (["--context-parallel", "16"], "--context-parallel 16 must divide the"),
 }
 
 

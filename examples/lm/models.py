@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 import dpfp_jax as dj
 
@@ -32,7 +34,9 @@ class SoftmaxBlock(nn.Module):
 
 class ByteLM(nn.Module):
     """Bytes in, next-byte logits out. ``__call__(tokens, memory=None, segment_ids=None)`` ->
-    ``(logits, memory)``; ``segment_ids [B, T]`` packs documents (no byte sees another document's)."""
+    ``(logits, memory)``; ``segment_ids [B, T]`` packs documents (no byte sees another document's).
+    ``context_axis`` names the mesh axis (of an Auto mesh, ``jax.set_mesh``) that shards the
+    sequence: context parallelism, passed to every fast-weight layer."""
 
     attention: str = "dpfp"
     rule: str = "delta"
@@ -45,6 +49,7 @@ class ByteLM(nn.Module):
     ff_dim: int = 256
     impl: str = "auto"
     decode: bool = False
+    context_axis: str | None = None
 
     @nn.compact
     def __call__(self, tokens, memory=None, segment_ids=None):
@@ -61,7 +66,7 @@ class ByteLM(nn.Module):
                 # linear-transformer denominator.
                 normalization="sum" if self.rule == "delta" else "attention",
                 num_features=self.num_features, ff_mult=max(1, self.ff_dim // self.dim), impl=self.impl,
-                decode=self.decode, name="transformer",
+                decode=self.decode, context_axis=self.context_axis, name="transformer",
             )(x, memory, segment_ids=segment_ids, return_memory=True)
         return nn.Dense(256, name="head")(x), memory
 
@@ -71,8 +76,18 @@ def cross_entropy(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def sequence_sharded(x, model: ByteLM):
+    """``x [B, T, ...]`` with T sharded over the model's ``context_axis`` (the batch left as it
+    is), so that the embedding and every activation after it hold a slice of the sequence; as it
+    is without one."""
+    if model.context_axis is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(PartitionSpec.UNCONSTRAINED, model.context_axis))
+
+
 def apply_lm(model: ByteLM, params, windows, memory=None, segment_ids=None):
     """``(logits, memory)`` of ``windows [B, T + 1]``'s first T bytes, each predicting the next;
-    ``segment_ids`` (None, or ``[B, T + 1]`` like the windows) packs documents."""
-    ids = None if segment_ids is None else segment_ids[:, :-1]
-    return model.apply({"params": params}, windows[:, :-1], memory, segment_ids=ids)
+    ``segment_ids`` (None, or ``[B, T + 1]`` like the windows) packs documents. With the model's
+    ``context_axis`` the T bytes (and ids) are sharded over it: the windows' T + 1 cannot be."""
+    ids = None if segment_ids is None else sequence_sharded(segment_ids[:, :-1], model)
+    return model.apply({"params": params}, sequence_sharded(windows[:, :-1], model), memory, segment_ids=ids)

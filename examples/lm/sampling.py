@@ -40,7 +40,7 @@ def generate(model: ByteLM, params, prompt: bytes, num_bytes: int, temperature: 
             tokens = jnp.concatenate([tokens, nxt[:, None]], axis=1)
         return bytes(out)
 
-    decoder = model.clone(decode=True)
+    decoder = model.clone(decode=True, context_axis=None)  # one token a step: nothing to split
     cache = decoder.init(jax.random.key(0), tokens[:, :1])["cache"]
 
     @jax.jit

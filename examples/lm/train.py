@@ -1,7 +1,9 @@
 """Optimiser, mesh, train state, the jitted train and evaluation steps, and the training loop.
 
 Data-parallel over every device of every process through a ``jax.sharding.Mesh`` with a ``batch``
-axis: parameters and optimiser state replicated, batches (and carried memories) sharded.
+axis: parameters and optimiser state replicated, batches (and carried memories) sharded. With
+context parallelism (``--context-parallel N``) the mesh is ``(batch, seq)`` with N devices on
+``seq``: each window's bytes, and every activation, are split over ``seq`` as well.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from . import UsageError, checkpoints, input_pipeline, plotting, sampling
-from .models import ByteLM, apply_lm, cross_entropy
+from .models import ByteLM, apply_lm, cross_entropy, sequence_sharded
 
 
 @dataclasses.dataclass
@@ -38,6 +40,8 @@ class Trainer:
 
     @property
     def batch_sharding(self) -> NamedSharding:
+        """Rows over ``batch`` (and, on a ``(batch, seq)`` mesh, replicated over ``seq``: a window's
+        T + 1 bytes cannot be split in N, so the step splits its T inputs and targets)."""
         return NamedSharding(self.mesh, PartitionSpec("batch"))
 
     @property
@@ -59,6 +63,10 @@ class Trainer:
         model, optimizer, carry = self.model, self.optimizer, self.carry
 
         def fresh():
+            with self.traced_on_mesh():
+                return fresh_on_mesh()
+
+        def fresh_on_mesh():
             tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
             params = model.init(jax.random.key(seed), tokens)["params"]
             state = dict(params=params, opt_state=optimizer.init(params), step=jnp.array(0, jnp.int32))
@@ -68,6 +76,12 @@ class Trainer:
             return state
 
         return jax.jit(fresh, out_shardings=self.state_sharding)()
+
+    def traced_on_mesh(self):
+        """A context (entered while tracing a step) under which the model sees the mesh: a
+        context-parallel model's layers find their ``context_axis`` there, so the jitted steps can
+        be called and compiled without ``jax.set_mesh`` around them."""
+        return jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
 
     def batch(self, local_rows: np.ndarray, global_rows: int) -> jax.Array:
         """The global ``[global_rows, ...]`` batch sharded over ``batch`` from this process's rows
@@ -86,8 +100,9 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
 
         def loss_fn(params, windows, memory, segment_ids):
-            logits, new_memory = apply_lm(model, params, windows, memory, segment_ids)
-            return cross_entropy(logits, windows[:, 1:]), new_memory
+            with self.traced_on_mesh():
+                logits, new_memory = apply_lm(model, params, windows, memory, segment_ids)
+                return cross_entropy(logits, sequence_sharded(windows[:, 1:], model)), new_memory
 
         # Shardings fixed in and out, so the step compiled ahead of time accepts its own output.
         # segment_ids is None (an empty pytree) unless documents are packed; jit's in_shardings
@@ -119,8 +134,9 @@ class Trainer:
 
         @jax.jit
         def eval_loss(params, windows, segment_ids=None):
-            logits, _ = apply_lm(model, params, windows, segment_ids=segment_ids)
-            return cross_entropy(logits, windows[:, 1:])
+            with self.traced_on_mesh():
+                logits, _ = apply_lm(model, params, windows, segment_ids=segment_ids)
+                return cross_entropy(logits, sequence_sharded(windows[:, 1:], model))
 
         return eval_loss
 
@@ -131,24 +147,36 @@ def make_optimizer(learning_rate: float, steps: int, warmup: int, weight_decay: 
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """Every device of every process on one ``batch`` axis: data parallelism.
+def make_mesh(context_parallel: int = 1) -> jax.sharding.Mesh:
+    """Every device of every process on one ``batch`` axis: data parallelism; with
+    ``context_parallel`` N > 1, a ``(batch, seq)`` mesh of ``(devices / N, N)``: each row's
+    sequence split over N devices (neighbours in ``jax.make_mesh``'s order), the batch over the rest.
 
     Automatic (GSPMD) sharding: Flax linen's ``nn.Embed`` gather has no explicit-sharding rule
-    yet; dpfp-jax itself runs under either mesh type.
+    yet; dpfp-jax itself runs under either mesh type (under an Auto mesh the layers are told the
+    sequence axis, ``context_axis``).
     """
-    return jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
+    devices = jax.device_count()
+    if context_parallel == 1:
+        return jax.make_mesh((devices,), ("batch",), axis_types=(AxisType.Auto,))
+    if devices % context_parallel:
+        raise UsageError(f"--context-parallel {context_parallel} must divide the {devices} devices "
+                         "(jax.device_count())")
+    return jax.make_mesh((devices // context_parallel, context_parallel), ("batch", "seq"),
+                         axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def build(args: argparse.Namespace) -> tuple[ByteLM, Trainer]:
     """The model and trainer of the parsed command line; :class:`UsageError` for a batch the
-    devices cannot share evenly."""
+    devices cannot share evenly, or a ``--context-parallel`` that does not divide the devices."""
+    mesh = make_mesh(args.context_parallel)
     model = ByteLM(args.attention, args.rule, args.nu, args.features, args.depth, args.dim, args.heads,
-                   args.head_dim, args.ff_dim, args.impl)
-    mesh = make_mesh()
-    if args.batch_size % mesh.size:
-        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {mesh.size} devices the batch "
-                         "is split over (jax.device_count())")
+                   args.head_dim, args.ff_dim, args.impl, context_axis="seq" if "seq" in mesh.axis_names else None)
+    rows = mesh.shape["batch"]
+    if args.batch_size % rows:
+        count = "jax.device_count()" + (f" / --context-parallel {args.context_parallel}" if rows < mesh.size else "")
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {rows} devices the batch is split "
+                         f"over ({count})")
     optimizer = make_optimizer(args.lr, args.steps, args.warmup, args.weight_decay, args.clip)
     return model, Trainer(model, optimizer, mesh, args.carry)
 
@@ -162,6 +190,8 @@ def describe(args: argparse.Namespace, devices: int) -> str:
         attention += ", packed documents"
     processes = jax.process_count()
     where = f"{devices} device{'s' * (devices > 1)}" + (f", {processes} processes" if processes > 1 else "")
+    if args.context_parallel > 1:
+        where += f", each sequence split over {args.context_parallel}"
     layers = f"{args.depth} layer{'s' * (args.depth > 1)}"
     return (f"byte LM, {attention}: {layers}, width {args.dim}, {args.heads} heads of {args.head_dim}, "
             f"ff {args.ff_dim}\nbatch {args.batch_size} x {args.seq_len} bytes, lr {args.lr:g}, warmup "

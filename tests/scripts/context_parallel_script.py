@@ -7,7 +7,8 @@ both results, within 1e-5; both rules, with and without initial_state and segmen
 document crossing a shard boundary, a boundary falling on a reset), T / P not a multiple of the
 chunk size (and with ``impl="pallas"``, on 2 devices, the TPU kernel interpreted as each shard's
 engine); explicit meshes (T found from the inputs' types) and Auto meshes with
-``context_axis``; ``(seq,)``, ``(data, seq)`` and ``(data, seq, heads)`` meshes. Then the compiled
+``context_axis``, also given to the layers (linen and NNX, on 4 devices); ``(seq,)``,
+``(data, seq)`` and ``(data, seq, heads)`` meshes. Then the compiled
 program's collectives: none has an operand with the global T (and the same check does find the
 sequence all-gathers of the unsharded op on an Auto mesh, so it can fail). ``--full`` runs every
 combination, the default a covering subset, ``--quick`` both rules with every option, to keep the
@@ -125,6 +126,8 @@ def main() -> None:
                 checked += 1
 
     check_key_sum_and_layers(count, ids)
+    if full or (count == 4 and not quick):
+        check_layers_on_an_auto_mesh(count, ids, full)
     if count == 2:
         check_pallas_engine()
 
@@ -223,6 +226,109 @@ def check_key_sum_and_layers(count, ids) -> None:
     largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6 * largest, err_msg="DPFPformer")
+
+
+def check_layers_on_an_auto_mesh(count, ids, full) -> None:
+    """Layers with ``context_axis="seq"`` under an Auto mesh (``jax.set_mesh``) against the same
+    layer without it on one device: linen ``FastWeightAttention`` (outputs, memory and the
+    gradients wrt parameters and input, from a carried memory), for the delta rule with sum
+    normalisation and for the sum rule with ``normalization="attention"`` (its key sum carried
+    across shards; with segment ids, so documents cross a shard boundary), and NNX's the same; a
+    linen DPFPformer (delta rule, sum normalisation). Each sharded program is compiled with x
+    sharded along T and checked: none of its collectives carries the global T. Without ``full``
+    the layers run only the sum rule's case (the DPFPformer covers the delta rule), to keep the
+    compile time small."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    import dpfp_jax.nnx as djnnx
+
+    length = ids.shape[1]
+    mesh = jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))
+    # Inputs from numpy and initialisation under jit: each eager op would be a compile of its own.
+    rng = np.random.default_rng(count)
+    x, prefix, wide = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                       ((2, length, 8), (2, 7, 8), (2, length, 16)))
+
+    def scalar(y, memory):
+        return jnp.sum(y * jnp.sin(y)) + sum(jnp.sum(jnp.cos(m)) for m in jax.tree.leaves(memory))
+
+    def check(name, got, want):
+        got, want = jax.device_get((got, want))
+        largest = max(np.max(np.abs(w)) for w in jax.tree.leaves(want))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * largest, err_msg=name)
+
+    def sharded_run(fn, *args):
+        """``fn(*args)`` with x sharded along T, as a context-parallel model's activations are,
+        after checking that no collective of the compiled program carries the global T."""
+        along_t = NamedSharding(mesh, P(None, "seq"))
+        args = [jax.device_put(a, along_t) if getattr(a, "ndim", 0) == 3 and a.shape[1] == length else a
+                for a in args]
+        compiled = jax.jit(fn).lower(*args).compile()
+        bad = collectives_with_length(compiled.as_text(), length)
+        assert not bad, "collectives with the global T:\n" + "\n".join(bad)
+        return compiled(*args)
+
+    cases = [("delta", "sum", None), ("sum", "attention", ids)]
+    for rule, normalization, segment_ids in cases if full else cases[1:]:
+        options = dict(nu=2, rule=rule, normalization=normalization, chunk_size=5)
+        name = f"{rule}/{normalization}"
+        # linen
+        plain = dj.FastWeightAttention(2, 4, **options)
+        variables = jax.jit(plain.init)(jax.random.key(7), x)
+        _, memory = jax.jit(plain.apply)(variables, prefix)
+
+        def linen_loss(params, x, layer, memory=memory, segment_ids=segment_ids):
+            y, new_memory = layer.apply({"params": params}, x, memory, segment_ids=segment_ids)
+            return scalar(y, new_memory), (y, new_memory)
+
+        def grads(layer):
+            return jax.value_and_grad(lambda p, x: linen_loss(p, x, layer), argnums=(0, 1), has_aux=True)
+
+        want = jax.jit(grads(plain))(variables["params"], x)
+        with jax.set_mesh(mesh):
+            check(f"linen {name}", sharded_run(grads(plain.clone(context_axis="seq")), variables["params"], x), want)
+        # NNX: the same initialisation with and without context_axis.
+        layers = [nnx.jit(lambda extra=extra, options=options: djnnx.FastWeightAttention(
+                      2, 4, in_features=8, rngs=nnx.Rngs(7), **options, **extra))()
+                  for extra in ({}, {"context_axis": "seq"})]
+        results = []
+        for layer, where in zip(layers, (None, mesh), strict=True):
+            graphdef, params, rest = nnx.split(layer, nnx.Param, ...)  # rest: the dropout's rng
+
+            def nnx_loss(params, x, graphdef=graphdef, rest=rest, memory=memory, segment_ids=segment_ids):
+                y, new_memory = nnx.merge(graphdef, params, rest)(x, memory, segment_ids=segment_ids)
+                return scalar(y, new_memory), (y, new_memory)
+
+            fn = jax.value_and_grad(nnx_loss, argnums=(0, 1), has_aux=True)
+            if where is None:
+                results.append(jax.jit(fn)(params, x))
+            else:
+                with jax.set_mesh(where):
+                    results.append(sharded_run(fn, params, x))
+        check(f"nnx {name}", results[1], results[0])
+
+    model = dj.DPFPformer(16, 2, num_heads=2, head_dim=4, nu=2, chunk_size=5)
+    params = jax.jit(model.init)(jax.random.key(9), wide)["params"]
+
+    def grads(model):
+        return jax.value_and_grad(lambda p, x: jnp.sum(model.apply({"params": p}, x) ** 2), argnums=(0, 1))
+
+    want = jax.jit(grads(model))(params, wide)
+    with jax.set_mesh(mesh):
+        got = sharded_run(grads(model.clone(context_axis="seq")), params, wide)
+    # As in check_key_sum_and_layers: the final LayerNorm's gradients set the round-off.
+    got, want = jax.device_get((got, want))
+    largest = max(np.max(np.abs(w)) for w in jax.tree.leaves(want))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6 * largest,
+                                   err_msg="DPFPformer on an Auto mesh")
 
 
 def check_pallas_engine() -> None:
