@@ -93,8 +93,7 @@ def test_sharded_sequence_on_4_devices_equals_one_device():
     _run(count=4)
 
 
-@pytest.mark.jax_sensitive
-@pytest.mark.parametrize("count", [2, 8])
+@pytest.mark.parametrize("count", [2, 8])  # on the pinned jax only; the 4-device run checks the newest too
 def test_sharded_sequence_on_2_and_8_devices_equals_one_device(count):
     _run("--quick", count=count)
 
