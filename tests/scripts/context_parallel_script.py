@@ -18,27 +18,9 @@ compile time small.
 from __future__ import annotations
 
 import itertools
-import re
 import sys
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-
-
-def collectives_with_length(hlo: str, length: int | None) -> list[str]:
-    """The lines of compiled HLO text whose collective has an array with a dimension ``length``
-    (every collective's with None)."""
-    found = []
-    for line in hlo.splitlines():
-        op = re.search(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if op is None:
-            # Tuple-shaped results put the shapes first: "= (f32[..], ..) all-gather-start(".
-            op = re.search(r"\)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if op is None:
-            continue
-        dims = [int(d) for shape in re.findall(r"\[([\d,]*)\]", line) for d in shape.split(",") if d]
-        if length is None or length in dims:
-            found.append(line.strip())
-    return found
+from tests.helpers import collectives_with_length
 
 
 def main() -> None:
@@ -259,10 +241,14 @@ def check_layers_on_an_auto_mesh(count, ids, full) -> None:
         return jnp.sum(y * jnp.sin(y)) + sum(jnp.sum(jnp.cos(m)) for m in jax.tree.leaves(memory))
 
     def check(name, got, want):
+        # 3e-5 relative: the layers' parameter gradients sum over every step, of both batch rows,
+        # through the attention normalisation's division, which the shards' key sums reach in
+        # another order of additions (seen: 1.2e-5 at gradients of ~400 on 2 and 8 devices, and an
+        # entry of -0.87 off by 2.2e-4 = 1.2e-6 of the largest, 186, where its sum cancels).
         got, want = jax.device_get((got, want))
         largest = max(np.max(np.abs(w)) for w in jax.tree.leaves(want))
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * largest, err_msg=name)
+            np.testing.assert_allclose(g, w, rtol=3e-5, atol=5e-6 * largest, err_msg=name)
 
     def sharded_run(fn, *args):
         """``fn(*args)`` with x sharded along T, as a context-parallel model's activations are,

@@ -8,7 +8,6 @@ shard); and the context-parallel step compiles to a program whose activations ar
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,11 +17,9 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from context_parallel_script import collectives_with_length
-
     from examples import train_lm
     from examples.lm import train
+    from tests.helpers import collectives_with_length
 
     assert jax.device_count() == 4, jax.device_count()
     tiny = ["--depth", "1", "--dim", "16", "--heads", "2", "--head-dim", "8", "--ff-dim", "32", "--seq-len", "24",
