@@ -17,9 +17,7 @@ machine's cores, so the sharded time is the total work of the 4, not a speed-up.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,8 +27,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from dpfp_devtools.hlo import collective_bytes
+
 MB = 1e6
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
 
 # --------------------------------------------------------------------------- counted work
@@ -161,21 +160,6 @@ def sharded_op(name: str, mesh):
 
     return lambda q, k, v, beta: context_parallel_linear_attention(
         "deltanet", q, k, v, beta=beta, mesh=mesh, axis="seq", output_final_state=True, scale=1.0)
-
-
-def collective_bytes(hlo: str) -> tuple[int, int]:
-    """(count, bytes) of the collectives in compiled HLO text: per collective its largest result
-    buffer (an async ``-start`` op's result is a tuple that also holds its operand and context)."""
-    count, total = 0, 0
-    sizes = {"f32": 4, "bf16": 2, "s32": 4, "pred": 1, "f16": 2, "u32": 4, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-    for line in hlo.splitlines():
-        match = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if match is None:
-            continue
-        count += 1
-        total += max(sizes.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
-    return count, total
 
 
 def tpu_rows(key_dims: list[int], shard_counts: list[int], length: int, heads: int, value_dim: int,

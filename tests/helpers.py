@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -323,24 +322,3 @@ def op_program(impl: str, rule: str, key_dim: int, dtype=jnp.bfloat16, *, batch:
     args = (keys, keys, jax.ShapeDtypeStruct((batch, time, heads, value_dim), dtype),
             jax.ShapeDtypeStruct((batch, time, heads), dtype) if delta else None)
     return fn, args
-
-
-# The compiled programs' collectives (context parallelism: none may carry the global T).
-HLO_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-
-
-def collectives_with_length(hlo: str, length: int | None) -> list[str]:
-    """The lines of compiled HLO text whose collective has an array with a dimension ``length``
-    (every collective's with None)."""
-    found = []
-    for line in hlo.splitlines():
-        op = re.search(r"=\s*\S+\s+(" + "|".join(HLO_COLLECTIVES) + r")(-start)?\(", line)
-        if op is None:
-            # Tuple-shaped results put the shapes first: "= (f32[..], ..) all-gather-start(".
-            op = re.search(r"\)\s+(" + "|".join(HLO_COLLECTIVES) + r")(-start)?\(", line)
-        if op is None:
-            continue
-        dims = [int(d) for shape in re.findall(r"\[([\d,]*)\]", line) for d in shape.split(",") if d]
-        if length is None or length in dims:
-            found.append(line.strip())
-    return found

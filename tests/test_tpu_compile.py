@@ -28,11 +28,11 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 import dpfp_jax as dj
+from dpfp_devtools.hlo import COLLECTIVES
 from examples import train_lm
 from tests.helpers import op_program
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 V5E, V6E = "v5e:2x2", "v6e:2x2"
 TOPOLOGIES = (V5E, V6E, "v5p:2x2x1", "v4:2x2x1")
 KEY_DIMS = (128, 512, 1024)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from tests.helpers import collectives_with_length
+from dpfp_devtools.hlo import collectives_with_length
 
 
 def main() -> None:

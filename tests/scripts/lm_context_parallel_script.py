@@ -17,9 +17,9 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from dpfp_devtools.hlo import collectives_with_length
     from examples import train_lm
     from examples.lm import train
-    from tests.helpers import collectives_with_length
 
     assert jax.device_count() == 4, jax.device_count()
     tiny = ["--depth", "1", "--dim", "16", "--heads", "2", "--head-dim", "8", "--ff-dim", "32", "--seq-len", "24",
