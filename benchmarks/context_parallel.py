@@ -1,17 +1,20 @@
 """Context parallelism (T sharded over devices): counted work, TPU memory without a TPU, CPU times.
 
 ``python -m benchmarks.context_parallel --flops`` prints the counted flops per chip and the
-critical path (sequential chunk steps) of the scheme docs/context_parallel.md derives and of the
-alternative, passing the state shard to shard, from the per-chunk counts below.
+critical path of the two schemes docs/context_parallel.md derives ("transition" and "relay", the
+one the op picks per call marked) and of running the shards one after the other, from the
+per-chunk counts of ``dpfp_jax/ops/fast_weight/context_cost.py``.
 
 ``--tpu`` (libtpu in ``DPFP_TPU_COMPILER``): compiles the forward+backward (``jax.grad`` of the sum
 of the outputs and of the final state) for TPU v5e ``2x2`` with T sharded over P in {1, 2, 4}
 chips (P = 1: the single-device op on one chip) and reads the per-chip temporaries and the bytes of
 every collective in the compiled program. Minutes per program at T = 65536.
 
-``--cpu``: in a fresh process with 4 host CPU devices, times the forward+backward with T sharded
-over the 4 against the single-device chunk form on one of them. The 4 host devices share this
-machine's cores, so the sharded time is the total work of the 4, not a speed-up.
+``--cpu``: in a fresh process with ``--devices`` (4) host CPU devices, times the forward+backward
+with T sharded over them against the single-device chunk form on one of them. The host devices
+share this machine's cores, so the sharded time is the total work, not a speed-up.
+``--ops ours-transition ours-relay`` times the two schemes side by side (the scheme given, not
+picked).
 """
 
 from __future__ import annotations
@@ -21,67 +24,30 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from dpfp_devtools.hlo import collective_bytes
+from dpfp_jax.ops.fast_weight.context_cost import (
+    SCHEMES,
+    choose_scheme,
+    chunk_backward,
+    chunk_forward,
+    critical_path,
+    end_state_walk,
+    entering_gradient,
+    flops_per_chip,
+    transition,
+)
 
 MB = 1e6
 
 
 # --------------------------------------------------------------------------- counted work
-# Flops per chunk of C steps and one (batch, head) group, a multiply-add counted as 2; the
-# triangular inverse as C^3 (its doubling: a few C^3 / 3 matmuls). docs/context_parallel.md
-# lists where each term comes from.
-
-
-@dataclass(frozen=True)
-class Work:
-    """Flops per step (summed over one group's chunks and divided by C) and sequential chunk walks."""
-
-    flops_per_step: float
-    walks: int  # sequential passes over the chunks of a slice
-
-
-def chunk_forward(c: int, k: int, v: int) -> float:
-    """The chunk form's forward: pieces (scores, Gram, inverse, U_tilde, Y, Q - S Y, S U_tilde) and
-    the walk (Y W0, Q_eff W0, K^T U)."""
-    return 8 * c * c * k + 4 * c * c * v + c**3 + 6 * c * k * v
-
-
-def chunk_backward(c: int, k: int, v: int) -> float:
-    """The chunk form's backward: pieces again (``8 C^2 K + 2 C^2 V + C^3``), the reverse walk (seven
-    K x V products) and the pieces' own backward (seven ``C x C x K`` and four ``C x C x V`` products)."""
-    return 22 * c * c * k + 10 * c * c * v + c**3 + 14 * c * k * v
-
-
-def transition(c: int, k: int, v: int) -> float:
-    """(M, N) of a slice: Gram, inverse, U_tilde, Y, and the walk over N (K x V) and M (K x K)."""
-    return 4 * c * c * k + 2 * c * c * v + c**3 + 4 * c * k * v + 4 * c * k * k
-
-
-def entering_gradient(c: int, k: int, v: int) -> float:
-    """G of a slice: scores, Gram, inverse, Y, Q - S Y, and the state-gradient walk (three K x V products)."""
-    return 8 * c * c * k + c**3 + 6 * c * k * v
-
-
-def single(c: int, k: int, v: int) -> Work:
-    return Work((chunk_forward(c, k, v) + chunk_backward(c, k, v)) / c, 2)
-
-
-def ours(c: int, k: int, v: int) -> Work:
-    """Per shard: (M, N), the forward from the true start (keeping the chunk form's residuals), G,
-    and the chunk backward."""
-    total = transition(c, k, v) + chunk_forward(c, k, v) + entering_gradient(c, k, v) + chunk_backward(c, k, v)
-    return Work(total / c, 4)
-
-
-def state_passing(c: int, k: int, v: int) -> Work:
-    """Per shard the single-device work of its slice, but shard p waits for p - 1: P times the walks."""
-    return single(c, k, v)
+# The per-chunk counts (flops per chunk of C steps and one (batch, head) group) are the library's
+# own, dpfp_jax/ops/fast_weight/context_cost.py, which also picks the scheme per call from them.
 
 
 def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
@@ -90,7 +56,7 @@ def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
     merges the backward's recomputed pieces with the forward's (the same computation, both alive
     in one program), so that row is compared with the count less one set of pieces."""
     from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
-    from dpfp_jax.ops.fast_weight.context_parallel import _entering_gradient, _transition
+    from dpfp_jax.ops.fast_weight.context_parallel import _end_state, _entering_gradient, _transition
 
     q, values, beta = jnp.ones((1, c, 1, k)), jnp.ones((1, c, 1, v)), jnp.ones((1, c, 1))
     state = jnp.zeros((1, 1, k, v))
@@ -111,6 +77,8 @@ def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
              chunk_forward(c, k, v) + chunk_backward(c, k, v) - pieces),
             ("transition (M, N)", counted(lambda k, v, b: _transition("delta", k, v, b, None, jnp.float32, c), q,
                                           values, beta), transition(c, k, v)),
+            ("end-state walk (relay)", counted(lambda k, v, b, w: _end_state("delta", k, v, b, None, w, c), q, values,
+                                               beta, state), end_state_walk(c, k, v)),
             ("G", counted(lambda q, k, b, d: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c), q, q,
                           beta, values), entering_gradient(c, k, v))]
     lines = ["| program | cost_analysis() flops | counted | counted / XLA's |", "|---|---:|---:|---:|"]
@@ -120,26 +88,27 @@ def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
 
 def flops_table(length: int, heads: int, value_dim: int, chunk: int, shard_counts: list[int],
                 key_dims: list[int]) -> str:
-    """Per chip: flops, and the time they take on the critical path, both over the single device's.
-
-    Ours: every chip works at once, so its time is its own work. State passing: chip p starts when
-    chip p - 1 is done, so the time is P chips' work in a row, the single device's.
-    """
+    """Per chip: flops, sequential chunk steps and the flops on the critical path (what a chip does
+    plus what it waits on), over the single device's, for the two schemes and for running the
+    shards one after the other; "picked" marks ``choose_scheme``'s choice for the call."""
     rows = ["| K | P | scheme | Gflop per chip | flops per chip / single's | sequential chunk steps per chip | "
-            "time on the critical path / single's |", "|---:|---:|---|---:|---:|---:|---:|"]
+            "critical path / single's | picked |", "|---:|---:|---|---:|---:|---:|---:|---|"]
     for k in key_dims:
-        base = single(chunk, k, value_dim)
-        total = base.flops_per_step * length * heads
-        rows.append(f"| {k} | 1 | single device | {total / 1e9:.1f} | 1.00 | {2 * length // chunk} | 1.00 |")
+        per_chunk = chunk_forward(chunk, k, value_dim) + chunk_backward(chunk, k, value_dim)
+        total = per_chunk * length // chunk * heads
+        rows.append(f"| {k} | 1 | single device | {total / 1e9:.1f} | 1.00 | {2 * length // chunk} | 1.00 | |")
         for shards in shard_counts:
-            steps = length // shards * heads
-            walks = length // shards // chunk
-            mine, passing = ours(chunk, k, value_dim), state_passing(chunk, k, value_dim)
-            for name, per_chip, critical, time_ratio in (
-                    ("ours", mine.flops_per_step * steps, mine.walks * walks, mine.flops_per_step * steps / total),
-                    ("state passing", passing.flops_per_step * steps, passing.walks * walks * shards, 1.0)):
-                rows.append(f"| {k} | {shards} | {name} | {per_chip / 1e9:.1f} | {per_chip / total:.2f} | {critical} | "
-                            f"{time_ratio:.2f} |")
+            chunks = length // shards // chunk
+            picked = choose_scheme("delta", shards, chunk, k, value_dim)
+            steps = {"transition": 4 * chunks, "relay": 2 * shards * chunks}
+            for name in SCHEMES:
+                per_chip = flops_per_chip(name, chunk, k, value_dim) * chunks * heads
+                critical = critical_path(name, shards, chunks, chunk, k, value_dim) * heads
+                rows.append(f"| {k} | {shards} | {name} | {per_chip / 1e9:.1f} | {per_chip / total:.2f} | "
+                            f"{steps[name]} | {critical / total:.2f} | {'yes' if name == picked else ''} |")
+            per_chip = per_chunk * chunks * heads
+            rows.append(f"| {k} | {shards} | shards in turn | {per_chip / 1e9:.1f} | {per_chip / total:.2f} | "
+                        f"{2 * length // chunk} | 1.00 | |")
     return "\n".join(rows)
 
 
@@ -149,13 +118,22 @@ def flops_table(length: int, heads: int, value_dim: int, chunk: int, shard_count
 def sharded_op(name: str, mesh):
     """``fn(q, k, v, beta) -> (out, final state)`` with T sharded over ``mesh``'s "seq" axis (an Auto
     mesh, current in ``jax.set_mesh``): ours (``context_axis="seq"``, ``impl="chunk"`` or, for
-    "ours-pallas", ``"pallas"``) or jax-linear-attention's
-    ``context_parallel_linear_attention("deltanet", ...)`` (the ``bench`` extra), the same function."""
+    "ours-pallas", ``"pallas"``; the scheme picked per call, or given: "ours-transition",
+    "ours-relay") or jax-linear-attention's ``context_parallel_linear_attention("deltanet", ...)``
+    (the ``bench`` extra), the same function."""
     import dpfp_jax as dj
+    from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
 
     if name in ("ours", "ours-pallas"):
         impl = "pallas" if name == "ours-pallas" else "chunk"
         return lambda q, k, v, beta: dj.fast_weight(q, k, v, beta, impl=impl, context_axis="seq")
+    if name in ("ours-transition", "ours-relay"):
+        def given(q, k, v, beta):
+            state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+            return fast_weight_context_parallel(q, k, v, beta, state, rule="delta", scale=1.0, chunk_size=64,
+                                                segment_ids=None, plan=context_plan(q, "seq", "chunk"),
+                                                scheme=name.removeprefix("ours-"))
+        return given
     from jla.distributed.context_parallel import context_parallel_linear_attention
 
     return lambda q, k, v, beta: context_parallel_linear_attention(
@@ -249,9 +227,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, 4 for --cpu)")
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ops", nargs="+", default=["ours"], choices=["ours", "ours-pallas", "jax-linear-attention"],
-                        help="the sharded ops: ours with the chunk form or (--tpu only) the TPU kernel per "
-                             "shard, jax-linear-attention's context_parallel (the bench extra)")
+    parser.add_argument("--ops", nargs="+", default=["ours"],
+                        choices=["ours", "ours-pallas", "ours-transition", "ours-relay", "jax-linear-attention"],
+                        help="the sharded ops: ours with the chunk form (the scheme picked per call, or given) "
+                             "or (--tpu only) the TPU kernel per shard, jax-linear-attention's context_parallel "
+                             "(the bench extra)")
+    parser.add_argument("--devices", type=int, default=4, help="--cpu: host devices P")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.ops
@@ -267,7 +248,7 @@ def main() -> None:
         print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim, args.repeats,
                        names))
     elif args.cpu:
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}".strip()
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _fold, _transition
+from dpfp_jax.ops.fast_weight import context_cost
+from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _fold, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from tests.helpers import REPO_ROOT
 
@@ -63,6 +64,62 @@ def test_the_entering_gradient_is_the_oracles_from_the_outputs_alone(rule, with_
     want = jax.vjp(outputs, w_in)[1](d_out)[0]
     got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_the_relays_walks_give_the_end_state_and_the_entering_gradient(rule, with_resets):
+    # The relay scheme's two walks: the end state from a given entering state (forward), and the
+    # entering state's whole gradient from the outputs' and the end state's (backward).
+    k, v, beta, w_in = _inputs(4)
+    q = jnp.roll(k, 2, axis=-1)
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(k.shape[:2], bool).at[0, 7].set(True).at[1, 20].set(True) if with_resets else None
+    scale = jnp.float32(0.8)
+
+    def results(w):
+        return fast_weight_reference(q, k, v, beta, w, rule=rule, scale=scale, resets=resets)
+
+    (_, want_end), pullback = jax.vjp(results, w_in)
+    np.testing.assert_allclose(_end_state(rule, k, v, beta, resets, w_in, 4), want_end, rtol=1e-5, atol=1e-5)
+    d_out, d_end = jax.random.normal(jax.random.key(5), v.shape), jax.random.normal(jax.random.key(6), w_in.shape)
+    got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4, d_end=d_end)
+    np.testing.assert_allclose(got, pullback((d_out, d_end))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_scheme_picked_per_call_has_the_shorter_critical_path():
+    # Relay always wins at P = 2 (it skips M's walk, and nobody waits longer than under the
+    # transition scheme); at P = 4 only once M's 4 C K^2 outweighs three walks in a row.
+    for key_dim in (1, 8, 128, 384, 1024):
+        assert context_cost.choose_scheme("delta", 2, 64, key_dim, 64) == "relay"
+        assert context_cost.choose_scheme("sum", 2, 64, key_dim, 64) == "transition"
+    assert [context_cost.choose_scheme("delta", 4, 64, k, 64) for k in (128, 512, 768, 1024)] == [
+        "transition", "transition", "relay", "relay"]
+    assert context_cost.choose_scheme("delta", 8, 64, 1024, 64) == "transition"
+    for shards, key_dim in [(2, 128), (3, 384), (4, 512), (4, 1024), (8, 1024)]:
+        costs = {s: context_cost.critical_path(s, shards, 10, 64, key_dim, 64) for s in context_cost.SCHEMES}
+        assert context_cost.choose_scheme("delta", shards, 64, key_dim, 64) == min(costs, key=costs.get)
+    with pytest.raises(ValueError, match="scheme"):
+        context_cost.critical_path("gather", 2, 1, 64, 128, 64)
+
+
+def test_the_counted_walks_match_xlas_count_on_one_chunk():
+    # cost_analysis() counts a loop's body once: on one chunk (T = C, B = H = 1) that is exact.
+    c, key_dim, value_dim = 64, 128, 64  # the benchmark's --check-counts shape: the small terms uncounted
+    k, values, beta = jnp.ones((1, c, 1, key_dim)), jnp.ones((1, c, 1, value_dim)), jnp.ones((1, c, 1))
+    state = jnp.zeros((1, 1, key_dim, value_dim))
+
+    def counted(fn, *args):
+        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+    pairs = [(counted(lambda k, v, b: _transition("delta", k, v, b, None, jnp.float32, c), k, values, beta),
+              context_cost.transition(c, key_dim, value_dim)),
+             (counted(lambda k, v, b, w: _end_state("delta", k, v, b, None, w, c), k, values, beta, state),
+              context_cost.end_state_walk(c, key_dim, value_dim)),
+             (counted(lambda q, k, b, d, e: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c, e),
+                      k, k, beta, values, state), context_cost.entering_gradient(c, key_dim, value_dim))]
+    for xla, mine in pairs:
+        assert abs(mine / xla - 1) < 0.02, (mine, xla)
 
 
 def test_the_fold_gives_each_shard_the_state_the_sequence_reaches_there():

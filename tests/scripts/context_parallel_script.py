@@ -12,7 +12,8 @@ engine); explicit meshes (T found from the inputs' types) and Auto meshes with
 program's collectives: none has an operand with the global T (and the same check does find the
 sequence all-gathers of the unsharded op on an Auto mesh, so it can fail). ``--full`` runs every
 combination, the default a covering subset, ``--quick`` both rules with every option, to keep the
-compile time small.
+compile time small. Both context-parallel schemes are checked on every device count: the one
+``dj.fast_weight`` picks, and the other through ``fast_weight_context_parallel(scheme=)``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     from jax.sharding import PartitionSpec as P
 
     import dpfp_jax as dj
+    from dpfp_jax.ops.fast_weight.context_cost import SCHEMES, choose_scheme
+    from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
 
     count = int(sys.argv[1])
     full, quick = "--full" in sys.argv, "--quick" in sys.argv
@@ -56,6 +59,16 @@ def main() -> None:
             out, state = dj.fast_weight(q, k, v, beta if rule == "delta" else None, rule=rule, scale=scale,
                                         initial_state=w0 if with_state else None, impl=impl, chunk_size=chunk,
                                         segment_ids=segment_ids, context_axis=context_axis)
+            return jnp.sum(out * jnp.sin(out)) + 0.3 * jnp.sum(state * jnp.cos(state)), (out, state)
+        return jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)
+
+    def run_scheme(scheme, rule, with_state, segment_ids):
+        """As ``run("auto", ..., context_axis="seq")`` with the scheme given, not chosen."""
+        def loss(q, k, v, beta, w0, scale):
+            out, state = fast_weight_context_parallel(
+                q, k, v, beta if rule == "delta" else None, w0 if with_state else jnp.zeros_like(w0), rule=rule,
+                scale=scale, chunk_size=chunk, segment_ids=segment_ids, plan=context_plan(q, "seq", "chunk"),
+                scheme=scheme)
             return jnp.sum(out * jnp.sin(out)) + 0.3 * jnp.sum(state * jnp.cos(state)), (out, state)
         return jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)
 
@@ -105,6 +118,13 @@ def main() -> None:
                     with jax.set_mesh(mesh):
                         got = jax.jit(fn)(*args)
                 check(name, got, want)
+                checked += 1
+        if count > 1:  # the scheme dj.fast_weight does not pick for this call, on a (seq,) Auto mesh
+            chosen = choose_scheme(rule, count, chunk, key_dim, value_dim)
+            for scheme in (s for s in SCHEMES if s != chosen):
+                with jax.set_mesh(jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))):
+                    got = jax.jit(run_scheme(scheme, rule, with_state, ids if with_ids else None))(*args)
+                check(f"{rule} state={with_state} ids={with_ids} scheme={scheme}", got, want)
                 checked += 1
 
     check_key_sum_and_layers(count, ids)
@@ -334,9 +354,16 @@ def check_pallas_engine() -> None:
     inputs = make_inputs(0, batch=1, time=64, heads=2, key_dim=16, value_dim=64, with_state=True)
     args = [inputs[n] for n in ("q", "k", "v", "beta", "initial_state")]
 
-    def grads(impl):
+    from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
+
+    def grads(impl, scheme=None):
         def loss(q, k, v, beta, w0):
-            out, state = dj.fast_weight(q, k, v, beta, initial_state=w0, impl=impl, chunk_size=16)
+            if scheme is None:
+                out, state = dj.fast_weight(q, k, v, beta, initial_state=w0, impl=impl, chunk_size=16)
+            else:  # the scheme given, not chosen
+                out, state = fast_weight_context_parallel(q, k, v, beta, w0, rule="delta", scale=1.0, chunk_size=16,
+                                                          segment_ids=None, plan=context_plan(q, None, impl),
+                                                          impl=impl, scheme=scheme)
             return jnp.sum(out * jnp.sin(out)) + jnp.sum(state**2), (out, state)
         return jax.jit(jax.grad(loss, argnums=tuple(range(5)), has_aux=True))
 
@@ -344,11 +371,13 @@ def check_pallas_engine() -> None:
     mesh = jax.make_mesh((2,), ("seq",), axis_types=(AxisType.Explicit,))
     sharded = [jax.device_put(x, NamedSharding(mesh, P() if x.shape == args[4].shape else P(None, "seq")))
                for x in args]
-    with pltpu.force_tpu_interpret_mode():
-        got = grads("pallas")(*sharded)
     largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6 * largest, err_msg="pallas")
+    for scheme in (None, "transition"):  # dj.fast_weight picks "relay" at P = 2
+        with pltpu.force_tpu_interpret_mode():
+            got = grads("pallas", scheme)(*sharded)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6 * largest,
+                                       err_msg=f"pallas scheme={scheme}")
 
 
 def expect_error(call, words, mesh) -> None:

@@ -3,10 +3,10 @@
 Over a shard of L steps every rule is affine in the state that enters it,
 ``W_end = M W_in + N`` (``N``: the shard's end state from zero; ``M``: the product of
 ``I - beta_t k_t k_t^T`` over the shard for the delta rule, ``I`` for the sum rule, ``0`` when a
-document starts inside the shard). docs/context_parallel.md derives the scheme and counts its
-cost; in short, per call:
+document starts inside the shard). docs/context_parallel.md derives two schemes and counts their
+cost; ``context_cost.choose_scheme`` picks one per call, the one with the shorter critical path.
 
-forward, every shard at once:
+``"transition"``, forward, every shard at once:
   1. ``(M, N)`` of its own slice: the chunk form's walk over the pair from ``(0, I)``, no outputs
      (the sum rule needs only ``N``, a sum; its ``M`` is a per-row 1, or 0 after a reset);
   2. the entering states, passed shard to shard: P - 1 rounds in which every shard sends
@@ -21,8 +21,13 @@ backward, every shard at once (the state's gradient flows the other way):
   2. the end-state gradients, passed back shard to shard: ``dW_in = M^T dW_end + G``;
   3. the chunk form's backward over the slice with its end state's true gradient.
 
+``"relay"`` needs no ``M``: in round r shard r alone walks its slice's state from its true
+entering state and passes the end on (P - 1 walks in a row, the others waiting); then every shard
+runs its forward at once. The backward walks the state gradient back the same way, then every
+shard runs its backward. Fewer flops, a longer critical path once P > 2.
+
 Only state-sized arrays cross devices (``[B, H, K, V]`` ppermutes and psums, a ``[B, 1]`` shift of
-document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares this with
+document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares these with
 gathering every shard's ``(M, N)`` and with running the shards one after the other.
 """
 
@@ -47,6 +52,7 @@ from dpfp_jax.ops.fast_weight.chunk import (
     documents_of,
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
+from dpfp_jax.ops.fast_weight.context_cost import SCHEMES, choose_scheme
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
 from dpfp_jax.ops.fast_weight.segments import resets_of, running_key_sum
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
@@ -235,8 +241,33 @@ def _transition(rule, k, v, beta, resets, acc, chunk_size):
     if rule == "sum":
         reach = _after_last_reset(resets, length, batch)
         n = _mm("blhk,blhv->bhkv", jnp.where(reach[:, :, None, None], k.astype(acc), 0.0), v.astype(acc))
-        no_reset = jnp.ones((batch,), bool) if resets is None else ~jnp.any(resets, axis=1)
-        return no_reset.astype(acc)[:, None, None, None], n
+        return _kept_without_reset(resets, batch, acc), n
+    start = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
+    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim))
+    return _state_walk(k, v, beta, resets, acc, chunk_size, start, identity)
+
+
+def _kept_without_reset(resets: Array | None, batch: int, acc) -> Array:
+    """The sum rule's ``M``: ``[B, 1, 1, 1]``, 1 for a row without a reset in the shard, else 0."""
+    no_reset = jnp.ones((batch,), bool) if resets is None else ~jnp.any(resets, axis=1)
+    return no_reset.astype(acc)[:, None, None, None]
+
+
+def _end_state(rule, k, v, beta, resets, w_in, chunk_size):
+    """The state leaving the shard when ``w_in [B, H, K, V]`` enters it, without outputs: the relay
+    scheme's walk (the delta rule's state walk alone, ``C K V`` a chunk less than the transition's
+    ``(M, N)`` by ``M``'s ``4 C K^2``)."""
+    if rule == "sum":
+        m, n = _transition(rule, k, v, beta, resets, w_in.dtype, chunk_size)
+        return m * w_in + n
+    return _state_walk(k, v, beta, resets, w_in.dtype, chunk_size, w_in)[1]
+
+
+def _state_walk(k, v, beta, resets, acc, chunk_size, n, m=None):
+    """The delta rule's walk over the slice from the state ``n [B, H, K, V]`` (its end state from
+    there) and, given ``m [B, H, K, K]``, the same walk over ``m`` with zero values alongside (the
+    transition's ``M`` from ``I``): ``(m or None, n)`` at the slice's end. The WY pieces are shared."""
+    batch, _, heads, key_dim = k.shape
     layout = _chunked(k, resets, chunk_size)
     spans = layout.spans
     k, v, beta = (layout.pad(x) for x in (k, v, beta))
@@ -252,24 +283,26 @@ def _transition(rule, k, v, beta, resets, acc, chunk_size):
 
         def chunk(state, xs):
             (n, m), (k_c, u_c, y_c, keep_c) = state, xs
-            u_n, u_m = u_c - _mm("gck,gkv->gcv", y_c, n), -_mm("gck,gkj->gcj", y_c, m)
+            u_n = u_c - _mm("gck,gkv->gcv", y_c, n)
+            u_m = None if m is None else -_mm("gck,gkj->gcj", y_c, m)
             if keep_c is not None:  # a document starts in the chunk: what entered it is gone
-                n, m = (jnp.where(keep_c[:, None, None], x, 0.0) for x in (n, m))
-            return (n + _mm("gck,gcv->gkv", k_c, u_n), m + _mm("gck,gcj->gkj", k_c, u_m)), None
+                n, m = (None if x is None else jnp.where(keep_c[:, None, None], x, 0.0) for x in (n, m))
+            n = n + _mm("gck,gcv->gkv", k_c, u_n)
+            return (n, None if m is None else m + _mm("gck,gcj->gkj", k_c, u_m)), None
 
         carry, _ = lax.scan(chunk, carry, (k_s, u_tilde, y, None if docs is None else docs.keep))
         return carry, None
 
-    groups = batch * heads
-    start = (jnp.zeros((groups, key_dim, v.shape[-1]), acc),
-             jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (groups, key_dim, key_dim)))
+    start = (_group(n), None if m is None else _group(m))
     (n, m), _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document))
-    return m.reshape(batch, heads, key_dim, key_dim), n.reshape(batch, heads, key_dim, v.shape[-1])
+    n = n.reshape(batch, heads, key_dim, v.shape[-1])
+    return None if m is None else m.reshape(batch, heads, key_dim, key_dim), n
 
 
-def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size):
+def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, d_end=None):
     """``G``: the gradient of the state entering the shard from the shard's own outputs alone
-    (its end state's gradient taken as zero), ``[B, H, K, V]``.
+    (its end state's gradient taken as zero), ``[B, H, K, V]``; given ``d_end``, the end state's
+    gradient, the whole gradient of the entering state (the relay scheme's backward walk).
 
     The sum rule: ``scale * sum q_t dout_t^T`` over the steps before the shard's first reset.
     The delta rule: the chunk form's backward walk of the state gradient alone, chunks in reverse,
@@ -280,7 +313,8 @@ def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size):
     d_out = d_out.astype(acc)
     if rule == "sum":
         first = jnp.ones((batch, length), bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
-        return scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
+        g = scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
+        return g if d_end is None else g + _kept_without_reset(resets, batch, acc) * d_end
     layout = _chunked(q, resets, chunk_size)
     spans = layout.spans
     q, k, beta, d_out = (layout.pad(x) for x in (q, k, beta, d_out))
@@ -302,8 +336,8 @@ def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size):
         dw, _ = lax.scan(chunk, dw, (p.q_eff, k_s, p.y, do_s, None if docs is None else docs.keep), reverse=True)
         return dw, None
 
-    zero = jnp.zeros((batch * heads, key_dim, d_out.shape[-1]), acc)
-    dw, _ = lax.scan(span, zero, (jnp.arange(layout.count), layout.document), reverse=True)
+    start = jnp.zeros((batch * heads, key_dim, d_out.shape[-1]), acc) if d_end is None else _group(d_end)
+    dw, _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document), reverse=True)
     return dw.reshape(batch, heads, key_dim, d_out.shape[-1])
 
 
@@ -342,23 +376,50 @@ def _relay_back(rule: str, m: Array, g: Array, d_final: Array, axis: str, shards
     return d, jnp.where(index == 0, _apply_transposed(rule, m, d) + g, 0.0)
 
 
+def _relay_walk(walk, w0: Array, axis: str, shards: int) -> Array:
+    """The relay scheme's forward: the state entering this shard. In round r shard r alone walks its
+    slice from its entering state (``walk(w)``: its end state; the others skip it) and passes the end
+    to shard r + 1: P - 1 walks in a row, a ``[B, H, K, V]`` ppermute after each."""
+    index = lax.axis_index(axis)
+    w, shift = w0, [(i, i + 1) for i in range(shards - 1)]
+    for r in range(shards - 1):
+        end = lax.cond(index == r, walk, lambda w: w, w)
+        w = jnp.where(index == r + 1, lax.ppermute(end, axis, shift), w)
+    return w
+
+
+def _relay_walk_back(walk, d_final: Array, axis: str, shards: int) -> Array:
+    """The relay scheme's backward: the gradient of this shard's end state. In round r (from the last
+    shard down) shard r alone walks the state gradient back over its slice from its end state's
+    (``walk(d)``: its entering state's) and passes it to shard r - 1."""
+    index = lax.axis_index(axis)
+    d, shift = d_final, [(i + 1, i) for i in range(shards - 1)]
+    for r in range(shards - 1, 0, -1):
+        entering = lax.cond(index == r, walk, lambda d: d, d)
+        d = jnp.where(index == r - 1, lax.ppermute(entering, axis, shift), d)
+    return d
+
+
 def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
-    """The chunk form's forward over the slice from ``w_in``, keeping its residuals (its custom_vjp's
-    own: the inputs, the writes U and each span's end state), so the backward needs no recompute."""
+    """The chunk form's forward over the slice from ``w_in``: its outputs, end state ``[B, H, K, V]``
+    and residuals (its custom_vjp's own: the inputs, the writes U and each span's end state), so
+    the backward needs no recompute."""
     layout = _chunked(q, resets, chunk_size)
     batch, length, heads, key_dim = q.shape
     w0 = w_in.reshape(batch * heads, key_dim, v.shape[-1])
-    (out, _), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
-                                           w0, layout.document, scale)
-    return out[:, :length], residuals
+    (out, end), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
+                                             w0, layout.document, scale)
+    return out[:, :length], end.reshape(w_in.shape), residuals
 
 
 def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end):
+    """The chunk form's backward over the slice: ``dq, dk, dv, dbeta``, the entering state's gradient
+    ``[B, H, K, V]`` and scale's."""
     layout = _chunked(q, resets, chunk_size)
     length = q.shape[1]
-    dq, dk, dv, dbeta, _, _, d_scale = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
-                                                         (layout.pad(d_out), _group(d_end)))
-    return *(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta)), d_scale
+    dq, dk, dv, dbeta, d_in, _, d_scale = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
+                                                            (layout.pad(d_out), _group(d_end)))
+    return *(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta)), d_in.reshape(d_end.shape), d_scale
 
 
 class _Static(NamedTuple):
@@ -366,6 +427,7 @@ class _Static(NamedTuple):
     chunk_size: int
     plan: ContextPlan
     engine: str  # "chunk" (XLA) or "pallas" (the TPU kernel) for each shard's forward and backward
+    scheme: str  # "transition" or "relay" (context_cost.py)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -376,38 +438,50 @@ def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale):
 
 
 def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
-    rule, chunk_size, plan, engine = static
+    rule, chunk_size, plan, engine, scheme = static
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
-    m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
-    w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
+    m = None
+    if scheme == "transition":
+        m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
+        w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
+    else:
+        walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size)
+        w_in = _relay_walk(walk, w0, plan.axis, plan.shards)
     if engine == "pallas":
         # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
         def kernel(q, k, v, beta, w_in, scale):
             return fast_weight_pallas(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size)
 
-        (out, _), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
+        (out, end), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
     else:
-        out, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+        out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+    if scheme == "relay":  # the last shard's end, from its own forward
+        final = lax.psum(jnp.where(lax.axis_index(plan.axis) == plan.shards - 1, end, 0.0), plan.axis)
     return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
 
 
 def _shard_backward(static: _Static, saved, cotangents):
-    rule, chunk_size, plan, engine = static
+    rule, chunk_size, plan, engine, scheme = static
     q, k, beta, segment_ids, scale, m, residuals = saved
     d_out, d_final = cotangents
     # The final state is replicated over the shards: differentiating the shard_map hands its
     # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
     d_final = lax.psum(d_final, plan.axis)
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
-    g = _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size)
-    # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
-    # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
-    d_end, d_w0 = _relay_back(rule, m, g, d_final, plan.axis, plan.shards)
-    if engine == "pallas":
-        dq, dk, dv, dbeta, _, d_scale = residuals((d_out, d_end))
+    entering = partial(_entering_gradient, rule, q, k, beta, resets, scale, d_out, chunk_size)
+    if scheme == "transition":
+        # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
+        # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
+        d_end, d_w0 = _relay_back(rule, m, entering(), d_final, plan.axis, plan.shards)
     else:
-        dq, dk, dv, dbeta, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+        d_end = _relay_walk_back(lambda d: entering(d_end=d), d_final, plan.axis, plan.shards)
+    if engine == "pallas":
+        dq, dk, dv, dbeta, d_in, d_scale = residuals((d_out, d_end))
+    else:
+        dq, dk, dv, dbeta, d_in, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+    if scheme == "relay":  # the first shard's backward gives initial_state's gradient
+        d_w0 = jnp.where(lax.axis_index(plan.axis) == 0, d_in, 0.0)
     return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
 
 
@@ -454,6 +528,7 @@ def fast_weight_context_parallel(
     segment_ids: Array | None,
     plan: ContextPlan,
     impl: str = "chunk",
+    scheme: str | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
     says (:func:`context_plan`), every shard running the chunk form on its slice (module docstring).
@@ -461,7 +536,14 @@ def fast_weight_context_parallel(
     ``initial_state`` enters the first shard; the final state (the last shard's end) and its
     gradient are replicated over the T axis. ``impl="pallas"``: the Pallas TPU kernel runs each
     shard's forward and backward (on a TPU, or inside ``pltpu.force_tpu_interpret_mode()``).
+    ``scheme``: ``"transition"`` or ``"relay"`` (``context_cost.py``); None picks the one with the
+    shorter critical path for the call (:func:`.context_cost.choose_scheme`).
     """
+    if scheme is None:
+        chunk = max(min(chunk_size, q.shape[1] // plan.shards), 1)
+        scheme = choose_scheme(rule, plan.shards, chunk, k.shape[-1], v.shape[-1])
+    elif scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES} or None; got {scheme!r}")
     engine = "pallas" if impl == "pallas" else "chunk"
     if engine == "pallas":
         if segment_ids is not None:
@@ -474,7 +556,7 @@ def fast_weight_context_parallel(
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot take this call: {reason}")
     acc = accumulation_dtype(q, k, v, beta, initial_state)
-    static = _Static(rule, chunk_size, plan, engine)
+    static = _Static(rule, chunk_size, plan, engine, scheme)
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
     specs = (seq, seq, seq, beta_spec, state, ids_spec)
     args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
