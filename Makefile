@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-newest-jax test-all lint docs bench triton-report gpu-memory tpu-compiler tpu-memory clean
+.PHONY: demo test test-newest-jax test-all lint check-figures docs bench triton-report gpu-memory tpu-compiler tpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -95,6 +95,12 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Every measured figure in README.md, docs/*.md and examples/README.md is tied to a generated
+# report under docs/reports/ (dpfp_devtools/figures.py says how); tests/test_figures.py runs the
+# same check in `make test`.
+check-figures: $(STAMP)
+	$(PY) -m dpfp_devtools.figures
 
 # XLA:CPU emits unoptimised machine code for the tests (LLVM at -O0; XLA's own graph passes still
 # run): their programs are small, so compiling dominates, and this makes `make test` about a third

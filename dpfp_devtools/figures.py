@@ -1,0 +1,380 @@
+"""Every figure in a hand-written page is tied to a generated report (``make check-figures``).
+
+The hand-written pages (README.md, docs/*.md, examples/README.md) say what the generated reports
+under docs/reports/ show; the reports are what the benchmark scripts printed. This check finds
+every measured figure in the hand-written pages and fails unless it is tied to a report, so a
+table that is re-measured without its summaries being updated (or a summary edited without its
+table) fails here::
+
+    python -m dpfp_devtools.figures            # the repository this file is in
+    python -m dpfp_devtools.figures --list     # every figure and what ties it
+
+What counts as a figure: a number with a unit of measurement (``0.53x``, ``31.5 MB``, ``124 s``,
+``4,176 tokens/s``; the units are ``UNITS``), in prose, in a heading, in a table cell (the unit
+may stand in the column's header) or in a comment of a shell code block. Not figures, by rule:
+
+- numbers without a unit: shapes (``T = 4096``, ``K = 128``), versions, dates, counts;
+- anything in code (inline code spans, code blocks other than their shell comments);
+- a figure right after a comparison (``at most 1.3x``, ``<= 0.35x``, ``up to 15 minutes``,
+  ``within 20 minutes``, ``under 1 GB``): a goal, a limit or a test's threshold, not a result.
+
+A figure is tied when its number appears verbatim (as a whole token; a ratio with its ``x``) in a
+report that its block (paragraph, list, table) links to or, when the block links to none, that
+its section (the lines under its heading) links to. Anything else needs one of three markers, an
+HTML comment on its own line inside the block (invisible on GitHub and in the built site):
+
+- ``<!-- figure 0.41 GB = 409.5 / 1000 (reports/tpu_memory.md) -->``: a derived figure (a unit
+  conversion, a ratio of two cells, a rounding). Every number in the expression must appear
+  verbatim in the named report, except 1 (a reciprocal) and the unit constants 1000 and 1024, and
+  the expression must round to the figure at the figure's own precision. The report then counts
+  as linked from the block.
+- ``<!-- not-measured 16 MiB, 227 KiB: hardware limits -->``: the listed figures are not
+  measurements (a spec sheet, a setting, an installed size); the reason is required.
+- ``<!-- quoted: the maintainers' notes from one H200; no script here reproduces them -->``:
+  every figure of the block is quoted from outside this repository, as the page says.
+
+A table of figures in a hand-written page fails whatever it holds: generated tables belong under
+docs/reports/, where the scripts' output is kept as printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import operator
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPORTS_DIR = Path("docs/reports")
+
+# Units of measured quantities: ratios, times, memory, throughputs, losses.
+UNITS = ("%", "ms", "s", "min", "minutes", "hours", "seconds", "MB", "GB", "KB", "MiB", "GiB", "KiB",
+         "tokens/s", "bits/byte")
+_UNIT = "|".join(sorted((re.escape(u) for u in UNITS), key=len, reverse=True))
+# A ratio's x sticks to its number (0.53x); the other units follow a space or not (31.5 MB, 5%).
+# Not preceded by a letter, digit, '.', '-' or '=' (names like v5e, ranges like 2-core, flags).
+FIGURE = re.compile(
+    rf"(?<![\w.\-/=])(?P<number>\d{{1,3}}(?:,\d{{3}})+|\d+(?:\.\d+)?)"
+    rf"(?:(?P<ratio>x)|\s?(?P<unit>{_UNIT}))(?![\w/])"
+)
+# Goals, limits and thresholds: a figure right after one of these is not a result.
+COMPARISON = re.compile(
+    r"(?:at most|at least|up to|within|under|below|over|above|more than|less than|no more than|"
+    r"<=|>=|≤|≥|<|>)\s*(?:about\s+)?$",
+    re.IGNORECASE,
+)
+UNIT_CONSTANTS = {"1", "1000", "1024"}  # a reciprocal, unit conversions
+MARKER = re.compile(r"<!--\s*(?P<kind>figure|not-measured|quoted)\b(?P<body>.*?)-->", re.DOTALL)
+COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+INLINE_CODE = re.compile(r"(`+).*?\1", re.DOTALL)
+HEADING = re.compile(r"^(#{1,6})\s")
+FENCE = re.compile(r"^\s*(```+|~~~+)\s*(?P<info>\S*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    page: Path
+    line: int
+    text: str  # as written, e.g. "0.53x", "31.5 MB"
+    number: str  # e.g. "0.53", "31.5"
+    unit: str  # e.g. "x", "MB"
+
+
+@dataclasses.dataclass
+class Block:
+    """A paragraph, list, table or heading: the lines between blank lines (or a code block's comments)."""
+
+    page: Path
+    first_line: int
+    lines: list[str]
+    section: int  # index of the section (heading) the block sits in
+    in_code: bool = False
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclasses.dataclass
+class Problem:
+    figure: Figure
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.figure.page}:{self.figure.line}: {self.figure.text!r}: {self.reason}"
+
+
+def hand_written_pages(root: Path) -> list[Path]:
+    """README.md, docs/*.md (the reports excluded) and examples/README.md, relative to ``root``."""
+    pages = [Path("README.md"), *sorted(p.relative_to(root) for p in (root / "docs").glob("*.md")),
+             Path("examples/README.md")]
+    return [p for p in pages if (root / p).is_file()]
+
+
+def blocks(page: Path, text: str, parents: dict[int, int]) -> Iterator[Block]:
+    """The page's blocks in order; a code block yields only its shell comments.
+
+    Sections are numbered from 1 in the order of their headings (0: the page above the first);
+    ``parents`` is filled with each section's enclosing one.
+    """
+    section, open_sections = 0, [(0, 0)]  # (heading level, section) from the page down
+    current: Block | None = None
+    fence: str | None = None
+    shell = False
+    for number, line in enumerate(text.splitlines(), 1):
+        opening = FENCE.match(line)
+        if fence is not None:
+            if opening and opening.group(1).startswith(fence) and not opening.group("info"):
+                fence = None
+            elif shell and "#" in line:
+                comment = line[line.index("#"):] if line.lstrip().startswith("#") else line.split(" #", 1)[-1]
+                if line.lstrip().startswith("#") or " #" in line:
+                    yield Block(page, number, [comment], section, in_code=True)
+            continue
+        if opening:
+            if current:
+                yield current
+                current = None
+            fence, info = opening.group(1), opening.group("info").lower()
+            shell = info in ("bash", "sh", "shell", "console")
+            continue
+        heading = HEADING.match(line)
+        if heading:
+            if current:
+                yield current
+            section += 1
+            level = len(heading.group(1))
+            while open_sections[-1][0] >= level:
+                open_sections.pop()
+            parents[section] = open_sections[-1][1]
+            open_sections.append((level, section))
+            yield Block(page, number, [line], section)
+            current = None
+            continue
+        if not line.strip():
+            if current:
+                yield current
+            current = None
+            continue
+        if current is None:
+            current = Block(page, number, [], section)
+        current.lines.append(line)
+    if current:
+        yield current
+
+
+def report_links(block_text: str, page: Path, root: Path) -> set[Path]:
+    """The reports (under docs/reports/) a block links to, relative to ``root``."""
+    found = set()
+    for match in LINK.finditer(block_text):
+        target = match.group("target").split("#", 1)[0]
+        if not target.endswith(".md") or "://" in target:
+            continue
+        resolved = (root / page.parent / target).resolve()
+        try:
+            relative = resolved.relative_to(root.resolve())
+        except ValueError:
+            continue
+        if relative.parent == REPORTS_DIR:
+            found.add(relative)
+    return found
+
+
+def _prose(text: str) -> str:
+    """The text with comments and inline code blanked, same length (offsets stay line-true)."""
+    blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731
+    return INLINE_CODE.sub(blank, COMMENT.sub(blank, text))
+
+
+def _table_header_units(lines: list[str]) -> list[str] | None:
+    """For a Markdown table, the unit each column's header names ('' if none); None if not a table."""
+    if len(lines) < 2 or not all(line.lstrip().startswith("|") for line in lines):
+        return None
+    if not re.fullmatch(r"\s*\|?[\s:|-]+\|?\s*", lines[1]):
+        return None
+    units = []
+    for cell in _cells(LINK.sub("]", lines[0])):
+        named = [u for u in UNITS if re.search(rf"(?<![\w/]){re.escape(u)}(?![\w/])", cell)]
+        units.append(named[0] if named else "")
+    return units
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def figures_in(block: Block) -> tuple[list[Figure], bool]:
+    """The block's figures, and whether it is a table holding any."""
+    prose = _prose(block.text)
+    found = []
+    for match in FIGURE.finditer(prose):
+        before = prose[:match.start()]
+        if COMPARISON.search(before[-40:]):
+            continue
+        line = block.first_line + before.count("\n")
+        unit = "x" if match.group("ratio") else match.group("unit")
+        found.append(Figure(block.page, line, match.group(0), match.group("number"), unit))
+    # A table of figures: a cell that is nothing but a figure, or a bare number under a unit.
+    units = None if block.in_code else _table_header_units(block.lines)
+    is_table_of_figures = False
+    if units is not None:
+        seen = {(f.line, f.number) for f in found}
+        for offset, row in enumerate(block.lines[2:], 2):
+            line = block.first_line + offset
+            for cell, unit in zip(_cells(_prose(row)), units, strict=False):
+                whole = FIGURE.fullmatch(cell)
+                bare = re.fullmatch(r"\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?", cell)
+                if whole or (bare and unit):
+                    is_table_of_figures = True
+                if bare and unit and (line, cell) not in seen:
+                    found.append(Figure(block.page, line, cell, cell, unit))
+    return found, is_table_of_figures
+
+
+def _token_in(number: str, unit: str, text: str) -> bool:
+    suffix = "x" if unit == "x" else ""
+    return re.search(rf"(?<![\d.]){re.escape(number + suffix)}(?!\d|\.\d)", text) is not None
+
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate(node.operand)
+    raise ValueError(f"only numbers and + - * / are allowed in a figure's expression; got {ast.dump(node)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derivation:
+    figure: str  # as in the page, e.g. "0.41 GB"
+    expression: str
+    report: Path
+
+
+def parse_markers(block: Block, page: Path, root: Path) -> tuple[list[Derivation], set[str], bool, list[str]]:
+    """A block's markers: derivations, not-measured figure texts, whether quoted, and marker errors."""
+    derivations, not_measured, quoted, errors = [], set(), False, []
+    for match in MARKER.finditer(block.text):
+        kind, body = match.group("kind"), " ".join(match.group("body").split())
+        if kind == "quoted":
+            if not body.strip(": "):
+                errors.append("a quoted marker needs its source")
+            quoted = True
+        elif kind == "not-measured":
+            listed, _, reason = body.partition(":")
+            if not reason.strip():
+                errors.append(f"not-measured {listed.strip()!r} needs a reason after ':'")
+            not_measured.update(t.strip() for t in listed.split(",") if t.strip())
+        else:
+            m = re.fullmatch(r"(?P<figure>.+?)\s*=\s*(?P<expr>[\d\s.+*/()-]+?)\s*\((?P<report>[^)]+\.md)\)", body)
+            if not m:
+                errors.append(f"cannot read the figure marker {body!r}: want 'FIGURE = EXPRESSION (REPORT)'")
+                continue
+            report = report_links(f"]({m.group('report')})", page, root)
+            if not report:
+                errors.append(f"figure marker {body!r} names no report under {REPORTS_DIR}")
+                continue
+            derivations.append(Derivation(m.group("figure"), m.group("expr"), report.pop()))
+    return derivations, not_measured, quoted, errors
+
+
+def check_derivation(figure: Figure, derivation: Derivation, root: Path) -> str | None:
+    """Why a derived figure does not follow from its report, or None when it does."""
+    report_path = root / derivation.report
+    if not report_path.is_file():
+        return f"its marker names {derivation.report}, which does not exist"
+    report = report_path.read_text()
+    for operand in re.findall(r"\d+(?:\.\d+)?", derivation.expression):
+        if operand not in UNIT_CONSTANTS and not _token_in(operand, "", report):
+            return f"its marker's operand {operand} is not in {derivation.report}"
+    value = _evaluate(ast.parse(derivation.expression, mode="eval"))
+    written = float(figure.number.replace(",", ""))
+    decimals = len(figure.number.partition(".")[2])
+    if abs(value - written) > 0.5 * 10 ** -decimals + 1e-9:
+        return f"its marker's {derivation.expression} = {value:.{decimals + 2}f}, not {figure.number}"
+    return None
+
+
+def check(root: Path = REPO_ROOT, pages: list[Path] | None = None) -> tuple[list[Figure], list[Problem]]:
+    """Every figure of the hand-written pages, and the problems: figures tied to no report."""
+    root = Path(root)
+    everything, problems = [], []
+    for page in pages if pages is not None else hand_written_pages(root):
+        parents: dict[int, int] = {}
+        page_blocks = list(blocks(page, (root / page).read_text(), parents))
+        section_links: dict[int, set[Path]] = {}
+        for block in page_blocks:
+            section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))
+
+        def linked_from_section(section: int) -> set[Path]:
+            # The nearest enclosing section that links a report: its heading's, its parent's, ...
+            while not section_links.get(section) and section:
+                section = parents[section]
+            return section_links.get(section, set())
+
+        for block in page_blocks:
+            found, is_table = figures_in(block)
+            derivations, not_measured, quoted, errors = parse_markers(block, page, root)
+            for error in errors:
+                problems.append(Problem(Figure(page, block.first_line, "<!-- -->", "", ""), error))
+            sources = (report_links(block.text, page, root) | {d.report for d in derivations}
+                       or linked_from_section(block.section))
+            texts = {root / s: (root / s).read_text() for s in sources if (root / s).is_file()}
+            everything.extend(found)
+            if is_table and not quoted:
+                problems.append(Problem(found[0], f"a table of {len(found)} figures in a hand-written page: "
+                                                  f"move it under {REPORTS_DIR}/, as its script printed it"))
+                continue
+            for figure in found:
+                if quoted or figure.text in not_measured:
+                    continue
+                mine = [d for d in derivations if d.figure == figure.text]
+                if mine:
+                    for derivation in mine:
+                        reason = check_derivation(figure, derivation, root)
+                        if reason:
+                            problems.append(Problem(figure, reason))
+                    continue
+                if not texts:
+                    problems.append(Problem(figure, "neither its block nor its sections link a report under "
+                                                    f"{REPORTS_DIR}/ (or give a marker: see dpfp_devtools/figures.py)"))
+                elif not any(_token_in(figure.number, figure.unit, t) for t in texts.values()):
+                    names = ", ".join(str(s) for s in sorted(sources))
+                    problems.append(Problem(figure, f"not in {names} (what its block or section links)"))
+            marked = {d.figure for d in derivations} | not_measured
+            for text in sorted(marked - {f.text for f in found}):
+                problems.append(Problem(Figure(page, block.first_line, text, "", ""),
+                                        "a marker names this figure, but its block does not hold it"))
+    return everything, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", nargs="?", type=Path, default=REPO_ROOT, help="the repository (default: this one)")
+    parser.add_argument("--list", action="store_true", help="print every figure found")
+    args = parser.parse_args(argv)
+    figures, problems = check(args.root)
+    if args.list:
+        for figure in figures:
+            print(f"{figure.page}:{figure.line}: {figure.text}")
+    for problem in problems:
+        print(problem)
+    pages = len({f.page for f in figures})
+    print(f"{len(figures)} figures in {pages} hand-written pages; {len(problems)} not tied to a report")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
