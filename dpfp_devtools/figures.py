@@ -61,6 +61,9 @@ FIGURE = re.compile(
     rf"(?<![\w.\-/=])(?P<number>\d{{1,3}}(?:,\d{{3}})+|\d+(?:\.\d+)?)"
     rf"(?:(?P<ratio>x)|\s?(?P<unit>{_UNIT}))(?![\w/])"
 )
+NUMBER = r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?"
+# Numbers listed before a figure's number, sharing its unit: "105.0, 109.2 and ", "33 to ".
+LISTED = re.compile(rf"(?<![\w.\-/=])(?:(?:{NUMBER})(?:,\s+|\s+and\s+|\s+to\s+))+$")
 # Goals, limits and thresholds: a figure right after one of these is not a result.
 COMPARISON = re.compile(
     r"(?:at most|at least|up to|within|under|below|over|above|more than|less than|no more than|"
@@ -216,8 +219,16 @@ def figures_in(block: Block) -> tuple[list[Figure], bool]:
         before = prose[:match.start()]
         if COMPARISON.search(before[-40:]):
             continue
-        line = block.first_line + before.count("\n")
         unit = "x" if match.group("ratio") else match.group("unit")
+        # A list that ends in the unit shares it: "105.0, 109.2 and 153.2 MB", "33 to 159 s".
+        chain = LISTED.search(before) if unit != "x" else None
+        if chain:
+            for number in re.finditer(NUMBER, chain.group(0)):
+                start = chain.start() + number.start()
+                if not COMPARISON.search(prose[:start][-40:]):
+                    found.append(Figure(block.page, block.first_line + prose[:start].count("\n"),
+                                        f"{number.group(0)} {unit}", number.group(0), unit))
+        line = block.first_line + before.count("\n")
         found.append(Figure(block.page, line, match.group(0), match.group("number"), unit))
     # A table of figures: a cell that is nothing but a figure, or a bare number under a unit.
     units = None if block.in_code else _table_header_units(block.lines)
@@ -237,8 +248,9 @@ def figures_in(block: Block) -> tuple[list[Figure], bool]:
 
 
 def _token_in(number: str, unit: str, text: str) -> bool:
-    suffix = "x" if unit == "x" else ""
-    return re.search(rf"(?<![\d.]){re.escape(number + suffix)}(?!\d|\.\d)", text) is not None
+    # A ratio matches a ratio (0.53x); anything else a number that is not one (31.5, not 31.5x).
+    pattern = re.escape(number) + ("x" if unit == "x" else r"(?!\d|\.\d|x)")
+    return re.search(rf"(?<![\d.]){pattern}(?!\d|\.\d)", text) is not None
 
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -297,7 +309,7 @@ def check_derivation(figure: Figure, derivation: Derivation, root: Path) -> str 
         return f"its marker names {derivation.report}, which does not exist"
     report = report_path.read_text()
     for operand in re.findall(r"\d+(?:\.\d+)?", derivation.expression):
-        if operand not in UNIT_CONSTANTS and not _token_in(operand, "", report):
+        if operand not in UNIT_CONSTANTS and not (_token_in(operand, "", report) or _token_in(operand, "x", report)):
             return f"its marker's operand {operand} is not in {derivation.report}"
     value = _evaluate(ast.parse(derivation.expression, mode="eval"))
     written = float(figure.number.replace(",", ""))

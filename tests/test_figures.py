@@ -189,3 +189,8 @@ def test_what_a_figure_is(text, want):
     match = figures.FIGURE.search(text)
     got = (match.group("number"), "x" if match.group("ratio") else match.group("unit")) if match else None
     assert got == want
+
+
+def test_numbers_listed_before_a_unit_share_it(tmp_path):
+    page = "# Speed\n\nIts figures are 31.5, 26.3 and 134.9 MB, then 47.72 to 39.20 ms ([t](reports/speed.md)).\n"
+    assert [p.split(":")[0] for p in problems_of(tmp_path, page)] == ["39.20 ms"]
