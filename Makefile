@@ -43,6 +43,7 @@ $(BENCH_STAMP): $(STAMP)
 
 # XLA's GPU compiler without a GPU (about 730 MB, kept out of .venv's import path): the CUDA
 # plugin and ptxas/libdevice, on PYTHONPATH only for the deviceless compiles of dpfp_devtools/deviceless.py.
+# `make test` installs it too, for one kernel's compile.
 CUDA_COMPILER := $(VENV)/cuda-compiler
 CUDA_STAMP := $(VENV)/.installed-cuda-compiler
 
@@ -110,9 +111,11 @@ check-figures: $(STAMP)
 FAST_COMPILE := XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0"
 
 # DPFP_TPU_COMPILER: the TPU compile tests (tests/test_tpu_compile.py) run, and fail without libtpu
-# instead of skipping.
-test: lint docs test-newest-jax $(TPU_STAMP)
-	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
+# instead of skipping. DPFP_CUDA_COMPILER: the one fast deviceless H200 compile in
+# tests/test_deviceless.py runs (the fused chunk kernel at K = 128, checked against its report
+# rows; about 12 s of compiling, after an install of 17 to 64 s).
+test: lint docs test-newest-jax $(TPU_STAMP) $(CUDA_STAMP)
+	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) DPFP_CUDA_COMPILER=$(CUDA_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 test-newest-jax: $(NEWEST_STAMP)
 	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'

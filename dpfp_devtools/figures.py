@@ -15,13 +15,15 @@ may stand in the column's header) or in a comment of a shell code block. Not fig
 
 - numbers without a unit: shapes (``T = 4096``, ``K = 128``), versions, dates, counts;
 - anything in code (inline code spans, code blocks other than their shell comments);
-- a figure right after a comparison (``at most 1.3x``, ``<= 0.35x``, ``up to 15 minutes``,
-  ``within 20 minutes``, ``under 1 GB``): a goal, a limit or a test's threshold, not a result.
+- a figure right after a bound (``at most 1.3x``, ``<= 0.35x``, ``at least 2x``, ``within 20
+  minutes``): a goal, a limit or a test's threshold, not a result. ("up to", "under" and "over"
+  often state results, so they are not bounds here.)
 
 A figure is tied when its number appears verbatim (as a whole token; a ratio with its ``x``) in a
 report that its block (paragraph, list, table) links to or, when the block links to none, that
 its section (the lines under its heading) links to. Anything else needs one of three markers, an
-HTML comment on its own line inside the block (invisible on GitHub and in the built site):
+HTML comment on its own line at the end of the block, or after it with a blank line between
+(invisible on GitHub and in the built site):
 
 - ``<!-- figure 0.41 GB = 409.5 / 1000 (reports/tpu_memory.md) -->``: a derived figure (a unit
   conversion, a ratio of two cells, a rounding). Every number in the expression must appear
@@ -66,8 +68,7 @@ NUMBER = r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?"
 LISTED = re.compile(rf"(?<![\w.\-/=])(?:(?:{NUMBER})(?:,\s+|\s+and\s+|\s+to\s+))+$")
 # Goals, limits and thresholds: a figure right after one of these is not a result.
 COMPARISON = re.compile(
-    r"(?:at most|at least|up to|within|under|below|over|above|more than|less than|no more than|"
-    r"<=|>=|≤|≥|<|>)\s*(?:about\s+)?$",
+    r"(?:at most|at least|no more than|no less than|within|<=|>=|≤|≥|<|>)\s*(?:about\s+)?$",
     re.IGNORECASE,
 )
 UNIT_CONSTANTS = {"1", "1000", "1024"}  # a reciprocal, unit conversions
@@ -97,10 +98,23 @@ class Block:
     lines: list[str]
     section: int  # index of the section (heading) the block sits in
     in_code: bool = False
+    markers: list[str] = dataclasses.field(default_factory=list)  # from a markers-only block after it
 
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def _attach_marker_blocks(page_blocks: list[Block]) -> list[Block]:
+    """A block of nothing but markers belongs to the block before it (after a table, a blank line
+    must come first: Markdown would read the marker as one more row)."""
+    kept: list[Block] = []
+    for block in page_blocks:
+        if kept and not block.in_code and MARKER.search(block.text) and not COMMENT.sub("", block.text).strip():
+            kept[-1].markers.extend(block.lines)
+        else:
+            kept.append(block)
+    return kept
 
 
 @dataclasses.dataclass
@@ -278,7 +292,7 @@ class Derivation:
 def parse_markers(block: Block, page: Path, root: Path) -> tuple[list[Derivation], set[str], bool, list[str]]:
     """A block's markers: derivations, not-measured figure texts, whether quoted, and marker errors."""
     derivations, not_measured, quoted, errors = [], set(), False, []
-    for match in MARKER.finditer(block.text):
+    for match in MARKER.finditer("\n".join([block.text, *block.markers])):
         kind, body = match.group("kind"), " ".join(match.group("body").split())
         if kind == "quoted":
             if not body.strip(": "):
@@ -325,7 +339,7 @@ def check(root: Path = REPO_ROOT, pages: list[Path] | None = None) -> tuple[list
     everything, problems = [], []
     for page in pages if pages is not None else hand_written_pages(root):
         parents: dict[int, int] = {}
-        page_blocks = list(blocks(page, (root / page).read_text(), parents))
+        page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents)))
         section_links: dict[int, set[Path]] = {}
         for block in page_blocks:
             section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))

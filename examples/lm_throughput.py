@@ -1,6 +1,6 @@
 """Training-step throughput of the language-model example's attentions, side by side, and their ratios.
 
-    python examples/lm_throughput.py                      # the README's table: 300 steps each, cpu preset
+    python examples/lm_throughput.py                      # one run each: 300 steps, cpu preset
     python examples/lm_throughput.py --repeats 3          # three runs each, median and spread
     python examples/lm_throughput.py --steps 100 --attentions dpfp:delta,linear:sum
 
@@ -34,7 +34,7 @@ else:  # python examples/lm_throughput.py: Python puts examples/ first on the mo
     import train_lm
     from arguments import HelpFormatter, integer
 
-# The README's table: DPFP with the delta rule, linear attention with the sum rule, softmax.
+# The examples page's figures: DPFP with the delta rule, linear attention with the sum rule, softmax.
 DEFAULT_ATTENTIONS = "dpfp:delta,linear:sum,softmax"
 DEFAULT_RUN = ["--steps", "300", "--eval-every", "100"]
 OWN_FLAGS = ("--out", "--attention", "--rule")

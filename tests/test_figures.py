@@ -123,7 +123,7 @@ def test_what_is_not_a_measurement_is_not_flagged(tmp_path):
     page = """\
         # Shapes, versions, dates, goals, code
         At B = 8, T = 4096, K = 128 (v5e 2x2, 2-core, jax 0.11.2, 2026-12-07), the goal was
-        <= 0.35x, at most 1.3x, within 20 minutes, under 1 GB; `--budget 3 s`.
+        <= 0.35x, at most 1.3x, within 20 minutes, no more than 1 GB; `--budget 3 s`.
 
         ```bash
         make demo   # the quick preset
@@ -150,7 +150,7 @@ def test_a_table_of_figures_in_a_hand_written_page_fails_unless_quoted(tmp_path)
         | chunk | 47.72 |
     """
     assert len(problems_of(tmp_path, table)) == 1 and "a table of 1 figures" in problems_of(tmp_path, table)[0]
-    quoted = table + "        <!-- quoted: a peer's notes, no script here -->\n"
+    quoted = table + "\n        <!-- quoted: a peer's notes, no script here -->\n"
     assert problems_of(tmp_path, quoted) == []
     words = "# Status\n\n| part | state |\n|---|---|\n| kernel | compiled, not run |\n"
     assert problems_of(tmp_path, words) == []
