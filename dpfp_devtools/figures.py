@@ -19,7 +19,8 @@ may stand in the column's header) or in a comment of a shell code block. Not fig
   minutes``): a goal, a limit or a test's threshold, not a result. ("up to", "under" and "over"
   often state results, so they are not bounds here.)
 
-A figure is tied when its number appears verbatim (as a whole token; a ratio with its ``x``) in a
+A figure is tied when its number appears verbatim (as a whole token; a ratio with its ``x``, or
+in a table column whose header is a ratio, "a / b") in a
 report that its block (paragraph, list, table) links to or, when the block links to none, that
 its section (the lines under its heading) links to. Anything else needs one of three markers, an
 HTML comment on its own line at the end of the block, or after it with a blank line between
@@ -261,8 +262,27 @@ def figures_in(block: Block) -> tuple[list[Figure], bool]:
     return found, is_table_of_figures
 
 
+def _ratio_cells(text: str) -> str:
+    """The cells of a report's ratio columns (a header with a '/': "critical path / single's"),
+    each with an x appended, so that "0.71x" in a page matches such a column's "0.71"."""
+    cells, header = [], None
+    for line in text.splitlines():
+        if not line.lstrip().startswith("|"):
+            header = None
+            continue
+        row = _cells(line)
+        if header is None:
+            header = row
+        elif not re.fullmatch(r"[\s:|-]+", line.strip()):
+            cells += [f"{cell}x" for cell, name in zip(row, header, strict=False) if "/" in name]
+    return " ".join(cells)
+
+
 def _token_in(number: str, unit: str, text: str) -> bool:
-    # A ratio matches a ratio (0.53x); anything else a number that is not one (31.5, not 31.5x).
+    # A ratio matches a ratio (0.53x, or a number in a ratio column); anything else a number that
+    # is not one (31.5, not 31.5x).
+    if unit == "x":
+        text = f"{text} {_ratio_cells(text)}"
     pattern = re.escape(number) + ("x" if unit == "x" else r"(?!\d|\.\d|x)")
     return re.search(rf"(?<![\d.]){pattern}(?!\d|\.\d)", text) is not None
 
@@ -333,56 +353,58 @@ def check_derivation(figure: Figure, derivation: Derivation, root: Path) -> str 
     return None
 
 
+def _figure_problems(figure: Figure, derivations: list[Derivation], sources: set[Path], root: Path) -> list[str]:
+    """Why one figure is not tied: its derivations fail, or its linked reports do not hold it."""
+    mine = [d for d in derivations if d.figure == figure.text]
+    if mine:
+        return [reason for d in mine if (reason := check_derivation(figure, d, root))]
+    texts = [(root / s).read_text() for s in sources if (root / s).is_file()]
+    if not texts:
+        return [f"neither its block nor its sections link a report under {REPORTS_DIR}/ "
+                "(or give a marker: see dpfp_devtools/figures.py)"]
+    if not any(_token_in(figure.number, figure.unit, t) for t in texts):
+        return [f"not in {', '.join(str(s) for s in sorted(sources))} (what its block or section links)"]
+    return []
+
+
+def check_page(root: Path, page: Path) -> tuple[list[Figure], list[Problem]]:
+    """One page's figures, and those tied to no report (with why)."""
+    parents: dict[int, int] = {}
+    page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents)))
+    section_links: dict[int, set[Path]] = {}
+    for block in page_blocks:
+        section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))
+    everything, problems = [], []
+    for block in page_blocks:
+        found, is_table = figures_in(block)
+        everything.extend(found)
+        derivations, not_measured, quoted, errors = parse_markers(block, page, root)
+        problems += [Problem(Figure(page, block.first_line, "<!-- -->", "", ""), e) for e in errors]
+        if is_table and not quoted:
+            problems.append(Problem(found[0], f"a table of {len(found)} figures in a hand-written page: "
+                                              f"move it under {REPORTS_DIR}/, as its script printed it"))
+            continue
+        sources = report_links(block.text, page, root) | {d.report for d in derivations}
+        section = block.section
+        while not sources and section is not None:  # the nearest enclosing section that links one
+            sources, section = section_links.get(section, set()), parents.get(section)
+        for figure in found:
+            if not (quoted or figure.text in not_measured):
+                problems += [Problem(figure, reason) for reason in _figure_problems(figure, derivations, sources, root)]
+        for text in sorted(({d.figure for d in derivations} | not_measured) - {f.text for f in found}):
+            problems.append(Problem(Figure(page, block.first_line, text, "", ""),
+                                    "a marker names this figure, but its block does not hold it"))
+    return everything, problems
+
+
 def check(root: Path = REPO_ROOT, pages: list[Path] | None = None) -> tuple[list[Figure], list[Problem]]:
     """Every figure of the hand-written pages, and the problems: figures tied to no report."""
     root = Path(root)
     everything, problems = [], []
     for page in pages if pages is not None else hand_written_pages(root):
-        parents: dict[int, int] = {}
-        page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents)))
-        section_links: dict[int, set[Path]] = {}
-        for block in page_blocks:
-            section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))
-
-        def linked_from_section(section: int) -> set[Path]:
-            # The nearest enclosing section that links a report: its heading's, its parent's, ...
-            while not section_links.get(section) and section:
-                section = parents[section]
-            return section_links.get(section, set())
-
-        for block in page_blocks:
-            found, is_table = figures_in(block)
-            derivations, not_measured, quoted, errors = parse_markers(block, page, root)
-            for error in errors:
-                problems.append(Problem(Figure(page, block.first_line, "<!-- -->", "", ""), error))
-            sources = (report_links(block.text, page, root) | {d.report for d in derivations}
-                       or linked_from_section(block.section))
-            texts = {root / s: (root / s).read_text() for s in sources if (root / s).is_file()}
-            everything.extend(found)
-            if is_table and not quoted:
-                problems.append(Problem(found[0], f"a table of {len(found)} figures in a hand-written page: "
-                                                  f"move it under {REPORTS_DIR}/, as its script printed it"))
-                continue
-            for figure in found:
-                if quoted or figure.text in not_measured:
-                    continue
-                mine = [d for d in derivations if d.figure == figure.text]
-                if mine:
-                    for derivation in mine:
-                        reason = check_derivation(figure, derivation, root)
-                        if reason:
-                            problems.append(Problem(figure, reason))
-                    continue
-                if not texts:
-                    problems.append(Problem(figure, "neither its block nor its sections link a report under "
-                                                    f"{REPORTS_DIR}/ (or give a marker: see dpfp_devtools/figures.py)"))
-                elif not any(_token_in(figure.number, figure.unit, t) for t in texts.values()):
-                    names = ", ".join(str(s) for s in sorted(sources))
-                    problems.append(Problem(figure, f"not in {names} (what its block or section links)"))
-            marked = {d.figure for d in derivations} | not_measured
-            for text in sorted(marked - {f.text for f in found}):
-                problems.append(Problem(Figure(page, block.first_line, text, "", ""),
-                                        "a marker names this figure, but its block does not hold it"))
+        found, wrong = check_page(root, page)
+        everything += found
+        problems += wrong
     return everything, problems
 
 

@@ -69,9 +69,10 @@ def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
 
     The choice optimises training (forward+backward), whether or not a backward follows.
     benchmarks/chunk.py --crossover on this project's CPU machine (docs/reports/cpu_benchmarks.md): chunk's
-    forward+backward beats scan's at every T from one chunk on, at both key widths and with a loss on the
-    outputs alone or on both results; the forward alone is slower with chunk at K = 128 and T <= 1024
-    (1.2x to 2.6x scan's there), so forward-only CPU calls at those shapes are faster with ``impl="scan"``.
+    forward+backward beats scan's at every T from one chunk on (T = 64 to 4096), at K = 128 and 512 and
+    with a loss on the outputs alone or on both results (scan took 1.42x to 3.38x of its time); the
+    forward alone is close at T <= 1024 (chunk's took 0.64x to 1.45x of scan's, slower in half the
+    cases), so a forward-only CPU call there may be faster with ``impl="scan"``.
     Below one chunk (not measured there) the scan is kept, the chunk form being a single [T, T] block. On
     GPU and TPU the chunkwise form is the matmul-shaped one; that it is faster there is not measured yet.
     """
