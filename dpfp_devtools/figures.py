@@ -312,7 +312,7 @@ class Derivation:
 def parse_markers(block: Block, page: Path, root: Path) -> tuple[list[Derivation], set[str], bool, list[str]]:
     """A block's markers: derivations, not-measured figure texts, whether quoted, and marker errors."""
     derivations, not_measured, quoted, errors = [], set(), False, []
-    for match in MARKER.finditer("\n".join([block.text, *block.markers])):
+    for match in MARKER.finditer(INLINE_CODE.sub("", "\n".join([block.text, *block.markers]))):
         kind, body = match.group("kind"), " ".join(match.group("body").split())
         if kind == "quoted":
             if not body.strip(": "):

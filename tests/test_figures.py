@@ -194,3 +194,8 @@ def test_what_a_figure_is(text, want):
 def test_numbers_listed_before_a_unit_share_it(tmp_path):
     page = "# Speed\n\nIts figures are 31.5, 26.3 and 134.9 MB, then 47.72 to 39.20 ms ([t](reports/speed.md)).\n"
     assert [p.split(":")[0] for p in problems_of(tmp_path, page)] == ["39.20 ms"]
+
+
+def test_a_marker_in_inline_code_is_an_example_not_a_marker(tmp_path):
+    page = "# Rules\n\nWrite `<!-- not-measured 16 MiB: a spec -->` below the paragraph.\n"
+    assert problems_of(tmp_path, page) == []
