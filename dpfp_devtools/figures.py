@@ -7,7 +7,7 @@ table that is re-measured without its summaries being updated (or a summary edit
 table) fails here::
 
     python -m dpfp_devtools.figures            # the repository this file is in
-    python -m dpfp_devtools.figures --list     # every figure and what ties it
+    python -m dpfp_devtools.figures --list     # also every figure found, page and line
 
 What counts as a figure: a number with a unit of measurement (``0.53x``, ``31.5 MB``, ``124 s``,
 ``4,176 tokens/s``; the units are ``UNITS``), in prose, in a heading, in a table cell (the unit
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import operator
 import re
 import sys
@@ -79,6 +80,7 @@ LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 INLINE_CODE = re.compile(r"(`+).*?\1", re.DOTALL)
 HEADING = re.compile(r"^(#{1,6})\s")
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*(?P<info>\S*)")
+SHELL_COMMENT = re.compile(r"(?:^\s*|\s)#.*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +151,8 @@ def blocks(page: Path, text: str, parents: dict[int, int]) -> Iterator[Block]:
         if fence is not None:
             if opening and opening.group(1).startswith(fence) and not opening.group("info"):
                 fence = None
-            elif shell and "#" in line:
-                comment = line[line.index("#"):] if line.lstrip().startswith("#") else line.split(" #", 1)[-1]
-                if line.lstrip().startswith("#") or " #" in line:
-                    yield Block(page, number, [comment], section, in_code=True)
+            elif shell and (comment := SHELL_COMMENT.search(line)):
+                yield Block(page, number, [comment.group(0)], section, in_code=True)
             continue
         if opening:
             if current:
@@ -262,6 +262,7 @@ def figures_in(block: Block) -> tuple[list[Figure], bool]:
     return found, is_table_of_figures
 
 
+@functools.lru_cache(maxsize=64)
 def _ratio_cells(text: str) -> str:
     """The cells of a report's ratio columns (a header with a '/': "critical path / single's"),
     each with an x appended, so that "0.71x" in a page matches such a column's "0.71"."""
