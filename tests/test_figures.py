@@ -199,3 +199,13 @@ def test_numbers_listed_before_a_unit_share_it(tmp_path):
 def test_a_marker_in_inline_code_is_an_example_not_a_marker(tmp_path):
     page = "# Rules\n\nWrite `<!-- not-measured 16 MiB: a spec -->` below the paragraph.\n"
     assert problems_of(tmp_path, page) == []
+
+
+def test_the_command_exits_1_with_a_line_per_untied_figure(tmp_path, capsys):
+    root = copy_pages(tmp_path)
+    assert figures.main([str(root)]) == 0
+    page = root / "docs" / "benchmarks.md"
+    page.write_text(page.read_text().replace("1.76x", "1.67x", 1))
+    assert figures.main([str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "docs/benchmarks.md:" in out and "'1.67x': not in docs/reports/cpu_benchmarks.md" in out
