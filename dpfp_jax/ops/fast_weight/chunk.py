@@ -392,8 +392,9 @@ def fast_weight_chunk(
     ``span_size``: steps per span, the unit of work and of recomputation (see the module
     docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
     least one) as hold T, each of as few chunks as then hold T. The result does not depend on it;
-    the backward's scratch memory grows with it (its pieces are alive for one span) and its time
-    changes little with it on the CPU (``python -m benchmarks.chunk --spans``: docs/reports/cpu_benchmarks.md).
+    the backward's scratch memory grows with it (its pieces are alive for one span); its time on the
+    CPU follows no clear order of span size, and spans longer than the default were not faster
+    (``python -m benchmarks.chunk --spans``: docs/reports/cpu_benchmarks.md).
     """
     _check_walk(walk)
     check_positive_int("span_size", span_size)
