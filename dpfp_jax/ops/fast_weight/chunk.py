@@ -393,8 +393,8 @@ def fast_weight_chunk(
     docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
     least one) as hold T, each of as few chunks as then hold T. The result does not depend on it;
     the backward's scratch memory grows with it (its pieces are alive for one span); its time on the
-    CPU follows no clear order of span size, and spans longer than the default were not faster
-    (``python -m benchmarks.chunk --spans``: docs/reports/cpu_benchmarks.md).
+    CPU follows no clear order of span size (``python -m benchmarks.chunk --spans``:
+    docs/reports/cpu_benchmarks.md).
     """
     _check_walk(walk)
     check_positive_int("span_size", span_size)
