@@ -235,6 +235,16 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4, help="--cpu: host devices P")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_child:
+        run(args)
+    else:
+        from benchmarks.common import reported_run
+
+        with reported_run():
+            run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     names = args.ops
     if args.flops:
         print(flops_table(args.length or 65536, args.heads or 8, args.value_dim, 64, [2, 4],
