@@ -22,8 +22,7 @@ from tests.helpers import SCRIPTS, assert_close_to_scale, normal, run_with_host_
 
 SLOW = pytest.mark.slow
 B, T, H, D, V, CHUNK = 2, 40, 2, 4, 3, 16  # T is no multiple of the chunk: the chunk form pads
-TOLERANCE = (2e-5, 2e-6)  # float32 rounding (rtol; atol relative to 1 + the largest magnitude)
-XLA_IMPLS = ("reference", "scan", "chunk", "auto")
+TOLERANCE = (2e-5, 1e-5)  # float32 rounding (rtol; atol relative to 1 + the largest magnitude)
 
 MAPS = {
     "dpfp2-sum": dict(feature_map="dpfp", nu=2, normalization="sum"),
@@ -77,13 +76,16 @@ def assert_fused_equals_map_then_op(features, impl, rule, segment_ids=None, dtyp
 SEGMENT_IDS = jnp.array([[0] * 7 + [1] * 20 + [2] * 13, [3] * 17 + [4] * 23], jnp.int32)  # resets mid-chunk and on one
 
 
-@pytest.mark.parametrize("rule, name", [("delta", "dpfp2-sum"), ("sum", "linear-none")])
-@pytest.mark.parametrize("impl", XLA_IMPLS)
+# make test: the delta rule through every path once, the sum rule through chunk; the rest is slow.
+@pytest.mark.parametrize("impl, rule, name", [
+    *((impl, "delta", "dpfp2-sum") for impl in ("reference", "scan", "chunk")),
+    pytest.param("auto", "delta", "dpfp2-sum", marks=SLOW), ("chunk", "sum", "linear-none"),
+    *(pytest.param(impl, "sum", "linear-none", marks=SLOW) for impl in ("reference", "scan", "auto"))])
 def test_fused_equals_feature_map_then_op(impl, rule, name):
     assert_fused_equals_map_then_op(dj.Features(dim=D, **MAPS[name]), impl, rule)
 
 
-@pytest.mark.parametrize("impl", ["scan", "chunk"])
+@pytest.mark.parametrize("impl", [pytest.param("scan", marks=SLOW), "chunk"])
 def test_fused_equals_feature_map_then_op_with_packed_documents(impl):
     assert_fused_equals_map_then_op(dj.Features(dim=D, **MAPS["dpfp2-sum"]), impl, "delta", SEGMENT_IDS)
 
@@ -118,12 +120,13 @@ def test_without_features_the_op_is_unchanged():
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("impl", ["scan", "chunk"])
+@pytest.mark.parametrize("impl", [pytest.param("scan", marks=SLOW), "chunk"])
 def test_fused_backward_keeps_q_and_k_at_width_d(impl):
-    # Compiled temporaries of the gradient, nu = 3 (K = 6 d): phi(q), phi(k) and their gradients are
-    # never whole arrays with features, so the program needs less.
+    # Compiled temporaries of the gradient, nu = 3 (K = 6 d), four spans of the chunk form: phi(q),
+    # phi(k) and their gradients are never whole arrays with features (0.09x of the unfused
+    # program's for scan, 0.33x for chunk when written).
     phi = dj.Features("dpfp", dim=16, nu=3, normalization="sum")
-    shape = (1, 512, 2)
+    shape = (1, 2048, 2)
     q, k = jnp.ones((*shape, 16)), jnp.ones((*shape, 16))
     v, beta = jnp.ones((*shape, 16)), jnp.ones(shape)
 
@@ -137,7 +140,7 @@ def test_fused_backward_keeps_q_and_k_at_width_d(impl):
         return compiled.memory_analysis().temp_size_in_bytes
 
     fused, unfused = temp_bytes(True), temp_bytes(False)
-    assert fused <= 0.7 * unfused, (fused, unfused)
+    assert fused <= 0.5 * unfused, (fused, unfused)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -218,7 +221,7 @@ def layer_results(config, x, fuse, mask=None, segment_ids=None):
     return values, grads
 
 
-@pytest.mark.parametrize("config", list(LAYER_CONFIGS))
+@pytest.mark.parametrize("config", [c if c == "dpfp-delta-sum" else pytest.param(c, marks=SLOW) for c in LAYER_CONFIGS])
 def test_layer_hands_the_op_the_raw_q_and_k_with_the_same_results(config):
     x = normal(0, (B, T, 8))
     mask = jnp.arange(T)[None, :] < jnp.array([[T], [T - 9]])  # row 1 padded at the end
@@ -240,7 +243,7 @@ def test_layer_gives_the_op_its_features_unless_told_not_to():
         AttentionSpec(num_heads=2, head_dim=4, fuse_features="yes").check()
 
 
-@pytest.mark.parametrize("config", ["dpfp-delta-sum", "linear-sum-attention"])
+@pytest.mark.parametrize("config", ["dpfp-delta-sum", pytest.param("linear-sum-attention", marks=SLOW)])
 def test_decoding_gives_the_same_tokens_either_way(config):
     x = normal(0, (2, 6, 8))
     ys = {}

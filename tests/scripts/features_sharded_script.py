@@ -63,7 +63,7 @@ def main() -> None:
         spec = ("data", None, "heads", None)
         for impl in ("scan", "chunk"):
             got = run(impl, rule, put(mesh, spec, ids), fused=True)(*(put(mesh, spec, x) for x in args))
-            assert got[0][1][0].sharding.spec[:3] == P("data", None, "heads"), got[0][1][0].sharding
+            assert tuple(got[0][1][0].sharding.spec)[:3] == ("data", None, "heads"), got[0][1][0].sharding
             check(f"{rule} {impl} (data, heads)", got, want)
             checked += 1
         # The sequence sharded (context parallelism), explicit mesh: T read from the inputs' types.
@@ -81,11 +81,13 @@ def main() -> None:
 
     # A layer on the (data, heads) mesh: its default (the map in the op) against its separate path.
     mesh = jax.make_mesh((2, 2), ("data", "heads"), axis_types=(AxisType.Explicit,) * 2)
-    x = jax.device_put(jax.random.normal(keys[0], (batch, length, 8)), NamedSharding(mesh, P("data")))
+    x = jax.random.normal(keys[0], (batch, length, 8))
     results = []
     for fuse in (True, False):
         layer = dj.DPFPAttention(8, num_heads=heads, head_dim=dim, nu=2, chunk_size=chunk, fuse_features=fuse)
-        params = layer.init(jax.random.key(1), x)["params"]
+        # Parameters replicated, the input's batch sharded.
+        params = jax.device_put(layer.init(jax.random.key(1), x)["params"], NamedSharding(mesh, P()))
+        x = jax.device_put(x, NamedSharding(mesh, P("data")))
 
         def loss(params, x, layer=layer):
             y, memory = layer.apply({"params": params}, x)
