@@ -114,6 +114,10 @@ def check_features(features: object, q: Array, k: Array) -> int:
                        if x.shape[-1] == features.key_dim else "")
             raise ValueError(f"{name} must be [B, T, H, d] with d = features.dim = {features.dim} (with features the "
                              f"op takes the raw {name} and applies {features} itself); got shape {x.shape}{already}")
+    if not isinstance(features.feature_map, str):
+        # A callable is applied to a step or a span inside the impls: its errors (a width that depends
+        # on the leading shape, ...) are raised here, on q's whole shape, shapes only.
+        jax.eval_shape(features, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return features.key_dim
 
 
