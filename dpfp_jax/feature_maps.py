@@ -385,7 +385,7 @@ class Features:
         op), or a pure callable ``[..., d] -> [..., K]``, differentiated by :func:`jax.vjp`.
       dim: d, the width of the raw q and k the op is given (checked against them).
       nu: DPFP's nu (``feature_map="dpfp"`` only; 1 for every other map).
-      normalization: :data:`FEATURE_NORMALIZATIONS`: ``"sum"`` (:func:`sum_norm`, the paper's
+      normalization: one of ``FEATURE_NORMALIZATIONS``: ``"sum"`` (:func:`sum_norm`, the paper's
         delta-rule layers), ``"l2"`` (:func:`l2_norm`) or ``"none"``, applied after the map.
       eps: the normalisation's epsilon.
 
