@@ -11,6 +11,7 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
     python -m benchmarks.chunk --packed       # packed documents: with segment ids vs without
     python -m benchmarks.chunk --loss outputs # any of the above with a loss on the outputs alone
     python -m benchmarks.chunk --spans        # chunk at several span sizes (its unit of recomputation)
+    python -m benchmarks.chunk --features     # the feature map inside the op against before it (d = 64)
 
 ``--loss``: what the timed gradient is of, the sum of the outputs and the final state (the default)
 or of the outputs alone, as in training; jax-linear-attention then runs without a final state.
@@ -19,6 +20,12 @@ or of the outputs alone, as in training; jax-linear-attention then runs without 
 starting anywhere in a chunk); ``chunk`` and ``scan`` with those segment ids against ``chunk``
 without them, and jax-linear-attention's chunked deltanet with and without the same ids. The
 outputs of each packed contender are checked against our reference first.
+
+``--features``: raw q, k of width d = 64 and DPFP-nu with sum normalisation, nu in {1, 3} (K = 128,
+384): ``chunk`` given ``features=dj.Features(...)`` (the map inside the op, its backward keeping
+q, k at width d) against ``chunk`` given phi(q), phi(k) (the map applied before it, as the layers
+did), the forward+backward including the map's; the fused results are checked against the
+unfused ones first.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from benchmarks.common import (
     print_table,
     reported_run,
 )
-from dpfp_devtools.workloads import LOSSES, ours, worst_relative_error
+from dpfp_devtools.workloads import LOSSES, ours, with_features, worst_relative_error
 
 
 def packed_segment_ids(batch: int, length: int, mean_length: int, seed: int = 0) -> jnp.ndarray:
@@ -96,6 +103,22 @@ def span_sizes(args: argparse.Namespace, batch: int, heads: int, value_dim: int)
         print_table(rows, baseline=next(n for n in fns if "default" in n))
 
 
+def features(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> None:
+    import dpfp_jax as dj
+
+    length, dim = 2048, 64
+    raw = delta_rule_inputs(batch, length, heads, dim, value_dim)
+    for nu in (1,) if args.quick else (1, 3):
+        phi = dj.Features("dpfp", dim=dim, nu=nu, normalization="sum")
+        fns = {"chunk, map before the op": with_features("chunk", phi, fused=False, chunk_size=args.chunk_size),
+               "chunk, map inside the op": with_features("chunk", phi, fused=True, chunk_size=args.chunk_size)}
+        error = worst_relative_error(*(fn(*raw) for fn in fns.values()))
+        print(f"\n## feature map inside the op: delta rule, float32, B={batch}, T={length}, H={heads}, d={dim}, "
+              f"DPFP nu={nu} + sum normalisation (K={phi.key_dim}), V={value_dim}, chunk_size={args.chunk_size}, "
+              f"loss on {args.loss}\n\nrelative difference of the results: {error:.1e}\n")
+        print_table(measure_forward_backward(fns, raw, args.repeats, args.loss), baseline="chunk, map before the op")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K = 128 only")
@@ -105,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packed", action="store_true", help="packed documents: with segment ids vs without")
     parser.add_argument("--doc-length", type=int, default=300, help="mean document length for --packed")
     parser.add_argument("--spans", action="store_true", help="chunk at several span sizes")
+    parser.add_argument("--features", action="store_true", help="the feature map inside the op vs before it")
     parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help="what the timed gradient is of")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
@@ -113,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.spans:
         span_sizes(args, batch, heads, value_dim)
+        return
+    if args.features:
+        features(args, batch, heads, value_dim)
         return
 
     if args.crossover:

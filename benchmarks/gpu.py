@@ -15,6 +15,11 @@ round, the median kept), PyTorch's forward without autograd as JAX's jitted forw
 each side's allocator peak over one forward+backward with the inputs included (PyTorch's
 ``max_memory_allocated``, XLA's ``peak_bytes_in_use`` in a fresh process), and JAX's compiled
 peak (what ``--deviceless`` reads) stands beside it for comparison with the deviceless tables.
+
+``--deviceless --features`` compiles instead a ``DPFPAttention`` training step (B=8, T=4096, H=8,
+d=64, nu=3, V=64, bfloat16, impl ``chunk``: ``dpfp_devtools.workloads.attention_training_step``)
+with the feature map inside the op and applied by the layer, and prints both programs' temporary
+and peak memory.
 """
 
 from __future__ import annotations
@@ -42,7 +47,13 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved_ms,
 )
 from dpfp_devtools.deviceless import GPUS, compile_for_gpu, peak_bytes  # noqa: E402
-from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, forward_and_backward, ours  # noqa: E402
+from dpfp_devtools.workloads import (  # noqa: E402
+    EXTRA_PATHS,
+    attention_training_step,
+    fits_on_chip,
+    forward_and_backward,
+    ours,
+)
 
 
 def jax_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -199,6 +210,25 @@ def deviceless_memory(gpu: str) -> int:
     return failures
 
 
+def deviceless_features_memory(gpu: str, nu: int = 3) -> int:
+    """The DPFPAttention training step compiled for ``gpu``, the map in the op and in the layer."""
+    print(f"\n## DPFPAttention training step, B=8, T=4096, H=8, d=64, nu={nu} (K={2 * nu * 64}), V=64, bfloat16, "
+          f"impl chunk, compiled for {gpu}\n")
+    print("| feature map | temp MB | peak MB | peak / map in the layer |")
+    print("|---|---:|---:|---:|")
+    rows = {}
+    for fuse in (False, True):
+        fn, args = attention_training_step(fuse, "chunk", nu=nu)
+        leaves, tree = jax.tree.flatten(args)
+        rows[fuse] = compile_for_gpu(lambda *leaves, fn=fn, tree=tree: fn(*jax.tree.unflatten(tree, leaves)),
+                                     *leaves, gpu=gpu)
+    for fuse, compiled in rows.items():
+        where = "in the op (fuse_features=True)" if fuse else "in the layer (fuse_features=False)"
+        print(f"| {where} | {compiled.temp_bytes / 1e6:.1f} | {compiled.peak_bytes / 1e6:.1f} | "
+              f"{compiled.peak_bytes / rows[False].peak_bytes:.2f}x |")
+    return 0
+
+
 def compile_jla_for(num_sms: int) -> None:
     """Let jax-linear-attention's Mosaic GPU deltanet compile for a Hopper GPU this machine lacks.
 
@@ -313,6 +343,8 @@ def main() -> None:
     parser.add_argument("--deviceless", metavar="GPU", nargs="?", const="NVIDIA H200",
                         help="no GPU needed: compile every JAX path for GPU (default NVIDIA H200) and print "
                              "its temp memory (dpfp_devtools/deviceless.py; `make gpu-memory`)")
+    parser.add_argument("--features", action="store_true",
+                        help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
     # The fresh processes of jax_runtime_peak_bytes.
     parser.add_argument("--runtime-peak-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=parse_shape, help=argparse.SUPPRESS)
@@ -327,7 +359,8 @@ def main() -> None:
     with reported_run():
         if args.deviceless:
             print(f"compiled for {args.deviceless}, not run")
-            failures = deviceless_memory(args.deviceless)
+            failures = (deviceless_features_memory(args.deviceless) if args.features
+                        else deviceless_memory(args.deviceless))
         else:
             benchmark(args.repeats, args.memory_shapes, args.shapes)
             failures = 0

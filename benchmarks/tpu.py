@@ -10,6 +10,12 @@ a loss on both results (outputs and final state), as in the GPU benchmark. A pro
 not compile shows libtpu's error instead. These are compile-time figures: no TPU speed comes from
 them. The chunk form takes up to minutes per program to compile at these shapes (more with K).
 
+``python -m benchmarks.tpu --deviceless --features`` compiles, instead of the op alone, a
+``DPFPAttention`` training step (B=8, T=4096, H=8, d=64, nu=3, V=64, bfloat16: the gradient of a
+loss on its output with respect to its parameters, ``dpfp_devtools.workloads.attention_training_step``)
+with the feature map inside the op (``fuse_features=True``, the default) and applied by the layer
+(``False``), per impl, and prints both programs' temporary and peak memory.
+
 ``python -m benchmarks.tpu --run`` on a machine with a TPU times the same impls at the same
 shapes (median ms of the forward and of the forward+backward, interleaved), with the compiled
 temporary memory and the ratios to ``chunk``. This project's machines have no TPU, so no such
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, print_table, reported_run
 from dpfp_devtools import tpu
-from dpfp_devtools.workloads import forward_and_backward, ours
+from dpfp_devtools.workloads import attention_training_step, forward_and_backward, ours
 
 MB = 1e6
 
@@ -82,6 +88,39 @@ def report(topologies: list[str], key_dims: list[int], impls: list[str], batch: 
     return failures
 
 
+def report_features(topologies: list[str], impls: list[str], nu: int) -> int:
+    """The DPFPAttention training step with the map inside the op and before it; returns failures."""
+    failures = 0
+    for topology in topologies:
+        print(f"\n## {topology}, one chip: DPFPAttention training step, B=8, T=4096, H=8, d=64, nu={nu} "
+              f"(K={2 * nu * 64}), V=64, bfloat16\n")
+        print("| impl | feature map | temp MB | peak MB | compile s | temp / map in the layer |")
+        print("|---|---|---:|---:|---:|---:|")
+        for impl in impls:
+            rows = {}
+            for fuse in (False, True):
+                start = time.perf_counter()
+                try:
+                    fn, args = attention_training_step(fuse, impl, nu=nu)
+                    rows[fuse] = (tpu.memory(tpu.compile_for_tpu(fn, *args, topology=topology)),
+                                  time.perf_counter() - start)
+                except Exception as err:  # noqa: BLE001 - a program the TPU compiler refuses is a result
+                    rows[fuse] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            for fuse, row in rows.items():
+                where = "in the op (fuse_features=True)" if fuse else "in the layer (fuse_features=False)"
+                if isinstance(row, str):
+                    failures += 1
+                    print(f"| {impl} | {where} | {row} | | | |")
+                    continue
+                memory, seconds = row
+                base = rows[False]
+                ratio = "" if isinstance(base, str) else f"{memory.temp_bytes / base[0].temp_bytes:.2f}x"
+                print(f"| {impl} | {where} | {memory.temp_bytes / MB:.1f} | {memory.peak_bytes / MB:.1f} | "
+                      f"{seconds:.0f} | {ratio} |")
+            sys.stdout.flush()
+    return failures
+
+
 def run(key_dims: list[int], impls: list[str], batch: int, length: int, heads: int, value_dim: int, dtype,
         repeats: int) -> None:
     """Time the impls on this machine's default device (a TPU), one table per K, ratios to ``chunk``."""
@@ -111,6 +150,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--features", action="store_true",
+                        help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
+    parser.add_argument("--nu", type=int, default=3, help="DPFP's nu with --features")
     args = parser.parse_args()
     if args.deviceless == args.run:
         parser.error("give one of --deviceless (compile for a TPU here) and --run (time on this machine's TPU)")
@@ -125,6 +167,8 @@ def main() -> None:
                 args.repeats)
         return
     print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
+    if args.features:
+        sys.exit(1 if report_features(args.topologies, args.impls, args.nu) else 0)
     failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
                       jnp.dtype(args.dtype))
     sys.exit(1 if failures else 0)

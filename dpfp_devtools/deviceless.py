@@ -195,7 +195,8 @@ def compile_for_gpu(fn: Callable, *args, gpu: str = "NVIDIA H200") -> Compiled:
                                                            sharding=jax.sharding.SingleDeviceSharding(device))
               for a in args]
     for old in dump.glob("module_*"):
-        old.unlink()
+        # A program with a custom call can leave a folder of its stages too.
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     with tempfile.TemporaryDirectory() as folder:
         log = Path(folder, "xla.log")
         with _stderr_into(log):

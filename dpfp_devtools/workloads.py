@@ -69,6 +69,46 @@ def ours(impl: str, **options: object) -> FastWeightFn:
     return fn
 
 
+def with_features(impl: str, features: dj.Features, *, fused: bool, **options: object) -> FastWeightFn:
+    """``fn(q, k, v, beta)`` on raw q, k (width ``features.dim``): the delta rule with the op given
+    ``features`` (``fused``) or given ``features(q), features(k)`` (the map applied before it)."""
+
+    def fn(q, k, v, beta):
+        if fused:
+            return dj.fast_weight(q, k, v, beta, rule="delta", impl=impl, features=features, **options)
+        return dj.fast_weight(features(q), features(k), v, beta, rule="delta", impl=impl, **options)
+
+    return fn
+
+
+def attention_training_step(fuse_features: bool, impl: str = "chunk", *, batch: int = 8, time: int = 4096,
+                            heads: int = 8, head_dim: int = 64, nu: int = 3, dtype=jnp.bfloat16,
+                            ) -> tuple[Callable, tuple]:
+    """``(fn, args)``: the gradient of a loss on a ``dj.DPFPAttention``'s output (width ``heads *
+    head_dim``, V = ``head_dim``) with respect to its parameters, computing in ``dtype``, the
+    parameters float32; ``args`` (parameters, input) as ShapeDtypeStructs. ``fuse_features``: the
+    layer's attribute (the feature map inside the op, or applied by the layer).
+
+    Example:
+        >>> fn, (params, x) = attention_training_step(True, batch=1, time=8, heads=2, head_dim=4, nu=1)
+        >>> x.shape, jax.tree.structure(jax.eval_shape(fn, params, x)) == jax.tree.structure(params)
+        ((1, 8, 8), True)
+    """
+    layer = dj.DPFPAttention(heads * head_dim, num_heads=heads, head_dim=head_dim, nu=nu, impl=impl, dtype=dtype,
+                             fuse_features=fuse_features)
+    x = jax.ShapeDtypeStruct((batch, time, heads * head_dim), dtype)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+
+    def grad(params, x):
+        def loss(params):
+            y, _ = layer.apply({"params": params}, x)
+            return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+        return jax.grad(loss)(params)
+
+    return grad, (params, x)
+
+
 LOSSES = ("outputs+state", "outputs")
 """What ``forward_and_backward``'s loss sums: both results, or the outputs alone (as a training loss does)."""
 

@@ -9,6 +9,7 @@ Example:
 
 from dpfp_jax.feature_maps import (
     FEATURE_MAPS,
+    Features,
     apply_feature_map,
     dpfp,
     elu_plus_one,
@@ -34,6 +35,7 @@ __all__ = [
     "DPFPCell",
     "DPFPformer",
     "FastWeightAttention",
+    "Features",
     "apply_feature_map",
     "check_delta_stability",
     "dpfp",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -362,6 +363,93 @@ def apply_feature_map(
         users = " or ".join(repr(m.name) for m in REGISTRY.values() if "projection" in m.options)
         raise ValueError(f"projection is only used by feature_map {users}; got it for {feature_map!r}")
     return entry.fn(x, **_options(entry, entry.options, dict(nu=nu, projection=projection)))
+
+
+FEATURE_NORMALIZATIONS = ("sum", "l2", "none")
+"""Accepted values of :class:`Features`' ``normalization``: :func:`sum_norm`, :func:`l2_norm`, none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """A feature map and its normalisation, as :func:`dpfp_jax.fast_weight` applies them itself.
+
+    With ``dj.fast_weight(q, k, v, beta, features=Features(...))`` the op takes the raw queries and
+    keys (width ``dim``) and computes ``phi(q)``, ``phi(k)`` (width :attr:`key_dim`) where it uses
+    them: the ``scan`` and ``chunk`` impls keep q and k at width ``dim`` for their backward and
+    recompute the features there (docs/math.md, "Feature maps inside the op"). A static
+    description, hashable: what a kernel needs to compute the map itself.
+
+    Attributes:
+      feature_map: a name in :data:`FEATURE_MAPS` other than ``"favor"`` (its random projection
+        is an array, which a static description does not carry: apply :func:`favor` before the
+        op), or a pure callable ``[..., d] -> [..., K]``, differentiated by :func:`jax.vjp`.
+      dim: d, the width of the raw q and k the op is given (checked against them).
+      nu: DPFP's nu (``feature_map="dpfp"`` only; 1 for every other map).
+      normalization: one of ``FEATURE_NORMALIZATIONS``: ``"sum"`` (:func:`sum_norm`, the paper's
+        delta-rule layers), ``"l2"`` (:func:`l2_norm`) or ``"none"``, applied after the map.
+      eps: the normalisation's epsilon.
+
+    ``features(x)`` is ``phi`` itself, ``[..., dim] -> [..., key_dim]``: the op with ``features``
+    computes what the op without it computes on ``features(q), features(k)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> phi = Features("dpfp", dim=8, nu=3, normalization="sum")
+        >>> phi.key_dim, phi(jnp.ones((2, 8))).shape, float(phi(jnp.ones(8)).sum().round(4))
+        (48, (2, 48), 1.0)
+    """
+
+    feature_map: FeatureMapLike
+    dim: int
+    nu: int = 1
+    normalization: str = "none"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feature_map, str) and self.feature_map == "favor":
+            raise ValueError(
+                "feature_map='favor' cannot be a Features: FAVOR+ needs its random projection, an array, which "
+                "this static description does not carry; apply dj.favor(x, projection) to q and k before the op "
+                "(the modules do so for feature_map='favor')")
+        check_feature_map(self.feature_map)
+        check_positive_int("dim", self.dim)
+        if self.feature_map == "dpfp":
+            check_positive_int("nu", self.nu)
+        elif self.nu != 1:
+            raise ValueError(f"nu is DPFP's option; feature_map={self.feature_map!r} takes none (leave nu=1), "
+                             f"got nu={self.nu!r}")
+        check_choice("normalization", self.normalization, FEATURE_NORMALIZATIONS)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps >= 0:
+            raise ValueError(f"eps must be a real number >= 0; got {self.eps!r}")
+        self.key_dim  # noqa: B018 - a callable's output width, checked on one [dim] vector now
+
+    @property
+    def key_dim(self) -> int:
+        """K, the width of ``phi(x)`` for an ``x`` of width :attr:`dim`."""
+        return feature_dim(self.feature_map, self.dim, nu=self.nu)
+
+    def __call__(self, x: Array) -> Array:
+        """``phi(x)``: the map, then the normalisation, over the last axis, in x's dtype."""
+        phi = apply_feature_map(self.feature_map, x, nu=self.nu)
+        if self.normalization == "sum":
+            return sum_norm(phi, self.eps)
+        if self.normalization == "l2":
+            return l2_norm(phi, self.eps)
+        return phi
+
+    def with_vjp(self, x: Array) -> tuple[Array, Callable[[Array], Array]]:
+        """``(phi(x), back)``: ``back(ct)`` is the cotangent of x for a cotangent ``ct`` of phi(x),
+        ``ct`` cast to phi(x)'s dtype first (a backward computes in float32 what a bfloat16 phi
+        would have been given as bfloat16).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> phi, back = Features("relu", dim=2).with_vjp(jnp.array([-1.0, 2.0]))
+            >>> phi.tolist(), back(jnp.ones(2)).tolist()
+            ([0.0, 2.0], [0.0, 1.0])
+        """
+        phi, vjp = jax.vjp(self, x)
+        return phi, lambda ct: vjp(ct.astype(phi.dtype))[0]
 
 
 def sign_probe(dim: int) -> np.ndarray:

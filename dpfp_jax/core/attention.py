@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from dpfp_jax.core.segments import restart_rows
 from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.feature_maps import (
+    Features,
     apply_feature_map,
     check_feature_map,
     favor_projection,
@@ -38,6 +39,7 @@ from dpfp_jax.feature_maps import (
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zeros_without_time
 from dpfp_jax.ops.fast_weight.context_parallel import running_key_sum_context_parallel
+from dpfp_jax.ops.fast_weight.validation import check_bool
 from dpfp_jax.validation import check_choice, check_positive_int
 
 Array = jax.Array
@@ -114,6 +116,7 @@ class AttentionSpec(FastWeightSettings):
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("impl", self.impl, IMPLS)
         check_positive_int("chunk_size", self.chunk_size)
+        check_bool("fuse_features", self.fuse_features)
         if self.context_axis is not None and not isinstance(self.context_axis, str):
             raise TypeError(f"context_axis must be a mesh axis name (a str) or None; got {self.context_axis!r}")
         if self.feature_map == "dpfp":
@@ -176,6 +179,24 @@ class AttentionSpec(FastWeightSettings):
             return l2_norm(phi, self.eps)
         return phi
 
+    def op_features(self) -> Features | None:
+        """The :class:`dpfp_jax.Features` the layer hands the op with the raw q and k
+        (``fuse_features``), or None: the layer applies :meth:`features` itself. FAVOR+ always
+        takes the latter (its projection is an array, which a ``Features`` does not carry);
+        ``normalization="attention"`` gives the op the map unnormalised (its denominator is the layer's).
+
+        Example:
+            >>> AttentionSpec(num_heads=2, head_dim=4, nu=2).op_features()
+            Features(feature_map='dpfp', dim=4, nu=2, normalization='sum', eps=1e-06)
+            >>> AttentionSpec(num_heads=2, head_dim=4, fuse_features=False).op_features() is None
+            True
+        """
+        if not self.fuse_features or (isinstance(self.feature_map, str) and self.feature_map == "favor"):
+            return None
+        return Features(self.feature_map, dim=self.head_dim, nu=self.nu if self.feature_map == "dpfp" else 1,
+                        normalization="none" if self.normalization == "attention" else self.normalization,
+                        eps=self.eps)
+
     def split_memory(self, memory: Memory | None, batch: int) -> tuple[Array | None, Array | None]:
         """``(W, z)`` of a carried memory (z None unless ``normalization="attention"``), shapes checked."""
         shape = self.memory_shape(batch)
@@ -229,22 +250,29 @@ class AttentionSpec(FastWeightSettings):
         """
         context_axis = None if decoding else self.context_axis
         q, k, v, beta = split_heads_projection(projection, self.head_dim, self.rule == "delta")
-        phi_q, phi_k = self.features(q), self.features(k)
+        features = self.op_features()
+        # phi(q), phi(k) here only when the op is not given the map, or for the attention denominator.
+        phi_q, phi_k = (self.features(q), self.features(k)) if (
+            features is None or self.normalization == "attention") else (None, None)
         if mask is not None:
             # A zero key writes nothing under either rule (W += 0 (...)^T), and zero values and beta
             # make the delta rule's write beta (v - W^T k) itself zero, so the chunked impls, which
-            # mix the steps of a chunk in matmuls, meet nothing but zeros at a padded step.
+            # mix the steps of a chunk in matmuls, meet nothing but zeros at a padded step. With the
+            # map inside the op a padded key is phi of k's bias, inert all the same: its v and beta are 0.
             real = mask[:, :, None, None]
-            phi_q, phi_k, v = (jnp.where(real, t, 0) for t in (phi_q, phi_k, v))
+            phi_q, phi_k, v = (None if t is None else jnp.where(real, t, 0) for t in (phi_q, phi_k, v))
             beta = None if beta is None else jnp.where(mask[:, :, None], beta, 0)
+        queries, keys = (phi_q, phi_k) if features is None else (q, k)
         if restart is not None and initial_state is not None:
-            initial_state = restart_rows(restart, with_batch_head_sharding_of(initial_state, phi_k))
+            initial_state = restart_rows(restart, with_batch_head_sharding_of(initial_state, keys))
 
         out, w = fast_weight(
-            phi_q, phi_k, v, beta, rule=self.rule, initial_state=initial_state,
+            queries, keys, v, beta, rule=self.rule, initial_state=initial_state,
             scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, chunk_size=self.chunk_size,
-            segment_ids=segment_ids, context_axis=context_axis,
+            segment_ids=segment_ids, context_axis=context_axis, features=features,
         )
+        if features is not None and mask is not None:
+            out = jnp.where(mask[:, :, None, None], out, 0)  # a padded step reads zeros, as its zero phi(q) would
         if self.normalization != "attention":
             return out, w
         z_start = (zeros_without_time(phi_k, jnp.float32) if key_sum is None

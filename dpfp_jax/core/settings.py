@@ -88,6 +88,13 @@ class FastWeightSettings:
         (or is, under an explicit mesh). Not applied while decoding (``decode=True`` calls
         continuing the cache); a layer with it runs only under a mesh that has that axis, so
         evaluate on one device with a copy that has ``context_axis=None`` (same parameters).
+      fuse_features: True (the default): the layer hands :func:`dpfp_jax.fast_weight` the raw
+        q, k (width ``head_dim``) and the feature map with its normalisation
+        (:class:`dpfp_jax.Features`), so the op applies it where it uses q and k and its
+        backward keeps them at width d, not K (docs/math.md). False: the layer applies the map and
+        hands the op phi(q), phi(k), as before; the same outputs and gradients to float32
+        rounding, for comparison. ``feature_map="favor"`` always takes the latter (its random
+        projection is an array, which ``Features`` does not carry).
     """
 
     feature_map: FeatureMapLike = "dpfp"
@@ -101,6 +108,7 @@ class FastWeightSettings:
     impl: str = "auto"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     context_axis: str | None = None
+    fuse_features: bool = True
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE, fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zero_state
 from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
@@ -62,6 +63,8 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "chunk": (fast_weight_chunk, _always),
     "pallas": (fast_weight_pallas, pallas_supports),
 }
+# The impls that take ``features`` themselves (fused); the others are given phi(q), phi(k).
+_FUSE_FEATURES = ("scan", "chunk")
 
 
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:
@@ -99,6 +102,7 @@ def fast_weight(
     segment_ids: Array | None = None,
     check_stability: bool = False,
     context_axis: str | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -117,8 +121,9 @@ def fast_weight(
     one's.
 
     ``q`` and ``k`` are already feature-mapped (and, for the paper's delta-rule layers,
-    sum-normalised). The state and its accumulation are float32 for float32, bfloat16 or float16
-    inputs (float64 when an input is float64, with x64 enabled).
+    sum-normalised), unless ``features`` is given: then they are the raw queries and keys and the
+    op applies the feature map itself (below). The state and its accumulation are float32 for
+    float32, bfloat16 or float16 inputs (float64 when an input is float64, with x64 enabled).
 
     Stability of the delta rule: a step is ``W_t = (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T``,
     and ``I - beta k k^T`` is non-expanding only while ``0 <= beta_t |k_t|^2 <= 2``. Keys that break
@@ -176,6 +181,13 @@ def fast_weight(
         tolerance). Under ``jax.jit`` the check is a ``jax.experimental.checkify`` check: wrap
         the jitted function in ``checkify.checkify`` to get its error. Off by default, and then
         nothing of it is computed or traced.
+      features: a :class:`dpfp_jax.Features` (feature map, ``dim``, ``nu``, normalisation,
+        ``eps``): q and k are then raw, ``[B, T, H, features.dim]``, and the op computes what it
+        computes without ``features`` on ``features(q), features(k)`` (K = ``features.key_dim``
+        in ``initial_state`` and the final state). ``"scan"`` and ``"chunk"`` (so ``"auto"``)
+        apply the map where q and k are used and keep them at width d for the backward, which
+        recomputes phi and applies its VJP (docs/math.md); ``"reference"``, ``"pallas"`` (the
+        kernels read K-wide q, k) and the context-parallel path apply it before they run, not fused.
 
     Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
     dtypes and the options above, so only the first call with new ones traces (docs/op_checks.md).
@@ -201,8 +213,12 @@ def fast_weight(
         >>> out, state = dj.fast_weight(q, k, x[2], beta)
         >>> out.shape, state.shape
         ((2, 16, 4, 8), (2, 4, 16, 8))
+        >>> phi = dj.Features("dpfp", dim=d, nu=1, normalization="sum")  # the same, phi inside the op
+        >>> out_fused, state_fused = dj.fast_weight(x[0], x[1], x[2], beta, features=phi)
+        >>> bool(jnp.allclose(out_fused, out, atol=1e-6)), state_fused.shape
+        (True, (2, 4, 16, 8))
     """
-    check_fast_weight_inputs(q, k, v, beta, rule, initial_state)
+    check_fast_weight_inputs(q, k, v, beta, rule, initial_state, features)
     check_scale(scale)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     check_segment_ids(segment_ids, q)
@@ -212,9 +228,11 @@ def fast_weight(
         if rule != "delta":
             raise ValueError(f"check_stability checks the delta rule's condition 0 <= beta |k|^2 <= 2; rule={rule!r} "
                              "has none")
-        check_delta_stability(k, beta)
+        check_delta_stability(k if features is None else features(k), beta)
     plan = context_plan(q, context_axis, impl)
     if plan is not None:
+        if features is not None:  # not fused with a sharded T: each shard is given phi(q), phi(k)
+            q, k = features(q), features(k)
         state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
         with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, state, scale):
             return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
@@ -224,13 +242,17 @@ def fast_weight(
     for name in candidates:
         fn, supports = _IMPLS[name]
         resets = None if segment_ids is None else resets_of(segment_ids)
-        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state, resets=resets)
+        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state, resets=resets, features=features)
         if reason is None:
             if initial_state is None:
-                initial_state = zero_state(q, v, jnp.float32)
+                initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)
             else:
                 initial_state = with_batch_head_sharding_of(initial_state, q)
             options = {"chunk_size": chunk_size} if name in ("chunk", "pallas") else {}
+            if features is not None and name in _FUSE_FEATURES:
+                options["features"] = features
+            elif features is not None:
+                q, k = features(q), features(k)
             with refuse_forward_mode(name, impl, q, k, v, beta, initial_state, scale):
                 return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, resets=resets, **options)
         reasons.append(f"{name}: {reason}")

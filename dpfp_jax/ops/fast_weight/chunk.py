@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of, zeros_like_sharded
 from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, tril, wy_inverse, wy_writes
 from dpfp_jax.validation import check_positive_int
@@ -208,6 +209,10 @@ class _Spans(NamedTuple):
     head mesh axes together, then batch and head axes as they came in. That is what ``reshape`` is
     for: einops' rearrange cannot pass an ``out_sharding``, so it only moves and splits the
     unsharded chunk and step axes, and B and H are merged and split here.
+
+    ``features`` (a :class:`dpfp_jax.Features`, or None): q and k came raw, width d; a span of
+    them is feature-mapped where it is used (:meth:`mapped`), forward and backward, so no
+    K-wide copy of a whole q or k is ever made or kept.
     """
 
     chunks: int
@@ -215,6 +220,7 @@ class _Spans(NamedTuple):
     mesh: object
     batch_axis: object
     head_axis: object
+    features: Features | None = None
 
     @property
     def steps(self) -> int:
@@ -239,6 +245,13 @@ class _Spans(NamedTuple):
         x = lax.dynamic_slice_in_dim(x, index * self.steps, self.steps, axis=1)
         x = rearrange(x, "b (s c) h ... -> s b h c ...", c=self.chunk_size)
         return self.reshape(x, (self.chunks, x.shape[1] * x.shape[2], *x.shape[3:]), None, self.group_axes)
+
+    def mapped(self, x: Array) -> tuple[Array, Callable[[Array], Array]]:
+        """``(phi(x), back)`` of a span of raw q or k (``back``: phi's VJP), or ``(x, identity)``
+        without ``features``."""
+        if self.features is None:
+            return x, lambda ct: ct
+        return self.features.with_vjp(x)
 
     def put(self, into: Array | None, x: Array | None, index: Array) -> Array | None:
         """``into [B, T, H, ...]`` with span ``index`` replaced by ``x [S, G, C, ...]`` (cast to into's dtype)."""
@@ -279,7 +292,8 @@ def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale):
     def span(carry, xs):
         w, out = carry
         index, document = xs
-        q_s, k_s, v_s, beta_s = _widen(acc, scale, *(spans.take(x, index) for x in (q, k, v, beta)))
+        q_s, k_s = (spans.mapped(spans.take(x, index))[0] for x in (q, k))
+        q_s, k_s, v_s, beta_s = _widen(acc, scale, q_s, k_s, spans.take(v, index), spans.take(beta, index))
         docs = documents_of(document)
         p = _pieces(rule, q_s, k_s, v_s, beta_s, docs)
         out_intra = _mm("...ij,...jv->...iv", p.scores, p.u_tilde)
@@ -308,6 +322,8 @@ def _chunked_backward(rule, walk, spans, residuals, cotangents):
         dw1, dq_all, dk_all, dv_all, dbeta_all, d_scale = carry
         index, document, u, w1, states = xs
         q_in, k_in, v_in, beta_in, d_out_s = (spans.take(x, index) for x in (q, k, v, beta, d_out))
+        # With features phi(q), phi(k) of the span are recomputed here; their gradients go back through phi's VJP.
+        (q_in, back_q), (k_in, back_k) = spans.mapped(q_in), spans.mapped(k_in)
         q_s, k_s, v_s, beta_s = _widen(acc, scale, q_in, k_in, v_in, beta_in)
         docs = documents_of(document)
         same, first, last, keep = (None,) * 4 if docs is None else docs
@@ -346,8 +362,8 @@ def _chunked_backward(rule, walk, spans, residuals, cotangents):
             dk = dk + _mm("...ij,...jk->...ik", d_gram + jnp.swapaxes(d_gram, -1, -2), k_s)
         # q entered scaled: dL/dscale is the sum of dL/d(scaled q) times q as it came.
         d_scale = d_scale + jnp.sum(dq * q_in.astype(acc))
-        grads = (spans.put(dq_all, dq * scale, index), spans.put(dk_all, dk, index), spans.put(dv_all, dv, index),
-                 spans.put(dbeta_all, dbeta, index))
+        grads = (spans.put(dq_all, back_q(dq * scale), index), spans.put(dk_all, back_k(dk), index),
+                 spans.put(dv_all, dv, index), spans.put(dbeta_all, dbeta, index))
         return (dw0, *grads, d_scale), None
 
     zeros = tuple(None if x is None else zeros_like_sharded(x, x.dtype) for x in (q, k, v, beta))
@@ -373,6 +389,7 @@ def fast_weight_chunk(
     walk: Walk = XLA_WALK,
     resets: Array | None = None,
     span_size: int = DEFAULT_SPAN_SIZE,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
     states, in chunks of ``chunk_size`` steps as this module describes.
@@ -395,6 +412,11 @@ def fast_weight_chunk(
     the backward's scratch memory grows with it (its pieces are alive for one span); its time on the
     CPU follows no clear order of span size (``python -m benchmarks.chunk --spans``:
     docs/reports/cpu_benchmarks.md).
+
+    ``features`` (:class:`dpfp_jax.Features`): q, k are raw ``[B, T, H, d]`` and each span is
+    feature-mapped where it is used; the backward keeps them at width d (``_Spans``). Padded
+    steps then have nonzero keys phi(0) for some maps, inert all the same: their values and
+    beta are zero, so their writes are.
     """
     _check_walk(walk)
     check_positive_int("span_size", span_size)
@@ -407,13 +429,13 @@ def fast_weight_chunk(
     # At least 1: T = 0 is then zero chunks.
     chunk_size = max(chunk_size, 1)
     acc = accumulation_dtype(q, k, v, beta, initial_state)
-    key_dim, value_dim = k.shape[-1], v.shape[-1]
+    key_dim, value_dim = k.shape[-1] if features is None else features.key_dim, v.shape[-1]
     # M spans of S chunks, the unit the custom_vjp's scans work in: as few spans of at most span_size
     # steps as hold T, each of as few chunks as then hold T (so at most M - 1 chunks of padding
     # beyond the last partial chunk).
     num_chunks = -(-length // chunk_size)
     num_spans = -(-num_chunks // max(span_size // chunk_size, 1))
-    spans = _Spans(-(-num_chunks // max(num_spans, 1)), chunk_size, *batch_head_axes_of(q))
+    spans = _Spans(-(-num_chunks // max(num_spans, 1)), chunk_size, *batch_head_axes_of(q), features)
     padded = num_spans * spans.steps
 
     def pad(x: Array | None) -> Array | None:

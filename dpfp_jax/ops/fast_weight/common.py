@@ -41,9 +41,12 @@ def zeros_without_time(x: Array, dtype: jnp.dtype) -> Array:
     return jnp.sum(x[:, :0], axis=1, dtype=dtype)
 
 
-def zero_state(q: Array, v: Array, dtype: jnp.dtype) -> Array:
-    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v; also for T = 0."""
-    return zeros_without_time(q[..., None], dtype) + zeros_without_time(v[..., None, :], dtype)
+def zero_state(q: Array, v: Array, dtype: jnp.dtype, key_dim: int | None = None) -> Array:
+    """Zeros ``[B, H, K, V]`` carrying the batch/head sharding of q and v; also for T = 0. K is q's
+    width, or ``key_dim`` when given (raw queries, feature-mapped inside the op)."""
+    keys = (zeros_without_time(q[..., None], dtype) if key_dim is None
+            else zeros_without_time(q[..., :1, None], dtype) + jnp.zeros((key_dim, 1), dtype))
+    return keys + zeros_without_time(v[..., None, :], dtype)
 
 
 def batch_head_axes_of(x: Array) -> tuple[object, str | tuple | None, str | tuple | None]:

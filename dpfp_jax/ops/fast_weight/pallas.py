@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import (
     batch_head_axes_of,
@@ -70,12 +71,16 @@ def runs_tpu_kernel() -> bool:
 
 
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
-                    **_: object) -> str | None:
-    """None, or why ``impl="pallas"`` cannot take this call."""
+                    features: Features | None = None, **_: object) -> str | None:
+    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels are
+    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width."""
     from pallas_kernels import MAX_KEY_DIM
 
-    if q.shape[-1] > MAX_KEY_DIM:
-        return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={q.shape[-1]}"
+    key_dim = q.shape[-1] if features is None else features.key_dim
+    if key_dim > MAX_KEY_DIM:
+        given = "" if features is None else (f" from features={features} (applied before the kernels, which read "
+                                             "phi(q), phi(k))")
+        return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
         if resets is not None:
             return ("the Pallas TPU kernel does not take packed documents (segment_ids); impl='chunk' or 'scan' "

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major, zeros_like_sharded
 from pallas_kernels.autodiff import cotangent_array, primal_values
 
@@ -42,17 +43,25 @@ def _apply_t(w: Array, y: Array) -> Array:
     return jnp.einsum("bhkv,bhv->bhk", w, y, precision=HIGHEST)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(rule: str, q: Array, k: Array, v: Array, beta: Array | None, w0: Array, resets: Array | None):
+def _mapped(features: Features | None, x: Array, dtype: jnp.dtype) -> Array:
+    """One step's query or key as the recurrence uses it: phi(x) in ``dtype`` with features, else x."""
+    return x if features is None else features(x).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(rule: str, features: Features | None, q: Array, k: Array, v: Array, beta: Array | None, w0: Array,
+                resets: Array | None):
     """Time-major core (float32 or float64): q, k ``[T, B, H, K]``, v ``[T, B, H, V]``, beta ``[T, B, H]``,
-    resets ``[T, B]`` bool or None."""
-    (out, final_state), _ = _forward(rule, q, k, v, beta, w0, resets)
+    resets ``[T, B]`` bool or None. With ``features`` q and k are raw ``[T, B, H, d]`` in their own
+    dtype, mapped step by step, forward and backward (only they are kept, at width d)."""
+    (out, final_state), _ = _forward(rule, features, q, k, v, beta, w0, resets)
     return out, final_state
 
 
-def _forward(rule, q, k, v, beta, w0, resets):
+def _forward(rule, features, q, k, v, beta, w0, resets):
     def step(w, inputs):
         q_t, k_t, v_t, beta_t, reset_t = inputs
+        q_t, k_t = _mapped(features, q_t, w.dtype), _mapped(features, k_t, w.dtype)
         if reset_t is not None:
             w = jnp.where(reset_t[:, None, None, None], 0.0, w)
         # The delta rule writes beta * (v - W^T k): it replaces what k currently recalls.
@@ -67,8 +76,8 @@ def _forward(rule, q, k, v, beta, w0, resets):
     return (out, final_state), (q, k, v, beta, writes, final_state, None if resets is None else w0, resets)
 
 
-def _forward_rule(rule, *primals):
-    return _forward(rule, *primal_values(*primals))
+def _forward_rule(rule, features, *primals):
+    return _forward(rule, features, *primal_values(*primals))
 
 
 def _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t, w_prev=None):
@@ -95,14 +104,24 @@ def _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t, w_prev=None):
     return (w_prev, g), (dq_t, dk_t, dv_t, dbeta_t)
 
 
-def _backward(rule, residuals, cotangents):
+def _step_back_mapped(rule, features, w, g, q_t, k_t, *rest, w_prev=None):
+    """:func:`_step_back` on raw ``q_t``, ``k_t`` with features: phi recomputed, its VJP applied to dq and dk."""
+    if features is None:
+        return _step_back(rule, w, g, q_t, k_t, *rest, w_prev=w_prev)
+    (q_t, back_q), (k_t, back_k) = features.with_vjp(q_t), features.with_vjp(k_t)
+    carry, (dq_t, dk_t, dv_t, dbeta_t) = _step_back(rule, w, g, q_t.astype(w.dtype), k_t.astype(w.dtype), *rest,
+                                                    w_prev=w_prev)
+    return carry, (back_q(dq_t), back_k(dk_t), dv_t, dbeta_t)
+
+
+def _backward(rule, features, residuals, cotangents):
     q, k, v, beta, writes, final_state, w0, resets = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     if resets is not None:
-        return (*_backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final), None)
+        return (*_backward_packed(rule, features, q, k, v, beta, writes, w0, resets, d_out, d_final), None)
 
     def step(carry, inputs):
-        return _step_back(rule, *carry, *inputs)
+        return _step_back_mapped(rule, features, *carry, *inputs)
 
     (_, d_w0), (dq, dk, dv, dbeta) = lax.scan(
         step, (final_state, d_final), (q, k, v, beta, writes, d_out), reverse=True
@@ -157,7 +176,7 @@ def _put(buffer: Array | None, t: Array, value: Array | None) -> Array | None:
     return jax.vmap(lambda bb, vb, tb: lax.dynamic_update_index_in_dim(bb, vb, tb, 0))(buffer, value, t)
 
 
-def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
+def _backward_packed(rule, features, q, k, v, beta, writes, w0, resets, d_out, d_final):
     """The reverse walk with documents: a reset discards the state before it, so ``W_{t-1}`` cannot
     be rebuilt by subtracting writes there. Instead each document is walked twice
     (``segment_schedule``): forward from its known start (``initial_state`` or zero) re-adding the
@@ -174,7 +193,7 @@ def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
         t, (forward, begins, turns, ends, first_document, last_document) = visit[0], (
             x[:, None, None, None] for x in visit[1:])
         q_t, k_t, v_t, beta_t, u_t, do_t = (_take(x, t) for x in (q, k, v, beta, writes, d_out))
-        write = _outer(k_t, v_t if u_t is None else u_t)
+        write = _outer(_mapped(features, k_t, w.dtype), v_t if u_t is None else u_t)
         start = jnp.where(first_document, w0, 0.0)  # the document's state before its first write
         # Forward visits re-add the writes from the document's start: at the turn, w is its final state.
         w_forward = jnp.where(begins, start, w) + write
@@ -182,7 +201,8 @@ def _backward_packed(rule, q, k, v, beta, writes, w0, resets, d_out, d_final):
         # zero (a later reset overwrites the state); the last steps back to the known start.
         g = jnp.where(turns, jnp.where(last_document, d_final, 0.0), g)
         w_prev = jnp.where(ends, start, w - write)
-        (w_prev, g_prev), grads = _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t, w_prev=w_prev)
+        (w_prev, g_prev), grads = _step_back_mapped(rule, features, w, g, q_t, k_t, v_t, beta_t, u_t, do_t,
+                                                    w_prev=w_prev)
         d_w0 = jnp.where(~forward & ends & first_document, g_prev, d_w0)
         # A forward visit writes placeholders that the reverse visit of the same step overwrites later.
         buffers = tuple(_put(b, t, x) for b, x in zip(buffers, grads, strict=True))
@@ -211,13 +231,25 @@ def fast_weight_scan(
     rule: str,
     scale: float | Array,
     resets: Array | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
-    states, as a time scan with the memory-lean backward this module describes."""
+    states, as a time scan with the memory-lean backward this module describes.
+
+    ``features`` (:class:`dpfp_jax.Features`): q, k are raw ``[B, T, H, d]``, mapped at each step
+    where they are used and kept at width d in their own dtype for the backward, which maps them
+    again step by step."""
     acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
+    scale = jnp.asarray(scale, acc)
+    resets = to_time_major(resets, jnp.bool_)
+    v, beta = (to_time_major(x, acc) for x in (v, beta))
+    if features is not None:
+        # phi(q) exists only inside the scan: scale multiplies the outputs instead (W^T (s phi) = s W^T phi).
+        q, k = (to_time_major(x, x.dtype) for x in (q, k))
+        out, final_state = _recurrence(rule, features, q, k, v, beta, initial_state.astype(acc), resets)
+        return jnp.swapaxes(out * scale, 0, 1).astype(out_dtype), final_state
     # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
     # as a float64 scale (x64) would otherwise widen q past the state's dtype.
-    q, k, v, beta = (to_time_major(x, acc) for x in (q, k, v, beta))
-    resets = to_time_major(resets, jnp.bool_)
-    out, final_state = _recurrence(rule, q * jnp.asarray(scale, acc), k, v, beta, initial_state.astype(acc), resets)
+    q, k = (to_time_major(x, acc) for x in (q, k))
+    out, final_state = _recurrence(rule, None, q * scale, k, v, beta, initial_state.astype(acc), resets)
     return jnp.swapaxes(out, 0, 1).astype(out_dtype), final_state

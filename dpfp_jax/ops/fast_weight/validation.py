@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.validation import check_choice
 
 Array = jax.Array
@@ -61,11 +62,13 @@ def check_fast_weight_inputs(
     beta: Array | None,
     rule: str,
     initial_state: Array | None,
+    features: Features | None = None,
 ) -> None:
     """Raise a ValueError/TypeError naming the argument if the call breaks the contract.
 
     Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; beta ``[B, T, H]`` (delta rule only);
-    initial_state ``[B, H, K, V]``.
+    initial_state ``[B, H, K, V]``. With ``features`` q, k are raw, ``[B, T, H, features.dim]``,
+    and K is ``features.key_dim``.
     """
     check_choice("rule", rule, RULES)
     for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("initial_state", initial_state)):
@@ -75,6 +78,7 @@ def check_fast_weight_inputs(
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D [batch, time, heads, features]; got shape {x.shape}")
         _check_float(name, x)
+    key_dim = q.shape[3] if features is None else check_features(features, q, k)
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")
     if v.shape[:3] != q.shape[:3]:
@@ -90,10 +94,31 @@ def check_fast_weight_inputs(
     elif beta is not None:
         raise ValueError(f"beta is only used by rule='delta'; got beta of shape {beta.shape} with rule='sum'")
     if initial_state is not None:
-        expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        expected = (q.shape[0], q.shape[2], key_dim, v.shape[3])
         if initial_state.shape != expected:
-            raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; got {initial_state.shape}")
+            with_features = "" if features is None else " (K = features.key_dim, phi's width)"
+            raise ValueError(f"initial_state must be [B, H, K, V] = {expected}{with_features}; "
+                             f"got {initial_state.shape}")
         _check_float("initial_state", initial_state)
+
+
+def check_features(features: object, q: Array, k: Array) -> int:
+    """K (``features.key_dim``) if ``features`` is a :class:`dpfp_jax.Features` whose input width
+    is that of q and k; else a TypeError/ValueError naming the argument."""
+    if not isinstance(features, Features):
+        raise TypeError("features must be a dj.Features (the feature map the op applies to the raw q and k) or None; "
+                        f"got {features!r} of type {type(features).__name__}")
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[-1] != features.dim:
+            already = (f"; {x.shape[-1]} is features.key_dim, phi's output width: give {name} before the feature map"
+                       if x.shape[-1] == features.key_dim else "")
+            raise ValueError(f"{name} must be [B, T, H, d] with d = features.dim = {features.dim} (with features the "
+                             f"op takes the raw {name} and applies {features} itself); got shape {x.shape}{already}")
+    if not isinstance(features.feature_map, str):
+        # A callable is applied to a step or a span inside the impls: its errors (a width that depends
+        # on the leading shape, ...) are raised here, on q's whole shape, shapes only.
+        jax.eval_shape(features, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return features.key_dim
 
 
 def check_segment_ids(segment_ids: object, q: Array) -> None:
