@@ -35,6 +35,16 @@ $(NEWEST_STAMP): $(NEWEST_PY) pyproject.toml
 	$(NEWEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test,examples]'
 	touch $(NEWEST_STAMP)
 
+# The libtpu that the newest jax's own `tpu` extra pins (read from that jax's metadata), out of the
+# import path as for .venv: the jax_sensitive TPU compile tests run with it.
+NEWEST_TPU_COMPILER := $(NEWEST_VENV)/tpu-compiler
+NEWEST_TPU_STAMP := $(NEWEST_VENV)/.installed-tpu-compiler
+
+$(NEWEST_TPU_STAMP): $(NEWEST_STAMP)
+	$(NEWEST_PY) -m pip install --quiet --no-deps --upgrade --target $(NEWEST_TPU_COMPILER) \
+	  "$$($(NEWEST_PY) -m dpfp_devtools.tpu --libtpu-requirement)"
+	touch $(NEWEST_TPU_STAMP)
+
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
@@ -108,9 +118,9 @@ FAST_COMPILE := XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0"
 test: lint docs test-newest-jax $(TPU_STAMP)
 	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(TPU_COMPILER) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
-test-newest-jax: $(NEWEST_STAMP)
+test-newest-jax: $(NEWEST_STAMP) $(NEWEST_TPU_STAMP)
 	$(NEWEST_PY) -c 'import flax, jax, jaxlib; print(f"newest admitted: jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")'
-	$(FAST_COMPILE) $(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m 'jax_sensitive and not slow' tests
+	$(FAST_COMPILE) DPFP_TPU_COMPILER=$(NEWEST_TPU_COMPILER) $(NEWEST_PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m 'jax_sensitive and not slow' tests
 
 # DPFP_DOCS_SITE: the browser test opens the site `docs` built, and fails without chromium.
 test-all: lint docs $(CUDA_STAMP) $(TPU_STAMP) $(BROWSER_STAMP)

@@ -64,10 +64,11 @@ def block_steps(chunk: int, length: int) -> int:
     return min(max(chunk, LANES), padded)
 
 
-def keys_to_kernel(x: Array, padded_length: int, width: int) -> Array:
+def keys_to_kernel(x: Array, padded_length: int, width: int, head_major: bool = False) -> Array:
     """``[B, T, H, K] -> [B, T', H, K']``: zero-padded to whole blocks and lane tiles (x itself when
-    it is that shape already)."""
-    return _pad(_pad(x, 1, padded_length), 3, width)
+    it is that shape already); ``head_major``: ``[B, H, T', K']``, a copy."""
+    x = _pad(_pad(x, 1, padded_length), 3, width)
+    return jnp.swapaxes(x, 1, 2) if head_major else x
 
 
 def values_to_kernel(x: Array, padded_length: int, on_lanes: bool) -> Array:
