@@ -20,8 +20,16 @@ from jax.experimental.pallas import tpu as pltpu
 import dpfp_jax as dj
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
-from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
-from pallas_kernels.tpu.fused_chunk import cost_estimate, hbm_bytes, spread_heads
+from pallas_kernels.tpu import (
+    backward_plan,
+    call_dims,
+    cost_estimate,
+    forward_plan,
+    fused_chunk_tpu,
+    hbm_bytes,
+    spread_heads,
+    tpu_interpret_params,
+)
 from tests.helpers import DIFF_ARGS as ARGS
 from tests.helpers import assert_relative_error, bad_kernel_calls, value_and_grads
 

@@ -5,14 +5,17 @@ The chunkwise WY form (docs/math.md): with ``T_beta = A^-1 diag(beta)``,
 
     u = T_beta (V - K W0),   O = scale (Q W0 + tril(Q K^T) u),   W1 = W0 + K^T u
 
-(the sum rule: ``u = V``). The grid is (batch row b, block n): b is "parallel" (split over a
-chip's TensorCores where it has two), n "arbitrary", walked in order on one core. A block is L
-steps of all H heads (``layout.py``: the arrays are read where XLA keeps them, no copies around
-the kernel); the kernel takes each head in turn and each of the block's ``L / C`` chunks in turn,
-with the ``[H, V, K]`` float32 states (transposed, ``W^T``) in a VMEM scratch across the row's
-blocks. Mosaic's pipeline fetches the next block while this one computes; each chunk's step is a
-handful of MXU matmuls. The outputs leave in v's dtype; when a gradient will be taken the
-writes u leave too (float32).
+(the sum rule: ``u = V``). The grid is (program p, block n): a program is a batch row, or a group
+of a row's heads (:class:`Dims`, :func:`spread_heads`: when a chip has more TensorCores than
+batch rows); p is "parallel" (split over a chip's TensorCores where it has two), n "arbitrary",
+walked in order on one core. A block is L steps (``layout.py``: the arrays are read where XLA
+keeps them, no copies around the kernel); the kernel loops over the program's heads
+(``lax.fori_loop``: Mosaic compiles one chunk step per chunk of a block, not one per head and
+chunk) and takes each of the block's ``L / C`` chunks in turn, with the ``[heads, V, K]``
+float32 states (transposed, ``W^T``) in a VMEM scratch across the program's blocks. Mosaic's
+pipeline fetches the next block while this one computes; each chunk's step is a handful of MXU
+matmuls. The outputs leave in v's dtype; when a gradient will be taken the writes u leave too
+(float32). XLA is told the call's cost (:func:`cost_estimate`).
 
 The backward walks blocks, and the chunks in them, in reverse with two VMEM scratches, the
 states and their gradients: it starts from the final state and rebuilds each chunk's start
@@ -666,7 +669,7 @@ def vmem_block_bytes(plan: CallPlan, scratch_bytes: int) -> int:
         >>> dims = call_dims((8, 4096, 8, 1024), 64, 64)
         >>> plan = backward_plan(dims, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, delta=True)
         >>> round(vmem_block_bytes(plan, 2 * 8 * 64 * 1024 * 4) / 2**20, 1)
-        43.3
+        27.3
     """
     total = scratch_bytes
     for spec, shape in (*plan.inputs, *plan.outputs):
