@@ -185,7 +185,8 @@ def training_temp_bytes(tpu, impl: str, topology: str, key_dim: int, value_dim: 
 
 
 def pallas_case(topology: str, key_dim: int):
-    return pytest.param(topology, key_dim, marks=slow_unless((topology, key_dim) in CHEAP_PALLAS))
+    newest_jax = (JAX_SENSITIVE,) if (topology, key_dim) == (V5E, 128) else ()
+    return pytest.param(topology, key_dim, marks=(*slow_unless((topology, key_dim) in CHEAP_PALLAS), *newest_jax))
 
 
 def documented_training_temp_mb() -> dict[tuple[str, int, str], float]:
