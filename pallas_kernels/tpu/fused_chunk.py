@@ -891,8 +891,8 @@ def fused_chunk_tpu(
     ``pltpu.InterpretParams``, e.g. with ``detect_races=True``); inside
     ``pltpu.force_tpu_interpret_mode()`` every call is interpreted anyway.
 
-    ``head_groups`` and ``keys_head_major`` (:class:`Dims`) are chosen for the chip being
-    compiled for (:func:`spread_heads`: head groups when there are fewer batch rows than
+    ``head_groups`` and ``keys_head_major`` (``Dims``) are chosen for the chip being
+    compiled for (``spread_heads``: head groups when there are fewer batch rows than
     TensorCores, head-major keys when blocks of all heads do not fit its VMEM); given, they are
     used as they are (the tests interpret every layout on a CPU).
 
