@@ -16,6 +16,14 @@ loss on its output with respect to its parameters, ``dpfp_devtools.workloads.att
 with the feature map inside the op (``fuse_features=True``, the default) and applied by the layer
 (``False``), per impl, and prints both programs' temporary and peak memory.
 
+``python -m benchmarks.tpu --compile-time`` times compiling the Pallas TPU kernel (trace, lower
+and libtpu's compile, on this machine, no TPU): the forward+backward at B=8, T=4096, H=8,
+V=64, bfloat16 and K in {128, 512, 1024}, and a ``DPFPformer`` training step (loss, gradients,
+an SGD update) with ``impl="pallas"`` at 1 and 4 layers, in interleaved rounds, each round with
+freshly made functions (nothing comes from jax's caches); the table gives each round's wall and
+CPU seconds (this process's: on a shared machine the wall time grows with the load, the CPU time
+much less) and the 4-layer step's CPU time over the 1-layer one's.
+
 ``python -m benchmarks.tpu --run`` on a machine with a TPU times the same impls at the same
 shapes (median ms of the forward and of the forward+backward, interleaved), with the compiled
 temporary memory and the ratios to ``chunk``. This project's machines have no TPU, so no such
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -35,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import dpfp_jax as dj
 from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, print_table, reported_run
 from dpfp_devtools import tpu
 from dpfp_devtools.workloads import attention_training_step, forward_and_backward, ours
@@ -121,6 +131,70 @@ def report_features(topologies: list[str], impls: list[str], nu: int) -> int:
     return failures
 
 
+def kernel_training_program(key_dim: int, batch: int, length: int, heads: int, value_dim: int, dtype):
+    """A fresh ``jit(grad)`` of a loss on the Pallas kernel's results (``impl="pallas"``) and its
+    abstract arguments q, k, v, beta."""
+    shapes = [(batch, length, heads, key_dim)] * 2 + [(batch, length, heads, value_dim), (batch, length, heads)]
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+    return forward_and_backward(ours("pallas"), len(args))[1], args
+
+
+def former_training_program(depth: int, batch: int, length: int, heads: int, dtype):
+    """A fresh ``DPFPformer`` training step with ``impl="pallas"``: ``(params, x) -> (params, loss)``,
+    the loss's gradients applied by SGD; width 512, ``heads`` heads of 64 (K = 128), and its
+    abstract arguments."""
+    model = dj.DPFPformer(512, depth, num_heads=heads, head_dim=64, nu=1, impl="pallas", dtype=dtype)
+    x = jax.ShapeDtypeStruct((batch, length, 512), dtype)
+    # The parameters' shapes, from impl="chunk" (a CPU traces the TPU kernel only in a compile for a TPU).
+    params = jax.eval_shape(model.clone(impl="chunk").init, jax.random.key(0), x)["params"]
+
+    def step(params, x):
+        def loss(params):
+            return jnp.mean((model.apply({"params": params}, x).astype(jnp.float32) - x) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), value
+
+    return step, (params, x)
+
+
+def compile_seconds(program: tuple, topology: str) -> tuple[float, float]:
+    """(wall, CPU) seconds to trace, lower and compile ``program`` for ``topology``: the CPU time is
+    this process's, what the compile costs on a machine that other jobs share."""
+    fn, args = program
+    wall, cpu = time.perf_counter(), time.process_time()
+    compiled = tpu.compile_for_tpu(fn, *args, topology=topology)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if "fast_weight_tpu_chunk_bwd" not in compiled.as_text():
+        raise RuntimeError("the compiled program has no Pallas TPU kernel")
+    return wall, cpu
+
+
+def compile_times(topology: str, key_dims: list[int], depths: list[int], batch: int, length: int, heads: int,
+                  value_dim: int, dtype, rounds: int) -> None:
+    """Print the compile times (wall and CPU seconds) of the kernel's forward+backward per K and of
+    the training step per depth, ``rounds`` interleaved rounds, and each depth's step's CPU time
+    over the first depth's, per round."""
+    programs = {f"kernel fwd+bwd, K = {k}": functools.partial(kernel_training_program, k, batch, length, heads,
+                                                                 value_dim, dtype) for k in key_dims}
+    programs |= {f"DPFPformer train step, {d} layer{'s' * (d > 1)}": functools.partial(
+        former_training_program, d, batch, length, heads, dtype) for d in depths}
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, make in programs.items():
+            seconds[name].append(compile_seconds(make(), topology))
+            print(f"{name}: {seconds[name][-1][0]:.1f} s wall, {seconds[name][-1][1]:.1f} s CPU", flush=True)
+    print(f"\n## Compile time for {topology}: B={batch}, T={length}, H={heads}, V={value_dim}, "
+          f"{jnp.dtype(dtype).name}\n")
+    columns = " | ".join(f"round {r + 1}: wall s | round {r + 1}: CPU s" for r in range(rounds))
+    print(f"| program | {columns} | CPU s over the {depths[0]}-layer step's |")
+    print(f"|---|{'---:|' * 2 * rounds}---:|")
+    base = seconds[next(name for name in programs if "train step" in name)]
+    for name, times in seconds.items():
+        ratio = ", ".join(f"{t[1] / b[1]:.2f}x" for t, b in zip(times, base, strict=True)) if "train" in name else ""
+        print(f"| {name} | {' | '.join(f'{wall:.1f} | {cpu:.1f}' for wall, cpu in times)} | {ratio} |")
+
+
 def run(key_dims: list[int], impls: list[str], batch: int, length: int, heads: int, value_dim: int, dtype,
         repeats: int) -> None:
     """Time the impls on this machine's default device (a TPU), one table per K, ratios to ``chunk``."""
@@ -138,12 +212,18 @@ def main() -> None:
     parser.add_argument("--deviceless", action="store_true",
                         help="compile for TPU on this machine and print memory (nothing runs on a TPU)")
     parser.add_argument("--run", action="store_true", help="time the impls on this machine's TPU")
+    parser.add_argument("--compile-time", action="store_true",
+                        help="time compiling the Pallas TPU kernel and a DPFPformer step for TPU on this machine")
+    parser.add_argument("--depths", nargs="+", type=int, default=[1, 4],
+                        help="DPFPformer depths with --compile-time (the first is the ratios' base)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds with --compile-time")
     parser.add_argument("--interpret", action="store_true",
                         help="with --run on a machine without a TPU: the TPU kernel in Pallas's interpret mode "
                              "(a check of this script, not a timing)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds with --run")
     parser.add_argument("--topologies", nargs="+", default=["v5e:2x2", "v6e:2x2"], help="libtpu topology names")
-    parser.add_argument("--keys", nargs="+", type=int, default=[128, 256, 384, 512, 1024], help="key widths K")
+    parser.add_argument("--keys", nargs="+", type=int, default=None,
+                        help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024)")
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"], help="dj.fast_weight impls")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=4096)
@@ -154,8 +234,16 @@ def main() -> None:
                         help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
     parser.add_argument("--nu", type=int, default=3, help="DPFP's nu with --features")
     args = parser.parse_args()
-    if args.deviceless == args.run:
-        parser.error("give one of --deviceless (compile for a TPU here) and --run (time on this machine's TPU)")
+    if args.deviceless + args.run + args.compile_time != 1:
+        parser.error("give one of --deviceless (compile for a TPU here), --compile-time (time those compiles) and "
+                     "--run (time on this machine's TPU)")
+    if args.keys is None:
+        args.keys = [128, 512, 1024] if args.compile_time else [128, 256, 384, 512, 1024]
+    if args.compile_time:
+        print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
+        compile_times(args.topologies[0], args.keys, args.depths, args.batch, args.time, args.heads, args.value_dim,
+                      jnp.dtype(args.dtype), args.rounds)
+        return
     if args.run:
         if jax.default_backend() != "tpu" and not args.interpret:
             parser.error(f"--run needs a TPU: jax.default_backend() is {jax.default_backend()!r} (--interpret runs "

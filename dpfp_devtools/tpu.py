@@ -72,6 +72,17 @@ def libtpu_path() -> Path | None:
     return None
 
 
+def libtpu_requirement() -> str:
+    """The libtpu requirement of the installed jax's own ``tpu`` extra, e.g. "libtpu==0.0.48.*": the
+    libtpu that jax release was built against (``make`` installs it for each environment's jax)."""
+    import re
+
+    extra = [r for r in importlib.metadata.requires("jax") or [] if re.match(r"libtpu\b", r) and 'extra == "tpu"' in r]
+    if len(extra) != 1:
+        raise RuntimeError(f"jax's metadata names {len(extra)} libtpu requirements for its tpu extra: {extra}")
+    return re.sub(r"\s", "", extra[0].split(";")[0])
+
+
 def libtpu_version() -> str:
     """The version of the libtpu :func:`libtpu_path` finds (its package metadata), e.g. "0.0.48.1";
     "unknown" for a bare ``TPU_LIBRARY_PATH`` outside a package."""
@@ -110,7 +121,10 @@ def _environment(**values: str):
 @functools.cache
 def tpu_topology(name: str):
     """The abstract devices of TPU slice ``name`` (one of ``TOPOLOGIES``, or any name libtpu knows,
-    e.g. "v5e:4x4"), as ``jax.experimental.topologies.get_topology_desc`` returns them.
+    e.g. "v5e:4x4"), as ``jax.experimental.topologies.get_topology_desc`` returns them. A name
+    ending in ``/megacore`` (``"v4:2x2x1/megacore"``) asks libtpu for that chip configuration: v4's
+    two TensorCores as one device (four devices here, as jax gives them on a v4 host), where the
+    plain name gives one device per TensorCore (eight); v5p's devices are whole chips either way.
 
     Loads libtpu on first use; raises RuntimeError (with the install hint) when it cannot be found.
     """
@@ -128,8 +142,10 @@ def tpu_topology(name: str):
     # The process's backends first: once the TPU plugin is loaded, a backend initialisation with
     # JAX_PLATFORMS unset would try to start a TPU runtime on it.
     jax.devices()
+    slice_name, _, chip_config = name.partition("/")
+    options = {"chip_config_name": chip_config} if chip_config else {}
     with _environment(TPU_LIBRARY_PATH=str(path)):
-        return topologies.get_topology_desc(platform="tpu", topology_name=name)
+        return topologies.get_topology_desc(platform="tpu", topology_name=slice_name, **options)
 
 
 def tpu_mesh(topology_name: str, shape: Sequence[int] | None = None, axes: Sequence[str] = ("batch",),
@@ -166,17 +182,9 @@ def place(tree: Any, mesh, spec: Any = None) -> Any:
     return jax.tree.map(one, tree, spec)
 
 
-def compile_for_tpu(fn: Callable, *args: Any, topology: str = "v5e:2x2", mesh=None):
-    """``jax.jit(fn)`` traced, lowered and compiled for TPU by libtpu; no TPU needed.
-
-    ``args`` are pytrees of ``jax.ShapeDtypeStruct``s (or arrays, or None). Leaves without a
-    sharding are replicated over ``mesh``: by default one chip of ``topology`` on an Auto axis, so
-    the program is the one a jit without any mesh gives (no explicit sharding in its types);
-    otherwise ``mesh`` (e.g. from :func:`tpu_mesh`) is the slice the program is partitioned over.
-    The trace runs under ``jax.set_mesh(mesh)``, so code that asks the abstract mesh which platform
-    it is compiled for sees a TPU (``dj.fast_weight(impl="pallas")`` refuses it there).
-    Returns the ``jax.stages.Compiled``; raises what libtpu raises when it cannot compile.
-    """
+def lower_for_tpu(fn: Callable, *args: Any, topology: str = "v5e:2x2", mesh=None):
+    """``jax.jit(fn)`` traced and lowered for TPU (a ``jax.stages.Lowered``), as
+    :func:`compile_for_tpu` does before it compiles."""
     import jax
 
     if mesh is None:
@@ -189,7 +197,70 @@ def compile_for_tpu(fn: Callable, *args: Any, topology: str = "v5e:2x2", mesh=No
 
     placed = jax.tree.map(with_sharding, args)
     with jax.set_mesh(mesh):
-        return jax.jit(fn).trace(*placed).lower().compile()
+        return jax.jit(fn).trace(*placed).lower()
+
+
+def compile_for_tpu(fn: Callable, *args: Any, topology: str = "v5e:2x2", mesh=None):
+    """``jax.jit(fn)`` traced, lowered and compiled for TPU by libtpu; no TPU needed.
+
+    ``args`` are pytrees of ``jax.ShapeDtypeStruct``s (or arrays, or None). Leaves without a
+    sharding are replicated over ``mesh``: by default one chip of ``topology`` on an Auto axis, so
+    the program is the one a jit without any mesh gives (no explicit sharding in its types);
+    otherwise ``mesh`` (e.g. from :func:`tpu_mesh`) is the slice the program is partitioned over.
+    The trace runs under ``jax.set_mesh(mesh)``, so code that asks the abstract mesh which platform
+    it is compiled for sees a TPU (``dj.fast_weight(impl="pallas")`` refuses it there).
+    Returns the ``jax.stages.Compiled``; raises what libtpu raises when it cannot compile.
+    """
+    return lower_for_tpu(fn, *args, topology=topology, mesh=mesh).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGrid:
+    """The grid of one Pallas TPU kernel in a lowered program, as its Mosaic module states it.
+
+    Attributes:
+      name: the kernel's function name (``pallas_call``'s ``name``).
+      iteration_bounds: the grid's size per axis.
+      dimension_semantics: per axis, "parallel" (Mosaic may split it over a chip's TensorCores)
+        or "arbitrary" (walked in order on one core).
+    """
+
+    name: str
+    iteration_bounds: tuple[int, ...]
+    dimension_semantics: tuple[str, ...]
+
+
+def mosaic_grids(lowered) -> list[MosaicGrid]:
+    """The :class:`MosaicGrid` of every Pallas TPU kernel in ``lowered`` (from :func:`lower_for_tpu`):
+    each ``tpu_custom_call`` carries its Mosaic module serialized (MLIR bytecode, base64, in its
+    backend config); it is read back with jax's own Mosaic dialect and serialization pass."""
+    import base64
+    import re
+
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.passmanager import PassManager
+
+    text = lowered.as_text()
+    bodies = re.findall(r'body(?:\\22|")\s*:\s*(?:\\22|")([A-Za-z0-9+/=]+)', text)
+    grids = []
+    for body in bodies:
+        ctx = mlir.make_ir_context()
+        tpu.register_dialect(ctx)
+        with ctx, ir.Location.unknown():
+            ctx.allow_unregistered_dialects = True
+            module = ir.Module.parse(base64.b64decode(body))
+            PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(module.operation)
+            for op in module.body.operations:
+                attributes = op.attributes
+                if "iteration_bounds" not in attributes:
+                    continue
+                semantics = re.findall(r"dimension_semantics<(\w+)>", str(attributes["dimension_semantics"]))
+                grids.append(MosaicGrid(ir.StringAttr(attributes["sym_name"]).value,
+                                        tuple(ir.DenseI64ArrayAttr(attributes["iteration_bounds"])),
+                                        tuple(semantics)))
+    return grids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,3 +292,11 @@ def memory(compiled) -> Memory:
     stats = compiled.memory_analysis()
     return Memory(stats.temp_size_in_bytes, stats.argument_size_in_bytes, stats.output_size_in_bytes,
                   stats.alias_size_in_bytes, stats.generated_code_size_in_bytes)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--libtpu-requirement"]:
+        sys.exit("usage: python -m dpfp_devtools.tpu --libtpu-requirement  (prints jax's tpu extra's libtpu pin)")
+    print(libtpu_requirement())

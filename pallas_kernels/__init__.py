@@ -6,8 +6,10 @@ tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout he
 ``validation`` (the argument checks) and ``padding`` are backend-neutral.
 
 - ``fused_chunk_tpu`` (TPU): the chunkwise WY form, sum and delta rules, one program per batch
-  row walking blocks of all heads' steps on a sequential grid axis with the float32 states in
-  VMEM, reading the arrays in place (no copies around it), the chunk step and the per-chunk
+  row (or per group of a row's heads) walking blocks of steps on a sequential grid axis, a loop
+  over its heads in each, with the float32 states in VMEM, reading the arrays in place (no
+  copies around it; head-major copies of q and k where the chip's VMEM is too small for blocks
+  of all heads), the chunk step and the per-chunk
   triangular inverse as MXU matmuls; its ``custom_vjp`` backward walks chunks in reverse,
   rebuilding start states from the stored writes. No packed documents.
   Runs in Pallas's TPU interpret mode anywhere (``interpret=True`` or inside

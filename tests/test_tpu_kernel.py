@@ -6,6 +6,7 @@ Through the public path: inside ``pltpu.force_tpu_interpret_mode`` (with race de
 Compiles for real TPUs are in tests/test_tpu_compile.py; the HBM traffic count is checked here.
 """
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,21 @@ from jax.experimental.pallas import tpu as pltpu
 import dpfp_jax as dj
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
-from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, tpu_interpret_params
+from pallas_kernels.tpu import (
+    backward_plan,
+    call_dims,
+    cost_estimate,
+    forward_plan,
+    fused_chunk_tpu,
+    hbm_bytes,
+    spread_heads,
+    tpu_interpret_params,
+)
 from tests.helpers import DIFF_ARGS as ARGS
 from tests.helpers import assert_relative_error, bad_kernel_calls, value_and_grads
 
 SLOW = pytest.mark.slow
+f32 = jnp.float32
 # Two simulated cores: the "parallel" batch axis is split between them, so the race detector
 # sees two batch rows' programs run concurrently (where a test has two).
 RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
@@ -47,16 +58,26 @@ def assert_races_not_found():
     assert races is not None and not races.races_found
 
 
+def kernel(rule, chunk_size, **spread):
+    """The TPU kernel called directly with its heads spread as ``spread`` says (head_groups,
+    keys_head_major), interpreted with the race detector."""
+    def fn(q, k, v, beta, state, scale):
+        return fused_chunk_tpu(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size, interpret=RACES,
+                               **spread)
+    return fn
+
+
 def check_against_reference(rule, dtype, key_dim, with_state, *, value_dim=64, time=40, chunk_size=16, heads=2,
-                            batch=1):
+                            batch=1, **spread):
     # T = 40 is two whole chunks of 16 and a partial one, in one block of 48 steps.
     inputs = make_inputs(3, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
                          dtype=dtype, with_state=with_state)
     if with_state:  # the state stays float32
         inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(jnp.float32)
     want = scaled_value_and_grads(public("reference", rule, chunk_size), inputs, 0.7)
+    pallas = kernel(rule, chunk_size, **spread) if spread else public("pallas", rule, chunk_size)
     with pltpu.force_tpu_interpret_mode(RACES):
-        got = jax.jit(lambda: scaled_value_and_grads(public("pallas", rule, chunk_size), inputs, 0.7))()
+        got = jax.jit(lambda: scaled_value_and_grads(pallas, inputs, 0.7))()
         jax.block_until_ready(got)
     assert_races_not_found()
     (out, state), _ = got
@@ -90,6 +111,48 @@ def test_several_blocks_of_several_chunks_match_reference():
     # the sixth is all padding): the state passes between chunks of a block and between blocks,
     # forward and backward. Two batch rows: the race detector's two cores run one each, concurrently.
     check_against_reference("delta", jnp.float32, 128, True, time=300, chunk_size=64, batch=2)
+
+
+@pytest.mark.parametrize("heads, value_dim, spread", [
+    # Two groups of two heads: each program's heads sit at offset 2g of the all-heads blocks of q, k
+    # and beta (a group of 2 is not whole sublane tiles). The race detector's two cores run a group each.
+    (4, 64, dict(head_groups=2)),
+    # One head per program from head-major copies of q and k (what v4 takes at K >= 384).
+    (4, 64, dict(head_groups=4, keys_head_major=True)),
+    # Groups of 8 heads: whole sublane tiles, so each program's blocks hold its own heads only.
+    pytest.param(16, 64, dict(head_groups=2), marks=SLOW),
+    # 128-wide values are read with the heads on the sublanes too, like q and k.
+    pytest.param(4, 128, dict(head_groups=2), marks=SLOW),
+], ids=["two groups", "head-major, one head per program", "groups of 8 heads", "two groups, V=128"])
+def test_heads_spread_over_programs_match_reference(heads, value_dim, spread):
+    # One batch row, its heads over several programs (fused_chunk_tpu picks this for a one-row call
+    # on a chip with two TensorCores); two blocks of two chunks (the last one partial).
+    check_against_reference("delta", jnp.float32, 128, True, time=200, chunk_size=64, heads=heads,
+                            value_dim=value_dim, **spread)
+
+
+def test_head_groups_must_divide_the_heads():
+    inputs = make_inputs(0, time=16, heads=4, key_dim=128, rule="sum")
+    for groups, message in ((3, "head_groups must divide the number of heads 4; got head_groups=3"),
+                            (0, "head_groups must be a positive int; got head_groups=0")):
+        with pytest.raises(ValueError, match=message):
+            fused_chunk_tpu(inputs["q"], inputs["k"], inputs["v"], None, jnp.zeros((2, 4, 128, 4)), rule="sum",
+                            chunk_size=16, interpret=True, head_groups=groups)
+
+
+def test_heads_are_spread_for_the_chip():
+    # One row on a chip of two TensorCores: two programs per row; blocks of all heads beyond the
+    # chip's VMEM: head-major keys, as few heads per program as fit.
+    dims = call_dims((1, 4096, 8, 128), 64, 64)
+    assert spread_heads(dims, jnp.bfloat16, None, 1) == dims
+    assert spread_heads(dims, jnp.bfloat16, None, 2).head_groups == 2
+    assert spread_heads(call_dims((2, 4096, 8, 128), 64, 64), jnp.bfloat16, None, 2).head_groups == 1
+    assert spread_heads(call_dims((1, 4096, 3, 128), 64, 64), jnp.bfloat16, None, 2).head_groups == 1
+    v4 = 16 * 2**20
+    assert not spread_heads(call_dims((8, 4096, 8, 256), 64, 64), jnp.bfloat16, v4, 2).keys_head_major
+    for key_dim in (384, 512, 1024):
+        spread = spread_heads(call_dims((8, 4096, 8, key_dim), 64, 64), jnp.bfloat16, v4, 2)
+        assert spread.keys_head_major and spread.head_groups in (1, 2, 4, 8), (key_dim, spread)
 
 
 @SLOW
@@ -158,7 +221,7 @@ def test_blocks_are_whole_lane_tiles_of_steps_or_the_whole_sequence():
     assert [call_dims((1, 4096, 8, 128), 64, c)[3:5] for c in (16, 64, 128, 256)] == [
         (128, 32), (128, 32), (128, 32), (256, 16)]
     assert call_dims((1, 40, 2, 128), 64, 16)[3:5] == (48, 1)
-    assert call_dims((1, 300, 2, 200), 64, 64)[3:] == (128, 3, 256, 64)
+    assert call_dims((1, 300, 2, 200), 64, 64)[3:7] == (128, 3, 256, 64)
 
 
 def test_hbm_traffic_of_a_hand_counted_case():
@@ -186,6 +249,67 @@ def test_hbm_traffic_of_a_hand_counted_case():
     steps = 256 * 2
     assert minimum_bytes(1, 256, 2, 128, 64, 2, delta=True, backward=False) == (
         steps * (2 * 128 * 2 + 64 * 2 + 2 + 64 * 2) + 2 * 2 * 128 * 64 * 4)
+
+
+SPREADS = [dict(), dict(head_groups=2), dict(head_groups=4, keys_head_major=True), dict(head_groups=2, heads=16)]
+
+
+@pytest.mark.parametrize("spread", SPREADS, ids=["one program per row", "two groups", "head-major", "groups of 8"])
+@pytest.mark.parametrize("value_dim, time, chunk_size", [(64, 4096, 64), (128, 300, 16), (64, 100, 128)])
+def test_cost_estimate_bytes_are_the_traffic_count(spread, value_dim, time, chunk_size):
+    # The kernel tells XLA its HBM bytes (hbm_bytes, a closed form) as the traffic count walks them
+    # from the same plans; T = 100 in a chunk of 128 is one block (each program's blocks read once).
+    spread = dict(spread)
+    heads = spread.pop("heads", 4)
+    dims = call_dims((2, time, heads, 256), value_dim, chunk_size, **spread)
+    bf16 = jnp.bfloat16
+    for plan in (forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=False),
+                 forward_plan(dims, bf16, bf16, bf16, delta=False, keep_writes=False),
+                 forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True),
+                 backward_plan(dims, bf16, bf16, bf16, delta=True), backward_plan(dims, bf16, bf16, bf16, delta=False)):
+        assert hbm_bytes(plan) == kernel_bytes(plan)
+
+
+def dot_flops(jaxpr) -> int:
+    """The flops (2 per multiply-add) of a jaxpr's dot_generals, loops' bodies times their trip count."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            out = eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    # scan (a fori_loop with static bounds) repeats its body; pl.when branches hold no matmuls
+                    total += dot_flops(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+
+@pytest.mark.parametrize("rule, chunk_size", [("delta", 64), ("sum", 64), ("delta", 16)])
+def test_cost_estimate_flops_are_the_kernels_matmuls(rule, chunk_size):
+    # The estimate's flops against the dot_generals the kernels trace to: per grid step (the loop
+    # over a program's heads times its trip count), times the grid's steps.
+    inputs = make_inputs(5, batch=2, time=256, heads=4, key_dim=128, value_dim=64, rule=rule, with_state=True)
+    inputs["initial_state"] = inputs["initial_state"].astype(jnp.float32)
+
+    def loss(q, k, v, beta, state):
+        out, final = fused_chunk_tpu(q, k, v, beta, state, rule=rule, chunk_size=chunk_size, interpret=True,
+                                     head_groups=2)
+        return jnp.sum(out) + jnp.sum(final)
+
+    calls = [e for e in jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*inputs.values()).eqns
+             if e.primitive.name == "pallas_call"]
+    dims = call_dims((2, 256, 4, 128), 64, chunk_size, head_groups=2)
+    plans = (forward_plan(dims, f32, f32, f32, delta=rule == "delta", keep_writes=rule == "delta"),
+             backward_plan(dims, f32, f32, f32, delta=rule == "delta"))
+    assert len(calls) == 2
+    for call, plan in zip(calls, plans, strict=True):
+        steps = math.prod(call.params["grid_mapping"].grid)
+        assert steps * dot_flops(call.params["jaxpr"]) == plan.flops > 0
+        assert call.params["cost_estimate"] == cost_estimate(plan)
+        assert cost_estimate(plan).bytes_accessed == kernel_bytes(plan)
 
 
 def test_tpu_benchmark_run_path_in_interpret_mode():

@@ -5,14 +5,17 @@ The chunkwise WY form (docs/math.md): with ``T_beta = A^-1 diag(beta)``,
 
     u = T_beta (V - K W0),   O = scale (Q W0 + tril(Q K^T) u),   W1 = W0 + K^T u
 
-(the sum rule: ``u = V``). The grid is (batch row b, block n): b is "parallel" (split over a
-chip's TensorCores where it has two), n "arbitrary", walked in order on one core. A block is L
-steps of all H heads (``layout.py``: the arrays are read where XLA keeps them, no copies around
-the kernel); the kernel takes each head in turn and each of the block's ``L / C`` chunks in turn,
-with the ``[H, V, K]`` float32 states (transposed, ``W^T``) in a VMEM scratch across the row's
-blocks. Mosaic's pipeline fetches the next block while this one computes; each chunk's step is a
-handful of MXU matmuls. The outputs leave in v's dtype; when a gradient will be taken the
-writes u leave too (float32).
+(the sum rule: ``u = V``). The grid is (program p, block n): a program is a batch row, or a group
+of a row's heads (:class:`Dims`, :func:`spread_heads`: when a chip has more TensorCores than
+batch rows); p is "parallel" (split over a chip's TensorCores where it has two), n "arbitrary",
+walked in order on one core. A block is L steps (``layout.py``: the arrays are read where XLA
+keeps them, no copies around the kernel); the kernel loops over the program's heads
+(``lax.fori_loop``: Mosaic compiles one chunk step per chunk of a block, not one per head and
+chunk) and takes each of the block's ``L / C`` chunks in turn, with the ``[heads, V, K]``
+float32 states (transposed, ``W^T``) in a VMEM scratch across the program's blocks. Mosaic's
+pipeline fetches the next block while this one computes; each chunk's step is a handful of MXU
+matmuls. The outputs leave in v's dtype; when a gradient will be taken the writes u leave too
+(float32). XLA is told the call's cost (:func:`cost_estimate`).
 
 The backward walks blocks, and the chunks in them, in reverse with two VMEM scratches, the
 states and their gradients: it starts from the final state and rebuilds each chunk's start
@@ -69,7 +72,13 @@ from pallas_kernels.tpu.layout import (
     values_from_kernel,
     values_to_kernel,
 )
-from pallas_kernels.validation import check_int, check_interpret, check_kernel_inputs, empty_result
+from pallas_kernels.validation import (
+    check_int,
+    check_interpret,
+    check_kernel_inputs,
+    check_positive_int,
+    empty_result,
+)
 
 Array = jax.Array
 f32 = jnp.float32
@@ -175,7 +184,16 @@ def _wy(k: Array, beta_row: Array) -> _WY:
 
 
 class Dims(NamedTuple):
-    """The static sizes of one call (layout.py says how the arrays are laid out)."""
+    """The static sizes of one call (layout.py says how the arrays are laid out) and how its heads
+    are spread over programs.
+
+    The grid is ``(batch * head_groups, num_blocks)``: program p takes batch row ``p // G`` and
+    head group ``p % G`` (``heads / G`` heads, which it walks in a loop). ``keys_head_major``: q,
+    k and their gradients are read from head-major ``[B, H, T', K']`` copies, each program's block
+    only its own heads' steps (a chip whose VMEM cannot hold blocks of all heads: v4 at K >= 384);
+    otherwise they are read where XLA keeps them, ``[B, T', H, K']``, in blocks whose head axis
+    is the group's heads when that is whole sublane tiles (a multiple of 8) and all H heads else.
+    """
 
     batch: int
     heads: int
@@ -184,6 +202,8 @@ class Dims(NamedTuple):
     num_blocks: int
     key_width: int  # K padded to whole lane tiles
     value_dim: int
+    head_groups: int = 1  # G: programs per batch row, each a contiguous group of heads
+    keys_head_major: bool = False
 
     @property
     def values_on_lanes(self) -> bool:
@@ -199,20 +219,100 @@ class Dims(NamedTuple):
     def padded_length(self) -> int:
         return self.num_blocks * self.block
 
+    @property
+    def group_heads(self) -> int:
+        """The heads one program walks."""
+        return self.heads // self.head_groups
 
-def _load_t(ref, h: int, steps, dims: Dims) -> Array:
+    @property
+    def split_outputs(self) -> bool:
+        """Whether each head group writes its own copy of the outputs whose blocks hold all heads
+        (dq and dk unless head-major, dbeta; with V a multiple of 128 the outputs and dv): a block is written back
+        whole, so two programs writing their heads' rows of one block would overwrite each other.
+        Each copy is zero but for its group's heads' rows, and they are summed after the call."""
+        return self.head_groups > 1 and self.sublane_heads != self.group_heads
+
+    @property
+    def sublane_heads(self) -> int:
+        """The head axis of a block of an array whose heads are its sublanes (``[B, T', H, D]`` keys
+        and 128-wide values, ``[B, H, T']`` betas): the group's heads when they are whole sublane
+        tiles or all of H, else all H heads (a block's second-to-last dim must be one or the other)."""
+        return self.group_heads if self.group_heads % 8 == 0 or self.head_groups == 1 else self.heads
+
+
+def _sublane_head(h, group, dims: Dims):
+    """Where head h of the program's group sits in a block of :attr:`Dims.sublane_heads` heads."""
+    return h if dims.sublane_heads == dims.group_heads else group * dims.group_heads + h
+
+
+def _head_mask(shape: tuple[int, ...], axis: int, index) -> Array:
+    return lax.broadcasted_iota(jnp.int32, shape, axis) == index
+
+
+def _select_head(x: Array, axis: int, index) -> Array:
+    """``x``'s row ``index`` along ``axis`` (the heads on the sublanes), index traced.
+
+    Mosaic loads and stores at a sublane offset only where it can prove it tile-aligned (a head's
+    row of a ``[L, H, D]`` block is not), and one branch per head (a switch) multiplied the
+    kernels' loads and stores by H (its forward+backward compiled 2.2x slower at K = 1024). So the
+    chunk's rows of all the block's heads are loaded, which reads the same VMEM tiles a one-head
+    load reads, and the head's row is kept by a select and a sum over that axis (exact: one term
+    is non-zero)."""
+    wide = x.astype(f32)
+    picked = jnp.sum(jnp.where(_head_mask(wide.shape, axis, index), wide, 0.0), axis=axis)
+    return picked.astype(x.dtype)
+
+
+def _load_head_rows(ref, h, group, steps, dims: Dims) -> Array:
+    """Head h's chunk ``[C, D]`` of a ``[L, heads, D]`` block (heads on the sublanes)."""
+    return _select_head(ref[steps, :, :], 1, _sublane_head(h, group, dims))
+
+
+def _store_head_rows(ref, h, group, steps, x: Array, dims: Dims) -> None:
+    """Write ``x`` ``[C, D]`` as head h's chunk of a ``[L, heads, D]`` block, the other heads' rows
+    kept (read and written back)."""
+    old = ref[steps, :, :]
+    mask = _head_mask(old.shape, 1, _sublane_head(h, group, dims))
+    ref[steps, :, :] = jnp.where(mask, x.astype(old.dtype)[:, None, :], old)
+
+
+def _load_keys(ref, h, group, steps, dims: Dims) -> Array:
+    """Head h's chunk of q, k or a gradient of them: ``[C, K']`` in the array's dtype."""
+    if dims.keys_head_major:
+        return ref[h, steps, :]
+    return _load_head_rows(ref, h, group, steps, dims)
+
+
+def _store_keys(ref, h, group, steps, x: Array, dims: Dims) -> None:
+    if dims.keys_head_major:
+        ref[h, steps, :] = x.astype(ref.dtype)
+    else:
+        _store_head_rows(ref, h, group, steps, x, dims)
+
+
+def _load_t(ref, h, group, steps, dims: Dims) -> Array:
     """Head h's chunk of a value array, transposed: ``[V, C]`` float32 (layout.py)."""
     if dims.values_on_lanes:
-        return ref[steps, h, :].astype(f32).T
+        return _load_head_rows(ref, h, group, steps, dims).astype(f32).T
     return ref[h, :, steps].astype(f32)
 
 
-def _store_t(ref, h: int, steps, xt: Array, dims: Dims) -> None:
+def _store_t(ref, h, group, steps, xt: Array, dims: Dims) -> None:
     """Write ``xt`` ``[V, C]`` as head h's chunk of a value array, in the array's dtype."""
     if dims.values_on_lanes:
-        ref[steps, h, :] = xt.T.astype(ref.dtype)
+        _store_head_rows(ref, h, group, steps, xt.T, dims)
     else:
         ref[h, :, steps] = xt.astype(ref.dtype)
+
+
+def _load_beta(ref, h, group, steps, dims: Dims) -> Array:
+    """Head h's chunk of write strengths (or their gradient) from a ``[heads, L]`` block: a ``[1, C]`` lane row."""
+    return _select_head(ref[:, steps], 0, _sublane_head(h, group, dims))[None, :]
+
+
+def _store_beta(ref, h, group, steps, row: Array, dims: Dims) -> None:
+    old = ref[:, steps]
+    ref[:, steps] = jnp.where(_head_mask(old.shape, 0, _sublane_head(h, group, dims)), row, old)
 
 
 def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool, keep_writes: bool):
@@ -221,31 +321,40 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
     w0_ref, out_ref = refs.pop(0), refs.pop(0)
     u_ref = refs.pop(0) if keep_writes else None
     final_ref, w_ref = refs
-    n = pl.program_id(1)
+    n, group = pl.program_id(1), pl.program_id(0) % dims.head_groups
 
     @pl.when(n == 0)
     def _():
         w_ref[...] = w0_ref[...]
 
     scale = scale_ref[0]
-    for h in range(dims.heads):
+    if dims.split_outputs and dims.values_on_lanes:
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+    # A loop over the group's heads (one compiled chunk step per chunk of a block, not one per
+    # head and chunk): the chunks of a block stay unrolled, since their offsets on the value
+    # arrays' lanes must be static.
+    def head(h, carry):
         wt = w_ref[h]  # W^T [V, K]
         for j in range(dims.chunks_per_block):
             steps = pl.ds(j * dims.chunk, dims.chunk)
-            q, k = q_ref[steps, h, :], k_ref[steps, h, :]
-            vt = _load_t(v_ref, h, steps, dims)
+            q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
+            vt = _load_t(v_ref, h, group, steps, dims)
             if delta:
                 # u = T_beta (V - K W0), transposed: u^T = (V^T - W0^T K^T) T_beta^T
-                ut = _mm_t(vt - _mm_t(wt, k), _wy(k, beta_ref[pl.ds(h, 1), steps]).t_beta)
+                ut = _mm_t(vt - _mm_t(wt, k), _wy(k, _load_beta(beta_ref, h, group, steps, dims)).t_beta)
                 if keep_writes:
                     u_ref[h, :, steps] = ut
             else:
                 ut = vt
             # O^T = scale (W0^T Q^T + u^T tril(Q K^T)^T); the output is linear in q, so the scale is applied last.
             out_t = scale * (_mm_t(wt, q) + _mm_t(ut, _tril(_mm_t(q, k))))
-            _store_t(out_ref, h, steps, out_t, dims)
+            _store_t(out_ref, h, group, steps, out_t, dims)
             wt = wt + _mm(ut, k)  # W1 = W0 + K^T u
         w_ref[h] = wt
+        return carry
+
+    lax.fori_loop(0, dims.group_heads, head, 0)
 
     @pl.when(n == pl.num_programs(1) - 1)
     def _():
@@ -281,6 +390,7 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
     d_beta_ref = refs.pop(0) if delta else None
     d_w0_ref, d_scale_ref, w_ref, dw_ref = refs
     i = pl.program_id(1)  # this step's block is the i-th from the end
+    group = pl.program_id(0) % dims.head_groups
 
     @pl.when(i == 0)
     def _():
@@ -289,13 +399,17 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
         d_scale_ref[...] = jnp.zeros(d_scale_ref.shape, f32)
 
     scale = scale_ref[0]
-    d_scale = jnp.zeros((1, 1), f32)
-    for h in range(dims.heads):
+    if dims.split_outputs:
+        split = ([] if dims.keys_head_major else [dq_ref, dk_ref]) + ([dv_ref] if dims.values_on_lanes else [])
+        for ref in split + ([d_beta_ref] if delta else []):
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    def head(h, d_scale):  # as in the forward: the heads in a loop, a block's chunks unrolled
         wt1, dwt1 = w_ref[h], dw_ref[h]  # W1^T and (dL/dW1)^T, [V, K]
         for j in reversed(range(dims.chunks_per_block)):
             steps = pl.ds(j * dims.chunk, dims.chunk)
-            q, k = q_ref[steps, h, :], k_ref[steps, h, :]
-            vt, d_out_t = _load_t(v_ref, h, steps, dims), _load_t(d_out_ref, h, steps, dims)
+            q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
+            vt, d_out_t = _load_t(v_ref, h, group, steps, dims), _load_t(d_out_ref, h, group, steps, dims)
             ut = u_ref[h, :, steps] if delta else vt
             wt0 = wt1 - _mm(ut, k)  # the forward's W1 = W0 + K^T u, undone
             # Differentiated as a function of the scaled queries qs = scale q: O = qs W0 + tril(qs K^T) u.
@@ -307,23 +421,25 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
             dwt0 = dwt1 + _mm(d_out_t, qs)
             if delta:
                 # r^T = V^T - W0^T K^T; dL/dr is also dL/dV
-                drt, d_beta, dk_wy = _wy_backward(k, _wy(k, beta_ref[pl.ds(h, 1), steps]), dut,
+                drt, d_beta, dk_wy = _wy_backward(k, _wy(k, _load_beta(beta_ref, h, group, steps, dims)), dut,
                                                   vt - _mm_t(wt0, k))
-                d_beta_ref[pl.ds(h, 1), steps] = d_beta
+                _store_beta(d_beta_ref, h, group, steps, d_beta, dims)
                 dk = dk + dk_wy - _t_mm(drt, wt0)
                 dwt0 = dwt0 - _mm(drt, k)
                 dvt = drt
             else:
                 dvt = dut
-            dq_ref[steps, h, :] = (scale * d_qs).astype(dq_ref.dtype)
-            dk_ref[steps, h, :] = dk.astype(dk_ref.dtype)
-            _store_t(dv_ref, h, steps, dvt, dims)
-            # dL/dscale = <q, dL/dqs>, summed over the row's heads and blocks in its resident output block.
+            _store_keys(dq_ref, h, group, steps, scale * d_qs, dims)
+            _store_keys(dk_ref, h, group, steps, dk, dims)
+            _store_t(dv_ref, h, group, steps, dvt, dims)
+            # dL/dscale = <q, dL/dqs>, summed over the program's heads and blocks in its resident output block.
             d_scale = d_scale + jnp.sum(q.astype(f32) * d_qs)
             wt1, dwt1 = wt0, dwt0
         w_ref[h] = wt1
         dw_ref[h] = dwt1
-    d_scale_ref[...] += d_scale
+        return d_scale
+
+    d_scale_ref[...] += lax.fori_loop(0, dims.group_heads, head, jnp.zeros((1, 1), f32))
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _():
@@ -331,7 +447,8 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
 
 
 class CallPlan(NamedTuple):
-    """One ``pallas_call``'s grid and, per operand, its BlockSpec and the whole array's shape and dtype.
+    """One ``pallas_call``'s grid, per operand its BlockSpec and the whole array's shape and dtype,
+    and the MXU work of its chunk steps.
 
     The kernels are launched from these, and ``dpfp_devtools.tpu_traffic`` counts the HBM bytes
     they move from the same objects."""
@@ -339,26 +456,54 @@ class CallPlan(NamedTuple):
     grid: tuple[int, int]
     inputs: tuple[tuple[pl.BlockSpec, jax.ShapeDtypeStruct], ...]
     outputs: tuple[tuple[pl.BlockSpec, jax.ShapeDtypeStruct], ...]
+    flops: int = 0
 
 
 _SCALAR = (pl.BlockSpec(memory_space=pltpu.SMEM), jax.ShapeDtypeStruct((1,), f32))
+
+
+def _program(dims: Dims) -> Callable[[Any], tuple[Any, Any]]:
+    """Grid index p -> (batch row, head group)."""
+    return lambda p: (p // dims.head_groups, p % dims.head_groups)
 
 
 def _block_index(dims: Dims, reverse: bool) -> Callable[[Any], Any]:
     return (lambda n: dims.num_blocks - 1 - n) if reverse else (lambda n: n)
 
 
+def _sublane_head_block(dims: Dims, group):
+    """The block index along the head axis of a block of :attr:`Dims.sublane_heads` heads."""
+    return group if dims.sublane_heads == dims.group_heads and dims.head_groups > 1 else 0
+
+
+def _per_head_rows(dims: Dims, dtype, width: int, reverse: bool):
+    """A per-step array ``[B, T', H, D]`` with the heads on the sublanes: ``[L, heads, D]`` blocks."""
+    at, program = _block_index(dims, reverse), _program(dims)
+
+    def index(p, n):
+        b, g = program(p)
+        return b, at(n), _sublane_head_block(dims, g), 0
+
+    return (pl.BlockSpec((None, dims.block, dims.sublane_heads, width), index),
+            jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, width), dtype))
+
+
 def _keys(dims: Dims, dtype, reverse: bool = False):
-    """q, k or a gradient of them: ``[B, T', H, K']``, an ``[L, H, K']`` block of all heads."""
-    at = _block_index(dims, reverse)
-    return (pl.BlockSpec((None, dims.block, dims.heads, dims.key_width), lambda b, n: (b, at(n), 0, 0)),
-            jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, dims.key_width), dtype))
+    """q, k or a gradient of them: ``[B, T', H, K']`` in ``[L, heads, K']`` blocks, or head-major
+    ``[B, H, T', K']`` in ``[group heads, L, K']`` blocks (:class:`Dims`)."""
+    if not dims.keys_head_major:
+        return _per_head_rows(dims, dtype, dims.key_width, reverse)
+    at, program = _block_index(dims, reverse), _program(dims)
+    return (pl.BlockSpec((None, dims.group_heads, dims.block, dims.key_width),
+                         lambda p, n: (program(p)[0], program(p)[1], at(n), 0)),
+            jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.padded_length, dims.key_width), dtype))
 
 
 def _steps_on_lanes(dims: Dims, dtype, reverse: bool = False):
-    """A per-step value array as ``[B, H, V, T']``, an ``[H, V, L]`` block: the steps on the lanes."""
-    at = _block_index(dims, reverse)
-    return (pl.BlockSpec((None, dims.heads, dims.value_dim, dims.block), lambda b, n: (b, 0, 0, at(n))),
+    """A per-step value array as ``[B, H, V, T']``, a ``[group heads, V, L]`` block: the steps on the lanes."""
+    at, program = _block_index(dims, reverse), _program(dims)
+    return (pl.BlockSpec((None, dims.group_heads, dims.value_dim, dims.block),
+                         lambda p, n: (program(p)[0], program(p)[1], 0, at(n))),
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.value_dim, dims.padded_length), dtype))
 
 
@@ -368,136 +513,264 @@ def _writes(dims: Dims, reverse: bool = False):
 
 
 def _values(dims: Dims, dtype, reverse: bool = False):
-    """v, the outputs or a gradient of them: ``[B, T', H, V]`` in ``[L, H, V]`` blocks when V is whole
-    lane tiles, else the steps on the lanes."""
-    if not dims.values_on_lanes:
-        return _steps_on_lanes(dims, dtype, reverse)
-    at = _block_index(dims, reverse)
-    return (pl.BlockSpec((None, dims.block, dims.heads, dims.value_dim), lambda b, n: (b, at(n), 0, 0)),
-            jax.ShapeDtypeStruct((dims.batch, dims.padded_length, dims.heads, dims.value_dim), dtype))
+    """v, the outputs or a gradient of them: ``[B, T', H, V]`` in ``[L, heads, V]`` blocks when V is
+    whole lane tiles, else the steps on the lanes."""
+    if dims.values_on_lanes:
+        return _per_head_rows(dims, dtype, dims.value_dim, reverse)
+    return _steps_on_lanes(dims, dtype, reverse)
 
 
 def _betas(dims: Dims, reverse: bool = False):
-    """beta or its gradient: ``[B, H, T']`` float32, an ``[H, L]`` block."""
-    at = _block_index(dims, reverse)
-    return (pl.BlockSpec((None, dims.heads, dims.block), lambda b, n: (b, 0, at(n))),
+    """beta or its gradient: ``[B, H, T']`` float32, an ``[heads, L]`` block."""
+    at, program = _block_index(dims, reverse), _program(dims)
+    return (pl.BlockSpec((None, dims.sublane_heads, dims.block),
+                         lambda p, n: (program(p)[0], _sublane_head_block(dims, program(p)[1]), at(n))),
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.padded_length), f32))
 
 
 def _states(dims: Dims):
-    """A state or its gradient, transposed: ``[B, H, V, K']`` float32, the same block at every step."""
-    return (pl.BlockSpec((None, dims.heads, dims.value_dim, dims.key_width), lambda b, n: (b, 0, 0, 0)),
+    """A state or its gradient, transposed: ``[B, H, V, K']`` float32, the same block at every step,
+    so one buffer (``pl.Buffered(1)``): it is copied once per program, and a second buffer would
+    only take VMEM."""
+    program = _program(dims)
+    return (pl.BlockSpec((None, dims.group_heads, dims.value_dim, dims.key_width),
+                         lambda p, n: (program(p)[0], program(p)[1], 0, 0), pipeline_mode=pl.Buffered(1)),
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.value_dim, dims.key_width), f32))
+
+
+def inverse_products(size: int) -> int:
+    """How many ``[C, C]`` matmuls :func:`unit_lower_inverse` does for C = ``size``.
+
+    Example:
+        >>> inverse_products(64), inverse_products(16), inverse_products(8)
+        (12, 8, 8)
+    """
+    block = min(DIAGONAL_BLOCK, size)
+    products, power = block - 2 + 1, 2
+    while power < -(-size // block):
+        products, power = products + 2, power * 2
+    return products + 1
+
+
+def chunk_flops(dims: Dims, *, delta: bool, backward: bool) -> int:
+    """The MXU flops (2 per multiply-add) of one head's chunk step, forward or backward, as the
+    kernels above do it (the delta rule's triangular inverse included; the float32 products count
+    once, whatever passes the MXU makes of them)."""
+    c, k, v = dims.chunk, dims.key_width, dims.value_dim
+    ck, cv, cc, vk = 2 * c * k, 2 * c * v, 2 * c * c, 2 * v * k
+    inverse = inverse_products(c) * cc * c
+    if not backward:
+        # W0^T Q^T, Q K^T, u^T tril(.)^T, K^T u; delta: W0^T K^T, K K^T, the inverse, r^T T_beta^T
+        flops = c * vk + c * ck + c * cv + c * vk
+        return flops + (c * vk + c * ck + inverse + c * cv if delta else 0)
+    # K^T u undone, dL/du (2), the scores' gradient, dq (2), dk (2), dW0
+    flops = c * vk + c * vk + (c * ck + c * cv) + c * cv + (c * vk + c * ck) + (c * ck + c * vk) + c * vk
+    if delta:
+        # K K^T and the inverse again, r, dr, du r^T, dA (2), dbeta's row sum, dS K and dS^T K, dk and dW0 through r
+        flops += c * ck + inverse + c * vk + c * cv + c * cv + 2 * cc * c + cc + 2 * c * ck + c * vk + c * vk
+    return flops
+
+
+def _plan(dims: Dims, inputs: tuple, outputs: tuple, *, delta: bool, backward: bool) -> CallPlan:
+    chunks = dims.batch * dims.heads * dims.padded_length // dims.chunk
+    return CallPlan((dims.batch * dims.head_groups, dims.num_blocks), inputs, outputs,
+                    chunks * chunk_flops(dims, delta=delta, backward=backward))
+
+
+def _per_group(dims: Dims, operand):
+    """An output whose blocks hold all heads, as one copy per head group when
+    :attr:`Dims.split_outputs`: ``[G, ...]``, program p writing copy ``p % G``."""
+    spec, shape = operand
+    if not dims.split_outputs:
+        return operand
+    groups = dims.head_groups
+    return (pl.BlockSpec((None, *spec.block_shape), lambda p, n: (p % groups, *spec.index_map(p, n))),
+            jax.ShapeDtypeStruct((groups, *shape.shape), shape.dtype))
 
 
 def forward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, keep_writes: bool) -> CallPlan:
     """The forward kernel's operands: scale, q, k, v, (beta), W0^T -> out, (u), final state^T."""
     inputs = (_SCALAR, _keys(dims, q_dtype), _keys(dims, k_dtype), _values(dims, v_dtype),
               *([_betas(dims)] if delta else []), _states(dims))
-    outputs = (_values(dims, v_dtype), *([_writes(dims)] if keep_writes else []), _states(dims))
-    return CallPlan((dims.batch, dims.num_blocks), inputs, outputs)
+    out = _per_group(dims, _values(dims, v_dtype)) if dims.values_on_lanes else _values(dims, v_dtype)
+    outputs = (out, *([_writes(dims)] if keep_writes else []), _states(dims))
+    return _plan(dims, inputs, outputs, delta=delta, backward=False)
 
 
 def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool) -> CallPlan:
     """The backward kernel's operands, blocks in reverse: scale, q, k, v, (beta, u), d_out, final
-    state^T, its gradient -> dq, dk, dv, (dbeta), dW0^T, dL/dscale per batch row."""
+    state^T, its gradient -> dq, dk, dv, (dbeta), dW0^T, dL/dscale per program (summed after)."""
     keys = functools.partial(_keys, dims, reverse=True)
     values = functools.partial(_values, dims, reverse=True)
-    per_row_scalar = (pl.BlockSpec((None, 1, 1), lambda b, n: (b, 0, 0)), jax.ShapeDtypeStruct((dims.batch, 1, 1), f32))
+    programs = dims.batch * dims.head_groups
+    per_program_scalar = (pl.BlockSpec((None, 1, 1), lambda p, n: (p, 0, 0)),
+                          jax.ShapeDtypeStruct((programs, 1, 1), f32))
     inputs = (_SCALAR, keys(q_dtype), keys(k_dtype), values(v_dtype),
               *([_betas(dims, reverse=True), _writes(dims, reverse=True)] if delta else []), values(v_dtype),
               _states(dims), _states(dims))
-    outputs = (keys(q_dtype), keys(k_dtype), values(v_dtype), *([_betas(dims, reverse=True)] if delta else []),
-               _states(dims), per_row_scalar)
-    return CallPlan((dims.batch, dims.num_blocks), inputs, outputs)
+    dv = _per_group(dims, values(v_dtype)) if dims.values_on_lanes else values(v_dtype)
+    key_grads = (keys(q_dtype), keys(k_dtype)) if dims.keys_head_major else (
+        _per_group(dims, keys(q_dtype)), _per_group(dims, keys(k_dtype)))
+    outputs = (*key_grads, dv,
+               *([_per_group(dims, _betas(dims, reverse=True))] if delta else []), _states(dims), per_program_scalar)
+    return _plan(dims, inputs, outputs, delta=delta, backward=True)
+
+
+def _varies_with_block(spec: pl.BlockSpec) -> bool:
+    """Whether an operand's block index changes with the block n (else it is one block per program)."""
+    return spec.index_map(0, 0) != spec.index_map(0, 1)
+
+
+def hbm_bytes(plan: CallPlan) -> int:
+    """The HBM bytes one call moves, as the cost estimate gives them to XLA: every program copies
+    each per-step operand's block once per block n (Mosaic's pipeline copies a block when its index
+    changes, and every such index changes with n) and each per-program block once; the scalar in
+    SMEM is read once. Blocks count their own bytes. (``dpfp_devtools.tpu_traffic`` counts the same
+    by walking the grid; the tests hold the two together.)
+
+    Example (one row, two heads, 256 steps in blocks of 128, K = 128, V = 64, the sum rule's
+    forward in float32: q, k, v and the outputs once, the states once each, the 4-byte scale):
+        >>> dims = call_dims((1, 256, 2, 128), 64, 64)
+        >>> plan = forward_plan(dims, f32, f32, f32, delta=False, keep_writes=False)
+        >>> hbm_bytes(plan) == 256 * 2 * (128 + 128 + 64 + 64) * 4 + 2 * (2 * 64 * 128 * 4) + 4
+        True
+    """
+    programs, blocks = plan.grid
+    total = 0
+    for spec, shape in (*plan.inputs, *plan.outputs):
+        if spec.block_shape is None:
+            total += math.prod(shape.shape) * jnp.dtype(shape.dtype).itemsize
+            continue
+        block = math.prod(1 if d is None else d for d in spec.block_shape) * jnp.dtype(shape.dtype).itemsize
+        if blocks > 1 and _varies_with_block(spec):
+            total += programs * blocks * block
+        else:  # one block per program, or per batch row where the programs of a row share it
+            total += len({spec.index_map(p, 0) for p in range(programs)}) * block
+    return total
+
+
+def cost_estimate(plan: CallPlan) -> pl.CostEstimate:
+    """What XLA is told a call costs: the chunk steps' MXU flops, no transcendentals, :func:`hbm_bytes`."""
+    return pl.CostEstimate(flops=plan.flops, transcendentals=0, bytes_accessed=hbm_bytes(plan))
 
 
 # Mosaic's default scoped VMEM (16 MiB on v5e) is less than the double-buffered blocks of all
-# heads take at K = 1024; ask for what they need, with room for the chunk's temporaries.
+# heads take at K = 1024; ask for what they need, with room for the chunk's temporaries, up to
+# what the chip has.
 _VMEM_HEADROOM = 16 * 2**20
 
 
-def vmem_bytes(plan: CallPlan, scratch_bytes: int) -> int:
-    """The VMEM a call asks Mosaic for: every blocked operand twice (the pipeline's two buffers, in
-    whole VMEM tiles: 8 rows of 32 bits, 16 of bfloat16, by 128 lanes), its scratch, and
-    ``_VMEM_HEADROOM``.
+def vmem_block_bytes(plan: CallPlan, scratch_bytes: int) -> int:
+    """The VMEM a call's blocks and scratch take: every blocked operand in as many buffers as its
+    pipeline mode says (two by default), in whole VMEM tiles (8 rows of 32 bits, 16 of bfloat16, by
+    128 lanes).
 
-    Example (the backward at B=8, T=4096, H=8, K=1024, V=64, bfloat16: 32 MiB for q, k, dq and dk,
-    whose 8 heads take a 16-row bfloat16 tile; 12 MiB for the state blocks; 4 MiB of scratch):
+    Example (the backward at B=8, T=4096, H=8, K=1024, V=64, bfloat16: 16 MiB for q, k, dq and dk,
+    6 MiB for the single-buffered state blocks, 4 MiB of scratch, 1.3 MiB for the value arrays):
         >>> dims = call_dims((8, 4096, 8, 1024), 64, 64)
         >>> plan = backward_plan(dims, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, delta=True)
-        >>> round(vmem_bytes(plan, 2 * 8 * 64 * 1024 * 4) / 2**20, 1)
-        65.3
+        >>> round(vmem_block_bytes(plan, 2 * 8 * 64 * 1024 * 4) / 2**20, 1)
+        27.3
     """
-    total = scratch_bytes + _VMEM_HEADROOM
+    total = scratch_bytes
     for spec, shape in (*plan.inputs, *plan.outputs):
         if spec.block_shape is None:
             continue
         itemsize = jnp.dtype(shape.dtype).itemsize
         block = [1 if d is None else d for d in spec.block_shape]
         block[-1] = -(-block[-1] // LANES) * LANES
-        rows = 8 * 4 // itemsize
+        # A tile's rows: 8 of 32 bits, 16 of bfloat16 (two to a sublane), or 8 for a bfloat16 block
+        # of fewer rows (Mosaic's (8, 128)(2, 1) tiling, which it takes for the 8 heads of a key block).
+        rows = 8 * 4 // itemsize if block[-2] >= 8 * 4 // itemsize else 8
         block[-2] = -(-block[-2] // rows) * rows
-        total += 2 * math.prod(block) * itemsize
+        buffers = spec.pipeline_mode.buffer_count if spec.pipeline_mode is not None else 2
+        total += buffers * math.prod(block) * itemsize
     return total
 
 
-def _launch(kernel: Callable, plan: CallPlan, scratch: list, interpret: Any, name: str, *args: Array):
-    scratch_bytes = sum(math.prod(s.shape) * 4 for s in scratch)
+def _state_scratch(dims: Dims) -> Any:
+    return pltpu.VMEM((dims.group_heads, dims.value_dim, dims.key_width), f32)
+
+
+def _scratch(dims: Dims, backward: bool) -> list:
+    return [_state_scratch(dims)] * (2 if backward else 1)
+
+
+def _scratch_bytes(dims: Dims, backward: bool) -> int:
+    return (2 if backward else 1) * dims.group_heads * dims.value_dim * dims.key_width * 4
+
+
+def _launch(kernel: Callable, plan: CallPlan, dims: Dims, backward: bool, vmem_capacity: int | None, interpret: Any,
+            name: str, *args: Array):
+    limit = vmem_block_bytes(plan, _scratch_bytes(dims, backward)) + _VMEM_HEADROOM
     return pl.pallas_call(
         kernel,
         out_shape=tuple(shape for _, shape in plan.outputs),
         grid=plan.grid,
         in_specs=[spec for spec, _ in plan.inputs],
         out_specs=tuple(spec for spec, _ in plan.outputs),
-        scratch_shapes=scratch,
-        # Batch rows are independent; blocks carry the state in scratch, so they run in order on one core.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
-                                             vmem_limit_bytes=vmem_bytes(plan, scratch_bytes)),
+        scratch_shapes=_scratch(dims, backward),
+        # Programs (batch rows, head groups) are independent, split over a chip's TensorCores where
+        # it has two; blocks carry the state in scratch, so they run in order on one core.
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary"),
+            vmem_limit_bytes=limit if vmem_capacity is None else min(limit, vmem_capacity)),
+        cost_estimate=cost_estimate(plan),
         interpret=interpret,
         name=name,
     )(*args)
 
 
-def _state_scratch(dims: Dims) -> Any:
-    return pltpu.VMEM((dims.heads, dims.value_dim, dims.key_width), f32)
+class _Target(NamedTuple):
+    """What the kernels are compiled for: the chip's VMEM per TensorCore (None: unknown, e.g. when
+    interpreted) and its TensorCores per device."""
+
+    vmem_capacity: int | None
+    cores: int
 
 
-def _forward(interpret, dims: Dims, scale, q, k, v, beta, w0, *, keep_writes: bool):
+def _forward(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0, *, keep_writes: bool):
     delta = beta is not None
     keep_writes = keep_writes and delta
     plan = forward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta, keep_writes=keep_writes)
     kernel = functools.partial(_forward_kernel, dims=dims, delta=delta, keep_writes=keep_writes)
-    results = _launch(kernel, plan, [_state_scratch(dims)], interpret, "fast_weight_tpu_chunk_fwd",
+    results = _launch(kernel, plan, dims, False, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_fwd",
                       scale, q, k, v, *([beta] if delta else []), w0)
-    return results[0], results[1] if keep_writes else None, results[-1]
+    out = _sum_groups(dims, results[0]) if dims.values_on_lanes else results[0]
+    return out, results[1] if keep_writes else None, results[-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_chunk(interpret, dims: Dims, scale, q, k, v, beta, w0):
+def _sum_groups(dims: Dims, x: Array) -> Array:
+    """An output of :func:`_per_group`'s, the head groups' copies added (each zero but for its own heads)."""
+    return jnp.sum(x, axis=0, dtype=x.dtype) if dims.split_outputs else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_chunk(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0):
     """Kernel layouts in, ``(scale * out^T in v's dtype, final_state^T [B, H, V, K'] float32)`` out;
     ``scale`` float32 of shape (1,). Without a gradient to take, the writes u are not stored."""
-    out, _, final_state = _forward(interpret, dims, scale, q, k, v, beta, w0, keep_writes=False)
+    out, _, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, keep_writes=False)
     return out, final_state
 
 
-def _fused_chunk_forward_rule(interpret, dims, *primals):
+def _fused_chunk_forward_rule(interpret, dims, target, *primals):
     scale, q, k, v, beta, w0 = primal_values(*primals)
-    out, u, final_state = _forward(interpret, dims, scale, q, k, v, beta, w0, keep_writes=True)
+    out, u, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, keep_writes=True)
     return (out, final_state), (scale, q, k, v, beta, u, final_state)
 
 
-def _fused_chunk_backward(interpret, dims, residuals, cotangents):
+def _fused_chunk_backward(interpret, dims, target, residuals, cotangents):
     scale, q, k, v, beta, u, final_state = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     delta = beta is not None
     plan = backward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta)
     kernel = functools.partial(_backward_kernel, dims=dims, delta=delta)
-    results = _launch(kernel, plan, [_state_scratch(dims), _state_scratch(dims)], interpret,
-                      "fast_weight_tpu_chunk_bwd", scale, q, k, v, *([beta, u] if delta else []),
-                      d_out.astype(v.dtype), final_state, d_final.astype(f32))
-    dq, dk, dv = results[:3]
-    d_beta = results[3] if delta else None
+    results = _launch(kernel, plan, dims, True, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_bwd",
+                      scale, q, k, v, *([beta, u] if delta else []), d_out.astype(v.dtype), final_state,
+                      d_final.astype(f32))
+    dq, dk = results[:2] if dims.keys_head_major else (_sum_groups(dims, results[0]), _sum_groups(dims, results[1]))
+    dv = _sum_groups(dims, results[2]) if dims.values_on_lanes else results[2]
+    d_beta = _sum_groups(dims, results[3]) if delta else None
     d_w0, d_scale = results[-2], results[-1]
     return jnp.sum(d_scale).reshape(1), dq, dk, dv, d_beta, d_w0
 
@@ -523,7 +796,8 @@ def check_tpu_chunk_size(chunk_size: object) -> int:
     return chunk_size
 
 
-def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int) -> Dims:
+def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int, head_groups: int = 1,
+              keys_head_major: bool = False) -> Dims:
     """The :class:`Dims` of a call with q of shape ``[B, T, H, K]``.
 
     Example:
@@ -532,8 +806,60 @@ def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int) -> Dims
         (128, 2, 32, 256)
     """
     batch, length, heads, key_dim = q_shape
+    if heads % head_groups:
+        raise ValueError(f"head_groups must divide the number of heads {heads}; got head_groups={head_groups}")
     block = block_steps(chunk_size, length)
-    return Dims(batch, heads, chunk_size, block, -(-length // block), padded_key_dim(key_dim), value_dim)
+    return Dims(batch, heads, chunk_size, block, -(-length // block), padded_key_dim(key_dim), value_dim,
+                head_groups, keys_head_major)
+
+
+def _target(interpret: Any) -> _Target:
+    """The chip being compiled for (``pltpu.get_tpu_info``: the abstract mesh's device in an
+    ahead-of-time compile, else the default device); unknown when interpreted."""
+    if interpret:
+        return _Target(None, 1)
+    try:
+        info = pltpu.get_tpu_info()
+    except (ValueError, RuntimeError):  # not a TPU: nothing to fit
+        return _Target(None, 1)
+    return _Target(info.vmem_capacity_bytes, info.num_cores)
+
+
+def _vmem_need(dims: Dims, dtype) -> int:
+    """A bound on the backward's VMEM (the larger kernel): its blocks and scratch, and room for a
+    chunk step's temporaries (a dozen ``[V + C, K']`` float32 arrays: the states, their gradients
+    and the chunk's float32 pieces; with the heads on the sublanes, four ``[C, heads, K']`` float32
+    ones: the chunk's rows of all heads of q, k, dq and dk, of which one head's is taken)."""
+    plan = backward_plan(dims, dtype, dtype, dtype, delta=True)
+    temporaries = 12 * (dims.value_dim + dims.chunk) * dims.key_width * 4
+    if not dims.keys_head_major:
+        temporaries += 4 * dims.chunk * dims.sublane_heads * dims.key_width * 4
+    return vmem_block_bytes(plan, _scratch_bytes(dims, True)) + temporaries
+
+
+def spread_heads(dims: Dims, dtype, vmem_capacity: int | None, cores: int) -> Dims:
+    """``dims`` with its heads spread over programs for a chip with ``vmem_capacity`` bytes of VMEM
+    per TensorCore (None: no limit) and ``cores`` TensorCores per device.
+
+    Fewer batch rows than cores: the heads are split into ``cores`` groups, so that every core has
+    a program (the grid's "parallel" axis is batch rows times head groups). Blocks of all heads
+    that do not fit the VMEM (v4's 16 MiB at K >= 384): q, k and their gradients are read from
+    head-major copies, with as few heads per program as it takes.
+
+    Example (one row on a two-core chip; K = 1024 on a 16 MiB one):
+        >>> spread_heads(call_dims((1, 4096, 8, 128), 64, 64), jnp.bfloat16, None, 2).head_groups
+        2
+        >>> dims = spread_heads(call_dims((8, 4096, 8, 1024), 64, 64), jnp.bfloat16, 16 * 2**20, 2)
+        >>> dims.keys_head_major, dims.head_groups
+        (True, 4)
+    """
+    groups = cores if dims.batch < cores and dims.heads % cores == 0 else dims.head_groups
+    dims = dims._replace(head_groups=groups)
+    if vmem_capacity is None or _vmem_need(dims, dtype) <= vmem_capacity:
+        return dims
+    candidates = [dims._replace(head_groups=g, keys_head_major=True) for g in range(groups, dims.heads + 1)
+                  if dims.heads % g == 0 and g % groups == 0]
+    return next((c for c in candidates if _vmem_need(c, dtype) <= vmem_capacity), candidates[-1])
 
 
 def fused_chunk_tpu(
@@ -547,6 +873,8 @@ def fused_chunk_tpu(
     scale: float | Array = 1.0,
     chunk_size: int = 64,
     interpret: bool | pltpu.InterpretParams = False,
+    head_groups: int | None = None,
+    keys_head_major: bool | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas TPU kernels (Mosaic), forward and backward.
 
@@ -563,6 +891,11 @@ def fused_chunk_tpu(
     ``pltpu.InterpretParams``, e.g. with ``detect_races=True``); inside
     ``pltpu.force_tpu_interpret_mode()`` every call is interpreted anyway.
 
+    ``head_groups`` and ``keys_head_major`` (``Dims``) are chosen for the chip being
+    compiled for (``spread_heads``: head groups when there are fewer batch rows than
+    TensorCores, head-major keys when blocks of all heads do not fit its VMEM); given, they are
+    used as they are (the tests interpret every layout on a CPU).
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
         >>> x = jnp.full((1, 20, 2, 128), 0.01)
@@ -578,12 +911,17 @@ def fused_chunk_tpu(
         return empty
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    batch, length, heads, key_dim = q.shape
-    dims = call_dims(q.shape, v.shape[-1], chunk_size)
-    qk, kk = (keys_to_kernel(x, dims.padded_length, dims.key_width) for x in (q, k))
+    length, key_dim = q.shape[1], q.shape[3]
+    target = _target(interpret)
+    dims = spread_heads(call_dims(q.shape, v.shape[-1], chunk_size), q.dtype, target.vmem_capacity, target.cores)
+    if head_groups is not None or keys_head_major is not None:
+        head_groups = dims.head_groups if head_groups is None else check_positive_int("head_groups", head_groups)
+        dims = call_dims(q.shape, v.shape[-1], chunk_size, head_groups,
+                         dims.keys_head_major if keys_head_major is None else bool(keys_head_major))
+    qk, kk = (keys_to_kernel(x, dims.padded_length, dims.key_width, dims.keys_head_major) for x in (q, k))
     beta_k = betas_to_kernel(beta, dims.padded_length) if rule == "delta" else None
     # The state in the kernel's orientation, W^T [B, H, V, K'] (a few MB: the copies are small).
     w0 = jnp.swapaxes(pad_to(initial_state.astype(f32), 2, dims.key_width), 2, 3)
-    out, final_state = _fused_chunk(interpret, dims, jnp.asarray(scale, f32).reshape(1), qk, kk,
+    out, final_state = _fused_chunk(interpret, dims, target, jnp.asarray(scale, f32).reshape(1), qk, kk,
                                     values_to_kernel(v, dims.padded_length, dims.values_on_lanes), beta_k, w0)
     return values_from_kernel(out, length, dims.values_on_lanes), jnp.swapaxes(final_state, 2, 3)[:, :, :key_dim]

@@ -5,10 +5,12 @@ the op's ``[B, T, H, D]`` arrays that means two cases, and the kernel reads each
 
 - **Keys** (q, k and their gradients; D = K, a multiple of 128 after padding): XLA keeps
   ``[B, T, H, K]`` row-major, tiled over (H, K). The kernel's block is ``[L, H, K]`` (L steps, all
-  heads) at index (b, block, 0, 0), and one head's chunk is ``ref[rows, h, :]``: a strided load
-  Mosaic does from the tiles as they are. No copy of q, k or their gradients is made around the
+  heads) at index (b, block, 0, 0), and one head's chunk is taken from the chunk's rows of all
+  heads in VMEM (fused_chunk.py says how). No copy of q, k or their gradients is made around the
   kernel. (A block with the head axis squeezed, ``[L, None, K]``, is what Mosaic refuses: the
-  second-to-last block dim must be whole tiles or the whole axis.)
+  second-to-last block dim must be whole tiles or the whole axis.) Where blocks of all heads do
+  not fit a chip's VMEM (v4 at K >= 384), ``keys_to_kernel(..., head_major=True)`` makes the
+  head-major copy ``[B, H, T', K']`` the kernel then reads in blocks of a few heads.
 - **Values** (v, the outputs, the stored writes u and their gradients; V = 64 in DPFP's
   configurations): a 64-wide last dim would fill half of each 128-lane tile, so XLA stores
   ``[B, T, H, 64]`` with T on the lanes (layout ``{1,3,2,0}``). The kernel takes the same bytes
@@ -64,10 +66,11 @@ def block_steps(chunk: int, length: int) -> int:
     return min(max(chunk, LANES), padded)
 
 
-def keys_to_kernel(x: Array, padded_length: int, width: int) -> Array:
+def keys_to_kernel(x: Array, padded_length: int, width: int, head_major: bool = False) -> Array:
     """``[B, T, H, K] -> [B, T', H, K']``: zero-padded to whole blocks and lane tiles (x itself when
-    it is that shape already)."""
-    return _pad(_pad(x, 1, padded_length), 3, width)
+    it is that shape already); ``head_major``: ``[B, H, T', K']``, a copy."""
+    x = _pad(_pad(x, 1, padded_length), 3, width)
+    return jnp.swapaxes(x, 1, 2) if head_major else x
 
 
 def values_to_kernel(x: Array, padded_length: int, on_lanes: bool) -> Array:
