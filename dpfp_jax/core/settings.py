@@ -88,6 +88,12 @@ class FastWeightSettings:
         (or is, under an explicit mesh). Not applied while decoding (``decode=True`` calls
         continuing the cache); a layer with it runs only under a mesh that has that axis, so
         evaluate on one device with a copy that has ``context_axis=None`` (same parameters).
+      gate: None (no decay: the paper's fast weights) or ``"gated_deltanet"``: a per-step decay
+        ``alpha_t`` of the memory before each write, from the input as in Gated DeltaNet (Yang,
+        Kautz, Hatamizadeh, ICLR 2025; :mod:`dpfp_jax.core.gate`), passed to
+        :func:`dpfp_jax.fast_weight` as ``log_decay``: one more projection column and two
+        parameters (``gate_a_log``, ``gate_dt_bias``) per head. Not with
+        ``normalization="attention"`` (its key sum does not decay) or ``impl="pallas"``.
     """
 
     feature_map: FeatureMapLike = "dpfp"
@@ -101,6 +107,7 @@ class FastWeightSettings:
     impl: str = "auto"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     context_axis: str | None = None
+    gate: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
