@@ -21,7 +21,8 @@ B, T, D, H = 2, 8, 8, 2
 # One value per setting, none of them its default, all usable together: every layer must carry
 # each one to the op's spec. A new setting without a value here fails the first test.
 NON_DEFAULT = dict(feature_map="relu", nu=2, num_features=8, favor_seed=3, rule="sum", normalization="l2",
-                   eps=1e-5, allow_unbounded_delta=True, impl="scan", chunk_size=4, context_axis="seq")
+                   eps=1e-5, allow_unbounded_delta=True, impl="scan", chunk_size=4, context_axis="seq",
+                   gate="gated_deltanet")
 
 LINEN = {
     "FastWeightAttention": lambda **s: dj.FastWeightAttention(num_heads=H, head_dim=D // H, **s),
