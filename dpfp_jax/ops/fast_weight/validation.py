@@ -125,8 +125,7 @@ def check_log_decay(log_decay: object, q: Array) -> None:
     if log_decay.shape != expected:
         raise ValueError(f"log_decay must be [B, T, H] = {expected} (one log alpha per batch row, step and head); "
                          f"got shape {log_decay.shape}")
-    if not jnp.issubdtype(log_decay.dtype, jnp.floating):
-        raise TypeError(f"log_decay must have a floating dtype (log alpha <= 0); got {log_decay.dtype}")
+    _check_float("log_decay", log_decay)
 
 
 LOG_DECAY_MESSAGE = ("log_decay must be <= 0 (alpha = exp(log_decay) in [0, 1]; -inf for alpha = 0); {count} of "
