@@ -336,7 +336,11 @@ def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale, log_
 
     out = zeros_like_sharded(v, v.dtype)
     (final_state, out), (u, ends, states) = lax.scan(span, (w0, out), (jnp.arange(_num_spans(spans, q)), document))
-    return (out, final_state), (q, k, v, beta, document, scale, u, ends, states, log_decay)
+    if log_decay is not None:
+        # Gated, the backward recomputes each span's chunk start states from the span's start
+        # (w0, or the previous span's end) rather than keeping them all: one more forward walk.
+        return (out, final_state), (q, k, v, beta, document, scale, u, ends, None, log_decay, w0)
+    return (out, final_state), (q, k, v, beta, document, scale, u, ends, states, None, None)
 
 
 def _chunked_forward_rule(rule, walk, spans, *primals):
@@ -344,13 +348,14 @@ def _chunked_forward_rule(rule, walk, spans, *primals):
 
 
 def _chunked_backward(rule, walk, spans, residuals, cotangents):
-    q, k, v, beta, document, scale, u, ends, states, log_decay = residuals
+    q, k, v, beta, document, scale, u, ends, states, log_decay, w0 = residuals
+    starts = None if w0 is None else jnp.concatenate([w0[None], ends[:-1]], axis=0)  # each span's start state
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     acc = ends.dtype
 
     def span(carry, xs):
         dw1, dq_all, dk_all, dv_all, dbeta_all, d_log_decay_all, d_scale = carry
-        index, document, u, w1, states = xs
+        index, document, u, w1, states, start = xs
         q_in, k_in, v_in, beta_in, d_out_s = (spans.take(x, index) for x in (q, k, v, beta, d_out))
         q_s, k_s, v_s, beta_s = _widen(acc, scale, q_in, k_in, v_in, beta_in)
         log_decay_s = None if log_decay is None else spans.take(log_decay, index).astype(acc)
@@ -361,6 +366,9 @@ def _chunked_backward(rule, walk, spans, residuals, cotangents):
         d_out_s = d_out_s.astype(acc)
         options = _walk_options(docs, decays)
         if docs is not None or decays is not None:
+            if decays is not None:  # gated: the span's chunk start states again, from its start state
+                states = walk[0](q_eff, _walk_keys(k_s, docs, decays), u_tilde, y, zeros_like_sharded(u_tilde, acc),
+                                 start, **options)[3]
             options["states"] = states
         dq_eff, dk, du_tilde, dy, dw0, *d_total = walk[1](q_eff, _walk_keys(k_s, docs, decays),
                                                           v_s if u is None else u, y, d_out_s, w1, dw1, **options)
@@ -422,7 +430,8 @@ def _chunked_backward(rule, walk, spans, residuals, cotangents):
 
     zeros = tuple(None if x is None else zeros_like_sharded(x, x.dtype) for x in (q, k, v, beta, log_decay))
     (dw0, dq, dk, dv, dbeta, d_log_decay, d_scale), _ = lax.scan(
-        span, (d_final, *zeros, jnp.zeros((), acc)), (jnp.arange(_num_spans(spans, q)), document, u, ends, states),
+        span, (d_final, *zeros, jnp.zeros((), acc)), (jnp.arange(_num_spans(spans, q)), document, u, ends, states,
+                                                           starts),
         reverse=True)
     return dq, dk, dv, dbeta, dw0, None, d_scale.astype(scale.dtype), d_log_decay
 
