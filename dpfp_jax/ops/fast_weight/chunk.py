@@ -317,7 +317,8 @@ def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale, log_
     # (Q - S Y) W0 + S U_tilde, so the walk is left with three [C, K] x [K, V]-sized matmuls per
     # chunk. Only a span's worth of those pieces is ever alive, and the backward recomputes them
     # span by span: what is kept is the inputs as they came, the writes U and each span's end state
-    # (gated: also each chunk's start state, as W0 cannot be rebuilt without dividing by the decay).
+    # (gated: the backward walks a span forward again for its chunks' start states, as W0 cannot be
+    # rebuilt backwards without dividing by the decay).
     acc = w0.dtype
 
     def span(carry, xs):
@@ -470,9 +471,10 @@ def fast_weight_chunk(
     state from the forward instead of rebuilding it (T / C states of K x V per head kept).
 
     ``log_decay [B, T, H]`` (gated): the decays within a chunk as exp of differences of
-    cumulative log sums (``wy.chunk_decays``, docs/math.md "Gated"); the backward then also takes
-    each chunk's start state from the forward (T / C states of K x V per head), as rebuilding it
-    would divide by the chunk's decay. Only with a :class:`Walk` (the XLA walk).
+    cumulative log sums (``wy.chunk_decays``, docs/math.md "Gated"); the backward then walks each
+    span's chunks forward again from the span's start state for every chunk's start state, as
+    rebuilding it backwards would divide by the chunk's decay (nothing more kept than without a
+    gate). Only with a :class:`Walk` (the XLA walk).
 
     ``span_size``: steps per span, the unit of work and of recomputation (see the module
     docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
