@@ -52,7 +52,7 @@ def log_decays(seed: int, regime: str, shape: tuple[int, int, int]) -> jax.Array
     steps = shape[1]
     for t, value in ((CHUNK - 1, -jnp.inf), (CHUNK, -jnp.inf), (5, jnp.log(1e-30)), (2 * CHUNK + 3, -jnp.inf),
                      (CHUNK + 4, -1e-6), (steps - 1, jnp.log(1e-30))):
-        if t < steps:
+        if 0 <= t < steps:
             x = x.at[0, t].set(value).at[1, t, 0].set(value)
     return x
 
@@ -126,7 +126,7 @@ def test_zero_decay_is_the_ungated_op(impl):
     assert_relative_error(gated[1][:5], plain[1], 1e-5)
 
 
-@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), *IMPLS])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), pytest.param("scan", marks=SLOW), "chunk"])
 def test_alpha_zero_forgets_everything_before(impl):
     """alpha_t = 0: the outputs from t on are those of a run that starts at t from zeros."""
     inputs = gated_inputs(5, rule="delta", regime="typical", time=40)
@@ -139,7 +139,7 @@ def test_alpha_zero_forgets_everything_before(impl):
     assert_relative_error(state, want_state, 1e-5)
 
 
-@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), *IMPLS])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), pytest.param("scan", marks=SLOW), "chunk"])
 @pytest.mark.parametrize("rule", ["delta", pytest.param("sum", marks=SLOW)])
 def test_with_segment_ids_a_reset_wins_over_the_gate(impl, rule):
     inputs = gated_inputs(6, rule=rule, time=40)
@@ -206,7 +206,7 @@ def test_chunk_decays_are_exact_differences_of_large_sums():
 
 @pytest.mark.parametrize("impl", ["reference", *IMPLS])
 def test_empty_sequences_give_the_initial_state(impl):
-    inputs = gated_inputs(15, rule="delta", time=0)
+    inputs = gated_inputs(15, rule="delta", time=0, regime="typical")
     (out, state), grads = results_and_grads(inputs, impl, "delta")
     assert out.shape == (2, 0, 2, 4)
     np.testing.assert_array_equal(state, inputs["initial_state"])
