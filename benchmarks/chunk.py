@@ -12,6 +12,7 @@ forward+backward time (interleaved rounds, median) and compiled temp memory, as 
     python -m benchmarks.chunk --loss outputs # any of the above with a loss on the outputs alone
     python -m benchmarks.chunk --spans        # chunk at several span sizes (its unit of recomputation)
     python -m benchmarks.chunk --features     # the feature map inside the op against before it (d = 64)
+    python -m benchmarks.chunk --gate --loss outputs  # gated chunk vs ungated and vs jla's gated deltanet
 
 ``--loss``: what the timed gradient is of, the sum of the outputs and the final state (the default)
 or of the outputs alone, as in training; jax-linear-attention then runs without a final state.
@@ -119,6 +120,48 @@ def features(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -
         print_table(measure_forward_backward(fns, raw, args.repeats, args.loss), baseline="chunk, map before the op")
 
 
+def gated(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> None:
+    """Gated fast weights (``log_decay``, alpha mostly in 0.5..1): our gated ``chunk`` and ``scan``
+    against the ungated ``chunk`` and jax-linear-attention's chunked Gated DeltaNet (plain JAX,
+    its gate applied as ours, before the write), K = 128. All take (q, k, v, beta, log_decay) and
+    are differentiated with respect to all five (the ungated one ignores log_decay). The gated
+    contenders' outputs are checked against our gated reference first."""
+    from jax import nn as jnn
+
+    length, key_dim = 2048, 128
+    final_state = args.loss != "outputs"
+
+    def ours_gated(impl, gate=True):
+        def fn(q, k, v, beta, log_decay):
+            return ours(impl, chunk_size=args.chunk_size, **({"log_decay": log_decay} if gate else {}))(q, k, v, beta)
+
+        return fn
+
+    fns = {"chunk": ours_gated("chunk", gate=False), "chunk gated": ours_gated("chunk"),
+           "scan gated": ours_gated("scan")}
+    try:
+        from jla.ops import linear_attention
+
+        def peer(q, k, v, beta, log_decay):
+            return linear_attention("gated_deltanet", q, k, v, g=log_decay, beta=beta, impl="chunked", scale=1.0,
+                                    output_final_state=final_state)
+
+        fns["jla chunked gated"] = peer
+    except ImportError as err:
+        print(f"note: jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it")
+    q, k, v, beta = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
+    log_decay = -0.5 * jnn.softplus(jnp.asarray(np.random.default_rng(0).normal(size=(batch, length, heads)),
+                                                jnp.float32))
+    inputs = (q, k, v, beta, log_decay)
+    want = ours_gated("reference")(*inputs)
+    errors = ", ".join(f"{name} {worst_relative_error(fn(*inputs)[0], want[0]):.1e}"
+                       for name, fn in fns.items() if "gated" in name)
+    print(f"\n## gated: delta rule, float32, B={batch}, T={length}, H={heads}, K={key_dim}, V={value_dim}, "
+          f"chunk_size={args.chunk_size}, loss on {args.loss}\n\n"
+          f"outputs' relative error against our gated reference: {errors}\n")
+    print_table(measure_forward_backward(fns, inputs, args.repeats, args.loss), baseline="chunk")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K = 128 only")
@@ -130,8 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spans", action="store_true", help="chunk at several span sizes")
     parser.add_argument("--features", action="store_true", help="the feature map inside the op vs before it")
     parser.add_argument("--loss", choices=LOSSES, default=LOSSES[0], help="what the timed gradient is of")
+    parser.add_argument("--gate", action="store_true", help="gated chunk vs ungated and vs jla's gated deltanet")
     args = parser.parse_args(argv)
     batch, heads, value_dim = 2, 4, 64
+    if args.gate:
+        gated(args, batch, heads, value_dim)
+        return
     if args.packed:
         packed(args, batch, heads, value_dim)
         return

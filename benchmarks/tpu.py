@@ -56,12 +56,25 @@ def input_bytes(shapes: list[tuple[int, ...]], dtype) -> int:
     return sum(math.prod(shape) for shape in shapes) * jnp.dtype(dtype).itemsize
 
 
+def contender(impl: str, shapes: list[tuple[int, ...]]):
+    """``(fn, shapes)``: ``ours(impl)``, or for ``"NAME-gated"`` impl NAME with a ``log_decay [B, T, H]``
+    (a fifth argument, beta's shape) passed to it."""
+    if not impl.endswith("-gated"):
+        return ours(impl), shapes
+
+    def gated(q, k, v, beta, log_decay):
+        return ours(impl.removesuffix("-gated"), log_decay=log_decay)(q, k, v, beta)
+
+    return gated, [*shapes, shapes[3]]
+
+
 def measure(topology: str, impl: str, shapes: list[tuple[int, ...]], dtype) -> tuple[float, ...] | str:
     """(fwd temp, fwd peak, fwd+bwd temp, fwd+bwd peak) in MB and the compile seconds, or why not."""
+    op, shapes = contender(impl, shapes)
     args = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     figures, start = [], time.perf_counter()
     try:
-        for fn in forward_and_backward(ours(impl), len(args)):
+        for fn in forward_and_backward(op, len(args)):
             memory = tpu.memory(tpu.compile_for_tpu(fn, *args, topology=topology))
             figures += [memory.temp_bytes / MB, memory.peak_bytes / MB]
     except Exception as err:  # noqa: BLE001 - a program the TPU compiler refuses is a result
@@ -224,7 +237,8 @@ def main() -> None:
     parser.add_argument("--topologies", nargs="+", default=["v5e:2x2", "v6e:2x2"], help="libtpu topology names")
     parser.add_argument("--keys", nargs="+", type=int, default=None,
                         help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024)")
-    parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"], help="dj.fast_weight impls")
+    parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
+                        help="dj.fast_weight impls; NAME-gated (e.g. chunk-gated) adds a log_decay")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=8)

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rule", choices=dj.RULES, default=None,
                         help="fast-weight update rule (default: delta; not with softmax)")
     parser.add_argument("--nu", type=integer(1), default=None, help="DPFP's nu (default: 1; dpfp only)")
+    parser.add_argument("--gate", action="store_true",
+                        help="Gated DeltaNet's per-step decay in every fast-weight layer (delta rule)")
     parser.add_argument("--features", type=integer(1), default=None,
                         help="FAVOR+'s random features m (default: 64; favor only)")
     parser.add_argument("--impl", choices=dj.IMPLS, default=None,
@@ -210,6 +212,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--stop-at {args.stop_at} is past --steps {args.steps}"
     if args.resume and args.overwrite:
         return "--resume and --overwrite cannot be combined: --overwrite deletes the checkpoints --resume reads"
+    if args.gate and (args.attention == "softmax" or args.rule == "sum"):
+        return ("--gate adds Gated DeltaNet's decay to the delta rule's fast-weight layers; this run has "
+                + ("--attention softmax" if args.attention == "softmax" else "--rule sum"))
     if args.carry and args.attention == "softmax":
         return "--carry carries fast weights; softmax attention has none"
     if args.carry and args.pack:

@@ -22,7 +22,7 @@ B, T, D, H = 2, 8, 8, 2
 # each one to the op's spec. A new setting without a value here fails the first test.
 NON_DEFAULT = dict(feature_map="relu", nu=2, num_features=8, favor_seed=3, rule="sum", normalization="l2",
                    eps=1e-5, allow_unbounded_delta=True, impl="scan", chunk_size=4, context_axis="seq",
-                   fuse_features=False)
+                   fuse_features=False, gate="gated_deltanet")
 
 LINEN = {
     "FastWeightAttention": lambda **s: dj.FastWeightAttention(num_heads=H, head_dim=D // H, **s),

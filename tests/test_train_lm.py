@@ -297,6 +297,18 @@ def test_greedy_decoding_with_cache_equals_full_forward_argmax():
     np.testing.assert_array_equal(np.asarray(predicted), np.frombuffer(sample, np.uint8))
 
 
+def test_gated_model_decodes_as_its_full_forward():
+    model = models.ByteLM(depth=1, dim=32, heads=2, head_dim=8, ff_dim=64, gate="gated_deltanet")
+    params = model.init(jax.random.key(4), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert params["transformer"]["attention_0"]["gate_a_log"].shape == (2,)
+    prompt = b"def f(x):"
+    sample = sampling.generate(model, params, prompt, 6)
+    tokens = jnp.asarray(list(prompt + sample))[None]
+    logits, _ = model.apply({"params": params}, tokens[:, :-1])
+    predicted = jnp.argmax(logits[0, len(prompt) - 1 :], axis=-1)
+    np.testing.assert_array_equal(np.asarray(predicted), np.frombuffer(sample, np.uint8))
+
+
 def test_softmax_baseline_trains_and_samples_under_a_labelled_header(tmp_path, capsys):
     result = train_lm.main([*TINY, "--attention", "softmax", "--steps", "3", "--sample", "4", "--out", str(tmp_path)])
     assert len(result["sample"]) == 4
@@ -431,6 +443,8 @@ BAD_COMMANDS = {
     "impl with softmax": (["--attention", "softmax", "--impl", "chunk"], "--impl"),
     "nu without dpfp": (["--attention", "linear", "--nu", "2"], "--nu"),
     "features without favor": (["--features", "32"], "--features"),
+    "gate with the sum rule": (["--gate", "--rule", "sum"], "--gate"),
+    "gate with softmax": (["--gate", "--attention", "softmax"], "--gate"),
     "temperature without sample": (["--temperature", "1.0"], "--temperature"),
     "prompt without sample": (["--prompt", "x"], "--prompt"),
     "empty prompt": (["--sample", "3", "--prompt", ""], "--prompt"),

@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dpfp_jax.core.gate import GATES, gated_deltanet_log_decay
 from dpfp_jax.core.segments import restart_rows
 from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.feature_maps import (
@@ -119,6 +120,13 @@ class AttentionSpec(FastWeightSettings):
         check_bool("fuse_features", self.fuse_features)
         if self.context_axis is not None and not isinstance(self.context_axis, str):
             raise TypeError(f"context_axis must be a mesh axis name (a str) or None; got {self.context_axis!r}")
+        if check_choice("gate", self.gate, (None, *GATES)) is not None:
+            if self.normalization == "attention":
+                raise ValueError("gate with normalization='attention' is not supported: the running key sum z would "
+                                 "have to decay with the memory; use normalization='sum' or 'l2'")
+            if self.impl == "pallas":
+                raise ValueError("gate (a decay, the op's log_decay) is not implemented in the Pallas kernels yet; "
+                                 "use impl='auto', 'chunk' or 'scan'")
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":
@@ -159,8 +167,9 @@ class AttentionSpec(FastWeightSettings):
 
     @property
     def projection_features(self) -> tuple[int, int]:
-        """``(H, 3 * head_dim (+ 1))``: the input projection's output axes (q, k, v and the delta rule's beta)."""
-        return (self.num_heads, 3 * self.head_dim + int(self.rule == "delta"))
+        """``(H, 3 * head_dim (+ 1) (+ 1))``: the input projection's output axes (q, k, v, the delta rule's
+        beta and the gate's logit)."""
+        return (self.num_heads, 3 * self.head_dim + int(self.rule == "delta") + int(self.gate is not None))
 
     def memory_shape(self, batch: int) -> tuple[int, int, int, int]:
         """Shape of the fast weights W: ``(batch, num_heads, key_dim, head_dim)``."""
@@ -230,6 +239,7 @@ class AttentionSpec(FastWeightSettings):
         key_sum: Array | None = None,
         restart: Array | None = None,
         decoding: bool = False,
+        gate_params: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Memory]:
         """From the input projection ``[B, T, H, 3 d (+ 1)]`` to the heads' outputs ``[B, T, H, d]``
         (before the output projection) and the new memory: W, or ``(W, z)`` for ``"attention"``.
@@ -247,10 +257,17 @@ class AttentionSpec(FastWeightSettings):
             document (a decode cache meeting a new segment id): that row starts from zeros.
           decoding: the call continues a decode cache (a few new tokens): ``context_axis`` is
             not applied, since a decode step's tokens are not split over devices.
+          gate_params: ``(gate_a_log, gate_dt_bias)``, ``[H]`` each, with a ``gate``
+            (:mod:`dpfp_jax.core.gate`); the gate's logit is the projection's last column.
         """
         context_axis = None if decoding else self.context_axis
         q, k, v, beta = split_heads_projection(projection, self.head_dim, self.rule == "delta")
         features = self.op_features()
+        log_decay = None
+        if self.gate is not None:
+            log_decay = gated_deltanet_log_decay(projection[..., -1], *gate_params)
+            if mask is not None:  # a padded step keeps the memory as it is: alpha = 1
+                log_decay = jnp.where(mask[:, :, None], log_decay, 0.0)
         # phi(q), phi(k) here only when the op is not given the map, or for the attention denominator.
         phi_q, phi_k = (self.features(q), self.features(k)) if (
             features is None or self.normalization == "attention") else (None, None)
@@ -269,7 +286,7 @@ class AttentionSpec(FastWeightSettings):
         out, w = fast_weight(
             queries, keys, v, beta, rule=self.rule, initial_state=initial_state,
             scale=1.0 / math.sqrt(self.head_dim), impl=self.impl, chunk_size=self.chunk_size,
-            segment_ids=segment_ids, context_axis=context_axis, features=features,
+            segment_ids=segment_ids, context_axis=context_axis, features=features, log_decay=log_decay,
         )
         if features is not None and mask is not None:
             out = jnp.where(mask[:, :, None, None], out, 0)  # a padded step reads zeros, as its zero phi(q) would

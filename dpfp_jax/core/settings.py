@@ -95,6 +95,12 @@ class FastWeightSettings:
         hands the op phi(q), phi(k), as before; the same outputs and gradients to float32
         rounding, for comparison. ``feature_map="favor"`` always takes the latter (its random
         projection is an array, which ``Features`` does not carry).
+      gate: None (no decay: the paper's fast weights) or ``"gated_deltanet"``: a per-step decay
+        ``alpha_t`` of the memory before each write, from the input as in Gated DeltaNet (Yang,
+        Kautz, Hatamizadeh, ICLR 2025; :mod:`dpfp_jax.core.gate`), passed to
+        :func:`dpfp_jax.fast_weight` as ``log_decay``: one more projection column and two
+        parameters (``gate_a_log``, ``gate_dt_bias``) per head. Not with
+        ``normalization="attention"`` (its key sum does not decay) or ``impl="pallas"``.
     """
 
     feature_map: FeatureMapLike = "dpfp"
@@ -109,6 +115,7 @@ class FastWeightSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     context_axis: str | None = None
     fuse_features: bool = True
+    gate: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

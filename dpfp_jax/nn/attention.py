@@ -18,6 +18,7 @@ from dpfp_jax.core.attention import (
     split_heads_projection,
     zero_padding,
 )
+from dpfp_jax.core.gate import gate_a_log_init, gate_dt_bias_init
 from dpfp_jax.core.segments import SEGMENT_ID_DTYPE, decode_restart, last_segment_id
 from dpfp_jax.core.settings import FastWeightSettings, settings_of
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
@@ -155,8 +156,12 @@ class FastWeightAttention(nn.Module, FastWeightSettings, HasAttentionSpec):
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init)
         projection = nn.DenseGeneral(features=spec.projection_features, name="qkv", **dense)(x)
+        gate_params = None
+        if self.gate is not None:
+            gate_params = (self.param("gate_a_log", gate_a_log_init, (self.num_heads,), self.param_dtype),
+                           self.param("gate_dt_bias", gate_dt_bias_init, (self.num_heads,), self.param_dtype))
         out, new_memory = spec.attend(projection, mask=mask, segment_ids=segment_ids, initial_state=w0,
-                                      key_sum=z0, restart=restart, decoding=self.decode)
+                                      key_sum=z0, restart=restart, decoding=self.decode, gate_params=gate_params)
 
         if self.decode and initialized:
             if cached_z is None:

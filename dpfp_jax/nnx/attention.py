@@ -20,6 +20,7 @@ from dpfp_jax.core.attention import (
     check_sequence,
     zero_padding,
 )
+from dpfp_jax.core.gate import gate_a_log_init, gate_dt_bias_init
 from dpfp_jax.core.segments import SEGMENT_ID_DTYPE, decode_restart, last_segment_id
 from dpfp_jax.core.settings import FastWeightSettings
 from dpfp_jax.nnx.partitioning import EMBED, OUT_KERNEL, QKV_BIAS, QKV_KERNEL, KernelAxes, partitioned, project
@@ -113,6 +114,10 @@ class FastWeightAttention(nnx.Module, HasAttentionSpec):
             bias_init=partitioned(bias_init, kernel_axes, EMBED), **dense,
         )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        if spec.gate is not None:  # the decay gate's per-head parameters (dpfp_jax.core.gate)
+            heads_init = (partitioned(init, kernel_axes, ("heads",)) for init in (gate_a_log_init, gate_dt_bias_init))
+            self.gate_a_log, self.gate_dt_bias = (nnx.Param(init(rngs.params(), (num_heads,), param_dtype))
+                                                  for init in heads_init)
 
     def init_cache(self, batch: int) -> None:
         """Make (or reset) the decode cache for ``batch`` rows: empty memory, segment ids 0."""
@@ -165,7 +170,9 @@ class FastWeightAttention(nnx.Module, HasAttentionSpec):
             restart = decode_restart(cached_id, segment_ids)
 
         out, new_memory = spec.attend(project(self.qkv, zero_padding(x, mask)), mask=mask, segment_ids=segment_ids,
-                                      initial_state=w0, key_sum=z0, restart=restart, decoding=decode)
+                                      initial_state=w0, key_sum=z0, restart=restart, decoding=decode,
+                                      gate_params=None if spec.gate is None else (self.gate_a_log[...],
+                                                                                 self.gate_dt_bias[...]))
         if decode:
             if self.key_sum is None:
                 self.fast_weights[...] = new_memory

@@ -26,7 +26,8 @@ METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 # The settings the train state's structure and shapes depend on: a checkpoint restores only into a
 # run with the same (with --carry the carried memory is [batch, ...], so the batch size too).
-STATE_SETTINGS = ("attention", "rule", "nu", "features", "depth", "dim", "heads", "head_dim", "ff_dim", "carry")
+STATE_SETTINGS = ("attention", "rule", "nu", "features", "depth", "dim", "heads", "head_dim", "ff_dim", "carry",
+                  "gate")
 
 
 def checkpoint_manager(directory: Path, save_every: int) -> ocp.CheckpointManager:

@@ -50,6 +50,7 @@ class ByteLM(nn.Module):
     impl: str = "auto"
     decode: bool = False
     context_axis: str | None = None
+    gate: str | None = None  # "gated_deltanet": the layers' decay gate (delta rule)
 
     @nn.compact
     def __call__(self, tokens, memory=None, segment_ids=None):
@@ -66,7 +67,7 @@ class ByteLM(nn.Module):
                 # linear-transformer denominator.
                 normalization="sum" if self.rule == "delta" else "attention",
                 num_features=self.num_features, ff_mult=max(1, self.ff_dim // self.dim), impl=self.impl,
-                decode=self.decode, context_axis=self.context_axis, name="transformer",
+                decode=self.decode, context_axis=self.context_axis, gate=self.gate, name="transformer",
             )(x, memory, segment_ids=segment_ids, return_memory=True)
         return nn.Dense(256, name="head")(x), memory
 

@@ -171,7 +171,8 @@ def build(args: argparse.Namespace) -> tuple[ByteLM, Trainer]:
     devices cannot share evenly, or a ``--context-parallel`` that does not divide the devices."""
     mesh = make_mesh(args.context_parallel)
     model = ByteLM(args.attention, args.rule, args.nu, args.features, args.depth, args.dim, args.heads,
-                   args.head_dim, args.ff_dim, args.impl, context_axis="seq" if "seq" in mesh.axis_names else None)
+                   args.head_dim, args.ff_dim, args.impl, context_axis="seq" if "seq" in mesh.axis_names else None,
+                   gate="gated_deltanet" if getattr(args, "gate", False) else None)
     rows = mesh.shape["batch"]
     if args.batch_size % rows:
         count = "jax.device_count()" + (f" / --context-parallel {args.context_parallel}" if rows < mesh.size else "")
@@ -185,7 +186,8 @@ def describe(args: argparse.Namespace, devices: int) -> str:
     """The run in two lines: the model, then the training settings (the plot's title)."""
     attention = {"dpfp": f"dpfp-{args.nu}", "favor": f"favor-{args.features}"}.get(args.attention, args.attention)
     if args.attention != "softmax":
-        attention += f" {args.rule} rule" + (", carried" if args.carry else "")
+        attention += f" {args.rule} rule" + (", gated" if getattr(args, "gate", False) else "") + (
+            ", carried" if args.carry else "")
     if args.pack:
         attention += ", packed documents"
     processes = jax.process_count()

@@ -31,6 +31,8 @@ from dpfp_jax.ops.fast_weight.validation import (
     RULES,
     check_bool,
     check_fast_weight_inputs,
+    check_log_decay,
+    check_log_decay_values,
     check_scale,
     check_segment_ids,
 )
@@ -40,6 +42,7 @@ Array = jax.Array
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "GATED_IMPLS",
     "IMPLS",
     "RULES",
     "check_delta_stability",
@@ -54,6 +57,28 @@ Impl = Callable[..., tuple[Array, Array]]
 
 def _always(*args: object, **kwargs: object) -> str | None:
     return None
+
+
+GATED_IMPLS = ("reference", "scan", "chunk")
+"""The impls that take ``log_decay`` (gated fast weights); ``"auto"`` picks among them."""
+
+
+def _gate_supports(name: str, log_decay: Array | None) -> str | None:
+    if log_decay is None or name in GATED_IMPLS:
+        return None
+    return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
+            + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
+
+
+def _check_log_decay_eagerly(arguments: dict) -> None:
+    """``jit_when_eager``'s value check: a positive or NaN ``log_decay`` of an eager call is refused
+    before the jitted op runs (inside it the values are traced). Shapes and dtypes first, so a
+    malformed call gets the message of the check that concerns it."""
+    log_decay, q = arguments.get("log_decay"), arguments.get("q")
+    if log_decay is None or not hasattr(q, "shape"):
+        return
+    check_log_decay(log_decay, q)
+    check_log_decay_values(log_decay)
 
 
 # name -> (function, supports); "auto" tries them in the order auto_candidates gives.
@@ -86,8 +111,9 @@ IMPLS = (*_IMPLS, "auto")
 """Accepted values of ``impl``."""
 
 
-@functools.partial(jit_when_eager, dynamic=("q", "k", "v", "beta", "initial_state", "scale", "segment_ids"),
-                   numbers_ok=("scale",))
+@functools.partial(jit_when_eager,
+                   dynamic=("q", "k", "v", "beta", "initial_state", "scale", "segment_ids", "log_decay"),
+                   numbers_ok=("scale",), eager_check=_check_log_decay_eagerly)
 def fast_weight(
     q: Array,
     k: Array,
@@ -103,6 +129,7 @@ def fast_weight(
     check_stability: bool = False,
     context_axis: str | None = None,
     features: Features | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """Run fast-weight memory over a sequence; returns ``(out, final_state)``.
 
@@ -113,6 +140,11 @@ def fast_weight(
     - ``rule="delta"`` (Schlag et al. 2021, Sec. 4.2):
       ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
     - output ``o_t = scale * W_t^T q_t``.
+
+    Gated (``log_decay`` given, ``[B, T, H]``, alpha_t = exp(log_decay_t) in [0, 1]): W_{t-1} decays
+    by alpha_t before step t's write, ``W_t = alpha_t (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T``
+    (delta; the Gated DeltaNet form) or ``W_t = alpha_t W_{t-1} + k_t v_t^T`` (sum). None is the
+    ungated op, computed exactly as without the argument. docs/contract.md says the rest.
 
     Packed documents: with ``segment_ids``, W is set to zero before step t wherever
     ``segment_ids[b, t] != segment_ids[b, t - 1]``, so each document (a run of equal ids) reads and
@@ -177,10 +209,10 @@ def fast_weight(
         ``"pallas"`` (the TPU kernel per shard).
       check_stability: delta rule only: check ``0 <= beta_t |k_t|^2 <= 2`` at every step and raise a
         ValueError naming the first (batch, head, step) that breaks it, before the op runs
-        (:func:`~dpfp_jax.check_delta_stability`, which says the
-        tolerance). Under ``jax.jit`` the check is a ``jax.experimental.checkify`` check: wrap
-        the jitted function in ``checkify.checkify`` to get its error. Off by default, and then
-        nothing of it is computed or traced.
+        (:func:`~dpfp_jax.check_delta_stability`, which says the tolerance); with ``log_decay``
+        (either rule) also ``log_decay <= 0`` where it is traced. Under ``jax.jit`` the check is a
+        ``jax.experimental.checkify`` check: wrap the jitted function in ``checkify.checkify`` to
+        get its error. Off by default, and then nothing of it is computed or traced.
       features: a :class:`dpfp_jax.Features` (feature map, ``dim``, ``nu``, normalisation,
         ``eps``): q and k are then raw, ``[B, T, H, features.dim]``, and the op computes what it
         computes without ``features`` on ``features(q), features(k)`` (K = ``features.key_dim``
@@ -188,6 +220,13 @@ def fast_weight(
         apply the map where q and k are used and keep them at width d for the backward, which
         recomputes phi and applies its VJP (docs/math.md); ``"reference"``, ``"pallas"`` (the
         kernels read K-wide q, k) and the context-parallel path apply it before they run, not fused.
+      log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
+        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"`` and ``"auto"`` (which then never
+        picks ``"pallas"``; ``impl="pallas"`` says it cannot take it), with ``initial_state``,
+        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
+        flow to it. Positive or NaN values are refused with a ValueError when the values are known
+        (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
+        ``check_stability=True`` stages their check.
 
     Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
     dtypes and the options above, so only the first call with new ones traces (docs/op_checks.md).
@@ -222,27 +261,33 @@ def fast_weight(
     check_scale(scale)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     check_segment_ids(segment_ids, q)
+    check_log_decay(log_decay, q)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if check_bool("check_stability", check_stability):
-        if rule != "delta":
-            raise ValueError(f"check_stability checks the delta rule's condition 0 <= beta |k|^2 <= 2; rule={rule!r} "
-                             "has none")
-        check_delta_stability(k if features is None else features(k), beta)
+    checked = check_bool("check_stability", check_stability)
+    if checked:
+        if rule != "delta" and log_decay is None:
+            raise ValueError(f"check_stability checks the delta rule's condition 0 <= beta |k|^2 <= 2 (and log_decay "
+                             f"<= 0 when given); rule={rule!r} without log_decay has none")
+        if rule == "delta":
+            check_delta_stability(k if features is None else features(k), beta)
+    check_log_decay_values(log_decay, traced_check=checked)
     plan = context_plan(q, context_axis, impl)
     if plan is not None:
         if features is not None:  # not fused with a sharded T: each shard is given phi(q), phi(k)
             q, k = features(q), features(k)
         state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
-        with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, state, scale):
+        with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, state, scale,
+                                 log_decay):
             return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                                segment_ids=segment_ids, plan=plan, impl=impl)
+                                                segment_ids=segment_ids, plan=plan, impl=impl, log_decay=log_decay)
     candidates = auto_candidates(q, chunk_size) if impl == "auto" else (impl,)
     reasons = []
     for name in candidates:
         fn, supports = _IMPLS[name]
         resets = None if segment_ids is None else resets_of(segment_ids)
-        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state, resets=resets, features=features)
+        reason = _gate_supports(name, log_decay) or supports(q, k, v, beta, rule=rule, initial_state=initial_state,
+                                                             resets=resets, features=features)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)
@@ -253,7 +298,9 @@ def fast_weight(
                 options["features"] = features
             elif features is not None:
                 q, k = features(q), features(k)
-            with refuse_forward_mode(name, impl, q, k, v, beta, initial_state, scale):
+            if log_decay is not None:
+                options["log_decay"] = log_decay
+            with refuse_forward_mode(name, impl, q, k, v, beta, initial_state, scale, log_decay):
                 return fn(q, k, v, beta, initial_state, rule=rule, scale=scale, resets=resets, **options)
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"impl={impl!r} cannot take this call: " + "; ".join(reasons))

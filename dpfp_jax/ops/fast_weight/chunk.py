@@ -41,7 +41,15 @@ from jax import lax
 
 from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of, zeros_like_sharded
-from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, tril, wy_inverse, wy_writes
+from dpfp_jax.ops.fast_weight.wy import (
+    ChunkDecays,
+    chunk_decays,
+    log_decay_gradient,
+    to_chunks_nbhc,
+    tril,
+    wy_inverse,
+    wy_writes,
+)
 from dpfp_jax.validation import check_positive_int
 from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.padding import pad_to
@@ -56,13 +64,16 @@ def _mm(spec: str, a: Array, b: Array) -> Array:
     return jnp.einsum(spec, a, b, precision=HIGHEST)
 
 
-def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, matmul=_mm):
+def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0, keep=None, decay=None, *, matmul=_mm):
     """The sequential part of the forward: per chunk ``U = U_tilde - Y W0``,
     ``O = (Q - S Y) W0 + S U_tilde``, ``W1 = W0 + K^T U``. Arrays ``[N, G, C, ...]``, state ``[G, K, V]``.
 
     With packed documents, ``keep [N, G]`` is False for a chunk in which a document starts: its
     W1 is then ``K^T U`` alone (k already masked to the chunk's last document), and since W0 can
     no longer be rebuilt from W1, every chunk's W0 is returned for the backward.
+    Gated, ``decay [N, G]`` multiplies what W0 leaves in W1 (``W1 = decay W0 + K^T U``; 0 where a
+    document starts, in place of ``keep``); rebuilding W0 would divide by it, so every chunk's W0
+    is returned as with ``keep``.
 
     Returns ``(out, u, final_state, states)``; u is None for the sum rule (y None), whose writes
     are v; states (``[N, G, K, V]``) is None without ``keep``.
@@ -70,43 +81,50 @@ def forward_recurrence_xla(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, ma
     """
 
     def step(w, chunk):
-        q_c, k_c, u_tilde_c, y_c, out_intra_c, keep_c = chunk
+        q_c, k_c, u_tilde_c, y_c, out_intra_c, keep_c, decay_c = chunk
         u = u_tilde_c if y_c is None else u_tilde_c - matmul("gck,gkv->gcv", y_c, w)
         out = matmul("gck,gkv->gcv", q_c, w) + out_intra_c
-        carried = w if keep_c is None else jnp.where(keep_c[:, None, None], w, 0.0)
-        return carried + matmul("gck,gcv->gkv", k_c, u), (out, u if y_c is not None else None,
-                                                          None if keep_c is None else w)
+        if decay_c is not None:
+            carried = decay_c[:, None, None] * w
+        else:
+            carried = w if keep_c is None else jnp.where(keep_c[:, None, None], w, 0.0)
+        kept = None if keep_c is None and decay_c is None else w
+        return carried + matmul("gck,gcv->gkv", k_c, u), (out, u if y_c is not None else None, kept)
 
-    final_state, (out, u, states) = lax.scan(step, w0, (q_eff, k, u_tilde, y, out_intra, keep))
+    final_state, (out, u, states) = lax.scan(step, w0, (q_eff, k, u_tilde, y, out_intra, keep, decay))
     return out, u, final_state, states
 
 
-def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final, keep=None, states=None, *,
+def backward_recurrence_xla(q_eff, k, u, y, d_out, final_state, d_final, keep=None, states=None, decay=None, *,
                             matmul=_mm):
     """The sequential part of the backward: chunks in reverse, rebuilding ``W0 = W1 - K^T U``, or
-    taking it from ``states`` (with ``keep``, packed documents).
+    taking it from ``states`` (with ``keep``, packed documents, or ``decay``, gated).
 
-    Returns ``(dq_eff, dk, du, dy, d_w0)`` (dk only through the state path; dy None for the sum rule).
+    Returns ``(dq_eff, dk, du, dy, d_w0)`` (dk only through the state path; dy None for the sum rule),
+    and with ``decay`` a sixth, ``d_decay [N, G]``.
     """
 
     def step(carry, chunk):
         w1, dw1 = carry  # the state after this chunk and dL/d(that state)
-        q_c, k_c, u_c, y_c, do_c, keep_c, w0 = chunk
+        q_c, k_c, u_c, y_c, do_c, keep_c, w0, decay_c = chunk
         if w0 is None:
             w0 = w1 - matmul("gck,gcv->gkv", k_c, u_c)
         du = matmul("gck,gkv->gcv", k_c, dw1)
         dk = matmul("gcv,gkv->gck", u_c, dw1)
         dq_eff = matmul("gcv,gkv->gck", do_c, w0)
-        dw0 = (dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0)) + matmul(
-            "gck,gcv->gkv", q_c, do_c)
+        if decay_c is not None:
+            carried, d_decay = decay_c[:, None, None] * dw1, jnp.sum(dw1 * w0, axis=(-2, -1))
+        else:
+            carried, d_decay = dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0), None
+        dw0 = carried + matmul("gck,gcv->gkv", q_c, do_c)
         if y_c is None:
-            return (w0, dw0), (dq_eff, dk, du, None)
+            return (w0, dw0), (dq_eff, dk, du, None, d_decay)
         dw0 = dw0 - matmul("gck,gcv->gkv", y_c, du)
-        return (w0, dw0), (dq_eff, dk, du, -matmul("gcv,gkv->gck", du, w0))
+        return (w0, dw0), (dq_eff, dk, du, -matmul("gcv,gkv->gck", du, w0), d_decay)
 
-    (_, dw0), (dq, dk, du, dy) = lax.scan(
-        step, (final_state, d_final), (q_eff, k, u, y, d_out, keep, states), reverse=True)
-    return dq, dk, du, dy, dw0
+    (_, dw0), (dq, dk, du, dy, d_decay) = lax.scan(
+        step, (final_state, d_final), (q_eff, k, u, y, d_out, keep, states, decay), reverse=True)
+    return (dq, dk, du, dy, dw0) if decay is None else (dq, dk, du, dy, dw0, d_decay)
 
 
 class Walk(NamedTuple):
@@ -179,26 +197,38 @@ def _rows(mask: Array | None, x: Array) -> Array:
 class _Pieces(NamedTuple):
     """The state-independent pieces of a span of chunks (``[S, G, C, ...]``, float32 or wider)."""
 
-    scores: Array  # S = tril(Q K^T), masked to same-document pairs
+    scores: Array  # S = tril(Q K^T), masked to same-document pairs (gated: times the decays D)
     gram: Array | None  # K K^T (delta rule)
     inverse: Array | None  # A^-1 (delta rule)
     u_tilde: Array  # A^-1 diag(beta) V (the sum rule: V)
-    y: Array | None  # A^-1 diag(beta) K, the rows of the chunk's first document (delta rule)
-    q_eff: Array  # Q - S Y (first document's rows of Q)
+    y: Array | None  # A^-1 diag(beta) K, the rows of the chunk's first document (delta rule; gated: Gamma K)
+    q_eff: Array  # Q - S Y (first document's rows of Q; gated: of Gamma Q)
+    decays: ChunkDecays | None = None  # gated: the chunk's decay factors
+    raw_scores: Array | None = None  # gated: tril(Q K^T) before the decays
 
 
-def _pieces(rule: str, q: Array, k: Array, v: Array, beta: Array | None, docs: Documents | None) -> _Pieces:
+def _scaled_rows(factor: Array | None, x: Array) -> Array:
+    return x if factor is None else factor[..., None] * x
+
+
+def _pieces(rule: str, q: Array, k: Array, v: Array, beta: Array | None, docs: Documents | None,
+            log_decay: Array | None = None) -> _Pieces:
     # Packed documents (docs/math.md): S and the Gram matrix keep same-document pairs only, steps
-    # of the chunk's first document alone read W0 (Y and Q's rows).
+    # of the chunk's first document alone read W0 (Y and Q's rows). Gated (docs/math.md, "Gated"):
+    # S and the Gram matrix take D_ij = exp(g_i - g_j), the rows that read W0 take exp(g_i).
     same, first = (None, None) if docs is None else docs[:2]
-    scores = tril(_mm("...ik,...jk->...ij", q, k), 0, same)
+    decays = None if log_decay is None else chunk_decays(log_decay)
+    raw_scores = tril(_mm("...ik,...jk->...ij", q, k), 0, same)
+    scores = raw_scores if decays is None else raw_scores * decays.within
+    start = None if decays is None else decays.start
     if rule != "delta":
-        return _Pieces(scores, None, None, v, None, _rows(first, q))
+        return _Pieces(scores, None, None, v, None, _rows(first, _scaled_rows(start, q)), decays, raw_scores)
     gram = _mm("...ik,...jk->...ij", k, k)
-    inverse = wy_inverse(k, beta, same, gram=gram)
-    u_tilde, y = wy_writes(inverse, k, v, beta)
+    inverse = wy_inverse(k, beta, same, gram=gram if decays is None else gram * decays.within)
+    u_tilde, y = wy_writes(inverse, _scaled_rows(start, k), v, beta)
     y = _rows(first, y)
-    return _Pieces(scores, gram, inverse, u_tilde, y, _rows(first, q) - _mm("...ij,...jk->...ik", scores, y))
+    q_eff = _rows(first, _scaled_rows(start, q)) - _mm("...ij,...jk->...ik", scores, y)
+    return _Pieces(scores, gram, inverse, u_tilde, y, q_eff, decays, raw_scores)
 
 
 class _Spans(NamedTuple):
@@ -270,10 +300,11 @@ def _widen(acc: jnp.dtype, scale: Array, q: Array, k: Array, v: Array, beta: Arr
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _chunked(rule: str, walk: Walk, spans: _Spans, q: Array, k: Array, v: Array, beta: Array | None, w0: Array,
-             document: Array | None, scale: Array):
+             document: Array | None, scale: Array, log_decay: Array | None = None):
     """Chunked core on ``[B, T, H, ...]`` inputs in their own dtypes, T a whole number M of spans,
-    state ``[G, K, V]``, ``document [M, S, G, C]``; returns ``(out [B, T, H, V] in v's dtype, final_state)``."""
-    (out, final_state), _ = _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale)
+    state ``[G, K, V]``, ``document [M, S, G, C]``, ``log_decay [B, T, H]`` or None; returns
+    ``(out [B, T, H, V] in v's dtype, final_state)``."""
+    (out, final_state), _ = _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale, log_decay)
     return out, final_state
 
 
@@ -281,12 +312,26 @@ def _num_spans(spans: _Spans, q: Array) -> int:
     return q.shape[1] // spans.steps
 
 
-def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale):
+def _walk_options(docs: Documents | None, decays: ChunkDecays | None) -> dict:
+    """The walk's keyword arguments: ``keep`` with documents, ``decay`` (in its place) when gated."""
+    if decays is None:
+        return {} if docs is None else {"keep": docs.keep}
+    return {"decay": decays.total if docs is None else jnp.where(docs.keep, decays.total, 0.0)}
+
+
+def _walk_keys(k: Array, docs: Documents | None, decays: ChunkDecays | None) -> Array:
+    """The keys of the writes that reach W1: the chunk's last document's, gated times exp(g_C - g_i)."""
+    return _scaled_rows(None if decays is None else decays.end, k if docs is None else _rows(docs.last, k))
+
+
+def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale, log_decay=None):
     # A lax.scan over spans of chunks. Within a span, everything that does not depend on the state
     # is done for all its chunks at once; with U = U_tilde - Y W0 the output O = Q W0 + S U is
     # (Q - S Y) W0 + S U_tilde, so the walk is left with three [C, K] x [K, V]-sized matmuls per
     # chunk. Only a span's worth of those pieces is ever alive, and the backward recomputes them
-    # span by span: what is kept is the inputs as they came, the writes U and each span's end state.
+    # span by span: what is kept is the inputs as they came, the writes U and each span's end state
+    # (gated: the backward walks a span forward again for its chunks' start states, as W0 cannot be
+    # rebuilt backwards without dividing by the decay).
     acc = w0.dtype
 
     def span(carry, xs):
@@ -294,19 +339,23 @@ def _chunked_forward(rule, walk, spans, q, k, v, beta, w0, document, scale):
         index, document = xs
         q_s, k_s = (spans.mapped(spans.take(x, index))[0] for x in (q, k))
         q_s, k_s, v_s, beta_s = _widen(acc, scale, q_s, k_s, spans.take(v, index), spans.take(beta, index))
+        log_decay_s = None if log_decay is None else spans.take(log_decay, index).astype(acc)
         docs = documents_of(document)
-        p = _pieces(rule, q_s, k_s, v_s, beta_s, docs)
+        p = _pieces(rule, q_s, k_s, v_s, beta_s, docs, log_decay_s)
         out_intra = _mm("...ij,...jv->...iv", p.scores, p.u_tilde)
         # Only the chunk's last document's writes reach W1 (K's rows in the walk).
-        options = {} if docs is None else {"keep": docs.keep}
-        out_s, u, w1, states = walk[0](p.q_eff, k_s if docs is None else _rows(docs.last, k_s), p.u_tilde, p.y,
-                                       out_intra, w, **options)
+        out_s, u, w1, states = walk[0](p.q_eff, _walk_keys(k_s, docs, p.decays), p.u_tilde, p.y, out_intra, w,
+                                       **_walk_options(docs, p.decays))
         # The sum rule's writes are v itself (u None): nothing more to keep.
         return (w1, spans.put(out, out_s, index)), (u, w1, states)
 
     out = zeros_like_sharded(v, v.dtype)
     (final_state, out), (u, ends, states) = lax.scan(span, (w0, out), (jnp.arange(_num_spans(spans, q)), document))
-    return (out, final_state), (q, k, v, beta, document, scale, u, ends, states)
+    if log_decay is not None:
+        # Gated, the backward recomputes each span's chunk start states from the span's start
+        # (w0, or the previous span's end) rather than keeping them all: one more forward walk.
+        return (out, final_state), (q, k, v, beta, document, scale, u, ends, None, log_decay, w0)
+    return (out, final_state), (q, k, v, beta, document, scale, u, ends, states, None, None)
 
 
 def _chunked_forward_rule(rule, walk, spans, *primals):
@@ -314,25 +363,38 @@ def _chunked_forward_rule(rule, walk, spans, *primals):
 
 
 def _chunked_backward(rule, walk, spans, residuals, cotangents):
-    q, k, v, beta, document, scale, u, ends, states = residuals
+    q, k, v, beta, document, scale, u, ends, states, log_decay, w0 = residuals
+    starts = None if w0 is None else jnp.concatenate([w0[None], ends[:-1]], axis=0)  # each span's start state
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     acc = ends.dtype
 
     def span(carry, xs):
-        dw1, dq_all, dk_all, dv_all, dbeta_all, d_scale = carry
-        index, document, u, w1, states = xs
+        dw1, dq_all, dk_all, dv_all, dbeta_all, d_log_decay_all, d_scale = carry
+        index, document, u, w1, states, start = xs
         q_in, k_in, v_in, beta_in, d_out_s = (spans.take(x, index) for x in (q, k, v, beta, d_out))
         # With features phi(q), phi(k) of the span are recomputed here; their gradients go back through phi's VJP.
         (q_in, back_q), (k_in, back_k) = spans.mapped(q_in), spans.mapped(k_in)
         q_s, k_s, v_s, beta_s = _widen(acc, scale, q_in, k_in, v_in, beta_in)
+        log_decay_s = None if log_decay is None else spans.take(log_decay, index).astype(acc)
         docs = documents_of(document)
         same, first, last, keep = (None,) * 4 if docs is None else docs
-        scores, gram, inverse, u_tilde, y, q_eff = _pieces(rule, q_s, k_s, v_s, beta_s, docs)
+        scores, gram, inverse, u_tilde, y, q_eff, decays, raw_scores = _pieces(rule, q_s, k_s, v_s, beta_s, docs,
+                                                                              log_decay_s)
         d_out_s = d_out_s.astype(acc)
-        options = {} if docs is None else {"keep": keep, "states": states}
-        dq_eff, dk, du_tilde, dy, dw0 = walk[1](q_eff, _rows(last, k_s), v_s if u is None else u, y, d_out_s, w1,
-                                                dw1, **options)
+        options = _walk_options(docs, decays)
+        if docs is not None or decays is not None:
+            if decays is not None:  # gated: the span's chunk start states again, from its start state
+                states = walk[0](q_eff, _walk_keys(k_s, docs, decays), u_tilde, y, zeros_like_sharded(u_tilde, acc),
+                                 start, **options)[3]
+            options["states"] = states
+        dq_eff, dk, du_tilde, dy, dw0, *d_total = walk[1](q_eff, _walk_keys(k_s, docs, decays),
+                                                          v_s if u is None else u, y, d_out_s, w1, dw1, **options)
         dk = _rows(last, dk)
+        d_within = d_start = d_end = None
+        if decays is not None:
+            # The walk's keys were exp(g_C - g_i) K (the last document's rows).
+            d_end, dk = jnp.sum(dk * k_s, axis=-1), decays.end[..., None] * dk
+            d_total = d_total[0] if docs is None else jnp.where(keep, d_total[0], 0.0)
         # Back through out_intra = S U_tilde, q_eff = Q - S Y and S = tril(Q K^T), all the span's chunks at once.
         d_scores = _mm("...iv,...jv->...ij", d_out_s, u_tilde)
         du_tilde = du_tilde + _mm("...ij,...iv->...jv", scores, d_out_s)
@@ -340,37 +402,55 @@ def _chunked_backward(rule, walk, spans, residuals, cotangents):
             d_scores = d_scores - _mm("...ik,...jk->...ij", dq_eff, y)
             dy = _rows(first, dy - _mm("...ij,...ik->...jk", scores, dq_eff))
         d_scores = tril(d_scores, 0, same)
+        dq = _rows(first, dq_eff)
+        if decays is not None:
+            # S = D * tril(Q K^T) and the first document's rows of Q entered as exp(g_i) Q.
+            d_within, d_scores = d_scores * raw_scores, d_scores * decays.within
+            d_start, dq = jnp.sum(dq * q_s, axis=-1), decays.start[..., None] * dq
         dk = dk + _mm("...ij,...ik->...jk", d_scores, q_s)
-        dq = _rows(first, dq_eff) + _mm("...ij,...jk->...ik", d_scores, k_s)
+        dq = dq + _mm("...ij,...jk->...ik", d_scores, k_s)
         dv, dbeta = du_tilde, None  # the sum rule's U_tilde is V
         if rule == "delta":
             # Back through U_tilde, Y = A^-1 diag(beta) (V, K) and A = I + diag(beta) strict_tril(K K^T).
             # (With documents y holds the first document's rows only; the rows it lacks meet zero
-            # rows of d_scaled_k below, as A^-1 is block-diagonal by document.)
+            # rows of d_scaled_k below, as A^-1 is block-diagonal by document.) Gated: Y's K is
+            # exp(g_i) K and A's Gram matrix is D * K K^T.
             d_scaled_v = _mm("...ji,...jd->...id", inverse, du_tilde)  # A^-T dU_tilde: d(diag(beta) V)
             d_scaled_k = _mm("...ji,...jd->...id", inverse, dy)
             dv = beta_s[..., None] * d_scaled_v
-            dk = dk + beta_s[..., None] * d_scaled_k
-            dbeta = jnp.sum(d_scaled_v * v_s, axis=-1) + jnp.sum(d_scaled_k * k_s, axis=-1)
+            d_keys = beta_s[..., None] * d_scaled_k  # the gradient of the K in Y
+            if decays is None:
+                dk, keys, decayed_gram = dk + d_keys, k_s, gram
+            else:
+                keys, decayed_gram = decays.start[..., None] * k_s, gram * decays.within
+                d_start = d_start + jnp.sum(d_keys * k_s, axis=-1)
+                dk = dk + decays.start[..., None] * d_keys
+            dbeta = jnp.sum(d_scaled_v * v_s, axis=-1) + jnp.sum(d_scaled_k * keys, axis=-1)
             # d(A^-1 X) / dA = -A^-T dR (A^-1 X)^T, strict lower part (of the same document) only.
             d_a = -tril(
                 _mm("...id,...jd->...ij", d_scaled_v, u_tilde) + _mm("...id,...jd->...ij", d_scaled_k, y), -1, same
             )
-            dbeta = dbeta + jnp.sum(d_a * gram, axis=-1)
+            dbeta = dbeta + jnp.sum(d_a * decayed_gram, axis=-1)
             # The Gram matrix K K^T is symmetric in its two K's: dK = (dG + dG^T) K, one product.
             d_gram = beta_s[..., :, None] * d_a
+            if decays is not None:
+                d_within, d_gram = d_within + d_gram * gram, d_gram * decays.within
             dk = dk + _mm("...ij,...jk->...ik", d_gram + jnp.swapaxes(d_gram, -1, -2), k_s)
         # q entered scaled: dL/dscale is the sum of dL/d(scaled q) times q as it came.
         d_scale = d_scale + jnp.sum(dq * q_in.astype(acc))
         grads = (spans.put(dq_all, back_q(dq * scale), index), spans.put(dk_all, back_k(dk), index),
                  spans.put(dv_all, dv, index), spans.put(dbeta_all, dbeta, index))
-        return (dw0, *grads, d_scale), None
+        if decays is not None:
+            d_log_decay = log_decay_gradient(decays, d_within, d_start, d_end, d_total)
+            d_log_decay_all = spans.put(d_log_decay_all, d_log_decay, index)
+        return (dw0, *grads, d_log_decay_all, d_scale), None
 
-    zeros = tuple(None if x is None else zeros_like_sharded(x, x.dtype) for x in (q, k, v, beta))
-    (dw0, dq, dk, dv, dbeta, d_scale), _ = lax.scan(
-        span, (d_final, *zeros, jnp.zeros((), acc)), (jnp.arange(_num_spans(spans, q)), document, u, ends, states),
+    zeros = tuple(None if x is None else zeros_like_sharded(x, x.dtype) for x in (q, k, v, beta, log_decay))
+    (dw0, dq, dk, dv, dbeta, d_log_decay, d_scale), _ = lax.scan(
+        span, (d_final, *zeros, jnp.zeros((), acc)), (jnp.arange(_num_spans(spans, q)), document, u, ends, states,
+                                                           starts),
         reverse=True)
-    return dq, dk, dv, dbeta, dw0, None, d_scale.astype(scale.dtype)
+    return dq, dk, dv, dbeta, dw0, None, d_scale.astype(scale.dtype), d_log_decay
 
 
 _chunked.defvjp(_chunked_forward_rule, _chunked_backward, symbolic_zeros=True)
@@ -390,6 +470,7 @@ def fast_weight_chunk(
     resets: Array | None = None,
     span_size: int = DEFAULT_SPAN_SIZE,
     features: Features | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
     states, in chunks of ``chunk_size`` steps as this module describes.
@@ -406,6 +487,12 @@ def fast_weight_chunk(
     masked WY form (docs/math.md) handles them, and the backward then takes each chunk's start
     state from the forward instead of rebuilding it (T / C states of K x V per head kept).
 
+    ``log_decay [B, T, H]`` (gated): the decays within a chunk as exp of differences of
+    cumulative log sums (``wy.chunk_decays``, docs/math.md "Gated"); the backward then walks each
+    span's chunks forward again from the span's start state for every chunk's start state, as
+    rebuilding it backwards would divide by the chunk's decay (nothing more kept than without a
+    gate). Only with a :class:`Walk` (the XLA walk).
+
     ``span_size``: steps per span, the unit of work and of recomputation (see the module
     docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
     least one) as hold T, each of as few chunks as then hold T. The result does not depend on it;
@@ -419,6 +506,9 @@ def fast_weight_chunk(
     beta are zero, so their writes are.
     """
     _check_walk(walk)
+    if log_decay is not None and not isinstance(walk, Walk):
+        raise ValueError("log_decay (gated fast weights) needs the XLA walk (a Walk, e.g. XLA_WALK); other walks, "
+                         "such as pallas_kernels.chunk_walk(), take no decay")
     check_positive_int("span_size", span_size)
     batch, length, heads, _ = q.shape
     if isinstance(walk, Walk):
@@ -428,7 +518,7 @@ def fast_weight_chunk(
         chunk_size = min(chunk_size, length)
     # At least 1: T = 0 is then zero chunks.
     chunk_size = max(chunk_size, 1)
-    acc = accumulation_dtype(q, k, v, beta, initial_state)
+    acc = accumulation_dtype(q, k, v, beta, initial_state, log_decay)
     key_dim, value_dim = k.shape[-1] if features is None else features.key_dim, v.shape[-1]
     # M spans of S chunks, the unit the custom_vjp's scans work in: as few spans of at most span_size
     # steps as hold T, each of as few chunks as then hold T (so at most M - 1 chunks of padding
@@ -454,7 +544,8 @@ def fast_weight_chunk(
                                spans.group_axes)
         document = jnp.cumsum(resets, axis=-1, dtype=jnp.int32)
     # In acc: a float64 scale (x64) would otherwise widen q past the state's dtype.
+    # Padded steps are inert gated too: log alpha = 0 there (alpha = 1) with a zero key.
     out, final_state = _chunked(rule, walk, spans, *(pad(x) for x in (q, k, v, beta)), w0, document,
-                                jnp.asarray(scale, acc))
+                                jnp.asarray(scale, acc), pad(log_decay))
     final_state = spans.reshape(final_state, (batch, heads, key_dim, value_dim), spans.batch_axis, spans.head_axis)
     return out[:, :length], final_state

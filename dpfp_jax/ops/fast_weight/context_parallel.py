@@ -48,14 +48,17 @@ from dpfp_jax.ops.fast_weight.chunk import (
     _chunked_forward,
     _pieces,
     _rows,
+    _scaled_rows,
     _Spans,
+    _walk_keys,
+    _walk_options,
     documents_of,
 )
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, batch_head_axes_of
 from dpfp_jax.ops.fast_weight.context_cost import SCHEMES, choose_scheme
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
 from dpfp_jax.ops.fast_weight.segments import resets_of, running_key_sum
-from dpfp_jax.ops.fast_weight.wy import to_chunks_nbhc, wy_inverse, wy_writes
+from dpfp_jax.ops.fast_weight.wy import chunk_decays, to_chunks_nbhc, wy_inverse, wy_writes
 from pallas_kernels.padding import pad_to
 
 Array = jax.Array
@@ -229,22 +232,26 @@ def _after_last_reset(resets: Array | None, length: int, batch: int) -> Array:
     return jnp.cumsum(resets, axis=1) == jnp.sum(resets, axis=1, keepdims=True)
 
 
-def _transition(rule, k, v, beta, resets, acc, chunk_size):
+def _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay=None):
     """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring).
 
     The sum rule: ``N`` sums ``k_t v_t^T`` over the steps after the shard's last reset, ``M`` is 1
     per row without a reset, 0 with one. The delta rule: the chunk form's walk over the pair
     ``(N, M)`` from ``(0, I)`` with its writes ``U = U_tilde - Y N`` and ``-Y M`` (the values of
     ``M``'s part are zero), no outputs: ``2 C K (V + K)`` per chunk, the WY pieces shared.
+    Gated (``log_decay``), both rules take that walk with the chunk form's decays: each chunk
+    multiplies the pair by its ``exp(g_C)`` (an exp of a log sum) before adding its writes, so the
+    sum rule's ``M`` is ``[B, H, 1, 1]``, the product of the chunks' factors.
     """
     batch, length, heads, key_dim = k.shape
-    if rule == "sum":
+    if rule == "sum" and log_decay is None:
         reach = _after_last_reset(resets, length, batch)
         n = _mm("blhk,blhv->bhkv", jnp.where(reach[:, :, None, None], k.astype(acc), 0.0), v.astype(acc))
         return _kept_without_reset(resets, batch, acc), n
     start = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
-    identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim))
-    return _state_walk(k, v, beta, resets, acc, chunk_size, start, identity)
+    m0 = (jnp.ones((batch, heads, 1, 1), acc) if rule == "sum"
+          else jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim)))
+    return _state_walk(rule, k, v, beta, resets, acc, chunk_size, start, m0, log_decay)
 
 
 def _kept_without_reset(resets: Array | None, batch: int, acc) -> Array:
@@ -253,53 +260,65 @@ def _kept_without_reset(resets: Array | None, batch: int, acc) -> Array:
     return no_reset.astype(acc)[:, None, None, None]
 
 
-def _end_state(rule, k, v, beta, resets, w_in, chunk_size):
+def _end_state(rule, k, v, beta, resets, w_in, chunk_size, log_decay=None):
     """The state leaving the shard when ``w_in [B, H, K, V]`` enters it, without outputs: the relay
     scheme's walk (the delta rule's state walk alone, ``C K V`` a chunk less than the transition's
     ``(M, N)`` by ``M``'s ``4 C K^2``)."""
     if rule == "sum":
-        m, n = _transition(rule, k, v, beta, resets, w_in.dtype, chunk_size)
+        m, n = _transition(rule, k, v, beta, resets, w_in.dtype, chunk_size, log_decay)
         return m * w_in + n
-    return _state_walk(k, v, beta, resets, w_in.dtype, chunk_size, w_in)[1]
+    return _state_walk(rule, k, v, beta, resets, w_in.dtype, chunk_size, w_in, None, log_decay)[1]
 
 
-def _state_walk(k, v, beta, resets, acc, chunk_size, n, m=None):
-    """The delta rule's walk over the slice from the state ``n [B, H, K, V]`` (its end state from
-    there) and, given ``m [B, H, K, K]``, the same walk over ``m`` with zero values alongside (the
-    transition's ``M`` from ``I``): ``(m or None, n)`` at the slice's end. The WY pieces are shared."""
+def _state_walk(rule, k, v, beta, resets, acc, chunk_size, n, m=None, log_decay=None):
+    """The walk over the slice from the state ``n [B, H, K, V]`` (its end state from there) and,
+    given ``m`` (``[B, H, K, K]``, or ``[B, H, 1, 1]`` for the gated sum rule), the same walk over
+    ``m`` with zero values alongside (the transition's ``M`` from ``I``): ``(m or None, n)`` at the
+    slice's end. The WY pieces and the decays are shared."""
     batch, _, heads, key_dim = k.shape
     layout = _chunked(k, resets, chunk_size)
     spans = layout.spans
-    k, v, beta = (layout.pad(x) for x in (k, v, beta))
+    k, v, beta, log_decay = (layout.pad(x) for x in (k, v, beta, log_decay))
 
     def span(carry, xs):
         index, document = xs
-        k_s, v_s, beta_s = (spans.take(x, index).astype(acc) for x in (k, v, beta))
+        k_s, v_s, beta_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
+                                         for x in (k, v, beta, log_decay))
         docs = documents_of(document)
-        inverse = wy_inverse(k_s, beta_s, None if docs is None else docs.same)
-        u_tilde, y = wy_writes(inverse, k_s, v_s, beta_s)
-        y = y if docs is None else _rows(docs.first, y)
-        k_s = k_s if docs is None else _rows(docs.last, k_s)
+        decays = None if log_decay_s is None else chunk_decays(log_decay_s)
+        same = None if docs is None else docs.same
+        if rule == "delta":
+            gram = None if decays is None else _mm("...ik,...jk->...ij", k_s, k_s) * decays.within
+            inverse = wy_inverse(k_s, beta_s, same, gram=gram)
+            u_tilde, y = wy_writes(inverse, _scaled_rows(None if decays is None else decays.start, k_s), v_s, beta_s)
+            y = y if docs is None else _rows(docs.first, y)
+        else:
+            u_tilde, y = v_s, None
+        options = _walk_options(docs, decays)
 
         def chunk(state, xs):
-            (n, m), (k_c, u_c, y_c, keep_c) = state, xs
-            u_n = u_c - _mm("gck,gkv->gcv", y_c, n)
-            u_m = None if m is None else -_mm("gck,gkj->gcj", y_c, m)
-            if keep_c is not None:  # a document starts in the chunk: what entered it is gone
+            (n, m), (k_c, u_c, y_c, keep_c, decay_c) = state, xs
+            u_n = u_c if y_c is None else u_c - _mm("gck,gkv->gcv", y_c, n)
+            u_m = None if m is None or y_c is None else _mm("gck,gkj->gcj", y_c, m)
+            if decay_c is not None:  # gated: what entered the chunk decays by exp(g_C) (0 after a reset)
+                n, m = (None if x is None else decay_c[:, None, None] * x for x in (n, m))
+            elif keep_c is not None:  # a document starts in the chunk: what entered it is gone
                 n, m = (None if x is None else jnp.where(keep_c[:, None, None], x, 0.0) for x in (n, m))
-            n = n + _mm("gck,gcv->gkv", k_c, u_n)
-            return (n, None if m is None else m + _mm("gck,gcj->gkj", k_c, u_m)), None
+            if u_m is not None:
+                m = m - _mm("gck,gcj->gkj", k_c, u_m)
+            return (n + _mm("gck,gcv->gkv", k_c, u_n), m), None
 
-        carry, _ = lax.scan(chunk, carry, (k_s, u_tilde, y, None if docs is None else docs.keep))
+        carry, _ = lax.scan(chunk, carry, (_walk_keys(k_s, docs, decays), u_tilde, y, options.get("keep"),
+                                           options.get("decay")))
         return carry, None
 
     start = (_group(n), None if m is None else _group(m))
     (n, m), _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document))
     n = n.reshape(batch, heads, key_dim, v.shape[-1])
-    return None if m is None else m.reshape(batch, heads, key_dim, key_dim), n
+    return None if m is None else m.reshape(batch, heads, *m.shape[1:]), n
 
 
-def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, d_end=None):
+def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay=None, d_end=None):
     """``G``: the gradient of the state entering the shard from the shard's own outputs alone
     (its end state's gradient taken as zero), ``[B, H, K, V]``; given ``d_end``, the end state's
     gradient, the whole gradient of the entering state (the relay scheme's backward walk).
@@ -307,33 +326,41 @@ def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, d_end
     The sum rule: ``scale * sum q_t dout_t^T`` over the steps before the shard's first reset.
     The delta rule: the chunk form's backward walk of the state gradient alone, chunks in reverse,
     ``dW0 = dW1 + Q_eff^T dO - Y^T K dW1`` (``Q_eff = Q - S Y``), no input gradients.
+    Gated, both rules take that walk with the chunk form's decays (``dW0 = exp(g_C) dW1 + ...``).
     """
     acc = scale.dtype
     batch, length, heads, key_dim = q.shape
     d_out = d_out.astype(acc)
-    if rule == "sum":
+    if rule == "sum" and log_decay is None:
         first = jnp.ones((batch, length), bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
         g = scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
         return g if d_end is None else g + _kept_without_reset(resets, batch, acc) * d_end
     layout = _chunked(q, resets, chunk_size)
     spans = layout.spans
-    q, k, beta, d_out = (layout.pad(x) for x in (q, k, beta, d_out))
+    q, k, beta, d_out, log_decay = (layout.pad(x) for x in (q, k, beta, d_out, log_decay))
     no_values = jnp.zeros((*k.shape[:3], 0), acc)  # _pieces' U_tilde is not needed: zero-wide
 
     def span(dw, xs):
         index, document = xs
-        q_s, k_s, beta_s, do_s = (spans.take(x, index).astype(acc) for x in (q, k, beta, d_out))
+        q_s, k_s, beta_s, do_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
+                                               for x in (q, k, beta, d_out, log_decay))
         docs = documents_of(document)
-        p = _pieces("delta", q_s * scale, k_s, spans.take(no_values, index), beta_s, docs)
-        k_s = k_s if docs is None else _rows(docs.last, k_s)
+        p = _pieces(rule, q_s * scale, k_s, spans.take(no_values, index), beta_s, docs, log_decay_s)
+        options = _walk_options(docs, p.decays)
 
         def chunk(dw1, xs):
-            q_c, k_c, y_c, do_c, keep_c = xs
-            du = _mm("gck,gkv->gcv", k_c, dw1)
-            dw0 = dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0)
-            return dw0 + _mm("gck,gcv->gkv", q_c, do_c) - _mm("gck,gcv->gkv", y_c, du), None
+            q_c, k_c, y_c, do_c, keep_c, decay_c = xs
+            if decay_c is not None:
+                dw0 = decay_c[:, None, None] * dw1
+            else:
+                dw0 = dw1 if keep_c is None else jnp.where(keep_c[:, None, None], dw1, 0.0)
+            dw0 = dw0 + _mm("gck,gcv->gkv", q_c, do_c)
+            if y_c is None:
+                return dw0, None
+            return dw0 - _mm("gck,gcv->gkv", y_c, _mm("gck,gkv->gcv", k_c, dw1)), None
 
-        dw, _ = lax.scan(chunk, dw, (p.q_eff, k_s, p.y, do_s, None if docs is None else docs.keep), reverse=True)
+        dw, _ = lax.scan(chunk, dw, (p.q_eff, _walk_keys(k_s, docs, p.decays), p.y, do_s, options.get("keep"),
+                                     options.get("decay")), reverse=True)
         return dw, None
 
     start = jnp.zeros((batch * heads, key_dim, d_out.shape[-1]), acc) if d_end is None else _group(d_end)
@@ -400,7 +427,7 @@ def _relay_walk_back(walk, d_final: Array, axis: str, shards: int) -> Array:
     return d
 
 
-def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
+def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay=None):
     """The chunk form's forward over the slice from ``w_in``: its outputs, end state ``[B, H, K, V]``
     and residuals (its custom_vjp's own: the inputs, the writes U and each span's end state), so
     the backward needs no recompute."""
@@ -408,18 +435,19 @@ def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size):
     batch, length, heads, key_dim = q.shape
     w0 = w_in.reshape(batch * heads, key_dim, v.shape[-1])
     (out, end), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
-                                             w0, layout.document, scale)
+                                             w0, layout.document, scale, layout.pad(log_decay))
     return out[:, :length], end.reshape(w_in.shape), residuals
 
 
 def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end):
-    """The chunk form's backward over the slice: ``dq, dk, dv, dbeta``, the entering state's gradient
-    ``[B, H, K, V]`` and scale's."""
+    """The chunk form's backward over the slice: ``(dq, dk, dv, dbeta, d_log_decay)``, the entering
+    state's gradient ``[B, H, K, V]`` and scale's."""
     layout = _chunked(q, resets, chunk_size)
     length = q.shape[1]
-    dq, dk, dv, dbeta, d_in, _, d_scale = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
-                                                            (layout.pad(d_out), _group(d_end)))
-    return *(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta)), d_in.reshape(d_end.shape), d_scale
+    dq, dk, dv, dbeta, d_in, _, d_scale, d_log_decay = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
+                                                                         (layout.pad(d_out), _group(d_end)))
+    grads = tuple(None if x is None else x[:, :length] for x in (dq, dk, dv, dbeta, d_log_decay))
+    return grads, d_in.reshape(d_end.shape), d_scale
 
 
 class _Static(NamedTuple):
@@ -431,22 +459,22 @@ class _Static(NamedTuple):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=None):
     """One shard's part of the op (inside shard_map): ``(out, final_state)`` of the whole sequence."""
-    (out, final), _ = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale)
+    (out, final), _ = _shard_forward(static, q, k, v, beta, w0, segment_ids, scale, log_decay)
     return out, final
 
 
-def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
+def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=None):
     rule, chunk_size, plan, engine, scheme = static
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     m = None
     if scheme == "transition":
-        m, n = _transition(rule, k, v, beta, resets, acc, chunk_size)
+        m, n = _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay)
         w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
     else:
-        walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size)
+        walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size, log_decay=log_decay)
         w_in = _relay_walk(walk, w0, plan.axis, plan.shards)
     if engine == "pallas":
         # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
@@ -455,34 +483,36 @@ def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale):
 
         (out, end), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
     else:
-        out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size)
+        out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay)
     if scheme == "relay":  # the last shard's end, from its own forward
         final = lax.psum(jnp.where(lax.axis_index(plan.axis) == plan.shards - 1, end, 0.0), plan.axis)
-    return (out, final), (q, k, beta, segment_ids, scale, m, residuals)
+    return (out, final), (q, k, beta, segment_ids, scale, m, residuals, log_decay)
 
 
 def _shard_backward(static: _Static, saved, cotangents):
     rule, chunk_size, plan, engine, scheme = static
-    q, k, beta, segment_ids, scale, m, residuals = saved
+    q, k, beta, segment_ids, scale, m, residuals, log_decay = saved
     d_out, d_final = cotangents
     # The final state is replicated over the shards: differentiating the shard_map hands its
     # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
     d_final = lax.psum(d_final, plan.axis)
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
-    entering = partial(_entering_gradient, rule, q, k, beta, resets, scale, d_out, chunk_size)
+    entering = partial(_entering_gradient, rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay)
     if scheme == "transition":
         # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
         # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
         d_end, d_w0 = _relay_back(rule, m, entering(), d_final, plan.axis, plan.shards)
     else:
         d_end = _relay_walk_back(lambda d: entering(d_end=d), d_final, plan.axis, plan.shards)
+    d_log_decay = None
     if engine == "pallas":
         dq, dk, dv, dbeta, d_in, d_scale = residuals((d_out, d_end))
     else:
-        dq, dk, dv, dbeta, d_in, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end)
+        (dq, dk, dv, dbeta, d_log_decay), d_in, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals,
+                                                                          d_out, d_end)
     if scheme == "relay":  # the first shard's backward gives initial_state's gradient
         d_w0 = jnp.where(lax.axis_index(plan.axis) == 0, d_in, 0.0)
-    return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype)
+    return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype), d_log_decay
 
 
 _shard_op.defvjp(_shard_forward, _shard_backward)
@@ -528,6 +558,7 @@ def fast_weight_context_parallel(
     segment_ids: Array | None,
     plan: ContextPlan,
     impl: str = "chunk",
+    log_decay: Array | None = None,
     scheme: str | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
@@ -546,6 +577,9 @@ def fast_weight_context_parallel(
         raise ValueError(f"scheme must be one of {SCHEMES} or None; got {scheme!r}")
     engine = "pallas" if impl == "pallas" else "chunk"
     if engine == "pallas":
+        if log_decay is not None:
+            raise ValueError("log_decay (gated fast weights) with a sharded T needs impl='chunk' (or 'auto'): the "
+                             "Pallas TPU kernel takes no decay yet")
         if segment_ids is not None:
             raise ValueError("segment_ids with a sharded T need impl='chunk' (the TPU kernel takes no resets)")
         if not runs_tpu_kernel():
@@ -555,13 +589,19 @@ def fast_weight_context_parallel(
         reason = pallas_supports(q, k, v, beta)
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot take this call: {reason}")
-    acc = accumulation_dtype(q, k, v, beta, initial_state)
+    acc = accumulation_dtype(q, k, v, beta, initial_state, log_decay)
     static = _Static(rule, chunk_size, plan, engine, scheme)
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
     specs = (seq, seq, seq, beta_spec, state, ids_spec)
     args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
-    run = _shard_map(plan, partial(_shard_op, static), (*specs, PartitionSpec()), (seq, state))
-    return run(*args, jnp.asarray(scale, acc))
+    if log_decay is None:
+        run = _shard_map(plan, partial(_shard_op, static), (*specs, PartitionSpec()), (seq, state))
+        return run(*args, jnp.asarray(scale, acc))
+    # Gated: log_decay [B, T, H] is sharded as beta is.
+    (log_decay,) = _resharded(plan, (log_decay,), (plan.spec("B", "T", "H"),))
+    run = _shard_map(plan, partial(_shard_op, static), (*specs, PartitionSpec(), plan.spec("B", "T", "H")),
+                     (seq, state))
+    return run(*args, jnp.asarray(scale, acc), log_decay)
 
 
 def running_key_sum_context_parallel(phi_k: Array, start: Array, segment_ids: Array | None = None, *,

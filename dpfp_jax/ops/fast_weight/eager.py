@@ -24,7 +24,8 @@ What does not change:
 
 ``check_stability=True`` reads values, which a jitted function cannot raise on: the eager call
 then runs ``jax.jit(checkify.checkify(op))`` and raises the check's message as the ValueError the
-plain eager call raises.
+plain eager call raises. Checks of values that every eager call makes (the op's ``log_decay <= 0``)
+are passed as ``eager_check``, run on the concrete arguments before the jitted function.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ def _passes_jit_unchanged(x: object, number_ok: bool) -> bool:
     return number_ok and isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
-def jit_when_eager(fn: Callable[..., Any], *, dynamic: tuple[str, ...], numbers_ok: tuple[str, ...] = ()
-                   ) -> Callable[..., Any]:
+def jit_when_eager(fn: Callable[..., Any], *, dynamic: tuple[str, ...], numbers_ok: tuple[str, ...] = (),
+                   eager_check: Callable[[dict[str, Any]], None] | None = None) -> Callable[..., Any]:
     """``fn`` that runs as ``jax.jit(fn)`` when called eagerly (this module's docstring).
 
     ``dynamic``: the parameters that are arrays (or None), traced by the jit; every other
     parameter is static (part of the cache key). ``numbers_ok``: dynamic parameters that may also
-    be Python or numpy numbers. The wrapper's ``trace_count()`` says how many times the jitted
-    path has traced ``fn`` (for tests: a second eager call with the same shapes must not retrace).
+    be Python or numpy numbers. ``eager_check(arguments)``: called with the concrete arguments
+    (by name) before the jitted function runs, to raise on values inside it cannot see. The
+    wrapper's ``trace_count()`` says how many times the jitted path has traced ``fn`` (for tests:
+    a second eager call with the same shapes must not retrace).
 
     Example:
         >>> import jax.numpy as jnp
@@ -103,6 +106,8 @@ def jit_when_eager(fn: Callable[..., Any], *, dynamic: tuple[str, ...], numbers_
         arguments = bound.arguments
         if not all(_passes_jit_unchanged(arguments.get(name), name in numbers_ok) for name in dynamic):
             return fn(*args, **kwargs)
+        if eager_check is not None:
+            eager_check(arguments)
         if isinstance(arguments.get(CHECK_OPTION), bool | np.bool_) and bool(arguments.get(CHECK_OPTION)):
             error, result = jitted_checked(**arguments)
             if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(error)):

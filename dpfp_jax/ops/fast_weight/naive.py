@@ -25,6 +25,7 @@ def fast_weight_reference(
     rule: str,
     scale: float | Array,
     resets: Array | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op's contract, stated once here: every fast path computes this function.
 
@@ -34,6 +35,9 @@ def fast_weight_reference(
     - ``rule="delta"``: ``W_t = W_{t-1} + beta_t k_t (v_t - W_{t-1}^T k_t)^T``
     - output ``o_t = scale * W_t^T q_t`` (W after step t's write).
     - packed documents: where ``resets[b, t]``, W is zero before step t (``W_{t-1}`` above is then 0).
+    - gated (``log_decay`` given): ``W_{t-1}`` above is first multiplied by ``alpha_t = exp(log_decay_t)``,
+      so the delta rule is ``W_t = alpha_t (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T`` and the
+      sum rule ``W_t = alpha_t W_{t-1} + k_t v_t^T``; a reset at t zeroes W whatever alpha_t is.
 
     Args:
       q: ``[B, T, H, K]`` queries, k: ``[B, T, H, K]`` keys (both already feature-mapped),
@@ -44,6 +48,8 @@ def fast_weight_reference(
       scale: a Python or numpy number or a 0-d array; it may be traced.
       resets: ``[B, T]`` bool, True where a new document starts (``segments.resets_of`` of the
         op's ``segment_ids``; never at step 0), or None for one document per row.
+      log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
+        for no gate (the ungated recurrence, computed exactly as without the argument).
 
     The arguments are taken as they come: ``dj.fast_weight`` validates them first.
 
@@ -53,7 +59,7 @@ def fast_weight_reference(
       dtype, float32, or float64 when an input is float64. The recurrence accumulates in that
       dtype, never in bfloat16 or float16.
 
-    Gradients flow to every array argument (q, k, v, beta, initial_state) and to ``scale``, from
+    Gradients flow to every array argument (q, k, v, beta, initial_state, log_decay) and to ``scale``, from
     losses on either output: this recurrence's gradients. Here autodiff through the scan gives
     them (storing W at every step); the fast paths give the same, to round-off, through backwards
     of their own that rebuild the states instead of storing them.
@@ -66,13 +72,15 @@ def fast_weight_reference(
         >>> out[0, :, 0].tolist(), w[0, 0].tolist()  # each key recalls half its value
         ([[1.5, 0.0], [0.0, 1.5]], [[1.5, 0.0], [0.0, 1.5]])
     """
-    acc = accumulation_dtype(q, k, v, beta, initial_state)
+    acc = accumulation_dtype(q, k, v, beta, initial_state, log_decay)
     scale = jnp.asarray(scale, acc)  # a float64 scale (x64) must not widen the outputs
 
     def step(w: Array, inputs: tuple[Array, ...]) -> tuple[Array, Array]:
-        q_t, k_t, v_t, beta_t, reset_t = inputs  # [B, H, K], [B, H, K], [B, H, V], [B, H] or None, [B] or None
+        q_t, k_t, v_t, beta_t, reset_t, log_decay_t = inputs  # [B, H, K] x2, [B, H, V], [B, H] or None, [B] or None
         if reset_t is not None:
             w = jnp.where(reset_t[:, None, None, None], 0.0, w)
+        if log_decay_t is not None:
+            w = jnp.exp(log_decay_t)[..., None, None] * w
         if rule == "delta":
             v_bar = jnp.einsum("bhkv,bhk->bhv", w, k_t, precision=HIGHEST)
             w = w + beta_t[..., None, None] * k_t[..., :, None] * (v_t - v_bar)[..., None, :]
@@ -80,6 +88,7 @@ def fast_weight_reference(
             w = w + k_t[..., :, None] * v_t[..., None, :]
         return w, scale * jnp.einsum("bhkv,bhk->bhv", w, q_t, precision=HIGHEST)
 
-    inputs = (*(to_time_major(x, acc) for x in (q, k, v, beta)), to_time_major(resets, jnp.bool_))
+    inputs = (*(to_time_major(x, acc) for x in (q, k, v, beta)), to_time_major(resets, jnp.bool_),
+              to_time_major(log_decay, acc))
     final_state, out = lax.scan(step, initial_state.astype(acc), inputs)
     return jnp.swapaxes(out, 0, 1).astype(v.dtype), final_state

@@ -12,10 +12,19 @@ walk is exactly O(K * V). Its price is float32 round-off from the subtractions, 
 like a random walk (about ``sqrt(T) * eps * |W|``); the tests hold T = 4096 gradients to 1e-4
 of the oracle. The writes ``u_t`` are stored rather than recomputed, so the rebuilt states never
 feed back into the forward values, and the error does not compound.
+
+Gated (``log_decay`` given): a decayed step ``W_t = alpha_t W_{t-1} + k_t u_t^T`` reverses only by
+dividing by alpha_t, which amplifies round-off by ``1 / alpha_t`` per step and is undefined at
+alpha = 0. That walk is not used then: the forward keeps the state entering every block of
+``N = ceil(sqrt(T))`` steps, and the backward, block by block in reverse, recomputes the block's
+states forward from its checkpoint (N states, alive for that block only) and steps back through
+them. Memory O((T / N + N) K V) = O(sqrt(T) K V) per head, time one extra forward; the gradients
+are those of the forward's own states, exact for any alpha in [0, 1] (docs/math.md, "Gated").
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -25,6 +34,7 @@ from jax import lax
 from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.common import HIGHEST, accumulation_dtype, to_time_major, zeros_like_sharded
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.padding import pad_to
 
 Array = jax.Array
 
@@ -221,6 +231,99 @@ def _backward_packed(rule, features, q, k, v, beta, writes, w0, resets, d_out, d
 _recurrence.defvjp(_forward_rule, _backward, symbolic_zeros=True)
 
 
+def gated_block_size(length: int) -> int:
+    """Steps per checkpointed block of the gated backward: ``ceil(sqrt(T))`` (at least 1), which
+    minimises the T / N checkpoints plus the N states of one block.
+
+    Example:
+        >>> gated_block_size(4096), gated_block_size(17), gated_block_size(0)
+        (64, 5, 1)
+    """
+    root = math.isqrt(length)
+    return max(1, root + (root * root < length))
+
+
+def _gated_step(rule, w_prev, q_t, k_t, v_t, beta_t, reset_t, log_decay_t):
+    """One gated step from ``W_{t-1}``: ``(W_t, o_t, W_a)``, ``W_a = alpha_t W_{t-1}`` (zero after a
+    reset), the state the write sees."""
+    w = w_prev if reset_t is None else jnp.where(reset_t[:, None, None, None], 0.0, w_prev)
+    w_a = jnp.exp(log_decay_t)[..., None, None] * w
+    u_t = beta_t[..., None] * (v_t - _apply(w_a, k_t)) if rule == "delta" else v_t
+    w = w_a + _outer(k_t, u_t)
+    return w, _apply(w, q_t), w_a, u_t
+
+
+def _blocks(x: Array | None, size: int) -> Array | None:
+    """Time-major ``[T, ...] -> [T / size, size, ...]``."""
+    return None if x is None else x.reshape(x.shape[0] // size, size, *x.shape[1:])
+
+
+def _unblocks(x: Array | None) -> Array | None:
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gated_recurrence(rule: str, block: int, q, k, v, beta, w0, resets, log_decay):
+    """Time-major gated core, T a multiple of ``block``: ``(out [T, B, H, V], final_state)``."""
+    (out, final_state), _ = _gated_forward(rule, block, q, k, v, beta, w0, resets, log_decay)
+    return out, final_state
+
+
+def _gated_forward(rule, block, q, k, v, beta, w0, resets, log_decay):
+    def block_step(w, xs):
+        def step(w, inputs):
+            w, out, _, _ = _gated_step(rule, w, *inputs)
+            return w, out
+
+        w_end, out = lax.scan(step, w, xs)
+        return w_end, (out, w)  # the state entering the block: its checkpoint
+
+    xs = tuple(_blocks(x, block) for x in (q, k, v, beta, resets, log_decay))
+    final_state, (out, checkpoints) = lax.scan(block_step, w0, xs)
+    out = _unblocks(out)
+    return (out, final_state), (q, k, v, beta, resets, log_decay, checkpoints)
+
+
+def _gated_forward_rule(rule, block, *primals):
+    return _gated_forward(rule, block, *primal_values(*primals))
+
+
+def _gated_backward(rule, block, residuals, cotangents):
+    q, k, v, beta, resets, log_decay, checkpoints = residuals
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
+
+    def block_back(g, xs):
+        w_in, inputs, do = xs[0], xs[1:-1], xs[-1]
+
+        def replay(w, inputs):  # the block's states again, from its checkpoint: W_{t-1} of each step
+            w_next, _, _, _ = _gated_step(rule, w, *inputs)
+            return w_next, w
+
+        _, w_prev = lax.scan(replay, w_in, inputs)
+
+        def step_back(g, xs):
+            w_prev_t, (q_t, k_t, v_t, beta_t, reset_t, log_decay_t), do_t = xs
+            w, _, w_a, u_t = _gated_step(rule, w_prev_t, q_t, k_t, v_t, beta_t, reset_t, log_decay_t)
+            (_, g_a), (dq_t, dk_t, dv_t, dbeta_t) = _step_back(rule, w, g, q_t, k_t, v_t, beta_t, u_t, do_t,
+                                                               w_prev=w_a)
+            # W_a = alpha W_{t-1}: d log alpha = <dW_a, W_a>, exact at alpha = 0 (W_a = 0), no division.
+            d_log_decay_t = jnp.sum(g_a * w_a, axis=(-2, -1))
+            g = jnp.exp(log_decay_t)[..., None, None] * g_a
+            if reset_t is not None:
+                g = jnp.where(reset_t[:, None, None, None], 0.0, g)
+            return g, (dq_t, dk_t, dv_t, dbeta_t, d_log_decay_t)
+
+        return lax.scan(step_back, g, (w_prev, inputs, do), reverse=True)
+
+    xs = (checkpoints, *(_blocks(x, block) for x in (q, k, v, beta, resets, log_decay, d_out)))
+    d_w0, grads = lax.scan(block_back, d_final, xs, reverse=True)
+    dq, dk, dv, dbeta, d_log_decay = (_unblocks(x) for x in grads)
+    return dq, dk, dv, dbeta, d_w0, None, d_log_decay
+
+
+_gated_recurrence.defvjp(_gated_forward_rule, _gated_backward, symbolic_zeros=True)
+
+
 def fast_weight_scan(
     q: Array,
     k: Array,
@@ -232,24 +335,40 @@ def fast_weight_scan(
     scale: float | Array,
     resets: Array | None = None,
     features: Features | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract (shapes, dtypes, outputs, gradients) :func:`.naive.fast_weight_reference`
-    states, as a time scan with the memory-lean backward this module describes.
+    states, as a time scan with the memory-lean backward this module describes (with ``log_decay``:
+    the checkpointed blocks of the module docstring).
 
     ``features`` (:class:`dpfp_jax.Features`): q, k are raw ``[B, T, H, d]``, mapped at each step
     where they are used and kept at width d in their own dtype for the backward, which maps them
-    again step by step."""
-    acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state), v.dtype
+    again step by step. With ``log_decay`` too, the gated scan is given phi(q), phi(k) mapped first
+    (its checkpointed backward keeps them K-wide: not fused)."""
+    acc, out_dtype = accumulation_dtype(q, k, v, beta, initial_state, log_decay), v.dtype
+    if features is not None and log_decay is not None:
+        q, k, features = features(q), features(k), None
     scale = jnp.asarray(scale, acc)
     resets = to_time_major(resets, jnp.bool_)
-    v, beta = (to_time_major(x, acc) for x in (v, beta))
     if features is not None:
         # phi(q) exists only inside the scan: scale multiplies the outputs instead (W^T (s phi) = s W^T phi).
+        v, beta = (to_time_major(x, acc) for x in (v, beta))
         q, k = (to_time_major(x, x.dtype) for x in (q, k))
         out, final_state = _recurrence(rule, features, q, k, v, beta, initial_state.astype(acc), resets)
         return jnp.swapaxes(out * scale, 0, 1).astype(out_dtype), final_state
     # Scaling q outside the custom_vjp lets autodiff handle scale (a traced value is fine); in acc,
     # as a float64 scale (x64) would otherwise widen q past the state's dtype.
-    q, k = (to_time_major(x, acc) for x in (q, k))
-    out, final_state = _recurrence(rule, None, q * scale, k, v, beta, initial_state.astype(acc), resets)
+    q, k, v, beta, log_decay = (to_time_major(x, acc) for x in (q, k, v, beta, log_decay))
+    q = q * scale
+    if log_decay is not None:
+        length = q.shape[0]
+        block = gated_block_size(length)
+        padded = -(-length // block) * block
+        # Padded steps are inert: zero q, k, v and beta, log alpha = 0 (alpha = 1), no reset.
+        q, k, v, beta, resets, log_decay = (None if x is None else pad_to(x, 0, padded)
+                                            for x in (q, k, v, beta, resets, log_decay))
+        out, final_state = _gated_recurrence(rule, block, q, k, v, beta, initial_state.astype(acc), resets,
+                                             log_decay)
+        return jnp.swapaxes(out[:length], 0, 1).astype(out_dtype), final_state
+    out, final_state = _recurrence(rule, None, q, k, v, beta, initial_state.astype(acc), resets)
     return jnp.swapaxes(out, 0, 1).astype(out_dtype), final_state

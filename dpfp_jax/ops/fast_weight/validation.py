@@ -7,6 +7,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from dpfp_jax.feature_maps import Features
 from dpfp_jax.validation import check_choice
@@ -135,3 +136,59 @@ def check_segment_ids(segment_ids: object, q: Array) -> None:
         raise TypeError(f"segment_ids must have an integer dtype (document ids); got {segment_ids.dtype}"
                         + ("; a boolean array looks like a padding mask, which the modules take as mask="
                            if segment_ids.dtype == jnp.bool_ else ""))
+
+
+def check_log_decay(log_decay: object, q: Array) -> None:
+    """Raise unless ``log_decay`` is None or a float array ``[B, T, H]`` matching q's batch, time and heads.
+
+    Its values (``<= 0``) are checked by :func:`check_log_decay_values` where they are known.
+    """
+    if log_decay is None:
+        return
+    _check_array("log_decay", log_decay)
+    expected = q.shape[:3]
+    if log_decay.shape != expected:
+        raise ValueError(f"log_decay must be [B, T, H] = {expected} (one log alpha per batch row, step and head); "
+                         f"got shape {log_decay.shape}")
+    _check_float("log_decay", log_decay)
+
+
+LOG_DECAY_MESSAGE = ("log_decay must be <= 0 (alpha = exp(log_decay) in [0, 1]; -inf for alpha = 0); {count} of "
+                     "{total} values are positive or NaN, the first at batch {b}, step {t}, head {h}: {value}")
+
+
+def _first_bad_log_decay(log_decay: Array) -> tuple[Array, ...]:
+    bad = ~(log_decay <= 0)  # NaN fails the comparison: flagged too
+    b, t, h = jnp.unravel_index(jnp.argmax(bad.reshape(-1)), bad.shape)
+    return jnp.any(bad), jnp.sum(bad), b, t, h, log_decay[b, t, h]
+
+
+def check_log_decay_values(log_decay: Array | None, *, traced_check: bool = False) -> None:
+    """Raise a ValueError if ``log_decay`` holds a positive or NaN value, when its values are known.
+
+    Concrete arrays are read back (one reduction) and checked. Traced ones (under ``jax.jit``,
+    ``grad``, ``vmap``) cannot be read: unchecked, they are used as given (a positive log decay is
+    an alpha above 1, which grows the state and voids the delta rule's bound), unless
+    ``traced_check`` stages a :func:`jax.experimental.checkify.check` with the same message (the
+    op's ``check_stability=True``), for ``checkify.checkify`` to report.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_log_decay_values(jnp.array([[[0.0], [-jnp.inf]]]))  # alpha = 1, then alpha = 0: fine
+        >>> check_log_decay_values(jnp.array([[[0.0], [0.5]]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: log_decay must be <= 0 ...; 1 of 2 values are positive or NaN, the first at batch 0, step 1, ...
+    """
+    if log_decay is None or log_decay.size == 0:
+        return
+    if isinstance(log_decay, jax.core.Tracer):
+        if traced_check:
+            bad, count, b, t, h, value = _first_bad_log_decay(log_decay)
+            checkify.check(~bad, LOG_DECAY_MESSAGE, count=count, total=jnp.asarray(log_decay.size), b=b, t=t, h=h,
+                           value=value)
+        return
+    bad, count, b, t, h, value = (np.asarray(x) for x in _first_bad_log_decay(jnp.asarray(log_decay)))
+    if bad:
+        raise ValueError(LOG_DECAY_MESSAGE.format(count=int(count), total=log_decay.size, b=int(b), t=int(t),
+                                                  h=int(h), value=float(value)))

@@ -9,9 +9,13 @@ Both users take these pieces from here: the XLA chunk form (``chunk.py``) and th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
+from jax import lax
 
 from dpfp_jax.ops.fast_weight.common import HIGHEST, zeros_like_sharded
 
@@ -136,3 +140,98 @@ def wy_writes(inverse: Array, k: Array, v: Array, beta: Array) -> tuple[Array, A
     scaled_inverse = inverse * beta[..., None, :]  # A^-1 diag(beta): scale columns, not the wider rows
     return (jnp.einsum("...ij,...jd->...id", scaled_inverse, v, precision=HIGHEST),
             jnp.einsum("...ij,...jd->...id", scaled_inverse, k, precision=HIGHEST))
+
+
+class ChunkDecays(NamedTuple):
+    """A gated chunk's decays, ``g_i = sum_{s <= i} log alpha_s`` the within-chunk cumulative log decay
+    (docs/math.md, "Gated"); every factor is the exp of a difference of such sums, never positive."""
+
+    within: Array  # [..., C, C] exp(g_i - g_j) for j <= i (1 above the diagonal, where it is masked off)
+    start: Array  # [..., C] exp(g_i): what of the chunk's entering state step i still sees
+    end: Array  # [..., C] exp(g_C - g_i): what of step i's write reaches the chunk's end
+    total: Array  # [...] exp(g_C): what of the entering state reaches the chunk's end
+    kept: Array  # [..., C] bool: log alpha above LOG_DECAY_FLOOR, where it has a gradient
+
+
+def log_decay_floor(dtype: jnp.dtype) -> float:
+    """The log decay below which alpha is taken as exactly 0 by the chunk form: ``exp`` of it is 0
+    in ``dtype`` (16 below the log of the smallest subnormal), so clamping there changes no value,
+    and keeps ``-inf`` out of the cumulative sums (``-inf - -inf`` would be NaN).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> floor = log_decay_floor(jnp.float32)
+        >>> round(floor, 1), float(jnp.exp(jnp.float32(floor)))
+        (-119.3, 0.0)
+    """
+    return float(np.log(np.finfo(dtype).smallest_subnormal)) - 16.0
+
+
+_DECAY_QUANTUM = 16  # log decays split into multiples of 1/16 (summed exactly) and a rest in [-1/32, 1/32]
+
+
+def chunk_decays(log_decay: Array) -> ChunkDecays:
+    """:class:`ChunkDecays` of ``log_decay [..., C]`` (float32 or float64), the chunk along the last axis.
+
+    The differences ``g_i - g_j`` of one cumulative sum lose ``eps * |g_i|`` where a chunk holds
+    large decays (a sum near -4000 keeps only 1e-3 of a difference of -0.1, in float32). So each
+    log decay is split as ``hi + lo``, ``hi`` a multiple of 1/16 and ``|lo| <= 1/32``: the cumulative
+    sums of ``hi`` are exact (multiples of 1/16 below 2^20 in size, for C up to 8192 in float32)
+    and their differences too, and those of ``lo`` are small, so every difference is within a few
+    ulps of its own size. ``-inf`` (alpha = 0) and anything below :func:`log_decay_floor` are first
+    clamped to it, where exp is 0 all the same.
+
+    Example: alpha = 0.5 at every step of a chunk of 3.
+        >>> import jax.numpy as jnp
+        >>> d = chunk_decays(jnp.log(jnp.full(3, 0.5)))
+        >>> d.start.tolist(), d.end.tolist(), float(d.total)
+        ([0.5, 0.25, 0.125], [0.25, 0.5, 1.0], 0.125)
+        >>> d.within.tolist()
+        [[1.0, 1.0, 1.0], [0.5, 1.0, 1.0], [0.25, 0.5, 1.0]]
+    """
+    floor = log_decay_floor(log_decay.dtype)
+    kept = log_decay >= floor
+    clamped = jnp.maximum(log_decay, floor)
+    hi = jnp.round(clamped * _DECAY_QUANTUM) / _DECAY_QUANTUM
+    lo = clamped - hi  # exact: hi is within a factor 2 of clamped, or 0
+    g_hi, g_lo = jnp.cumsum(hi, axis=-1), jnp.cumsum(lo, axis=-1)
+
+    def difference(a_hi: Array, a_lo: Array, b_hi: Array, b_lo: Array) -> Array:
+        return (a_hi - b_hi) + (a_lo - b_lo)
+
+    size = log_decay.shape[-1]
+    lower = jnp.tril(jnp.ones((size, size), bool))
+    pairwise = difference(g_hi[..., :, None], g_lo[..., :, None], g_hi[..., None, :], g_lo[..., None, :])
+    # exp only where j <= i (a sum of log decays, <= 0); 1 elsewhere, which every user masks off.
+    within = jnp.exp(jnp.where(lower, pairwise, 0.0))
+    last_hi, last_lo = g_hi[..., -1:], g_lo[..., -1:]
+    end = jnp.exp(difference(last_hi, last_lo, g_hi, g_lo))
+    return ChunkDecays(within, jnp.exp(g_hi + g_lo), end, jnp.exp(last_hi[..., 0] + last_lo[..., 0]), kept)
+
+
+def log_decay_gradient(decays: ChunkDecays, d_within: Array | None, d_start: Array | None, d_end: Array | None,
+                       d_total: Array | None) -> Array:
+    """The gradient of ``log_decay [..., C]`` from those of the :class:`ChunkDecays` factors (None: zero).
+
+    Each factor is ``exp`` of a difference of the cumulative sums g, so its gradient reaches g as
+    factor times gradient, with a plus for the later index and a minus for the earlier; g's
+    reaches each log decay as the sum over the steps at and after it (a reverse cumulative sum).
+    ``d_within``'s diagonal is ignored (``exp(g_i - g_i)`` is constant).
+    """
+    dg = 0.0
+    if d_within is not None:
+        h = jnp.tril(d_within * decays.within, -1)
+        dg = dg + jnp.sum(h, axis=-1) - jnp.sum(h, axis=-2)
+    if d_start is not None:
+        dg = dg + d_start * decays.start
+    last = 0.0
+    if d_end is not None:
+        h = d_end * decays.end
+        dg = dg - h
+        last = last + jnp.sum(h, axis=-1)
+    if d_total is not None:
+        last = last + d_total * decays.total
+    dg = dg + jnp.zeros(decays.start.shape, decays.start.dtype)
+    dg = dg.at[..., -1].add(last)
+    d_log_decay = lax.cumsum(dg, axis=dg.ndim - 1, reverse=True)
+    return jnp.where(decays.kept, d_log_decay, 0.0)

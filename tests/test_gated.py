@@ -1,0 +1,420 @@
+"""Gated fast weights (``log_decay``): every XLA impl against the oracle, the decay regimes from
+alpha near 1 to exactly 0, packed documents, decoding, context parallelism, errors, and a peer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import dpfp_jax as dj
+from dpfp_devtools.workloads import make_inputs
+from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _transition
+from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+from dpfp_jax.ops.fast_weight.recurrent import gated_block_size
+from dpfp_jax.ops.fast_weight.segments import resets_of
+from dpfp_jax.ops.fast_weight.wy import chunk_decays, log_decay_floor
+from tests.helpers import (
+    DIFF_ARGS,
+    JAX_SENSITIVE,
+    SCRIPTS,
+    assert_relative_error,
+    packed_ids,
+    random_like,
+    run_with_host_devices,
+    value_and_grads,
+)
+
+IMPLS = ["scan", "chunk"]
+CHUNK = 16
+GATED_ARGS = (*DIFF_ARGS, "log_decay")
+SLOW = pytest.mark.slow
+
+
+def log_decays(seed: int, regime: str, shape: tuple[int, int, int]) -> jax.Array:
+    """``log alpha [B, T, H]`` of a regime: ``typical`` (alpha mostly 0.3 to 1), ``near_one``
+    (1 - 1e-4 and closer), ``near_zero`` (alpha about 1e-30), ``zero`` (-inf everywhere) or
+    ``mixed`` (typical, with steps of alpha = 0, 1e-30 and 1 - 1e-6, on and off chunk boundaries)."""
+    noise = jax.random.normal(jax.random.key(seed), shape)
+    if regime == "typical":
+        return -0.5 * jax.nn.softplus(noise)
+    if regime == "near_one":
+        return -1e-4 * jax.nn.sigmoid(noise)
+    if regime == "near_zero":
+        return jnp.log(1e-30) + 0.1 * noise
+    if regime == "zero":
+        return jnp.full(shape, -jnp.inf)
+    assert regime == "mixed"
+    x = -0.5 * jax.nn.softplus(noise)
+    steps = shape[1]
+    for t, value in ((CHUNK - 1, -jnp.inf), (CHUNK, -jnp.inf), (5, jnp.log(1e-30)), (2 * CHUNK + 3, -jnp.inf),
+                     (CHUNK + 4, -1e-6), (steps - 1, jnp.log(1e-30))):
+        if 0 <= t < steps:
+            x = x.at[0, t].set(value).at[1, t, 0].set(value)
+    return x
+
+
+def gated_inputs(seed, *, rule, regime="mixed", time=37, key_dim=8, value_dim=4, with_state=True,
+                 dtype=jnp.float32, batch=2, heads=2):
+    inputs = make_inputs(seed, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
+                         with_state=with_state)
+    inputs["log_decay"] = log_decays(seed + 100, regime, (batch, time, heads))
+    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+
+
+def op(impl, rule, **options):
+    def fn(x):
+        return dj.fast_weight(x["q"], x["k"], x["v"], x["beta"], rule=rule, initial_state=x["initial_state"],
+                              log_decay=x["log_decay"], impl=impl, chunk_size=CHUNK, **options)
+    return fn
+
+
+def results_and_grads(inputs, impl, rule, **options):
+    """``(out, state)`` and the gradients of q, k, v, beta, initial_state and log_decay."""
+    return value_and_grads(op(impl, rule, **options), inputs, GATED_ARGS)
+
+
+def assert_agree(got, want, tolerance):
+    (got_values, got_grads), (want_values, want_grads) = got, want
+    assert_relative_error(got_values, want_values, tolerance)
+    assert_relative_error(got_grads, want_grads, tolerance)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("regime", [pytest.param(r, marks=SLOW) for r in ("typical", "near_one", "near_zero", "zero")]
+                         + ["mixed"])
+def test_matches_the_oracle_float32(impl, rule, regime):
+    inputs = gated_inputs(1, rule=rule, regime=regime)
+    got, want = results_and_grads(inputs, impl, rule), results_and_grads(inputs, "reference", rule)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(got))
+    assert_agree(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("scan", marks=SLOW), "chunk"])
+@pytest.mark.parametrize("rule", ["delta", pytest.param("sum", marks=SLOW)])
+def test_matches_the_oracle_float64(x64, impl, rule):
+    inputs = gated_inputs(2, rule=rule, dtype=jnp.float64, time=41)
+    assert_agree(results_and_grads(inputs, impl, rule), results_and_grads(inputs, "reference", rule), 1e-11)
+
+
+@SLOW
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_gradients_numerically(x64, impl, rule):
+    inputs = gated_inputs(3, rule=rule, dtype=jnp.float64, time=11, key_dim=3, value_dim=2, regime="typical")
+    names = [n for n in GATED_ARGS if inputs[n] is not None]
+
+    def f(*args):
+        out, state = op(impl, rule)({**inputs, **dict(zip(names, args, strict=True))})
+        return jnp.sum(out * jnp.sin(out)) + jnp.sum(state**2)
+
+    check_grads(f, [inputs[n] for n in names], order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@SLOW
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_decay_is_the_ungated_op(impl):
+    inputs = gated_inputs(4, rule="delta")
+    inputs["log_decay"] = jnp.zeros_like(inputs["log_decay"])
+    gated = results_and_grads(inputs, impl, "delta")
+    plain = value_and_grads(op(impl, "delta"), {**inputs, "log_decay": None}, DIFF_ARGS)
+    assert_relative_error(gated[0], plain[0], 1e-5)
+    assert_relative_error(gated[1][:5], plain[1], 1e-5)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), pytest.param("scan", marks=SLOW), "chunk"])
+def test_alpha_zero_forgets_everything_before(impl):
+    """alpha_t = 0: the outputs from t on are those of a run that starts at t from zeros."""
+    inputs = gated_inputs(5, rule="delta", regime="typical", time=40)
+    cut = 21
+    inputs["log_decay"] = inputs["log_decay"].at[:, cut].set(-jnp.inf)
+    out, state = op(impl, "delta")(inputs)
+    tail = {n: None if x is None or n == "initial_state" else x[:, cut:] for n, x in inputs.items()}
+    want_out, want_state = op("reference", "delta")(tail)
+    assert_relative_error(out[:, cut:], want_out, 1e-5)
+    assert_relative_error(state, want_state, 1e-5)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), pytest.param("scan", marks=SLOW), "chunk"])
+@pytest.mark.parametrize("rule", ["delta", pytest.param("sum", marks=SLOW)])
+def test_with_segment_ids_a_reset_wins_over_the_gate(impl, rule):
+    inputs = gated_inputs(6, rule=rule, time=40)
+    ids = packed_ids(40, seed=6)
+    got = results_and_grads(inputs, impl, rule, segment_ids=ids)
+    assert_agree(got, results_and_grads(inputs, "reference", rule, segment_ids=ids), 2e-5)
+    # At a reset the state is zero whatever alpha is: that alpha changes nothing and gets no gradient.
+    resets = np.asarray(resets_of(ids))
+    d_log_decay = np.asarray(got[1][-1])
+    assert np.max(np.abs(d_log_decay[resets])) <= 1e-6 * np.max(np.abs(d_log_decay))
+    changed = {**inputs, "log_decay": jnp.where(jnp.asarray(resets)[..., None], -3.0, inputs["log_decay"])}
+    assert_relative_error(op(impl, rule, segment_ids=ids)(changed), got[0], 1e-6)
+
+
+@pytest.mark.parametrize("impl", ["auto"])
+def test_decoding_step_by_step_equals_the_whole_sequence(impl):
+    inputs = gated_inputs(7, rule="delta", time=9)
+    want_out, want_state = op("reference", "delta")(inputs)
+    state, outs = inputs["initial_state"], []
+    for t in range(9):
+        step = {n: None if x is None or n == "initial_state" else x[:, t:t + 1] for n, x in inputs.items()}
+        out, state = op(impl, "delta")({**step, "initial_state": state})
+        outs.append(out)
+    assert_relative_error(jnp.concatenate(outs, axis=1), want_out, 1e-5)
+    assert_relative_error(state, want_state, 1e-5)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=SLOW), pytest.param("scan", marks=SLOW), "chunk"])
+@pytest.mark.parametrize("rule", ["delta", pytest.param("sum", marks=SLOW)])
+def test_bfloat16_inputs(impl, rule):
+    inputs = gated_inputs(8, rule=rule, dtype=jnp.bfloat16, time=40)
+    (out, state), grads = results_and_grads(inputs, impl, rule)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
+    (want_out, want_state), want_grads = results_and_grads(wide, "reference", rule)
+    assert_relative_error(out, want_out, 1e-2)
+    assert_relative_error(state, want_state, 1e-5)
+    assert_relative_error(grads, want_grads, 1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("key_dim", [pytest.param(1, marks=SLOW), pytest.param(64, marks=SLOW),
+                                     pytest.param(130, marks=SLOW), pytest.param(384, marks=SLOW),
+                                     pytest.param(1024, marks=SLOW)])
+def test_key_widths(impl, key_dim):
+    inputs = gated_inputs(9, rule="delta", key_dim=key_dim, time=37 if key_dim < 1024 else 21, batch=1)
+    assert_agree(results_and_grads(inputs, impl, "delta"), results_and_grads(inputs, "reference", "delta"), 5e-5)
+
+
+def test_chunk_decays_are_exact_differences_of_large_sums():
+    # A chunk whose early steps hold large decays: g reaches about -4000, and a later difference of
+    # -0.1 still comes out to float32 rounding (a plain cumulative sum keeps only about 1e-3 of it).
+    log_decay = jnp.concatenate([jnp.full(60, -69.07755), jnp.full(4, -0.1)]).astype(jnp.float32)
+    within = chunk_decays(log_decay).within
+    np.testing.assert_allclose(within[62, 61], np.exp(-0.1), rtol=1e-6)
+    np.testing.assert_allclose(within[63, 60], np.exp(-0.3), rtol=1e-6)
+    # alpha = 0 (-inf) gives exact zeros and no NaN.
+    decays = chunk_decays(jnp.array([-0.5, -jnp.inf, -0.25], jnp.float32))
+    assert decays.within[2, 0] == 0.0 and np.isclose(float(decays.within[2, 1]), np.exp(-0.25))
+    assert decays.total == 0.0 and not bool(decays.kept[1])
+    assert float(jnp.exp(jnp.float32(log_decay_floor(jnp.float32)))) == 0.0
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+def test_empty_sequences_give_the_initial_state(impl):
+    inputs = gated_inputs(15, rule="delta", time=0, regime="typical")
+    (out, state), grads = results_and_grads(inputs, impl, "delta")
+    assert out.shape == (2, 0, 2, 4)
+    np.testing.assert_array_equal(state, inputs["initial_state"])
+    assert grads[-1].shape == (2, 0, 2)
+
+
+def test_scan_blocks():
+    assert [gated_block_size(t) for t in (0, 1, 2, 16, 17, 4096)] == [1, 1, 2, 4, 5, 64]
+
+
+# --- context parallelism: the gated shard algebra on one device, and 4 devices ---------------------
+
+
+def _shard_inputs(seed, length=23):
+    inputs = gated_inputs(seed, rule="delta", time=length, key_dim=6, value_dim=3)
+    return inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["initial_state"], inputs["log_decay"]
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [pytest.param(False, marks=SLOW), True])
+def test_a_gated_shard_is_affine_in_its_entering_state(rule, with_resets):
+    _, k, v, beta, w_in, log_decay = _shard_inputs(10)
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(k.shape[:2], bool).at[0, 9].set(True) if with_resets else None
+    m, n = _transition(rule, k, v, beta, resets, jnp.float32, 4, log_decay)
+    _, want = fast_weight_reference(k, k, v, beta, w_in, rule=rule, scale=1.0, resets=resets, log_decay=log_decay)
+    np.testing.assert_allclose(_apply(rule, m, w_in) + n, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("with_resets", [pytest.param(False, marks=SLOW), True])
+def test_the_gated_entering_gradient_is_the_oracles(rule, with_resets):
+    q, k, v, beta, w_in, log_decay = _shard_inputs(11)
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(k.shape[:2], bool).at[1, 5].set(True).at[1, 17].set(True) if with_resets else None
+    d_out = jax.random.normal(jax.random.key(3), v.shape)
+    scale = jnp.float32(0.6)
+
+    def outputs(w):
+        return fast_weight_reference(q, k, v, beta, w, rule=rule, scale=scale, resets=resets, log_decay=log_decay)[0]
+
+    want = jax.vjp(outputs, w_in)[1](d_out)[0]
+    got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4, log_decay)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@SLOW
+@JAX_SENSITIVE
+def test_gated_sequence_sharded_on_4_devices_equals_one_device():
+    result = run_with_host_devices(SCRIPTS / "context_parallel_gated_script.py", count=4)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+B, T, H, K, V = 2, 5, 3, 4, 6
+GOOD = dict(q=jnp.ones((B, T, H, K)), k=jnp.ones((B, T, H, K)), v=jnp.ones((B, T, H, V)), beta=jnp.ones((B, T, H)),
+            log_decay=jnp.full((B, T, H), -0.1))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(log_decay=jnp.zeros((B, T, H, 1))), ValueError, r"log_decay must be \[B, T, H\] = \(2, 5, 3\)"),
+        (dict(log_decay=jnp.zeros((B, T))), ValueError, "log_decay must be"),
+        (dict(log_decay=jnp.zeros((B, T, H), jnp.int32)), TypeError, "log_decay must have a floating dtype"),
+        (dict(log_decay=[[0.0]]), TypeError, "log_decay must be an array"),
+        (dict(log_decay=jnp.full((B, T, H), -0.1).at[1, 3, 2].set(0.5)), ValueError,
+         r"log_decay must be <= 0 .* 1 of 30 values .* batch 1, step 3, head 2: 0.5"),
+        (dict(log_decay=jnp.full((B, T, H), jnp.nan)), ValueError, "positive or NaN"),
+        (dict(impl="pallas"), ValueError, r"pallas.*log_decay .*'reference', 'scan', 'chunk'"),
+    ],
+)
+def test_bad_log_decay_raises_clear_errors(change, error, match):
+    args = {**GOOD, **change}
+    with pytest.raises(error, match=match):
+        dj.fast_weight(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), **args)
+
+
+def test_traced_positive_log_decay_is_used_as_given_or_checked_on_request():
+    q, k, v, beta = (GOOD[n] / 4 for n in ("q", "k", "v", "beta"))
+    positive = jnp.full((B, T, H), 0.05)
+
+    want = dj.fast_weight(q, k, v, beta, log_decay=jnp.zeros_like(positive), impl="reference")
+    for impl in ("reference", "scan", "chunk"):
+        got = jax.jit(lambda x, impl=impl: dj.fast_weight(q, k, v, beta, log_decay=x, impl=impl))(positive)
+        assert float(jnp.max(jnp.abs(got[1]))) > float(jnp.max(jnp.abs(want[1])))  # alpha > 1 grew the state
+    checked = checkify.checkify(jax.jit(lambda x: dj.fast_weight(q, k, v, beta, log_decay=x, check_stability=True)))
+    error, _ = checked(positive)
+    assert "log_decay must be <= 0" in str(error.get())
+    error, _ = checked(-positive)
+    assert error.get() is None
+
+
+def test_auto_with_a_gate_picks_a_gated_impl():
+    inputs = gated_inputs(12, rule="delta", time=40)
+    assert_relative_error(op("auto", "delta")(inputs), op("reference", "delta")(inputs), 2e-5)
+
+
+# --- a peer: jax-linear-attention's chunked Gated DeltaNet (plain JAX), where installed ----------------
+
+
+@SLOW
+def test_agrees_with_jax_linear_attention_gated_deltanet():
+    chunked = pytest.importorskip("jla.ops.chunked")
+    batch, length, heads, dim = 1, 100, 2, 128  # its head size
+    keys = jax.random.split(jax.random.key(13), 5)
+    q = dj.l2_norm(jax.random.normal(keys[0], (batch, length, heads, dim)))
+    k = dj.l2_norm(jax.random.normal(keys[1], (batch, length, heads, dim)))
+    v = jax.random.normal(keys[2], (batch, length, heads, dim))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (batch, length, heads)))
+    log_decay = -jax.nn.softplus(jax.random.normal(keys[4], (batch, length, heads)))
+    w0 = random_like(14, jnp.zeros((batch, heads, dim, dim)))
+    scale = dim**-0.5  # its default; its gate multiplies the state before the write, as ours
+
+    def ours(q, k, v, beta, log_decay, w0):
+        return dj.fast_weight(q, k, v, beta, log_decay=log_decay, initial_state=w0, scale=scale, impl="chunk")
+
+    def theirs(q, k, v, beta, log_decay, w0):
+        return chunked.gated_delta_rule(q, k, v, log_decay, beta, scale=scale, initial_state=w0,
+                                        output_final_state=True)
+
+    def loss(fn):
+        def f(*args):
+            out, state = fn(*args)
+            return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+        return jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True)
+
+    args = (q, k, v, beta, log_decay, w0)
+    (_, got), got_grads = jax.jit(loss(ours))(*args)
+    (_, want), want_grads = jax.jit(loss(theirs))(*args)
+    assert_relative_error(got, want, 1e-5)
+    assert_relative_error(got_grads, want_grads, 1e-5)
+
+
+# --- layers: gate="gated_deltanet" (linen, NNX, DPFPformer, the drop-in self-attention) ------------
+
+GATE = dict(gate="gated_deltanet")
+
+
+def test_linen_layer_with_a_gate_has_its_parameters_and_they_learn():
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, **GATE)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8))
+    params = layer.init(jax.random.key(1), x)["params"]
+    assert params["gate_a_log"].shape == params["gate_dt_bias"].shape == (2,)
+    assert params["qkv"]["kernel"].shape == (8, 2, 3 * 4 + 2)  # q, k, v, beta and the gate's logit
+    assert bool(jnp.all((jnp.exp(params["gate_a_log"]) >= 1.0) & (jnp.exp(params["gate_a_log"]) <= 16.0)))
+
+    def loss(params):
+        y, memory = layer.apply({"params": params}, x)
+        return jnp.sum(y**2) + jnp.sum(memory**2)
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["gate_a_log"]).min()) > 0 and float(jnp.abs(grads["gate_dt_bias"]).min()) > 0
+    plain = dj.FastWeightAttention(num_heads=2, head_dim=4)
+    assert "gate_a_log" not in plain.init(jax.random.key(1), x)["params"]
+
+
+@SLOW
+def test_linen_decode_with_a_gate_equals_the_whole_sequence():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 8))
+    full = dj.FastWeightAttention(num_heads=2, head_dim=4, **GATE)
+    variables = full.init(jax.random.key(3), x)
+    want_y, want_memory = full.apply(variables, x)
+    decoder = dj.FastWeightAttention(num_heads=2, head_dim=4, decode=True, **GATE)
+    cache = decoder.init(jax.random.key(3), x)["cache"]
+    ys = []
+    for start, stop in [(0, 1), (1, 2), (2, 4), (4, 6)]:
+        (y, memory), updates = decoder.apply({"params": variables["params"], "cache": cache}, x[:, start:stop],
+                                             mutable=["cache"])
+        cache = updates["cache"]
+        ys.append(y)
+    assert_relative_error(jnp.concatenate(ys, axis=1), want_y, 1e-5)
+    assert_relative_error(memory, want_memory, 1e-5)
+
+
+@SLOW
+def test_a_padded_token_neither_writes_nor_decays_the_memory():
+    layer = dj.FastWeightAttention(num_heads=2, head_dim=4, **GATE)
+    x = jax.random.normal(jax.random.key(4), (2, 7, 8))
+    variables = layer.init(jax.random.key(5), x)
+    mask = jnp.ones((2, 7), bool).at[:, 6].set(False)
+    _, memory = layer.apply(variables, x, mask=mask)
+    _, want = layer.apply(variables, x[:, :6])
+    assert_relative_error(memory, want, 1e-6)
+
+
+def test_nnx_twin_with_a_gate_computes_the_linen_layer():
+    from flax import nnx
+
+    from dpfp_jax import nnx as djnnx
+
+    x = jax.random.normal(jax.random.key(6), (2, 20, 16))
+    linen = dj.DPFPformer(16, 1, num_heads=2, head_dim=4, **GATE)
+    params = linen.init(jax.random.key(7), x)["params"]
+    twin = djnnx.DPFPformer(16, 1, num_heads=2, head_dim=4, rngs=nnx.Rngs(0), **GATE)
+    djnnx.from_linen_params(twin, params)
+    assert_relative_error(twin(x), linen.apply({"params": params}, x), 1e-5)
+    attention = djnnx.DPFPSelfAttention(num_heads=2, qkv_features=8, in_features=16, rngs=nnx.Rngs(1), **GATE)
+    assert attention(x).shape == x.shape
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(gate="mamba"), r"gate must be one of \(None, 'gated_deltanet'\)"),
+    (dict(rule="sum", normalization="attention"), "normalization='attention'"),
+    (dict(impl="pallas"), "Pallas"),
+])
+def test_bad_gate_settings_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        dj.FastWeightAttention(num_heads=2, head_dim=4, **{**GATE, **change}).init(jax.random.key(0),
+                                                                                 jnp.ones((1, 3, 8)))
