@@ -346,7 +346,10 @@ def check_derivation(figure: Figure, derivation: Derivation, root: Path) -> str 
     for operand in re.findall(r"\d+(?:\.\d+)?", derivation.expression):
         if operand not in UNIT_CONSTANTS and not (_token_in(operand, "", report) or _token_in(operand, "x", report)):
             return f"its marker's operand {operand} is not in {derivation.report}"
-    value = _evaluate(ast.parse(derivation.expression, mode="eval"))
+    try:
+        value = _evaluate(ast.parse(derivation.expression, mode="eval"))
+    except ZeroDivisionError:
+        return f"its marker's {derivation.expression} divides by zero"
     written = float(figure.number.replace(",", ""))
     decimals = len(figure.number.partition(".")[2])
     if abs(value - written) > 0.5 * 10 ** -decimals + 1e-9:

@@ -419,8 +419,8 @@ class Features:
             raise ValueError(f"nu is DPFP's option; feature_map={self.feature_map!r} takes none (leave nu=1), "
                              f"got nu={self.nu!r}")
         check_choice("normalization", self.normalization, FEATURE_NORMALIZATIONS)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps >= 0:
-            raise ValueError(f"eps must be a real number >= 0; got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0 <= self.eps < math.inf:
+            raise ValueError(f"eps must be a finite real number >= 0; got {self.eps!r}")
         self.key_dim  # noqa: B018 - a callable's output width, checked on one [dim] vector now
 
     @property

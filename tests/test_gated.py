@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from dpfp_jax.ops.fast_weight.context_parallel import _apply, _entering_gradient, _transition
+from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.recurrent import gated_block_size
 from dpfp_jax.ops.fast_weight.segments import resets_of
@@ -253,6 +253,27 @@ def test_the_gated_entering_gradient_is_the_oracles(rule, with_resets):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_the_relays_gated_walks_give_the_end_state_and_the_entering_gradient(rule):
+    # The relay scheme's walks with a gate: the end state from a given entering state, and the
+    # entering state's whole gradient from the outputs' and the end state's.
+    q, k, v, beta, w_in, log_decay = _shard_inputs(12)
+    beta = beta if rule == "delta" else None
+    log_decay = log_decay.at[0, 6].set(-jnp.inf)
+    resets = jnp.zeros(k.shape[:2], bool).at[1, 13].set(True)
+    scale = jnp.float32(0.9)
+
+    def results(w):
+        return fast_weight_reference(q, k, v, beta, w, rule=rule, scale=scale, resets=resets, log_decay=log_decay)
+
+    (_, want_end), pullback = jax.vjp(results, w_in)
+    got_end = _end_state(rule, k, v, beta, resets, w_in, 4, log_decay)
+    np.testing.assert_allclose(got_end, want_end, rtol=1e-5, atol=1e-5)
+    d_out, d_end = jax.random.normal(jax.random.key(7), v.shape), jax.random.normal(jax.random.key(8), w_in.shape)
+    got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4, log_decay, d_end=d_end)
+    np.testing.assert_allclose(got, pullback((d_out, d_end))[0], rtol=1e-5, atol=1e-5)
+
+
 @SLOW
 @JAX_SENSITIVE
 def test_gated_sequence_sharded_on_4_devices_equals_one_device():
@@ -278,6 +299,8 @@ GOOD = dict(q=jnp.ones((B, T, H, K)), k=jnp.ones((B, T, H, K)), v=jnp.ones((B, T
          r"log_decay must be <= 0 .* 1 of 30 values .* batch 1, step 3, head 2: 0.5"),
         (dict(log_decay=jnp.full((B, T, H), jnp.nan)), ValueError, "positive or NaN"),
         (dict(impl="pallas"), ValueError, r"pallas.*log_decay .*'reference', 'scan', 'chunk'"),
+        # An eager call checks the other arguments before log_decay's values: the message concerns k.
+        (dict(k=jnp.ones((B, T, H, K + 1)), log_decay=jnp.full((B, T, H), 0.5)), ValueError, "k must have q's shape"),
     ],
 )
 def test_bad_log_decay_raises_clear_errors(change, error, match):

@@ -28,6 +28,8 @@ PLOT = "loss.png"
 # run with the same (with --carry the carried memory is [batch, ...], so the batch size too).
 STATE_SETTINGS = ("attention", "rule", "nu", "features", "depth", "dim", "heads", "head_dim", "ff_dim", "carry",
                   "gate")
+# Settings added after runs were first saved, with the value every run saved before them had.
+DEFAULTS_BEFORE_RECORDED = {"gate": False}
 
 
 def checkpoint_manager(directory: Path, save_every: int) -> ocp.CheckpointManager:
@@ -77,14 +79,19 @@ def _flag(name: str, value: Any) -> str:
 
 def state_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The state-shaping settings that differ between a checkpoint's run and this one, as
-    ``"--dim 32 there, --dim 64 here"``; settings the saved run did not record are not compared.
+    ``"--dim 32 there, --dim 64 here"``; settings the saved run did not record are not compared,
+    except those added later, which it had at their old default (``DEFAULTS_BEFORE_RECORDED``).
 
     >>> state_mismatches(dict(dim=32, depth=2, lr=1.0), dict(dim=64, depth=2, lr=2.0))
     ['--dim 32 there, --dim 64 here']
     >>> state_mismatches(dict(carry=True, batch_size=8), dict(carry=True, batch_size=16))
     ['--batch-size 8 there, --batch-size 16 here']
+    >>> state_mismatches(dict(dim=32), dict(dim=32, gate=True))  # saved before --gate existed
+    ['no --gate there, --gate here']
     """
     names = [*STATE_SETTINGS, *(["batch_size"] if current.get("carry") else [])]
+    # A setting added after the run was saved (``gate``, say) had its default then.
+    saved, current = ({**DEFAULTS_BEFORE_RECORDED, **settings} for settings in (saved, current))
     return [f"{_flag(name, saved[name])} there, {_flag(name, current[name])} here"
             for name in names if name in saved and saved[name] != current[name]]
 

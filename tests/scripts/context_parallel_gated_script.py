@@ -5,7 +5,8 @@ Gated fast weights (``log_decay``) with T sharded over a mesh axis against the o
 device, float32: outputs, final state and the gradients of q, k, v, beta, initial_state, scale and
 log_decay, from a loss on both results; both rules, with initial_state and segment_ids, alpha = 0
 on a shard boundary and just inside a shard, T / P not a multiple of the chunk size; an explicit
-``(seq,)`` and ``(data, seq)`` mesh and an Auto mesh with ``context_axis``; and the refusal of
+``(seq,)`` and ``(data, seq)`` mesh and an Auto mesh with ``context_axis`` (the transition scheme,
+which the op picks here), the relay scheme given by name on the Auto mesh; and the refusal of
 ``impl="pallas"`` with a gate.
 """
 
@@ -45,6 +46,18 @@ def main() -> None:
             return jnp.sum(out * jnp.sin(out)) + 0.3 * jnp.sum(state * jnp.cos(state)), (out, state)
         return jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
 
+    def run_relay(rule, segment_ids):
+        """As ``run("auto", ..., context_axis="seq")`` with the relay scheme given: at P = 4, K = 8 the
+        op picks the transition scheme, so the relay's gated walks are run here."""
+        from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
+
+        def loss(q, k, v, beta, w0, scale, log_decay):
+            out, state = fast_weight_context_parallel(
+                q, k, v, beta if rule == "delta" else None, w0, rule=rule, scale=scale, chunk_size=chunk,
+                segment_ids=segment_ids, plan=context_plan(q, "seq", "chunk"), log_decay=log_decay, scheme="relay")
+            return jnp.sum(out * jnp.sin(out)) + 0.3 * jnp.sum(state * jnp.cos(state)), (out, state)
+        return jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
+
     def check(name, got, want):
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
@@ -72,6 +85,10 @@ def main() -> None:
             with jax.set_mesh(jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))):
                 got = jax.jit(run("auto", rule, segment_ids, context_axis="seq"))(*args)
             check(f"{rule} ids={with_ids} auto mesh", got, want)
+            checked += 1
+            with jax.set_mesh(jax.make_mesh((count,), ("seq",), axis_types=(AxisType.Auto,))):
+                got = jax.jit(run_relay(rule, segment_ids))(*args)
+            check(f"{rule} ids={with_ids} auto mesh, relay scheme", got, want)
             checked += 1
     print(f"checked {checked} gated sharded runs")
 

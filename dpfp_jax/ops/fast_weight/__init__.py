@@ -77,6 +77,8 @@ def _check_log_decay_eagerly(arguments: dict) -> None:
     log_decay, q = arguments.get("log_decay"), arguments.get("q")
     if log_decay is None or not hasattr(q, "shape"):
         return
+    check_fast_weight_inputs(q, arguments.get("k"), arguments.get("v"), arguments.get("beta"),
+                             arguments.get("rule", "delta"), arguments.get("initial_state"), arguments.get("features"))
     check_log_decay(log_decay, q)
     check_log_decay_values(log_decay)
 
@@ -217,7 +219,8 @@ def fast_weight(
         ``eps``): q and k are then raw, ``[B, T, H, features.dim]``, and the op computes what it
         computes without ``features`` on ``features(q), features(k)`` (K = ``features.key_dim``
         in ``initial_state`` and the final state). ``"scan"`` and ``"chunk"`` (so ``"auto"``)
-        apply the map where q and k are used and keep them at width d for the backward, which
+        apply the map where q and k are used and keep them at width d for the backward (a gated ``"scan"``,
+        with ``log_decay``, is given phi(q), phi(k) mapped first), which
         recomputes phi and applies its VJP (docs/math.md); ``"reference"``, ``"pallas"`` (the
         kernels read K-wide q, k) and the context-parallel path apply it before they run, not fused.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
