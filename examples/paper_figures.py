@@ -290,30 +290,38 @@ def missing_points(rows: Iterable[dict], points: Iterable[tuple[Method, int]]) -
 
 def plot_setting(setting: int, ours: list[dict], authors: list[dict], missing: dict[tuple[int, str], list[int]]):
     """Final evaluation loss against S, one colour per method: ours solid with dots, the
-    authors' dashed. Setting 2 on a log axis (as the paper). Returns the matplotlib figure."""
+    authors' dashed; a NaN loss (a diverged run) is an x at the top. Setting 2 on a log axis (as
+    the paper), losses below ``PLOT_FLOOR`` on the floor. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#000000", "#7f7f00", "#00007f"]
+    at_top = blended_transform_factory(ax.transData, ax.transAxes)
     floor = ar.PLOT_FLOOR
     for i, method in enumerate(m for m in METHODS if m.setting == setting):
         colour = colours[i % len(colours)]
-        for rows, style, suffix in ((ours, "-o", ""), (authors, "--", " (paper)")):
+        gaps = missing.get((setting, method.label), [])
+        label = method.label + (f" ({len(gaps)} of its points missing)" if gaps else "")
+        for rows, style in ((authors, "--."), (ours, "-o")):
             points = sorted((int(r["S"]), finite_loss(r)) for r in rows
                             if int(r["setting"]) == setting and r["method"] == method.label)
             if not points:
                 continue
-            ys = [max(y, floor) if setting == 2 else y for _, y in points]
-            label = method.label + suffix
-            gaps = missing.get((setting, method.label))
-            if not suffix and gaps:
-                label += f" ({len(gaps)} of its points missing)"
-            ax.plot([x for x, _ in points], ys, style, color=colour, label=label, markersize=3,
-                    linewidth=1.6 if not suffix else 1.0, alpha=1.0 if not suffix else 0.8)
-    ax.axhline(CAPACITY_LOSS, color="0.4", linestyle=":", linewidth=1, label=f"capacity threshold {CAPACITY_LOSS:g}")
+            xs = [x for x, _ in points]
+            ys = [max(y, floor) if setting == 2 and not math.isnan(y) else y for _, y in points]
+            ax.plot(xs, ys, style, color=colour, label=label, markersize=3 if style == "-o" else 2,
+                    linewidth=1.6 if style == "-o" else 1.0)
+            label = "_nolegend_"  # one legend entry per method, whichever of its lines comes first
+            diverged = [x for x, y in points if math.isnan(y)]
+            if diverged:
+                ax.plot(diverged, [0.97] * len(diverged), "x", color=colour, transform=at_top,
+                        markersize=7 if style == "-o" else 5, label="_nolegend_")
+    ax.axhline(CAPACITY_LOSS, color="0.4", linestyle=":", linewidth=1)
     if setting == 2:
         ax.set_yscale("log")
         ax.set_ylim(bottom=floor)
@@ -321,10 +329,14 @@ def plot_setting(setting: int, ours: list[dict], authors: list[dict], missing: d
         ax.set_ylim(bottom=0)
     ax.set_xlabel("number of unique keys S")
     ax.set_ylabel("final evaluation loss" + (f" (floor {floor:g})" if setting == 2 else ""))
-    ax.set_title(f"setting {setting}: " + ("keys once, length S" if setting == 1 else "keys repeat, length 2S")
-                 + " (solid: dpfp-jax, dashed: the paper's logs)")
+    ax.set_title(f"setting {setting}: " + ("keys once, length S" if setting == 1 else "keys repeat, length 2S"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    keys = [Line2D([], [], color="0.2", marker="o", markersize=3, label="dpfp-jax (this sweep)"),
+            Line2D([], [], color="0.2", linestyle="--", label="the paper (authors' logs)"),
+            Line2D([], [], color="0.2", marker="x", linestyle="none", label="NaN (diverged)"),
+            Line2D([], [], color="0.4", linestyle=":", label=f"capacity threshold {CAPACITY_LOSS:g}")]
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + keys, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

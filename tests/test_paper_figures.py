@@ -230,13 +230,18 @@ def test_figures_draw_ours_solid_and_the_paper_dashed_in_the_same_colour():
     fig1 = pf.plot_setting(1, ours, authors, {(1, "dpfp-1 sum"): [120]})
     fig2 = pf.plot_setting(2, ours2, [], {})
     try:
-        lines = {line.get_label(): line for line in fig1.axes[0].get_lines()}
-        solid, dashed = lines["dpfp-1 sum (1 of its points missing)"], lines["dpfp-1 sum (paper)"]
-        assert solid.get_linestyle() == "-" and dashed.get_linestyle() == "--"
+        lines = [line for line in fig1.axes[0].get_lines() if list(line.get_xdata()) == [100, 140]]
+        (dashed,) = [x for x in lines if x.get_linestyle() == "--"]
+        (solid,) = [x for x in lines if x.get_linestyle() == "-"]
+        assert list(dashed.get_ydata()) == [0.0003, 0.05] and list(solid.get_ydata()) == [0.0002, 0.06]
         assert solid.get_color() == dashed.get_color()
+        legend = [t.get_text() for t in fig1.axes[0].get_legend().get_texts()]
+        assert legend.count("dpfp-1 sum (1 of its points missing)") == 1 and "the paper (authors' logs)" in legend
         assert fig1.axes[0].get_yscale() == "linear" and fig2.axes[0].get_yscale() == "log"
-        (drawn,) = [x for x in fig2.axes[0].get_lines() if x.get_label() == "dpfp-1 delta"]
+        (drawn,) = [x for x in fig2.axes[0].get_lines() if list(x.get_xdata()) == [20, 40]]
         assert drawn.get_ydata()[0] == ar.PLOT_FLOOR  # 0 on the log axis's floor
+        (nan,) = [x for x in fig2.axes[0].get_lines() if x.get_marker() == "x" and list(x.get_xdata()) == [40]]
+        assert nan.get_color() == drawn.get_color()  # the diverged point, at the top
     finally:
         plt.close(fig1)
         plt.close(fig2)
