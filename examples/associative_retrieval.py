@@ -18,7 +18,9 @@ batch 32. Every 100 steps: evaluate on 20 fresh sequences querying every distinc
 eval loss <= 0.001 (``TARGET_LOSS``, the success threshold: a solved run reaches it; the plot
 draws it), after 10 evaluations without improvement, or at the step cap. Training
 steps query every distinct key of each sequence too (the same expected loss as one random
-query per sequence, with less gradient noise).
+query per sequence, with less gradient noise). ``RunConfig(protocol="paper")`` (``--full``) is the
+authors' code instead: one training query per sequence, fresh evaluation sequences of S pairs at
+every evaluation, their initialisers, 11 evaluations without improvement (docs/paper_figures.md).
 
     python examples/associative_retrieval.py --quick --out out/retrieval      # make demo
     python examples/associative_retrieval.py --setting 1 --feature-map dpfp --nu 2 --rule sum \\
@@ -184,21 +186,22 @@ def fwm_memory(phi_k: jax.Array, values: jax.Array, beta: jax.Array) -> jax.Arra
 
     Each step is the library's delta-rule op on one step (``W + beta k (v - W^T k)^T``, from the
     carried state), after which W is scaled down to Frobenius norm 1 when it is larger, as the
-    authors' ``update_rule="fwm"`` does; keys are not normalised. ``phi_k [B, T, K]``,
+    authors' ``update_rule="fwm"`` does from the second step on (their first write,
+    ``beta_0 v_0 k_0^T``, is kept as it is); keys are not normalised. ``phi_k [B, T, K]``,
     ``values [B, T, V]``, ``beta [B, T, 1]``.
     """
-    batch, _, key_width = phi_k.shape
+    batch, length, key_width = phi_k.shape
     state = jnp.zeros((batch, 1, key_width, values.shape[-1]), jnp.float32)
 
     def step(state, inputs):
-        k, v, b = inputs  # [B, K], [B, V], [B, 1]
+        k, v, b, t = inputs  # [B, K], [B, V], [B, 1], the step's index
         _, state = dj.fast_weight(k[:, None, None], k[:, None, None], v[:, None, None], b[:, None], rule="delta",
                                   initial_state=state)
         norm = jnp.sqrt(jnp.sum(state * state, axis=(1, 2, 3), keepdims=True))
-        return state / (jax.nn.relu(norm - 1) + 1), None
+        return jnp.where(t > 0, state / (jax.nn.relu(norm - 1) + 1), state), None
 
     time_major = [jnp.swapaxes(x, 0, 1) for x in (phi_k, values, beta)]
-    state, _ = jax.lax.scan(step, state, time_major)
+    state, _ = jax.lax.scan(step, state, (*time_major, jnp.arange(length)))
     return state[:, 0]
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 if __package__:  # imported as examples.paper_figures (the tests), or run with python -m
     from . import associative_retrieval as ar
-    from .arguments import HelpFormatter, integer
+    from .arguments import HelpFormatter, integer, integers
 else:  # python examples/paper_figures.py: Python puts examples/ first on the module path
     import associative_retrieval as ar
-    from arguments import HelpFormatter, integer
+    from arguments import HelpFormatter, integer, integers
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports" / "paper_figures"
@@ -369,6 +369,24 @@ def capacity_table(ours: list[dict], authors: list[dict], points: Sequence[tuple
     return "\n".join(lines) + "\n"
 
 
+def seed_table(rows: Iterable[dict]) -> str:
+    """Markdown: the final losses of every point run with more than one seed ("" when none is)."""
+    by_point: dict[tuple[int, str, int], dict[int, str]] = {}
+    for row in rows:
+        by_point.setdefault((int(row["setting"]), row["method"], int(row["S"])), {})[int(row["seed"])] = (
+            row["final_eval_loss"])
+    order = {(m.setting, m.label): i for i, m in enumerate(METHODS)}
+    several = sorted((k for k, v in by_point.items() if len(v) > 1), key=lambda k: (order.get(k[:2], 99), k[2]))
+    if not several:
+        return ""
+    lines = ["", "Points run with more than one seed (the figures and the capacity above use the lowest):", "",
+             "| setting | method | S | final loss by seed |", "|---:|---|---:|---|"]
+    for key in several:
+        losses = ", ".join(f"{seed}: {loss}" for seed, loss in sorted(by_point[key].items()))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {losses} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_docs_table(table: str, page: Path = DOCS_PAGE) -> None:
     """Put the table between the page's markers (the rest of the page is written by hand)."""
     text = page.read_text()
@@ -393,7 +411,7 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
         fig = plot_setting(setting, ours, authors, missing)
         fig.savefig(out / f"setting{setting}.png", dpi=110)
         plt.close(fig)
-    table = capacity_table(ours, authors, points, all_rows)
+    table = capacity_table(ours, authors, points, all_rows) + seed_table(all_rows)
     if docs_page is not None:
         write_docs_table(table, docs_page)
     return table
@@ -414,10 +432,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, default=SWEEP_CSV, help="the sweep's rows (read, and written by --run)")
     parser.add_argument("--out", type=Path, default=REPORTS, help="folder of the figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chosen = "with --run: instead of the grid, run"
+    parser.add_argument("--setting", type=int, choices=(1, 2), help=f"{chosen} this setting's --method")
+    parser.add_argument("--method", help=f"{chosen} this method (its label, e.g. 'dpfp-1 sum') at --sizes")
+    parser.add_argument("--sizes", type=integers(1), help=f"{chosen} --method at these S (comma-separated)")
+    parser.add_argument("--seeds", type=integers(0), default=[ar.PAPER_SEED],
+                        help="with --method: the seeds (e.g. 2,3 for two more runs of a point)")
     args = parser.parse_args(argv)
     if args.fresh and not args.run:
         parser.error("--fresh reruns the sweep: give --run with it")
+    given = [f"--{name}" for name in ("setting", "method", "sizes") if getattr(args, name) is not None]
+    if given and (len(given) < 3 or not args.run):
+        parser.error("--setting, --method and --sizes go together, with --run")
+    if args.seeds != [ar.PAPER_SEED] and not given:
+        parser.error("--seeds goes with --setting, --method and --sizes")
+    if given:
+        labels = [m.label for m in METHODS if m.setting == args.setting]
+        if args.method not in labels:
+            parser.error(f"--method: setting {args.setting} has {labels}; got {args.method!r}")
+        outside = [s for s in args.sizes if s not in PAPER_SIZES[args.setting]]
+        if outside:
+            parser.error(f"--sizes: setting {args.setting}'s S are 20 to {max(PAPER_SIZES[args.setting])} in steps "
+                         f"of 20; got {outside}")
     return args
+
+
+def chosen_configs(args: argparse.Namespace) -> list[ar.RunConfig]:
+    """The runs --run makes: the grid's points, or --method at --sizes with each of --seeds."""
+    if args.method is None:
+        return [m.config(s, max_steps=args.max_steps) for m, s in grid(full=args.full_grid)]
+    (method,) = [m for m in METHODS if m.setting == args.setting and m.label == args.method]
+    return [method.config(s, seed=seed, max_steps=args.max_steps) for s in args.sizes for seed in args.seeds]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -428,8 +473,7 @@ def main(argv: list[str] | None = None) -> str:
         if args.fresh and args.csv.exists():
             args.csv.unlink()
         start = time.perf_counter()
-        run_sweep([m.config(s, max_steps=args.max_steps) for m, s in points], args.csv, args.jobs,
-                  progress=not args.no_progress,
+        run_sweep(chosen_configs(args), args.csv, args.jobs, progress=not args.no_progress,
                   authors_steps=authors_steps(authors_rows()))
         print(f"sweep: {time.perf_counter() - start:.0f} s", flush=True)
     table = draw(args.csv, args.out, points, docs_page=docs_page)

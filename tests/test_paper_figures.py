@@ -61,9 +61,12 @@ def authors_fwm(keys, values, betas):
 
 def test_fwm_memory_is_the_authors_rule():
     rng = np.random.default_rng(0)
-    keys = np.abs(rng.normal(size=(2, 9, 6))).astype(np.float32)
+    keys = 2 * np.abs(rng.normal(size=(2, 9, 6))).astype(np.float32)
+    keys[:, 0] = 1.0  # |k_0| = sqrt(6)
     values = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (2, 9))]
-    betas = rng.uniform(size=(2, 9, 1)).astype(np.float32)
+    betas = rng.uniform(0.5, 1, size=(2, 9, 1)).astype(np.float32)
+    # The first write is larger than norm 1 and left so; every later state is scaled to norm 1.
+    assert (betas[:, 0, 0] * np.linalg.norm(keys[:, 0], axis=-1) > 1.2).all()
     ours = ar.fwm_memory(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(betas))  # [B, K, V]
     np.testing.assert_allclose(np.swapaxes(np.asarray(ours), 1, 2), authors_fwm(keys, values, betas),
                                rtol=1e-5, atol=1e-6)
@@ -266,3 +269,28 @@ def test_fresh_needs_run(capsys):
     with pytest.raises(SystemExit):
         pf.parse_args(["--fresh"])
     assert "--run" in capsys.readouterr().err
+
+
+def test_extra_seeds_of_chosen_points_and_their_table():
+    args = pf.parse_args(["--run", "--setting", "1", "--method", "dpfp-1 sum", "--sizes", "120,140", "--seeds", "2,3"])
+    configs = pf.chosen_configs(args)
+    assert [(c.label, c.num_symbols, c.seed, c.setting) for c in configs] == [
+        ("dpfp-1 sum", 120, 2, 1), ("dpfp-1 sum", 120, 3, 1), ("dpfp-1 sum", 140, 2, 1), ("dpfp-1 sum", 140, 3, 1)]
+    assert len(pf.chosen_configs(pf.parse_args(["--run"]))) == len(pf.grid())
+    rows = [row("dpfp-1 sum", 120, "0.0086", seed=1), row("dpfp-1 sum", 120, "0.02", seed=3),
+            row("dpfp-1 sum", 120, "0.009", seed=2), row("dpfp-1 sum", 140, "0.05")]
+    assert pf.seed_table(rows).splitlines()[-1] == "| 1 | dpfp-1 sum | 120 | 1: 0.0086, 2: 0.009, 3: 0.02 |"
+    assert pf.seed_table(rows[-1:]) == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--setting", "1", "--method", "dpfp-1 sum", "--sizes", "120"], "with --run"),
+    (["--run", "--method", "dpfp-1 sum", "--sizes", "120"], "go together"),
+    (["--run", "--seeds", "2"], "--seeds goes with"),
+    (["--run", "--setting", "2", "--method", "dpfp-3 sum", "--sizes", "20"], "--method: setting 2 has"),
+    (["--run", "--setting", "2", "--method", "dpfp-1 delta", "--sizes", "220"], "--sizes: setting 2"),
+])
+def test_bad_point_choices_are_refused(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        pf.parse_args(argv)
+    assert message in capsys.readouterr().err
