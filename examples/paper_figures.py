@@ -411,7 +411,10 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
         fig = plot_setting(setting, ours, authors, missing)
         fig.savefig(out / f"setting{setting}.png", dpi=110)
         plt.close(fig)
-    table = capacity_table(ours, authors, points, all_rows) + seed_table(all_rows)
+    done = len(points) - sum(len(gaps) for gaps in missing.values())
+    status = (f"{done} of the grid's {len(points)} points have run (CSV rows, extra seeds included: "
+              f"{len(all_rows)}).\n\n")
+    table = status + capacity_table(ours, authors, points, all_rows) + seed_table(all_rows)
     if docs_page is not None:
         write_docs_table(table, docs_page)
     return table

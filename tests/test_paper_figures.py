@@ -260,6 +260,7 @@ def test_draw_writes_both_figures_and_the_docs_table(tmp_path):
     assert (tmp_path / "figures" / "setting2.png").stat().st_size > 10_000
     text = page.read_text()
     assert "old" not in text and table in text and text.endswith(f"{pf.TABLE_END}\n\nafter\n")
+    assert table.startswith(f"1 of the grid's {len(pf.grid())} points have run (CSV rows, extra seeds included: 1).")
     page.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         pf.write_docs_table(table, page)
