@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-newest-jax test-all lint check-figures docs bench triton-report gpu-memory tpu-compiler tpu-memory clean
+.PHONY: demo paper-figures test test-newest-jax test-all lint check-figures docs bench triton-report gpu-memory tpu-compiler tpu-memory clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
@@ -108,6 +108,13 @@ $(BROWSER_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/associative_retrieval.py --quick --out out/retrieval
+
+# The paper's synthetic figures (docs/paper_figures.md). Plain: redraw the figures and the capacity
+# table from the committed CSV (seconds). RESUME=1: first run the grid's points missing from it
+# (hours; a rerun skips the finished ones); FRESH=1: rerun every point. JOBS=N points at a time.
+JOBS ?= 1
+paper-figures: $(STAMP)
+	$(PY) examples/paper_figures.py $(if $(FRESH),--run --fresh,$(if $(RESUME),--run)) --jobs $(JOBS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

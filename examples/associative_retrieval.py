@@ -18,7 +18,9 @@ batch 32. Every 100 steps: evaluate on 20 fresh sequences querying every distinc
 eval loss <= 0.001 (``TARGET_LOSS``, the success threshold: a solved run reaches it; the plot
 draws it), after 10 evaluations without improvement, or at the step cap. Training
 steps query every distinct key of each sequence too (the same expected loss as one random
-query per sequence, with less gradient noise).
+query per sequence, with less gradient noise). ``RunConfig(protocol="paper")`` (``--full``) is the
+authors' code instead: one training query per sequence, fresh evaluation sequences of S pairs at
+every evaluation, their initialisers, 11 evaluations without improvement (docs/paper_figures.md).
 
     python examples/associative_retrieval.py --quick --out out/retrieval      # make demo
     python examples/associative_retrieval.py --setting 1 --feature-map dpfp --nu 2 --rule sum \\
@@ -34,7 +36,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +54,16 @@ else:  # python examples/associative_retrieval.py: Python puts examples/ first o
     from arguments import HelpFormatter, integer, integers
 
 MAPS = ("softmax", "linear", "favor", "dpfp")
+# The update rules: the library's sum and delta rules, and the fast-weight memory rule of Schlag
+# et al. (2021, "Learning associative inference using fast weight memory"), built below from the
+# library's delta-rule op one step at a time (see RetrievalModel).
+RULES = (*dj.RULES, "fwm")
+# "demo": every distinct key is a training query, evaluation on sequences like the training ones,
+# Flax's initialisers. "paper": the authors' code (ischlag/fast-weight-transformers, synthetic/):
+# one training query per sequence, their evaluation set and their initialisers (docs/paper_figures.md).
+PROTOCOLS = ("demo", "paper")
+# The authors' evaluation asks at most this many distinct keys of a sequence (get_all_queries).
+PAPER_MAX_QUERIES = 200
 KEY_DIM = 64
 CSV_COLUMNS = ("setting", "feature_map", "nu", "features", "rule", "S", "final_eval_loss", "steps", "seconds")
 # Success: the evaluation loss a run must reach to count as solved (and where training stops).
@@ -75,19 +87,27 @@ class Batch(NamedTuple):
     valid: np.ndarray
 
 
-def make_batch(rng: np.random.Generator, setting: int, num_symbols: int, batch_size: int) -> Batch:
-    """Sequences of the given setting; every key symbol is a query, valid where it occurs."""
+def make_batch(rng: np.random.Generator, setting: int, num_symbols: int, batch_size: int,
+               length: int | None = None) -> Batch:
+    """Sequences of the given setting; every key symbol is a query, valid where it occurs.
+
+    ``length``: pairs per sequence, setting 2 only (default 2S; setting 1 has S, every key once).
+    """
     if setting not in (1, 2):
         raise ValueError(f"setting must be 1 or 2; got {setting!r}")
     if num_symbols < 1:
         raise ValueError(f"num_symbols must be positive; got {num_symbols}")
+    if length is not None and (setting == 1 or length < 1):
+        raise ValueError(f"length is setting 2's (a positive number of pairs); got length={length!r} "
+                         f"in setting {setting}")
     s = num_symbols
     if setting == 1:
         keys = np.argsort(rng.random((batch_size, s)), axis=1)  # a permutation: without replacement
         values = np.argsort(rng.random((batch_size, s)), axis=1)
     else:
-        keys = rng.integers(0, s, (batch_size, 2 * s))
-        values = rng.integers(0, s, (batch_size, 2 * s))
+        length = 2 * s if length is None else length
+        keys = rng.integers(0, s, (batch_size, length))
+        values = rng.integers(0, s, (batch_size, length))
     queries = np.broadcast_to(np.arange(s), (batch_size, s))
     targets = np.zeros((batch_size, s), np.int64)
     valid = np.zeros((batch_size, s), bool)
@@ -98,7 +118,91 @@ def make_batch(rng: np.random.Generator, setting: int, num_symbols: int, batch_s
     return Batch(keys, values, np.array(queries), targets, valid)
 
 
+def make_paper_train_batch(rng: np.random.Generator, setting: int, num_symbols: int, batch_size: int) -> Batch:
+    """The authors' training batch: one query per sequence, the key at a uniformly drawn position
+    (so in setting 2 a key that occurs more often is asked more often), its target the value at
+    that key's last occurrence. ``queries, targets, valid`` are ``[B, 1]``."""
+    full = make_batch(rng, setting, num_symbols, batch_size)
+    rows = np.arange(batch_size)
+    asked = full.keys[rows, rng.integers(0, full.keys.shape[1], batch_size)]
+    return Batch(full.keys, full.values, asked[:, None], full.targets[rows, asked][:, None],
+                 np.ones((batch_size, 1), bool))
+
+
+def make_paper_eval_batch(rng: np.random.Generator, setting: int, num_symbols: int, num_sequences: int) -> Batch:
+    """The authors' evaluation set (``get_all_queries``): sequences of S pairs in both settings
+    (drawn with replacement in setting 2, so about 63% of the keys occur), each queried with
+    every distinct key it holds, at most ``PAPER_MAX_QUERIES`` of them (the lowest key ids)."""
+    batch = make_batch(rng, setting, num_symbols, num_sequences, length=None if setting == 1 else num_symbols)
+    valid = batch.valid & (np.cumsum(batch.valid, axis=1) <= PAPER_MAX_QUERIES)
+    return batch._replace(valid=valid)
+
+
 # --- model --------------------------------------------------------------------------------------
+
+
+def symmetric_uniform(bound: float):
+    """A Flax initialiser drawing uniformly from ``[-bound, bound]`` (PyTorch's ``nn.Linear``
+    draws its weights and bias, and the authors their key and query weights, this way)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class SymbolDense(nn.Module):
+    """``Dense(features)`` of ``concat([one_hot(values, num_values), table[keys]])`` (of
+    ``table[keys]`` alone when ``values`` is None), computed by lookups: row ``values`` of the
+    kernel plus row ``keys`` of ``table @ kernel[num_values:]``. The same function and parameters
+    (``kernel [num_values + width, features]``, ``bias``) as a Dense layer on the concatenation,
+    without building its ``B x L x (S + width)`` input or multiplying by its zeros.
+    """
+
+    features: int
+    num_values: int = 0
+    kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Dense's defaults
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, table: jax.Array, keys: jax.Array, values: jax.Array | None = None) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (self.num_values + table.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        out = (table @ kernel[self.num_values :])[keys] + bias
+        return out if values is None else out + kernel[values]
+
+
+def paper_initialisers(fan_in: int, kernel_bound: float | None = None, xavier: bool = False) -> dict:
+    """The initialisers of the authors' PyTorch ``nn.Linear`` layers: the kernel uniform in
+    ``+-kernel_bound`` (their keys and queries: ``1/sqrt(d)``), Xavier-uniform (their softmax
+    model) or PyTorch's default ``+-1/sqrt(fan_in)``; the bias always PyTorch's default."""
+    default = 1 / math.sqrt(fan_in)
+    kernel = nn.initializers.xavier_uniform() if xavier else symmetric_uniform(kernel_bound or default)
+    return dict(kernel_init=kernel, bias_init=symmetric_uniform(default))
+
+
+def fwm_memory(phi_k: jax.Array, values: jax.Array, beta: jax.Array) -> jax.Array:
+    """The fast-weight memory rule (Schlag et al. 2021): ``[B, K, V]`` fast weights after the sequence.
+
+    Each step is the library's delta-rule op on one step (``W + beta k (v - W^T k)^T``, from the
+    carried state), after which W is scaled down to Frobenius norm 1 when it is larger, as the
+    authors' ``update_rule="fwm"`` does from the second step on (their first write,
+    ``beta_0 v_0 k_0^T``, is kept as it is); keys are not normalised. ``phi_k [B, T, K]``,
+    ``values [B, T, V]``, ``beta [B, T, 1]``.
+    """
+    batch, length, key_width = phi_k.shape
+    state = jnp.zeros((batch, 1, key_width, values.shape[-1]), jnp.float32)
+
+    def step(state, inputs):
+        k, v, b, t = inputs  # [B, K], [B, V], [B, 1], the step's index
+        _, state = dj.fast_weight(k[:, None, None], k[:, None, None], v[:, None, None], b[:, None], rule="delta",
+                                  initial_state=state)
+        norm = jnp.sqrt(jnp.sum(state * state, axis=(1, 2, 3), keepdims=True))
+        return jnp.where(t > 0, state / (jax.nn.relu(norm - 1) + 1), state), None
+
+    time_major = [jnp.swapaxes(x, 0, 1) for x in (phi_k, values, beta)]
+    state, _ = jax.lax.scan(step, state, (*time_major, jnp.arange(length)))
+    return state[:, 0]
 
 
 class RetrievalModel(nn.Module):
@@ -108,8 +212,9 @@ class RetrievalModel(nn.Module):
       num_symbols: S.
       feature_map: ``"softmax"`` (attention over the pairs, the upper reference), ``"linear"``,
         ``"favor"`` or ``"dpfp"``.
-      rule: ``"sum"`` or ``"delta"`` (ignored by softmax).
+      rule: ``"sum"``, ``"delta"`` or ``"fwm"`` (ignored by softmax).
       nu: DPFP's nu; num_features: FAVOR+'s m.
+      paper_init: the authors' initialisers (:func:`paper_initialisers`) instead of Flax's defaults.
     """
 
     num_symbols: int
@@ -118,15 +223,26 @@ class RetrievalModel(nn.Module):
     nu: int = 1
     num_features: int = 64
     key_dim: int = KEY_DIM
+    paper_init: bool = False
+
+    def dense(self, features: int, num_values: int, width: int, name: str, kernel_bound: float | None = None):
+        """The step input's Dense layer (``num_values`` one-hot inputs, then ``width`` embedding ones)."""
+        if not self.paper_init:
+            return SymbolDense(features, num_values, name=name)
+        xavier = self.feature_map == "softmax"
+        return SymbolDense(features, num_values, name=name, **paper_initialisers(num_values + width, kernel_bound,
+                                                                                  xavier))
 
     @nn.compact
     def __call__(self, keys, values, queries, projection=None):
         s = self.num_symbols
-        embed = nn.Embed(s, round(1.1 * 2 * s), embedding_init=nn.initializers.normal(1.0), name="embed")
+        width = round(1.1 * 2 * s)
+        embed = nn.Embed(s, width, embedding_init=nn.initializers.normal(1.0), name="embed")
+        table = embed(jnp.arange(s))  # the embedding rows: step inputs are [one_hot(v_t), emb(k_t)]
         value_onehot = jax.nn.one_hot(values, s)
-        inputs = jnp.concatenate([value_onehot, embed(keys)], axis=-1)
-        k = nn.Dense(self.key_dim, name="key")(inputs)
-        q = nn.Dense(self.key_dim, name="query")(embed(queries))
+        bound = 1 / math.sqrt(self.key_dim)
+        k = self.dense(self.key_dim, s, width, "key", bound)(table, keys, values)
+        q = self.dense(self.key_dim, 0, width, "query", bound)(table, queries)
         if self.feature_map == "softmax":
             weights = jax.nn.softmax(jnp.einsum("bqd,btd->bqt", q, k) / math.sqrt(self.key_dim), axis=-1)
             return jnp.einsum("bqt,bts->bqs", weights, value_onehot)
@@ -134,8 +250,14 @@ class RetrievalModel(nn.Module):
         phi_k = dj.apply_feature_map(self.feature_map, k, nu=self.nu, projection=projection)
         phi_q = dj.apply_feature_map(self.feature_map, q, nu=self.nu, projection=projection)
         beta = None
+        if self.rule in ("delta", "fwm"):
+            beta = jax.nn.sigmoid(self.dense(1, s, width, "beta")(table, keys, values))[..., 0][:, :, None]
+        if self.rule == "fwm":
+            readout = jnp.einsum("bkv,bqk->bqv", fwm_memory(phi_k, value_onehot, beta), phi_q)
+            # The authors' readout: a layer norm over the values, without scale or offset.
+            mean = readout.mean(axis=-1, keepdims=True)
+            return (readout - mean) * jax.lax.rsqrt(readout.var(axis=-1, keepdims=True) + 1e-5)
         if self.rule == "delta":
-            beta = jax.nn.sigmoid(nn.Dense(1, name="beta")(inputs))[..., 0][:, :, None]
             phi_k, phi_q = dj.sum_norm(phi_k), dj.sum_norm(phi_q)
         # One head; the outputs are not needed (queries come after the sequence), only W.
         _, memory = dj.fast_weight(phi_k[:, :, None], phi_k[:, :, None], value_onehot[:, :, None], beta,
@@ -171,14 +293,17 @@ class RunConfig:
     eval_sequences: int = 20
     patience: int = 10
     target_loss: float = TARGET_LOSS
+    protocol: str = "demo"
 
     def __post_init__(self):
         if self.setting not in (1, 2):
             raise ValueError(f"setting must be 1 or 2; got {self.setting!r}")
         if self.feature_map not in MAPS:
             raise ValueError(f"feature_map must be one of {MAPS}; got {self.feature_map!r}")
-        if self.rule not in dj.RULES:
-            raise ValueError(f"rule must be one of {dj.RULES}; got {self.rule!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; got {self.rule!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}; got {self.protocol!r}")
         for name in ("num_symbols", "nu", "num_features", "max_steps", "batch_size", "eval_every", "eval_sequences",
                      "patience"):
             if getattr(self, name) < 1:
@@ -199,7 +324,10 @@ class RunConfig:
 
 def train(config: RunConfig, progress: bool = True) -> dict:
     """Train one model to the stopping rule; returns one CSV row as a dict."""
-    model = RetrievalModel(config.num_symbols, config.feature_map, config.rule, config.nu, config.num_features)
+    paper = config.protocol == "paper"
+    model = RetrievalModel(config.num_symbols, config.feature_map, config.rule, config.nu, config.num_features,
+                           paper_init=paper)
+    training_batch = make_paper_train_batch if paper else make_batch
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     favor = config.feature_map == "favor"
@@ -225,30 +353,42 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     evaluate = jax.jit(loss_fn)
-    eval_batch = make_batch(np.random.default_rng(config.seed + 10_000), config.setting, config.num_symbols,
-                            config.eval_sequences)  # fresh sequences, never trained on
+    eval_rng = np.random.default_rng(config.seed + 10_000)  # sequences never trained on
+    eval_batch = make_batch(eval_rng, config.setting, config.num_symbols, config.eval_sequences)
+
+    def evaluation():
+        """The evaluation set and FAVOR+ projection: the demo's are fixed, so evaluations compare;
+        the authors draw new sequences and a new projection at every evaluation."""
+        nonlocal eval_key
+        if not paper:
+            return eval_batch, eval_projection
+        eval_key, key = jax.random.split(eval_key)
+        batch = make_paper_eval_batch(eval_rng, config.setting, config.num_symbols, config.eval_sequences)
+        return batch, projection_for(key)
 
     best, since_best, step, eval_loss = math.inf, 0, 0, math.inf
     start = time.perf_counter()
     bar = _progress(config, progress)
     while step < config.max_steps:
         key, step_key = jax.random.split(key)
-        batch = make_batch(rng, config.setting, config.num_symbols, config.batch_size)
+        batch = training_batch(rng, config.setting, config.num_symbols, config.batch_size)
         params, opt_state, loss = train_step(params, opt_state, batch, step_key)
         step += 1
         if step % config.eval_every == 0:
-            eval_loss = float(evaluate(params, eval_batch, eval_projection))
+            eval_loss = float(evaluate(params, *evaluation()))
             bar.update(config.eval_every)
             bar.set_postfix(train=f"{float(loss):.4f}", eval=f"{eval_loss:.4f}")
             if eval_loss < best:
                 best, since_best = eval_loss, 0
             else:
                 since_best += 1
-            if eval_loss <= config.target_loss or since_best >= config.patience:
+            # A NaN loss means NaN weights, which no later step can repair: stop (the authors' loop
+            # would go on to the patience limit and end with the same NaN).
+            if eval_loss <= config.target_loss or since_best >= config.patience or math.isnan(eval_loss):
                 break
     bar.close()
     if step % config.eval_every:
-        eval_loss = float(evaluate(params, eval_batch, eval_projection))
+        eval_loss = float(evaluate(params, *evaluation()))
     return dict(setting=config.setting, feature_map=config.feature_map,
                 nu=config.nu if config.feature_map == "dpfp" else "",
                 features=config.num_features if config.feature_map == "favor" else "",
@@ -276,19 +416,42 @@ def quick_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
         yield RunConfig(2, "dpfp", rule, 20, nu=1, seed=seed, max_steps=cap)
 
 
+# The authors' protocol (synthetic/main.py of ischlag/fast-weight-transformers): step cap, seed,
+# and the count of evaluations without improvement that stops a run (main.py stops when
+# strike > max_strike = 10, at the 11th).
+PAPER_MAX_STEPS = 100_000
+PAPER_SEED = 1
+PAPER_PATIENCE = 11
+# The paper's sweeps: (setting, feature_map, rule, nu, num_features) for each line of Figures 2
+# and 3, and the numbers of keys S of each setting.
+PAPER_METHODS = (
+    # Figure 2, setting 1: keys without repetition, the sum rule.
+    (1, "softmax", "sum", 1, 64), (1, "linear", "sum", 1, 64),
+    (1, "favor", "sum", 1, 64), (1, "favor", "sum", 1, 128), (1, "favor", "sum", 1, 512),
+    (1, "dpfp", "sum", 1, 64), (1, "dpfp", "sum", 2, 64), (1, "dpfp", "sum", 3, 64),
+    # Figure 3, setting 2: keys repeat; the sum rule, the delta rule ("ours" in the authors' code)
+    # and the fast-weight memory rule of Schlag et al. (2021).
+    (2, "dpfp", "sum", 1, 64), (2, "dpfp", "delta", 1, 64), (2, "dpfp", "delta", 2, 64),
+    (2, "linear", "delta", 1, 64), (2, "favor", "delta", 1, 64), (2, "favor", "delta", 1, 128),
+    (2, "dpfp", "fwm", 1, 64),
+)
+PAPER_SIZES = {1: tuple(range(20, 601, 20)), 2: tuple(range(20, 201, 20))}
+
+
+def paper_config(setting: int, feature_map: str, rule: str, num_symbols: int, nu: int = 1, num_features: int = 64,
+                 seed: int = PAPER_SEED, max_steps: int = PAPER_MAX_STEPS) -> RunConfig:
+    """One run under the authors' protocol (docs/paper_figures.md)."""
+    return RunConfig(setting, feature_map, rule, num_symbols, nu=nu, num_features=num_features, seed=seed,
+                     max_steps=max_steps, patience=PAPER_PATIENCE, protocol="paper")
+
+
 def full_runs(seed: int, max_steps: int | None) -> Iterator[RunConfig]:
-    """The paper's sweeps (Figures 2 and 3)."""
-    cap = 20_000 if max_steps is None else max_steps
-    maps = [("softmax", 1, 64), ("linear", 1, 64), ("favor", 1, 64), ("favor", 1, 128), ("favor", 1, 512),
-            ("dpfp", 1, 64), ("dpfp", 2, 64), ("dpfp", 3, 64)]
-    for s in range(20, 601, 20):
-        for feature_map, nu, m in maps:
-            yield RunConfig(1, feature_map, "sum", s, nu=nu, num_features=m, seed=seed, max_steps=cap)
-    maps2 = [("dpfp", 1, 64), ("dpfp", 2, 64), ("linear", 1, 64), ("favor", 1, 64), ("favor", 1, 128)]
-    for s in range(20, 201, 20):
-        for feature_map, nu, m in maps2:
-            for rule in ("sum", "delta"):
-                yield RunConfig(2, feature_map, rule, s, nu=nu, num_features=m, seed=seed, max_steps=cap)
+    """The paper's sweeps (Figures 2 and 3): every method at every S, under the authors' protocol.
+    ``examples/paper_figures.py`` runs them (or a budget's subset) resumably, in parallel."""
+    cap = PAPER_MAX_STEPS if max_steps is None else max_steps
+    for setting, feature_map, rule, nu, m in PAPER_METHODS:
+        for s in PAPER_SIZES[setting]:
+            yield paper_config(setting, feature_map, rule, s, nu, m, seed=seed, max_steps=cap)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -408,9 +571,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
     parser.add_argument("--seed", type=integer(0), default=0, help="initialisation and data")
     parser.add_argument("--max-steps", type=integer(1), default=None,
-                        help="the step cap of every run (default: 20000; --quick 3000)")
+                        help="the step cap of every run (default: 20000; --quick 3000; --full 100000, the paper's)")
     parser.add_argument("--quick", action="store_true", help="the demo preset")
-    parser.add_argument("--full", action="store_true", help="the paper's sweeps (hours)")
+    parser.add_argument("--full", action="store_true",
+                        help="the paper's sweeps under its protocol (days on a CPU; examples/paper_figures.py runs "
+                             "them resumably)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     problem = check_args(args)

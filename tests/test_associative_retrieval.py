@@ -182,3 +182,22 @@ def test_run_config_refuses_what_would_not_train(change):
     name = next(iter(change))
     with pytest.raises(ValueError, match=name):
         dataclass_replace(ar.RunConfig(1, "dpfp", "sum", 8), **change)
+
+
+def test_symbol_dense_is_the_dense_layer_on_the_concatenated_step_input():
+    import flax.linen as nn
+
+    s, width, batch = 5, 7, ar.make_batch(np.random.default_rng(0), 2, 5, 3)
+    table = jax.random.normal(jax.random.key(1), (s, width))
+    inputs = jnp.concatenate([jax.nn.one_hot(batch.values, s), table[batch.keys]], axis=-1)
+    lookup = ar.SymbolDense(4, s)
+    params = lookup.init(jax.random.key(2), table, batch.keys, batch.values)
+    dense_params = nn.Dense(4).init(jax.random.key(2), inputs)
+    # The same parameters (names, shapes, initial values), so a seed gives the demo the same model.
+    assert jax.tree.map(jnp.array_equal, params, dense_params) == jax.tree.map(lambda _: True, params)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
+    np.testing.assert_allclose(lookup.apply(params, table, batch.keys, batch.values),
+                               nn.Dense(4).apply(params, inputs), rtol=1e-5, atol=1e-6)
+    queries_only = ar.SymbolDense(4).init(jax.random.key(3), table, batch.queries)
+    np.testing.assert_allclose(ar.SymbolDense(4).apply(queries_only, table, batch.queries),
+                               nn.Dense(4).apply(queries_only, table[batch.queries]), rtol=1e-5, atol=1e-6)
