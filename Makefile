@@ -113,8 +113,9 @@ demo: $(STAMP)
 # table from the committed CSV (seconds). RESUME=1: first run the grid's points missing from it
 # (hours; a rerun skips the finished ones); FRESH=1: rerun every point. JOBS=N points at a time.
 JOBS ?= 1
+PAPER_FIGURES_RUN := $(if $(FRESH),--run --fresh,$(if $(RESUME),--run))
 paper-figures: $(STAMP)
-	$(PY) examples/paper_figures.py $(if $(FRESH),--run --fresh,$(if $(RESUME),--run)) --jobs $(JOBS)
+	$(PY) examples/paper_figures.py $(PAPER_FIGURES_RUN) --jobs $(JOBS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

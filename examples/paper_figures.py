@@ -270,7 +270,7 @@ def capacity(rows: Iterable[dict], method: str, column: str = "final_eval_loss")
 
 
 def first_seed_rows(rows: Iterable[dict]) -> list[dict]:
-    """One row per (setting, method, S): the lowest seed's (extra seeds are reported, not drawn)."""
+    """One row per (setting, method, S): the one of the lowest seed (extra seeds are reported, not drawn)."""
     chosen: dict[tuple[int, str, int], dict] = {}
     for row in rows:
         key = (int(row["setting"]), row["method"], int(row["S"]))

@@ -116,7 +116,7 @@ def test_the_counted_walks_match_xlas_count_on_one_chunk():
               context_cost.transition(c, key_dim, value_dim)),
              (counted(lambda k, v, b, w: _end_state("delta", k, v, b, None, w, c), k, values, beta, state),
               context_cost.end_state_walk(c, key_dim, value_dim)),
-             (counted(lambda q, k, b, d, e: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c, e),
+             (counted(lambda q, k, b, d, e: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c, d_end=e),
                       k, k, beta, values, state), context_cost.entering_gradient(c, key_dim, value_dim))]
     for xla, mine in pairs:
         assert abs(mine / xla - 1) < 0.02, (mine, xla)

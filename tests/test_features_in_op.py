@@ -174,7 +174,7 @@ def test_features_refuses_what_it_cannot_describe():
         dj.Features("relu", dim=D, nu=2)
     with pytest.raises(ValueError, match=r"normalization must be one of \('sum', 'l2', 'none'\); got 'attention'"):
         dj.Features("dpfp", dim=D, normalization="attention")
-    with pytest.raises(ValueError, match="eps must be a real number >= 0"):
+    with pytest.raises(ValueError, match="eps must be a finite real number >= 0"):
         dj.Features("dpfp", dim=D, eps=-1.0)
     with pytest.raises(ValueError, match="nu must be a positive int"):
         dj.Features("dpfp", dim=D, nu=0)
