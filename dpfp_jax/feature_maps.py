@@ -369,6 +369,23 @@ FEATURE_NORMALIZATIONS = ("sum", "l2", "none")
 """Accepted values of :class:`Features`' ``normalization``: :func:`sum_norm`, :func:`l2_norm`, none."""
 
 
+def normalized(phi: Array, normalization: str, eps: float) -> Array:
+    """``phi`` normalised over its last axis: :func:`sum_norm` for ``"sum"``, :func:`l2_norm` for
+    ``"l2"``, as it is for any other value (``"none"``, and the layers' ``"attention"``, whose
+    denominator is applied after the op).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> normalized(jnp.array([1.0, 3.0]), "sum", 0.0).tolist(), normalized(jnp.array([2.0]), "none", 0.0).tolist()
+        ([0.25, 0.75], [2.0])
+    """
+    if normalization == "sum":
+        return sum_norm(phi, eps)
+    if normalization == "l2":
+        return l2_norm(phi, eps)
+    return phi
+
+
 @dataclasses.dataclass(frozen=True)
 class Features:
     """A feature map and its normalisation, as :func:`dpfp_jax.fast_weight` applies them itself.
@@ -430,12 +447,7 @@ class Features:
 
     def __call__(self, x: Array) -> Array:
         """``phi(x)``: the map, then the normalisation, over the last axis, in x's dtype."""
-        phi = apply_feature_map(self.feature_map, x, nu=self.nu)
-        if self.normalization == "sum":
-            return sum_norm(phi, self.eps)
-        if self.normalization == "l2":
-            return l2_norm(phi, self.eps)
-        return phi
+        return normalized(apply_feature_map(self.feature_map, x, nu=self.nu), self.normalization, self.eps)
 
     def with_vjp(self, x: Array) -> tuple[Array, Callable[[Array], Array]]:
         """``(phi(x), back)``: ``back(ct)`` is the cotangent of x for a cotangent ``ct`` of phi(x),

@@ -34,8 +34,7 @@ from dpfp_jax.feature_maps import (
     favor_projection,
     feature_dim,
     is_non_negative,
-    l2_norm,
-    sum_norm,
+    normalized,
 )
 from dpfp_jax.ops import IMPLS, RULES, fast_weight
 from dpfp_jax.ops.fast_weight.common import with_batch_head_sharding_of, zeros_without_time
@@ -181,12 +180,8 @@ class AttentionSpec(FastWeightSettings):
         projection = None
         if self.feature_map == "favor":
             projection = favor_projection(jax.random.key(self.favor_seed), self.num_features, self.head_dim)
-        phi = apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection)
-        if self.normalization == "sum":
-            return sum_norm(phi, self.eps)
-        if self.normalization == "l2":
-            return l2_norm(phi, self.eps)
-        return phi
+        return normalized(apply_feature_map(self.feature_map, x, nu=self.nu, projection=projection),
+                          self.normalization, self.eps)
 
     def op_features(self) -> Features | None:
         """The :class:`dpfp_jax.Features` the layer hands the op with the raw q and k
