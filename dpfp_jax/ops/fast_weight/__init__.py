@@ -72,15 +72,20 @@ def _gate_supports(name: str, log_decay: Array | None) -> str | None:
 
 def _check_log_decay_eagerly(arguments: dict) -> None:
     """``jit_when_eager``'s value check: a positive or NaN ``log_decay`` of an eager call is refused
-    before the jitted op runs (inside it the values are traced). Shapes and dtypes first, so a
-    malformed call gets the message of the check that concerns it."""
+    before the jitted op runs (inside it the values are traced). When it fails, q, k, v are
+    checked first, so a malformed call gets the message of the check that concerns it."""
     log_decay, q = arguments.get("log_decay"), arguments.get("q")
     if log_decay is None or not hasattr(q, "shape"):
         return
-    check_fast_weight_inputs(q, arguments.get("k"), arguments.get("v"), arguments.get("beta"),
-                             arguments.get("rule", "delta"), arguments.get("initial_state"), arguments.get("features"))
-    check_log_decay(log_decay, q)
-    check_log_decay_values(log_decay)
+    try:
+        check_log_decay(log_decay, q)
+        check_log_decay_values(log_decay)
+    except (TypeError, ValueError):
+        # Only on failure (this runs on every eager call): a malformed q, k or v is the error to report.
+        check_fast_weight_inputs(q, arguments.get("k"), arguments.get("v"), arguments.get("beta"),
+                                 arguments.get("rule", "delta"), arguments.get("initial_state"),
+                                 arguments.get("features"))
+        raise
 
 
 # name -> (function, supports); "auto" tries them in the order auto_candidates gives.

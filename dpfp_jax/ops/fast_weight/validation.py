@@ -122,15 +122,18 @@ def check_features(features: object, q: Array, k: Array) -> int:
     return features.key_dim
 
 
+def _check_per_step(name: str, x: object, expected: tuple[int, ...], dims: str, meaning: str) -> None:
+    """Raise unless ``x`` is an array of shape ``expected`` (q's leading axes, named ``dims``)."""
+    _check_array(name, x)
+    if x.shape != expected:
+        raise ValueError(f"{name} must be [{dims}] = {expected} ({meaning}); got shape {x.shape}")
+
+
 def check_segment_ids(segment_ids: object, q: Array) -> None:
     """Raise unless ``segment_ids`` is an integer array ``[B, T]`` matching q's batch and time."""
     if segment_ids is None:
         return
-    _check_array("segment_ids", segment_ids)
-    expected = q.shape[:2]
-    if segment_ids.shape != expected:
-        raise ValueError(f"segment_ids must be [B, T] = {expected} (one id per batch row and step); "
-                         f"got shape {segment_ids.shape}")
+    _check_per_step("segment_ids", segment_ids, q.shape[:2], "B, T", "one id per batch row and step")
     # bool is refused too: ids name documents, and a two-valued id is almost surely a mask.
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise TypeError(f"segment_ids must have an integer dtype (document ids); got {segment_ids.dtype}"
@@ -145,11 +148,7 @@ def check_log_decay(log_decay: object, q: Array) -> None:
     """
     if log_decay is None:
         return
-    _check_array("log_decay", log_decay)
-    expected = q.shape[:3]
-    if log_decay.shape != expected:
-        raise ValueError(f"log_decay must be [B, T, H] = {expected} (one log alpha per batch row, step and head); "
-                         f"got shape {log_decay.shape}")
+    _check_per_step("log_decay", log_decay, q.shape[:3], "B, T, H", "one log alpha per batch row, step and head")
     _check_float("log_decay", log_decay)
 
 
