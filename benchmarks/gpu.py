@@ -62,6 +62,14 @@ def jax_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable
     return (lambda: jax.block_until_ready(forward(*args))), (lambda: jax.block_until_ready(backward(*args)))
 
 
+def to_torch(a, requires_grad: bool):
+    """A JAX array as a bfloat16 CUDA tensor (through float32 on the host)."""
+    import torch
+
+    tensor = torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16)
+    return tensor.requires_grad_(requires_grad)
+
+
 def torch_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward+backward) of a PyTorch contender, each synchronising the GPU before it returns.
 
@@ -70,10 +78,6 @@ def torch_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callab
     grad and ends with their gradients, as JAX's ``grad`` does.
     """
     import torch
-
-    def to_torch(a, requires_grad: bool):
-        tensor = torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16)
-        return tensor.requires_grad_(requires_grad)
 
     plain = [to_torch(a, False) for a in args]
     grads = [to_torch(a, True) for a in args]
@@ -93,15 +97,33 @@ def torch_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callab
     return forward, forward_backward
 
 
-def torch_runtime_peak_bytes(forward_backward: Callable[[], object]) -> int:
-    """PyTorch's allocator peak over one forward+backward, the inputs (allocated before) included."""
+def torch_runtime_peak_bytes(fn: Callable, args: tuple) -> int:
+    """PyTorch's allocator peak over one forward+backward of ``fn`` with one copy of the inputs:
+    the figure ``jax_runtime_peak_bytes`` reads on the JAX side.
+
+    PyTorch cannot be given a fresh process per contender as cheaply as JAX is (the timing calls and
+    other contenders' tensors stay allocated), so the figure is what the call allocates above
+    everything alive before it (the peak minus the bytes allocated when the peak was reset), plus
+    the inputs' own bytes once: what a process holding only those inputs would peak at.
+    """
     import torch
 
-    forward_backward()  # first call: Triton autotuning and compilation are not part of the figure
+    inputs = [to_torch(a, True) for a in args]
+
+    def run():
+        out, state = fn(*inputs)
+        (out.float().sum() + state.float().sum()).backward()
+        torch.cuda.synchronize()
+
+    run()  # first call: Triton autotuning and compilation are not part of the figure
+    for t in inputs:
+        t.grad = None  # the gradients are the call's own allocations, so none may be alive before it
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    forward_backward()
-    return torch.cuda.max_memory_allocated()
+    run()
+    input_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    return torch.cuda.max_memory_allocated() - before + input_bytes
 
 
 def jax_runtime_peak_bytes(name: str, shape: tuple[int, ...]) -> int | str:
@@ -268,7 +290,7 @@ def benchmark(repeats: int, memory_shapes: list[tuple[int, ...]], shapes: list[t
                     for call in calls[name]:
                         call()  # compile (and a peer's refusal of the shape) before any timing
                     if framework == "torch":
-                        peaks[name] = torch_runtime_peak_bytes(calls[name][1])
+                        peaks[name] = torch_runtime_peak_bytes(fn, args)
                     else:
                         backward = forward_and_backward(fn, len(args))[1]
                         compiled[name] = peak_bytes(backward.lower(*args).compile())

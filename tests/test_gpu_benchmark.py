@@ -6,6 +6,7 @@ processes (which on a CPU, where XLA keeps no allocator statistics, say so inste
 number), and a figure that is missing reads "n/a", never a number.
 """
 
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,102 @@ def test_the_table_gives_every_contender_a_row_and_missing_figures_as_na():
 def test_shapes_are_checked_by_the_command_line():
     result = run_benchmark("--shapes", "8,4096,8,0,64")
     assert result.returncode == 2 and "five positive integers B,T,H,K,V" in result.stderr, result.stderr
+
+
+FAKE_TORCH = '''
+"""A stand-in for torch.cuda's allocator: tensors count their bytes while alive."""
+import numpy as np
+
+bfloat16 = "bfloat16"
+
+
+class _Allocator:
+    allocated = 0
+    peak = 0
+
+    @classmethod
+    def add(cls, n):
+        cls.allocated += n
+        cls.peak = max(cls.peak, cls.allocated)
+
+
+class Tensor:
+    def __init__(self, shape):
+        self.shape, self.grad = tuple(shape), None
+        _Allocator.add(self.nbytes())
+
+    def nbytes(self):
+        return int(np.prod(self.shape)) * 2
+
+    def __del__(self):
+        _Allocator.allocated -= self.nbytes()
+
+    def cuda(self):
+        return self
+
+    def to(self, dtype):
+        return Tensor(self.shape)
+
+    def requires_grad_(self, flag):
+        return self
+
+    def numel(self):
+        return int(np.prod(self.shape))
+
+    def element_size(self):
+        return 2
+
+
+def from_numpy(array):
+    return Tensor(array.shape)
+
+
+class cuda:
+    synchronize = staticmethod(lambda: None)
+    memory_allocated = staticmethod(lambda: _Allocator.allocated)
+    max_memory_allocated = staticmethod(lambda: _Allocator.peak)
+
+    @staticmethod
+    def reset_peak_memory_stats():
+        _Allocator.peak = _Allocator.allocated
+'''
+
+PEAK_OF_FAKE_OP = '''
+import jax.numpy as jnp
+import torch
+from benchmarks.gpu import torch_calls, torch_runtime_peak_bytes
+
+class Result:  # the op's output: its loss's backward allocates one gradient per input
+    def __init__(self, inputs, scratch):
+        self.inputs, self.scratch = inputs, scratch
+    def float(self):
+        return self
+    def sum(self):
+        return self
+    def __add__(self, other):
+        return self
+    def backward(self):
+        for t in self.inputs:
+            t.grad = torch.Tensor(t.shape)
+
+def op(*inputs):
+    scratch = torch.Tensor((1000,))  # 2000 bytes of activations, alive until the backward is done
+    return Result(inputs, scratch), Result(inputs, scratch)
+
+args = (jnp.zeros((10,)), jnp.zeros((20,)))  # 60 bytes of bfloat16 inputs
+timing = torch_calls(op, args)  # another contender's copies, alive: not part of this figure
+timing[1]()
+print(torch_runtime_peak_bytes(op, args))
+'''
+
+
+def test_the_pytorch_peak_counts_one_copy_of_the_inputs_and_what_the_call_allocates(tmp_path):
+    """Like the JAX side's fresh process: tensors alive before the call (the timing calls' copies,
+    another contender's) are not counted; the inputs once, the activations and the gradients are."""
+    (tmp_path / "torch.py").write_text(FAKE_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", PEAK_OF_FAKE_OP], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    inputs, activations, gradients = 60, 2000, 60
+    assert int(result.stdout.split()[-1]) == inputs + activations + gradients, result.stdout
