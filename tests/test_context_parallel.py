@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpfp_jax as dj
 from dpfp_devtools.counts import walk_rows
 from dpfp_jax.ops.fast_weight import context_cost
 from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _fold, _transition
@@ -87,6 +88,31 @@ def test_the_relays_walks_give_the_end_state_and_the_entering_gradient(rule, wit
     d_out, d_end = jax.random.normal(jax.random.key(5), v.shape), jax.random.normal(jax.random.key(6), w_in.shape)
     got = _entering_gradient(rule, q, k, beta, resets, scale, d_out, 4, d_end=d_end)
     np.testing.assert_allclose(got, pullback((d_out, d_end))[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_each_walk_given_raw_q_k_and_features_equals_it_given_phi_q_phi_k(rule):
+    # The per-shard walks with the map inside (one span of raw q, k mapped at a time; the sum rule
+    # then walks instead of taking its closed forms) against the same walks on phi(q), phi(k).
+    phi = dj.Features("dpfp", dim=3, nu=2, normalization="sum")
+    raw_k, v, beta, _ = _inputs(7, length=40, key_dim=3)
+    raw_q = jnp.roll(raw_k, 1, axis=-1) - 0.2
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(raw_k.shape[:2], bool).at[0, 9].set(True).at[1, 33].set(True)
+    w_in = jax.random.normal(jax.random.key(8), (2, 2, phi.key_dim, 3))
+    d_out, scale = jax.random.normal(jax.random.key(9), v.shape), jnp.float32(0.6)
+    q, k = phi(raw_q), phi(raw_k)
+    for options in ({}, {"features": phi}):
+        mapped = (raw_q, raw_k) if options else (q, k)
+        got = (_transition(rule, mapped[1], v, beta, resets, jnp.float32, 4, **options),
+               _end_state(rule, mapped[1], v, beta, resets, w_in, 4, **options),
+               _entering_gradient(rule, *mapped, beta, resets, scale, d_out, 4, **options),
+               _entering_gradient(rule, *mapped, beta, resets, scale, d_out, 4, d_end=w_in, **options))
+        if not options:
+            want = got
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, jnp.broadcast_to(w, g.shape), rtol=1e-5, atol=1e-5)
 
 
 def test_the_scheme_picked_per_call_has_the_shorter_critical_path():

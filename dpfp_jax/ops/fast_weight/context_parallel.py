@@ -29,6 +29,10 @@ shard runs its backward. Fewer flops, a longer critical path once P > 2.
 Only state-sized arrays cross devices (``[B, H, K, V]`` ppermutes and psums, a ``[B, 1]`` shift of
 document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares these with
 gathering every shard's ``(M, N)`` and with running the shards one after the other.
+
+With ``features`` (raw q, k of width d) every walk above maps one span of the shard's q, k where
+it uses it, through the chunk form's ``_Spans.mapped``, and the backward applies phi's VJP: a shard
+keeps its q, k d wide, never phi(q), phi(k) whole.
 """
 
 from __future__ import annotations
