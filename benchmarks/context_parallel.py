@@ -15,6 +15,11 @@ with T sharded over them against the single-device chunk form on one of them. Th
 share this machine's cores, so the sharded time is the total work, not a speed-up.
 ``--ops ours-transition ours-relay`` times the two schemes side by side (the scheme given, not
 picked).
+
+``--features-memory``: in a fresh process with ``--devices`` host CPU devices, compiles the
+forward+backward with T sharded over them, the feature map inside the op (``features=``: each
+shard keeps the raw d-wide q, k) against it applied first (the op given phi(q), phi(k)), for each
+scheme, and reads the per-device temporaries from ``memory_analysis()``. Nothing runs.
 """
 
 from __future__ import annotations
@@ -36,10 +41,7 @@ from dpfp_jax.ops.fast_weight.context_cost import (
     chunk_backward,
     chunk_forward,
     critical_path,
-    end_state_walk,
-    entering_gradient,
     flops_per_chip,
-    transition,
 )
 
 MB = 1e6
@@ -51,38 +53,13 @@ MB = 1e6
 
 
 def check_counts(c: int = 64, k: int = 128, v: int = 64) -> str:
-    """The per-chunk counts against XLA's ``cost_analysis()`` on one chunk (B = H = 1, T = C), where
-    every scan runs once, so counting its body once is exact. In the forward+backward program XLA
-    merges the backward's recomputed pieces with the forward's (the same computation, both alive
-    in one program), so that row is compared with the count less one set of pieces."""
-    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
-    from dpfp_jax.ops.fast_weight.context_parallel import _end_state, _entering_gradient, _transition
+    """The per-chunk counts against XLA's ``cost_analysis()`` on one chunk (``dpfp_devtools.counts``:
+    B = H = 1, T = C, where every scan runs once, so counting its body once is exact)."""
+    from dpfp_devtools.counts import chunk_rows, walk_rows
 
-    q, values, beta = jnp.ones((1, c, 1, k)), jnp.ones((1, c, 1, v)), jnp.ones((1, c, 1))
-    state = jnp.zeros((1, 1, k, v))
-
-    def op(q, k, v, beta, w):
-        return fast_weight_chunk(q, k, v, beta, w, rule="delta", scale=1.0, chunk_size=c)
-
-    def pullback(q, k, v, beta, w, d_out, d_state):  # cotangents as inputs: nothing folds as a constant
-        return jax.vjp(op, q, k, v, beta, w)[1]((d_out, d_state))
-
-    def counted(fn, *args):
-        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-
-    pieces = 8 * c * c * k + 2 * c * c * v + c**3
-    rows = [(f"chunk forward, C={c} K={k} V={v}", counted(op, q, q, values, beta, state), chunk_forward(c, k, v)),
-            ("chunk forward+backward (less one set of pieces)", counted(pullback, q, q, values, beta, state, values,
-                                                                       state),
-             chunk_forward(c, k, v) + chunk_backward(c, k, v) - pieces),
-            ("transition (M, N)", counted(lambda k, v, b: _transition("delta", k, v, b, None, jnp.float32, c), q,
-                                          values, beta), transition(c, k, v)),
-            ("end-state walk (relay)", counted(lambda k, v, b, w: _end_state("delta", k, v, b, None, w, c), q, values,
-                                               beta, state), end_state_walk(c, k, v)),
-            ("G", counted(lambda q, k, b, d: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c), q, q,
-                          beta, values), entering_gradient(c, k, v))]
     lines = ["| program | cost_analysis() flops | counted | counted / XLA's |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {xla:,.0f} | {mine:,.0f} | {mine / xla:.3f} |" for name, xla, mine in rows]
+    lines += [f"| {name} | {xla:,.0f} | {mine:,.0f} | {mine / xla:.3f} |"
+              for name, xla, mine in chunk_rows(c, k, v) + walk_rows(c, k, v)]
     return "\n".join(lines)
 
 
@@ -215,16 +192,61 @@ def cpu_rows(key_dims: list[int], length: int, heads: int, value_dim: int, repea
     return "\n".join(rows)
 
 
+def features_memory_rows(length: int, heads: int, value_dim: int, dim: int, nu: int) -> str:
+    """Run in a process with host devices: per-device compiled temporaries of the sharded
+    forward+backward (delta rule, float32, B = 1), DPFP of width ``dim`` and order ``nu`` applied
+    inside the op or before it, each scheme given by name."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    from dpfp_devtools.workloads import forward_and_backward
+    from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
+
+    shards = jax.device_count()
+    phi = dj.Features("dpfp", dim=dim, nu=nu, normalization="sum")
+    mesh = jax.make_mesh((shards,), ("seq",), axis_types=(AxisType.Auto,))
+    along_t = NamedSharding(mesh, P(None, "seq"))
+    shapes = [(1, length, heads, dim), (1, length, heads, dim), (1, length, heads, value_dim), (1, length, heads)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=along_t) for shape in shapes]
+
+    def op(scheme, fused):
+        def call(q, k, v, beta):
+            state = jnp.zeros((1, heads, phi.key_dim, value_dim), jnp.float32)
+            qk = (q, k) if fused else (phi(q), phi(k))
+            return fast_weight_context_parallel(*qk, v, beta, state, rule="delta", scale=1.0, chunk_size=64,
+                                                segment_ids=None, plan=context_plan(q, "seq", "chunk"),
+                                                scheme=scheme, features=phi if fused else None)
+        return call
+
+    rows = [f"| scheme | feature map | fwd+bwd temp MB per device | / map applied first "
+            f"({shards} host devices, T / P = {length // shards}) |", "|---|---|---:|---:|"]
+    for scheme in SCHEMES:
+        temps = {}
+        for fused in (False, True):
+            with jax.set_mesh(mesh):
+                compiled = forward_and_backward(op(scheme, fused), 4)[1].lower(*args).compile()
+            temps[fused] = compiled.memory_analysis().temp_size_in_bytes / MB
+            where = "inside the op (features=)" if fused else "applied first (phi(q), phi(k) given)"
+            rows.append(f"| {scheme} | {where} | {temps[fused]:.1f} | {temps[fused] / temps[False]:.2f}x |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--check-counts", action="store_true", help="the per-chunk counts against cost_analysis()")
     parser.add_argument("--tpu", action="store_true")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--features-memory", action="store_true",
+                        help="compiled temporaries, feature map inside the sharded op or applied first")
+    parser.add_argument("--dim", type=int, default=64, help="--features-memory: d, the raw q, k width")
+    parser.add_argument("--nu", type=int, default=3, help="--features-memory: DPFP's nu (K = 2 d nu)")
     parser.add_argument("--key-dims", type=int, nargs="+", default=None)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4], help="--tpu: chips P")
-    parser.add_argument("--length", type=int, default=None, help="T (65536 for --flops/--tpu, 8192 for --cpu)")
-    parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, 4 for --cpu)")
+    parser.add_argument("--length", type=int, default=None, help="T (65536 for --flops/--tpu, else 8192)")
+    parser.add_argument("--heads", type=int, default=None, help="H (8 for --flops/--tpu, else 4)")
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ops", nargs="+", default=["ours"],
@@ -232,7 +254,7 @@ def main() -> None:
                         help="the sharded ops: ours with the chunk form (the scheme picked per call, or given) "
                              "or (--tpu only) the TPU kernel per shard, jax-linear-attention's context_parallel "
                              "(the bench extra)")
-    parser.add_argument("--devices", type=int, default=4, help="--cpu: host devices P")
+    parser.add_argument("--devices", type=int, default=4, help="--cpu, --features-memory: host devices P")
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_child:
@@ -254,16 +276,21 @@ def run(args: argparse.Namespace) -> None:
     if args.tpu:
         print(tpu_rows(args.key_dims or [128, 512], args.shards, args.length or 65536, args.heads or 8, args.value_dim,
                        names))
-    if args.cpu and args.in_child:
-        print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim, args.repeats,
-                       names))
-    elif args.cpu:
+    if args.in_child:
+        if args.cpu:
+            print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim,
+                           args.repeats, names))
+        if args.features_memory:
+            print(features_memory_rows(args.length or 8192, args.heads or 4, args.value_dim, args.dim, args.nu))
+    elif args.cpu or args.features_memory:
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}".strip()
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        command = [sys.executable, "-m", "benchmarks.context_parallel", "--cpu", "--in-child", "--repeats",
-                   str(args.repeats), "--value-dim", str(args.value_dim), "--ops", *names]
+        command = [sys.executable, "-m", "benchmarks.context_parallel", "--in-child", "--repeats",
+                   str(args.repeats), "--value-dim", str(args.value_dim), "--ops", *names, "--dim", str(args.dim),
+                   "--nu", str(args.nu)]
+        command += ["--cpu"] * args.cpu + ["--features-memory"] * args.features_memory
         for flag, value in (("--key-dims", args.key_dims), ("--length", args.length), ("--heads", args.heads)):
             if value is not None:
                 command += [flag, *map(str, value if isinstance(value, list) else [value])]

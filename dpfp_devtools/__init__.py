@@ -9,6 +9,8 @@ benchmarks of a source checkout, which import it from the repository root:
   between jax releases: one more reason it stays out of the library.
 - ``deviceless``: compile a jitted function all the way for an H100/H200 without one (XLA's
   deviceless ahead-of-time compile), with each kernel's shared memory, registers and spills.
+- ``counts``: the context-parallel per-chunk flop counts next to XLA's ``cost_analysis()`` of
+  the programs they count, for the test that holds them and the benchmark's table.
 - ``workloads``: what the tests and benchmarks both run: the fast-weight input maker, the op's
   forward and backward, each Pallas kernel's gradient program, and the GPU paths ``impl=`` does not name.
 

@@ -1,7 +1,8 @@
 """Context parallelism: T sharded over a mesh axis equals the single-device op.
 
 The multi-device checks run tests/scripts/context_parallel_script.py in fresh processes with 2, 4
-and 8 host CPU devices (its docstring lists them); here also the per-shard algebra on one device:
+and 8 host CPU devices (its docstring lists them), and context_parallel_features_script.py (the
+feature map inside the sharded op) with 2 and 4; here also the per-shard algebra on one device:
 over a shard, the end state is ``M W_in + N`` for the ``(M, N)`` the scheme exchanges.
 """
 
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpfp_jax as dj
+from dpfp_devtools.counts import walk_rows
 from dpfp_jax.ops.fast_weight import context_cost
 from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _fold, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
@@ -87,6 +90,31 @@ def test_the_relays_walks_give_the_end_state_and_the_entering_gradient(rule, wit
     np.testing.assert_allclose(got, pullback((d_out, d_end))[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_each_walk_given_raw_q_k_and_features_equals_it_given_phi_q_phi_k(rule):
+    # The per-shard walks with the map inside (one span of raw q, k mapped at a time; the sum rule
+    # then walks instead of taking its closed forms) against the same walks on phi(q), phi(k).
+    phi = dj.Features("dpfp", dim=3, nu=2, normalization="sum")
+    raw_k, v, beta, _ = _inputs(7, length=40, key_dim=3)
+    raw_q = jnp.roll(raw_k, 1, axis=-1) - 0.2
+    beta = beta if rule == "delta" else None
+    resets = jnp.zeros(raw_k.shape[:2], bool).at[0, 9].set(True).at[1, 33].set(True)
+    w_in = jax.random.normal(jax.random.key(8), (2, 2, phi.key_dim, 3))
+    d_out, scale = jax.random.normal(jax.random.key(9), v.shape), jnp.float32(0.6)
+    q, k = phi(raw_q), phi(raw_k)
+    for options in ({}, {"features": phi}):
+        mapped = (raw_q, raw_k) if options else (q, k)
+        got = (_transition(rule, mapped[1], v, beta, resets, jnp.float32, 4, **options),
+               _end_state(rule, mapped[1], v, beta, resets, w_in, 4, **options),
+               _entering_gradient(rule, *mapped, beta, resets, scale, d_out, 4, **options),
+               _entering_gradient(rule, *mapped, beta, resets, scale, d_out, 4, d_end=w_in, **options))
+        if not options:
+            want = got
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, jnp.broadcast_to(w, g.shape), rtol=1e-5, atol=1e-5)
+
+
 def test_the_scheme_picked_per_call_has_the_shorter_critical_path():
     # Relay always wins at P = 2 (it skips M's walk, and nobody waits longer than under the
     # transition scheme); at P = 4 only once M's 4 C K^2 outweighs three walks in a row.
@@ -104,22 +132,10 @@ def test_the_scheme_picked_per_call_has_the_shorter_critical_path():
 
 
 def test_the_counted_walks_match_xlas_count_on_one_chunk():
-    # cost_analysis() counts a loop's body once: on one chunk (T = C, B = H = 1) that is exact.
-    c, key_dim, value_dim = 64, 128, 64  # the benchmark's --check-counts shape: the small terms uncounted
-    k, values, beta = jnp.ones((1, c, 1, key_dim)), jnp.ones((1, c, 1, value_dim)), jnp.ones((1, c, 1))
-    state = jnp.zeros((1, 1, key_dim, value_dim))
-
-    def counted(fn, *args):
-        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-
-    pairs = [(counted(lambda k, v, b: _transition("delta", k, v, b, None, jnp.float32, c), k, values, beta),
-              context_cost.transition(c, key_dim, value_dim)),
-             (counted(lambda k, v, b, w: _end_state("delta", k, v, b, None, w, c), k, values, beta, state),
-              context_cost.end_state_walk(c, key_dim, value_dim)),
-             (counted(lambda q, k, b, d, e: _entering_gradient("delta", q, k, b, None, jnp.float32(1), d, c, d_end=e),
-                      k, k, beta, values, state), context_cost.entering_gradient(c, key_dim, value_dim))]
-    for xla, mine in pairs:
-        assert abs(mine / xla - 1) < 0.02, (mine, xla)
+    # cost_analysis() counts a loop's body once: on one chunk (T = C, B = H = 1) that is exact. At
+    # the benchmark's --check-counts shape (C = 64, K = 128, V = 64) the small terms are uncounted.
+    for name, xla, mine in walk_rows(64, 128, 64):
+        assert abs(mine / xla - 1) < 0.02, (name, mine, xla)
 
 
 def test_the_fold_gives_each_shard_the_state_the_sequence_reaches_there():
@@ -135,12 +151,12 @@ def test_the_fold_gives_each_shard_the_state_the_sequence_reaches_there():
     np.testing.assert_allclose(final, want, rtol=1e-5, atol=1e-5)
 
 
-def _run(*args: str, count: int) -> None:
+def _run(*args: str, count: int, script: Path = SCRIPT) -> None:
     # As tests/test_multidevice.py's run_with_host_devices, with the script's arguments.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(count), *args], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(count), *args], env=env, capture_output=True,
                             text=True, timeout=1200)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
@@ -160,6 +176,15 @@ def test_sharded_sequence_on_2_and_8_devices_equals_one_device(count):
 @pytest.mark.parametrize("count", [2, 4, 8])
 def test_every_combination_on_2_4_8_devices(count):
     _run("--full", count=count)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [2, 4])
+def test_the_feature_map_inside_the_sharded_op_equals_it_applied_first(count):
+    # Both schemes, both rules, with and without log_decay and segment_ids, and the compiled
+    # temporaries: each shard keeps q, k d wide (make test's features_sharded_script.py runs the
+    # dispatcher's pick with features on 4 devices).
+    _run(count=count, script=SCRIPT.with_name("context_parallel_features_script.py"))
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ The op with ``features`` (raw q, k; the feature map applied inside) on sharded i
 "feature map, then the op" on one device: outputs, final state and the gradients of q, k, v,
 beta, initial_state and scale, float32, both rules, packed documents. Explicit meshes: batch and
 heads sharded (``(data, heads)``, ``scan`` and ``chunk``: the map fused), and the sequence
-sharded (``(seq,)``, context parallelism: the map applied before the shards run); an Auto mesh
-with ``context_axis``; a linen layer's default (fused) against its separate path on the
+sharded (``(seq,)``, context parallelism: each shard maps its raw slice, fused too; the scheme
+the op picks: tests/scripts/context_parallel_features_script.py runs both); an Auto mesh with
+``context_axis``; a linen layer's default (fused) against its separate path on the
 ``(data, heads)`` mesh.
 """
 

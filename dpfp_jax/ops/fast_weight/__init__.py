@@ -226,8 +226,9 @@ def fast_weight(
         in ``initial_state`` and the final state). ``"scan"`` and ``"chunk"`` (so ``"auto"``)
         apply the map where q and k are used and keep them at width d for the backward (a gated ``"scan"``,
         with ``log_decay``, is given phi(q), phi(k) mapped first), which
-        recomputes phi and applies its VJP (docs/math.md); ``"reference"``, ``"pallas"`` (the
-        kernels read K-wide q, k) and the context-parallel path apply it before they run, not fused.
+        recomputes phi and applies its VJP (docs/math.md); so does every shard of a sharded T
+        (``context_axis``, the chunk form per shard); ``"reference"`` and ``"pallas"`` (the
+        kernels read K-wide q, k, sharded T or not) apply it before they run, not fused.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"`` and ``"auto"`` (which then never
         picks ``"pallas"``; ``impl="pallas"`` says it cannot take it), with ``initial_state``,
@@ -282,13 +283,13 @@ def fast_weight(
     check_log_decay_values(log_decay, traced_check=checked)
     plan = context_plan(q, context_axis, impl)
     if plan is not None:
-        if features is not None:  # not fused with a sharded T: each shard is given phi(q), phi(k)
-            q, k = features(q), features(k)
-        state = zero_state(q, v, jnp.float32) if initial_state is None else initial_state
-        with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, state, scale,
-                                 log_decay):
-            return fast_weight_context_parallel(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                                segment_ids=segment_ids, plan=plan, impl=impl, log_decay=log_decay)
+        if initial_state is None:
+            initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)
+        with refuse_forward_mode("pallas" if impl == "pallas" else "chunk", impl, q, k, v, beta, initial_state,
+                                 scale, log_decay):
+            return fast_weight_context_parallel(q, k, v, beta, initial_state, rule=rule, scale=scale,
+                                                chunk_size=chunk_size, segment_ids=segment_ids, plan=plan, impl=impl,
+                                                log_decay=log_decay, features=features)
     candidates = auto_candidates(q, chunk_size) if impl == "auto" else (impl,)
     reasons = []
     for name in candidates:

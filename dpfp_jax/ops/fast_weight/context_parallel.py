@@ -29,6 +29,10 @@ shard runs its backward. Fewer flops, a longer critical path once P > 2.
 Only state-sized arrays cross devices (``[B, H, K, V]`` ppermutes and psums, a ``[B, 1]`` shift of
 document ids); nothing of length T is ever exchanged. docs/context_parallel.md compares these with
 gathering every shard's ``(M, N)`` and with running the shards one after the other.
+
+With ``features`` (raw q, k of width d) every walk above maps one span of the shard's q, k where
+it uses it, through the chunk form's ``_Spans.mapped``, and the backward applies phi's VJP: a shard
+keeps its q, k d wide, never phi(q), phi(k) whole.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec
 
+from dpfp_jax.feature_maps import Features
 from dpfp_jax.ops.fast_weight.chunk import (
     DEFAULT_SPAN_SIZE,
     XLA_WALK,
@@ -204,13 +209,15 @@ class _Chunked(NamedTuple):
         return None if x is None else pad_to(x, 1, self.padded)
 
 
-def _chunked(q: Array, resets: Array | None, chunk_size: int, span_size: int = DEFAULT_SPAN_SIZE) -> _Chunked:
-    """The chunk form's layout (``chunk.fast_weight_chunk``) of a ``[B, L, H, ...]`` slice."""
+def _chunked(q: Array, resets: Array | None, chunk_size: int, span_size: int = DEFAULT_SPAN_SIZE,
+             features: Features | None = None) -> _Chunked:
+    """The chunk form's layout (``chunk.fast_weight_chunk``) of a ``[B, L, H, ...]`` slice; with
+    ``features`` its spans map a span of raw q or k where it is used (``_Spans.mapped``)."""
     batch, length, heads, _ = q.shape
     chunk_size = max(min(chunk_size, length), 1)
     num_chunks = -(-length // chunk_size)
     num_spans = -(-num_chunks // max(span_size // chunk_size, 1))
-    spans = _Spans(-(-num_chunks // num_spans), chunk_size, *batch_head_axes_of(q))
+    spans = _Spans(-(-num_chunks // num_spans), chunk_size, *batch_head_axes_of(q), features)
     document = None
     if resets is not None:
         per_head = jnp.broadcast_to(resets[:, :, None], (batch, length, heads))
@@ -232,7 +239,7 @@ def _after_last_reset(resets: Array | None, length: int, batch: int) -> Array:
     return jnp.cumsum(resets, axis=1) == jnp.sum(resets, axis=1, keepdims=True)
 
 
-def _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay=None):
+def _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay=None, features=None):
     """The shard's ``(M, N)``: ``W_end = M W_in + N`` (module docstring).
 
     The sum rule: ``N`` sums ``k_t v_t^T`` over the steps after the shard's last reset, ``M`` is 1
@@ -242,16 +249,24 @@ def _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay=None):
     Gated (``log_decay``), both rules take that walk with the chunk form's decays: each chunk
     multiplies the pair by its ``exp(g_C)`` (an exp of a log sum) before adding its writes, so the
     sum rule's ``M`` is ``[B, H, 1, 1]``, the product of the chunks' factors.
+    With ``features`` (raw k, width d) both rules take the walk too, which maps one span of k at a
+    time: the sum rule's closed form would need ``phi(k)`` of the whole slice.
     """
-    batch, length, heads, key_dim = k.shape
-    if rule == "sum" and log_decay is None:
+    batch, length, heads, _ = k.shape
+    key_dim = _key_dim(k, features)
+    if rule == "sum" and log_decay is None and features is None:
         reach = _after_last_reset(resets, length, batch)
         n = _mm("blhk,blhv->bhkv", jnp.where(reach[:, :, None, None], k.astype(acc), 0.0), v.astype(acc))
         return _kept_without_reset(resets, batch, acc), n
     start = jnp.zeros((batch, heads, key_dim, v.shape[-1]), acc)
     m0 = (jnp.ones((batch, heads, 1, 1), acc) if rule == "sum"
           else jnp.broadcast_to(jnp.eye(key_dim, dtype=acc), (batch, heads, key_dim, key_dim)))
-    return _state_walk(rule, k, v, beta, resets, acc, chunk_size, start, m0, log_decay)
+    return _state_walk(rule, k, v, beta, resets, acc, chunk_size, start, m0, log_decay, features)
+
+
+def _key_dim(k: Array, features: Features | None) -> int:
+    """K: k's width, or the feature map's when k is raw."""
+    return k.shape[-1] if features is None else features.key_dim
 
 
 def _kept_without_reset(resets: Array | None, batch: int, acc) -> Array:
@@ -260,30 +275,32 @@ def _kept_without_reset(resets: Array | None, batch: int, acc) -> Array:
     return no_reset.astype(acc)[:, None, None, None]
 
 
-def _end_state(rule, k, v, beta, resets, w_in, chunk_size, log_decay=None):
+def _end_state(rule, k, v, beta, resets, w_in, chunk_size, log_decay=None, features=None):
     """The state leaving the shard when ``w_in [B, H, K, V]`` enters it, without outputs: the relay
     scheme's walk (the delta rule's state walk alone, ``C K V`` a chunk less than the transition's
     ``(M, N)`` by ``M``'s ``4 C K^2``)."""
     if rule == "sum":
-        m, n = _transition(rule, k, v, beta, resets, w_in.dtype, chunk_size, log_decay)
+        m, n = _transition(rule, k, v, beta, resets, w_in.dtype, chunk_size, log_decay, features)
         return m * w_in + n
-    return _state_walk(rule, k, v, beta, resets, w_in.dtype, chunk_size, w_in, None, log_decay)[1]
+    return _state_walk(rule, k, v, beta, resets, w_in.dtype, chunk_size, w_in, None, log_decay, features)[1]
 
 
-def _state_walk(rule, k, v, beta, resets, acc, chunk_size, n, m=None, log_decay=None):
+def _state_walk(rule, k, v, beta, resets, acc, chunk_size, n, m=None, log_decay=None, features=None):
     """The walk over the slice from the state ``n [B, H, K, V]`` (its end state from there) and,
     given ``m`` (``[B, H, K, K]``, or ``[B, H, 1, 1]`` for the gated sum rule), the same walk over
     ``m`` with zero values alongside (the transition's ``M`` from ``I``): ``(m or None, n)`` at the
-    slice's end. The WY pieces and the decays are shared."""
-    batch, _, heads, key_dim = k.shape
-    layout = _chunked(k, resets, chunk_size)
+    slice's end. The WY pieces and the decays are shared. With ``features`` k is raw and each span
+    of it is mapped where it is used."""
+    batch, _, heads, _ = k.shape
+    layout = _chunked(k, resets, chunk_size, features=features)
     spans = layout.spans
     k, v, beta, log_decay = (layout.pad(x) for x in (k, v, beta, log_decay))
 
     def span(carry, xs):
         index, document = xs
-        k_s, v_s, beta_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
-                                         for x in (k, v, beta, log_decay))
+        k_s = spans.mapped(spans.take(k, index))[0].astype(acc)
+        v_s, beta_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
+                                    for x in (v, beta, log_decay))
         docs = documents_of(document)
         decays = None if log_decay_s is None else chunk_decays(log_decay_s)
         same = None if docs is None else docs.same
@@ -314,11 +331,12 @@ def _state_walk(rule, k, v, beta, resets, acc, chunk_size, n, m=None, log_decay=
 
     start = (_group(n), None if m is None else _group(m))
     (n, m), _ = lax.scan(span, start, (jnp.arange(layout.count), layout.document))
-    n = n.reshape(batch, heads, key_dim, v.shape[-1])
+    n = n.reshape(batch, heads, *n.shape[1:])
     return None if m is None else m.reshape(batch, heads, *m.shape[1:]), n
 
 
-def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay=None, d_end=None):
+def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay=None, d_end=None,
+                       features=None):
     """``G``: the gradient of the state entering the shard from the shard's own outputs alone
     (its end state's gradient taken as zero), ``[B, H, K, V]``; given ``d_end``, the end state's
     gradient, the whole gradient of the entering state (the relay scheme's backward walk).
@@ -326,24 +344,27 @@ def _entering_gradient(rule, q, k, beta, resets, scale, d_out, chunk_size, log_d
     The sum rule: ``scale * sum q_t dout_t^T`` over the steps before the shard's first reset.
     The delta rule: the chunk form's backward walk of the state gradient alone, chunks in reverse,
     ``dW0 = dW1 + Q_eff^T dO - Y^T K dW1`` (``Q_eff = Q - S Y``), no input gradients.
-    Gated, both rules take that walk with the chunk form's decays (``dW0 = exp(g_C) dW1 + ...``).
+    Gated, both rules take that walk with the chunk form's decays (``dW0 = exp(g_C) dW1 + ...``);
+    with ``features`` (raw q, k) too, mapping a span of them at a time.
     """
     acc = scale.dtype
-    batch, length, heads, key_dim = q.shape
+    batch, length, heads, _ = q.shape
+    key_dim = _key_dim(k, features)
     d_out = d_out.astype(acc)
-    if rule == "sum" and log_decay is None:
+    if rule == "sum" and log_decay is None and features is None:
         first = jnp.ones((batch, length), bool) if resets is None else jnp.cumsum(resets, axis=1) == 0
         g = scale * _mm("blhk,blhv->bhkv", jnp.where(first[:, :, None, None], q.astype(acc), 0.0), d_out)
         return g if d_end is None else g + _kept_without_reset(resets, batch, acc) * d_end
-    layout = _chunked(q, resets, chunk_size)
+    layout = _chunked(q, resets, chunk_size, features=features)
     spans = layout.spans
     q, k, beta, d_out, log_decay = (layout.pad(x) for x in (q, k, beta, d_out, log_decay))
     no_values = jnp.zeros((*k.shape[:3], 0), acc)  # _pieces' U_tilde is not needed: zero-wide
 
     def span(dw, xs):
         index, document = xs
-        q_s, k_s, beta_s, do_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
-                                               for x in (q, k, beta, d_out, log_decay))
+        q_s, k_s = (spans.mapped(spans.take(x, index))[0].astype(acc) for x in (q, k))
+        beta_s, do_s, log_decay_s = (None if x is None else spans.take(x, index).astype(acc)
+                                     for x in (beta, d_out, log_decay))
         docs = documents_of(document)
         p = _pieces(rule, q_s * scale, k_s, spans.take(no_values, index), beta_s, docs, log_decay_s)
         options = _walk_options(docs, p.decays)
@@ -427,22 +448,23 @@ def _relay_walk_back(walk, d_final: Array, axis: str, shards: int) -> Array:
     return d
 
 
-def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay=None):
+def _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay=None, features=None):
     """The chunk form's forward over the slice from ``w_in``: its outputs, end state ``[B, H, K, V]``
     and residuals (its custom_vjp's own: the inputs, the writes U and each span's end state), so
-    the backward needs no recompute."""
-    layout = _chunked(q, resets, chunk_size)
-    batch, length, heads, key_dim = q.shape
-    w0 = w_in.reshape(batch * heads, key_dim, v.shape[-1])
+    the backward needs no recompute (with ``features`` the raw q, k: phi is recomputed there)."""
+    layout = _chunked(q, resets, chunk_size, features=features)
+    batch, length, heads, _ = q.shape
+    w0 = w_in.reshape(batch * heads, *w_in.shape[2:])
     (out, end), residuals = _chunked_forward(rule, XLA_WALK, layout.spans, *(layout.pad(x) for x in (q, k, v, beta)),
                                              w0, layout.document, scale, layout.pad(log_decay))
     return out[:, :length], end.reshape(w_in.shape), residuals
 
 
-def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end):
+def _chunk_backward(rule, q, resets, chunk_size, residuals, d_out, d_end, features=None):
     """The chunk form's backward over the slice: ``(dq, dk, dv, dbeta, d_log_decay)``, the entering
-    state's gradient ``[B, H, K, V]`` and scale's."""
-    layout = _chunked(q, resets, chunk_size)
+    state's gradient ``[B, H, K, V]`` and scale's (dq, dk at q's width: through phi's VJP with
+    ``features``)."""
+    layout = _chunked(q, resets, chunk_size, features=features)
     length = q.shape[1]
     dq, dk, dv, dbeta, d_in, _, d_scale, d_log_decay = _chunked_backward(rule, XLA_WALK, layout.spans, residuals,
                                                                          (layout.pad(d_out), _group(d_end)))
@@ -456,6 +478,9 @@ class _Static(NamedTuple):
     plan: ContextPlan
     engine: str  # "chunk" (XLA) or "pallas" (the TPU kernel) for each shard's forward and backward
     scheme: str  # "transition" or "relay" (context_cost.py)
+    # q, k raw (width d), every walk mapping a span of them where it is used, the backward
+    # recomputing phi and applying its VJP: a shard keeps them d wide. None: q, k are K wide.
+    features: Features | None = None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -466,15 +491,16 @@ def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=
 
 
 def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=None):
-    rule, chunk_size, plan, engine, scheme = static
+    rule, chunk_size, plan, engine, scheme, features = static
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     m = None
     if scheme == "transition":
-        m, n = _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay)
+        m, n = _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay, features)
         w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
     else:
-        walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size, log_decay=log_decay)
+        walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size, log_decay=log_decay,
+                       features=features)
         w_in = _relay_walk(walk, w0, plan.axis, plan.shards)
     if engine == "pallas":
         # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
@@ -483,21 +509,23 @@ def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_d
 
         (out, end), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
     else:
-        out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay)
+        out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay,
+                                             features)
     if scheme == "relay":  # the last shard's end, from its own forward
         final = lax.psum(jnp.where(lax.axis_index(plan.axis) == plan.shards - 1, end, 0.0), plan.axis)
     return (out, final), (q, k, beta, segment_ids, scale, m, residuals, log_decay)
 
 
 def _shard_backward(static: _Static, saved, cotangents):
-    rule, chunk_size, plan, engine, scheme = static
+    rule, chunk_size, plan, engine, scheme, features = static
     q, k, beta, segment_ids, scale, m, residuals, log_decay = saved
     d_out, d_final = cotangents
     # The final state is replicated over the shards: differentiating the shard_map hands its
     # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
     d_final = lax.psum(d_final, plan.axis)
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
-    entering = partial(_entering_gradient, rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay)
+    entering = partial(_entering_gradient, rule, q, k, beta, resets, scale, d_out, chunk_size, log_decay,
+                       features=features)
     if scheme == "transition":
         # Differentiating the shard_map sums the cotangents of its replicated inputs over the shards:
         # initial_state's gradient comes from the first shard alone, scale's is each shard's own part.
@@ -509,7 +537,7 @@ def _shard_backward(static: _Static, saved, cotangents):
         dq, dk, dv, dbeta, d_in, d_scale = residuals((d_out, d_end))
     else:
         (dq, dk, dv, dbeta, d_log_decay), d_in, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals,
-                                                                          d_out, d_end)
+                                                                          d_out, d_end, features)
     if scheme == "relay":  # the first shard's backward gives initial_state's gradient
         d_w0 = jnp.where(lax.axis_index(plan.axis) == 0, d_in, 0.0)
     return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype), d_log_decay
@@ -560,6 +588,7 @@ def fast_weight_context_parallel(
     impl: str = "chunk",
     log_decay: Array | None = None,
     scheme: str | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, with T sharded as ``plan``
     says (:func:`context_plan`), every shard running the chunk form on its slice (module docstring).
@@ -569,10 +598,16 @@ def fast_weight_context_parallel(
     shard's forward and backward (on a TPU, or inside ``pltpu.force_tpu_interpret_mode()``).
     ``scheme``: ``"transition"`` or ``"relay"`` (``context_cost.py``); None picks the one with the
     shorter critical path for the call (:func:`.context_cost.choose_scheme`).
+    ``features`` (:class:`dpfp_jax.Features`): q, k are raw (width d) and every shard maps them
+    where it uses them and keeps them d wide for its backward (``_Static``); with
+    ``impl="pallas"``, whose kernel reads K-wide q, k, they are mapped before the shards run.
+    ``initial_state`` is then ``[B, H, features.key_dim, V]``.
     """
+    if features is not None and impl == "pallas":
+        q, k, features = features(q), features(k), None
     if scheme is None:
         chunk = max(min(chunk_size, q.shape[1] // plan.shards), 1)
-        scheme = choose_scheme(rule, plan.shards, chunk, k.shape[-1], v.shape[-1])
+        scheme = choose_scheme(rule, plan.shards, chunk, _key_dim(k, features), v.shape[-1])
     elif scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES} or None; got {scheme!r}")
     engine = "pallas" if impl == "pallas" else "chunk"
@@ -590,7 +625,7 @@ def fast_weight_context_parallel(
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot take this call: {reason}")
     acc = accumulation_dtype(q, k, v, beta, initial_state, log_decay)
-    static = _Static(rule, chunk_size, plan, engine, scheme)
+    static = _Static(rule, chunk_size, plan, engine, scheme, features)
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
     specs = (seq, seq, seq, beta_spec, state, ids_spec)
     args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)
