@@ -231,9 +231,11 @@ def fast_weight(
         recomputes phi and applies its VJP (docs/math.md); ``"reference"``, ``"pallas"`` (the
         kernels read K-wide q, k) and the context-parallel path apply it before they run, not fused.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
-        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"`` and ``"auto"`` (which then never
-        picks ``"pallas"``; ``impl="pallas"`` says it cannot take it), with ``initial_state``,
-        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
+        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
+        ``"pallas"``) and ``"pallas"`` where it runs the TPU kernel (on a GPU, or a CPU outside
+        interpret mode, ``impl="pallas"`` says it cannot take it), with ``initial_state``,
+        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis`` (not with
+        ``"pallas"``). Gradients
         flow to it. Positive or NaN values are refused with a ValueError when the values are known
         (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
         ``check_stability=True`` stages their check.

@@ -8,8 +8,9 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   form with the state in VMEM across chunks and the triangular inverse computed in-kernel, for
   every T (the last block zero-padded) and ``chunk_size`` 16, 32, 64 or a multiple of 128
   (otherwise a ValueError says so); it reads q, k, v and writes its results in the layouts XLA
-  keeps them in, with no copies around the kernel. It does not take
-  packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
+  keeps them in, with no copies around the kernel. Gated (``log_decay``) it takes the decays in
+  the kernel, and then packed documents too, as ``log alpha = -inf`` at each reset; ungated it does
+  not take packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
 - a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
