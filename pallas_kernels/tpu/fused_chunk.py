@@ -46,6 +46,16 @@ product with a float32 operand (the state, the writes, the gradients) is float32
 precision, so bfloat16 and float32 inputs give the reference's float32 arithmetic up to summation
 order. The transposed forms (``u^T = r^T T_beta^T``, ``O^T = W0^T Q^T + u^T tril(Q K^T)^T``, ...)
 are the same matmuls with other contracted axes.
+
+Gated (``log_decay``, one ``log alpha`` per step and head, laid out as beta): each chunk's decays
+are computed in the kernel from its ``[1, C]`` row (:func:`_decays`: exps of differences of
+cumulative log sums, as the library's chunk form takes them, docs/math.md "Gated"), and enter the
+chunk step as factors (``exp(g_i)`` on what reads W0, ``D_ij`` on the scores and the Gram matrix,
+``exp(g_C - g_i)`` on the writes that reach W1, ``exp(g_C)`` on the carried state). The backward
+cannot rebuild ``W0`` from ``W1`` without dividing by ``exp(g_C)``, so the training forward also
+writes the state entering each block (``[V, K']`` float32 per head and block) and the backward
+walks each chunk's start state forward from it (:func:`_gated_chunk_starts`); the gradient of
+``log alpha`` is assembled per chunk from those of the factors (:func:`_log_decay_gradient`).
 """
 
 from __future__ import annotations
