@@ -148,6 +148,24 @@ def test_pallas_tpu_kernel_gives_both_tensorcores_a_program_for_one_batch_row(tp
     lowered.compile()
 
 
+@pytest.mark.slow
+def test_gated_pallas_tpu_kernel_runs_per_shard(tpu):
+    # log_decay [B, T, H] is sliced with the batch like beta; no communication between chips.
+    mesh = tpu.tpu_mesh(V5E, (4,), ("batch",))
+    _, args = op_program("pallas", "delta", 128, batch=4, heads=4)
+
+    def fn(q, k, v, beta, log_decay):
+        def loss(*a):
+            out, state = dj.fast_weight(*a[:4], impl="pallas", log_decay=a[4])
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, beta, log_decay)
+
+    placed = [tpu.place(a, mesh, PartitionSpec("batch")) for a in (*args, args[3])]
+    text = tpu.compile_for_tpu(fn, *placed, mesh=mesh).as_text()
+    assert "fast_weight_tpu_chunk_bwd" in text
+    assert not [c for c in COLLECTIVES if c in text], [c for c in COLLECTIVES if c in text]
+
+
 def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
     _, (q, k, v, beta) = op_program("pallas", "delta", 128)
 
