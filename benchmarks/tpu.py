@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--keys", nargs="+", type=int, default=None,
                         help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024)")
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
-                        help="dj.fast_weight impls; NAME-gated (e.g. chunk-gated) adds a log_decay")
+                        help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=8)

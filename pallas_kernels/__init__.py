@@ -11,7 +11,9 @@ tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout he
   copies around it; head-major copies of q and k where the chip's VMEM is too small for blocks
   of all heads), the chunk step and the per-chunk
   triangular inverse as MXU matmuls; its ``custom_vjp`` backward walks chunks in reverse,
-  rebuilding start states from the stored writes. No packed documents.
+  rebuilding start states from the stored writes. Gated (``log_decay``): the decays computed in
+  the kernel, and the state entering each block kept for the backward. No packed documents
+  (a caller gives ``log alpha = -inf`` at a document's first step).
   Runs in Pallas's TPU interpret mode anywhere (``interpret=True`` or inside
   ``pltpu.force_tpu_interpret_mode()``).
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state

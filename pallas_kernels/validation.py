@@ -203,6 +203,25 @@ def check_resets(resets: object, q: Array) -> None:
                          f"got shape {tuple(shape)}")
 
 
+def check_log_decay(log_decay: object, q: Array) -> None:
+    """``log_decay`` (gated fast weights) must be None or a floating ``[B, T, H]`` array with q's B, T, H.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_log_decay(jnp.zeros((1, 4)), jnp.ones((1, 4, 2, 8)))
+        Traceback (most recent call last):
+        ...
+        ValueError: log_decay must be [B, T, H] = (1, 4, 2) (log alpha per batch row, step and head); got shape (1, 4)
+    """
+    if log_decay is None:
+        return
+    _check_array("log_decay", log_decay)
+    if tuple(log_decay.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"log_decay must be [B, T, H] = {tuple(q.shape[:3])} (log alpha per batch row, step and "
+                         f"head); got shape {tuple(log_decay.shape)}")
+    _check_float("log_decay", log_decay)
+
+
 def check_kernel_inputs(
     q: Array,
     k: Array,

@@ -77,6 +77,30 @@ def assert_close_to_scale(got, want, tolerances: tuple[float, float]) -> None:
 DIFF_ARGS = ("q", "k", "v", "beta", "initial_state")
 
 
+def log_decays(seed: int, regime: str, shape: tuple[int, int, int], chunk: int = 16) -> jax.Array:
+    """``log alpha [B, T, H]`` of a regime: ``typical`` (alpha mostly 0.3 to 1), ``near_one``
+    (1 - 1e-4 and closer), ``near_zero`` (alpha about 1e-30), ``zero`` (-inf everywhere) or
+    ``mixed`` (typical, with steps of alpha = 0, 1e-30 and 1 - 1e-6, on and off the boundaries of
+    chunks of ``chunk`` steps)."""
+    noise = jax.random.normal(jax.random.key(seed), shape)
+    if regime == "typical":
+        return -0.5 * jax.nn.softplus(noise)
+    if regime == "near_one":
+        return -1e-4 * jax.nn.sigmoid(noise)
+    if regime == "near_zero":
+        return jnp.log(1e-30) + 0.1 * noise
+    if regime == "zero":
+        return jnp.full(shape, -jnp.inf)
+    assert regime == "mixed"
+    x = -0.5 * jax.nn.softplus(noise)
+    steps = shape[1]
+    for t, value in ((chunk - 1, -jnp.inf), (chunk, -jnp.inf), (5, jnp.log(1e-30)), (2 * chunk + 3, -jnp.inf),
+                     (chunk + 4, -1e-6), (steps - 1, jnp.log(1e-30))):
+        if 0 <= t < steps:
+            x = x.at[0, t].set(value).at[1, t, 0].set(value)
+    return x
+
+
 def value_and_grads(fn, inputs, names=DIFF_ARGS):
     """``(out, state) = fn(inputs)`` and the gradients, w.r.t. each input of ``names`` that is given
     (not None), in that order, of a fixed random linear loss on both results (in float32)."""

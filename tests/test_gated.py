@@ -22,6 +22,7 @@ from tests.helpers import (
     JAX_SENSITIVE,
     SCRIPTS,
     assert_relative_error,
+    log_decays,
     packed_ids,
     random_like,
     run_with_host_devices,
@@ -32,29 +33,6 @@ IMPLS = ["scan", "chunk"]
 CHUNK = 16
 GATED_ARGS = (*DIFF_ARGS, "log_decay")
 SLOW = pytest.mark.slow
-
-
-def log_decays(seed: int, regime: str, shape: tuple[int, int, int]) -> jax.Array:
-    """``log alpha [B, T, H]`` of a regime: ``typical`` (alpha mostly 0.3 to 1), ``near_one``
-    (1 - 1e-4 and closer), ``near_zero`` (alpha about 1e-30), ``zero`` (-inf everywhere) or
-    ``mixed`` (typical, with steps of alpha = 0, 1e-30 and 1 - 1e-6, on and off chunk boundaries)."""
-    noise = jax.random.normal(jax.random.key(seed), shape)
-    if regime == "typical":
-        return -0.5 * jax.nn.softplus(noise)
-    if regime == "near_one":
-        return -1e-4 * jax.nn.sigmoid(noise)
-    if regime == "near_zero":
-        return jnp.log(1e-30) + 0.1 * noise
-    if regime == "zero":
-        return jnp.full(shape, -jnp.inf)
-    assert regime == "mixed"
-    x = -0.5 * jax.nn.softplus(noise)
-    steps = shape[1]
-    for t, value in ((CHUNK - 1, -jnp.inf), (CHUNK, -jnp.inf), (5, jnp.log(1e-30)), (2 * CHUNK + 3, -jnp.inf),
-                     (CHUNK + 4, -1e-6), (steps - 1, jnp.log(1e-30))):
-        if 0 <= t < steps:
-            x = x.at[0, t].set(value).at[1, t, 0].set(value)
-    return x
 
 
 def gated_inputs(seed, *, rule, regime="mixed", time=37, key_dim=8, value_dim=4, with_state=True,
@@ -435,7 +413,9 @@ def test_nnx_twin_with_a_gate_computes_the_linen_layer():
 @pytest.mark.parametrize("change, match", [
     (dict(gate="mamba"), r"gate must be one of \(None, 'gated_deltanet'\)"),
     (dict(rule="sum", normalization="attention"), "normalization='attention'"),
-    (dict(impl="pallas"), "Pallas"),
+    # The TPU kernel takes a gate; elsewhere (here a CPU) the op says why impl="pallas" cannot.
+    (dict(impl="pallas"), r"impl='pallas' cannot take this call: pallas: log_decay .* not implemented in the "
+                          r"'pallas' kernels"),
 ])
 def test_bad_gate_settings_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

@@ -148,6 +148,24 @@ def test_pallas_tpu_kernel_gives_both_tensorcores_a_program_for_one_batch_row(tp
     lowered.compile()
 
 
+@pytest.mark.slow
+def test_gated_pallas_tpu_kernel_runs_per_shard(tpu):
+    # log_decay [B, T, H] is sliced with the batch like beta; no communication between chips.
+    mesh = tpu.tpu_mesh(V5E, (4,), ("batch",))
+    _, args = op_program("pallas", "delta", 128, batch=4, heads=4)
+
+    def fn(q, k, v, beta, log_decay):
+        def loss(*a):
+            out, state = dj.fast_weight(*a[:4], impl="pallas", log_decay=a[4])
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, beta, log_decay)
+
+    placed = [tpu.place(a, mesh, PartitionSpec("batch")) for a in (*args, args[3])]
+    text = tpu.compile_for_tpu(fn, *placed, mesh=mesh).as_text()
+    assert "fast_weight_tpu_chunk_bwd" in text
+    assert not [c for c in COLLECTIVES if c in text], [c for c in COLLECTIVES if c in text]
+
+
 def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
     _, (q, k, v, beta) = op_program("pallas", "delta", 128)
 
@@ -157,6 +175,31 @@ def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
     with pytest.raises(ValueError, match="impl='pallas' cannot take this call: pallas: the Pallas TPU kernel does "
                                          "not take packed documents"):
         tpu.compile_for_tpu(fn, q, k, v, beta, topology=V5E)
+
+
+@pytest.mark.slow  # seconds per compile; the interpret tests (tests/test_tpu_kernel.py) check the numbers
+@pytest.mark.parametrize("topology, rule, value_dim, with_documents", [
+    (V5E, "delta", 64, False), (V5E, "sum", 128, True), (V6E, "delta", 128, True), (V6E, "sum", 64, False),
+    ("v5p:2x2x1", "delta", 64, True), ("v5p:2x2x1", "sum", 128, False)])
+def test_pallas_tpu_kernel_compiles_with_a_gate(tpu, topology, rule, value_dim, with_documents):
+    # log_decay in the kernel, forward and backward (its gradient too); with segment_ids, which the
+    # TPU kernel takes when gated (a reset is alpha = 0). T = 300: three blocks, the last partial.
+    def fn(q, k, v, beta, log_decay):
+        def loss(*args):
+            ids = jnp.repeat(jnp.arange(3), 100)[None].repeat(q.shape[0], 0) if with_documents else None
+            out, state = dj.fast_weight(*args[:4], rule=rule, impl="pallas", log_decay=args[4], segment_ids=ids)
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+        args = (q, k, v, beta if rule == "delta" else None, log_decay)
+        return jax.grad(loss, argnums=tuple(i for i, a in enumerate(args) if a is not None))(*args)
+
+    keys = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
+    per_step = jax.ShapeDtypeStruct((2, 300, 4), jnp.bfloat16)
+    args = (keys, keys, jax.ShapeDtypeStruct((2, 300, 4, value_dim), jnp.bfloat16), per_step, per_step)
+    compiled = tpu.compile_for_tpu(fn, *args, topology=topology)
+    assert "fast_weight_tpu_chunk_bwd" in compiled.as_text()
+    grads = compiled.out_info
+    taken = [a for a in args[:3]] + ([args[3]] if rule == "delta" else []) + [args[4]]
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in taken]
 
 
 # The Pallas TPU kernel at the training shape B=8, T=4096, H=8, V=64, bfloat16: it compiles (libtpu
@@ -244,6 +287,25 @@ def test_pallas_tpu_kernel_compiles_for_training_keeping_only_the_writes(tpu, to
     assert temp <= 1.6 * writes_and_output_gradient
     # ... and is the report's figure, so the report's ratios to chunk (checked above) are current.
     assert_documented(tpu, temp / 1e6, topology, key_dim, "pallas")
+
+
+@pytest.mark.slow  # two training compiles at T = 4096, about a minute here
+def test_gated_pallas_tpu_kernel_keeps_one_state_per_block_beyond_the_ungated(tpu):
+    # Gated, the kernel also keeps the state entering each block of 128 steps, [V, K] float32 per
+    # head (134.2 MB at B=8, T=4096, H=8, K=V=128): that and little else beside what it keeps
+    # ungated (no copy of an input around the kernel; docs/reports/tpu_memory.md has the figures).
+    def gated(q, k, v, beta, log_decay):
+        return dj.fast_weight(q, k, v, beta, impl="pallas", log_decay=log_decay)
+
+    from dpfp_devtools.workloads import forward_and_backward
+
+    args = training_args(128, 128)
+    temps = []
+    for fn, fn_args in ((lambda *a: dj.fast_weight(*a, impl="pallas"), args), (gated, (*args, args[3]))):
+        _, backward = forward_and_backward(fn, len(fn_args))
+        temps.append(tpu.memory(tpu.compile_for_tpu(backward, *fn_args, topology=V5E)).temp_bytes)
+    block_states = 8 * (4096 // 128) * 8 * 128 * 128 * 4
+    assert 0.95 * block_states <= temps[1] - temps[0] <= 1.05 * block_states, temps
 
 
 @pytest.mark.parametrize("key_dim", [pytest.param(k, marks=slow_unless(k == 384)) for k in PALLAS_KEY_DIMS])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental.pallas import tpu as pltpu
@@ -31,7 +32,7 @@ from pallas_kernels.tpu import (
     tpu_interpret_params,
 )
 from tests.helpers import DIFF_ARGS as ARGS
-from tests.helpers import assert_relative_error, bad_kernel_calls, value_and_grads
+from tests.helpers import assert_relative_error, bad_kernel_calls, log_decays, packed_ids, value_and_grads
 
 SLOW = pytest.mark.slow
 f32 = jnp.float32
@@ -171,6 +172,104 @@ def test_forward_alone_matches_reference():
     assert_relative_error(got, want, 2e-5)
 
 
+# --- gated (log_decay): the decays inside the kernel, forward and backward ------------------------
+
+
+def gated(impl, rule, chunk_size, **options):
+    """The gated op on an inputs' dict (scale 0.7), for :func:`value_and_grads`."""
+    def fn(x):
+        return dj.fast_weight(x["q"], x["k"], x["v"], x["beta"], rule=rule, initial_state=x["initial_state"],
+                              log_decay=x["log_decay"], scale=0.7, impl=impl, chunk_size=chunk_size, **options)
+    return fn
+
+
+def gated_kernel(rule, chunk_size, **spread):
+    """The TPU kernel called directly (heads spread as ``spread`` says), interpreted with the race detector."""
+    def fn(x):
+        return fused_chunk_tpu(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.7,
+                               chunk_size=chunk_size, interpret=RACES, log_decay=x["log_decay"], **spread)
+    return fn
+
+
+def check_gated_against_reference(rule, dtype, regime, *, time=40, chunk_size=16, batch=2, heads=2, value_dim=64,
+                                  segment_ids=None, **spread):
+    """Outputs, final state and the gradients of q, k, v, beta, initial_state and log_decay of
+    ``impl="pallas"`` (interpreted; ``spread``: the kernel called directly) against the oracle's."""
+    inputs = make_inputs(8, batch=batch, time=time, heads=heads, key_dim=128, value_dim=value_dim, rule=rule,
+                         dtype=dtype, with_state=True)
+    inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(jnp.float32)
+    inputs["log_decay"] = log_decays(9, regime, (batch, time, heads), chunk_size).astype(dtype)
+    names = (*ARGS, "log_decay")
+    options = {} if segment_ids is None else {"segment_ids": segment_ids}
+    want = value_and_grads(gated("reference", rule, chunk_size, **options), inputs, names)
+    pallas = gated_kernel(rule, chunk_size, **spread) if spread else gated("pallas", rule, chunk_size, **options)
+    with pltpu.force_tpu_interpret_mode(RACES):
+        got = jax.jit(lambda: value_and_grads(pallas, inputs, names))()
+        jax.block_until_ready(got)
+    assert_races_not_found()
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(got))
+    (out, state), _ = got
+    assert out.dtype == dtype and state.dtype == jnp.float32
+    assert_relative_error(got, want, 2e-5 if dtype == jnp.float32 else 2e-2)
+    return got
+
+
+@pytest.mark.parametrize("rule, dtype, regime", [
+    # make test's case: T = 40 in chunks of 16 (the last one partial), alpha = 0 on and off chunk
+    # boundaries, 1e-30 and 1 - 1e-6 among typical decays, an initial state.
+    ("delta", f32, "mixed"),
+    *(pytest.param("delta", f32, regime, marks=SLOW) for regime in ("typical", "near_one", "near_zero", "zero")),
+    *(pytest.param("sum", f32, regime, marks=SLOW) for regime in ("mixed", "near_one", "zero")),
+    pytest.param("delta", jnp.bfloat16, "mixed", marks=SLOW),
+    pytest.param("sum", jnp.bfloat16, "mixed", marks=SLOW),
+], ids=lambda x: getattr(x, "__name__", str(x)))
+def test_gated_matches_reference_in_interpret_mode(rule, dtype, regime):
+    check_gated_against_reference(rule, dtype, regime)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", dj.RULES)
+def test_gated_several_blocks_of_several_chunks_match_reference(rule):
+    # T = 300 in chunks of 64: three blocks of two chunks (the fifth chunk partial, the sixth all
+    # padding); the backward walks each block's chunk start states from the block's stored one.
+    check_gated_against_reference(rule, f32, "mixed", time=300, chunk_size=64)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", dj.RULES)
+def test_gated_with_segment_ids_a_reset_wins_over_the_gate(rule):
+    # Documents start on and off chunk boundaries: a reset is alpha = 0 whatever log_decay says,
+    # and that log_decay gets no gradient.
+    ids = packed_ids(40, seed=3, chunk=16)
+    (_, grads) = check_gated_against_reference(rule, f32, "typical", segment_ids=ids)
+    resets = np.asarray(ids[:, 1:] != ids[:, :-1])
+    d_log_decay = np.asarray(grads[-1])[:, 1:]
+    assert resets.any() and np.max(np.abs(d_log_decay[resets])) == 0.0
+
+
+@SLOW
+@pytest.mark.parametrize("value_dim, spread", [(128, dict()), (64, dict(head_groups=2)),
+                                               (64, dict(head_groups=4, keys_head_major=True))],
+                         ids=["V=128", "two groups", "head-major"])
+def test_gated_other_layouts_match_reference(value_dim, spread):
+    # 128-wide values are read with the heads on the sublanes; two head groups write their copies of
+    # the gradient of log_decay (summed after); head-major keys, one head per program.
+    check_gated_against_reference("delta", f32, "mixed", time=200, chunk_size=64, heads=4, value_dim=value_dim,
+                                  **spread)
+
+
+@SLOW
+def test_gated_forward_alone_matches_reference():
+    # Without a gradient neither the writes nor the blocks' start states are stored.
+    inputs = make_inputs(4, batch=2, time=40, heads=2, key_dim=128, value_dim=64)
+    inputs["log_decay"] = log_decays(5, "mixed", (2, 40, 2))
+    want = dj.fast_weight(**inputs, impl="reference")
+    with pltpu.force_tpu_interpret_mode(RACES):
+        got = dj.fast_weight(**inputs, impl="pallas", chunk_size=16)
+    assert_races_not_found()
+    assert_relative_error(got, want, 2e-5)
+
+
 def test_interpret_mode_is_detected():
     assert tpu_interpret_params() is None
     with pltpu.force_tpu_interpret_mode(RACES):
@@ -266,7 +365,12 @@ def test_cost_estimate_bytes_are_the_traffic_count(spread, value_dim, time, chun
     for plan in (forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=False),
                  forward_plan(dims, bf16, bf16, bf16, delta=False, keep_writes=False),
                  forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True),
-                 backward_plan(dims, bf16, bf16, bf16, delta=True), backward_plan(dims, bf16, bf16, bf16, delta=False)):
+                 backward_plan(dims, bf16, bf16, bf16, delta=True), backward_plan(dims, bf16, bf16, bf16, delta=False),
+                 # gated: log alpha read as beta is, each block's start state written and read back
+                 forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True, gated=True, keep_states=True),
+                 forward_plan(dims, bf16, bf16, bf16, delta=False, keep_writes=False, gated=True, keep_states=True),
+                 backward_plan(dims, bf16, bf16, bf16, delta=True, gated=True),
+                 backward_plan(dims, bf16, bf16, bf16, delta=False, gated=True)):
         assert hbm_bytes(plan) == kernel_bytes(plan)
 
 
@@ -287,23 +391,29 @@ def dot_flops(jaxpr) -> int:
     return total
 
 
-@pytest.mark.parametrize("rule, chunk_size", [("delta", 64), ("sum", 64), ("delta", 16)])
-def test_cost_estimate_flops_are_the_kernels_matmuls(rule, chunk_size):
+@pytest.mark.parametrize("rule, chunk_size, gate", [("delta", 64, False), ("sum", 64, False), ("delta", 16, False),
+                                                   pytest.param("delta", 64, True, marks=SLOW),
+                                                   pytest.param("sum", 16, True, marks=SLOW)])
+def test_cost_estimate_flops_are_the_kernels_matmuls(rule, chunk_size, gate):
     # The estimate's flops against the dot_generals the kernels trace to: per grid step (the loop
-    # over a program's heads times its trip count), times the grid's steps.
+    # over a program's heads times its trip count), times the grid's steps. Gated, the backward
+    # walks a block's chunk start states forward (one product per chunk but the last) instead of
+    # undoing each chunk's update.
     inputs = make_inputs(5, batch=2, time=256, heads=4, key_dim=128, value_dim=64, rule=rule, with_state=True)
     inputs["initial_state"] = inputs["initial_state"].astype(jnp.float32)
+    log_decay = jnp.full((2, 256, 4), -0.1) if gate else None
 
     def loss(q, k, v, beta, state):
         out, final = fused_chunk_tpu(q, k, v, beta, state, rule=rule, chunk_size=chunk_size, interpret=True,
-                                     head_groups=2)
+                                     head_groups=2, log_decay=log_decay)
         return jnp.sum(out) + jnp.sum(final)
 
     calls = [e for e in jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*inputs.values()).eqns
              if e.primitive.name == "pallas_call"]
     dims = call_dims((2, 256, 4, 128), 64, chunk_size, head_groups=2)
-    plans = (forward_plan(dims, f32, f32, f32, delta=rule == "delta", keep_writes=rule == "delta"),
-             backward_plan(dims, f32, f32, f32, delta=rule == "delta"))
+    plans = (forward_plan(dims, f32, f32, f32, delta=rule == "delta", keep_writes=rule == "delta", gated=gate,
+                          keep_states=gate),
+             backward_plan(dims, f32, f32, f32, delta=rule == "delta", gated=gate))
     assert len(calls) == 2
     for call, plan in zip(calls, plans, strict=True):
         steps = math.prod(call.params["grid_mapping"].grid)

@@ -123,9 +123,6 @@ class AttentionSpec(FastWeightSettings):
             if self.normalization == "attention":
                 raise ValueError("gate with normalization='attention' is not supported: the running key sum z would "
                                  "have to decay with the memory; use normalization='sum' or 'l2'")
-            if self.impl == "pallas":
-                raise ValueError("gate (a decay, the op's log_decay) is not implemented in the Pallas kernels yet; "
-                                 "use impl='auto', 'chunk' or 'scan'")
         if self.feature_map == "dpfp":
             check_positive_int("nu", self.nu)
         if self.feature_map == "favor":

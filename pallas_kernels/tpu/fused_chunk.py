@@ -46,6 +46,16 @@ product with a float32 operand (the state, the writes, the gradients) is float32
 precision, so bfloat16 and float32 inputs give the reference's float32 arithmetic up to summation
 order. The transposed forms (``u^T = r^T T_beta^T``, ``O^T = W0^T Q^T + u^T tril(Q K^T)^T``, ...)
 are the same matmuls with other contracted axes.
+
+Gated (``log_decay``, one ``log alpha`` per step and head, laid out as beta): each chunk's decays
+are computed in the kernel from its ``[1, C]`` row (:func:`_decays`: exps of differences of
+cumulative log sums, as the library's chunk form takes them, docs/math.md "Gated"), and enter the
+chunk step as factors (``exp(g_i)`` on what reads W0, ``D_ij`` on the scores and the Gram matrix,
+``exp(g_C - g_i)`` on the writes that reach W1, ``exp(g_C)`` on the carried state). The backward
+cannot rebuild ``W0`` from ``W1`` without dividing by ``exp(g_C)``, so the training forward also
+writes the state entering each block (``[V, K']`` float32 per head and block) and the backward
+walks each chunk's start state forward from it (:func:`_gated_chunk_starts`); the gradient of
+``log alpha`` is assembled per chunk from those of the factors (:func:`_log_decay_gradient`).
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -76,6 +87,7 @@ from pallas_kernels.validation import (
     check_int,
     check_interpret,
     check_kernel_inputs,
+    check_log_decay,
     check_positive_int,
     empty_result,
 )
@@ -162,25 +174,112 @@ def unit_lower_inverse(lower: Array) -> Array:
     return _mm(factor, inverse)
 
 
+# Gated (``log_decay``): ``log alpha`` at or below this is alpha = 0 (its exp is 0 in float32, 16
+# below the log of the smallest subnormal), clamped there so that no -inf enters a cumulative sum
+# (-inf - -inf is NaN). The library's chunk form (dpfp_jax/ops/fast_weight/wy.py) takes the same floor.
+LOG_DECAY_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal)) - 16.0
+# Log decays are split into multiples of 1/16, whose cumulative sums are exact, and a rest in [-1/32, 1/32].
+_DECAY_QUANTUM = 16.0
+
+
+class _Decays(NamedTuple):
+    """A gated chunk's decays from ``g_i``, its cumulative log decay (docs/math.md, "Gated"): each an
+    exp of a difference of such sums (never positive), as rows ``[1, C]`` (lanes) and columns ``[C, 1]``."""
+
+    within: Array  # [C, C] D_ij = exp(g_i - g_j) for j <= i, 1 above the diagonal (masked off by every user)
+    start_row: Array  # [1, C] exp(g_i): what of the chunk's entering state step i sees
+    start_column: Array  # [C, 1]
+    end_row: Array  # [1, C] exp(g_C - g_i): what of step i's write reaches the chunk's end
+    end_column: Array  # [C, 1]
+    total: Array  # [1, 1] exp(g_C): what of the entering state reaches the chunk's end
+    kept: Array  # [1, C] log alpha above LOG_DECAY_FLOOR, where it has a gradient
+
+
+def _column_of(row: Array) -> Array:
+    """A ``[1, C]`` row as a ``[C, 1]`` column: the diagonal of a broadcast, summed along the lanes."""
+    size = row.shape[1]
+    rows, cols = _iotas(size)
+    return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(row, (size, size)), 0.0), axis=1, keepdims=True)
+
+
+def _cumulative_column(row: Array) -> Array:
+    """The running sum of a ``[1, C]`` row, ``sum_{s <= i} x_s``, as a ``[C, 1]`` column (a masked
+    broadcast summed along the lanes: no matmul, so no bfloat16 pass rounds it)."""
+    size = row.shape[1]
+    rows, cols = _iotas(size)
+    return jnp.sum(jnp.where(cols <= rows, jnp.broadcast_to(row, (size, size)), 0.0), axis=1, keepdims=True)
+
+
+def _decays(log_decay_row: Array) -> _Decays:
+    """:class:`_Decays` of a chunk's ``log alpha`` ``[1, C]`` float32, as ``chunk_decays`` of the library
+    computes them: ``-inf`` clamped to ``LOG_DECAY_FLOOR``, each value split into a multiple of 1/16
+    and a small rest, so the differences of the cumulative sums are exact up to the rest's round-off
+    (a chunk of large decays does not swamp a later small one)."""
+    size = log_decay_row.shape[1]
+    rows, cols = _iotas(size)
+    clamped = jnp.maximum(log_decay_row, LOG_DECAY_FLOOR)
+    hi = jnp.floor(clamped * _DECAY_QUANTUM + 0.5) / _DECAY_QUANTUM
+    lo = clamped - hi  # exact: hi is within a factor 2 of clamped, or 0
+    hi_column, lo_column = _cumulative_column(hi), _cumulative_column(lo)
+    hi_row, lo_row = _row_of(hi_column), _row_of(lo_column)
+    hi_last, lo_last = jnp.sum(hi, axis=1, keepdims=True), jnp.sum(lo, axis=1, keepdims=True)
+    # exp only of sums of log decays (<= 0); 0 above the diagonal before the exp, so never an inf.
+    within = jnp.exp(jnp.where(rows >= cols, (hi_column - hi_row) + (lo_column - lo_row), 0.0))
+    end_row = jnp.exp((hi_last - hi_row) + (lo_last - lo_row))
+    end_column = jnp.exp((hi_last - hi_column) + (lo_last - lo_column))
+    return _Decays(within, jnp.exp(hi_row + lo_row), jnp.exp(hi_column + lo_column), end_row, end_column,
+                   jnp.exp(hi_last + lo_last), log_decay_row >= LOG_DECAY_FLOOR)
+
+
+def _by(x: Array, decays: _Decays | None, factor: str) -> Array:
+    """``x`` times the decay factor named ``factor`` (a :class:`_Decays` field); x itself ungated."""
+    return x if decays is None else x * getattr(decays, factor)
+
+
+def _log_decay_gradient(decays: _Decays, d_within: Array, d_start: Array, d_end: Array, d_total: Array) -> Array:
+    """``dL/dlog alpha`` ``[1, C]`` from the gradients of the chunk's factors (d_start, d_end: columns).
+
+    Each factor is the exp of a difference of the cumulative sums g: its gradient reaches ``g_i``
+    as factor times gradient, plus for the later index and minus for the earlier, and ``g_i``'s
+    reaches every ``log alpha_s`` with ``s <= i`` (a reverse running sum). The diagonal of
+    ``d_within`` is left out (``exp(g_i - g_i)`` is constant); clamped steps get none.
+    """
+    size = d_within.shape[0]
+    rows, cols = _iotas(size)
+    h = jnp.where(rows > cols, d_within * decays.within, 0.0)
+    dg = (jnp.sum(h, axis=1, keepdims=True) - _column_of(jnp.sum(h, axis=0, keepdims=True))
+          + d_start * decays.start_column - d_end * decays.end_column)
+    # g_C also enters every end factor and the total.
+    last = jnp.sum(d_end * decays.end_column, axis=0, keepdims=True) + d_total * decays.total
+    dg = dg + jnp.where(lax.broadcasted_iota(jnp.int32, (size, 1), 0) == size - 1, last, 0.0)
+    gradient = jnp.sum(jnp.where(rows >= cols, jnp.broadcast_to(dg, (size, size)), 0.0), axis=0, keepdims=True)
+    return jnp.where(decays.kept, gradient, 0.0)
+
+
 class _WY(NamedTuple):
-    """A chunk's WY pieces: ``A = I + diag(beta) S``, ``S = strict_tril(K K^T)``; ``T_beta = A^-1 diag(beta)``."""
+    """A chunk's WY pieces: ``A = I + diag(beta) S``, ``S = strict_tril(K K^T)``; ``T_beta = A^-1 diag(beta)``.
+    Gated, ``S = strict_tril(K K^T) * D`` (the decays between steps, :class:`_Decays`) and ``raw_gram``
+    is ``strict_tril(K K^T)``."""
 
     gram: Array  # S
     beta_column: Array  # [C, 1]
     inverse: Array  # A^-1
     t_beta: Array
+    raw_gram: Array | None = None
 
 
-def _wy(k: Array, beta_row: Array) -> _WY:
-    """The WY pieces of a chunk from its keys ``[C, K]`` and write strengths ``[1, C]`` (a lane row)."""
+def _wy(k: Array, beta_row: Array, decays: _Decays | None = None) -> _WY:
+    """The WY pieces of a chunk from its keys ``[C, K]`` and write strengths ``[1, C]`` (a lane row),
+    gated with ``decays``."""
     size = k.shape[0]
     rows, cols = _iotas(size)
     # beta as a column (it scales A's rows): the diagonal of a broadcast, summed along the lanes.
     beta_column = jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(beta_row, (size, size)), 0.0), axis=1,
                           keepdims=True)
-    gram = _tril(_mm_t(k, k), strict=True)
+    raw_gram = _tril(_mm_t(k, k), strict=True)
+    gram = _by(raw_gram, decays, "within")
     inverse = unit_lower_inverse(beta_column * gram)
-    return _WY(gram, beta_column, inverse, inverse * beta_row)
+    return _WY(gram, beta_column, inverse, inverse * beta_row, None if decays is None else raw_gram)
 
 
 class Dims(NamedTuple):
@@ -315,11 +414,14 @@ def _store_beta(ref, h, group, steps, row: Array, dims: Dims) -> None:
     ref[:, steps] = jnp.where(_head_mask(old.shape, 0, _sublane_head(h, group, dims)), row, old)
 
 
-def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool, keep_writes: bool):
+def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool, keep_writes: bool,
+                    gated: bool = False, keep_states: bool = False):
     refs = list(refs)
     beta_ref = refs.pop(0) if delta else None
+    gate_ref = refs.pop(0) if gated else None  # log alpha, laid out as beta
     w0_ref, out_ref = refs.pop(0), refs.pop(0)
     u_ref = refs.pop(0) if keep_writes else None
+    states_ref = refs.pop(0) if keep_states else None  # gated: each block's start state, for the backward
     final_ref, w_ref = refs
     n, group = pl.program_id(1), pl.program_id(0) % dims.head_groups
 
@@ -336,21 +438,27 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
     # arrays' lanes must be static.
     def head(h, carry):
         wt = w_ref[h]  # W^T [V, K]
+        if keep_states:
+            states_ref[h] = wt
         for j in range(dims.chunks_per_block):
             steps = pl.ds(j * dims.chunk, dims.chunk)
             q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
             vt = _load_t(v_ref, h, group, steps, dims)
+            # Gated (docs/math.md): W0 reaches step i as exp(g_i) W0, step j's write as D_ij, W1 as exp(g_C).
+            decays = _decays(_load_beta(gate_ref, h, group, steps, dims)) if gated else None
             if delta:
                 # u = T_beta (V - K W0), transposed: u^T = (V^T - W0^T K^T) T_beta^T
-                ut = _mm_t(vt - _mm_t(wt, k), _wy(k, _load_beta(beta_ref, h, group, steps, dims)).t_beta)
+                ut = _mm_t(vt - _by(_mm_t(wt, k), decays, "start_row"),
+                           _wy(k, _load_beta(beta_ref, h, group, steps, dims), decays).t_beta)
                 if keep_writes:
                     u_ref[h, :, steps] = ut
             else:
                 ut = vt
             # O^T = scale (W0^T Q^T + u^T tril(Q K^T)^T); the output is linear in q, so the scale is applied last.
-            out_t = scale * (_mm_t(wt, q) + _mm_t(ut, _tril(_mm_t(q, k))))
+            out_t = scale * (_by(_mm_t(wt, q), decays, "start_row")
+                             + _mm_t(ut, _by(_tril(_mm_t(q, k)), decays, "within")))
             _store_t(out_ref, h, group, steps, out_t, dims)
-            wt = wt + _mm(ut, k)  # W1 = W0 + K^T u
+            wt = _by(wt, decays, "total") + _mm(_by(ut, decays, "end_row"), k)  # W1 = W0 + K^T u
         w_ref[h] = wt
         return carry
 
@@ -361,9 +469,11 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
         final_ref[...] = w_ref[...]
 
 
-def _wy_backward(k: Array, wy: _WY, dut: Array, rt: Array) -> tuple[Array, Array, Array]:
+def _wy_backward(k: Array, wy: _WY, dut: Array, rt: Array,
+                 decays: _Decays | None = None) -> tuple[Array, Array, Array, Array | None]:
     """Through ``u = T_beta r`` (r = V - K W0), given ``du^T`` and ``r^T`` ``[V, C]``: ``(dL/dr^T,
-    dL/dbeta [1, C], dL/dk [C, K])``, the last two only through ``T_beta = A^-1 diag(beta)``."""
+    dL/dbeta [1, C], dL/dk [C, K], dL/dD [C, C] gated else None)``, the last three only through
+    ``T_beta = A^-1 diag(beta)``."""
     drt = _mm(dut, wy.t_beta)  # dr = T_beta^T du
     d_t = _t_mm(dut, rt)  # du r^T
     d_beta = jnp.sum(d_t * wy.inverse, axis=0, keepdims=True)  # T_beta's columns are scaled by beta
@@ -372,7 +482,25 @@ def _wy_backward(k: Array, wy: _WY, dut: Array, rt: Array) -> tuple[Array, Array
     # A's rows are scaled by beta: dL/dbeta_i = sum_j dA_ij S_ij, as a lane row (a [1, C] matmul).
     d_beta = d_beta + _mm_t(jnp.ones((1, d_a.shape[0]), f32), d_a * wy.gram)
     d_gram = _tril(wy.beta_column * d_a, strict=True)  # S = strict_tril(K K^T)
-    return drt, d_beta, _mm(d_gram, k) + _t_mm(d_gram, k)
+    # Gated, S = strict_tril(K K^T) * D.
+    d_within = None if decays is None else d_gram * wy.raw_gram
+    d_gram = _by(d_gram, decays, "within")
+    return drt, d_beta, _mm(d_gram, k) + _t_mm(d_gram, k), d_within
+
+
+def _gated_chunk_starts(k_ref, v_ref, u_ref, gate_ref, states_ref, h, group, dims: Dims):
+    """Head h's start state ``W0^T`` of each chunk of the block and the chunk's :class:`_Decays`:
+    from the block's start state (``states_ref``, the forward's) by the forward's update
+    ``W1 = exp(g_C) W0 + (diag(E) K)^T u`` (u the stored writes; the sum rule's are v)."""
+    wt, starts, decays = states_ref[h], [], []
+    for j in range(dims.chunks_per_block):
+        steps = pl.ds(j * dims.chunk, dims.chunk)
+        starts.append(wt)
+        decays.append(_decays(_load_beta(gate_ref, h, group, steps, dims)))
+        if j + 1 < dims.chunks_per_block:
+            ut = u_ref[h, :, steps] if u_ref is not None else _load_t(v_ref, h, group, steps, dims)
+            wt = decays[j].total * wt + _mm(ut * decays[j].end_row, _load_keys(k_ref, h, group, steps, dims))
+    return starts, decays
 
 
 def _row_of(column: Array) -> Array:
@@ -382,12 +510,14 @@ def _row_of(column: Array) -> Array:
     return jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(column, (size, size)), 0.0), axis=0, keepdims=True)
 
 
-def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool):
+def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool, gated: bool = False):
     refs = list(refs)
     beta_ref, u_ref = (refs.pop(0), refs.pop(0)) if delta else (None, None)
+    gate_ref, states_ref = (refs.pop(0), refs.pop(0)) if gated else (None, None)
     d_out_ref, final_ref, d_final_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     dq_ref, dk_ref, dv_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     d_beta_ref = refs.pop(0) if delta else None
+    d_gate_ref = refs.pop(0) if gated else None
     d_w0_ref, d_scale_ref, w_ref, dw_ref = refs
     i = pl.program_id(1)  # this step's block is the i-th from the end
     group = pl.program_id(0) % dims.head_groups
@@ -401,41 +531,63 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
     scale = scale_ref[0]
     if dims.split_outputs:
         split = ([] if dims.keys_head_major else [dq_ref, dk_ref]) + ([dv_ref] if dims.values_on_lanes else [])
-        for ref in split + ([d_beta_ref] if delta else []):
+        for ref in split + ([d_beta_ref] if delta else []) + ([d_gate_ref] if gated else []):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
     def head(h, d_scale):  # as in the forward: the heads in a loop, a block's chunks unrolled
         wt1, dwt1 = w_ref[h], dw_ref[h]  # W1^T and (dL/dW1)^T, [V, K]
+        # Gated, W0 = (W1 - K^T u) / exp(g_C) would divide by the decay: each chunk's start state
+        # comes from the block's, stored by the forward, walked forward over the block's chunks.
+        starts, chunk_decays = _gated_chunk_starts(k_ref, v_ref, u_ref, gate_ref, states_ref, h, group, dims) \
+            if gated else (None, None)
         for j in reversed(range(dims.chunks_per_block)):
             steps = pl.ds(j * dims.chunk, dims.chunk)
             q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
             vt, d_out_t = _load_t(v_ref, h, group, steps, dims), _load_t(d_out_ref, h, group, steps, dims)
             ut = u_ref[h, :, steps] if delta else vt
-            wt0 = wt1 - _mm(ut, k)  # the forward's W1 = W0 + K^T u, undone
-            # Differentiated as a function of the scaled queries qs = scale q: O = qs W0 + tril(qs K^T) u.
+            decays = chunk_decays[j] if gated else None
+            wt0 = starts[j] if gated else wt1 - _mm(ut, k)  # the forward's W1 = W0 + K^T u, undone
+            # Differentiated as a function of the scaled queries qs = scale q: O = qs W0 + tril(qs K^T) u
+            # (gated: O = diag(exp(g)) qs W0 + (tril(qs K^T) * D) u, W1 = exp(g_C) W0 + (diag(E) K)^T u).
             qs = scale * q.astype(f32)
-            dut = _mm_t(dwt1, k) + _mm(d_out_t, _tril(_mm_t(qs, k)))  # through W1 and through O
+            raw_scores = _tril(_mm_t(qs, k))
+            # through W1 and through O
+            dut = _by(_mm_t(dwt1, k), decays, "end_row") + _mm(d_out_t, _by(raw_scores, decays, "within"))
             d_scores = _tril(_t_mm(d_out_t, ut))
-            d_qs = _t_mm(d_out_t, wt0) + _mm(d_scores, k)
-            dk = _t_mm(d_scores, qs) + _t_mm(ut, dwt1)
-            dwt0 = dwt1 + _mm(d_out_t, qs)
+            d_qs_w0, dk_w1 = _t_mm(d_out_t, wt0), _t_mm(ut, dwt1)
+            d_qs = _by(d_qs_w0, decays, "start_column") + _mm(_by(d_scores, decays, "within"), k)
+            dk = _t_mm(_by(d_scores, decays, "within"), qs) + _by(dk_w1, decays, "end_column")
+            dwt0 = _by(dwt1, decays, "total") + _mm(_by(d_out_t, decays, "start_row"), qs)
+            if gated:  # the decay factors' gradients: D from the scores, exp(g) from Q W0, E from K^T u, exp(g_C)
+                d_within, d_start = d_scores * raw_scores, jnp.sum(d_qs_w0 * qs, axis=1, keepdims=True)
+                d_end, d_total = jnp.sum(dk_w1 * k.astype(f32), axis=1, keepdims=True), jnp.sum(
+                    dwt1 * wt0, keepdims=True).reshape(1, 1)
             if delta:
-                # r^T = V^T - W0^T K^T; dL/dr is also dL/dV
-                drt, d_beta, dk_wy = _wy_backward(k, _wy(k, _load_beta(beta_ref, h, group, steps, dims)), dut,
-                                                  vt - _mm_t(wt0, k))
+                # r^T = V^T - W0^T K^T (gated: K's rows times exp(g)); dL/dr is also dL/dV
+                kwt = _mm_t(wt0, k)
+                drt, d_beta, dk_wy, d_within_wy = _wy_backward(
+                    k, _wy(k, _load_beta(beta_ref, h, group, steps, dims), decays), dut,
+                    vt - _by(kwt, decays, "start_row"), decays)
                 _store_beta(d_beta_ref, h, group, steps, d_beta, dims)
-                dk = dk + dk_wy - _t_mm(drt, wt0)
-                dwt0 = dwt0 - _mm(drt, k)
+                dk = dk + dk_wy - _by(_t_mm(drt, wt0), decays, "start_column")
+                dwt0 = dwt0 - _mm(_by(drt, decays, "start_row"), k)
+                if gated:
+                    d_within = d_within + d_within_wy
+                    d_start = d_start - _column_of(jnp.sum(drt * kwt, axis=0, keepdims=True))
                 dvt = drt
             else:
                 dvt = dut
+            if gated:
+                _store_beta(d_gate_ref, h, group, steps, _log_decay_gradient(decays, d_within, d_start, d_end,
+                                                                             d_total), dims)
             _store_keys(dq_ref, h, group, steps, scale * d_qs, dims)
             _store_keys(dk_ref, h, group, steps, dk, dims)
             _store_t(dv_ref, h, group, steps, dvt, dims)
             # dL/dscale = <q, dL/dqs>, summed over the program's heads and blocks in its resident output block.
             d_scale = d_scale + jnp.sum(q.astype(f32) * d_qs)
             wt1, dwt1 = wt0, dwt0
-        w_ref[h] = wt1
+        if not gated:
+            w_ref[h] = wt1
         dw_ref[h] = dwt1
         return d_scale
 
@@ -457,6 +609,7 @@ class CallPlan(NamedTuple):
     inputs: tuple[tuple[pl.BlockSpec, jax.ShapeDtypeStruct], ...]
     outputs: tuple[tuple[pl.BlockSpec, jax.ShapeDtypeStruct], ...]
     flops: int = 0
+    transcendentals: int = 0  # gated: the decays' exps
 
 
 _SCALAR = (pl.BlockSpec(memory_space=pltpu.SMEM), jax.ShapeDtypeStruct((1,), f32))
@@ -528,6 +681,15 @@ def _betas(dims: Dims, reverse: bool = False):
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.padded_length), f32))
 
 
+def _block_states(dims: Dims, reverse: bool = False):
+    """Gated: the state entering each block, transposed, ``[B, num_blocks, H, V, K']`` float32, a
+    ``[group heads, V, K']`` block per grid step (the backward's chunk start states are walked from it)."""
+    at, program = _block_index(dims, reverse), _program(dims)
+    return (pl.BlockSpec((None, None, dims.group_heads, dims.value_dim, dims.key_width),
+                         lambda p, n: (program(p)[0], at(n), program(p)[1], 0, 0)),
+            jax.ShapeDtypeStruct((dims.batch, dims.num_blocks, dims.heads, dims.value_dim, dims.key_width), f32))
+
+
 def _states(dims: Dims):
     """A state or its gradient, transposed: ``[B, H, V, K']`` float32, the same block at every step,
     so one buffer (``pl.Buffered(1)``): it is copied once per program, and a second buffer would
@@ -571,10 +733,24 @@ def chunk_flops(dims: Dims, *, delta: bool, backward: bool) -> int:
     return flops
 
 
-def _plan(dims: Dims, inputs: tuple, outputs: tuple, *, delta: bool, backward: bool) -> CallPlan:
+def gate_extras(dims: Dims, *, backward: bool) -> tuple[int, int]:
+    """What a gate changes in one head's block of chunks: ``(flops, transcendentals)``. The decays
+    are exps (``C^2 + 4 C + 1`` per chunk: D, exp(g) and E as rows and columns, exp(g_C)); the
+    backward takes each chunk's start state from the block's by the forward's update (one
+    ``[V, C] x [C, K]`` product per chunk but the last) instead of undoing every chunk's (one per
+    chunk), so it does one product fewer per block."""
+    c = dims.chunk
+    exps = dims.chunks_per_block * (c * c + 4 * c + 1)
+    return (-2 * c * dims.value_dim * dims.key_width if backward else 0), exps
+
+
+def _plan(dims: Dims, inputs: tuple, outputs: tuple, *, delta: bool, backward: bool, gated: bool = False) -> CallPlan:
     chunks = dims.batch * dims.heads * dims.padded_length // dims.chunk
+    flops, exps = gate_extras(dims, backward=backward) if gated else (0, 0)
+    head_blocks = dims.batch * dims.heads * dims.num_blocks
     return CallPlan((dims.batch * dims.head_groups, dims.num_blocks), inputs, outputs,
-                    chunks * chunk_flops(dims, delta=delta, backward=backward))
+                    chunks * chunk_flops(dims, delta=delta, backward=backward) + head_blocks * flops,
+                    head_blocks * exps)
 
 
 def _per_group(dims: Dims, operand):
@@ -588,32 +764,38 @@ def _per_group(dims: Dims, operand):
             jax.ShapeDtypeStruct((groups, *shape.shape), shape.dtype))
 
 
-def forward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, keep_writes: bool) -> CallPlan:
-    """The forward kernel's operands: scale, q, k, v, (beta), W0^T -> out, (u), final state^T."""
+def forward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, keep_writes: bool, gated: bool = False,
+                 keep_states: bool = False) -> CallPlan:
+    """The forward kernel's operands: scale, q, k, v, (beta), (log alpha), W0^T -> out, (u), (each
+    block's start state^T), final state^T."""
     inputs = (_SCALAR, _keys(dims, q_dtype), _keys(dims, k_dtype), _values(dims, v_dtype),
-              *([_betas(dims)] if delta else []), _states(dims))
+              *([_betas(dims)] if delta else []), *([_betas(dims)] if gated else []), _states(dims))
     out = _per_group(dims, _values(dims, v_dtype)) if dims.values_on_lanes else _values(dims, v_dtype)
-    outputs = (out, *([_writes(dims)] if keep_writes else []), _states(dims))
-    return _plan(dims, inputs, outputs, delta=delta, backward=False)
+    outputs = (out, *([_writes(dims)] if keep_writes else []), *([_block_states(dims)] if keep_states else []),
+               _states(dims))
+    return _plan(dims, inputs, outputs, delta=delta, backward=False, gated=gated)
 
 
-def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool) -> CallPlan:
-    """The backward kernel's operands, blocks in reverse: scale, q, k, v, (beta, u), d_out, final
-    state^T, its gradient -> dq, dk, dv, (dbeta), dW0^T, dL/dscale per program (summed after)."""
+def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, gated: bool = False) -> CallPlan:
+    """The backward kernel's operands, blocks in reverse: scale, q, k, v, (beta, u), (log alpha, each
+    block's start state^T), d_out, final state^T, its gradient -> dq, dk, dv, (dbeta), (dlog alpha),
+    dW0^T, dL/dscale per program (summed after)."""
     keys = functools.partial(_keys, dims, reverse=True)
     values = functools.partial(_values, dims, reverse=True)
     programs = dims.batch * dims.head_groups
     per_program_scalar = (pl.BlockSpec((None, 1, 1), lambda p, n: (p, 0, 0)),
                           jax.ShapeDtypeStruct((programs, 1, 1), f32))
     inputs = (_SCALAR, keys(q_dtype), keys(k_dtype), values(v_dtype),
-              *([_betas(dims, reverse=True), _writes(dims, reverse=True)] if delta else []), values(v_dtype),
+              *([_betas(dims, reverse=True), _writes(dims, reverse=True)] if delta else []),
+              *([_betas(dims, reverse=True), _block_states(dims, reverse=True)] if gated else []), values(v_dtype),
               _states(dims), _states(dims))
     dv = _per_group(dims, values(v_dtype)) if dims.values_on_lanes else values(v_dtype)
     key_grads = (keys(q_dtype), keys(k_dtype)) if dims.keys_head_major else (
         _per_group(dims, keys(q_dtype)), _per_group(dims, keys(k_dtype)))
     outputs = (*key_grads, dv,
-               *([_per_group(dims, _betas(dims, reverse=True))] if delta else []), _states(dims), per_program_scalar)
-    return _plan(dims, inputs, outputs, delta=delta, backward=True)
+               *([_per_group(dims, _betas(dims, reverse=True))] if delta else []),
+               *([_per_group(dims, _betas(dims, reverse=True))] if gated else []), _states(dims), per_program_scalar)
+    return _plan(dims, inputs, outputs, delta=delta, backward=True, gated=gated)
 
 
 def _varies_with_block(spec: pl.BlockSpec) -> bool:
@@ -650,8 +832,8 @@ def hbm_bytes(plan: CallPlan) -> int:
 
 
 def cost_estimate(plan: CallPlan) -> pl.CostEstimate:
-    """What XLA is told a call costs: the chunk steps' MXU flops, no transcendentals, :func:`hbm_bytes`."""
-    return pl.CostEstimate(flops=plan.flops, transcendentals=0, bytes_accessed=hbm_bytes(plan))
+    """What XLA is told a call costs: the chunk steps' MXU flops, the gate's exps, :func:`hbm_bytes`."""
+    return pl.CostEstimate(flops=plan.flops, transcendentals=plan.transcendentals, bytes_accessed=hbm_bytes(plan))
 
 
 # Mosaic's default scoped VMEM (16 MiB on v5e) is less than the double-buffered blocks of all
@@ -729,15 +911,21 @@ class _Target(NamedTuple):
     cores: int
 
 
-def _forward(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0, *, keep_writes: bool):
-    delta = beta is not None
+def _forward(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0, log_decay=None, *,
+             keep_writes: bool):
+    """``(out, u, block start states, final state)``; u None unless kept (delta rule), the states
+    None unless gated and kept (for a backward)."""
+    delta, gated = beta is not None, log_decay is not None
+    keep_states = keep_writes and gated
     keep_writes = keep_writes and delta
-    plan = forward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta, keep_writes=keep_writes)
-    kernel = functools.partial(_forward_kernel, dims=dims, delta=delta, keep_writes=keep_writes)
+    plan = forward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta, keep_writes=keep_writes, gated=gated,
+                        keep_states=keep_states)
+    kernel = functools.partial(_forward_kernel, dims=dims, delta=delta, keep_writes=keep_writes, gated=gated,
+                               keep_states=keep_states)
     results = _launch(kernel, plan, dims, False, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_fwd",
-                      scale, q, k, v, *([beta] if delta else []), w0)
+                      scale, q, k, v, *([beta] if delta else []), *([log_decay] if gated else []), w0)
     out = _sum_groups(dims, results[0]) if dims.values_on_lanes else results[0]
-    return out, results[1] if keep_writes else None, results[-1]
+    return (out, results[1] if keep_writes else None, results[-2] if keep_states else None, results[-1])
 
 
 def _sum_groups(dims: Dims, x: Array) -> Array:
@@ -746,33 +934,36 @@ def _sum_groups(dims: Dims, x: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_chunk(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0):
+def _fused_chunk(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0, log_decay=None):
     """Kernel layouts in, ``(scale * out^T in v's dtype, final_state^T [B, H, V, K'] float32)`` out;
-    ``scale`` float32 of shape (1,). Without a gradient to take, the writes u are not stored."""
-    out, _, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, keep_writes=False)
+    ``scale`` float32 of shape (1,); ``log_decay`` (gated) laid out as beta. Without a gradient to
+    take, the writes u (and gated, the blocks' start states) are not stored."""
+    out, _, _, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, log_decay, keep_writes=False)
     return out, final_state
 
 
 def _fused_chunk_forward_rule(interpret, dims, target, *primals):
-    scale, q, k, v, beta, w0 = primal_values(*primals)
-    out, u, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, keep_writes=True)
-    return (out, final_state), (scale, q, k, v, beta, u, final_state)
+    scale, q, k, v, beta, w0, log_decay = primal_values(*primals)
+    out, u, states, final_state = _forward(interpret, dims, target, scale, q, k, v, beta, w0, log_decay,
+                                           keep_writes=True)
+    return (out, final_state), (scale, q, k, v, beta, u, final_state, log_decay, states)
 
 
 def _fused_chunk_backward(interpret, dims, target, residuals, cotangents):
-    scale, q, k, v, beta, u, final_state = residuals
+    scale, q, k, v, beta, u, final_state, log_decay, states = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
-    delta = beta is not None
-    plan = backward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta)
-    kernel = functools.partial(_backward_kernel, dims=dims, delta=delta)
+    delta, gated = beta is not None, log_decay is not None
+    plan = backward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta, gated=gated)
+    kernel = functools.partial(_backward_kernel, dims=dims, delta=delta, gated=gated)
     results = _launch(kernel, plan, dims, True, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_bwd",
-                      scale, q, k, v, *([beta, u] if delta else []), d_out.astype(v.dtype), final_state,
-                      d_final.astype(f32))
+                      scale, q, k, v, *([beta, u] if delta else []), *([log_decay, states] if gated else []),
+                      d_out.astype(v.dtype), final_state, d_final.astype(f32))
     dq, dk = results[:2] if dims.keys_head_major else (_sum_groups(dims, results[0]), _sum_groups(dims, results[1]))
     dv = _sum_groups(dims, results[2]) if dims.values_on_lanes else results[2]
     d_beta = _sum_groups(dims, results[3]) if delta else None
+    d_log_decay = _sum_groups(dims, results[-3]) if gated else None
     d_w0, d_scale = results[-2], results[-1]
-    return jnp.sum(d_scale).reshape(1), dq, dk, dv, d_beta, d_w0
+    return jnp.sum(d_scale).reshape(1), dq, dk, dv, d_beta, d_w0, d_log_decay
 
 
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
@@ -825,21 +1016,25 @@ def _target(interpret: Any) -> _Target:
     return _Target(info.vmem_capacity_bytes, info.num_cores)
 
 
-def _vmem_need(dims: Dims, dtype) -> int:
+def _vmem_need(dims: Dims, dtype, gated: bool = False) -> int:
     """A bound on the backward's VMEM (the larger kernel): its blocks and scratch, and room for a
     chunk step's temporaries (a dozen ``[V + C, K']`` float32 arrays: the states, their gradients
     and the chunk's float32 pieces; with the heads on the sublanes, four ``[C, heads, K']`` float32
-    ones: the chunk's rows of all heads of q, k, dq and dk, of which one head's is taken)."""
-    plan = backward_plan(dims, dtype, dtype, dtype, delta=True)
+    ones: the chunk's rows of all heads of q, k, dq and dk, of which one head's is taken; gated,
+    every chunk's start state ``[V, K']`` and decays ``[C, C]``)."""
+    plan = backward_plan(dims, dtype, dtype, dtype, delta=True, gated=gated)
     temporaries = 12 * (dims.value_dim + dims.chunk) * dims.key_width * 4
+    if gated:
+        temporaries += dims.chunks_per_block * (dims.value_dim * dims.key_width + dims.chunk * dims.chunk) * 4
     if not dims.keys_head_major:
         temporaries += 4 * dims.chunk * dims.sublane_heads * dims.key_width * 4
     return vmem_block_bytes(plan, _scratch_bytes(dims, True)) + temporaries
 
 
-def spread_heads(dims: Dims, dtype, vmem_capacity: int | None, cores: int) -> Dims:
+def spread_heads(dims: Dims, dtype, vmem_capacity: int | None, cores: int, gated: bool = False) -> Dims:
     """``dims`` with its heads spread over programs for a chip with ``vmem_capacity`` bytes of VMEM
-    per TensorCore (None: no limit) and ``cores`` TensorCores per device.
+    per TensorCore (None: no limit) and ``cores`` TensorCores per device (``gated``: for a call with
+    ``log_decay``, whose backward holds more).
 
     Fewer batch rows than cores: the heads are split into ``cores`` groups, so that every core has
     a program (the grid's "parallel" axis is batch rows times head groups). Blocks of all heads
@@ -855,11 +1050,11 @@ def spread_heads(dims: Dims, dtype, vmem_capacity: int | None, cores: int) -> Di
     """
     groups = cores if dims.batch < cores and dims.heads % cores == 0 else dims.head_groups
     dims = dims._replace(head_groups=groups)
-    if vmem_capacity is None or _vmem_need(dims, dtype) <= vmem_capacity:
+    if vmem_capacity is None or _vmem_need(dims, dtype, gated) <= vmem_capacity:
         return dims
     candidates = [dims._replace(head_groups=g, keys_head_major=True) for g in range(groups, dims.heads + 1)
                   if dims.heads % g == 0 and g % groups == 0]
-    return next((c for c in candidates if _vmem_need(c, dtype) <= vmem_capacity), candidates[-1])
+    return next((c for c in candidates if _vmem_need(c, dtype, gated) <= vmem_capacity), candidates[-1])
 
 
 def fused_chunk_tpu(
@@ -875,6 +1070,7 @@ def fused_chunk_tpu(
     interpret: bool | pltpu.InterpretParams = False,
     head_groups: int | None = None,
     keys_head_major: bool | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas TPU kernels (Mosaic), forward and backward.
 
@@ -886,6 +1082,14 @@ def fused_chunk_tpu(
 
     The delta rule's per-chunk triangular inverse is computed in the kernel, by matmuls
     (``unit_lower_inverse``), forward and backward.
+
+    ``log_decay`` ``[B, T, H]`` (gated, the oracle's argument: ``W_{t-1}`` decays by
+    ``exp(log_decay_t) <= 1`` before step t's write; ``-inf`` forgets it all, which is also how a
+    caller starts a new document at step t): the decays within a chunk are exps of differences of
+    cumulative log sums, computed in the kernel (docs/math.md, "Gated"), and gradients flow to it.
+    The forward then keeps, beside the writes, the state entering each block of steps (``[V, K']``
+    float32 per head and block of L steps), from which the backward walks each chunk's start state:
+    rebuilding it backwards would divide by the decay.
 
     ``interpret``: run in Pallas's TPU interpret mode on any backend (True, or a
     ``pltpu.InterpretParams``, e.g. with ``detect_races=True``); inside
@@ -905,6 +1109,7 @@ def fused_chunk_tpu(
         ((1, 20, 2, 64), (1, 2, 128, 64), 0.002)
     """
     check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
+    check_log_decay(log_decay, q)
     chunk_size = check_tpu_chunk_size(chunk_size)
     check_interpret(interpret, pltpu.InterpretParams)
     if (empty := empty_result(v, initial_state, q)) is not None:
@@ -913,7 +1118,8 @@ def fused_chunk_tpu(
         interpret = pltpu.InterpretParams()
     length, key_dim = q.shape[1], q.shape[3]
     target = _target(interpret)
-    dims = spread_heads(call_dims(q.shape, v.shape[-1], chunk_size), q.dtype, target.vmem_capacity, target.cores)
+    dims = spread_heads(call_dims(q.shape, v.shape[-1], chunk_size), q.dtype, target.vmem_capacity, target.cores,
+                        log_decay is not None)
     if head_groups is not None or keys_head_major is not None:
         head_groups = dims.head_groups if head_groups is None else check_positive_int("head_groups", head_groups)
         dims = call_dims(q.shape, v.shape[-1], chunk_size, head_groups,
@@ -922,6 +1128,9 @@ def fused_chunk_tpu(
     beta_k = betas_to_kernel(beta, dims.padded_length) if rule == "delta" else None
     # The state in the kernel's orientation, W^T [B, H, V, K'] (a few MB: the copies are small).
     w0 = jnp.swapaxes(pad_to(initial_state.astype(f32), 2, dims.key_width), 2, 3)
+    # Gated: padded steps get log alpha = 0 (alpha = 1) with zero keys and values, inert as ungated.
+    log_decay_k = None if log_decay is None else betas_to_kernel(log_decay, dims.padded_length)
     out, final_state = _fused_chunk(interpret, dims, target, jnp.asarray(scale, f32).reshape(1), qk, kk,
-                                    values_to_kernel(v, dims.padded_length, dims.values_on_lanes), beta_k, w0)
+                                    values_to_kernel(v, dims.padded_length, dims.values_on_lanes), beta_k, w0,
+                                    log_decay_k)
     return values_from_kernel(out, length, dims.values_on_lanes), jnp.swapaxes(final_state, 2, 3)[:, :, :key_dim]

@@ -23,7 +23,7 @@ from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_
 from dpfp_jax.ops.fast_weight.eager import jit_when_eager
 from dpfp_jax.ops.fast_weight.forward_mode import refuse_forward_mode
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.stability import check_delta_stability
@@ -60,11 +60,13 @@ def _always(*args: object, **kwargs: object) -> str | None:
 
 
 GATED_IMPLS = ("reference", "scan", "chunk")
-"""The impls that take ``log_decay`` (gated fast weights); ``"auto"`` picks among them."""
+"""The impls that take ``log_decay`` (gated fast weights) everywhere; ``"auto"`` picks among them.
+``"pallas"`` takes it where it runs the TPU kernel (a TPU, or inside
+``pltpu.force_tpu_interpret_mode()``), not on a GPU."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
-    if log_decay is None or name in GATED_IMPLS:
+    if log_decay is None or name in GATED_IMPLS or (name == "pallas" and runs_tpu_kernel()):
         return None
     return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
             + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
@@ -230,9 +232,11 @@ def fast_weight(
         (``context_axis``, the chunk form per shard); ``"reference"`` and ``"pallas"`` (the
         kernels read K-wide q, k, sharded T or not) apply it before they run, not fused.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
-        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"`` and ``"auto"`` (which then never
-        picks ``"pallas"``; ``impl="pallas"`` says it cannot take it), with ``initial_state``,
-        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
+        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
+        ``"pallas"``) and ``"pallas"`` where it runs the TPU kernel (on a GPU, or a CPU outside
+        interpret mode, ``impl="pallas"`` says it cannot take it), with ``initial_state``,
+        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis`` (not with
+        ``"pallas"``). Gradients
         flow to it. Positive or NaN values are refused with a ValueError when the values are known
         (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
         ``check_stability=True`` stages their check.
@@ -296,7 +300,7 @@ def fast_weight(
         fn, supports = _IMPLS[name]
         resets = None if segment_ids is None else resets_of(segment_ids)
         reason = _gate_supports(name, log_decay) or supports(q, k, v, beta, rule=rule, initial_state=initial_state,
-                                                             resets=resets, features=features)
+                                                             resets=resets, features=features, log_decay=log_decay)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)

@@ -8,8 +8,9 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   form with the state in VMEM across chunks and the triangular inverse computed in-kernel, for
   every T (the last block zero-padded) and ``chunk_size`` 16, 32, 64 or a multiple of 128
   (otherwise a ValueError says so); it reads q, k, v and writes its results in the layouts XLA
-  keeps them in, with no copies around the kernel. It does not take
-  packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
+  keeps them in, with no copies around the kernel. Gated (``log_decay``) it takes the decays in
+  the kernel, and then packed documents too, as ``log alpha = -inf`` at each reset; ungated it does
+  not take packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
 - a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
@@ -71,9 +72,11 @@ def runs_tpu_kernel() -> bool:
 
 
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
-                    features: Features | None = None, **_: object) -> str | None:
+                    features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels are
-    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width."""
+    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width.
+    Packed documents on the TPU only with ``log_decay`` (gated: a reset is then a decay to zero);
+    the dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels take none)."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -82,7 +85,7 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
                                              "phi(q), phi(k))")
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
-        if resets is not None:
+        if resets is not None and log_decay is None:
             return ("the Pallas TPU kernel does not take packed documents (segment_ids); impl='chunk' or 'scan' "
                     "does")
         return None
@@ -107,10 +110,11 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
     resets: Array | None = None,
+    log_decay: Array | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) as the oracle takes them."""
+    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
@@ -130,10 +134,19 @@ def fast_weight_pallas(
         # the kernel's custom_vjp keeps it as a non-differentiable argument.
         interpret = tpu_interpret_params() or False
 
-    def run(q, k, v, beta, initial_state, resets):
+    if log_decay is not None and not tpu:
+        raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
+                         "take no gate")
+    if log_decay is not None and resets is not None:
+        # A reset zeroes the state whatever alpha is: alpha = 0 there (log alpha = -inf), whose
+        # gradient is zero, as the oracle's is at a reset.
+        log_decay = jnp.where(resets[:, :, None], -jnp.inf, log_decay)
+        resets = None
+
+    def run(q, k, v, beta, initial_state, resets, log_decay):
         if tpu:
             return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                   interpret=interpret)
+                                   interpret=interpret, log_decay=log_decay)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
@@ -143,19 +156,20 @@ def fast_weight_pallas(
 
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     if batch_axis is None and head_axis is None:
-        return run(q, k, v, beta, initial_state, resets)
+        return run(q, k, v, beta, initial_state, resets, log_decay)
     # Batch elements and heads are independent: each device runs the kernel on its own slice of both.
     per_step, state = PartitionSpec(batch_axis, None, head_axis), PartitionSpec(batch_axis, head_axis)
     initial_state = with_batch_head_sharding_of(initial_state, q)
     # Only the arrays given go through shard_map (None is not an array); resets [B, T] follow the batch.
     given = {name: (x, spec) for name, x, spec in (
         ("q", q, per_step), ("k", k, per_step), ("v", v, per_step), ("beta", beta, per_step),
-        ("initial_state", initial_state, state), ("resets", resets, PartitionSpec(batch_axis, None)))
+        ("initial_state", initial_state, state), ("resets", resets, PartitionSpec(batch_axis, None)),
+        ("log_decay", log_decay, per_step))
         if x is not None}
 
     def run_given(*arrays):
         named = dict(zip(given, arrays, strict=True))
-        return run(*(named.get(name) for name in ("q", "k", "v", "beta", "initial_state", "resets")))
+        return run(*(named.get(name) for name in ("q", "k", "v", "beta", "initial_state", "resets", "log_decay")))
 
     # check_vma=False: pallas_call's out_shape carries no varying-axes annotation; every output is
     # per shard along the batch and head axes, which out_specs states.
