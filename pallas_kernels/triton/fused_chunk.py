@@ -124,12 +124,13 @@ def _rows(mask: Array | None, x: Array) -> Array:
     return x if mask is None else jnp.where(mask, x, 0.0)
 
 
-def _end_state(w, k_ref, n, u, docs: _Documents | None, dot, features: DPFP | None = None):
+def _end_state(w, k_ref, n, u, docs: _Documents | None, dot, features: DPFP | None = None,
+               k_scale: Array | None = None):
     """A chunk's end state from its start state w (key tiles): ``W0 + K^T u``; with documents
     ``keep W0 + (diag(last) K)^T u``. The forward and the backward's rebuild share it, so the
-    rebuilt states are the forward's bit for bit."""
+    rebuilt states are the forward's bit for bit. With ``features``, ``k_scale`` is the chunk's
+    ``_row_scale`` of k."""
     tiles = key_tiles(sum(w_tile.shape[0] for w_tile in w))
-    k_scale = _row_scale(features, k_ref, n, len(tiles))
     if docs is not None:
         u = _rows(docs.last, u)
     # k's tiles are loaded again rather than kept from the step's first loop: holding all of them
@@ -186,7 +187,7 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot, fe
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
         out_ref[n] = (scale * (_rows(first, q_w) + dot(_tril(scores, same), u))).astype(out_ref.dtype)
-        return _end_state(w, k_ref, n, u, docs, dot, features)
+        return _end_state(w, k_ref, n, u, docs, dot, features, k_scale)
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
     for rows, w_tile in zip(tiles, w, strict=True):
@@ -223,9 +224,11 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         the initial state), walked forward again from the stored writes."""
         origin = origin_ref[n]
         begin = tuple(jnp.where(origin < 0, w0_ref[rows, :], 0.0) for rows in tiles)
-        return lax.fori_loop(jnp.maximum(origin, 0), n,
-                             lambda m, w: _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot, features),
-                             begin)
+        def walk(m, w):
+            return _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot, features,
+                              _row_scale(features, k_ref, m, len(tiles)))
+
+        return lax.fori_loop(jnp.maximum(origin, 0), n, walk, begin)
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)

@@ -72,14 +72,13 @@ def runs_tpu_kernel() -> bool:
 
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
                     features: Features | None = None, **_: object) -> str | None:
-    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels are
-    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width."""
+    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` K is the map's width
+    (the state's), whether the kernel computes the map (:func:`gpu_kernel_features`) or is given phi(q), phi(k)."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
     if key_dim > MAX_KEY_DIM:
-        given = "" if features is None else (f" from features={features} (applied before the kernels, which read "
-                                             "phi(q), phi(k))")
+        given = "" if features is None else f" from features={features} (the width of phi(q), phi(k))"
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
         if resets is not None:
@@ -95,6 +94,25 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     return None
 
 
+def gpu_kernel_features(features: Features | None):
+    """The fused chunk GPU kernel's own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``),
+    or None where that kernel cannot compute the map itself: DPFP with nu <= 4, eps > 0 and d a
+    multiple of 32 only (another map, or another d, is applied in XLA before the kernel).
+
+    Example:
+        >>> gpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
+        DPFP(nu=3, normalization='sum', eps=1e-06)
+        >>> gpu_kernel_features(Features("dpfp", dim=48)) is None, gpu_kernel_features(Features("relu", dim=64)) is None
+        (True, True)
+    """
+    from pallas_kernels.triton.dpfp import DIM_MULTIPLE, DPFP
+
+    if (features is None or not isinstance(features.feature_map, str) or features.feature_map != "dpfp"
+            or features.dim % DIM_MULTIPLE or features.nu > 4 or features.eps <= 0):
+        return None
+    return DPFP(features.nu, features.normalization, features.eps)
+
+
 def fast_weight_pallas(
     q: Array,
     k: Array,
@@ -107,10 +125,13 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
     resets: Array | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) as the oracle takes them."""
+    (packed documents) as the oracle takes them. With ``features`` q and k are raw: the fused chunk
+    GPU kernel computes DPFP itself (:func:`gpu_kernel_features`); every other kernel, and every
+    other map, is given ``features(q), features(k)``."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
@@ -120,6 +141,9 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
+    on_chip = None if tpu or not chunked else gpu_kernel_features(features)
+    if features is not None and on_chip is None:
+        q, k = features(q), features(k)
     if tpu and interpret is False:
         from pallas_kernels.tpu import tpu_interpret_params
 
@@ -137,7 +161,7 @@ def fast_weight_pallas(
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
-                               resets=resets)
+                               resets=resets, features=on_chip)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
                                resets=resets)
 
