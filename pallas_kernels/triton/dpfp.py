@@ -97,7 +97,7 @@ class DPFP:
 
 
 def _a(x_ref, n, rows: Array, p: Array, dim: int) -> Array:
-    """``a[p]`` for a-indices ``p [C, 64]`` of chunk n's rows: ``relu(x[p])`` or ``relu(-x[p - d])``."""
+    """``a[p]`` for a-indices ``p [1, 64]`` of chunk n's ``rows [C, 1]``: ``relu(x[p])`` or ``relu(-x[p - d])``."""
     negative = p >= dim
     x = x_ref[n, rows, jnp.where(negative, p - dim, p)].astype(jnp.float32)
     return jnp.maximum(jnp.where(negative, -x, x), 0.0)
@@ -105,13 +105,14 @@ def _a(x_ref, n, rows: Array, p: Array, dim: int) -> Array:
 
 def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Array, Array]:
     """``(a[p], a[m], p, m, rows)`` of key tile ``tile`` of chunk n (x_ref ``[N, C, d]``): the tile
-    of the un-normalised phi is ``a[p] * a[m]``, all ``[C, 64]``."""
+    of the un-normalised phi is ``a[p] * a[m]`` (``[C, 64]``); the indices are ``[1, 64]`` (p, m)
+    and ``[C, 1]`` (rows), which the loads and atomic adds broadcast."""
     chunk = x_ref.shape[1]
     width = 2 * dim
     start = tile * TILE
     shift = start // width + 1
-    rows = lax.broadcasted_iota(jnp.int32, (chunk, TILE), 0)
-    p = lax.broadcasted_iota(jnp.int32, (chunk, TILE), 1) + start % width
+    rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+    p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + start % width
     m = p - shift
     m = jnp.where(m < 0, m + width, m)
     if dim >= TILE:

@@ -238,11 +238,11 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         d_out = d_out_ref[n].astype(jnp.float32)
         docs = _documents(docs_ref, n) if packed else None
         first, last, same = (None,) * 3 if docs is None else (docs.first, docs.last, docs.same)
+        q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         if packed:
-            w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows).T, u)
+            w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows, features, k_scale).T, u)
                                                    for rows, w_tile in zip(tiles, w1, strict=True)),
                           lambda: rebuilt_start_state(n))
-        q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         # Rebuild W0 (without documents; with them it is w1 now) and everything that sums over K,
         # one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)

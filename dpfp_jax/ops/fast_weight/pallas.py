@@ -30,6 +30,10 @@ its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not p
 ``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
 until it has been timed on a TPU and found faster than ``chunk``.
 
+The feature map on the GPU: with ``features`` the fused chunked kernel computes DPFP itself from
+the raw q, k (:func:`gpu_kernel_features` says which settings); the other kernels, and other maps,
+are given ``features(q), features(k)``.
+
 Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
