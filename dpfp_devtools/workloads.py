@@ -22,6 +22,7 @@ from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
 from dpfp_jax.ops.fast_weight.common import zero_state
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import chunk_walk, fused_chunk, fused_recurrent
+from pallas_kernels.triton.dpfp import DPFP
 from pallas_kernels.triton.tiles import float32_or_wider
 
 FastWeightFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -144,20 +145,24 @@ KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
 
 
 def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
-                batch: int = 1, heads: int = 2, num_stages: int = 1, packed: bool = False):
+                batch: int = 1, heads: int = 2, num_stages: int = 1, packed: bool = False,
+                features: DPFP | None = None):
     """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs.
 
     ``kernel`` is one of ``KERNELS``; ``num_stages``: the fused chunk kernel's load-pipelining
     stages (the others ignore it); ``packed``: with packed documents, fn takes one more argument,
-    ``resets [B, T]`` bool.
+    ``resets [B, T]`` bool; ``features`` (the fused chunk kernel only): the kernel computes DPFP on
+    chip, ``key_dim`` is then the raw inputs' width d and the state's K is ``features.key_dim(d)``.
     """
+    if features is not None and kernel != "fused_chunk":
+        raise ValueError(f"features: only the fused_chunk kernel computes the feature map; got kernel={kernel!r}")
 
     def run(q, k, v, beta, s, resets):
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule, resets=resets)
         if kernel == "fused_chunk":
             return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
-                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets)
+                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets, features=features)
         return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
                                  walk=chunk_walk(precise=float32_or_wider(q, k, v)), resets=resets)
 
@@ -171,7 +176,8 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     keys = shape(batch, time, heads, key_dim)
     beta = shape(batch, time, heads) if rule == "delta" else None
     args = (keys, keys, shape(batch, time, heads, value_dim), beta,
-            shape(batch, heads, key_dim, value_dim, dtype=jnp.float32))
+            shape(batch, heads, key_dim if features is None else features.key_dim(key_dim), value_dim,
+                  dtype=jnp.float32))
     if packed:
         args += (shape(batch, time, dtype=jnp.bool_),)
     return jax.grad(loss, argnums=(0, 1, 2, 4)), args

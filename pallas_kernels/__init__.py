@@ -19,7 +19,8 @@ tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout he
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state
   update) in one program per (batch x head, value block), walking chunks with its slice of W on
   chip; ``impl="pallas"`` from one chunk on. The delta rule's per-chunk WY inverse comes from the
-  caller (``wy_inverse=``): the op composes the kernels, the kernels import nothing of it.
+  caller (``wy_inverse=``): the op composes the kernels, the kernels import nothing of it. With
+  ``features=DPFP(...)`` it reads q, k at width d and computes DPFP (and its VJP) on chip.
 - ``fused_recurrent``: one program per (batch x head, value block) walks time with its slice of W
   on chip; the backward rebuilds states in-kernel (the paper's CUDA kernel, redone).
 - ``chunk_walk`` (``forward_recurrence``, ``backward_recurrence``): only the chunkwise form's
@@ -44,9 +45,10 @@ checks that they can become GPU and TPU kernels.
 
 from pallas_kernels.tpu import fused_chunk_tpu
 from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_walk, forward_recurrence
+from pallas_kernels.triton.dpfp import DPFP
 from pallas_kernels.triton.fused_chunk import fused_chunk
 from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
-__all__ = ["MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk", "fused_chunk_tpu",
-           "fused_recurrent"]
+__all__ = ["DPFP", "MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk",
+           "fused_chunk_tpu", "fused_recurrent"]

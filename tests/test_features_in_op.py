@@ -4,7 +4,8 @@ With ``features`` the op takes the raw q, k (width d) and computes what it compu
 ``features(q), features(k)``: outputs, final state and the gradients of q, k, v, beta,
 initial_state and scale, to float32 rounding, on every XLA impl, both rules, packed documents.
 ``scan`` and ``chunk`` keep q, k at width d for the backward (their compiled temporaries drop);
-``reference`` and ``pallas`` are given phi(q), phi(k). The modules hand the op the raw q, k by
+``reference`` and ``pallas`` are given phi(q), phi(k) (but for the fused chunk GPU kernel, which
+computes DPFP on chip: tests/test_triton_features.py). The modules hand the op the raw q, k by
 default (``fuse_features``), with the same results as the separate path, decoding included.
 Sharded runs (batch, heads, the sequence): tests/scripts/features_sharded_script.py.
 """
@@ -183,7 +184,7 @@ def test_features_refuses_what_it_cannot_describe():
 
 
 def test_pallas_names_the_features_that_make_k_too_wide():
-    # The kernels read phi(q), phi(k) (the map is applied before them): K = 2 nu d = 1536 > 1024.
+    # K = 2 nu d = 1536 > 1024, the kernels' state width whether they compute the map or are given it.
     phi = dj.Features("dpfp", dim=256, nu=3, normalization="sum")
     q, v, beta = jnp.ones((1, 4, 1, 256)), jnp.ones((1, 4, 1, 8)), jnp.ones((1, 4, 1))
     with pytest.raises(ValueError, match=r"impl='pallas' cannot take this call: pallas: the Pallas kernels take "

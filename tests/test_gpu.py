@@ -65,3 +65,32 @@ def test_gpu_path_matches_reference(dtype, rule, key_dim, impl, chunk_size):
     got = outputs_and_gradients(impl, rule, dtype, key_dim, chunk_size)
     worst = worst_relative_error(got, reference(rule, dtype, key_dim))
     assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_gpu_fused_chunk_computes_dpfp_on_chip(dtype, rule):
+    # impl="pallas" with features: the fused chunk kernel reads q, k at d = 64 and computes DPFP-3
+    # (K = 384) itself; against the map applied first and the reference, in float32.
+    phi = dj.Features("dpfp", dim=64, nu=3, normalization="sum")
+    inputs = make_inputs(0, batch=2, time=200, heads=2, key_dim=64, value_dim=16, rule=rule, dtype=dtype)
+    raw = jax.random.normal(jax.random.key(5), (2, 2, 200, 2, 64))  # make_inputs' q, k are non-negative
+    args = (raw[0].astype(dtype), raw[1].astype(dtype), inputs["v"], inputs["beta"])
+
+    def values_and_grads(fused: bool, cast=None):
+        given = args if cast is None else tuple(None if x is None else x.astype(cast) for x in args)
+
+        def loss(*a):
+            q, k, v, beta = (*a, None) if rule == "sum" else a
+            if fused:
+                out, state = dj.fast_weight(q, k, v, beta, rule=rule, impl="pallas", features=phi)
+            else:
+                out, state = dj.fast_weight(phi(q), phi(k), v, beta, rule=rule, impl="reference")
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
+
+        present = tuple(x for x in given if x is not None)
+        (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(present))), has_aux=True)(*present)
+        return values, grads
+
+    worst = worst_relative_error(values_and_grads(True), values_and_grads(False, cast=jnp.float32))
+    assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"

@@ -13,6 +13,7 @@ import pytest
 from dpfp_devtools.triton_lowering import triton_calls
 from dpfp_devtools.workloads import op_gradient
 from pallas_kernels.triton import tiles
+from pallas_kernels.triton.dpfp import DPFP
 from tests.helpers import pallas_calls
 
 SLOW = pytest.mark.slow
@@ -159,3 +160,15 @@ def test_impl_pallas_takes_segment_ids_on_a_gpu_compile_target():
         calls = triton_calls(jax.grad(lambda *a, c=chunk_size: loss(*a, c)), keys, keys, keys, beta, ids)
         assert [call.name for call in calls] == [f"fast_weight_{kernel}_fwd", f"fast_weight_{kernel}_bwd"]
         assert all("!tt.ptr<i32>" in call.ir for call in calls)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_fused_chunk_with_dpfp_on_chip_lowers_to_triton(rule):
+    # q and k reach the kernels at width d = 64 (K = 384 on chip); the backward scatters the map's
+    # VJP with atomic adds.
+    fn, args = op_gradient("fused_chunk", rule, 64, 256, features=DPFP(3, "sum"))
+    assert args[0].shape[-1] == 64 and args[4].shape[-2] == 384
+    kernels = {call.name.rsplit("_", 1)[-1]: call for call in triton_calls(fn, *args)}
+    assert sorted(kernels) == ["bwd", "fwd"]
+    assert "tt.dot" in kernels["fwd"].ir and "tt.atomic_rmw" in kernels["bwd"].ir

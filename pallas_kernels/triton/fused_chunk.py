@@ -47,6 +47,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.triton.dpfp import (
+    DPFP,
+    check_features,
+    feature_tile,
+    input_gradient,
+    row_scale,
+    scatter_normalization_vjp,
+    scatter_vjp,
+)
 from pallas_kernels.triton.tiles import (
     KEY_TILE,
     NUM_WARPS,
@@ -61,6 +70,7 @@ from pallas_kernels.triton.tiles import (
     walk_in_reverse,
 )
 from pallas_kernels.validation import (
+    MAX_KEY_DIM,
     check_chunk_size,
     check_interpret,
     check_kernel_inputs,
@@ -114,25 +124,37 @@ def _rows(mask: Array | None, x: Array) -> Array:
     return x if mask is None else jnp.where(mask, x, 0.0)
 
 
-def _end_state(w, k_ref, n, u, docs: _Documents | None, dot):
+def _end_state(w, k_ref, n, u, docs: _Documents | None, dot, features: DPFP | None = None,
+               k_scale: Array | None = None):
     """A chunk's end state from its start state w (key tiles): ``W0 + K^T u``; with documents
     ``keep W0 + (diag(last) K)^T u``. The forward and the backward's rebuild share it, so the
-    rebuilt states are the forward's bit for bit."""
-    tiles = key_tiles(k_ref.shape[-1])
+    rebuilt states are the forward's bit for bit. With ``features``, ``k_scale`` is the chunk's
+    ``_row_scale`` of k."""
+    tiles = key_tiles(sum(w_tile.shape[0] for w_tile in w))
     if docs is not None:
         u = _rows(docs.last, u)
     # k's tiles are loaded again rather than kept from the step's first loop: holding all of them
     # alongside the state would cost K / 64 more [C, 64] tiles of registers.
-    return tuple((w_tile if docs is None else jnp.where(docs.keep, w_tile, 0.0)) + dot(_tile(k_ref, n, rows).T, u)
+    return tuple((w_tile if docs is None else jnp.where(docs.keep, w_tile, 0.0))
+                 + dot(_tile(k_ref, n, rows, features, k_scale).T, u)
                  for rows, w_tile in zip(tiles, w, strict=True))
 
 
-def _tile(ref, n, rows: slice) -> Array:
-    """Chunk n's columns ``rows`` of a per-step ref, as float32 (the ref keeps the inputs' dtype)."""
-    return ref[n, :, rows].astype(jnp.float32)
+def _tile(ref, n, rows: slice, features: DPFP | None = None, scale: Array | None = None) -> Array:
+    """Chunk n's columns ``rows`` of q or k, as float32 (the ref keeps the inputs' dtype); with
+    ``features`` the ref holds the raw inputs (width d) and the tile of phi is computed on chip
+    (``scale``: the rows' normalising factor, from ``_row_scale``)."""
+    if features is None:
+        return ref[n, :, rows].astype(jnp.float32)
+    return feature_tile(ref, n, rows.start // KEY_TILE, scale)
 
 
-def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot):
+def _row_scale(features: DPFP | None, ref, n, num_tiles: int) -> Array | None:
+    """Chunk n's per-row normalising factor of phi (``[C, 1]``), None without features or normalisation."""
+    return None if features is None else row_scale(features, ref, n, num_tiles)
+
+
+def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot, features: DPFP | None):
     refs = iter(refs)
     scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
     tb_ref = next(refs) if delta else None
@@ -147,12 +169,13 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot):
     def step(n, w):
         docs = _documents(docs_ref, n) if packed else None
         first, same = (None, None) if docs is None else (docs.first, docs.same)
+        q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         # Everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         q_w = jnp.zeros((chunk, block), jnp.float32)
         recall = jnp.zeros((chunk, block), jnp.float32)
         for rows, w_tile in zip(tiles, w, strict=True):
-            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
+            q_tile, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
             scores += dot(q_tile, k_tile.T)
             q_w += dot(q_tile, w_tile)
             if delta:
@@ -164,24 +187,26 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot):
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
         out_ref[n] = (scale * (_rows(first, q_w) + dot(_tril(scores, same), u))).astype(out_ref.dtype)
-        return _end_state(w, k_ref, n, u, docs, dot)
+        return _end_state(w, k_ref, n, u, docs, dot, features, k_scale)
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
     for rows, w_tile in zip(tiles, w, strict=True):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, packed: bool, dot):
+def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | None):
     refs = iter(refs)
     scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
     tb_ref, u_ref = (next(refs), next(refs)) if delta else (None, None)
     d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
     docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
-    # The zero-filled buffers that dq, dk (and dT_beta) alias come last among the inputs; unused.
-    for _ in range(3 if delta else 2):
+    # The zero-filled buffers that dq, dk (dT_beta, and with features <dq, phi(q)> per step) alias
+    # come last among the inputs; unused.
+    for _ in range(2 + delta + (features is not None)):
         next(refs)
     dq_ref, dk_ref = next(refs), next(refs)
     dtb_ref = next(refs) if delta else None
+    q_dot_ref = next(refs) if features is not None else None
     dv_ref, d_w0_ref = next(refs), next(refs)
     num_chunks, chunk, block = v_ref.shape
     tiles = key_tiles(w_ref.shape[0])
@@ -199,8 +224,11 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
         the initial state), walked forward again from the stored writes."""
         origin = origin_ref[n]
         begin = tuple(jnp.where(origin < 0, w0_ref[rows, :], 0.0) for rows in tiles)
-        return lax.fori_loop(jnp.maximum(origin, 0), n,
-                             lambda m, w: _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot), begin)
+        def walk(m, w):
+            return _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot, features,
+                              _row_scale(features, k_ref, m, len(tiles)))
+
+        return lax.fori_loop(jnp.maximum(origin, 0), n, walk, begin)
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
@@ -210,8 +238,9 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
         d_out = d_out_ref[n].astype(jnp.float32)
         docs = _documents(docs_ref, n) if packed else None
         first, last, same = (None,) * 3 if docs is None else (docs.first, docs.last, docs.same)
+        q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         if packed:
-            w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows).T, u)
+            w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows, features, k_scale).T, u)
                                                    for rows, w_tile in zip(tiles, w1, strict=True)),
                           lambda: rebuilt_start_state(n))
         # Rebuild W0 (without documents; with them it is w1 now) and everything that sums over K,
@@ -221,7 +250,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
         recall = jnp.zeros((chunk, block), jnp.float32)
         w0 = []
         for rows, w_tile, dw_tile in zip(tiles, w1, dw1, strict=True):
-            q_tile, k_tile = _tile(q_ref, n, rows), _tile(k_ref, n, rows)
+            q_tile, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
             scores += dot(q_tile, k_tile.T)
             du += dot(k_tile, dw_tile)
             if not packed:
@@ -243,9 +272,17 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
         else:
             dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
+        # With features: per row, <dL/dphi_n, phi_n> of q and of k (the normalisation's VJP needs them).
+        q_dot = k_dot = jnp.zeros((chunk, 1), jnp.float32)
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
-            q_tile, k_tile = scale * _tile(q_ref, n, rows), _tile(k_ref, n, rows)
-            pltriton.atomic_add(dq_ref, (n, slice(None), rows), dot(d_out_first, w_tile.T) + dot(d_scores, k_tile))
+            q_features, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
+            q_tile = scale * q_features
+            dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
+            if features is None:
+                pltriton.atomic_add(dq_ref, (n, slice(None), rows), dq)
+            else:
+                q_dot += jnp.sum(dq * q_features, axis=1, keepdims=True)
+                scatter_vjp(dq_ref, q_ref, n, rows.start // KEY_TILE, dq if q_scale is None else q_scale * dq)
             dk = dot(d_scores.T, q_tile) + dot(u_last, dw_tile.T)
             if packed:
                 dw_tile = jnp.where(docs.keep, dw_tile, 0.0)
@@ -253,25 +290,33 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
             if delta:
                 dk -= dot(dr_first, w_tile.T)
                 dw_tile -= dot(k_tile.T, dr_first)
-            pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
+            if features is None:
+                pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
+            else:
+                k_dot += jnp.sum(dk * k_tile, axis=1, keepdims=True)
+                scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk if k_scale is None else k_scale * dk)
             dw0.append(dw_tile)
+        if features is not None:
+            scatter_normalization_vjp(features, dq_ref, q_ref, n, len(tiles), q_scale, q_dot)
+            scatter_normalization_vjp(features, dk_ref, k_ref, n, len(tiles), k_scale, k_dot)
+            pltriton.atomic_add(q_dot_ref, (n, slice(None)), q_dot.reshape(chunk))
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
 
 
-def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int):
+def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int, input_dim: int | None = None):
     """BlockSpecs over the grid (batch x head g, value block j).
 
     Per-step arrays stay in the caller's ``[B, T, H, D]`` layout, viewed as ``[B, N, C, H, D]``
     (a free reshape), so no transposed copy of q, k, v, the outputs or the gradients is made: a
     program reads its head's rows with a stride of H * D. Per-chunk ``T_beta`` is ``[G, N, C, C]``
-    and states ``[G, K, V]``.
+    and states ``[G, K, V]``. q and k are ``input_dim`` wide (d, with features; K otherwise).
     """
     def head(g, column_block=0):  # block index of head g's rows
         return g // heads, 0, 0, g % heads, column_block
 
-    keys = pl.BlockSpec((None, num_chunks, chunk, None, key_dim), lambda g, j: head(g))
+    keys = pl.BlockSpec((None, num_chunks, chunk, None, input_dim or key_dim), lambda g, j: head(g))
     values = pl.BlockSpec((None, num_chunks, chunk, None, block), lambda g, j: head(g, j))
     square = pl.BlockSpec((None, num_chunks, chunk, chunk), lambda g, j: (g, 0, 0, 0))
     state = pl.BlockSpec((None, key_dim, block), lambda g, j: (g, 0, j))
@@ -287,12 +332,13 @@ def _document_specs(heads: int, num_chunks: int, chunk: int):
 
 
 class _Launch(NamedTuple):
-    """Static settings of the kernels: value columns per program, forward and backward, and
-    Triton's load-pipelining stages."""
+    """Static settings of the kernels: value columns per program, forward and backward, Triton's
+    load-pipelining stages, and the feature map computed on chip (None: q and k come as features)."""
 
     forward_block: int
     backward_block: int
     num_stages: int
+    features: DPFP | None = None
 
 
 # The output scale reaches the kernels as a runtime operand, a float32 array of shape (1,) that
@@ -320,16 +366,16 @@ def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0, doc
 def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, *, keep_writes: bool):
     """The forward kernel: ``(out, u or None, final_state)``; u (float32) only if ``keep_writes``
     and the rule is delta (the backward rebuilds states from it)."""
-    batch, num_chunks, chunk, heads, key_dim = q.shape
-    groups, value_dim = batch * heads, v.shape[-1]
+    batch, num_chunks, chunk, heads, input_dim = q.shape
+    groups, key_dim, value_dim = batch * heads, w0.shape[1], v.shape[-1]
     block = launch.forward_block
     delta, packed = tb is not None, docs is not None
     keep_writes = keep_writes and delta
-    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
+    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block, input_dim)
     per_step, _ = _document_specs(heads, num_chunks, chunk)
     results = pl.pallas_call(
         functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, packed=packed,
-                          dot=tile_dot(interpret, precise)),
+                          dot=tile_dot(interpret, precise), features=launch.features),
         out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype),
                    *([jax.ShapeDtypeStruct(v.shape, jnp.float32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
@@ -350,12 +396,13 @@ def _fused_chunk_forward_rule(interpret, precise, launch, *primals):
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     scale, q, k, v, tb, u, final_state, docs, w0 = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
-    batch, num_chunks, chunk, heads, key_dim = q.shape
-    groups, value_dim = batch * heads, v.shape[-1]
+    batch, num_chunks, chunk, heads, input_dim = q.shape
+    groups, key_dim, value_dim = batch * heads, final_state.shape[1], v.shape[-1]
     block = launch.backward_block
     num_blocks = value_dim // block
     delta, packed = tb is not None, docs is not None
-    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block)
+    features = launch.features
+    keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block, input_dim)
     per_step, per_chunk = _document_specs(heads, num_chunks, chunk)
     f32 = jnp.float32
     documents = []
@@ -369,24 +416,41 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     # Gradients that sum over V are accumulated by every value block's program with atomic adds
     # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
     # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
-    summed = [jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), *([jnp.zeros(tb.shape, f32)] if delta else [])]
+    gradients, gradient_specs = q.shape, keys
+    if features is not None:
+        # dq, dk come back per position of a = [relu(x), relu(-x)] (width 2d), dx summed from them
+        # below; and per step <dL/d(scale phi(q)), phi(q)>, which gives dL/dscale.
+        gradients = (*q.shape[:-1], 2 * input_dim)
+        gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, 2 * input_dim)[0]
+    summed = [jnp.zeros(gradients, f32), jnp.zeros(gradients, f32), *([jnp.zeros(tb.shape, f32)] if delta else []),
+              *([jnp.zeros((groups, num_chunks, chunk), f32)] if features is not None else [])]
+    per_head_step = pl.BlockSpec((None, num_chunks, chunk), lambda g, j: (g, 0, 0))
+    summed_specs = [gradient_specs, gradient_specs, *([square] if delta else []),
+                    *([per_head_step] if features is not None else [])]
     inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents]
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise),
+                          features=features),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
         in_specs=[_SCALAR, keys, keys, values, *([square, values] if delta else []), values, state, state,
-                  *([per_step, per_chunk, state] if packed else []), keys, keys, *([square] if delta else [])],
-        out_specs=(keys, keys, *([square] if delta else []), values, state),
+                  *([per_step, per_chunk, state] if packed else []), *summed_specs],
+        out_specs=(*summed_specs, values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_bwd",
     )(*inputs, *summed)
-    # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
-    d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
-    dq, dk = (scale[0] * results[0]).astype(q.dtype), results[1].astype(k.dtype)
+    # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>
+    # (with features, <phi(q), dL/d(scale * phi(q))>, summed per step in the kernel).
+    if features is None:
+        d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
+        dq, dk = results[0], results[1]
+    else:
+        d_scale = jnp.sum(results[len(summed) - 1]).reshape(1)
+        dq, dk = input_gradient(results[0]), input_gradient(results[1])
+    dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1], None
 
 
@@ -416,6 +480,7 @@ def fused_chunk(
     num_stages: int = 1,
     wy_inverse: Callable[..., Array] | None = None,
     resets: Array | None = None,
+    features: DPFP | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels.
 
@@ -455,6 +520,12 @@ def fused_chunk(
     K = V = 128, C = 64 twice the stored writes), because the fused kernels' point is to keep
     memory traffic and footprint at the outputs and the writes.
 
+    ``features``: a :class:`~pallas_kernels.triton.dpfp.DPFP`: q and k are then the raw inputs
+    ``[B, T, H, d]`` (d a multiple of 32) and the kernels compute ``phi(q)``, ``phi(k)`` (K =
+    2·nu·d, the state's K) tile by tile on chip, forward and backward (``dpfp.py`` says how); dq,
+    dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
+    takes are still computed by XLA, from ``features(k)`` (recomputed in the backward, not kept).
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
         >>> from jax.scipy.linalg import solve_triangular
@@ -468,21 +539,27 @@ def fused_chunk(
         >>> out.shape, w.shape
         ((1, 20, 2, 4), (1, 2, 4, 4))
     """
-    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets)
+    key_dim = None
+    if features is not None and len(getattr(q, "shape", ())) == 4:  # else check_kernel_inputs says what q is
+        key_dim = check_features(features, q.shape[-1], MAX_KEY_DIM)
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets, key_dim)
     chunk_size = check_chunk_size(chunk_size)
     num_stages = check_positive_int("num_stages", num_stages)
     check_interpret(interpret)
     check_wy_inverse(rule, wy_inverse, packed=resets is not None)
     if (empty := empty_result(v, initial_state, q)) is not None:
         return empty
-    batch, length, heads, key_dim = q.shape
+    batch, length, heads, input_dim = q.shape
+    key_dim = key_dim or input_dim
     value_dim = v.shape[-1]
     k_pad, forward_block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
                                                 key_tile=KEY_TILE)
     # Powers of two, the backward's no wider than the forward's: v_pad is a multiple of both.
     backward_block = value_block(k_pad, value_dim, BACKWARD_STATE_BUDGET, min_block=16)
     f32 = jnp.float32
-    qc, kc = _to_chunks_bnch(q, chunk_size, k_pad), _to_chunks_bnch(k, chunk_size, k_pad)
+    # With features q and k stay at width d (2d is whole key tiles, so K needs no padding).
+    input_pad = k_pad if features is None else None
+    qc, kc = _to_chunks_bnch(q, chunk_size, input_pad), _to_chunks_bnch(k, chunk_size, input_pad)
     vc = _to_chunks_bnch(v, chunk_size, v_pad)
     docs = None
     if resets is not None:
@@ -493,16 +570,25 @@ def fused_chunk(
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
         # read head-major here (the one transposition left, done by XLA for its matmuls).
         beta_c = jnp.moveaxis(_to_chunks_bnch(beta.astype(f32), chunk_size), 3, 1)
-        if docs is None:
-            inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c)
-        else:
+        masks = []
+        if docs is not None:
             same = docs[:, None, :, :, None] == docs[:, None, :, None, :]  # [B, 1, N, C, C]
-            inverse = wy_inverse(jnp.moveaxis(kc, 3, 1), beta_c, jnp.broadcast_to(same, (*beta_c.shape, chunk_size)))
+            masks = [jnp.broadcast_to(same, (*beta_c.shape, chunk_size))]
+
+        def inverse_of(kc, beta_c, *masks):
+            keys = jnp.moveaxis(kc, 3, 1)
+            return wy_inverse(keys if features is None else features(keys), beta_c, *masks)
+
+        if features is not None:
+            # The Gram matrices need phi(k): XLA computes it here, and again in the backward
+            # (checkpointed), so no K-wide array is kept for the backward.
+            inverse_of = jax.checkpoint(inverse_of)
+        inverse = inverse_of(kc, beta_c, *masks)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
-    launch = _Launch(forward_block, backward_block, num_stages)
+    launch = _Launch(forward_block, backward_block, num_stages, features)
     scale = jnp.asarray(scale, f32).reshape(1)
     out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0, docs)
     out = out.reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]

@@ -31,6 +31,10 @@ its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not p
 ``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
 until it has been timed on a TPU and found faster than ``chunk``.
 
+The feature map on the GPU: with ``features`` the fused chunked kernel computes DPFP itself from
+the raw q, k (:func:`gpu_kernel_features` says which settings); the other kernels, and other maps,
+are given ``features(q), features(k)``.
+
 Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
@@ -73,16 +77,16 @@ def runs_tpu_kernel() -> bool:
 
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
                     features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
-    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels are
-    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width.
-    Packed documents on the TPU only with ``log_decay`` (gated: a reset is then a decay to zero);
-    the dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels take none)."""
+    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` K is the map's width
+    (the state's), whether the kernel computes the map (:func:`gpu_kernel_features`) or is given
+    phi(q), phi(k). Packed documents on the TPU only with ``log_decay`` (gated: a reset is then a
+    decay to zero); the dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels
+    take none)."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
     if key_dim > MAX_KEY_DIM:
-        given = "" if features is None else (f" from features={features} (applied before the kernels, which read "
-                                             "phi(q), phi(k))")
+        given = "" if features is None else f" from features={features} (the width of phi(q), phi(k))"
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
         if resets is not None and log_decay is None:
@@ -98,6 +102,25 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     return None
 
 
+def gpu_kernel_features(features: Features | None):
+    """The fused chunk GPU kernel's own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``),
+    or None where that kernel cannot compute the map itself: DPFP with nu <= 4, eps > 0 and d a
+    multiple of 32 only (another map, or another d, is applied in XLA before the kernel).
+
+    Example:
+        >>> gpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
+        DPFP(nu=3, normalization='sum', eps=1e-06)
+        >>> gpu_kernel_features(Features("dpfp", dim=48)) is None, gpu_kernel_features(Features("relu", dim=64)) is None
+        (True, True)
+    """
+    from pallas_kernels.triton.dpfp import DIM_MULTIPLE, DPFP
+
+    if (features is None or not isinstance(features.feature_map, str) or features.feature_map != "dpfp"
+            or features.dim % DIM_MULTIPLE or features.nu > 4 or features.eps <= 0):
+        return None
+    return DPFP(features.nu, features.normalization, features.eps)
+
+
 def fast_weight_pallas(
     q: Array,
     k: Array,
@@ -111,10 +134,14 @@ def fast_weight_pallas(
     interpret: bool = False,
     resets: Array | None = None,
     log_decay: Array | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them."""
+    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them. With
+    ``features`` q and k are raw: the fused chunk GPU kernel computes DPFP itself
+    (:func:`gpu_kernel_features`); every other kernel, and every other map, is given
+    ``features(q), features(k)``."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
@@ -124,6 +151,9 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
+    on_chip = None if tpu or not chunked else gpu_kernel_features(features)
+    if features is not None and on_chip is None:
+        q, k = features(q), features(k)
     if tpu and interpret is False:
         from pallas_kernels.tpu import tpu_interpret_params
 
@@ -150,7 +180,7 @@ def fast_weight_pallas(
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
-                               resets=resets)
+                               resets=resets, features=on_chip)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
                                resets=resets)
 

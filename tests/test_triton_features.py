@@ -1,0 +1,167 @@
+"""DPFP computed inside the fused chunk GPU kernel (``pallas_kernels/triton/dpfp.py``), in interpret
+mode on the CPU, against the oracle: the library's ``Features`` applied first, then ``reference``.
+
+Interpret mode is slow (every gather and atomic add of a tile is an XLA op): one small case runs in
+``make test``; nu in 1..4 and d in {32, 64, 128}, both rules and every normalisation are slow.
+The H200 compile of the same kernel is in tests/test_triton_lowering.py and the report.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import dpfp_jax as dj
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, gpu_kernel_features
+from dpfp_jax.ops.fast_weight.wy import wy_inverse
+from pallas_kernels import fused_chunk
+from pallas_kernels.triton.dpfp import DPFP
+from tests.helpers import assert_relative_error, normal, pallas_calls
+
+SLOW = pytest.mark.slow
+CHUNK = 16
+
+
+def inputs(rule: str, dim: int, nu: int, time: int, batch: int = 1, heads: int = 2, value_dim: int = 16,
+           spread: float = 1.0):
+    """Raw q, k (width d, Gaussian of scale ``spread``), v, beta, and a small random initial state of K = 2 nu d."""
+    q, k = normal(0, (batch, time, heads, dim), spread), normal(1, (batch, time, heads, dim), spread)
+    v = normal(2, (batch, time, heads, value_dim))
+    beta = jax.nn.sigmoid(normal(3, (batch, time, heads))) if rule == "delta" else None
+    state = normal(4, (batch, heads, 2 * nu * dim, value_dim), 0.1)
+    return q, k, v, beta, state
+
+
+def results_and_grads(fn, rule, args, scale=0.7):
+    """(out, state) and the gradients of a nonlinear loss on both w.r.t. q, k, v, initial state,
+    scale (and beta)."""
+    names = (0, 1, 2, 4, 5) + ((3,) if rule == "delta" else ())
+
+    def loss(q, k, v, beta, state, scale):
+        out, final = fn(q, k, v, beta, state, scale)
+        return jnp.sum(out * jnp.cos(out)) + jnp.sum(final * final), (out, final)
+
+    (_, results), grads = jax.value_and_grad(loss, argnums=names, has_aux=True)(*args, scale)
+    return results, grads
+
+
+def on_chip(rule, nu, normalization):
+    def fn(q, k, v, beta, state, scale):
+        return fused_chunk(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=CHUNK, interpret=True,
+                           wy_inverse=wy_inverse if rule == "delta" else None, features=DPFP(nu, normalization))
+    return fn
+
+
+def oracle(rule, dim, nu, normalization):
+    phi = dj.Features("dpfp", dim=dim, nu=nu, normalization=normalization)
+
+    def fn(q, k, v, beta, state, scale):
+        return dj.fast_weight(phi(q), phi(k), v, beta, rule=rule, initial_state=state, scale=scale, impl="reference")
+    return fn
+
+
+def cases():
+    # The one make-test case, as small as it gets: one chunk, one head, K = 64 (one tile), every gradient.
+    yield "sum", 32, 1, "sum", 16, []
+    for rule in ("delta", "sum"):
+        for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
+                                       (128, 2, "l2"), (128, 4, "sum")):
+            yield rule, dim, nu, normalization, 37, [SLOW]
+
+
+@pytest.mark.parametrize("rule, dim, nu, normalization, time",
+                         [pytest.param(*case[:5], marks=case[5]) for case in cases()])
+def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time):
+    # Unnormalised features of unit Gaussians have beta |phi(k)|^2 far above the delta rule's bound
+    # of 2 (the state, and every error, grows exponentially): smaller inputs keep it below 1.
+    args = inputs(rule, dim, nu, time, heads=1 if time == CHUNK else 2, spread=0.3 if normalization == "none" else 1.0)
+    got = results_and_grads(on_chip(rule, nu, normalization), rule, args)
+    want = results_and_grads(oracle(rule, dim, nu, normalization), rule, args)
+    # Outputs, final state and every gradient (dq, dk at width d), relative to each one's largest entry.
+    assert_relative_error(got, want, 2e-5)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_fused_chunk_computes_dpfp_on_chip_with_packed_documents(rule):
+    args = inputs(rule, 32, 2, 40)
+    ids = jnp.array([[0] * 5 + [1] * 20 + [2] * 15])  # documents start inside chunks and on a boundary
+
+    def on_chip_packed(q, k, v, beta, state, scale):
+        resets = jnp.concatenate([jnp.zeros((1, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+        return fused_chunk(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=CHUNK, interpret=True,
+                           wy_inverse=wy_inverse if rule == "delta" else None, resets=resets,
+                           features=DPFP(2, "sum"))
+
+    phi = dj.Features("dpfp", dim=32, nu=2, normalization="sum")
+
+    def packed_oracle(q, k, v, beta, state, scale):
+        return dj.fast_weight(phi(q), phi(k), v, beta, rule=rule, initial_state=state, scale=scale,
+                              impl="reference", segment_ids=ids)
+
+    assert_relative_error(results_and_grads(on_chip_packed, rule, args),
+                          results_and_grads(packed_oracle, rule, args), 2e-5)
+
+
+def kernel_inputs_of(fn, *args):
+    """The widths of q and k as the fused chunk forward kernel reads them."""
+    calls = [eqn for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
+             if "fused_chunk_fwd" in str(eqn.params["name"])]
+    assert len(calls) == 1
+    return [var.aval.shape[-1] for var in calls[0].invars[1:3]]
+
+
+@pytest.mark.parametrize("features, fused, width", [
+    (dj.Features("dpfp", dim=64, nu=3, normalization="sum"), True, 64),  # the kernel reads q, k at width d
+    # phi(q), phi(k) computed first: 2d = 96 is no whole number of tiles (K = 96, padded); nu > 4; another map.
+    pytest.param(dj.Features("dpfp", dim=48, nu=1), False, 128, marks=SLOW),
+    pytest.param(dj.Features("dpfp", dim=32, nu=5), False, 320, marks=SLOW),
+    pytest.param(dj.Features("relu", dim=64), False, 64, marks=SLOW),
+])
+def test_the_dispatcher_hands_the_gpu_kernel_dpfp_it_can_compute(features, fused, width):
+    q, k, v, beta, _ = inputs("delta", features.dim, 1, 32)
+    state = jnp.zeros((1, 2, features.key_dim, v.shape[-1]))
+
+    def run(q, k, v, beta, state):
+        return fast_weight_pallas(q, k, v, beta, state, rule="delta", scale=1.0, chunk_size=CHUNK, interpret=True,
+                                  features=features)
+
+    assert kernel_inputs_of(run, q, k, v, beta, state) == [width] * 2
+    assert (gpu_kernel_features(features) is not None) == fused
+
+
+@pytest.mark.parametrize("kwargs, dim, error, message", [
+    (dict(features=DPFP(2)), 48, ValueError, r"multiple of 32 \(2d whole 64-column tiles\); got d=48"),
+    (dict(features=DPFP(4)), 256, ValueError, "K <= 1024; DPFP with nu=4 on d=256 makes K=2048"),
+    (dict(features=dj.Features("dpfp", dim=32)), 32, TypeError, "must be a pallas_kernels DPFP"),
+])
+def test_fused_chunk_refuses_features_it_cannot_compute(kwargs, dim, error, message):
+    x = jnp.ones((1, 32, 1, dim))
+    state = jnp.zeros((1, 1, 2 * dim, 8))
+    with pytest.raises(error, match=message):
+        jax.eval_shape(lambda: fused_chunk(x, x, x[..., :8], None, state, rule="sum", chunk_size=CHUNK,
+                                           interpret=True, **kwargs))
+
+
+def test_fused_chunk_with_features_checks_the_state_against_phi_width():
+    x = jnp.ones((1, 32, 1, 32))
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, K, V\] = \(1, 1, 128, 8\)"):
+        jax.eval_shape(lambda: fused_chunk(x, x, x[..., :8], None, jnp.zeros((1, 1, 32, 8)), rule="sum",
+                                           chunk_size=CHUNK, interpret=True, features=DPFP(2)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nu=0), "nu must be an int from 1 to 4; got nu=0"),
+    (dict(nu=5), "nu must be an int from 1 to 4; got nu=5"),
+    (dict(nu=1, normalization="max"), "normalization must be one of"),
+    (dict(nu=1, eps=0.0), "eps must be a finite real number > 0"),
+])
+def test_dpfp_description_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DPFP(**kwargs)
+
+
+@pytest.mark.parametrize("normalization", ["sum", pytest.param("l2", marks=SLOW), pytest.param("none", marks=SLOW)])
+def test_dpfp_description_is_the_librarys_map(normalization):
+    x = normal(0, (3, 5, 32))
+    assert_relative_error(DPFP(3, normalization)(x), dj.Features("dpfp", dim=32, nu=3, normalization=normalization)(x),
+                          1e-6)
