@@ -212,11 +212,13 @@ def check_kernel_inputs(
     rule: object,
     scale: object,
     resets: object = None,
+    state_key_dim: int | None = None,
 ) -> None:
     """The fused kernels' contract: ``rule`` in ``RULES``; q, k ``[B, T, H, K]`` with K <=
     ``MAX_KEY_DIM``; v ``[B, T, H, V]``; beta ``[B, T, H]`` for the delta rule and None for the
-    sum rule; initial_state ``[B, H, K, V]``; all floating; ``scale`` a real scalar;
-    ``resets`` None or bool ``[B, T]`` (``check_resets``).
+    sum rule; initial_state ``[B, H, K, V]`` (K = ``state_key_dim`` when given: a kernel that maps
+    q and k itself); all floating; ``scale`` a real scalar; ``resets`` None or bool ``[B, T]``
+    (``check_resets``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -249,7 +251,7 @@ def check_kernel_inputs(
         _check_float("beta", beta)
     elif beta is not None:
         raise ValueError(f"beta is only used by rule='delta'; got beta of shape {beta.shape} with rule='sum'")
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    expected = (q.shape[0], q.shape[2], q.shape[3] if state_key_dim is None else state_key_dim, v.shape[3])
     if initial_state is None or initial_state.shape != expected:
         raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; "
                          f"got {None if initial_state is None else initial_state.shape}")

@@ -95,8 +95,9 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "chunk": (fast_weight_chunk, _always),
     "pallas": (fast_weight_pallas, pallas_supports),
 }
-# The impls that take ``features`` themselves (fused); the others are given phi(q), phi(k).
-_FUSE_FEATURES = ("scan", "chunk")
+# The impls that take ``features`` themselves (fused; "pallas" where its TPU kernel computes the map,
+# else it applies the map before its kernels); the others are given phi(q), phi(k).
+_FUSE_FEATURES = ("scan", "chunk", "pallas")
 
 
 def auto_candidates(q: Array, chunk_size: int) -> tuple[str, ...]:

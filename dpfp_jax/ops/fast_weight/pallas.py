@@ -9,8 +9,12 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   every T (the last block zero-padded) and ``chunk_size`` 16, 32, 64 or a multiple of 128
   (otherwise a ValueError says so); it reads q, k, v and writes its results in the layouts XLA
   keeps them in, with no copies around the kernel. It does not take
-  packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
-- a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
+  packed documents: with ``segment_ids`` :func:`pallas_supports` says so. Given the op's
+  ``features``, it computes the feature map itself (:func:`tpu_kernel_features`: DPFP, identity,
+  relu and ``"linear"``, any normalisation, d in 32, 64, 128): q and k are read at width d, the
+  map and its VJP run in VMEM. Other feature maps are applied before it, in XLA.
+- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` (a ``features`` map is applied before
+  them). The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
   the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
@@ -39,11 +43,13 @@ a reset they rebuild the state it discarded by walking the previous document for
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from dpfp_jax.feature_maps import Features
+from dpfp_jax.feature_maps import FEATURE_MAPS, Features
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import (
     batch_head_axes_of,
@@ -51,6 +57,9 @@ from dpfp_jax.ops.fast_weight.common import (
     zeros_like_sharded,
 )
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
+
+if TYPE_CHECKING:
+    from pallas_kernels.tpu.feature_map import KernelFeatures
 
 Array = jax.Array
 
@@ -70,16 +79,53 @@ def runs_tpu_kernel() -> bool:
     return target_platform() == "tpu" or tpu_interpret_params() is not None
 
 
+# The registry's maps the TPU kernel computes itself, by the name its feature_map.py gives them.
+_TPU_KERNEL_MAPS = {"dpfp": "dpfp", "identity": "identity", "relu": "relu", "linear": "elu_plus_one"}
+
+
+def tpu_kernel_features(features: Features) -> KernelFeatures | str:
+    """The TPU kernel's own description of ``features`` (a ``pallas_kernels.tpu.feature_map.KernelFeatures``),
+    or why the kernel cannot compute that map itself (it is then applied before the kernel).
+
+    The kernel computes DPFP (any nu up to K = 1024), the identity, relu and ``"linear"`` (elu + 1),
+    each with any normalisation, for q, k of width d = 32, 64 or 128. A callable map is not
+    fused (the kernel cannot trace arbitrary code on its transposed chunks).
+
+    Example:
+        >>> tpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
+        KernelFeatures(kind='dpfp', dim=64, nu=3, normalization='sum', eps=1e-06)
+        >>> tpu_kernel_features(Features("dpfp", dim=48))
+        'the TPU kernel maps q, k of width d in (32, 64, 128) itself; got d=48'
+    """
+    from pallas_kernels.tpu.feature_map import RAW_WIDTHS, KernelFeatures
+
+    name = features.feature_map
+    if not isinstance(name, str) or name not in _TPU_KERNEL_MAPS:
+        fused = tuple(m for m in FEATURE_MAPS if m in _TPU_KERNEL_MAPS)
+        return f"the TPU kernel computes the feature maps {fused} itself; got {name!r}"
+    if features.dim not in RAW_WIDTHS:
+        return f"the TPU kernel maps q, k of width d in {RAW_WIDTHS} itself; got d={features.dim}"
+    return KernelFeatures(_TPU_KERNEL_MAPS[name], features.dim, features.nu, features.normalization,
+                          float(features.eps))
+
+
+def _fused_in_tpu_kernel(features: Features | None) -> bool:
+    return features is not None and runs_tpu_kernel() and not isinstance(tpu_kernel_features(features), str)
+
+
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
                     features: Features | None = None, **_: object) -> str | None:
-    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels are
-    given phi(q), phi(k): the map is applied before them (not fused into them yet), so K is its width."""
+    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the TPU kernel
+    computes the map itself where :func:`tpu_kernel_features` says it can; otherwise (the GPU
+    kernels, other maps) the kernels are given phi(q), phi(k), computed before them. Either way K
+    is the map's width."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
     if key_dim > MAX_KEY_DIM:
-        given = "" if features is None else (f" from features={features} (applied before the kernels, which read "
-                                             "phi(q), phi(k))")
+        where = ("computed in the TPU kernel" if _fused_in_tpu_kernel(features) else
+                 "applied before the kernels, which read phi(q), phi(k)")
+        given = "" if features is None else f" from features={features} ({where})"
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
         if resets is not None:
@@ -107,10 +153,12 @@ def fast_weight_pallas(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     interpret: bool = False,
     resets: Array | None = None,
+    features: Features | None = None,
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) as the oracle takes them."""
+    (packed documents) as the oracle takes them. ``features``: q, k are raw; the TPU kernel maps
+    them itself where :func:`tpu_kernel_features` says it can, else phi(q), phi(k) are computed here."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
@@ -120,6 +168,11 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
+    kernel_features = None
+    if features is not None:
+        kernel_features = tpu_kernel_features(features) if tpu else "not the TPU kernel"
+        if isinstance(kernel_features, str):  # not fused: the kernels are given phi(q), phi(k)
+            q, k, kernel_features = features(q), features(k), None
     if tpu and interpret is False:
         from pallas_kernels.tpu import tpu_interpret_params
 
@@ -133,7 +186,7 @@ def fast_weight_pallas(
     def run(q, k, v, beta, initial_state, resets):
         if tpu:
             return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                   interpret=interpret)
+                                   interpret=interpret, features=kernel_features)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
