@@ -43,13 +43,22 @@ def with_scale(fn, inputs):
                            names=("scale", *ARGS))
 
 
+def pallas_calls(jaxpr):
+    """The pallas_call equations of a jaxpr, those of the jaxprs inside its equations included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for sub in eqn.params.values():
+            inner = getattr(sub, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                yield from pallas_calls(inner)
+
+
 def pallas_call_shapes(fn, inputs) -> list[tuple[int, ...]]:
-    """The shapes of q as the kernels' pallas_calls get it (their second operand; the first is the scale)."""
-    jaxpr = jax.make_jaxpr(lambda x: with_scale(fn, x))(inputs)
-    calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
-    inner = [e for e in jaxpr.eqns for sub in e.params.values() if hasattr(sub, "jaxpr")
-             for e in getattr(sub.jaxpr, "eqns", ()) if e.primitive.name == "pallas_call"]
-    return [tuple(e.invars[1].aval.shape) for e in calls + inner]
+    """The shapes of q as the kernels' pallas_calls get it (their second operand; the first is the
+    scale), in the forward and the backward of a loss on fn's results."""
+    jaxpr = jax.make_jaxpr(lambda x: with_scale(fn, x))(inputs).jaxpr
+    return [tuple(eqn.invars[1].aval.shape) for eqn in pallas_calls(jaxpr)]
 
 
 def check_fused(d, nu, normalization="sum", feature_map="dpfp", *, dtype=f32, rule="delta", chunk_size=16,
@@ -65,11 +74,11 @@ def check_fused(d, nu, normalization="sum", feature_map="dpfp", *, dtype=f32, ru
         return dj.fast_weight(q, k, v, beta, rule=rule, initial_state=state, scale=scale, impl="pallas",
                               chunk_size=chunk_size, features=phi)
 
-    want = with_scale(reference, inputs)
+    want = jax.jit(lambda: with_scale(reference, inputs))()
     with pltpu.force_tpu_interpret_mode(RACES):
         # The kernels are given q at width d (never phi(q), K wide): the map is in them.
         shapes = pallas_call_shapes(pallas, inputs)
-        assert shapes and all(d in s and phi.key_dim not in s for s in shapes), shapes
+        assert len(shapes) == 2 and all(d in s and phi.key_dim not in s for s in shapes), shapes
         got = jax.jit(lambda: with_scale(pallas, inputs))()
         jax.block_until_ready(got)
     (out, state), grads = got
@@ -212,3 +221,20 @@ def test_hbm_traffic_reads_q_and_k_at_width_d():
         for plan in (forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True),
                      backward_plan(dims, bf16, bf16, bf16, delta=True)):
             assert hbm_bytes(plan) == kernel_bytes(plan)
+
+
+@SLOW
+@pytest.mark.parametrize("phi", [dj.Features("dpfp", dim=48, nu=2, normalization="sum"),
+                                 dj.Features(lambda x: jnp.concatenate([x, x * x], axis=-1), dim=64)],
+                         ids=["another d", "a callable"])
+def test_maps_the_kernel_cannot_compute_are_applied_before_it(phi):
+    # impl="pallas" still takes the call: the kernels are given phi(q), phi(k), K wide (padded to lanes).
+    inputs = raw_inputs(phi, time=16)
+
+    def pallas(q, k, v, beta, state, scale):
+        return dj.fast_weight(q, k, v, beta, initial_state=state, scale=scale, impl="pallas", chunk_size=16,
+                              features=phi)
+
+    with pltpu.force_tpu_interpret_mode():
+        shapes = pallas_call_shapes(pallas, inputs)
+    assert len(shapes) == 2 and all(s[-1] == 128 * -(-phi.key_dim // 128) for s in shapes), shapes
