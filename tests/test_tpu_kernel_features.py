@@ -65,6 +65,7 @@ def check_fused(d, nu, normalization="sum", feature_map="dpfp", *, dtype=f32, ru
                 **shape):
     """The fused kernel against the reference on phi(q), phi(k), through ``dj.fast_weight``."""
     phi = dj.Features(feature_map, dim=d, nu=nu, normalization=normalization)
+    assert isinstance(tpu_kernel_features(phi), KernelFeatures)  # the dispatcher hands the kernel the map
     inputs = raw_inputs(phi, rule=rule, dtype=dtype, **shape)
 
     def reference(q, k, v, beta, state, scale):
@@ -76,9 +77,11 @@ def check_fused(d, nu, normalization="sum", feature_map="dpfp", *, dtype=f32, ru
 
     want = jax.jit(lambda: with_scale(reference, inputs))()
     with pltpu.force_tpu_interpret_mode(RACES):
-        # The kernels are given q at width d (never phi(q), K wide): the map is in them.
+        # The kernels are given q at width d, never phi(q): [B, H, d, T'] below 128 (where phi(q)
+        # would be [B, T', H, K']), [B, T', H, 128] at 128 (which only a K other than d tells apart).
         shapes = pallas_call_shapes(pallas, inputs)
-        assert len(shapes) == 2 and all(d in s and phi.key_dim not in s for s in shapes), shapes
+        assert len(shapes) == 2, shapes
+        assert all(s[2] == d if d < 128 else s[-1] == d or phi.key_dim == d for s in shapes), shapes
         got = jax.jit(lambda: with_scale(pallas, inputs))()
         jax.block_until_ready(got)
     (out, state), grads = got

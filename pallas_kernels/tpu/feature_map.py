@@ -48,9 +48,9 @@ RAW_WIDTHS = (32, 64, 128)
 
 
 class KernelFeatures(NamedTuple):
-    """A feature map the kernel computes itself: ``kind`` (one of :data:`KINDS`), the raw width
-    ``dim`` (one of :data:`RAW_WIDTHS`), DPFP's ``nu`` (1 for the other kinds), the
-    ``normalization`` (one of :data:`NORMALIZATIONS`) and its ``eps``. Static and hashable.
+    """A feature map the kernel computes itself: ``kind`` (one of ``KINDS``), the raw width
+    ``dim`` (one of ``RAW_WIDTHS``), DPFP's ``nu`` (1 for the other kinds), the
+    ``normalization`` (one of ``NORMALIZATIONS``) and its ``eps``. Static and hashable.
 
     Example:
         >>> KernelFeatures("dpfp", dim=64, nu=3, normalization="sum").width
