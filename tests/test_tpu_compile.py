@@ -298,6 +298,25 @@ def test_pallas_tpu_kernel_with_the_feature_map_compiles(tpu):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spec", [PartitionSpec("batch"), PartitionSpec(None, None, "batch")],
+                         ids=["batch", "heads"])
+def test_pallas_tpu_kernel_with_the_feature_map_runs_per_shard(tpu, spec):
+    # As without the map: per shard (shard_map), the raw q, k sharded like v, no communication.
+    from dpfp_devtools.workloads import forward_and_backward, with_features
+
+    mesh = tpu.tpu_mesh(V5E, (4,), ("batch",))
+    phi = dj.Features("dpfp", dim=64, nu=3, normalization="sum")
+    keys = jax.ShapeDtypeStruct((4, 256, 4, 64), jnp.bfloat16)
+    args = (keys, keys, keys, jax.ShapeDtypeStruct((4, 256, 4), jnp.bfloat16))
+    per_step = [tpu.place(a, mesh, spec if a.ndim == 4 else PartitionSpec(*spec[:3])) for a in args]
+    compiled = tpu.compile_for_tpu(forward_and_backward(with_features("pallas", phi, fused=True), 4)[1], *per_step,
+                                   mesh=mesh)
+    text = compiled.as_text()
+    assert "fast_weight_tpu_chunk_bwd" in text
+    assert not [c for c in COLLECTIVES if c in text], [c for c in COLLECTIVES if c in text]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", TOPOLOGIES[:3])
 @pytest.mark.parametrize("raw_dim, nu", [(32, 4), (64, 3), (128, 3)])
 def test_pallas_tpu_kernel_with_the_feature_map_compiles_for_training(tpu, topology, raw_dim, nu):
