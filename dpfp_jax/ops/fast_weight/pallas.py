@@ -168,11 +168,13 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
-    kernel_features = None
+    kernel_features = None  # the map the TPU kernel computes itself
     if features is not None:
-        kernel_features = tpu_kernel_features(features) if tpu else "not the TPU kernel"
-        if isinstance(kernel_features, str):  # not fused: the kernels are given phi(q), phi(k)
-            q, k, kernel_features = features(q), features(k), None
+        described = tpu_kernel_features(features) if tpu else None
+        if described is None or isinstance(described, str):  # not fused: the kernels are given phi(q), phi(k)
+            q, k = features(q), features(k)
+        else:
+            kernel_features = described
     if tpu and interpret is False:
         from pallas_kernels.tpu import tpu_interpret_params
 
