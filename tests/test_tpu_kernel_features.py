@@ -20,7 +20,7 @@ from dpfp_jax.ops.fast_weight.pallas import tpu_kernel_features
 from pallas_kernels.tpu import backward_plan, call_dims, forward_plan, fused_chunk_tpu, hbm_bytes
 from pallas_kernels.tpu.feature_map import KernelFeatures, features_t, features_t_vjp
 from tests.helpers import DIFF_ARGS as ARGS
-from tests.helpers import assert_relative_error, normal, value_and_grads
+from tests.helpers import assert_relative_error, normal, pallas_calls, value_and_grads
 
 SLOW = pytest.mark.slow
 f32 = jnp.float32
@@ -41,17 +41,6 @@ def with_scale(fn, inputs):
     """Outputs and the gradients of a loss on both results w.r.t. the scale and every input."""
     return value_and_grads(lambda x: fn(*(x[n] for n in ARGS), x["scale"]), {**inputs, "scale": f32(0.7)},
                            names=("scale", *ARGS))
-
-
-def pallas_calls(jaxpr):
-    """The pallas_call equations of a jaxpr, those of the jaxprs inside its equations included."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            yield eqn
-        for sub in eqn.params.values():
-            inner = getattr(sub, "jaxpr", None)
-            if inner is not None and hasattr(inner, "eqns"):
-                yield from pallas_calls(inner)
 
 
 def pallas_call_shapes(fn, inputs) -> list[tuple[int, ...]]:
