@@ -14,7 +14,8 @@ them. The chunk form takes up to minutes per program to compile at these shapes 
 ``DPFPAttention`` training step (B=8, T=4096, H=8, d=64, nu=3, V=64, bfloat16: the gradient of a
 loss on its output with respect to its parameters, ``dpfp_devtools.workloads.attention_training_step``)
 with the feature map inside the op (``fuse_features=True``, the default) and applied by the layer
-(``False``), per impl, and prints both programs' temporary and peak memory.
+(``False``), per impl, and prints both programs' temporary and peak memory. Inside the op with
+``pallas`` means inside the TPU kernel, which reads q, k at width d and computes the map itself.
 
 ``python -m benchmarks.tpu --compile-time`` times compiling the Pallas TPU kernel (trace, lower
 and libtpu's compile, on this machine, no TPU): the forward+backward at B=8, T=4096, H=8,

@@ -14,6 +14,10 @@ state) once and write the outputs (and the final state); the backward reads the 
 the gradients of the outputs and final state, and writes the gradients of q, k, v, beta and the
 initial state. Work outside the kernel (padding T to whole blocks and K to whole lane tiles when
 they are not; ``pallas_kernels/tpu/layout.py``) is not counted by either.
+
+:func:`features_table` compares the kernel that computes the feature map itself (q, k read at
+width d) with the one given phi(q), phi(k) (read at K = 2 nu d), against the minimum for the raw
+inputs (width d).
 """
 
 from __future__ import annotations
@@ -66,16 +70,17 @@ def kernel_bytes(plan, tiled: bool = False) -> int:
 
 
 def minimum_bytes(batch: int, length: int, heads: int, key_dim: int, value_dim: int, itemsize: int, *,
-                  delta: bool, backward: bool) -> int:
+                  delta: bool, backward: bool, state_key_dim: int | None = None) -> int:
     """The least HBM traffic of the op (inputs of ``itemsize`` bytes, states float32).
 
     Forward: read q, k, v, beta (delta rule) and the initial state; write the outputs and the final
     state. Backward: read q, k, v, beta, the outputs' and the final state's gradients; write the
-    gradients of q, k, v, beta and the initial state.
+    gradients of q, k, v, beta and the initial state. ``state_key_dim``: the states' K when q and k
+    are read at another width (raw q, k of width ``key_dim`` = d, the feature map in the kernel).
     """
     steps = batch * length * heads
     per_step = (2 * key_dim + value_dim + (1 if delta else 0)) * itemsize
-    state = batch * heads * key_dim * value_dim * 4
+    state = batch * heads * (key_dim if state_key_dim is None else state_key_dim) * value_dim * 4
     if not backward:
         return steps * (per_step + value_dim * itemsize) + 2 * state
     return steps * (2 * per_step + value_dim * itemsize) + 2 * state
@@ -109,5 +114,63 @@ def table(key_dims=(128, 256, 384, 512, 1024), batch: int = 8, length: int = 409
     return "\n".join(lines)
 
 
+def _delta_rule_bytes(dims, dtype) -> tuple[int, int, int]:
+    """The delta rule's (forward, training forward, backward) bytes for ``dims``."""
+    from pallas_kernels.tpu import backward_plan, forward_plan
+
+    return tuple(kernel_bytes(plan) for plan in (
+        forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=False),
+        forward_plan(dims, dtype, dtype, dtype, delta=True, keep_writes=True),
+        backward_plan(dims, dtype, dtype, dtype, delta=True)))
+
+
+def features_traffic(raw_dim: int, nu: int, batch: int = 8, length: int = 4096, heads: int = 8, value_dim: int = 64,
+                     dtype=jnp.bfloat16, chunk_size: int = 64) -> dict[str, tuple[int, ...]]:
+    """The delta rule's kernel bytes with DPFP-nu (sum-normalised) of width-``raw_dim`` q, k computed in
+    the kernel (``"fused"``) and before it (``"unfused"``, K = 2 nu d), each as (forward, training
+    forward, backward), and the minimum for the raw inputs (``"minimum"``: forward, backward; q, k at
+    width d, the states at K).
+
+    Example (nu = 3, d = 64, the issue's shape: the fused kernel moves about a third of the bytes):
+        >>> bytes_ = features_traffic(64, 3)
+        >>> round((bytes_["fused"][1] + bytes_["fused"][2]) / (bytes_["unfused"][1] + bytes_["unfused"][2]), 2)
+        0.35
+    """
+    from pallas_kernels.tpu import call_dims
+    from pallas_kernels.tpu.feature_map import KernelFeatures
+
+    features = KernelFeatures("dpfp", raw_dim, nu, "sum")
+    itemsize = jnp.dtype(dtype).itemsize
+    shape = (batch, length, heads, raw_dim)
+    return {
+        "fused": _delta_rule_bytes(call_dims(shape, value_dim, chunk_size, features=features), dtype),
+        "unfused": _delta_rule_bytes(call_dims((*shape[:3], features.width), value_dim, chunk_size), dtype),
+        "minimum": tuple(minimum_bytes(batch, length, heads, raw_dim, value_dim, itemsize, delta=True, backward=b,
+                                       state_key_dim=features.width) for b in (False, True)),
+    }
+
+
+def features_table(cases=((64, 3), (64, 1), (32, 3), (128, 3)), **shape) -> str:
+    """A markdown table of :func:`features_traffic` per (d, nu): the fused kernel's bytes, over the
+    unfused kernel's and over the minimum for the raw inputs; "training" is the training forward
+    and the backward together. MB are 10^6 bytes."""
+    lines = ["| d | nu | K | fused fwd MB | fused training fwd MB | fused bwd MB | fused / unfused: fwd, training fwd, "
+             "bwd, training | fused / raw minimum: fwd, training fwd, bwd, training |",
+             "|---:|---:|---:|---:|---:|---:|---|---|"]
+    for raw_dim, nu in cases:
+        counts = features_traffic(raw_dim, nu, **shape)
+        fused, unfused, (least, least_backward) = counts["fused"], counts["unfused"], counts["minimum"]
+        over_unfused = [f / u for f, u in zip(fused, unfused, strict=True)]
+        over_unfused.append((fused[1] + fused[2]) / (unfused[1] + unfused[2]))
+        over_minimum = [fused[0] / least, fused[1] / least, fused[2] / least_backward,
+                        (fused[1] + fused[2]) / (least + least_backward)]
+        lines.append(f"| {raw_dim} | {nu} | {2 * nu * raw_dim} | {fused[0] / 1e6:.1f} | {fused[1] / 1e6:.1f} | "
+                     f"{fused[2] / 1e6:.1f} | {', '.join(f'{r:.2f}x' for r in over_unfused)} | "
+                     f"{', '.join(f'{r:.2f}x' for r in over_minimum)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table())
+    import sys
+
+    print(features_table() if "--features" in sys.argv[1:] else table())

@@ -98,7 +98,8 @@ def attention_training_step(fuse_features: bool, impl: str = "chunk", *, batch: 
     layer = dj.DPFPAttention(heads * head_dim, num_heads=heads, head_dim=head_dim, nu=nu, impl=impl, dtype=dtype,
                              fuse_features=fuse_features)
     x = jax.ShapeDtypeStruct((batch, time, heads * head_dim), dtype)
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+    # The parameters' shapes from impl="chunk": on a CPU host impl="pallas" is traced only in a compile for a TPU.
+    params = jax.eval_shape(layer.clone(impl="chunk").init, jax.random.key(0), x)["params"]
 
     def grad(params, x):
         def loss(params):

@@ -15,7 +15,8 @@ tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout he
   the kernel, and the state entering each block kept for the backward. No packed documents
   (a caller gives ``log alpha = -inf`` at a document's first step).
   Runs in Pallas's TPU interpret mode anywhere (``interpret=True`` or inside
-  ``pltpu.force_tpu_interpret_mode()``).
+  ``pltpu.force_tpu_interpret_mode()``). Given ``features=KernelFeatures(...)`` it reads q, k
+  at width d and computes the feature map (DPFP, ...) and its VJP itself (``tpu/feature_map.py``).
 - ``fused_chunk``: the chunkwise form with each chunk's whole step (WY writes, outputs, state
   update) in one program per (batch x head, value block), walking chunks with its slice of W on
   chip; ``impl="pallas"`` from one chunk on. The delta rule's per-chunk WY inverse comes from the
@@ -44,11 +45,12 @@ checks that they can become GPU and TPU kernels.
 """
 
 from pallas_kernels.tpu import fused_chunk_tpu
+from pallas_kernels.tpu.feature_map import KernelFeatures
 from pallas_kernels.triton.chunk_recurrence import backward_recurrence, chunk_walk, forward_recurrence
 from pallas_kernels.triton.dpfp import DPFP
 from pallas_kernels.triton.fused_chunk import fused_chunk
 from pallas_kernels.triton.fused_recurrent import fused_recurrent
 from pallas_kernels.validation import MAX_KEY_DIM
 
-__all__ = ["DPFP", "MAX_KEY_DIM", "backward_recurrence", "chunk_walk", "forward_recurrence", "fused_chunk",
-           "fused_chunk_tpu", "fused_recurrent"]
+__all__ = ["DPFP", "MAX_KEY_DIM", "KernelFeatures", "backward_recurrence", "chunk_walk", "forward_recurrence",
+           "fused_chunk", "fused_chunk_tpu", "fused_recurrent"]

@@ -231,13 +231,13 @@ def check_kernel_inputs(
     rule: object,
     scale: object,
     resets: object = None,
-    key_dim: int | None = None,
+    state_key_dim: int | None = None,
 ) -> None:
     """The fused kernels' contract: ``rule`` in ``RULES``; q, k ``[B, T, H, K]`` with K <=
     ``MAX_KEY_DIM``; v ``[B, T, H, V]``; beta ``[B, T, H]`` for the delta rule and None for the
-    sum rule; initial_state ``[B, H, K, V]``; all floating; ``scale`` a real scalar;
-    ``resets`` None or bool ``[B, T]`` (``check_resets``). ``key_dim``: the state's K when the
-    kernel computes the features itself (q and k are then ``[B, T, H, d]``, checked by the caller).
+    sum rule; initial_state ``[B, H, K, V]`` (K = ``state_key_dim`` when given: a kernel that maps
+    q and k itself); all floating; ``scale`` a real scalar; ``resets`` None or bool ``[B, T]``
+    (``check_resets``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -260,8 +260,7 @@ def check_kernel_inputs(
         raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {q.shape[:3]}; got {v.shape}")
-    if key_dim is None:
-        check_key_dim(q.shape[-1])
+    check_key_dim(q.shape[-1] if state_key_dim is None else state_key_dim)
     if rule == "delta":
         if beta is None:
             raise ValueError(f"beta is required for rule='delta': the write strengths, [B, T, H] = {q.shape[:3]}; "
@@ -271,7 +270,7 @@ def check_kernel_inputs(
         _check_float("beta", beta)
     elif beta is not None:
         raise ValueError(f"beta is only used by rule='delta'; got beta of shape {beta.shape} with rule='sum'")
-    expected = (q.shape[0], q.shape[2], q.shape[3] if key_dim is None else key_dim, v.shape[3])
+    expected = (q.shape[0], q.shape[2], q.shape[3] if state_key_dim is None else state_key_dim, v.shape[3])
     if initial_state is None or initial_state.shape != expected:
         raise ValueError(f"initial_state must be [B, H, K, V] = {expected}; "
                          f"got {None if initial_state is None else initial_state.shape}")

@@ -4,8 +4,9 @@ With ``features`` the op takes the raw q, k (width d) and computes what it compu
 ``features(q), features(k)``: outputs, final state and the gradients of q, k, v, beta,
 initial_state and scale, to float32 rounding, on every XLA impl, both rules, packed documents.
 ``scan`` and ``chunk`` keep q, k at width d for the backward (their compiled temporaries drop);
-``reference`` and ``pallas`` are given phi(q), phi(k) (but for the fused chunk GPU kernel, which
-computes DPFP on chip: tests/test_triton_features.py). The modules hand the op the raw q, k by
+``reference`` is given phi(q), phi(k), and so is ``pallas`` but where its TPU kernel (d = 32, 64,
+128: tests/test_tpu_kernel_features.py) or its fused chunk GPU kernel (DPFP, d a multiple of 32:
+tests/test_triton_features.py) maps q, k itself. The modules hand the op the raw q, k by
 default (``fuse_features``), with the same results as the separate path, decoding included.
 Sharded runs (batch, heads, the sequence): tests/scripts/features_sharded_script.py.
 """
@@ -195,6 +196,7 @@ def test_pallas_names_the_features_that_make_k_too_wide():
 
 @SLOW
 def test_pallas_is_given_the_feature_map_applied_before_the_kernel():
+    # d = 4 is no width the TPU kernel maps itself (tests/test_tpu_kernel_features.py has those).
     from jax.experimental.pallas import tpu as pltpu
 
     phi = dj.Features("dpfp", dim=D, nu=2, normalization="sum")

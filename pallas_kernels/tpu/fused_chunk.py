@@ -74,6 +74,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
 from pallas_kernels.padding import pad_to
+from pallas_kernels.tpu.feature_map import KernelFeatures, check_kernel_features, features_t, features_t_vjp
 from pallas_kernels.tpu.layout import (
     LANES,
     betas_to_kernel,
@@ -303,6 +304,21 @@ class Dims(NamedTuple):
     value_dim: int
     head_groups: int = 1  # G: programs per batch row, each a contiguous group of heads
     keys_head_major: bool = False
+    # The feature map the kernel computes from q, k read at width d (feature_map.py); None: q, k are phi(q), phi(k).
+    features: KernelFeatures | None = None
+
+    @property
+    def raw_keys(self) -> Dims:
+        """With :attr:`features`: the dims of the raw q, k and their gradients, which are read and
+        written as value arrays of width d (``layout.py``: the steps on the lanes below 128, the
+        caller's ``[B, T, H, d]`` at 128)."""
+        return self._replace(value_dim=self.features.dim)
+
+    @property
+    def keys_per_group(self) -> bool:
+        """Whether dq and dk are blocks of all heads on the sublanes, written as one copy per head
+        group when :attr:`split_outputs` (:func:`_per_group`)."""
+        return self.raw_keys.values_on_lanes if self.features is not None else not self.keys_head_major
 
     @property
     def values_on_lanes(self) -> bool:
@@ -389,6 +405,30 @@ def _store_keys(ref, h, group, steps, x: Array, dims: Dims) -> None:
         _store_head_rows(ref, h, group, steps, x, dims)
 
 
+def _load_mapped_keys(ref, h, group, steps, dims: Dims) -> Array:
+    """Head h's chunk of phi(q) or phi(k), ``[C, K']`` in the array's dtype: read as it is, or with
+    :attr:`Dims.features` read at width d and mapped here (in float32, then rounded to q's or k's
+    dtype as the map applied before the kernel would leave it)."""
+    if dims.features is None:
+        return _load_keys(ref, h, group, steps, dims)
+    phi_t = features_t(_load_t(ref, h, group, steps, dims.raw_keys), dims.features)
+    if dims.key_width > phi_t.shape[0]:  # zero features up to whole lane tiles, as the padding of K
+        phi_t = jnp.concatenate([phi_t, jnp.zeros((dims.key_width - phi_t.shape[0], phi_t.shape[1]), f32)], axis=0)
+    return phi_t.T.astype(ref.dtype)
+
+
+def _store_mapped_keys_grad(ref, x_ref, h, group, steps, d_phi: Array, dims: Dims) -> None:
+    """Write dq or dk from ``d_phi`` ``[C, K']``, the gradient of phi(q) or phi(k): as it is, or
+    with :attr:`Dims.features` through the map's VJP at width d (the raw chunk re-read from
+    ``x_ref``, q's or k's block)."""
+    if dims.features is None:
+        _store_keys(ref, h, group, steps, d_phi, dims)
+        return
+    xt = _load_t(x_ref, h, group, steps, dims.raw_keys)
+    dxt = features_t_vjp(xt, d_phi.T[:dims.features.width], dims.features)
+    _store_t(ref, h, group, steps, dxt, dims.raw_keys)
+
+
 def _load_t(ref, h, group, steps, dims: Dims) -> Array:
     """Head h's chunk of a value array, transposed: ``[V, C]`` float32 (layout.py)."""
     if dims.values_on_lanes:
@@ -442,7 +482,7 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
             states_ref[h] = wt
         for j in range(dims.chunks_per_block):
             steps = pl.ds(j * dims.chunk, dims.chunk)
-            q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
+            q, k = _load_mapped_keys(q_ref, h, group, steps, dims), _load_mapped_keys(k_ref, h, group, steps, dims)
             vt = _load_t(v_ref, h, group, steps, dims)
             # Gated (docs/math.md): W0 reaches step i as exp(g_i) W0, step j's write as D_ij, W1 as exp(g_C).
             decays = _decays(_load_beta(gate_ref, h, group, steps, dims)) if gated else None
@@ -499,7 +539,7 @@ def _gated_chunk_starts(k_ref, v_ref, u_ref, gate_ref, states_ref, h, group, dim
         decays.append(_decays(_load_beta(gate_ref, h, group, steps, dims)))
         if j + 1 < dims.chunks_per_block:
             ut = u_ref[h, :, steps] if u_ref is not None else _load_t(v_ref, h, group, steps, dims)
-            wt = decays[j].total * wt + _mm(ut * decays[j].end_row, _load_keys(k_ref, h, group, steps, dims))
+            wt = decays[j].total * wt + _mm(ut * decays[j].end_row, _load_mapped_keys(k_ref, h, group, steps, dims))
     return starts, decays
 
 
@@ -530,7 +570,7 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
 
     scale = scale_ref[0]
     if dims.split_outputs:
-        split = ([] if dims.keys_head_major else [dq_ref, dk_ref]) + ([dv_ref] if dims.values_on_lanes else [])
+        split = ([dq_ref, dk_ref] if dims.keys_per_group else []) + ([dv_ref] if dims.values_on_lanes else [])
         for ref in split + ([d_beta_ref] if delta else []) + ([d_gate_ref] if gated else []):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
@@ -542,7 +582,7 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
             if gated else (None, None)
         for j in reversed(range(dims.chunks_per_block)):
             steps = pl.ds(j * dims.chunk, dims.chunk)
-            q, k = _load_keys(q_ref, h, group, steps, dims), _load_keys(k_ref, h, group, steps, dims)
+            q, k = _load_mapped_keys(q_ref, h, group, steps, dims), _load_mapped_keys(k_ref, h, group, steps, dims)
             vt, d_out_t = _load_t(v_ref, h, group, steps, dims), _load_t(d_out_ref, h, group, steps, dims)
             ut = u_ref[h, :, steps] if delta else vt
             decays = chunk_decays[j] if gated else None
@@ -580,8 +620,8 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
             if gated:
                 _store_beta(d_gate_ref, h, group, steps, _log_decay_gradient(decays, d_within, d_start, d_end,
                                                                              d_total), dims)
-            _store_keys(dq_ref, h, group, steps, scale * d_qs, dims)
-            _store_keys(dk_ref, h, group, steps, dk, dims)
+            _store_mapped_keys_grad(dq_ref, q_ref, h, group, steps, scale * d_qs, dims)
+            _store_mapped_keys_grad(dk_ref, k_ref, h, group, steps, dk, dims)
             _store_t(dv_ref, h, group, steps, dvt, dims)
             # dL/dscale = <q, dL/dqs>, summed over the program's heads and blocks in its resident output block.
             d_scale = d_scale + jnp.sum(q.astype(f32) * d_qs)
@@ -650,6 +690,12 @@ def _keys(dims: Dims, dtype, reverse: bool = False):
     return (pl.BlockSpec((None, dims.group_heads, dims.block, dims.key_width),
                          lambda p, n: (program(p)[0], program(p)[1], at(n), 0)),
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.padded_length, dims.key_width), dtype))
+
+
+def _query_keys(dims: Dims, dtype, reverse: bool = False):
+    """q, k or a gradient of them as the kernel reads or writes them: K'-wide (:func:`_keys`), or
+    with :attr:`Dims.features` the raw ones, width d, as value arrays of that width."""
+    return _keys(dims, dtype, reverse) if dims.features is None else _values(dims.raw_keys, dtype, reverse)
 
 
 def _steps_on_lanes(dims: Dims, dtype, reverse: bool = False):
@@ -768,7 +814,7 @@ def forward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, keep_wri
                  keep_states: bool = False) -> CallPlan:
     """The forward kernel's operands: scale, q, k, v, (beta), (log alpha), W0^T -> out, (u), (each
     block's start state^T), final state^T."""
-    inputs = (_SCALAR, _keys(dims, q_dtype), _keys(dims, k_dtype), _values(dims, v_dtype),
+    inputs = (_SCALAR, _query_keys(dims, q_dtype), _query_keys(dims, k_dtype), _values(dims, v_dtype),
               *([_betas(dims)] if delta else []), *([_betas(dims)] if gated else []), _states(dims))
     out = _per_group(dims, _values(dims, v_dtype)) if dims.values_on_lanes else _values(dims, v_dtype)
     outputs = (out, *([_writes(dims)] if keep_writes else []), *([_block_states(dims)] if keep_states else []),
@@ -780,7 +826,7 @@ def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, gated: 
     """The backward kernel's operands, blocks in reverse: scale, q, k, v, (beta, u), (log alpha, each
     block's start state^T), d_out, final state^T, its gradient -> dq, dk, dv, (dbeta), (dlog alpha),
     dW0^T, dL/dscale per program (summed after)."""
-    keys = functools.partial(_keys, dims, reverse=True)
+    keys = functools.partial(_query_keys, dims, reverse=True)
     values = functools.partial(_values, dims, reverse=True)
     programs = dims.batch * dims.head_groups
     per_program_scalar = (pl.BlockSpec((None, 1, 1), lambda p, n: (p, 0, 0)),
@@ -790,8 +836,8 @@ def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, gated: 
               *([_betas(dims, reverse=True), _block_states(dims, reverse=True)] if gated else []), values(v_dtype),
               _states(dims), _states(dims))
     dv = _per_group(dims, values(v_dtype)) if dims.values_on_lanes else values(v_dtype)
-    key_grads = (keys(q_dtype), keys(k_dtype)) if dims.keys_head_major else (
-        _per_group(dims, keys(q_dtype)), _per_group(dims, keys(k_dtype)))
+    key_grads = (_per_group(dims, keys(q_dtype)), _per_group(dims, keys(k_dtype))) if dims.keys_per_group else (
+        keys(q_dtype), keys(k_dtype))
     outputs = (*key_grads, dv,
                *([_per_group(dims, _betas(dims, reverse=True))] if delta else []),
                *([_per_group(dims, _betas(dims, reverse=True))] if gated else []), _states(dims), per_program_scalar)
@@ -958,7 +1004,7 @@ def _fused_chunk_backward(interpret, dims, target, residuals, cotangents):
     results = _launch(kernel, plan, dims, True, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_bwd",
                       scale, q, k, v, *([beta, u] if delta else []), *([log_decay, states] if gated else []),
                       d_out.astype(v.dtype), final_state, d_final.astype(f32))
-    dq, dk = results[:2] if dims.keys_head_major else (_sum_groups(dims, results[0]), _sum_groups(dims, results[1]))
+    dq, dk = (_sum_groups(dims, results[0]), _sum_groups(dims, results[1])) if dims.keys_per_group else results[:2]
     dv = _sum_groups(dims, results[2]) if dims.values_on_lanes else results[2]
     d_beta = _sum_groups(dims, results[3]) if delta else None
     d_log_decay = _sum_groups(dims, results[-3]) if gated else None
@@ -988,8 +1034,9 @@ def check_tpu_chunk_size(chunk_size: object) -> int:
 
 
 def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int, head_groups: int = 1,
-              keys_head_major: bool = False) -> Dims:
-    """The :class:`Dims` of a call with q of shape ``[B, T, H, K]``.
+              keys_head_major: bool = False, features: KernelFeatures | None = None) -> Dims:
+    """The :class:`Dims` of a call with q of shape ``[B, T, H, K]`` (with ``features``, ``[B, T, H,
+    d]`` and K the map's width).
 
     Example:
         >>> dims = call_dims((8, 4096, 8, 200), 64, 64)
@@ -997,11 +1044,12 @@ def call_dims(q_shape: tuple[int, ...], value_dim: int, chunk_size: int, head_gr
         (128, 2, 32, 256)
     """
     batch, length, heads, key_dim = q_shape
+    key_dim = key_dim if features is None else features.width
     if heads % head_groups:
         raise ValueError(f"head_groups must divide the number of heads {heads}; got head_groups={head_groups}")
     block = block_steps(chunk_size, length)
     return Dims(batch, heads, chunk_size, block, -(-length // block), padded_key_dim(key_dim), value_dim,
-                head_groups, keys_head_major)
+                head_groups, keys_head_major, features)
 
 
 def _target(interpret: Any) -> _Target:
@@ -1052,7 +1100,8 @@ def spread_heads(dims: Dims, dtype, vmem_capacity: int | None, cores: int, gated
     dims = dims._replace(head_groups=groups)
     if vmem_capacity is None or _vmem_need(dims, dtype, gated) <= vmem_capacity:
         return dims
-    candidates = [dims._replace(head_groups=g, keys_head_major=True) for g in range(groups, dims.heads + 1)
+    candidates = [dims._replace(head_groups=g, keys_head_major=dims.features is None)
+                  for g in range(groups, dims.heads + 1)
                   if dims.heads % g == 0 and g % groups == 0]
     return next((c for c in candidates if _vmem_need(c, dtype, gated) <= vmem_capacity), candidates[-1])
 
@@ -1071,6 +1120,7 @@ def fused_chunk_tpu(
     head_groups: int | None = None,
     keys_head_major: bool | None = None,
     log_decay: Array | None = None,
+    features: KernelFeatures | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas TPU kernels (Mosaic), forward and backward.
 
@@ -1100,6 +1150,13 @@ def fused_chunk_tpu(
     TensorCores, head-major keys when blocks of all heads do not fit its VMEM); given, they are
     used as they are (the tests interpret every layout on a CPU).
 
+    ``features`` (a ``KernelFeatures``, ``feature_map.py``): q and k are the raw ``[B, T, H, d]``
+    (d = ``features.dim``) and the kernels compute ``phi(q)``, ``phi(k)`` per chunk in VMEM,
+    forward and backward (the map's VJP in-kernel: dq, dk come back at width d); K is
+    ``features.width`` (``initial_state`` and the final state). The result is the op on
+    ``phi(q), phi(k)``. The raw q, k are read as value arrays of width d (``layout.py``), never
+    head-major.
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
         >>> x = jnp.full((1, 20, 2, 128), 0.01)
@@ -1107,24 +1164,42 @@ def fused_chunk_tpu(
         ...                          chunk_size=16, interpret=True)
         >>> out.shape, w.shape, round(float(w[0, 0, 0, 0]), 6)
         ((1, 20, 2, 64), (1, 2, 128, 64), 0.002)
+        >>> from pallas_kernels.tpu.feature_map import KernelFeatures
+        >>> phi = KernelFeatures("dpfp", dim=32, nu=2, normalization="sum")  # K = 128 from q, k of width 32
+        >>> out, w = jax.eval_shape(lambda x: fused_chunk_tpu(  # shapes only: tracing, nothing run
+        ...     x[..., :32], x[..., :32], x[..., :64], None, jnp.zeros((1, 2, 128, 64)), rule="sum", chunk_size=16,
+        ...     interpret=True, features=phi), x)
+        >>> out.shape, w.shape
+        ((1, 20, 2, 64), (1, 2, 128, 64))
     """
-    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale)
+    if features is not None and not isinstance(features, KernelFeatures):
+        raise TypeError(f"features must be a KernelFeatures or None; got {type(features).__name__}")
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale,
+                        state_key_dim=None if features is None else features.width)
     check_log_decay(log_decay, q)
+    if features is not None:
+        check_kernel_features(features, q.shape[-1])
+        if keys_head_major:
+            raise ValueError("keys_head_major=True reads K-wide keys head-major; with features q and k are read at "
+                             "width d as value arrays (layout.py): leave keys_head_major None or False")
     chunk_size = check_tpu_chunk_size(chunk_size)
     check_interpret(interpret, pltpu.InterpretParams)
     if (empty := empty_result(v, initial_state, q)) is not None:
         return empty
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    length, key_dim = q.shape[1], q.shape[3]
+    length, key_dim = q.shape[1], q.shape[3] if features is None else features.width
     target = _target(interpret)
-    dims = spread_heads(call_dims(q.shape, v.shape[-1], chunk_size), q.dtype, target.vmem_capacity, target.cores,
-                        log_decay is not None)
+    dims = spread_heads(call_dims(q.shape, v.shape[-1], chunk_size, features=features), q.dtype,
+                        target.vmem_capacity, target.cores, log_decay is not None)
     if head_groups is not None or keys_head_major is not None:
         head_groups = dims.head_groups if head_groups is None else check_positive_int("head_groups", head_groups)
         dims = call_dims(q.shape, v.shape[-1], chunk_size, head_groups,
-                         dims.keys_head_major if keys_head_major is None else bool(keys_head_major))
-    qk, kk = (keys_to_kernel(x, dims.padded_length, dims.key_width, dims.keys_head_major) for x in (q, k))
+                         dims.keys_head_major if keys_head_major is None else bool(keys_head_major), features)
+    if features is None:
+        qk, kk = (keys_to_kernel(x, dims.padded_length, dims.key_width, dims.keys_head_major) for x in (q, k))
+    else:
+        qk, kk = (values_to_kernel(x, dims.padded_length, dims.raw_keys.values_on_lanes) for x in (q, k))
     beta_k = betas_to_kernel(beta, dims.padded_length) if rule == "delta" else None
     # The state in the kernel's orientation, W^T [B, H, V, K'] (a few MB: the copies are small).
     w0 = jnp.swapaxes(pad_to(initial_state.astype(f32), 2, dims.key_width), 2, 3)

@@ -542,7 +542,7 @@ def fused_chunk(
     key_dim = None
     if features is not None and len(getattr(q, "shape", ())) == 4:  # else check_kernel_inputs says what q is
         key_dim = check_features(features, q.shape[-1], MAX_KEY_DIM)
-    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets, key_dim)
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets, state_key_dim=key_dim)
     chunk_size = check_chunk_size(chunk_size)
     num_stages = check_positive_int("num_stages", num_stages)
     check_interpret(interpret)

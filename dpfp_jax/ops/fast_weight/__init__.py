@@ -97,8 +97,9 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "chunk": (fast_weight_chunk, _always),
     "pallas": (fast_weight_pallas, pallas_supports),
 }
-# The impls that take ``features`` themselves (fused; "pallas" on the GPU's fused chunk kernel, else
-# it maps q and k first); the others are given phi(q), phi(k).
+# The impls that take ``features`` themselves (fused; "pallas" where its TPU kernel or its fused
+# chunk GPU kernel computes the map, else it applies the map before its kernels); the others are
+# given phi(q), phi(k).
 _FUSE_FEATURES = ("scan", "chunk", "pallas")
 
 
@@ -230,8 +231,9 @@ def fast_weight(
         apply the map where q and k are used and keep them at width d for the backward (a gated ``"scan"``,
         with ``log_decay``, is given phi(q), phi(k) mapped first), which
         recomputes phi and applies its VJP (docs/math.md); so does every shard of a sharded T
-        (``context_axis``, the chunk form per shard); ``"pallas"``'s fused chunk GPU kernel
-        computes DPFP on chip (d a multiple of 32, nu <= 4, eps > 0; docs/gpu_kernels.md);
+        (``context_axis``, the chunk form per shard); ``"pallas"``'s TPU kernel computes DPFP,
+        identity, relu and ``"linear"`` itself (d in 32, 64, 128; docs/tpu_kernel.md) and its fused
+        chunk GPU kernel DPFP (d a multiple of 32, nu <= 4, eps > 0; docs/gpu_kernels.md);
         ``"reference"`` and the other Pallas kernels (sharded T or not) apply it before they run.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks

@@ -10,8 +10,13 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   (otherwise a ValueError says so); it reads q, k, v and writes its results in the layouts XLA
   keeps them in, with no copies around the kernel. Gated (``log_decay``) it takes the decays in
   the kernel, and then packed documents too, as ``log alpha = -inf`` at each reset; ungated it does
-  not take packed documents: with ``segment_ids`` :func:`pallas_supports` says so.
-- a GPU: two Triton kernels. The fused chunked one (``pallas_kernels.fused_chunk``: each chunk's
+  not take packed documents: with ``segment_ids`` :func:`pallas_supports` says so. Given the op's
+  ``features``, it computes the feature map itself (:func:`tpu_kernel_features`: DPFP, identity,
+  relu and ``"linear"``, any normalisation, d in 32, 64, 128): q and k are read at width d, the
+  map and its VJP run in VMEM. Other feature maps are applied before it, in XLA.
+- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` except where the fused chunked one
+  computes DPFP itself (:func:`gpu_kernel_features`). The fused chunked one
+  (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
   the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
@@ -44,11 +49,13 @@ a reset they rebuild the state it discarded by walking the previous document for
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from dpfp_jax.feature_maps import Features
+from dpfp_jax.feature_maps import FEATURE_MAPS, Features
 from dpfp_jax.ops.fast_weight.chunk import DEFAULT_CHUNK_SIZE
 from dpfp_jax.ops.fast_weight.common import (
     batch_head_axes_of,
@@ -56,6 +63,9 @@ from dpfp_jax.ops.fast_weight.common import (
     zeros_like_sharded,
 )
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
+
+if TYPE_CHECKING:
+    from pallas_kernels.tpu.feature_map import KernelFeatures
 
 Array = jax.Array
 
@@ -75,18 +85,54 @@ def runs_tpu_kernel() -> bool:
     return target_platform() == "tpu" or tpu_interpret_params() is not None
 
 
+# The registry's maps the TPU kernel computes itself, by the name its feature_map.py gives them.
+_TPU_KERNEL_MAPS = {"dpfp": "dpfp", "identity": "identity", "relu": "relu", "linear": "elu_plus_one"}
+
+
+def tpu_kernel_features(features: Features) -> KernelFeatures | str:
+    """The TPU kernel's own description of ``features`` (a ``pallas_kernels.tpu.feature_map.KernelFeatures``),
+    or why the kernel cannot compute that map itself (it is then applied before the kernel).
+
+    The kernel computes DPFP (any nu up to K = 1024), the identity, relu and ``"linear"`` (elu + 1),
+    each with any normalisation, for q, k of width d = 32, 64 or 128. A callable map is not
+    fused (the kernel cannot trace arbitrary code on its transposed chunks).
+
+    Example:
+        >>> tpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
+        KernelFeatures(kind='dpfp', dim=64, nu=3, normalization='sum', eps=1e-06)
+        >>> tpu_kernel_features(Features("dpfp", dim=48))
+        'the TPU kernel maps q, k of width d in (32, 64, 128) itself; got d=48'
+    """
+    from pallas_kernels.tpu.feature_map import RAW_WIDTHS, KernelFeatures
+
+    name = features.feature_map
+    if not isinstance(name, str) or name not in _TPU_KERNEL_MAPS:
+        fused = tuple(m for m in FEATURE_MAPS if m in _TPU_KERNEL_MAPS)
+        return f"the TPU kernel computes the feature maps {fused} itself; got {name!r}"
+    if features.dim not in RAW_WIDTHS:
+        return f"the TPU kernel maps q, k of width d in {RAW_WIDTHS} itself; got d={features.dim}"
+    return KernelFeatures(_TPU_KERNEL_MAPS[name], features.dim, features.nu, features.normalization,
+                          float(features.eps))
+
+
+def _fused_in_tpu_kernel(features: Features | None) -> bool:
+    return features is not None and runs_tpu_kernel() and not isinstance(tpu_kernel_features(features), str)
+
+
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
                     features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
-    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` K is the map's width
-    (the state's), whether the kernel computes the map (:func:`gpu_kernel_features`) or is given
-    phi(q), phi(k). Packed documents on the TPU only with ``log_decay`` (gated: a reset is then a
-    decay to zero); the dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels
-    take none)."""
+    """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels compute
+    the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
+    :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
+    phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
+    TPU only with ``log_decay`` (gated: a reset is then a decay to zero); the dispatcher refuses a
+    gate where the TPU kernel does not run (the GPU kernels take none)."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
     if key_dim > MAX_KEY_DIM:
-        given = "" if features is None else f" from features={features} (the width of phi(q), phi(k))"
+        where = "computed in the TPU kernel" if _fused_in_tpu_kernel(features) else "the width of phi(q), phi(k)"
+        given = "" if features is None else f" from features={features} ({where})"
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
         if resets is not None and log_decay is None:
@@ -138,10 +184,10 @@ def fast_weight_pallas(
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them. With
-    ``features`` q and k are raw: the fused chunk GPU kernel computes DPFP itself
-    (:func:`gpu_kernel_features`); every other kernel, and every other map, is given
-    ``features(q), features(k)``."""
+    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them.
+    ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused chunk GPU
+    kernel (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
+    computed here for the kernels."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
     if 0 in v.shape:
@@ -151,8 +197,15 @@ def fast_weight_pallas(
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
     tpu = runs_tpu_kernel()
-    on_chip = None if tpu or not chunked else gpu_kernel_features(features)
-    if features is not None and on_chip is None:
+    # The map a kernel computes itself (q, k then stay at width d), or None: the kernels are given
+    # phi(q), phi(k).
+    kernel_features = None
+    if features is not None and tpu:
+        described = tpu_kernel_features(features)
+        kernel_features = None if isinstance(described, str) else described
+    elif features is not None and chunked:
+        kernel_features = gpu_kernel_features(features)
+    if features is not None and kernel_features is None:
         q, k = features(q), features(k)
     if tpu and interpret is False:
         from pallas_kernels.tpu import tpu_interpret_params
@@ -176,11 +229,11 @@ def fast_weight_pallas(
     def run(q, k, v, beta, initial_state, resets, log_decay):
         if tpu:
             return fused_chunk_tpu(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
-                                   interpret=interpret, log_decay=log_decay)
+                                   interpret=interpret, log_decay=log_decay, features=kernel_features)
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
-                               resets=resets, features=on_chip)
+                               resets=resets, features=kernel_features)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
                                resets=resets)
 
