@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--features", action="store_true",
                         help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
     parser.add_argument("--nu", type=int, default=3, help="DPFP's nu with --features")
+    parser.add_argument("--without-cost-estimate", action="store_true",
+                        help="with --deviceless: the TPU kernel's pallas_call without its pl.CostEstimate")
     args = parser.parse_args()
     if args.deviceless + args.run + args.compile_time != 1:
         parser.error("give one of --deviceless (compile for a TPU here), --compile-time (time those compiles) and "
@@ -281,9 +283,22 @@ def main() -> None:
     print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
     if args.features:
         sys.exit(1 if report_features(args.topologies, args.impls, args.nu) else 0)
-    failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
-                      jnp.dtype(args.dtype))
+    with without_cost_estimate() if args.without_cost_estimate else contextlib.nullcontext():
+        failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
+                          jnp.dtype(args.dtype))
     sys.exit(1 if failures else 0)
+
+
+@contextlib.contextmanager
+def without_cost_estimate():
+    """The TPU kernel's ``pallas_call`` without its ``pl.CostEstimate`` (XLA then guesses the call's
+    cost), to see what the estimate changes in XLA's schedule."""
+    from unittest import mock
+
+    from pallas_kernels.tpu import fused_chunk
+
+    with mock.patch.object(fused_chunk, "cost_estimate", lambda plan: None):
+        yield
 
 
 if __name__ == "__main__":

@@ -408,8 +408,8 @@ def test_scanned_layers_equal_the_unscanned_stack(pre_norm):
     stacked = stack_layer_params(params, depth)
     scanned_init = scanned.init(jax.random.key(1), x)["params"]
     # split_rngs: each layer draws its own initial values
-    assert not np.allclose(scanned_init["layers"]["attention"]["qkv"]["kernel"][0],
-                           scanned_init["layers"]["attention"]["qkv"]["kernel"][1])
+    assert not np.allclose(scanned_init["blocks"]["attention"]["qkv"]["kernel"][0],
+                           scanned_init["blocks"]["attention"]["qkv"]["kernel"][1])
     _, memory = unscanned.apply({"params": params}, normal(1, (2, 3, 8)), return_memory=True)
     memory = (memory[0], None, memory[2])
 
@@ -435,7 +435,7 @@ def test_scanned_layers_decode_token_by_token():
     variables = unscanned.init(jax.random.key(1), x)
     want = unscanned.clone(decode=False).apply(variables, x)
     cache = scanned.init(jax.random.key(1), x)["cache"]
-    assert cache["layers"]["attention"]["fast_weights"].shape[0] == 2  # one cache per layer, stacked
+    assert cache["blocks"]["attention"]["fast_weights"].shape[0] == 2  # one cache per layer, stacked
     params = stack_layer_params(variables["params"], 2)
     step = jax.jit(functools.partial(scanned.apply, mutable=["cache"]))
     ys = []

@@ -82,14 +82,14 @@ def check_scan_layers(settings: dict[str, Any]) -> None:
 
 def stack_layer_params(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
     """An unscanned stack's parameters (``attention_{i}``, ``ff_{i}``, ``norm_attention_{i}``,
-    ``norm_ff_{i}``) as the scanned stack's (``layers/{part}`` with a leading axis of ``depth``);
+    ``norm_ff_{i}``) as the scanned stack's (``blocks/{part}`` with a leading axis of ``depth``);
     the other entries (``norm_out``) are kept as they are.
 
     Example:
         >>> import numpy as np
         >>> params = {f"{part}_{i}": {"w": np.full(2, i)} for part in LAYER_PARTS for i in range(3)}
         >>> stacked = stack_layer_params(params, 3)
-        >>> stacked["layers"]["ff"]["w"].tolist()
+        >>> stacked["blocks"]["ff"]["w"].tolist()
         [[0, 0], [1, 1], [2, 2]]
         >>> unstack_layer_params(stacked, 3)["ff_2"]["w"].tolist()
         [2, 2]
@@ -98,13 +98,13 @@ def stack_layer_params(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
               for part in LAYER_PARTS}
     rest = {name: value for name, value in params.items()
             if not any(name == f"{part}_{i}" for part in LAYER_PARTS for i in range(depth))}
-    return {**rest, "layers": layers}
+    return {**rest, "blocks": layers}
 
 
 def unstack_layer_params(params: Mapping[str, Any], depth: int) -> dict[str, Any]:
     """The inverse of :func:`stack_layer_params`: the scanned stack's parameters as the unscanned one's."""
-    rest = {name: value for name, value in params.items() if name != "layers"}
-    return rest | {f"{part}_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], params["layers"][part])
+    rest = {name: value for name, value in params.items() if name != "blocks"}
+    return rest | {f"{part}_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], params["blocks"][part])
                    for part in LAYER_PARTS for i in range(depth)}
 
 

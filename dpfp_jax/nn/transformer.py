@@ -71,6 +71,15 @@ class DPFPformer(nn.Module, FastWeightSettings):
       pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
       activation: the feed-forward non-linearity.
       dtype, param_dtype, precision, kernel_init, decode: passed to every layer.
+      scan_layers: run the blocks as one ``nn.scan`` over a block whose parameters (and decode
+        caches) are stacked on a leading layer axis, under ``blocks/attention``, ``blocks/ff``,
+        ``blocks/norm_attention`` and ``blocks/norm_ff``, instead of a Python loop over
+        ``attention_{i}``, ...: XLA then compiles one block however deep the stack, so a deep
+        model compiles in about the time of a shallow one. The same math (each layer draws its
+        own initial values and dropout masks, from split keys, so not the unscanned stack's);
+        :func:`stack_layer_params` / :func:`unstack_layer_params` convert parameters between the
+        two layouts. Not with ``feature_map="favor"`` (each layer's projection is its own
+        constant, which a scan cannot vary: a ValueError).
 
     Every attribute after ``head_dim`` is keyword-only.
 
@@ -142,7 +151,7 @@ class DPFPformer(nn.Module, FastWeightSettings):
                 in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
             )
             x, stacked = blocks(self.block_settings(settings_of(self)), norm, self.pre_norm, deterministic,
-                                name="layers")(x, stack_memories(memory), mask, segment_ids)
+                                name="blocks")(x, stack_memories(memory), mask, segment_ids)
             new_memories = unstack_memories(stacked, self.depth)
         else:
             new_memories = []
