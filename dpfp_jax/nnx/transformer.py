@@ -90,7 +90,7 @@ class DPFPformer(nnx.Module):
     every argument after ``head_dim`` keyword-only; the fast-weight settings as keyword arguments,
     :class:`dpfp_jax.core.settings.FastWeightSettings`, layer i's FAVOR+ seed ``favor_seed + i``),
     plus ``kernel_axes`` (passed to every layer; LayerNorms over ``embed``) and ``rngs``.
-    ``scan_layers=True`` makes the blocks under ``nnx.vmap`` (one :class:`DPFPformerBlock`,
+    ``scan_layers=True`` makes the blocks under ``nnx.vmap`` (one ``DPFPformerBlock``,
     ``blocks``, its variables stacked on a leading layer axis, each layer's keys split) and runs
     them under ``nnx.scan``, as linen's ``scan_layers`` (same parameter names); not with
     ``feature_map="favor"`` nor, here, with ``kernel_axes`` (the stacked parameters' sharding
@@ -166,7 +166,7 @@ class DPFPformer(nnx.Module):
 
     def layers(self) -> list[tuple[FastWeightAttention, FeedForward, nnx.LayerNorm, nnx.LayerNorm]]:
         """Per block: its attention, feed-forward and their two LayerNorms (``scan_layers=False``;
-        with ``scan_layers=True`` they are one :class:`DPFPformerBlock`, ``blocks``, whose variables
+        with ``scan_layers=True`` they are one ``DPFPformerBlock``, ``blocks``, whose variables
         have a leading layer axis)."""
         if self.scan_layers:
             raise ValueError("scan_layers=True keeps the layers stacked in one block, `blocks`, whose variables "
