@@ -20,10 +20,12 @@ with the feature map inside the op (``fuse_features=True``, the default) and app
 ``python -m benchmarks.tpu --compile-time`` times compiling the Pallas TPU kernel (trace, lower
 and libtpu's compile, on this machine, no TPU): the forward+backward at B=8, T=4096, H=8,
 V=64, bfloat16 and K in {128, 512, 1024}, and a ``DPFPformer`` training step (loss, gradients,
-an SGD update) with ``impl="pallas"`` at 1 and 4 layers, in interleaved rounds, each round with
-freshly made functions (nothing comes from jax's caches); the table gives each round's wall and
-CPU seconds (this process's: on a shared machine the wall time grows with the load, the CPU time
-much less) and the 4-layer step's CPU time over the 1-layer one's.
+an SGD update) with ``impl="pallas"`` at 1 and 4 layers, its layers unrolled (a Python loop) and
+scanned (``scan_layers=True``; ``--stacks`` picks), in interleaved rounds, each round with freshly
+made functions (nothing comes from jax's caches); the table gives each round's wall and CPU seconds
+(this process's: on a shared machine the wall time grows with the load, the CPU time much less)
+and the 4-layer step's CPU time over the 1-layer one's of the same stack. ``--keys`` alone leaves
+out the kernel's own rows.
 
 ``python -m benchmarks.tpu --run`` on a machine with a TPU times the same impls at the same
 shapes (median ms of the forward and of the forward+backward, interleaved), with the compiled
@@ -153,11 +155,12 @@ def kernel_training_program(key_dim: int, batch: int, length: int, heads: int, v
     return forward_and_backward(ours("pallas"), len(args))[1], args
 
 
-def former_training_program(depth: int, batch: int, length: int, heads: int, dtype):
+def former_training_program(depth: int, batch: int, length: int, heads: int, dtype, scan_layers: bool = False):
     """A fresh ``DPFPformer`` training step with ``impl="pallas"``: ``(params, x) -> (params, loss)``,
-    the loss's gradients applied by SGD; width 512, ``heads`` heads of 64 (K = 128), and its
-    abstract arguments."""
-    model = dj.DPFPformer(512, depth, num_heads=heads, head_dim=64, nu=1, impl="pallas", dtype=dtype)
+    the loss's gradients applied by SGD; width 512, ``heads`` heads of 64 (K = 128), its layers
+    scanned or not, and its abstract arguments."""
+    model = dj.DPFPformer(512, depth, num_heads=heads, head_dim=64, nu=1, impl="pallas", dtype=dtype,
+                          scan_layers=scan_layers)
     x = jax.ShapeDtypeStruct((batch, length, 512), dtype)
     # The parameters' shapes, from impl="chunk" (a CPU traces the TPU kernel only in a compile for a TPU).
     params = jax.eval_shape(model.clone(impl="chunk").init, jax.random.key(0), x)["params"]
@@ -185,14 +188,17 @@ def compile_seconds(program: tuple, topology: str) -> tuple[float, float]:
 
 
 def compile_times(topology: str, key_dims: list[int], depths: list[int], batch: int, length: int, heads: int,
-                  value_dim: int, dtype, rounds: int) -> None:
+                  value_dim: int, dtype, rounds: int, stacks: list[str]) -> None:
     """Print the compile times (wall and CPU seconds) of the kernel's forward+backward per K and of
-    the training step per depth, ``rounds`` interleaved rounds, and each depth's step's CPU time
-    over the first depth's, per round."""
+    the training step per depth and per stack (``"unrolled"``: a Python loop over the layers;
+    ``"scanned"``: ``scan_layers=True``), ``rounds`` interleaved rounds, and each step's CPU time
+    over the same stack's first depth's, per round."""
     programs = {f"kernel fwd+bwd, K = {k}": functools.partial(kernel_training_program, k, batch, length, heads,
                                                                  value_dim, dtype) for k in key_dims}
-    programs |= {f"DPFPformer train step, {d} layer{'s' * (d > 1)}": functools.partial(
-        former_training_program, d, batch, length, heads, dtype) for d in depths}
+    steps = {(stack, d): f"DPFPformer train step, {d} layer{'s' * (d > 1)}{', scanned' * (stack == 'scanned')}"
+             for stack in stacks for d in depths}
+    programs |= {name: functools.partial(former_training_program, d, batch, length, heads, dtype, stack == "scanned")
+                 for (stack, d), name in steps.items()}
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
     for _ in range(rounds):
         for name, make in programs.items():
@@ -203,9 +209,10 @@ def compile_times(topology: str, key_dims: list[int], depths: list[int], batch: 
     columns = " | ".join(f"round {r + 1}: wall s | round {r + 1}: CPU s" for r in range(rounds))
     print(f"| program | {columns} | CPU s over the {depths[0]}-layer step's |")
     print(f"|---|{'---:|' * 2 * rounds}---:|")
-    base = seconds[next(name for name in programs if "train step" in name)]
+    base = {name: steps[stack, depths[0]] for (stack, _), name in steps.items()}
     for name, times in seconds.items():
-        ratio = ", ".join(f"{t[1] / b[1]:.2f}x" for t, b in zip(times, base, strict=True)) if "train" in name else ""
+        ratio = ", ".join(f"{t[1] / b[1]:.2f}x" for t, b in zip(times, seconds[base[name]], strict=True)) \
+            if name in base else ""
         print(f"| {name} | {' | '.join(f'{wall:.1f} | {cpu:.1f}' for wall, cpu in times)} | {ratio} |")
 
 
@@ -231,13 +238,16 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", type=int, default=[1, 4],
                         help="DPFPformer depths with --compile-time (the first is the ratios' base)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds with --compile-time")
+    parser.add_argument("--stacks", nargs="+", choices=["unrolled", "scanned"], default=["unrolled", "scanned"],
+                        help="with --compile-time: the DPFPformer's layers as a Python loop, scan_layers=True, or both")
     parser.add_argument("--interpret", action="store_true",
                         help="with --run on a machine without a TPU: the TPU kernel in Pallas's interpret mode "
                              "(a check of this script, not a timing)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds with --run")
     parser.add_argument("--topologies", nargs="+", default=["v5e:2x2", "v6e:2x2"], help="libtpu topology names")
-    parser.add_argument("--keys", nargs="+", type=int, default=None,
-                        help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024)")
+    parser.add_argument("--keys", nargs="*", type=int, default=None,
+                        help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024, and "
+                             "none (--keys alone) times the DPFPformer steps only)")
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
                         help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay")
     parser.add_argument("--batch", type=int, default=8)
@@ -248,6 +258,8 @@ def main() -> None:
     parser.add_argument("--features", action="store_true",
                         help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
     parser.add_argument("--nu", type=int, default=3, help="DPFP's nu with --features")
+    parser.add_argument("--without-cost-estimate", action="store_true",
+                        help="with --deviceless: the TPU kernel's pallas_call without its pl.CostEstimate")
     args = parser.parse_args()
     if args.deviceless + args.run + args.compile_time != 1:
         parser.error("give one of --deviceless (compile for a TPU here), --compile-time (time those compiles) and "
@@ -257,7 +269,7 @@ def main() -> None:
     if args.compile_time:
         print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
         compile_times(args.topologies[0], args.keys, args.depths, args.batch, args.time, args.heads, args.value_dim,
-                      jnp.dtype(args.dtype), args.rounds)
+                      jnp.dtype(args.dtype), args.rounds, args.stacks)
         return
     if args.run:
         if jax.default_backend() != "tpu" and not args.interpret:
@@ -272,9 +284,22 @@ def main() -> None:
     print(f"compiled on {machine_name()}, libtpu {tpu.libtpu_version()}, for TPU: libtpu's compiler, no TPU ran")
     if args.features:
         sys.exit(1 if report_features(args.topologies, args.impls, args.nu) else 0)
-    failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
-                      jnp.dtype(args.dtype))
+    with without_cost_estimate() if args.without_cost_estimate else contextlib.nullcontext():
+        failures = report(args.topologies, args.keys, args.impls, args.batch, args.time, args.heads, args.value_dim,
+                          jnp.dtype(args.dtype))
     sys.exit(1 if failures else 0)
+
+
+@contextlib.contextmanager
+def without_cost_estimate():
+    """The TPU kernel's ``pallas_call`` without its ``pl.CostEstimate`` (XLA then guesses the call's
+    cost), to see what the estimate changes in XLA's schedule."""
+    from unittest import mock
+
+    from pallas_kernels.tpu import fused_chunk
+
+    with mock.patch.object(fused_chunk, "cost_estimate", lambda plan: None):
+        yield
 
 
 if __name__ == "__main__":

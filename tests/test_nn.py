@@ -2,6 +2,8 @@
 
 The original package is the PyTorch dpfp-pytorch; docs/original_package.md lists its bugs."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 import dpfp_jax as dj
+from dpfp_jax.core.transformer import stack_layer_params, unstack_layer_params
 from dpfp_jax.nn.attention import split_heads_projection
 from tests.helpers import JAX_SENSITIVE, assert_bounded_and_not_drifting, close, normal
 
@@ -358,6 +361,97 @@ def test_dpfpformer_segments_and_decode():
         cache = updates["cache"]
         ys.append(y)
     close(jnp.concatenate(ys, axis=1), want_y)
+
+
+# --- scanned layers ---------------------------------------------------------------------------
+
+
+def scanned_and_unscanned(depth: int, **config):
+    """The same DPFPformer unscanned and with ``scan_layers=True``."""
+    unscanned = dj.DPFPformer(8, depth, num_heads=2, head_dim=4, nu=2, **config)
+    return unscanned, unscanned.clone(scan_layers=True)
+
+
+def packed_inputs():
+    """x [2, 6, 8], a mask and segment ids for the scanned-layer tests."""
+    mask = jnp.arange(6)[None, :] < jnp.array([[6], [4]])
+    return normal(0, (2, 6, 8)), mask, jnp.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+
+def test_scanned_layers_give_the_unscanned_outputs():
+    # The cheap case in make test: outputs and memories; the gradients are in the slow test below.
+    unscanned, scanned = scanned_and_unscanned(2, normalization="attention", rule="sum")
+    x, mask, segment_ids = packed_inputs()
+    params = jax.jit(unscanned.init)(jax.random.key(1), x)["params"]
+    stacked = stack_layer_params(params, 2)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(scanned.init, jax.random.key(1), x)["params"]) == jax.tree.map(
+        jnp.shape, stacked)
+    memory = (None, (normal(1, (2, 2, 16, 4)), normal(2, (2, 2, 16))))  # a None layer starts empty in both
+
+    @jax.jit
+    def both(params, stacked):
+        options = dict(mask=mask, segment_ids=segment_ids, return_memory=True)
+        return (unscanned.apply({"params": params}, x, memory, **options),
+                scanned.apply({"params": stacked}, x, memory, **options))
+
+    want, got = both(params, stacked)
+    close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_scanned_layers_equal_the_unscanned_stack(pre_norm):
+    depth = 3
+    unscanned, scanned = scanned_and_unscanned(depth, pre_norm=pre_norm, normalization="attention", rule="sum")
+    x, mask, segment_ids = packed_inputs()
+    params = unscanned.init(jax.random.key(1), x)["params"]
+    stacked = stack_layer_params(params, depth)
+    scanned_init = scanned.init(jax.random.key(1), x)["params"]
+    # split_rngs: each layer draws its own initial values
+    assert not np.allclose(scanned_init["blocks"]["attention"]["qkv"]["kernel"][0],
+                           scanned_init["blocks"]["attention"]["qkv"]["kernel"][1])
+    _, memory = unscanned.apply({"params": params}, normal(1, (2, 3, 8)), return_memory=True)
+    memory = (memory[0], None, memory[2])
+
+    def loss(model, params):
+        y, new_memory = model.apply({"params": params}, x, memory, mask=mask, segment_ids=segment_ids,
+                                    return_memory=True)
+        return jnp.sum(y**2) + sum(jnp.sum(leaf) for leaf in jax.tree.leaves(new_memory)), (y, new_memory)
+
+    def value_and_grad(model, params):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, model), has_aux=True))(params)
+
+    (want_loss, want), want_grads = value_and_grad(unscanned, params)
+    (got_loss, got), got_grads = value_and_grad(scanned, stacked)
+    close(got, want)
+    close(got_loss, want_loss)
+    close(unstack_layer_params(got_grads, depth), want_grads, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_scanned_layers_decode_token_by_token():
+    unscanned, scanned = scanned_and_unscanned(2, decode=True)
+    x = normal(0, (2, 5, 8))
+    variables = unscanned.init(jax.random.key(1), x)
+    want = unscanned.clone(decode=False).apply(variables, x)
+    cache = scanned.init(jax.random.key(1), x)["cache"]
+    assert cache["blocks"]["attention"]["fast_weights"].shape[0] == 2  # one cache per layer, stacked
+    params = stack_layer_params(variables["params"], 2)
+    step = jax.jit(functools.partial(scanned.apply, mutable=["cache"]))
+    ys = []
+    for t in range(5):
+        y, updates = step({"params": params, "cache": cache}, x[:, t : t + 1])
+        cache = updates["cache"]
+        ys.append(y)
+    close(jnp.concatenate(ys, axis=1), want)
+    with pytest.raises(ValueError, match="this apply got no cache"):
+        scanned.apply({"params": params}, x[:, :1], mutable=["cache"])
+
+
+def test_scanned_layers_refuse_favor():
+    _, scanned = scanned_and_unscanned(2, feature_map="favor", num_features=8)
+    with pytest.raises(ValueError, match="scan_layers=True .* feature_map='favor'"):
+        scanned.init(jax.random.key(0), normal(0, (1, 2, 8)))
 
 
 # --- dtypes, gradients, training ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from flax import nnx
 
 import dpfp_jax as dj
 from dpfp_jax import nnx as djnnx
+from dpfp_jax.core.transformer import stack_layer_params, unstack_layer_params
 from tests.helpers import (
     JAX_SENSITIVE,
     SCRIPTS,
@@ -154,6 +155,47 @@ def test_bad_configuration_is_refused_when_constructed():
     layer = djnnx.FastWeightAttention(**ATTENTION, in_features=D, rngs=rngs)
     with pytest.raises(ValueError, match=r"x must be \[batch, time, in_features=8\]"):
         layer(jnp.ones((1, 3, 9)))
+
+
+# --- scanned layers -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_scanned_layers_equal_the_unscanned_stack_and_the_linen_twin():
+    config = dict(**ATTENTION, nu=2, ff_mult=2)
+    unscanned = djnnx.DPFPformer(D, 2, **config, rngs=nnx.Rngs(0))
+    scanned = djnnx.DPFPformer(D, 2, **config, scan_layers=True, rngs=nnx.Rngs(0))
+    kernel = scanned.blocks.attention.qkv.kernel[...]
+    assert kernel.shape[0] == 2 and not np.allclose(kernel[0], kernel[1])  # each layer its own init
+    stacked = stack_layer_params(djnnx.to_linen_params(unscanned), 2)
+    djnnx.from_linen_params(scanned, stacked)
+    x = normal(0, (B, T, D))
+    want = call(unscanned, x)
+    close(call(scanned, x), want)
+    close(call(scanned, x, want[1]), call(unscanned, x, want[1]))
+    # the linen scanned stack is its twin, parameter names included
+    close(call((dj.DPFPformer(D, 2, **config, scan_layers=True), stacked), x), want)
+
+    def loss(model):
+        return jnp.sum(call(model, x)[0] ** 2)
+
+    grads = unstack_layer_params(nnx.to_pure_dict(nnx.grad(loss)(scanned)), 2)
+    close(grads, nnx.to_pure_dict(nnx.grad(loss)(unscanned)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="keeps the layers stacked in one block"):
+        scanned.layers()
+
+    decoder = djnnx.DPFPformer(D, 2, **config, scan_layers=True, decode=True, rngs=nnx.Rngs(1))
+    djnnx.from_linen_params(decoder, stacked)
+    decoder.init_cache(B)
+    assert decoder.blocks.attention.fast_weights[...].shape[0] == 2  # one cache per layer, stacked
+    close(jnp.concatenate([decoder(x[:, t : t + 1]) for t in range(T)], axis=1), scanned(x))
+
+
+def test_scanned_layers_refuse_what_they_cannot_scan():
+    with pytest.raises(ValueError, match="feature_map='favor'"):
+        djnnx.DPFPformer(D, 2, **ATTENTION, feature_map="favor", scan_layers=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="scan_layers=True with kernel_axes"):
+        djnnx.DPFPformer(D, 2, **ATTENTION, kernel_axes=djnnx.KernelAxes(), scan_layers=True, rngs=nnx.Rngs(0))
 
 
 # --- decoding -----------------------------------------------------------------------------------

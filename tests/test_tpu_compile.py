@@ -691,20 +691,42 @@ def assert_features_step_documented(tpu, impl: str, attention_training_step) -> 
 @pytest.mark.slow
 def test_tpu_compile_time_benchmark_runs_at_a_small_shape(tpu):
     # benchmarks/tpu.py --compile-time at a shape that compiles in seconds: a row per program and
-    # round, and the deeper step's ratio to the first depth's per round.
+    # round, and each deeper step's ratio to the same stack's first depth's per round.
     command = ["-m", "benchmarks.tpu", "--compile-time", "--keys", "128", "--depths", "1", "2", "--batch", "1",
-               "--time", "128", "--heads", "2", "--rounds", "2"]
+               "--time", "128", "--heads", "2", "--rounds", "2", "--stacks", "unrolled", "scanned"]
     result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
                                               for line in result.stdout.splitlines() if line.startswith("| ")
                                               and not line.startswith("| program"))}
-    assert list(rows) == ["kernel fwd+bwd, K = 128", "DPFPformer train step, 1 layer",
-                          "DPFPformer train step, 2 layers"], result.stdout
+    steps = ["DPFPformer train step, 1 layer", "DPFPformer train step, 2 layers"]
+    scanned = [f"{name}, scanned" for name in steps]
+    assert list(rows) == ["kernel fwd+bwd, K = 128", *steps, *scanned], result.stdout
     # Per row: wall and CPU seconds of round 1, then of round 2, then the ratio column.
     cpu = {name: [float(cells[1]), float(cells[3])] for name, cells in rows.items()}
     assert all(t > 0 for times in cpu.values() for t in times) and rows["kernel fwd+bwd, K = 128"][4] == ""
-    one, two = cpu["DPFPformer train step, 1 layer"], cpu["DPFPformer train step, 2 layers"]
-    ratios = [float(r.rstrip("x")) for r in rows["DPFPformer train step, 2 layers"][4].split(", ")]
-    # (the seconds are printed to 0.1 s, the ratios from the unrounded times)
-    assert all(abs(r - b / a) <= 0.1 / a * (1 + b / a) + 0.01 for r, a, b in zip(ratios, one, two, strict=True))
+    for base, deeper in (steps, scanned):
+        one, two = cpu[base], cpu[deeper]
+        ratios = [float(r.rstrip("x")) for r in rows[deeper][4].split(", ")]
+        # (the seconds are printed to 0.1 s, the ratios from the unrounded times)
+        assert all(abs(r - b / a) <= 0.1 / a * (1 + b / a) + 0.01 for r, a, b in zip(ratios, one, two, strict=True))
+
+
+@pytest.mark.slow
+def test_without_cost_estimate_gives_the_reported_v4_figure(tpu):
+    # docs/reports/tpu_memory.md explains v4's K = 128 temporaries by the cost estimate: the
+    # benchmark's --without-cost-estimate must give the report's "Without it" row, and the row
+    # with the estimate the kernel's own figure there.
+    command = ["-m", "benchmarks.tpu", "--deviceless", "--impls", "pallas", "--keys", "128", "--topologies",
+               "v4:2x2x1", "--without-cost-estimate"]
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 128 | pallas"))
+    report = (REPO_ROOT / "docs" / "reports" / "tpu_memory.md").read_text()
+    section = report[report.index("### Without it: v4:2x2x1"):]
+    documented = next(line for line in section.splitlines() if line.startswith("| 128 | pallas"))
+    temp = [float(line.split("|")[6]) for line in (row, documented)]
+    if tpu.libtpu_version() == documented_libtpu():
+        assert abs(temp[0] - temp[1]) <= 0.06, (row, documented)
+    assert temp[0] < documented_training_temp_mb()["v4:2x2x1", 128, "pallas"]
+

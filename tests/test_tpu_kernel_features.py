@@ -230,3 +230,30 @@ def test_maps_the_kernel_cannot_compute_are_applied_before_it(phi):
     with pltpu.force_tpu_interpret_mode():
         shapes = pallas_call_shapes(pallas, inputs)
     assert len(shapes) == 2 and all(s[-1] == 128 * -(-phi.key_dim // 128) for s in shapes), shapes
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_fused_map_with_the_gate_and_packed_documents(rule):
+    # The feature map and the gate in one kernel call: the gated backward rebuilds each chunk's
+    # start state from mapped keys (a raw k read as K wide there would be a silent error), and
+    # packed documents reach the gated kernel as alpha = 0 at each reset.
+    phi = dj.Features("dpfp", dim=64, nu=2, normalization="sum")
+    inputs = raw_inputs(phi, rule=rule)
+    inputs["log_decay"] = -jax.nn.softplus(normal(6, inputs["q"].shape[:3]))
+    ids = jnp.asarray([[0] * 13 + [1] * 20 + [2] * 7])
+    names = ("log_decay", *ARGS)
+
+    def run(impl, fused):
+        def fn(x):
+            q, k = (x["q"], x["k"]) if fused else (phi(x["q"]), phi(x["k"]))
+            return dj.fast_weight(q, k, x["v"], x["beta"], rule=rule, initial_state=x["initial_state"],
+                                  log_decay=x["log_decay"], segment_ids=ids, impl=impl, chunk_size=16,
+                                  features=phi if fused else None)
+        return fn
+
+    want = jax.jit(lambda: value_and_grads(run("reference", False), inputs, names))()
+    with pltpu.force_tpu_interpret_mode(RACES):
+        got = jax.jit(lambda: value_and_grads(run("pallas", True), inputs, names))()
+        jax.block_until_ready(got)
+    assert_relative_error(got, want, 5e-5)

@@ -12,7 +12,16 @@ import jax.numpy as jnp
 
 from dpfp_jax.core.attention import Memory, zero_padding
 from dpfp_jax.core.settings import FastWeightSettings, settings_of
-from dpfp_jax.core.transformer import check_model_input, check_transformer, layer_memories, layer_settings
+from dpfp_jax.core.transformer import (
+    check_model_input,
+    check_scan_layers,
+    check_transformer,
+    layer_memories,
+    layer_settings,
+    residual_block,
+    stack_memories,
+    unstack_memories,
+)
 from dpfp_jax.nn.attention import FastWeightAttention
 from dpfp_jax.ops.fast_weight.validation import check_segment_ids
 from dpfp_jax.validation import check_dropout_rate, check_mask
@@ -62,6 +71,15 @@ class DPFPformer(nn.Module, FastWeightSettings):
       pre_norm: LayerNorm before each sub-layer (and a final one) or after each residual sum.
       activation: the feed-forward non-linearity.
       dtype, param_dtype, precision, kernel_init, decode: passed to every layer.
+      scan_layers: run the blocks as one ``nn.scan`` over a block whose parameters (and decode
+        caches) are stacked on a leading layer axis, under ``blocks/attention``, ``blocks/ff``,
+        ``blocks/norm_attention`` and ``blocks/norm_ff``, instead of a Python loop over
+        ``attention_{i}``, ...: XLA then compiles one block however deep the stack, so a deep
+        model compiles in about the time of a shallow one. The same math (each layer draws its
+        own initial values and dropout masks, from split keys, so not the unscanned stack's);
+        :func:`stack_layer_params` / :func:`unstack_layer_params` convert parameters between the
+        two layouts. Not with ``feature_map="favor"`` (each layer's projection is its own
+        constant, which a scan cannot vary: a ValueError).
 
     Every attribute after ``head_dim`` is keyword-only.
 
@@ -101,6 +119,7 @@ class DPFPformer(nn.Module, FastWeightSettings):
     precision: Any = None
     kernel_init: Any = nn.linear.default_kernel_init
     decode: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -122,31 +141,63 @@ class DPFPformer(nn.Module, FastWeightSettings):
         x = zero_padding(x, mask)
         memory = layer_memories(memory, self.depth)
         norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        new_memories = []
-        for i in range(self.depth):
-            attention = FastWeightAttention(
-                num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                precision=self.precision, kernel_init=self.kernel_init, dropout_rate=self.attention_dropout_rate,
-                decode=self.decode, name=f"attention_{i}", **layer_settings(settings_of(self), i),
+        options = dict(mask=mask, segment_ids=segment_ids, deterministic=deterministic)
+        if self.scan_layers:
+            check_scan_layers(settings_of(self))
+            # One block's function, traced and compiled once, run over parameters (and decode
+            # caches) stacked on a leading layer axis; each layer draws its own init and dropout keys.
+            blocks = nn.scan(
+                DPFPformerBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
             )
-            ff = FeedForward(
-                ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,
-                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                kernel_init=self.kernel_init, name=f"ff_{i}",
-            )
-            if self.pre_norm:
-                h, layer_memory = attention(nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x), memory[i],
-                                            mask=mask, segment_ids=segment_ids, deterministic=deterministic)
-                x = x + h
-                x = x + ff(nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x), deterministic=deterministic)
-            else:
-                h, layer_memory = attention(x, memory[i], mask=mask, segment_ids=segment_ids,
-                                            deterministic=deterministic)
-                x = nn.LayerNorm(name=f"norm_attention_{i}", **norm)(x + h)
-                x = nn.LayerNorm(name=f"norm_ff_{i}", **norm)(x + ff(x, deterministic=deterministic))
-            new_memories.append(layer_memory)
+            x, stacked = blocks(self.block_settings(settings_of(self)), norm, self.pre_norm, deterministic,
+                                name="blocks")(x, stack_memories(memory), mask, segment_ids)
+            new_memories = unstack_memories(stacked, self.depth)
+        else:
+            new_memories = []
+            for i in range(self.depth):
+                attention_settings, ff_settings = self.block_settings(layer_settings(settings_of(self), i))
+                x, layer_memory = residual_block(
+                    x, memory[i], FastWeightAttention(name=f"attention_{i}", **attention_settings),
+                    FeedForward(name=f"ff_{i}", **ff_settings), nn.LayerNorm(name=f"norm_attention_{i}", **norm),
+                    nn.LayerNorm(name=f"norm_ff_{i}", **norm), pre_norm=self.pre_norm, **options,
+                )
+                new_memories.append(layer_memory)
         if self.pre_norm:
             x = nn.LayerNorm(name="norm_out", **norm)(x)
         if mask is not None:
             x = jnp.where(mask[:, :, None], x, 0)
         return (x, tuple(new_memories)) if return_memory else x
+
+    def block_settings(self, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The attention's and the feed-forward's attributes in one block, given its fast-weight settings."""
+        attention = dict(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
+                         param_dtype=self.param_dtype, precision=self.precision, kernel_init=self.kernel_init,
+                         dropout_rate=self.attention_dropout_rate, decode=self.decode, **settings)
+        ff = dict(ff_mult=self.ff_mult, activation=self.activation, dropout_rate=self.ff_dropout_rate,
+                  dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=self.kernel_init)
+        return attention, ff
+
+
+class DPFPformerBlock(nn.Module):
+    """One block of :class:`DPFPformer` with ``scan_layers=True`` (the body of its ``nn.scan``):
+    ``(x, memory, mask, segment_ids) -> (x, new memory)``; submodules ``attention``, ``ff``,
+    ``norm_attention`` and ``norm_ff``. ``settings`` is ``DPFPformer.block_settings``' pair, ``norm``
+    the LayerNorms' dtypes."""
+
+    settings: tuple[Any, Any]
+    norm: Any
+    pre_norm: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, memory: Memory | None, mask: Array | None,
+                 segment_ids: Array | None) -> tuple[Array, Memory]:
+        attention_settings, ff_settings = self.settings
+        return residual_block(
+            x, memory, FastWeightAttention(name="attention", **attention_settings),
+            FeedForward(name="ff", **ff_settings),
+            nn.LayerNorm(name="norm_attention", **self.norm), nn.LayerNorm(name="norm_ff", **self.norm),
+            pre_norm=self.pre_norm, mask=mask, segment_ids=segment_ids, deterministic=self.deterministic,
+        )

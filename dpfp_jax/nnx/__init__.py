@@ -17,6 +17,7 @@ Example:
 
 from dpfp_jax.core.attention import NORMALIZATIONS
 from dpfp_jax.core.settings import FastWeightSettings
+from dpfp_jax.core.transformer import stack_layer_params, unstack_layer_params
 from dpfp_jax.nnx.attention import DPFPAttention, FastWeightAttention
 from dpfp_jax.nnx.cell import DPFPCell
 from dpfp_jax.nnx.params import from_linen_params, to_linen_params
@@ -36,4 +37,6 @@ __all__ = [
     "KernelAxes",
     "from_linen_params",
     "to_linen_params",
+    "stack_layer_params",
+    "unstack_layer_params",
 ]
