@@ -9,6 +9,9 @@ each impl's forward+backward temporaries over ``chunk``'s. The forward+backward 
 a loss on both results (outputs and final state), as in the GPU benchmark. A program that does
 not compile shows libtpu's error instead. These are compile-time figures: no TPU speed comes from
 them. The chunk form takes up to minutes per program to compile at these shapes (more with K).
+``--impls`` also takes deltanet-tpu's Mosaic kernels (``deltanet-tpu``, ``deltanet-tpu-gdn``: K = V =
+128 only, so ``--keys 128 --value-dim 128``), beside ``NAME-gated`` for ours with a gate; without
+``chunk`` among them the last column's base is the first impl.
 
 ``python -m benchmarks.tpu --deviceless --features`` compiles, instead of the op alone, a
 ``DPFPAttention`` training step (B=8, T=4096, H=8, d=64, nu=3, V=64, bfloat16: the gradient of a
@@ -302,6 +305,8 @@ def main() -> None:
                       jnp.dtype(args.dtype), args.rounds)
         return
     if args.run:
+        if set(args.impls) & set(PEERS):
+            parser.error(f"--run times dj.fast_weight's impls only; {', '.join(PEERS)} are for --deviceless")
         if jax.default_backend() != "tpu" and not args.interpret:
             parser.error(f"--run needs a TPU: jax.default_backend() is {jax.default_backend()!r} (--interpret runs "
                          "the TPU kernel interpreted, to check this script)")
