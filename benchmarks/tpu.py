@@ -9,6 +9,9 @@ each impl's forward+backward temporaries over ``chunk``'s. The forward+backward 
 a loss on both results (outputs and final state), as in the GPU benchmark. A program that does
 not compile shows libtpu's error instead. These are compile-time figures: no TPU speed comes from
 them. The chunk form takes up to minutes per program to compile at these shapes (more with K).
+``--impls`` also takes deltanet-tpu's Mosaic kernels (``deltanet-tpu``, ``deltanet-tpu-gdn``: K = V =
+128 only, so ``--keys 128 --value-dim 128``), beside ``NAME-gated`` for ours with a gate; without
+``chunk`` among them the last column's base is the first impl.
 
 ``python -m benchmarks.tpu --deviceless --features`` compiles, instead of the op alone, a
 ``DPFPAttention`` training step (B=8, T=4096, H=8, d=64, nu=3, V=64, bfloat16: the gradient of a
@@ -59,9 +62,46 @@ def input_bytes(shapes: list[tuple[int, ...]], dtype) -> int:
     return sum(math.prod(shape) for shape in shapes) * jnp.dtype(dtype).itemsize
 
 
+# deltanet-tpu's Pallas TPU kernels (0.3.0, K = V = 128 only), its defaults (bfloat16 products, scale K**-0.5):
+# the plain delta rule and Gated DeltaNet, with the arguments ours take, (q, k, v, beta[, log_decay]).
+PEERS = {
+    "deltanet-tpu": lambda peer: lambda q, k, v, beta: peer.chunk_delta_rule(q, k, v, beta, output_final_state=True),
+    "deltanet-tpu-gdn": lambda peer: lambda q, k, v, beta, log_decay: peer.chunk_gdn(
+        q, k, v, log_decay, beta, output_final_state=True),
+}
+
+
+class _JaxOnATpu:
+    """``jax`` as deltanet-tpu's kernel module sees it while compiling for a TPU on this machine.
+
+    It picks Pallas's interpret mode whenever ``jax.default_backend() != "tpu"`` (deltanet_tpu/gdn2.py):
+    compiled here, on a CPU host, it would silently give the interpreted kernel (an XLA loop), not its
+    Mosaic kernel, and the memory table would describe a program a TPU never runs. This proxy answers
+    "tpu" to that one question and passes everything else to jax; only that module sees it, only while
+    tracing (:func:`_peer_traced_for_a_tpu`), and the lowered program is checked for its Mosaic kernel.
+    """
+
+    def __getattr__(self, name: str):
+        return (lambda: "tpu") if name == "default_backend" else getattr(jax, name)
+
+
+def _peer_traced_for_a_tpu(impl: str):
+    if impl not in PEERS:
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    from deltanet_tpu import gdn2
+
+    return mock.patch.object(gdn2, "jax", _JaxOnATpu())
+
+
 def contender(impl: str, shapes: list[tuple[int, ...]]):
-    """``(fn, shapes)``: ``ours(impl)``, or for ``"NAME-gated"`` impl NAME with a ``log_decay [B, T, H]``
-    (a fifth argument, beta's shape) passed to it."""
+    """``(fn, shapes)``: ``ours(impl)``; for ``"NAME-gated"`` impl NAME with a ``log_decay [B, T, H]``
+    (a fifth argument, beta's shape) passed to it; for a name in :data:`PEERS` deltanet-tpu's kernel."""
+    if impl in PEERS:
+        import deltanet_tpu
+
+        return PEERS[impl](deltanet_tpu), [*shapes, shapes[3]] if impl.endswith("-gdn") else shapes
     if not impl.endswith("-gated"):
         return ours(impl), shapes
 
@@ -78,7 +118,11 @@ def measure(topology: str, impl: str, shapes: list[tuple[int, ...]], dtype) -> t
     figures, start = [], time.perf_counter()
     try:
         for fn in forward_and_backward(op, len(args)):
-            memory = tpu.memory(tpu.compile_for_tpu(fn, *args, topology=topology))
+            with _peer_traced_for_a_tpu(impl):
+                lowered = tpu.lower_for_tpu(fn, *args, topology=topology)
+            if impl in PEERS and "tpu_custom_call" not in lowered.as_text():
+                return "its Mosaic kernel is not in the lowered program (it took its interpret mode)"
+            memory = tpu.memory(lowered.compile())
             figures += [memory.temp_bytes / MB, memory.peak_bytes / MB]
     except Exception as err:  # noqa: BLE001 - a program the TPU compiler refuses is a result
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -88,26 +132,26 @@ def measure(topology: str, impl: str, shapes: list[tuple[int, ...]], dtype) -> t
 def report(topologies: list[str], key_dims: list[int], impls: list[str], batch: int, length: int, heads: int,
            value_dim: int, dtype) -> int:
     """Print one table per topology; returns how many programs failed to compile."""
-    failures = 0
+    failures, base = 0, "chunk" if "chunk" in impls else impls[0]
     for topology in topologies:
         print(f"\n## {topology}, one chip: B={batch}, T={length}, H={heads}, V={value_dim}, "
               f"{jnp.dtype(dtype).name}\n")
         print("| K | impl | inputs MB | fwd temp MB | fwd peak MB | fwd+bwd temp MB | fwd+bwd peak MB | "
-              "fwd+bwd temp / inputs | compile s | fwd+bwd temp / chunk |")
+              f"fwd+bwd temp / inputs | compile s | fwd+bwd temp / {base} |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key_dim in key_dims:
             shapes = [(batch, length, heads, key_dim)] * 2 + [(batch, length, heads, value_dim), (batch, length, heads)]
             inputs = input_bytes(shapes, dtype) / MB
             rows = {impl: measure(topology, impl, shapes, dtype) for impl in impls}
-            chunk = rows.get("chunk")
+            chunk = rows[base]
             for impl, row in rows.items():
                 if isinstance(row, str):
                     failures += 1
                     print(f"| {key_dim} | {impl} | {inputs:.1f} | {row} | | | | | | |")
                 else:
                     fwd_temp, fwd_peak, bwd_temp, bwd_peak, seconds = row
-                    over_chunk = ("" if chunk is None or isinstance(chunk, str) else
-                                  f"{bwd_temp / chunk[2]:.2f}x" if chunk[2] > 0 else "chunk's is 0")
+                    over_chunk = ("" if isinstance(chunk, str) else
+                                  f"{bwd_temp / chunk[2]:.2f}x" if chunk[2] > 0 else f"{base}'s is 0")
                     print(f"| {key_dim} | {impl} | {inputs:.1f} | {fwd_temp:.1f} | {fwd_peak:.1f} | {bwd_temp:.1f} | "
                           f"{bwd_peak:.1f} | {bwd_temp / inputs:.1f}x | {seconds:.0f} | {over_chunk} |")
             sys.stdout.flush()
@@ -249,7 +293,9 @@ def main() -> None:
                         help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024, and "
                              "none (--keys alone) times the DPFPformer steps only)")
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
-                        help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay")
+                        help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay; "
+                             f"peers (K = V = 128): {', '.join(PEERS)}; the ratios' base is chunk if given, "
+                             "else the first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=8)
@@ -272,6 +318,8 @@ def main() -> None:
                       jnp.dtype(args.dtype), args.rounds, args.stacks)
         return
     if args.run:
+        if set(args.impls) & set(PEERS):
+            parser.error(f"--run times dj.fast_weight's impls only; {', '.join(PEERS)} are for --deviceless")
         if jax.default_backend() != "tpu" and not args.interpret:
             parser.error(f"--run needs a TPU: jax.default_backend() is {jax.default_backend()!r} (--interpret runs "
                          "the TPU kernel interpreted, to check this script)")

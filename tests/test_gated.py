@@ -343,6 +343,77 @@ def test_agrees_with_jax_linear_attention_gated_deltanet():
     assert_relative_error(got_grads, want_grads, 1e-5)
 
 
+# --- a peer: deltanet-tpu's Pallas TPU kernels (chunk_gdn, chunk_delta_rule), interpret mode on the CPU -------
+# Its conventions, read from deltanet_tpu/gdn2.py and reference.py (0.3.0): arguments (q, k, v, g, beta) with
+# g = log alpha [B, T, H]; the decay multiplies the state before the erase and the write, W_t = alpha_t
+# (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T, as ours; the output reads the state after the write; the
+# state is [B, H, K, V] as ours; scale defaults to K**-0.5 on q; q and k are not normalised unless
+# qk_l2norm=True; precision="fp32" keeps every product in float32 (its default "bf16" rounds them); chunk 128,
+# any T. It picks interpret mode when jax.default_backend() != "tpu", so on the CPU its pallas_call runs
+# interpreted (not its pure-JAX fallback_scan, which it takes only when asked): the test checks that.
+
+
+def _peer_inputs(length: int = 200, heads: int = 2, dim: int = 128):  # its head size; T not a multiple of 128
+    keys = jax.random.split(jax.random.key(21), 6)
+    q = dj.l2_norm(jax.random.normal(keys[0], (1, length, heads, dim)))
+    k = dj.l2_norm(jax.random.normal(keys[1], (1, length, heads, dim)))
+    v = jax.random.normal(keys[2], (1, length, heads, dim))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (1, length, heads)))
+    log_decay = -jax.nn.softplus(jax.random.normal(keys[4], (1, length, heads)))
+    w0 = 0.3 * jax.random.normal(keys[5], (1, heads, dim, dim))
+    return q, k, v, beta, log_decay, w0
+
+
+def _value_and_grads(fn, num_args):
+    def f(*args):
+        out, state = fn(*args)
+        return jnp.sum(out * random_like(1, out)) + jnp.sum(state * random_like(2, state)), (out, state)
+
+    return jax.jit(jax.value_and_grad(f, argnums=tuple(range(num_args)), has_aux=True))
+
+
+@SLOW
+@pytest.mark.filterwarnings("ignore:deltanet-tpu. running on non-TPU backend")
+def test_agrees_with_deltanet_tpu_chunk_gdn_in_interpret_mode():
+    deltanet_tpu = pytest.importorskip("deltanet_tpu")
+    q, k, v, beta, log_decay, w0 = args = _peer_inputs()
+    scale = q.shape[-1] ** -0.5  # its default
+
+    def theirs(q, k, v, beta, log_decay, w0):
+        return deltanet_tpu.chunk_gdn(q, k, v, log_decay, beta, initial_state=w0, output_final_state=True,
+                                      precision="fp32")
+
+    assert "pallas_call" in str(jax.make_jaxpr(theirs)(*args))  # its kernel (interpreted), not a fallback
+    (_, want), want_grads = _value_and_grads(theirs, 6)(*args)
+    for impl in ("chunk", "reference"):
+        def ours(q, k, v, beta, log_decay, w0, impl=impl):
+            return dj.fast_weight(q, k, v, beta, log_decay=log_decay, initial_state=w0, scale=scale, impl=impl)
+
+        (_, got), got_grads = _value_and_grads(ours, 6)(*args)
+        assert_relative_error(got, want, 1e-5)
+        assert_relative_error(got_grads, want_grads, 1e-5)
+
+
+@SLOW
+@pytest.mark.filterwarnings("ignore:deltanet-tpu. running on non-TPU backend")
+def test_agrees_with_deltanet_tpu_chunk_delta_rule_in_interpret_mode():
+    deltanet_tpu = pytest.importorskip("deltanet_tpu")
+    q, k, v, beta, _, w0 = _peer_inputs(length=130)
+    scale = q.shape[-1] ** -0.5
+
+    def theirs(q, k, v, beta, w0):
+        return deltanet_tpu.chunk_delta_rule(q, k, v, beta, initial_state=w0, output_final_state=True,
+                                             precision="fp32")
+
+    def ours(q, k, v, beta, w0):
+        return dj.fast_weight(q, k, v, beta, initial_state=w0, scale=scale, impl="chunk")
+
+    (_, want), want_grads = _value_and_grads(theirs, 5)(q, k, v, beta, w0)
+    (_, got), got_grads = _value_and_grads(ours, 5)(q, k, v, beta, w0)
+    assert_relative_error(got, want, 1e-5)
+    assert_relative_error(got_grads, want_grads, 1e-5)
+
+
 # --- layers: gate="gated_deltanet" (linen, NNX, DPFPformer, the drop-in self-attention) ------------
 
 GATE = dict(gate="gated_deltanet")

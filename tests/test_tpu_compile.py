@@ -638,6 +638,22 @@ def test_tpu_memory_benchmark_runs_at_a_small_shape(tpu):
         assert bwd_peak >= bwd_temp + 2 * inputs - 0.1, result.stdout
 
 
+@pytest.mark.slow
+def test_tpu_memory_benchmark_compiles_deltanet_tpu_mosaic_kernel(tpu):
+    # The peer's kernel module picks interpret mode off a TPU; the benchmark makes it trace for one and
+    # refuses a row whose lowered program has no tpu_custom_call (its interpreted loop instead).
+    pytest.importorskip("deltanet_tpu")
+    command = ["-m", "benchmarks.tpu", "--deviceless", "--topologies", V5E, "--keys", "128", "--value-dim", "128",
+               "--batch", "1", "--time", "256", "--heads", "2", "--impls", "deltanet-tpu-gdn", "deltanet-tpu"]
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in result.stdout.splitlines() if line.startswith("| 128 |"))}
+    assert sorted(rows) == ["deltanet-tpu", "deltanet-tpu-gdn"], result.stdout
+    assert all(float(cells[5]) > 0 for cells in rows.values()), result.stdout  # figures, not a refusal
+    assert rows["deltanet-tpu-gdn"][-1] == "1.00x", result.stdout  # without chunk, the first is the base
+
+
 # --- the feature map inside the op: a DPFPAttention training step (issue 29) ----------------------
 
 
