@@ -84,8 +84,8 @@ def main() -> None:
     if count >= 8:
         meshes.append(("data", "seq", "heads"))
     cases = list(itertools.product(("delta", "sum"), (True, False), (True, False)))
-    if not full:  # a covering subset: each rule with both options on, and each option off once
-        cases = [("delta", True, True), ("sum", True, True), ("delta", False, True), ("sum", True, False)]
+    if not full:  # a covering subset: each rule with both options on, and both options off once
+        cases = [("delta", True, True), ("sum", True, True), ("delta", False, False)]
     if quick:  # both rules with every option on
         cases = cases[:2]
     checked = 0
