@@ -260,7 +260,8 @@ def check_kernel_inputs(
         raise ValueError(f"k must have q's shape [B, T, H, K] = {q.shape}; got {k.shape}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {q.shape[:3]}; got {v.shape}")
-    check_key_dim(q.shape[-1] if state_key_dim is None else state_key_dim)
+    if state_key_dim is None:  # a kernel that maps q, k itself checks its map's K (and names the map)
+        check_key_dim(q.shape[-1])
     if rule == "delta":
         if beta is None:
             raise ValueError(f"beta is required for rule='delta': the write strengths, [B, T, H] = {q.shape[:3]}; "

@@ -14,6 +14,7 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import EXTRA_PATHS, fits_on_chip, make_inputs, worst_relative_error
+from tests.helpers import pallas_calls
 
 pytestmark = [
     pytest.mark.gpu,
@@ -92,5 +93,9 @@ def test_gpu_fused_chunk_computes_dpfp_on_chip(dtype, rule):
         (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(present))), has_aux=True)(*present)
         return values, grads
 
+    # The kernels read q, k at width d (a map applied before them would hand them K = 384).
+    fused = jax.make_jaxpr(lambda *a: dj.fast_weight(*a[:3], a[3] if rule == "delta" else None, rule=rule,
+                                                     impl="pallas", features=phi))(*args[:3], args[3])
+    assert {eqn.invars[1].aval.shape[-1] for eqn in pallas_calls(fused.jaxpr)} == {64}
     worst = worst_relative_error(values_and_grads(True), values_and_grads(False, cast=jnp.float32))
     assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"

@@ -6,10 +6,11 @@ processes (which on a CPU, where XLA keeps no allocator statistics, say so inste
 number), and a figure that is missing reads "n/a", never a number.
 """
 
-import os
 import subprocess
 import sys
+import types
 
+import jax.numpy as jnp
 import pytest
 
 from tests.helpers import REPO_ROOT
@@ -103,42 +104,37 @@ class cuda:
         _Allocator.peak = _Allocator.allocated
 '''
 
-PEAK_OF_FAKE_OP = '''
-import jax.numpy as jnp
-import torch
-from benchmarks.gpu import torch_calls, torch_runtime_peak_bytes
-
-class Result:  # the op's output: its loss's backward allocates one gradient per input
-    def __init__(self, inputs, scratch):
-        self.inputs, self.scratch = inputs, scratch
-    def float(self):
-        return self
-    def sum(self):
-        return self
-    def __add__(self, other):
-        return self
-    def backward(self):
-        for t in self.inputs:
-            t.grad = torch.Tensor(t.shape)
-
-def op(*inputs):
-    scratch = torch.Tensor((1000,))  # 2000 bytes of activations, alive until the backward is done
-    return Result(inputs, scratch), Result(inputs, scratch)
-
-args = (jnp.zeros((10,)), jnp.zeros((20,)))  # 60 bytes of bfloat16 inputs
-timing = torch_calls(op, args)  # another contender's copies, alive: not part of this figure
-timing[1]()
-print(torch_runtime_peak_bytes(op, args))
-'''
-
-
-def test_the_pytorch_peak_counts_one_copy_of_the_inputs_and_what_the_call_allocates(tmp_path):
+def test_the_pytorch_peak_counts_one_copy_of_the_inputs_and_what_the_call_allocates(monkeypatch):
     """Like the JAX side's fresh process: tensors alive before the call (the timing calls' copies,
     another contender's) are not counted; the inputs once, the activations and the gradients are."""
-    (tmp_path / "torch.py").write_text(FAKE_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", PEAK_OF_FAKE_OP], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torch = types.ModuleType("torch")
+    exec(FAKE_TORCH, torch.__dict__)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    from dpfp_devtools.torch_peers import torch_calls, torch_runtime_peak_bytes
+
+    class Result:  # the op's output: its loss's backward allocates one gradient per input
+        def __init__(self, inputs, scratch):
+            self.inputs, self.scratch = inputs, scratch
+
+        def float(self):
+            return self
+
+        def sum(self):
+            return self
+
+        def __add__(self, other):
+            return self
+
+        def backward(self):
+            for t in self.inputs:
+                t.grad = torch.Tensor(t.shape)
+
+    def op(*inputs):
+        scratch = torch.Tensor((1000,))  # 2000 bytes of activations, alive until the backward is done
+        return Result(inputs, scratch), Result(inputs, scratch)
+
+    args = (jnp.zeros((10,)), jnp.zeros((20,)))  # 60 bytes of bfloat16 inputs
+    timing = torch_calls(op, args)  # another contender's copies, alive: not part of this figure
+    timing[1]()
     inputs, activations, gradients = 60, 2000, 60
-    assert int(result.stdout.split()[-1]) == inputs + activations + gradients, result.stdout
+    assert torch_runtime_peak_bytes(op, args) == inputs + activations + gradients

@@ -3,7 +3,7 @@ mode on the CPU, against the oracle: the library's ``Features`` applied first, t
 
 Interpret mode is slow (every gather and atomic add of a tile is an XLA op): one small case runs in
 ``make test``; nu in 1..4 and d in {32, 64, 128}, both rules and every normalisation are slow.
-The H200 compile of the same kernel is in tests/test_triton_lowering.py and the report.
+The H200 compile of the same kernel is in tests/test_deviceless.py and the report.
 """
 
 import jax

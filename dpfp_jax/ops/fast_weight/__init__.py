@@ -68,6 +68,10 @@ GATED_IMPLS = ("reference", "scan", "chunk")
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
     if log_decay is None or name in GATED_IMPLS or (name == "pallas" and runs_tpu_kernel()):
         return None
+    if name == "pallas":
+        return ("log_decay (gated fast weights) is not implemented in the Pallas GPU kernels yet (the Pallas TPU "
+                "kernel takes it, on a TPU or inside pltpu.force_tpu_interpret_mode()); impl= "
+                + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
     return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
             + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
 
@@ -234,7 +238,8 @@ def fast_weight(
         (``context_axis``, the chunk form per shard); ``"pallas"``'s TPU kernel computes DPFP,
         identity, relu and ``"linear"`` itself (d in 32, 64, 128; docs/tpu_kernel.md) and its fused
         chunk GPU kernel DPFP (d a multiple of 32, nu <= 4, eps > 0; docs/gpu_kernels.md);
-        ``"reference"`` and the other Pallas kernels (sharded T or not) apply it before they run.
+        ``"reference"``, the other Pallas kernels and ``"pallas"`` with a sharded T are given
+        phi(q), phi(k), computed first.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
         ``"pallas"``) and ``"pallas"`` where it runs the TPU kernel (on a GPU, or a CPU outside

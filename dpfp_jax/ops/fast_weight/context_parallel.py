@@ -600,7 +600,8 @@ def fast_weight_context_parallel(
     shorter critical path for the call (:func:`.context_cost.choose_scheme`).
     ``features`` (:class:`dpfp_jax.Features`): q, k are raw (width d) and every shard maps them
     where it uses them and keeps them d wide for its backward (``_Static``); with
-    ``impl="pallas"``, whose kernel reads K-wide q, k, they are mapped before the shards run.
+    ``impl="pallas"`` they are mapped before the shards run (the TPU kernel can map them itself,
+    but its per-shard use here does not pass the map on yet).
     ``initial_state`` is then ``[B, H, features.key_dim, V]``.
     """
     if features is not None and impl == "pallas":
@@ -614,9 +615,10 @@ def fast_weight_context_parallel(
     if engine == "pallas":
         if log_decay is not None:
             raise ValueError("log_decay (gated fast weights) with a sharded T needs impl='chunk' (or 'auto'): the "
-                             "Pallas TPU kernel takes no decay yet")
+                             "Pallas TPU kernel as each shard's engine takes no decay yet")
         if segment_ids is not None:
-            raise ValueError("segment_ids with a sharded T need impl='chunk' (the TPU kernel takes no resets)")
+            raise ValueError("segment_ids with a sharded T need impl='chunk' (the Pallas TPU kernel as each shard's "
+                             "engine takes no resets yet)")
         if not runs_tpu_kernel():
             # The GPU kernels have not run on a GPU yet, and not as a shard's engine anywhere.
             raise ValueError("impl='pallas' with a sharded T runs the Pallas TPU kernel per shard: on a TPU, or on a "

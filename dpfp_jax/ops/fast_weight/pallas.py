@@ -220,6 +220,10 @@ def fast_weight_pallas(
     if log_decay is not None and not tpu:
         raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
                          "take no gate")
+    if tpu and resets is not None and log_decay is None:
+        # The dispatcher refuses this (pallas_supports); a direct call must not drop the resets.
+        raise ValueError("the Pallas TPU kernel takes packed documents (resets) only with log_decay; impl='chunk' "
+                         "or 'scan' takes them")
     if log_decay is not None and resets is not None:
         # A reset zeroes the state whatever alpha is: alpha = 0 there (log alpha = -inf), whose
         # gradient is zero, as the oracle's is at a reset.
