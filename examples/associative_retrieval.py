@@ -55,8 +55,8 @@ else:  # python examples/associative_retrieval.py: Python puts examples/ first o
 
 MAPS = ("softmax", "linear", "favor", "dpfp")
 # The update rules: the library's sum and delta rules, and the fast-weight memory rule of Schlag
-# et al. (2021, "Learning associative inference using fast weight memory"), built below from the
-# library's delta-rule op one step at a time (see RetrievalModel).
+# et al. (2021, "Learning associative inference using fast weight memory"): the delta rule's write
+# with a norm bound after each step (fwm_memory; fwm_memory_by_op builds it from the library's op).
 RULES = (*dj.RULES, "fwm")
 # "demo": every distinct key is a training query, evaluation on sequences like the training ones,
 # Flax's initialisers. "paper": the authors' code (ischlag/fast-weight-transformers, synthetic/):
@@ -181,15 +181,79 @@ def paper_initialisers(fan_in: int, kernel_bound: float | None = None, xavier: b
     return dict(kernel_init=kernel, bias_init=symmetric_uniform(default))
 
 
+def sum_rule_readout(phi_k: jax.Array, values: jax.Array, phi_q: jax.Array) -> jax.Array:
+    """The sum rule's normalised readout ``W^T phi(q) / (z . phi(q) + 1e-6)``, ``W = sum_t phi(k_t) v_t^T``,
+    ``z = sum_t phi(k_t)``, without building W: ``sum_t (phi(q) . phi(k_t)) v_t`` over the sum of the
+    same scores (linear attention's two forms; the same function, rounding aside).
+
+    A query costs ``T (K + V)`` where W costs ``T K V`` to build; the authors' protocol trains one
+    query per sequence, so W would be almost all of a step. ``phi_k [B, T, K]``, ``values [B, T, V]``,
+    ``phi_q [B, Q, K]``; returns ``[B, Q, V]``.
+    """
+    scores = jnp.einsum("bqk,btk->bqt", phi_q, phi_k)
+    return jnp.einsum("bqt,btv->bqv", scores, values) / (scores.sum(axis=-1) + 1e-6)[..., None]
+
+
+def delta_rule_readout(phi_k: jax.Array, values: jax.Array, beta: jax.Array, phi_q: jax.Array) -> jax.Array:
+    """``W^T q`` for the delta rule's fast weights W after the sequence (from zero), without W.
+
+    A step is ``W_t = (I - beta_t k_t k_t^T) W_{t-1} + beta_t k_t v_t^T``, so
+    ``q^T W_t = ((I - beta_t k_t k_t^T) q)^T W_{t-1} + beta_t (q . k_t) v_t^T`` (the matrix is
+    symmetric): walking the query back from the last step to the first, each step adds
+    ``beta_t (q . k_t) v_t`` and replaces q by ``q - beta_t (q . k_t) k_t``. The same function as
+    reading ``dj.fast_weight``'s final state (rounding aside), at ``T K`` per query instead of the
+    ``T K V`` of W; the walk is as stable as the forward one (the same non-expanding matrices for
+    normalised keys and beta in [0, 1]). ``phi_k [B, T, K]``, ``values [B, T, V]``, ``beta [B, T]``,
+    ``phi_q [B, Q, K]``; returns ``[B, Q, V]``.
+    """
+
+    def step(q, inputs):
+        k, b = inputs  # [B, K], [B]
+        weight = b[:, None] * jnp.einsum("bqk,bk->bq", q, k)
+        return q - weight[..., None] * k[:, None], weight
+
+    _, weights = jax.lax.scan(step, phi_q, (jnp.swapaxes(phi_k, 0, 1), jnp.swapaxes(beta, 0, 1)), reverse=True)
+    return jnp.einsum("tbq,btv->bqv", weights, values)
+
+
 def fwm_memory(phi_k: jax.Array, values: jax.Array, beta: jax.Array) -> jax.Array:
     """The fast-weight memory rule (Schlag et al. 2021): ``[B, K, V]`` fast weights after the sequence.
 
-    Each step is the library's delta-rule op on one step (``W + beta k (v - W^T k)^T``, from the
-    carried state), after which W is scaled down to Frobenius norm 1 when it is larger, as the
-    authors' ``update_rule="fwm"`` does from the second step on (their first write,
-    ``beta_0 v_0 k_0^T``, is kept as it is); keys are not normalised. ``phi_k [B, T, K]``,
-    ``values [B, T, V]``, ``beta [B, T, 1]``.
+    Each step is the delta rule's write ``W + beta k (v - W^T k)^T``, after which W is scaled down to
+    Frobenius norm 1 when it is larger, as the authors' ``update_rule="fwm"`` does from the second
+    step on (their first write, ``beta_0 v_0 k_0^T``, is kept as it is); keys are not normalised.
+    ``phi_k [B, T, K]``, ``values [B, T, V]``, ``beta [B, T, 1]``.
+
+    The steps are written out here (``fwm_memory_by_op`` is the same rule through ``dj.fast_weight``
+    on one step at a time, the slower reference). The backward keeps W at the start of each
+    segment of about sqrt(T) steps and recomputes the segment (``jax.checkpoint``), so it holds
+    about ``2 sqrt(T)`` states, not several per step (at S = 200, T = 400, a batch of 32 and K = 128,
+    a state is 3.3 MB in float32).
     """
+    batch, length, key_width = phi_k.shape
+
+    def step(state, inputs):
+        k, v, b, t = inputs  # [B, K], [B, V], [B, 1], the step's index
+        old = jnp.einsum("bkv,bk->bv", state, k)
+        state = state + jnp.einsum("bk,bv->bkv", k, b * (v - old))
+        norm = jnp.sqrt(jnp.sum(state * state, axis=(1, 2), keepdims=True))
+        return jnp.where(t > 0, state / (jax.nn.relu(norm - 1) + 1), state), None
+
+    @jax.checkpoint
+    def segment(state, inputs):
+        return jax.lax.scan(step, state, inputs)[0], None
+
+    size = max(d for d in range(1, math.isqrt(length) + 1) if length % d == 0)  # a divisor of T near sqrt(T)
+    time_major = [jnp.swapaxes(x, 0, 1) for x in (phi_k, values, beta)] + [jnp.arange(length)]
+    segments = [x.reshape(length // size, size, *x.shape[1:]) for x in time_major]
+    state = jnp.zeros((batch, key_width, values.shape[-1]), jnp.float32)
+    return jax.lax.scan(segment, state, segments)[0]
+
+
+def fwm_memory_by_op(phi_k: jax.Array, values: jax.Array, beta: jax.Array) -> jax.Array:
+    """:func:`fwm_memory` built from the library's op: each step is ``dj.fast_weight`` with
+    ``rule="delta"`` on one step from the carried state (``initial_state``), then the same norm
+    scaling. The reference the direct steps are tested against (a step costs several times more)."""
     batch, length, key_width = phi_k.shape
     state = jnp.zeros((batch, 1, key_width, values.shape[-1]), jnp.float32)
 
@@ -215,6 +279,10 @@ class RetrievalModel(nn.Module):
       rule: ``"sum"``, ``"delta"`` or ``"fwm"`` (ignored by softmax).
       nu: DPFP's nu; num_features: FAVOR+'s m.
       paper_init: the authors' initialisers (:func:`paper_initialisers`) instead of Flax's defaults.
+      via_op: read the memory as ``dj.fast_weight``'s final state (FWM: the op on one step at a
+        time, :func:`fwm_memory_by_op`), the reference form; by default the same readout is computed
+        without the op's per-step outputs, which the model does not use (:func:`sum_rule_readout`,
+        :func:`delta_rule_readout`, :func:`fwm_memory`: rounding aside, the same function).
     """
 
     num_symbols: int
@@ -224,6 +292,7 @@ class RetrievalModel(nn.Module):
     num_features: int = 64
     key_dim: int = KEY_DIM
     paper_init: bool = False
+    via_op: bool = False
 
     def dense(self, features: int, num_values: int, width: int, name: str, kernel_bound: float | None = None):
         """The step input's Dense layer (``num_values`` one-hot inputs, then ``width`` embedding ones)."""
@@ -253,12 +322,17 @@ class RetrievalModel(nn.Module):
         if self.rule in ("delta", "fwm"):
             beta = jax.nn.sigmoid(self.dense(1, s, width, "beta")(table, keys, values))[..., 0][:, :, None]
         if self.rule == "fwm":
-            readout = jnp.einsum("bkv,bqk->bqv", fwm_memory(phi_k, value_onehot, beta), phi_q)
+            memory = (fwm_memory_by_op if self.via_op else fwm_memory)(phi_k, value_onehot, beta)
+            readout = jnp.einsum("bkv,bqk->bqv", memory, phi_q)
             # The authors' readout: a layer norm over the values, without scale or offset.
             mean = readout.mean(axis=-1, keepdims=True)
             return (readout - mean) * jax.lax.rsqrt(readout.var(axis=-1, keepdims=True) + 1e-5)
         if self.rule == "delta":
             phi_k, phi_q = dj.sum_norm(phi_k), dj.sum_norm(phi_q)
+        if not self.via_op:
+            if self.rule == "sum":
+                return sum_rule_readout(phi_k, value_onehot, phi_q)
+            return delta_rule_readout(phi_k, value_onehot, beta[..., 0], phi_q)
         # One head; the outputs are not needed (queries come after the sequence), only W.
         _, memory = dj.fast_weight(phi_k[:, :, None], phi_k[:, :, None], value_onehot[:, :, None], beta,
                                    rule=self.rule)

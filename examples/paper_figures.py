@@ -96,7 +96,8 @@ def sizes_between(low: int, high: int, step: int = 20) -> tuple[int, ...]:
 
 # The grid run here: every S the paper has, except where a method's curve is flat far from its
 # knee (the authors' logs say where it is): there every other S (40 apart) or every fifth (100
-# apart). docs/paper_figures.md lists what each method leaves out.
+# apart). DPFP-2 at 220 and DPFP-3 at 320 are in it because our runs fail one grid step below the
+# authors' knee at 3000 steps. docs/paper_figures.md lists what each method leaves out.
 BUDGET_GRID: dict[tuple[int, str], tuple[int, ...]] = {
     # setting 1
     (1, "softmax"): (20, 100, 200, 300, 400, *sizes_between(440, 600)),
@@ -105,8 +106,8 @@ BUDGET_GRID: dict[tuple[int, str], tuple[int, ...]] = {
     (1, "favor-128 sum"): (20, 40, 60, 100),
     (1, "favor-512 sum"): (20, 40, 60, 100),
     (1, "dpfp-1 sum"): (20, 60, *sizes_between(100, 160), 200, 300),
-    (1, "dpfp-2 sum"): (20, 100, 200, *sizes_between(240, 300)),
-    (1, "dpfp-3 sum"): (20, 100, 200, 300, *sizes_between(340, 400)),
+    (1, "dpfp-2 sum"): (20, 100, *sizes_between(200, 300)),
+    (1, "dpfp-3 sum"): (20, 100, 200, *sizes_between(300, 400)),
     # setting 2
     (2, "dpfp-1 sum"): (20, 60, 100, 140, 200),
     (2, "dpfp-1 delta"): (*sizes_between(20, 160), 200),

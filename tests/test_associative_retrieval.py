@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpfp_jax as dj
 from examples import associative_retrieval as ar
 
 
@@ -64,14 +65,57 @@ def test_model_shapes(feature_map, rule, nu, features, key_width):
 def test_delta_readout_overwrites_and_sum_readout_averages():
     # With one-hot keys (identity map), the delta rule with beta = 1 stores the last value; the
     # normalised sum rule stores the average of a repeated key's values.
-    import dpfp_jax as dj
-
     k = jnp.eye(3)[jnp.array([0, 1, 0])][None, :, None]
     v = jnp.eye(3)[jnp.array([2, 1, 0])][None, :, None]
     _, w_delta = dj.fast_weight(k, k, v, jnp.ones((1, 3, 1)), rule="delta")
     np.testing.assert_allclose(w_delta[0, 0, 0], [1.0, 0.0, 0.0])
     _, w_sum = dj.fast_weight(k, k, v, rule="sum")
     np.testing.assert_allclose(w_sum[0, 0, 0] / k[0, :, 0, 0].sum(), [0.5, 0.0, 0.5])
+
+
+def test_sum_and_delta_readouts_are_the_final_fast_weights_read_by_the_queries():
+    # W built step by step in numpy (the rules' definitions); the readouts never build it. The
+    # model-level test against dj.fast_weight's final state is test_readout_without_the_op_is_the_ops.
+    rng = np.random.default_rng(0)
+    phi_k, phi_q = (rng.uniform(0, 1, shape).astype(np.float32) for shape in ((2, 11, 6), (2, 3, 6)))
+    phi_k, phi_q = phi_k / phi_k.sum(-1, keepdims=True), phi_q / phi_q.sum(-1, keepdims=True)
+    values = np.eye(5, dtype=np.float32)[rng.integers(0, 5, (2, 11))]
+    beta = rng.uniform(0, 1, (2, 11)).astype(np.float32)
+    w_sum, w_delta = np.zeros((2, 6, 5)), np.zeros((2, 6, 5))
+    for t in range(11):
+        k, v, b = phi_k[:, t], values[:, t], beta[:, t, None]
+        w_sum += np.einsum("bk,bv->bkv", k, v)
+        w_delta += np.einsum("bk,bv->bkv", k, b * (v - np.einsum("bkv,bk->bv", w_delta, k)))
+    normaliser = np.einsum("bqk,bk->bq", phi_q, phi_k.sum(1))[..., None] + 1e-6
+    np.testing.assert_allclose(ar.sum_rule_readout(phi_k, values, phi_q),
+                               np.einsum("bkv,bqk->bqv", w_sum, phi_q) / normaliser, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ar.delta_rule_readout(phi_k, values, beta, phi_q),
+                               np.einsum("bkv,bqk->bqv", w_delta, phi_q), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, feature_map, rule, nu", [(1, "dpfp", "sum", 2), (2, "linear", "delta", 1),
+                                                           (2, "dpfp", "fwm", 1)])
+def test_readout_without_the_op_is_the_ops(setting, feature_map, rule, nu):
+    # The model's default readout (no per-step outputs) against dj.fast_weight's final state read
+    # by the queries (via_op), in the model: the same loss and gradients, rounding aside, for one training query
+    # per sequence and for the evaluation's many.
+    s = 9
+    rng = np.random.default_rng(0)
+    fast = ar.RetrievalModel(s, feature_map, rule, nu, paper_init=True)
+    reference = ar.RetrievalModel(s, feature_map, rule, nu, paper_init=True, via_op=True)
+    train = ar.make_paper_train_batch(rng, setting, s, 4)
+    params = fast.init(jax.random.key(0), train.keys, train.values, train.queries)["params"]
+    for batch in (train, ar.make_paper_eval_batch(rng, setting, s, 3)):
+
+        def loss(params, model, batch=batch):
+            readout = model.apply({"params": params}, batch.keys, batch.values, batch.queries)
+            return ar.retrieval_loss(readout, batch.targets, batch.valid)
+
+        (ours, ours_grads), (theirs, their_grads) = (jax.value_and_grad(loss)(params, m) for m in (fast, reference))
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+        for g, h in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(their_grads), strict=True):
+            np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6 * float(jnp.abs(h).max()))
 
 
 def test_short_training_lowers_the_loss():

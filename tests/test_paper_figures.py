@@ -59,17 +59,35 @@ def authors_fwm(keys, values, betas):
     return w
 
 
-def test_fwm_memory_is_the_authors_rule():
+# 9 steps: segments of 3 in fwm_memory's backward; 7 (a prime): segments of one step.
+@pytest.mark.parametrize("memory, length", [(ar.fwm_memory, 9), (ar.fwm_memory, 7), (ar.fwm_memory_by_op, 9)])
+def test_fwm_memory_is_the_authors_rule(memory, length):
     rng = np.random.default_rng(0)
-    keys = 2 * np.abs(rng.normal(size=(2, 9, 6))).astype(np.float32)
+    keys = 2 * np.abs(rng.normal(size=(2, length, 6))).astype(np.float32)
     keys[:, 0] = 1.0  # |k_0| = sqrt(6)
-    values = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (2, 9))]
-    betas = rng.uniform(0.5, 1, size=(2, 9, 1)).astype(np.float32)
+    values = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (2, length))]
+    betas = rng.uniform(0.5, 1, size=(2, length, 1)).astype(np.float32)
     # The first write is larger than norm 1 and left so; every later state is scaled to norm 1.
     assert (betas[:, 0, 0] * np.linalg.norm(keys[:, 0], axis=-1) > 1.2).all()
-    ours = ar.fwm_memory(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(betas))  # [B, K, V]
+    ours = memory(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(betas))  # [B, K, V]
     np.testing.assert_allclose(np.swapaxes(np.asarray(ours), 1, 2), authors_fwm(keys, values, betas),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fwm_memory_gradients_are_the_op_based_ones():
+    # The direct steps with their segment-wise recomputation against the op one step at a time.
+    rng = np.random.default_rng(1)
+    keys, betas = jnp.asarray(rng.uniform(0, 1, (2, 9, 6)), jnp.float32), jnp.asarray(rng.uniform(0, 1, (2, 9, 1)),
+                                                                                        jnp.float32)
+    values = jnp.eye(4)[rng.integers(0, 4, (2, 9))]
+    weights = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+
+    def grads(memory):
+        return jax.grad(lambda k, b: jnp.sum(memory(k, values, b) * weights), argnums=(0, 1))(keys, betas)
+
+    for ours, op in zip(grads(ar.fwm_memory), grads(ar.fwm_memory_by_op), strict=True):
+        np.testing.assert_allclose(ours, op, rtol=1e-5, atol=1e-6)
 
 
 def test_fwm_model_trains_a_step_with_finite_gradients():
