@@ -44,6 +44,8 @@ AUTHORS_CSV = REPORTS / "authors_final.csv"
 DOCS_PAGE = ROOT / "docs" / "paper_figures.md"
 TABLE_BEGIN = "<!-- capacity table: written by examples/paper_figures.py from the CSVs; edits here are overwritten -->"
 TABLE_END = "<!-- end of the capacity table -->"
+README_BEGIN = "<!-- capacities: written by examples/paper_figures.py from the CSVs; edits here are overwritten -->"
+README_END = "<!-- end of the capacities -->"
 
 # Capacity: the largest S whose final evaluation loss is below this (the issue's definition).
 CAPACITY_LOSS = 0.01
@@ -371,6 +373,29 @@ def capacity_table(ours: list[dict], authors: list[dict], points: Sequence[tuple
     return "\n".join(lines) + "\n"
 
 
+def readme_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[Method, int]],
+                 all_rows: list[dict]) -> str:
+    """Markdown for the README: per method, ours and the paper's capacity (at 3000 steps and final)
+    and the seconds our runs took here; "(so far)" where a grid point above ours has not run yet."""
+    missing = missing_points(ours, points)
+    lines = ["| setting | method | ours | paper, 3000 steps | paper, final | runtime here (s) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for method in METHODS:
+        mine = [r for r in ours if r["method"] == method.label and int(r["setting"]) == method.setting]
+        theirs = [r for r in authors if r["method"] == method.label and int(r["setting"]) == method.setting]
+        cap = capacity(mine, method.label)
+        gaps = missing.get((method.setting, method.label), [])
+        text = "-" if not mine else ("none" if cap is None else str(cap))
+        if mine and gaps and (cap is None or any(s > cap for s in gaps)):
+            text += " (so far)"
+        paper, capped = (("none" if c is None else str(c)) if theirs else "no log"
+                         for c in (capacity(theirs, method.label), capacity(theirs, method.label, "loss_at_3000")))
+        seconds = sum(float(r["seconds"]) for r in all_rows
+                      if r["method"] == method.label and int(r["setting"]) == method.setting)
+        lines.append(f"| {method.setting} | {method.label} | {text} | {capped} | {paper} | {seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def seed_table(rows: Iterable[dict]) -> str:
     """Markdown: the final losses of every point run with more than one seed ("" when none is)."""
     by_point: dict[tuple[int, str, int], dict[int, str]] = {}
@@ -389,19 +414,20 @@ def seed_table(rows: Iterable[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs_table(table: str, page: Path = DOCS_PAGE) -> None:
+def write_docs_table(table: str, page: Path = DOCS_PAGE, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> None:
     """Put the table between the page's markers (the rest of the page is written by hand)."""
     text = page.read_text()
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise ValueError(f"{page} has no capacity-table markers ({TABLE_BEGIN!r} ... {TABLE_END!r})")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    page.write_text(f"{head}{TABLE_BEGIN}\n{table}{TABLE_END}{tail}")
+    if begin not in text or end not in text:
+        raise ValueError(f"{page} has no capacity-table markers ({begin!r} ... {end!r})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{table}{end}{tail}")
 
 
 def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], authors_csv: Path = AUTHORS_CSV,
-         docs_page: Path | None = DOCS_PAGE) -> str:
-    """Figures (``out/setting1.png``, ``setting2.png``) and the capacity table from the CSVs."""
+         docs_page: Path | None = DOCS_PAGE, readme: Path | None = None) -> str:
+    """Figures (``out/setting1.png``, ``setting2.png``) and the capacity table from the CSVs (into
+    ``docs_page``; the short one into ``readme`` when given)."""
     import matplotlib.pyplot as plt
 
     all_rows = read_rows(csv_path)
@@ -419,6 +445,8 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
     table = status + capacity_table(ours, authors, points, all_rows) + seed_table(all_rows)
     if docs_page is not None:
         write_docs_table(table, docs_page)
+    if readme is not None:
+        write_docs_table(readme_table(ours, authors, points, all_rows), readme, README_BEGIN, README_END)
     return table
 
 
@@ -473,7 +501,8 @@ def chosen_configs(args: argparse.Namespace) -> list[ar.RunConfig]:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     points = grid(full=args.full_grid)
-    docs_page = DOCS_PAGE if args.csv.resolve() == SWEEP_CSV.resolve() else None
+    committed = args.csv.resolve() == SWEEP_CSV.resolve()  # only the committed sweep writes the pages
+    docs_page, readme = (DOCS_PAGE, ROOT / "README.md") if committed else (None, None)
     if args.run:
         if args.fresh and args.csv.exists():
             args.csv.unlink()
@@ -481,7 +510,7 @@ def main(argv: list[str] | None = None) -> str:
         run_sweep(chosen_configs(args), args.csv, args.jobs, progress=not args.no_progress,
                   authors_steps=authors_steps(authors_rows()))
         print(f"sweep: {time.perf_counter() - start:.0f} s", flush=True)
-    table = draw(args.csv, args.out, points, docs_page=docs_page)
+    table = draw(args.csv, args.out, points, docs_page=docs_page, readme=readme)
     print(table)
     print(f"wrote {args.out / 'setting1.png'}, {args.out / 'setting2.png'}"
           + (f" and the table in {docs_page}" if docs_page else ""))

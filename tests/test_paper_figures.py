@@ -273,7 +273,12 @@ def test_draw_writes_both_figures_and_the_docs_table(tmp_path):
     pf.write_rows([row("linear sum", 40, "0.0008")], sweep, pf.SWEEP_COLUMNS)
     page = tmp_path / "page.md"
     page.write_text(f"# title\n\n{pf.TABLE_BEGIN}\nold\n{pf.TABLE_END}\n\nafter\n")
-    table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=page)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# r\n{pf.README_BEGIN}\nold\n{pf.README_END}\n")
+    table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=page, readme=readme)
+    short = readme.read_text()  # the short table: linear's capacity here, the rest not run yet
+    assert "old" not in short and "| 1 | linear sum | 40 (so far) | 40 | 40 | 1 |" in short, short
+    assert "| 1 | dpfp-3 sum | - | 340 | 380 | 0 |" in short, short
     assert (tmp_path / "figures" / "setting1.png").stat().st_size > 10_000
     assert (tmp_path / "figures" / "setting2.png").stat().st_size > 10_000
     text = page.read_text()
