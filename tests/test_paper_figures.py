@@ -90,6 +90,7 @@ def test_fwm_memory_gradients_are_the_op_based_ones():
         np.testing.assert_allclose(ours, op, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the FWM rule is held to the authors' loop by a cheap test; this trains a whole model
 def test_fwm_model_trains_a_step_with_finite_gradients():
     batch = ar.make_paper_train_batch(np.random.default_rng(0), 2, 5, 3)
     model = ar.RetrievalModel(5, "dpfp", "fwm", paper_init=True)

@@ -102,6 +102,7 @@ def test_help_shows_every_default(capsys):
         assert shown in flat
 
 
+@pytest.mark.slow  # trains twice; the throughput comparison test checks the printed figures in make test
 def test_tokens_per_s_counts_training_steps_only(tmp_path, monkeypatch):
     pause = 0.5  # every evaluation and every checkpoint call made that much slower
     make_eval_step = train.Trainer.make_eval_step
@@ -148,6 +149,7 @@ def test_sharded_step_on_eight_devices_equals_one_device():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
+@pytest.mark.slow  # about a minute on 4 host devices; make test's context-parallel scripts check the op and the layers
 def test_context_parallel_training_on_four_devices_gives_the_unsharded_losses():
     # On the pinned jax only (about 50 s): the op's own 4-device test runs on the newest jax too.
     # --context-parallel 2 and 4 (and 2 with --pack) against the batch over all 4 devices, step by
@@ -191,6 +193,7 @@ def test_resume_after_a_crash_continues_exactly_and_logs_each_step_once(tmp_path
         np.testing.assert_allclose(row["train_bpb"], expected["train_bpb"], rtol=1e-6)
 
 
+@pytest.mark.slow  # trains twice; make test's resume test covers the checkpoints
 def test_a_fresh_run_refuses_another_runs_checkpoints_unless_overwrite(tmp_path, capsys):
     run = [*TINY, "--steps", "2", "--save-every", "1", "--out", str(tmp_path)]
     first = train_lm.main(run)
