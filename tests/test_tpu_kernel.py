@@ -422,6 +422,7 @@ def test_cost_estimate_flops_are_the_kernels_matmuls(rule, chunk_size, gate):
         assert cost_estimate(plan).bytes_accessed == kernel_bytes(plan)
 
 
+@pytest.mark.slow  # the benchmark's --run path end to end; the kernel itself is checked by the tests above
 def test_tpu_benchmark_run_path_in_interpret_mode():
     # benchmarks/tpu.py --run times impls on a TPU; --interpret takes that path on this CPU.
     command = [sys.executable, "-m", "benchmarks.tpu", "--run", "--interpret", "--keys", "128", "--batch", "1",

@@ -231,7 +231,9 @@ def test_carrying_fast_weights_across_segments(tmp_path):
     assert len(memory) == 1 and float(jnp.abs(memory[0]).max()) > 0
 
 
-@pytest.mark.parametrize("context_parallel", ["1", pytest.param("4", marks=pytest.mark.slow)])
+# Two processes start and compile a model each: with the slow tests only, to keep `make test` within CI's time.
+@pytest.mark.slow
+@pytest.mark.parametrize("context_parallel", ["1", "4"])
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, context_parallel):
     # jax's multi-controller engine on the CPU: two processes of 2 host devices each (CPU
     # collectives over gloo, jax's default), launched as the README says. With --context-parallel
