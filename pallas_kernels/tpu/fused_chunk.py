@@ -272,11 +272,7 @@ class _WY(NamedTuple):
 def _wy(k: Array, beta_row: Array, decays: _Decays | None = None) -> _WY:
     """The WY pieces of a chunk from its keys ``[C, K]`` and write strengths ``[1, C]`` (a lane row),
     gated with ``decays``."""
-    size = k.shape[0]
-    rows, cols = _iotas(size)
-    # beta as a column (it scales A's rows): the diagonal of a broadcast, summed along the lanes.
-    beta_column = jnp.sum(jnp.where(rows == cols, jnp.broadcast_to(beta_row, (size, size)), 0.0), axis=1,
-                          keepdims=True)
+    beta_column = _column_of(beta_row)  # beta as a column: it scales A's rows
     raw_gram = _tril(_mm_t(k, k), strict=True)
     gram = _by(raw_gram, decays, "within")
     inverse = unit_lower_inverse(beta_column * gram)
