@@ -271,20 +271,21 @@ def test_figures_draw_ours_solid_and_the_paper_dashed_in_the_same_colour():
 
 def test_draw_writes_both_figures_and_the_docs_table(tmp_path):
     sweep = tmp_path / "sweep.csv"
-    pf.write_rows([row("linear sum", 40, "0.0008")], sweep, pf.SWEEP_COLUMNS)
+    pf.write_rows([row("linear sum", 40, "0.0008", seconds="5400")], sweep, pf.SWEEP_COLUMNS)
     page = tmp_path / "page.md"
     page.write_text(f"# title\n\n{pf.TABLE_BEGIN}\nold\n{pf.TABLE_END}\n\nafter\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# r\n{pf.README_BEGIN}\nold\n{pf.README_END}\n")
     table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=page, readme=readme)
     short = readme.read_text()  # the short table: linear's capacity here, the rest not run yet
-    assert "old" not in short and "| 1 | linear sum | 40 (so far) | 40 | 40 | 1 |" in short, short
+    assert "old" not in short and "| 1 | linear sum | 40 (so far) | 40 | 40 | 5400 |" in short, short
     assert "| 1 | dpfp-3 sum | - | 340 | 380 | 0 |" in short, short
     assert (tmp_path / "figures" / "setting1.png").stat().st_size > 10_000
     assert (tmp_path / "figures" / "setting2.png").stat().st_size > 10_000
     text = page.read_text()
     assert "old" not in text and table in text and text.endswith(f"{pf.TABLE_END}\n\nafter\n")
     assert table.startswith(f"1 of the grid's {len(pf.grid())} points have run (CSV rows, extra seeds included: 1).")
+    assert f"| | all, one run after another | | | | 1/{len(pf.grid())} | 5400 | |" in table
     page.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         pf.write_docs_table(table, page)
