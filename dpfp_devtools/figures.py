@@ -37,7 +37,11 @@ HTML comment on its own line at the end of the block, or after it with a blank l
   every figure of the block is quoted from outside this repository, as the page says.
 
 A table of figures in a hand-written page fails whatever it holds: generated tables belong under
-docs/reports/, where the scripts' output is kept as printed.
+docs/reports/, where the scripts' output is kept as printed. The one exception is a region a
+script writes into a page itself, between ``<!-- NAME: written by PATH ... -->`` and
+``<!-- end of NAME -->`` (PATH an existing file of the repository, e.g. the capacity tables
+``examples/paper_figures.py`` puts in docs/paper_figures.md and the README): it is the script's
+output, not hand-written, and is not checked.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ INLINE_CODE = re.compile(r"(`+).*?\1", re.DOTALL)
 HEADING = re.compile(r"^(#{1,6})\s")
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*(?P<info>\S*)")
 SHELL_COMMENT = re.compile(r"(?:^\s*|\s)#.*")
+# A region a script writes into a hand-written page: its opening and closing comments.
+GENERATED_BEGIN = re.compile(r"^<!--\s*(?P<name>[^:>]+):\s*written by\s+(?P<path>\S+?)[\s,;].*-->\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +142,10 @@ def hand_written_pages(root: Path) -> list[Path]:
     return [p for p in pages if (root / p).is_file()]
 
 
-def blocks(page: Path, text: str, parents: dict[int, int]) -> Iterator[Block]:
-    """The page's blocks in order; a code block yields only its shell comments.
+def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = None) -> Iterator[Block]:
+    """The page's blocks in order; a code block yields only its shell comments, and a region a
+    script writes (between ``GENERATED_BEGIN`` naming a file under ``root`` and its end comment)
+    none.
 
     Sections are numbered from 1 in the order of their headings (0: the page above the first);
     ``parents`` is filled with each section's enclosing one.
@@ -146,7 +154,19 @@ def blocks(page: Path, text: str, parents: dict[int, int]) -> Iterator[Block]:
     current: Block | None = None
     fence: str | None = None
     shell = False
+    generated: re.Pattern | None = None  # the end comment of the generated region we are in
     for number, line in enumerate(text.splitlines(), 1):
+        if generated is not None:
+            if generated.fullmatch(line.strip()):
+                generated = None
+            continue
+        begin = GENERATED_BEGIN.match(line.strip()) if fence is None else None
+        if begin and root is not None and (root / begin.group("path")).is_file():
+            if current:
+                yield current
+            name = re.escape(begin.group("name").strip())
+            current, generated = None, re.compile(rf"<!--\s*end of (?:the )?{name}\s*-->")
+            continue
         opening = FENCE.match(line)
         if fence is not None:
             if opening and opening.group(1).startswith(fence) and not opening.group("info"):
@@ -374,7 +394,7 @@ def _figure_problems(figure: Figure, derivations: list[Derivation], sources: set
 def check_page(root: Path, page: Path) -> tuple[list[Figure], list[Problem]]:
     """One page's figures, and those tied to no report (with why)."""
     parents: dict[int, int] = {}
-    page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents)))
+    page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents, root)))
     section_links: dict[int, set[Path]] = {}
     for block in page_blocks:
         section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))

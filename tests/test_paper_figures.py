@@ -3,6 +3,7 @@ driver on a tiny grid, the authors' logs, capacity, the table and the figures.""
 
 import csv
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +290,17 @@ def test_draw_writes_both_figures_and_the_docs_table(tmp_path):
     page.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         pf.write_docs_table(table, page)
+
+
+def test_the_committed_tables_are_what_the_script_writes_from_the_committed_csv(tmp_path):
+    # The tables in docs/paper_figures.md and the README are the script's output (the figures check
+    # leaves such regions out), so they must be exactly what it writes from the committed CSV now.
+    page, readme = tmp_path / "page.md", tmp_path / "README.md"
+    shutil.copy(pf.DOCS_PAGE, page)
+    shutil.copy(pf.ROOT / "README.md", readme)
+    pf.draw(pf.SWEEP_CSV, tmp_path / "figures", pf.grid(), docs_page=page, readme=readme)
+    assert page.read_text() == pf.DOCS_PAGE.read_text(), "run examples/paper_figures.py to redraw"
+    assert readme.read_text() == (pf.ROOT / "README.md").read_text(), "run examples/paper_figures.py"
 
 
 def test_fresh_needs_run(capsys):
