@@ -20,6 +20,7 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental.pallas import tpu as pltpu
 
 import dpfp_jax as dj
+from dpfp_devtools import tpu_writes_error
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
 from pallas_kernels.tpu import (
@@ -223,6 +224,17 @@ def test_bfloat16_writes_are_rounded_and_used_as_stored():
     assert max(errors) <= 2e-4, errors
     assert_relative_error(grads[-1], want_grads[-1], 1e-5)  # dL/dW0, float32
     assert_relative_error(grads[:-1], want_grads[:-1], 8e-3)  # dq, dk, dv, dbeta in bfloat16
+
+
+@SLOW  # interpreted at T = 128, about 40 s here under load
+def test_the_writes_error_tool_tells_the_kernel_from_the_chunk_form():
+    # dpfp_devtools.tpu_writes_error (docs/reports/tpu_writes_error.md) at a small T: the chunk form
+    # keeps u in float32, so its final state is the reference's to float32 round-off; the kernel's
+    # bfloat16 u shows there, at bfloat16's scale.
+    errors = tpu_writes_error.measure(time=128)
+    assert set(errors) == {"pallas", "chunk"} and all(len(e) == len(tpu_writes_error.NAMES) for e in errors.values())
+    final_state = tpu_writes_error.NAMES.index("final state")
+    assert errors["chunk"][final_state] < 1e-5 < errors["pallas"][final_state] < 1e-2, errors
 
 
 def test_forward_alone_matches_reference():
