@@ -6,6 +6,7 @@ Through the public path: inside ``pltpu.force_tpu_interpret_mode`` (with race de
 Compiles for real TPUs are in tests/test_tpu_compile.py; the HBM traffic count is checked here.
 """
 
+import functools
 import math
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental.pallas import tpu as pltpu
 
 import dpfp_jax as dj
+from dpfp_devtools import tpu_writes_error
 from dpfp_devtools.tpu_traffic import kernel_bytes, minimum_bytes
 from dpfp_devtools.workloads import make_inputs
 from pallas_kernels.tpu import (
@@ -160,6 +162,79 @@ def test_heads_are_spread_for_the_chip():
 def test_many_chunks_of_the_default_size_match_reference():
     # 16 chunks of 64: the backward rebuilds 15 start states in a row from the stored writes.
     check_against_reference("delta", jnp.float32, 128, True, time=1000, chunk_size=64, heads=1)
+
+
+def delta_rule_rounding_writes(q, k, v, beta, state, scale, chunk_size, out_dtype):
+    """The delta rule chunk by chunk in float32 (the WY form, docs/math.md), each chunk's writes u
+    rounded to bfloat16 as the TPU kernel rounds them for bfloat16 v (writes_dtype), and that u
+    used for the chunk's outputs and its state update; the rounding is straight-through (the
+    gradient reaches u as if it were not rounded), which is what the kernel's backward takes. The
+    outputs leave in ``out_dtype`` (their gradient arrives rounded to it, as the kernel's does)."""
+    batch, time, heads, _ = q.shape
+    pad = -time % chunk_size
+
+    def chunks(x):  # [B, T, H, ...] float32 -> [T/C, B, H, C, ...], zero steps padded (inert: k = 0, beta = 0)
+        x = jnp.pad(x.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, -1, chunk_size, heads, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+
+    highest = jax.lax.Precision.HIGHEST
+    strict = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)
+
+    def step(w, xs):
+        qc, kc, vc, bc = xs
+        a = jnp.eye(chunk_size) + jnp.where(strict, bc[..., :, None] * jnp.einsum(
+            "bhik,bhjk->bhij", kc, kc, precision=highest), 0.0)
+        r = bc[..., None] * (vc - jnp.einsum("bhck,bhkv->bhcv", kc, w, precision=highest))
+        u = jax.scipy.linalg.solve_triangular(a, r, lower=True, unit_diagonal=True)
+        u = u + jax.lax.stop_gradient(u.astype(jnp.bfloat16).astype(f32) - u)
+        scores = jnp.where(strict | jnp.eye(chunk_size, dtype=bool),
+                           jnp.einsum("bhik,bhjk->bhij", qc, kc, precision=highest), 0.0)
+        out = scale * (jnp.einsum("bhck,bhkv->bhcv", qc, w, precision=highest)
+                       + jnp.einsum("bhij,bhjv->bhiv", scores, u, precision=highest))
+        return w + jnp.einsum("bhck,bhcv->bhkv", kc, u, precision=highest), out
+
+    final, outs = jax.lax.scan(step, state.astype(f32), (chunks(q), chunks(k), chunks(v), chunks(beta)))
+    out = jnp.moveaxis(jnp.moveaxis(outs, 0, 1), 3, 2).reshape(batch, -1, heads, v.shape[-1])[:, :time]
+    return out.astype(out_dtype), final
+
+
+@SLOW  # about 20 s interpreted here
+def test_bfloat16_writes_are_rounded_and_used_as_stored():
+    # bfloat16 v: u is stored in bfloat16 (half the bytes), and the forward's outputs and state use
+    # that rounded u, so the backward's W0 = W1 - K^T u undoes the forward's update. Against an
+    # oracle that rounds u alike. A few of u's elements round the other way than the oracle's (the
+    # two float32 u differ by round-off), so the outputs, the final state and dL/dscale are held in
+    # norm: about 1e-4 of it with u rounded as stored, about 1e-3 (out, state, dL/dscale: 2.2e-3,
+    # 8.2e-4, 9.2e-4) for a kernel that kept u unrounded. The bfloat16 gradients to their rounding.
+    inputs = make_inputs(9, batch=1, time=64, heads=2, key_dim=128, value_dim=64, dtype=jnp.bfloat16,
+                         with_state=True)
+    inputs["initial_state"] = 0.1 * inputs["initial_state"].astype(f32)
+    oracle = functools.partial(delta_rule_rounding_writes, chunk_size=16, out_dtype=jnp.bfloat16)
+    want = scaled_value_and_grads(oracle, {n: x.astype(f32) for n, x in inputs.items()}, 0.7)
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(lambda: scaled_value_and_grads(public("pallas", "delta", 16), inputs, 0.7))()
+    ((out, state), (d_scale, *grads)), ((want_out, want_state), (want_d_scale, *want_grads)) = got, want
+
+    def norm_error(x, y):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+    errors = [norm_error(out, want_out), norm_error(state, want_state), norm_error(d_scale, want_d_scale)]
+    assert max(errors) <= 2e-4, errors
+    assert_relative_error(grads[-1], want_grads[-1], 1e-5)  # dL/dW0, float32
+    assert_relative_error(grads[:-1], want_grads[:-1], 8e-3)  # dq, dk, dv, dbeta in bfloat16
+
+
+@SLOW  # interpreted at T = 128, about 40 s here under load
+def test_the_writes_error_tool_tells_the_kernel_from_the_chunk_form():
+    # dpfp_devtools.tpu_writes_error (docs/reports/tpu_writes_error.md) at a small T: the chunk form
+    # keeps u in float32, so its final state is the reference's to float32 round-off; the kernel's
+    # bfloat16 u shows there, at bfloat16's scale.
+    errors = tpu_writes_error.measure(time=128)
+    assert set(errors) == {"pallas", "chunk"} and all(len(e) == len(tpu_writes_error.NAMES) for e in errors.values())
+    final_state = tpu_writes_error.NAMES.index("final state")
+    assert errors["chunk"][final_state] < 1e-5 < errors["pallas"][final_state] < 1e-2, errors
 
 
 def test_forward_alone_matches_reference():
@@ -326,23 +401,24 @@ def test_blocks_are_whole_lane_tiles_of_steps_or_the_whole_sequence():
 def test_hbm_traffic_of_a_hand_counted_case():
     # One row, two heads, 256 steps in two blocks of 128 (chunks of 64), K = 128, V = 64, bfloat16;
     # the delta rule with the writes kept (a training forward). Per block: q, k [128 steps, 2
-    # heads, 128] bf16 each; v and the output [2 heads, 64, 128 steps] bf16, u the same in float32,
-    # beta [2, 128] float32. Per row: W0^T and the final state^T [2, 64, 128] float32; the scale 4 bytes.
+    # heads, 128] bf16 each; v, the output and u [2 heads, 64, 128 steps] bf16 (u in v's dtype,
+    # writes_dtype), beta [2, 128] float32. Per row: W0^T and the final state^T [2, 64, 128]
+    # float32; the scale 4 bytes.
     dims = call_dims((1, 256, 2, 128), 64, 64)
     assert (dims.block, dims.num_blocks, dims.chunks_per_block) == (128, 2, 2)
     bf16 = jnp.bfloat16
     plan = forward_plan(dims, bf16, bf16, bf16, delta=True, keep_writes=True)
     state = 2 * 64 * 128 * 4
-    per_block = 2 * 128 * 2 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 2 * 128 * 4
+    per_block = 2 * 128 * 2 * 128 * 2 + 3 * 2 * 64 * 128 * 2 + 2 * 128 * 4
     assert kernel_bytes(plan) == 4 + 2 * per_block + 2 * state
     # In whole HBM tiles (8 rows by 128 lanes): a step's two heads of q and k fill two of a tile's 8
     # rows, and so do beta's two heads; the value arrays and states are whole tiles.
-    per_block_tiled = 2 * 128 * 8 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 8 * 128 * 4
+    per_block_tiled = 2 * 128 * 8 * 128 * 2 + 3 * 2 * 64 * 128 * 2 + 8 * 128 * 4
     assert kernel_bytes(plan, tiled=True) == 4 + 2 * per_block_tiled + 2 * state
     # The backward reads q, k, v, beta, u and d_out and writes dq, dk, dv and dbeta per block; per
     # row it reads the final state and its gradient and writes W0's, and a 4-byte dL/dscale.
     plan = backward_plan(dims, bf16, bf16, bf16, delta=True)
-    per_block_backward = 4 * 128 * 2 * 128 * 2 + 3 * 2 * 64 * 128 * 2 + 2 * 64 * 128 * 4 + 2 * 2 * 128 * 4
+    per_block_backward = 4 * 128 * 2 * 128 * 2 + 4 * 2 * 64 * 128 * 2 + 2 * 2 * 128 * 4
     assert kernel_bytes(plan) == 4 + 2 * per_block_backward + 3 * state + 4
     # The least any implementation moves: q, k, v, beta and the states (2 bytes per beta).
     steps = 256 * 2

@@ -17,8 +17,9 @@ from pallas_kernels.tpu.fused_chunk import (
     fused_chunk_tpu,
     hbm_bytes,
     spread_heads,
+    writes_dtype,
 )
 from pallas_kernels.tpu.interpret import tpu_interpret_params
 
 __all__ = ["backward_plan", "call_dims", "cost_estimate", "forward_plan", "fused_chunk_tpu", "hbm_bytes",
-           "spread_heads", "tpu_interpret_params"]
+           "spread_heads", "tpu_interpret_params", "writes_dtype"]

@@ -14,12 +14,16 @@ keeps them, no copies around the kernel); the kernel loops over the program's he
 chunk) and takes each of the block's ``L / C`` chunks in turn, with the ``[heads, V, K]``
 float32 states (transposed, ``W^T``) in a VMEM scratch across the program's blocks. Mosaic's
 pipeline fetches the next block while this one computes; each chunk's step is a handful of MXU
-matmuls. The outputs leave in v's dtype; when a gradient will be taken the writes u leave too
-(float32). XLA is told the call's cost (:func:`cost_estimate`).
+matmuls. The outputs leave in v's dtype; when a gradient will be taken the writes u leave too,
+in :func:`writes_dtype` (bfloat16 when v is, else float32). XLA is told the call's cost
+(:func:`cost_estimate`).
 
 The backward walks blocks, and the chunks in them, in reverse with two VMEM scratches, the
 states and their gradients: it starts from the final state and rebuilds each chunk's start
-state as ``W0 = W1 - K^T u`` from the stored writes, so no state per chunk is ever in HBM. A
+state as ``W0 = W1 - K^T u`` from the stored writes, so no state per chunk is ever in HBM. So
+that this subtraction undoes the forward's update exactly up to float32 round-off, the forward
+rounds each chunk's u to the stored dtype and uses that rounded u for its outputs and its state,
+with or without a gradient to take (docs/tpu_kernel.md, "The stored writes u in bfloat16"). A
 head's whole V is in one program (V is at most a few lane tiles), so the products that sum over
 V (dq, dk, dbeta) are complete there and written once; TPU Pallas has no atomic adds to spread
 them over value blocks.
@@ -43,9 +47,10 @@ non-negative DPFP features are) that cancel in float32.
 
 Products: bfloat16 operands (q, k) go to the MXU as they are with float32 accumulation; any
 product with a float32 operand (the state, the writes, the gradients) is float32 at HIGHEST
-precision, so bfloat16 and float32 inputs give the reference's float32 arithmetic up to summation
-order. The transposed forms (``u^T = r^T T_beta^T``, ``O^T = W0^T Q^T + u^T tril(Q K^T)^T``, ...)
-are the same matmuls with other contracted axes.
+precision, so float32 inputs give the reference's float32 arithmetic up to summation order, and
+bfloat16 ones too but for the delta rule's writes u, rounded to bfloat16 once per chunk (above).
+The transposed forms (``u^T = r^T T_beta^T``, ``O^T = W0^T Q^T + u^T tril(Q K^T)^T``, ...) are
+the same matmuls with other contracted axes.
 
 Gated (``log_decay``, one ``log alpha`` per step and head, laid out as beta): each chunk's decays
 are computed in the kernel from its ``[1, C]`` row (:func:`_decays`: exps of differences of
@@ -451,7 +456,7 @@ def _store_beta(ref, h, group, steps, row: Array, dims: Dims) -> None:
 
 
 def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bool, keep_writes: bool,
-                    gated: bool = False, keep_states: bool = False):
+                    gated: bool = False, keep_states: bool = False, writes: Any = f32):
     refs = list(refs)
     beta_ref = refs.pop(0) if delta else None
     gate_ref = refs.pop(0) if gated else None  # log alpha, laid out as beta
@@ -486,8 +491,11 @@ def _forward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: bo
                 # u = T_beta (V - K W0), transposed: u^T = (V^T - W0^T K^T) T_beta^T
                 ut = _mm_t(vt - _by(_mm_t(wt, k), decays, "start_row"),
                            _wy(k, _load_beta(beta_ref, h, group, steps, dims), decays).t_beta)
+                # Rounded as stored (writes_dtype), and only that u used below: the backward undoes
+                # this chunk's update with the stored u.
+                ut = ut.astype(writes).astype(f32)
                 if keep_writes:
-                    u_ref[h, :, steps] = ut
+                    u_ref[h, :, steps] = ut.astype(u_ref.dtype)
             else:
                 ut = vt
             # O^T = scale (W0^T Q^T + u^T tril(Q K^T)^T); the output is linear in q, so the scale is applied last.
@@ -534,7 +542,7 @@ def _gated_chunk_starts(k_ref, v_ref, u_ref, gate_ref, states_ref, h, group, dim
         starts.append(wt)
         decays.append(_decays(_load_beta(gate_ref, h, group, steps, dims)))
         if j + 1 < dims.chunks_per_block:
-            ut = u_ref[h, :, steps] if u_ref is not None else _load_t(v_ref, h, group, steps, dims)
+            ut = u_ref[h, :, steps].astype(f32) if u_ref is not None else _load_t(v_ref, h, group, steps, dims)
             wt = decays[j].total * wt + _mm(ut * decays[j].end_row, _load_mapped_keys(k_ref, h, group, steps, dims))
     return starts, decays
 
@@ -580,7 +588,7 @@ def _backward_kernel(scale_ref, q_ref, k_ref, v_ref, *refs, dims: Dims, delta: b
             steps = pl.ds(j * dims.chunk, dims.chunk)
             q, k = _load_mapped_keys(q_ref, h, group, steps, dims), _load_mapped_keys(k_ref, h, group, steps, dims)
             vt, d_out_t = _load_t(v_ref, h, group, steps, dims), _load_t(d_out_ref, h, group, steps, dims)
-            ut = u_ref[h, :, steps] if delta else vt
+            ut = u_ref[h, :, steps].astype(f32) if delta else vt
             decays = chunk_decays[j] if gated else None
             wt0 = starts[j] if gated else wt1 - _mm(ut, k)  # the forward's W1 = W0 + K^T u, undone
             # Differentiated as a function of the scaled queries qs = scale q: O = qs W0 + tril(qs K^T) u
@@ -702,9 +710,21 @@ def _steps_on_lanes(dims: Dims, dtype, reverse: bool = False):
             jax.ShapeDtypeStruct((dims.batch, dims.heads, dims.value_dim, dims.padded_length), dtype))
 
 
-def _writes(dims: Dims, reverse: bool = False):
-    """The stored writes u (only this kernel reads them): float32, the steps on the lanes at every V."""
-    return _steps_on_lanes(dims, f32, reverse)
+def writes_dtype(v_dtype) -> jnp.dtype:
+    """The dtype of the delta rule's writes u as the training forward stores them for the backward:
+    bfloat16 when v is (so u moves half the bytes; the forward then uses that rounded u itself,
+    docs/tpu_kernel.md, "The stored writes u in bfloat16"), else float32.
+
+    Example:
+        >>> writes_dtype(jnp.bfloat16), writes_dtype(jnp.float32), writes_dtype(jnp.float16)
+        (dtype(bfloat16), dtype('float32'), dtype('float32'))
+    """
+    return jnp.dtype(jnp.bfloat16 if jnp.dtype(v_dtype) == jnp.bfloat16 else f32)
+
+
+def _writes(dims: Dims, v_dtype, reverse: bool = False):
+    """The stored writes u (only this kernel reads them): :func:`writes_dtype`, the steps on the lanes at every V."""
+    return _steps_on_lanes(dims, writes_dtype(v_dtype), reverse)
 
 
 def _values(dims: Dims, dtype, reverse: bool = False):
@@ -813,7 +833,7 @@ def forward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, keep_wri
     inputs = (_SCALAR, _query_keys(dims, q_dtype), _query_keys(dims, k_dtype), _values(dims, v_dtype),
               *([_betas(dims)] if delta else []), *([_betas(dims)] if gated else []), _states(dims))
     out = _per_group(dims, _values(dims, v_dtype)) if dims.values_on_lanes else _values(dims, v_dtype)
-    outputs = (out, *([_writes(dims)] if keep_writes else []), *([_block_states(dims)] if keep_states else []),
+    outputs = (out, *([_writes(dims, v_dtype)] if keep_writes else []), *([_block_states(dims)] if keep_states else []),
                _states(dims))
     return _plan(dims, inputs, outputs, delta=delta, backward=False, gated=gated)
 
@@ -828,7 +848,7 @@ def backward_plan(dims: Dims, q_dtype, k_dtype, v_dtype, *, delta: bool, gated: 
     per_program_scalar = (pl.BlockSpec((None, 1, 1), lambda p, n: (p, 0, 0)),
                           jax.ShapeDtypeStruct((programs, 1, 1), f32))
     inputs = (_SCALAR, keys(q_dtype), keys(k_dtype), values(v_dtype),
-              *([_betas(dims, reverse=True), _writes(dims, reverse=True)] if delta else []),
+              *([_betas(dims, reverse=True), _writes(dims, v_dtype, reverse=True)] if delta else []),
               *([_betas(dims, reverse=True), _block_states(dims, reverse=True)] if gated else []), values(v_dtype),
               _states(dims), _states(dims))
     dv = _per_group(dims, values(v_dtype)) if dims.values_on_lanes else values(v_dtype)
@@ -890,11 +910,11 @@ def vmem_block_bytes(plan: CallPlan, scratch_bytes: int) -> int:
     128 lanes).
 
     Example (the backward at B=8, T=4096, H=8, K=1024, V=64, bfloat16: 16 MiB for q, k, dq and dk,
-    6 MiB for the single-buffered state blocks, 4 MiB of scratch, 1.3 MiB for the value arrays):
+    6 MiB for the single-buffered state blocks, 4 MiB of scratch, 1.0 MiB for the value arrays and u):
         >>> dims = call_dims((8, 4096, 8, 1024), 64, 64)
         >>> plan = backward_plan(dims, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, delta=True)
         >>> round(vmem_block_bytes(plan, 2 * 8 * 64 * 1024 * 4) / 2**20, 1)
-        27.3
+        27.0
     """
     total = scratch_bytes
     for spec, shape in (*plan.inputs, *plan.outputs):
@@ -963,7 +983,7 @@ def _forward(interpret, dims: Dims, target: _Target, scale, q, k, v, beta, w0, l
     plan = forward_plan(dims, q.dtype, k.dtype, v.dtype, delta=delta, keep_writes=keep_writes, gated=gated,
                         keep_states=keep_states)
     kernel = functools.partial(_forward_kernel, dims=dims, delta=delta, keep_writes=keep_writes, gated=gated,
-                               keep_states=keep_states)
+                               keep_states=keep_states, writes=writes_dtype(v.dtype))
     results = _launch(kernel, plan, dims, False, target.vmem_capacity, interpret, "fast_weight_tpu_chunk_fwd",
                       scale, q, k, v, *([beta] if delta else []), *([log_decay] if gated else []), w0)
     out = _sum_groups(dims, results[0]) if dims.values_on_lanes else results[0]
