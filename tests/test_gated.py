@@ -302,6 +302,17 @@ def test_traced_positive_log_decay_is_used_as_given_or_checked_on_request():
     assert error.get() is None
 
 
+def test_a_concrete_log_decay_closed_over_under_jit_is_checked_at_trace_time():
+    # A concrete array a jitted function closes over is known while tracing: checked, not staged.
+    q, k, v, beta = (GOOD[n] for n in ("q", "k", "v", "beta"))
+    bad = jnp.full((B, T, H), -0.1).at[0, 1, 2].set(0.5)
+    with pytest.raises(ValueError, match=r"log_decay must be <= 0 .* batch 0, step 1, head 2: 0.5"):
+        jax.jit(lambda q: dj.fast_weight(q, k, v, beta, log_decay=bad, impl="chunk"))(q)
+    got = jax.jit(lambda q: dj.fast_weight(q, k, v, beta, log_decay=-jnp.abs(bad), impl="chunk"))(q)
+    want = dj.fast_weight(q, k, v, beta, log_decay=-jnp.abs(bad), impl="chunk")
+    assert_relative_error(got, want, 1e-6)
+
+
 def test_auto_with_a_gate_picks_a_gated_impl():
     inputs = gated_inputs(12, rule="delta", time=40)
     assert_relative_error(op("auto", "delta")(inputs), op("reference", "delta")(inputs), 2e-5)

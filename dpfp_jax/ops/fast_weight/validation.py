@@ -187,7 +187,9 @@ def check_log_decay_values(log_decay: Array | None, *, traced_check: bool = Fals
             checkify.check(~bad, LOG_DECAY_MESSAGE, count=count, total=jnp.asarray(log_decay.size), b=b, t=t, h=h,
                            value=value)
         return
-    bad, count, b, t, h, value = (np.asarray(x) for x in _first_bad_log_decay(jnp.asarray(log_decay)))
+    # A concrete array inside a jit trace (closed over, say): evaluated now, not staged into the trace.
+    with jax.ensure_compile_time_eval():
+        bad, count, b, t, h, value = (np.asarray(x) for x in _first_bad_log_decay(jnp.asarray(log_decay)))
     if bad:
         raise ValueError(LOG_DECAY_MESSAGE.format(count=int(count), total=log_decay.size, b=int(b), t=int(t),
                                                   h=int(h), value=float(value)))
