@@ -16,6 +16,10 @@ share this machine's cores, so the sharded time is the total work, not a speed-u
 ``--ops ours-transition ours-relay`` times the two schemes side by side (the scheme given, not
 picked).
 
+``--tpu-features`` (libtpu as for ``--tpu``): the same forward+backward compiled for v5e with T over
+the last of ``--shards`` chips, DPFP (``--dim``, ``--nu``) inside the op (each shard's TPU kernel
+or chunk form given the raw q, k) against it applied first, per ``--impls``; per-chip temporaries.
+
 ``--features-memory``: in a fresh process with ``--devices`` host CPU devices, compiles the
 forward+backward with T sharded over them, the feature map inside the op (``features=``: each
 shard keeps the raw d-wide q, k) against it applied first (the op given phi(q), phi(k)), for each
@@ -154,6 +158,41 @@ def tpu_rows(key_dims: list[int], shard_counts: list[int], length: int, heads: i
     return "\n".join(rows)
 
 
+def tpu_features_rows(length: int, heads: int, value_dim: int, dim: int, nu: int, shards: int,
+                      impls: list[str]) -> str:
+    """Per-chip temporaries of the forward+backward compiled for TPU v5e ``2x2`` with T sharded over
+    ``shards`` chips of an Auto mesh (delta rule, B = 1, bfloat16): DPFP of width ``dim`` and order
+    ``nu`` inside the op (``features=``: each shard's TPU kernel, or chunk form, given the raw q, k)
+    against it applied first (the op given phi(q), phi(k)), per impl, the scheme picked per call."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    import dpfp_jax as dj
+    from dpfp_devtools import tpu
+    from dpfp_devtools.workloads import forward_and_backward, with_features
+
+    phi = dj.Features("dpfp", dim=dim, nu=nu, normalization="sum")
+    shapes = [(1, length, heads, dim), (1, length, heads, dim), (1, length, heads, value_dim), (1, length, heads)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
+    mesh = tpu.tpu_mesh("v5e:2x2", (shards,), ("seq",), axis_types=(AxisType.Auto,))
+    rows = ["| impl | feature map | fwd+bwd temp MB per chip | / map applied first | collectives | compile s |",
+            "|---|---|---:|---:|---:|---:|"]
+    for impl in impls:
+        temps = {}
+        for fused in (False, True):
+            start = time.perf_counter()
+            grad = forward_and_backward(with_features(impl, phi, fused=fused, context_axis="seq"), 4)[1]
+            compiled = tpu.compile_for_tpu(grad, *(tpu.place(a, mesh, P(None, "seq")) for a in args), mesh=mesh)
+            seconds = time.perf_counter() - start
+            temps[fused] = tpu.memory(compiled).temp_bytes / MB
+            count, _ = collective_bytes(compiled.as_text())
+            where = "inside the op (features=)" if fused else "applied first (phi(q), phi(k) given)"
+            rows.append(f"| {impl} | {where} | {temps[fused]:.1f} | {temps[fused] / temps[False]:.2f}x | {count} | "
+                        f"{seconds:.0f} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def _bound(fn, args, mesh=None):
     """``fn`` with its arguments bound (``time_interleaved_ms`` passes one placeholder), called under
     ``jax.set_mesh(mesh)`` when given."""
@@ -241,8 +280,12 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--features-memory", action="store_true",
                         help="compiled temporaries, feature map inside the sharded op or applied first")
-    parser.add_argument("--dim", type=int, default=64, help="--features-memory: d, the raw q, k width")
-    parser.add_argument("--nu", type=int, default=3, help="--features-memory: DPFP's nu (K = 2 d nu)")
+    parser.add_argument("--tpu-features", action="store_true",
+                        help="TPU v5e per-chip temporaries, feature map inside the sharded op or applied first, for "
+                             "--impls on --shards[-1] chips")
+    parser.add_argument("--impls", nargs="+", default=["pallas", "chunk"], help="--tpu-features: dj.fast_weight impls")
+    parser.add_argument("--dim", type=int, default=64, help="--features-memory, --tpu-features: d, the raw q, k width")
+    parser.add_argument("--nu", type=int, default=3, help="--features-memory, --tpu-features: DPFP's nu (K = 2 d nu)")
     parser.add_argument("--key-dims", type=int, nargs="+", default=None)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4], help="--tpu: chips P")
     parser.add_argument("--length", type=int, default=None, help="T (65536 for --flops/--tpu, else 8192)")
@@ -276,6 +319,9 @@ def run(args: argparse.Namespace) -> None:
     if args.tpu:
         print(tpu_rows(args.key_dims or [128, 512], args.shards, args.length or 65536, args.heads or 8, args.value_dim,
                        names))
+    if args.tpu_features:
+        print(tpu_features_rows(args.length or 65536, args.heads or 8, args.value_dim, args.dim, args.nu,
+                                args.shards[-1], args.impls))
     if args.in_child:
         if args.cpu:
             print(cpu_rows(args.key_dims or [128, 512], args.length or 8192, args.heads or 4, args.value_dim,

@@ -10,7 +10,8 @@ a loss on both results (outputs and final state), as in the GPU benchmark. A pro
 not compile shows libtpu's error instead. These are compile-time figures: no TPU speed comes from
 them. The chunk form takes up to minutes per program to compile at these shapes (more with K).
 ``--impls`` also takes deltanet-tpu's Mosaic kernels (``deltanet-tpu``, ``deltanet-tpu-gdn``: K = V =
-128 only, so ``--keys 128 --value-dim 128``), beside ``NAME-gated`` for ours with a gate; without
+128 only, so ``--keys 128 --value-dim 128``), beside ``NAME-gated`` for ours with a gate and
+``NAME-packed`` for ours with packed documents of 512 steps (no gate); without
 ``chunk`` among them the last column's base is the first impl.
 
 ``python -m benchmarks.tpu --deviceless --features`` compiles, instead of the op alone, a
@@ -95,13 +96,27 @@ def _peer_traced_for_a_tpu(impl: str):
     return mock.patch.object(gdn2, "jax", _JaxOnATpu())
 
 
+PACKED_LENGTH = 512
+"""The documents' length for ``NAME-packed``."""
+
+
 def contender(impl: str, shapes: list[tuple[int, ...]]):
     """``(fn, shapes)``: ``ours(impl)``; for ``"NAME-gated"`` impl NAME with a ``log_decay [B, T, H]``
-    (a fifth argument, beta's shape) passed to it; for a name in :data:`PEERS` deltanet-tpu's kernel."""
+    (a fifth argument, beta's shape) passed to it; for ``"NAME-packed"`` impl NAME with
+    ``segment_ids`` (documents of :data:`PACKED_LENGTH` steps); for a name in :data:`PEERS`
+    deltanet-tpu's kernel."""
     if impl in PEERS:
         import deltanet_tpu
 
         return PEERS[impl](deltanet_tpu), [*shapes, shapes[3]] if impl.endswith("-gdn") else shapes
+    if impl.endswith("-packed"):
+        # Packed documents of PACKED_LENGTH steps, no gate (the TPU kernel then runs gated, log alpha = 0
+        # but at the resets): ids made in the program, no fifth argument.
+        def packed(q, k, v, beta):
+            ids = jnp.broadcast_to(jnp.arange(q.shape[1]) // PACKED_LENGTH, q.shape[:2])
+            return ours(impl.removesuffix("-packed"), segment_ids=ids)(q, k, v, beta)
+
+        return packed, shapes
     if not impl.endswith("-gated"):
         return ours(impl), shapes
 
@@ -293,7 +308,8 @@ def main() -> None:
                         help="key widths K (default 128 256 384 512 1024; with --compile-time 128 512 1024, and "
                              "none (--keys alone) times the DPFPformer steps only)")
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
-                        help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay; "
+                        help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay, "
+                             "NAME-packed segment_ids (documents of 512 steps); "
                              f"peers (K = V = 128): {', '.join(PEERS)}; the ratios' base is chunk if given, "
                              "else the first")
     parser.add_argument("--batch", type=int, default=8)

@@ -143,6 +143,28 @@ def run_with_host_devices(script: Path, count: int = 8) -> subprocess.CompletedP
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
 
 
+def sharded_feature_inputs(seed: int, phi: dj.Features, *, count: int, length: int, heads: int = 2,
+                           value_dim: int) -> tuple[tuple, jax.Array]:
+    """The context-parallel feature-map scripts' inputs, two batch rows, T = ``length`` over ``count`` shards:
+    ``(q, k, v, beta, initial_state, scale, log_decay)`` (raw Gaussian q, k of width ``phi.dim``, a
+    small state of width K, scale 0.7, alpha = 0 on the first shard boundary in row 0 and three
+    steps after it in row 1) and ``segment_ids [B, T]`` (row 0: a reset exactly on the first shard
+    boundary; row 1: a document from mid first shard across the boundary, another starting on the
+    last step)."""
+    shard, batch = length // count, 2
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(keys[0], (batch, length, heads, phi.dim))
+    k = jax.random.normal(keys[1], (batch, length, heads, phi.dim))
+    v = jax.random.normal(keys[2], (batch, length, heads, value_dim))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (batch, length, heads)))
+    w0 = 0.3 * jax.random.normal(keys[4], (batch, heads, phi.key_dim, value_dim))
+    log_decay = -0.4 * jax.nn.softplus(jax.random.normal(keys[5], (batch, length, heads)))
+    log_decay = log_decay.at[0, shard].set(-jnp.inf).at[1, shard + 3].set(-jnp.inf)
+    starts = [[shard], [shard // 2, length - 1]]
+    ids = jnp.array([[sum(t >= s for s in row) for t in range(length)] for row in starts], jnp.int32)
+    return (q, k, v, beta, w0, jnp.float32(0.7), log_decay), ids
+
+
 def delta_column_bound(k, v, beta):
     """``sum_{s<=t} beta_s v_sj^2 / (2 - beta_s |k_s|^2)``, ``[B, T, H, V]``: bounds ``|W_t[:, j]|^2``.
 

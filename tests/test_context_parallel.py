@@ -190,6 +190,43 @@ def test_the_feature_map_inside_the_sharded_op_equals_it_applied_first(count):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("count", [2, 4])
+def test_the_tpu_kernel_per_shard_with_features_gate_and_documents_equals_the_unsharded_op(count):
+    # impl="pallas" (the TPU kernel interpreted per shard): both rules, both schemes, the map inside
+    # or applied first, with and without log_decay and segment_ids, against the map, then the
+    # unsharded reference op; every gradient.
+    _run(count=count, script=SCRIPT.with_name("context_parallel_pallas_script.py"))
+
+
+def test_q_k_enter_the_tpu_kernel_of_each_shard_at_width_d():
+    # Traced only (an abstract 2-shard mesh, nothing run): with features, a gate and packed
+    # documents each shard's kernel, forward and backward, is given the raw q, k, [B, H, d, L]
+    # (d = 32 is read with the steps on the lanes), never phi(q), phi(k) ([B, L, H, K], K = 128).
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.sharding import AbstractMesh, AxisType
+
+    from tests.helpers import pallas_calls
+
+    phi = dj.Features("dpfp", dim=32, nu=2, normalization="sum")
+    batch, length, heads, value_dim = 1, 96, 2, 8
+    x, v = jnp.ones((batch, length, heads, phi.dim)), jnp.ones((batch, length, heads, value_dim))
+    gate = jnp.zeros((batch, length, heads))
+    ids = jnp.zeros((batch, length), jnp.int32).at[:, 50:].set(1)
+
+    def loss(q, k, v, beta, log_decay):
+        out, state = dj.fast_weight(q, k, v, beta, impl="pallas", chunk_size=16, context_axis="seq", features=phi,
+                                    log_decay=log_decay, segment_ids=ids)
+        return jnp.sum(out) + jnp.sum(state)
+
+    with jax.sharding.use_abstract_mesh(AbstractMesh((2,), ("seq",), axis_types=(AxisType.Auto,))), \
+            pltpu.force_tpu_interpret_mode():
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 3, 4)))(x, x, v, gate, gate).jaxpr
+    # Each pallas_call's operands: the scale, then q and k.
+    shapes = [tuple(v.aval.shape) for eqn in pallas_calls(jaxpr) for v in eqn.invars[1:3]]
+    assert len(shapes) == 4 and set(shapes) == {(batch, heads, phi.dim, length // 2)}, shapes
+
+
+@pytest.mark.slow
 @pytest.mark.jax_sensitive
 def test_sequence_split_between_two_processes_equals_one_device():
     import socket

@@ -166,15 +166,29 @@ def test_gated_pallas_tpu_kernel_runs_per_shard(tpu):
     assert not [c for c in COLLECTIVES if c in text], [c for c in COLLECTIVES if c in text]
 
 
-def test_pallas_impl_refuses_packed_documents_for_tpu_with_the_reason(tpu):
-    _, (q, k, v, beta) = op_program("pallas", "delta", 128)
+def test_packed_documents_without_a_gate_run_the_gated_tpu_kernel(tpu):
+    # Ungated, packed documents reach the TPU kernel as log alpha = 0 but -inf at the resets: the
+    # forward and backward lower to the very Mosaic kernels of a gated call (their serialized
+    # bodies), not to the ungated ones.
+    _, args = op_program("pallas", "delta", 128)
+    ids = jnp.repeat(jnp.arange(2), 64)[None]
 
-    def fn(q, k, v, beta):
-        return dj.fast_weight(q, k, v, beta, impl="pallas", segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
+    def program(gated, with_ids=True):
+        def loss(q, k, v, beta, log_decay):
+            out, state = dj.fast_weight(q, k, v, beta, impl="pallas", segment_ids=ids if with_ids else None,
+                                        log_decay=log_decay if gated else None)
+            return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+        return jax.grad(loss, argnums=(0, 1, 2, 3))
 
-    with pytest.raises(ValueError, match="impl='pallas' cannot take this call: pallas: the Pallas TPU kernel does "
-                                         "not take packed documents"):
-        tpu.compile_for_tpu(fn, q, k, v, beta, topology=V5E)
+    def kernels(fn):
+        log_decay = jax.ShapeDtypeStruct(args[0].shape[:3], jnp.float32)
+        text = tpu.lower_for_tpu(fn, *args, log_decay, topology=V5E).as_text()
+        return sorted(re.findall(r'body(?:\\22|")\s*:\s*(?:\\22|")([A-Za-z0-9+/=]+)', text))
+
+    packed = kernels(program(gated=False))
+    assert len(packed) == 2
+    assert packed == kernels(program(gated=True))
+    assert packed != kernels(program(gated=False, with_ids=False))  # the ungated kernels
 
 
 @pytest.mark.slow  # seconds per compile; the interpret tests (tests/test_tpu_kernel.py) check the numbers
@@ -299,18 +313,24 @@ def test_gated_pallas_tpu_kernel_keeps_one_state_per_block_beyond_the_ungated(tp
     # Gated, the kernel also keeps the state entering each block of 128 steps, [V, K] float32 per
     # head (134.2 MB at B=8, T=4096, H=8, K=V=128): that and little else beside what it keeps
     # ungated (no copy of an input around the kernel; docs/reports/tpu_memory.md has the figures).
+    # So does the kernel given packed documents without a gate.
     def gated(q, k, v, beta, log_decay):
         return dj.fast_weight(q, k, v, beta, impl="pallas", log_decay=log_decay)
 
     from dpfp_devtools.workloads import forward_and_backward
 
+    def packed(q, k, v, beta):  # documents without a gate: the gated kernel, log alpha = 0 but at the resets
+        return dj.fast_weight(q, k, v, beta, impl="pallas", segment_ids=jnp.arange(4096)[None].repeat(8, 0) // 512)
+
     args = training_args(128, 128)
     temps = []
-    for fn, fn_args in ((lambda *a: dj.fast_weight(*a, impl="pallas"), args), (gated, (*args, args[3]))):
+    for fn, fn_args in ((lambda *a: dj.fast_weight(*a, impl="pallas"), args), (gated, (*args, args[3])),
+                        (packed, args)):
         _, backward = forward_and_backward(fn, len(fn_args))
         temps.append(tpu.memory(tpu.compile_for_tpu(backward, *fn_args, topology=V5E)).temp_bytes)
     block_states = 8 * (4096 // 128) * 8 * 128 * 128 * 4
     assert 0.95 * block_states <= temps[1] - temps[0] <= 1.05 * block_states, temps
+    assert 0.95 * block_states <= temps[2] - temps[0] <= 1.05 * block_states, temps
 
 
 @pytest.mark.parametrize("key_dim", [pytest.param(k, marks=slow_unless(k == 384)) for k in PALLAS_KEY_DIMS])

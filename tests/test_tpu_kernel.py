@@ -359,12 +359,25 @@ def test_pallas_outside_interpret_mode_on_cpu_keeps_its_error():
         dj.fast_weight(**inputs, impl="pallas")
 
 
-def test_packed_documents_are_refused_with_the_reason():
-    inputs = make_inputs(0, time=16, key_dim=128)
-    segment_ids = jnp.repeat(jnp.arange(2), 8)[None].repeat(2, axis=0)
-    with pltpu.force_tpu_interpret_mode(), pytest.raises(
-            ValueError, match="the Pallas TPU kernel does not take packed documents"):
-        dj.fast_weight(**inputs, impl="pallas", segment_ids=segment_ids)
+@SLOW
+@pytest.mark.parametrize("rule", dj.RULES)
+def test_packed_documents_without_a_gate_match_reference(rule):
+    # Ungated, the op runs the gated kernel with log alpha = 0 but at the resets (-inf there):
+    # outputs, final state and every gradient as the oracle's; documents start on and off the
+    # chunk boundaries of T = 40 (chunks of 16), in both batch rows.
+    inputs = make_inputs(8, batch=2, time=40, heads=1, key_dim=128, value_dim=64, rule=rule, with_state=True)
+    ids = packed_ids(40, seed=3, chunk=16)
+
+    def op(impl):
+        def fn(q, k, v, beta, state):
+            return dj.fast_weight(q, k, v, beta, rule=rule, initial_state=state, scale=0.7, impl=impl, chunk_size=16,
+                                  segment_ids=ids)
+        return lambda x: fn(*(x[n] for n in ARGS))
+
+    want = value_and_grads(op("reference"), inputs)
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(lambda: value_and_grads(op("pallas"), inputs))()
+    assert_relative_error(got, want, 2e-5)
 
 
 TPU_BAD_CALLS = [case for case in bad_kernel_calls()[0] if "resets" not in case[1]]  # it takes no resets

@@ -29,26 +29,15 @@ def main() -> None:
     import dpfp_jax as dj
     from dpfp_jax.ops.fast_weight.context_cost import SCHEMES
     from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_context_parallel
+    from tests.helpers import sharded_feature_inputs
 
     count = int(sys.argv[1])
     assert jax.device_count() == count, f"expected {count} host devices, got {jax.device_count()}"
-    batch, length, heads, dim, value_dim, chunk = 2, 48, 2, 4, 3, 5
-    shard = length // count
-    phi = dj.Features("dpfp", dim=dim, nu=2, normalization="sum")
-    keys = jax.random.split(jax.random.key(count), 6)
-    q = jax.random.normal(keys[0], (batch, length, heads, dim))
-    k = jax.random.normal(keys[1], (batch, length, heads, dim))
-    v = jax.random.normal(keys[2], (batch, length, heads, value_dim))
-    beta = jax.nn.sigmoid(jax.random.normal(keys[3], (batch, length, heads)))
-    w0 = 0.3 * jax.random.normal(keys[4], (batch, heads, phi.key_dim, value_dim))
-    log_decay = -0.4 * jax.nn.softplus(jax.random.normal(keys[5], (batch, length, heads)))
-    log_decay = log_decay.at[0, shard].set(-jnp.inf).at[1, shard + 3].set(-jnp.inf)
-    scale = jnp.float32(0.7)
-    # Row 0: a reset exactly on the first shard boundary; row 1: a document from mid first shard
-    # across the boundary, another starting on the last step.
-    starts = [[shard], [shard // 2, length - 1]]
-    ids = jnp.array([[sum(t >= s for s in row) for t in range(length)] for row in starts], jnp.int32)
-    args = (q, k, v, beta, w0, scale, log_decay)
+    length, chunk = 48, 5
+    phi = dj.Features("dpfp", dim=4, nu=2, normalization="sum")
+    # alpha = 0 and a reset on the first shard boundary, a document crossing it (tests/helpers.py).
+    args, ids = sharded_feature_inputs(count, phi, count=count, length=length, value_dim=3)
+    w0 = args[4]
 
     def grads(call, rule, gated):
         """Value, results and gradients of a loss on both results wrt q, k, v, beta, w0, scale, log_decay;

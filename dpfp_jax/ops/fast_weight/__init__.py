@@ -235,17 +235,16 @@ def fast_weight(
         apply the map where q and k are used and keep them at width d for the backward (a gated ``"scan"``,
         with ``log_decay``, is given phi(q), phi(k) mapped first), which
         recomputes phi and applies its VJP (docs/math.md); so does every shard of a sharded T
-        (``context_axis``, the chunk form per shard); ``"pallas"``'s TPU kernel computes DPFP,
-        identity, relu and ``"linear"`` itself (d in 32, 64, 128; docs/tpu_kernel.md) and its fused
-        chunk GPU kernel DPFP (d a multiple of 32, nu <= 4, eps > 0; docs/gpu_kernels.md);
-        ``"reference"``, the other Pallas kernels and ``"pallas"`` with a sharded T are given
+        (``context_axis``, the chunk form or the TPU kernel per shard); ``"pallas"``'s TPU kernel
+        computes DPFP, identity, relu and ``"linear"`` itself (d in 32, 64, 128;
+        docs/tpu_kernel.md) and its fused chunk GPU kernel DPFP (d a multiple of 32, nu <= 4,
+        eps > 0; docs/gpu_kernels.md); ``"reference"`` and the other Pallas kernels are given
         phi(q), phi(k), computed first.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
         ``"pallas"``) and ``"pallas"`` where it runs the TPU kernel (on a GPU, or a CPU outside
         interpret mode, ``impl="pallas"`` says it cannot take it), with ``initial_state``,
-        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis`` (not with
-        ``"pallas"``). Gradients
+        ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
         flow to it. Positive or NaN values are refused with a ValueError when the values are known
         (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
         ``check_stability=True`` stages their check.

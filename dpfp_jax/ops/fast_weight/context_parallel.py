@@ -33,6 +33,11 @@ gathering every shard's ``(M, N)`` and with running the shards one after the oth
 With ``features`` (raw q, k of width d) every walk above maps one span of the shard's q, k where
 it uses it, through the chunk form's ``_Spans.mapped``, and the backward applies phi's VJP: a shard
 keeps its q, k d wide, never phi(q), phi(k) whole.
+
+With ``impl="pallas"`` the Pallas TPU kernel takes step 3 of either scheme's forward and backward
+(the walks stay in XLA): it is given the shard's raw q, k with the map (which it computes in VMEM),
+its slice of ``log_decay`` and its local resets (without a gate, the gated kernel runs with
+``log alpha = 0`` but at them), and its pullback returns every input's gradient, log_decay's too.
 """
 
 from __future__ import annotations
@@ -399,16 +404,19 @@ def _fold(rule: str, ms: Array, ns: Array, w0: Array) -> tuple[Array, Array]:
     return starts, final
 
 
-def _relay(rule: str, m: Array, n: Array, w0: Array, axis: str, shards: int) -> tuple[Array, Array]:
-    """The state entering this shard, and the final state (on every shard), passed shard to shard:
-    P - 1 rounds of a ``[B, H, K, V]`` ppermute, each shard sending ``M W + N`` of what it holds.
-    A round costs every shard one ``K x K`` by ``K x V`` product; shard r + 1 holds its true
-    entering state after round r."""
+def _relay(rule: str, m: Array, n: Array, w0: Array, axis: str, shards: int,
+           with_final: bool = True) -> tuple[Array, Array | None]:
+    """The state entering this shard, and the final state (on every shard; None unless
+    ``with_final``), passed shard to shard: P - 1 rounds of a ``[B, H, K, V]`` ppermute, each shard
+    sending ``M W + N`` of what it holds. A round costs every shard one ``K x K`` by ``K x V``
+    product; shard r + 1 holds its true entering state after round r."""
     index = lax.axis_index(axis)
     w, shift = w0, [(i, i + 1) for i in range(shards - 1)]
     for r in range(shards - 1):
         received = lax.ppermute(_apply(rule, m, w) + n, axis, shift)
         w = jnp.where(index == r + 1, received, w)
+    if not with_final:
+        return w, None
     final = lax.psum(jnp.where(index == shards - 1, _apply(rule, m, w) + n, 0.0), axis)
     return w, final
 
@@ -481,6 +489,10 @@ class _Static(NamedTuple):
     # q, k raw (width d), every walk mapping a span of them where it is used, the backward
     # recomputing phi and applying its VJP: a shard keeps them d wide. None: q, k are K wide.
     features: Features | None = None
+    # Pallas's TPU interpret mode makes each kernel call a barrier of all the shards (threads of one
+    # process), so a collective that one shard runs before its kernel and another after can
+    # deadlock them: the shard's collectives are then ordered around the kernel (_shard_forward).
+    ordered: bool = False
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -491,35 +503,42 @@ def _shard_op(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=
 
 
 def _shard_forward(static: _Static, q, k, v, beta, w0, segment_ids, scale, log_decay=None):
-    rule, chunk_size, plan, engine, scheme, features = static
+    rule, chunk_size, plan, engine, scheme, features, ordered = static
     acc = w0.dtype
     resets = _local_resets(segment_ids, plan.axis, plan.shards)
     m = None
     if scheme == "transition":
         m, n = _transition(rule, k, v, beta, resets, acc, chunk_size, log_decay, features)
-        w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards)
+        w_in, final = _relay(rule, m, n, w0, plan.axis, plan.shards, with_final=engine != "pallas")
     else:
         walk = partial(_end_state, rule, k, v, beta, resets, chunk_size=chunk_size, log_decay=log_decay,
                        features=features)
         w_in = _relay_walk(walk, w0, plan.axis, plan.shards)
     if engine == "pallas":
         # The kernel's own custom_vjp keeps what its backward needs; its pullback is the residual.
-        def kernel(q, k, v, beta, w_in, scale):
-            return fast_weight_pallas(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size)
+        # It gets the shard's resets (ungated, it runs gated with log alpha = 0 but at them) and the
+        # map, which it computes itself where tpu_kernel_features says it can: q, k stay d wide.
+        def kernel(q, k, v, beta, w_in, scale, log_decay):
+            return fast_weight_pallas(q, k, v, beta, w_in, rule=rule, scale=scale, chunk_size=chunk_size,
+                                      resets=resets, log_decay=log_decay, features=features)
 
-        (out, end), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale)
+        (out, end), residuals = jax.vjp(kernel, q, k, v, beta, w_in, scale, log_decay)
     else:
         out, end, residuals = _chunk_forward(rule, q, k, v, beta, w_in, resets, scale, chunk_size, log_decay,
                                              features)
-    if scheme == "relay":  # the last shard's end, from its own forward
+    if scheme == "relay" or engine == "pallas":
+        # The last shard's end, from its own forward (with the kernel, so that every collective of
+        # the forward but this one comes before the kernel: see _Static.ordered).
         final = lax.psum(jnp.where(lax.axis_index(plan.axis) == plan.shards - 1, end, 0.0), plan.axis)
-    return (out, final), (q, k, beta, segment_ids, scale, m, residuals, log_decay)
+    return (out, final), (q, k, beta, segment_ids, scale, m, residuals, log_decay, end if ordered else None)
 
 
 def _shard_backward(static: _Static, saved, cotangents):
-    rule, chunk_size, plan, engine, scheme, features = static
-    q, k, beta, segment_ids, scale, m, residuals, log_decay = saved
+    rule, chunk_size, plan, engine, scheme, features, ordered = static
+    q, k, beta, segment_ids, scale, m, residuals, log_decay, end = saved
     d_out, d_final = cotangents
+    if ordered:  # the backward's collectives after the forward's kernel (_Static.ordered)
+        (d_out, d_final), _ = lax.optimization_barrier(((d_out, d_final), end))
     # The final state is replicated over the shards: differentiating the shard_map hands its
     # cotangent over in parts (summing to the whole), which the fold needs whole on every shard.
     d_final = lax.psum(d_final, plan.axis)
@@ -532,18 +551,28 @@ def _shard_backward(static: _Static, saved, cotangents):
         d_end, d_w0 = _relay_back(rule, m, entering(), d_final, plan.axis, plan.shards)
     else:
         d_end = _relay_walk_back(lambda d: entering(d_end=d), d_final, plan.axis, plan.shards)
-    d_log_decay = None
     if engine == "pallas":
-        dq, dk, dv, dbeta, d_in, d_scale = residuals((d_out, d_end))
+        dq, dk, dv, dbeta, d_in, d_scale, d_log_decay = residuals((d_out, d_end))
     else:
         (dq, dk, dv, dbeta, d_log_decay), d_in, d_scale = _chunk_backward(rule, q, resets, chunk_size, residuals,
                                                                           d_out, d_end, features)
     if scheme == "relay":  # the first shard's backward gives initial_state's gradient
         d_w0 = jnp.where(lax.axis_index(plan.axis) == 0, d_in, 0.0)
-    return dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype), d_log_decay
+    grads = dq, dk, dv, dbeta, d_w0, None, d_scale.astype(scale.dtype), d_log_decay
+    # The sums over the shards that differentiating the shard_map adds (initial_state's, scale's)
+    # after the backward's kernel (_Static.ordered).
+    return lax.optimization_barrier(grads) if ordered else grads
 
 
 _shard_op.defvjp(_shard_forward, _shard_backward)
+
+
+def _interpreted() -> bool:
+    """Whether the TPU kernel runs interpreted (``pltpu.force_tpu_interpret_mode()``); Pallas is
+    imported here, not with the module, as in ``pallas.py``."""
+    from pallas_kernels.tpu import tpu_interpret_params
+
+    return tpu_interpret_params() is not None
 
 
 def _specs(plan: ContextPlan, beta: Array | None, segment_ids: Array | None):
@@ -600,12 +629,11 @@ def fast_weight_context_parallel(
     shorter critical path for the call (:func:`.context_cost.choose_scheme`).
     ``features`` (:class:`dpfp_jax.Features`): q, k are raw (width d) and every shard maps them
     where it uses them and keeps them d wide for its backward (``_Static``); with
-    ``impl="pallas"`` they are mapped before the shards run (the TPU kernel can map them itself,
-    but its per-shard use here does not pass the map on yet).
-    ``initial_state`` is then ``[B, H, features.key_dim, V]``.
+    ``impl="pallas"`` each shard's TPU kernel is given them raw with the map (it computes the maps
+    :func:`.pallas.tpu_kernel_features` names itself, and is given others mapped per shard).
+    ``initial_state`` is then ``[B, H, features.key_dim, V]``. ``log_decay`` and ``segment_ids``
+    (each shard's local resets) go to either engine; the TPU kernel runs gated with them.
     """
-    if features is not None and impl == "pallas":
-        q, k, features = features(q), features(k), None
     if scheme is None:
         chunk = max(min(chunk_size, q.shape[1] // plan.shards), 1)
         scheme = choose_scheme(rule, plan.shards, chunk, _key_dim(k, features), v.shape[-1])
@@ -613,21 +641,15 @@ def fast_weight_context_parallel(
         raise ValueError(f"scheme must be one of {SCHEMES} or None; got {scheme!r}")
     engine = "pallas" if impl == "pallas" else "chunk"
     if engine == "pallas":
-        if log_decay is not None:
-            raise ValueError("log_decay (gated fast weights) with a sharded T needs impl='chunk' (or 'auto'): the "
-                             "Pallas TPU kernel as each shard's engine takes no decay yet")
-        if segment_ids is not None:
-            raise ValueError("segment_ids with a sharded T need impl='chunk' (the Pallas TPU kernel as each shard's "
-                             "engine takes no resets yet)")
         if not runs_tpu_kernel():
             # The GPU kernels have not run on a GPU yet, and not as a shard's engine anywhere.
             raise ValueError("impl='pallas' with a sharded T runs the Pallas TPU kernel per shard: on a TPU, or on a "
                              "CPU inside pltpu.force_tpu_interpret_mode(); elsewhere use impl='chunk'")
-        reason = pallas_supports(q, k, v, beta)
+        reason = pallas_supports(q, k, v, beta, features=features, log_decay=log_decay)
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot take this call: {reason}")
     acc = accumulation_dtype(q, k, v, beta, initial_state, log_decay)
-    static = _Static(rule, chunk_size, plan, engine, scheme, features)
+    static = _Static(rule, chunk_size, plan, engine, scheme, features, ordered=engine == "pallas" and _interpreted())
     seq, beta_spec, ids_spec, state = _specs(plan, beta, segment_ids)
     specs = (seq, seq, seq, beta_spec, state, ids_spec)
     args = _resharded(plan, (q, k, v, beta, initial_state.astype(acc), segment_ids), specs)

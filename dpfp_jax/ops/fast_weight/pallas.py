@@ -9,8 +9,9 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   every T (the last block zero-padded) and ``chunk_size`` 16, 32, 64 or a multiple of 128
   (otherwise a ValueError says so); it reads q, k, v and writes its results in the layouts XLA
   keeps them in, with no copies around the kernel. Gated (``log_decay``) it takes the decays in
-  the kernel, and then packed documents too, as ``log alpha = -inf`` at each reset; ungated it does
-  not take packed documents: with ``segment_ids`` :func:`pallas_supports` says so. Given the op's
+  the kernel, and packed documents as ``log alpha = -inf`` at each reset; ungated, packed documents
+  run the gated kernel with ``log alpha = 0`` at every other step (exact; it keeps the gated
+  kernel's block states for its backward, docs/tpu_kernel.md says what that costs). Given the op's
   ``features``, it computes the feature map itself (:func:`tpu_kernel_features`: DPFP, identity,
   relu and ``"linear"``, any normalisation, d in 32, 64, 128): q and k are read at width d, the
   map and its VJP run in VMEM. Other feature maps are applied before it, in XLA.
@@ -125,8 +126,8 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
     :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
-    TPU only with ``log_decay`` (gated: a reset is then a decay to zero); the dispatcher refuses a
-    gate where the TPU kernel does not run (the GPU kernels take none)."""
+    TPU run the gated kernel (a reset is a decay to zero; ungated, ``log alpha = 0`` elsewhere); the
+    dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels take none)."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -135,9 +136,6 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
         given = "" if features is None else f" from features={features} ({where})"
         return f"the Pallas kernels take K <= {MAX_KEY_DIM}; got K={key_dim}{given}"
     if runs_tpu_kernel():
-        if resets is not None and log_decay is None:
-            return ("the Pallas TPU kernel does not take packed documents (segment_ids); impl='chunk' or 'scan' "
-                    "does")
         return None
     platform = target_platform()
     if platform not in ("gpu", "cuda", "rocm"):
@@ -221,9 +219,10 @@ def fast_weight_pallas(
         raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
                          "take no gate")
     if tpu and resets is not None and log_decay is None:
-        # The dispatcher refuses this (pallas_supports); a direct call must not drop the resets.
-        raise ValueError("the Pallas TPU kernel takes packed documents (resets) only with log_decay; impl='chunk' "
-                         "or 'scan' takes them")
+        # Packed documents, ungated: the gated kernel with log alpha = 0 (alpha = 1, exact) but at the
+        # resets; no gradient of this log_decay is returned (the caller gave none). What it costs
+        # (the gated kernel's stored block states): docs/tpu_kernel.md.
+        log_decay = zeros_like_sharded(q[..., 0], jnp.float32)
     if log_decay is not None and resets is not None:
         # A reset zeroes the state whatever alpha is: alpha = 0 there (log alpha = -inf), whose
         # gradient is zero, as the oracle's is at a reset.
