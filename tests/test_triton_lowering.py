@@ -19,9 +19,9 @@ from tests.helpers import pallas_calls
 SLOW = pytest.mark.slow
 
 
-def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False):
+def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False, gated=False):
     fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
-                           num_stages=num_stages, packed=packed)
+                           num_stages=num_stages, packed=packed, gated=gated)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -39,6 +39,16 @@ def test_fused_recurrent_lowers_to_triton(rule, key_dim, time, value_dim, progra
     grid = calls["fwd"].grid
     assert grid[0] * grid[1] * grid[2] == programs  # (batch x head) x value blocks
     assert (calls["fwd"].num_warps, calls["bwd"].num_warps) == warps
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_gated_fused_recurrent_lowers_to_triton_with_barriers_around_its_replay(rule):
+    calls = kernels_of("fused_recurrent", rule, 384, 300, 70, gated=True)
+    assert sorted(calls) == ["bwd", "fwd"]
+    # The backward's replayed states go through global memory: a block-wide barrier after the
+    # replay and after the reverse walk of each block, none in the forward.
+    assert calls["bwd"].ir.count("gpu.barrier") == 2 and "gpu.barrier" not in calls["fwd"].ir
 
 
 CHUNKED = ["fused_chunk", "chunk_recurrence"]

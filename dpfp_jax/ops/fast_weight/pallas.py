@@ -19,9 +19,10 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
-  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
-  third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
-  reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps,
+  and for every gated call (``log_decay``: the fused chunked one takes no gate). A third,
+  ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA, gated too),
+  is reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
 - anything else (a CPU outside interpret mode): a ValueError that says so.
 
 The layers run one way: this library composes the kernels (it hands the fused chunked GPU kernel
@@ -44,7 +45,8 @@ Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
 a reset they rebuild the state it discarded by walking the previous document forward again
-(their docstrings say what that costs).
+(their docstrings say what that costs). Gated, a reset is a decay to zero (``log alpha = -inf``)
+and the fused recurrent kernel's backward replays the states from its checkpoints instead.
 """
 
 from __future__ import annotations
@@ -125,8 +127,8 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
     :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
-    TPU only with ``log_decay`` (gated: a reset is then a decay to zero); the dispatcher refuses a
-    gate where the TPU kernel does not run (the GPU kernels take none)."""
+    TPU only with ``log_decay`` (gated: a reset is then a decay to zero); a gate on the GPU goes to
+    the fused recurrent kernel."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -184,7 +186,8 @@ def fast_weight_pallas(
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them.
+    (packed documents) and ``log_decay`` (gated: the TPU kernel, and on the GPU the fused recurrent one
+    whatever T is) as the oracle takes them.
     ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused chunk GPU
     kernel (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
@@ -195,6 +198,8 @@ def fast_weight_pallas(
         # or empty; a kernel cannot be launched over an empty grid.
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    # The fused chunk GPU kernel takes no gate: the fused recurrent one takes a gated call whatever T is.
+    chunked = chunked and log_decay is None
 
     tpu = runs_tpu_kernel()
     # The map a kernel computes itself (q, k then stay at width d), or None: the kernels are given
@@ -217,9 +222,6 @@ def fast_weight_pallas(
         # the kernel's custom_vjp keeps it as a non-differentiable argument.
         interpret = tpu_interpret_params() or False
 
-    if log_decay is not None and not tpu:
-        raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
-                         "take no gate")
     if tpu and resets is not None and log_decay is None:
         # The dispatcher refuses this (pallas_supports); a direct call must not drop the resets.
         raise ValueError("the Pallas TPU kernel takes packed documents (resets) only with log_decay; impl='chunk' "
@@ -239,7 +241,7 @@ def fast_weight_pallas(
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
                                resets=resets, features=kernel_features)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
-                               resets=resets)
+                               resets=resets, log_decay=log_decay)
 
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     if batch_axis is None and head_axis is None:
