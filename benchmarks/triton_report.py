@@ -41,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="input dtype (the chunked kernels' dots take three TF32 passes for float32)")
     parser.add_argument("--dpfp-nu", type=int, default=None,
-                        help="the fused chunk kernel computes DPFP-nu (sum-normalised) on chip: --keys are then the "
+                        help="the fused kernels compute DPFP-nu (sum-normalised) on chip: --keys are then the "
                              "raw inputs' widths d, and K = 2 nu d")
     parser.add_argument("--gated", action="store_true",
                         help="with the decay gate (log_decay) and its gradient: fused_recurrent, chunk_recurrence")
     args = parser.parse_args(argv)
     features = None if args.dpfp_nu is None else DPFP(args.dpfp_nu, "sum")
-    if features is not None and args.kernels != ["fused_chunk"]:
-        parser.error("--dpfp-nu needs --kernels fused_chunk (the one kernel that computes the feature map)")
+    if features is not None and not set(args.kernels) <= {"fused_chunk", "fused_recurrent"}:
+        parser.error("--dpfp-nu needs --kernels fused_chunk and/or fused_recurrent (the kernels that compute the "
+                     "feature map)")
     if args.gated and "fused_chunk" in args.kernels:
         parser.error("--gated takes --kernels fused_recurrent and/or chunk_recurrence (fused_chunk takes no gate)")
     shared_kib = SHARED_MEMORY_PER_BLOCK_OPTIN // 1024

@@ -113,9 +113,10 @@ def test_gated_kernels_compile_for_h200_through_xla(kernel, key_dim, kernels):
 
 
 @SLOW
-def test_fused_chunk_with_dpfp_on_chip_compiles_for_h200():
+@pytest.mark.parametrize("kernel", ["fused_chunk", "fused_recurrent"])
+def test_fused_kernels_with_dpfp_on_chip_compile_for_h200(kernel):
     # The kernel reading q, k at d = 64 and computing DPFP-3 (K = 384) on chip, forward and backward.
-    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "64",
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", kernel, "--keys", "64",
                             "--rules", "delta", "--dpfp-nu", "3")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = report_rows(result.stdout)

@@ -146,12 +146,12 @@ def test_chunk_walk_gated_bfloat16():
 
 
 def test_bad_gates_are_refused_with_the_argument_named():
-    x = gated_inputs(8, rule="sum", time=4)
+    x, state, log_decay = jnp.ones((2, 4, 2, 8)), jnp.zeros((2, 2, 8, 8)), jnp.zeros((2, 4, 2))
     call = dict(rule="sum", interpret=True)
     with pytest.raises(ValueError, match=r"log_decay must be \[B, T, H\] = \(2, 4, 2\)"):
-        fused_recurrent(x["q"], x["k"], x["v"], None, x["initial_state"], log_decay=x["log_decay"][..., 0], **call)
+        fused_recurrent(x, x, x, None, state, log_decay=log_decay[..., 0], **call)
     with pytest.raises(TypeError, match="log_decay"):
-        fused_recurrent(x["q"], x["k"], x["v"], None, x["initial_state"], log_decay=x["log_decay"] > 0, **call)
+        fused_recurrent(x, x, x, None, state, log_decay=log_decay > 0, **call)
     forward, backward = chunk_walk(interpret=True)
     keys, values = jnp.ones((2, 1, 16, 4)), jnp.ones((2, 1, 16, 4))
     with pytest.raises(ValueError, match="decay and keep are exclusive"):

@@ -173,12 +173,17 @@ def test_impl_pallas_takes_segment_ids_on_a_gpu_compile_target():
 
 
 @SLOW
+@pytest.mark.parametrize("kernel, time", [("fused_chunk", 256), ("fused_recurrent", 64)])
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_fused_chunk_with_dpfp_on_chip_lowers_to_triton(rule):
+def test_fused_kernels_with_dpfp_on_chip_lower_to_triton(kernel, time, rule):
     # q and k reach the kernels at width d = 64 (K = 384 on chip); the backward scatters the map's
-    # VJP with atomic adds.
-    fn, args = op_gradient("fused_chunk", rule, 64, 256, features=DPFP(3, "sum"))
+    # VJP with atomic adds (the recurrent kernel per step; its forward has no dots, no atomics).
+    fn, args = op_gradient(kernel, rule, 64, time, features=DPFP(3, "sum"))
     assert args[0].shape[-1] == 64 and args[4].shape[-2] == 384
     kernels = {call.name.rsplit("_", 1)[-1]: call for call in triton_calls(fn, *args)}
     assert sorted(kernels) == ["bwd", "fwd"]
-    assert "tt.dot" in kernels["fwd"].ir and "tt.atomic_rmw" in kernels["bwd"].ir
+    assert "tt.atomic_rmw" in kernels["bwd"].ir
+    if kernel == "fused_chunk":
+        assert "tt.dot" in kernels["fwd"].ir
+    else:
+        assert "tt.atomic_rmw" not in kernels["fwd"].ir

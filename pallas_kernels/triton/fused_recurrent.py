@@ -35,6 +35,11 @@ two block-wide barriers per block. The gradient of log alpha_t is ``<dL/dW_a, W_
 alpha_t W_{t-1}``: exact at alpha = 0, no division. A reset wins over the gate: it is passed as
 alpha = 0 (``log alpha = -inf``), whose gradient is then zero.
 
+DPFP on chip (``features``): q and k are read at width d as one-row chunks ``[T, 1, d]`` and the
+kernels build phi(q_t), phi(k_t) 64 columns at a time with ``dpfp.py``'s helpers, holding the state
+as ``K / 64`` tiles of ``[64, BV]``; the backward scatters the map's VJP per step into ``[T, 1, 2d]``
+buffers with atomic adds (every value block's program adds into the same ones).
+
 Reached through ``dpfp_jax.fast_weight(..., impl="pallas")`` on a GPU, or directly with
 ``fused_recurrent(..., interpret=True)`` anywhere (Pallas's interpreter, for tests on the CPU).
 """
@@ -52,16 +57,33 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.triton.dpfp import (
+    DPFP,
+    check_features,
+    feature_tile,
+    input_gradient,
+    row_scale,
+    scatter_normalization_vjp,
+    scatter_vjp,
+)
 from pallas_kernels.triton.tiles import (
     compiler_params,
+    key_tiles,
     pad_state,
     pad_to,
     padded_sizes,
     total,
     value_block,
+    walk_in_reverse,
     warps_for_state,
 )
-from pallas_kernels.validation import check_interpret, check_kernel_inputs, check_log_decay, empty_result
+from pallas_kernels.validation import (
+    MAX_KEY_DIM,
+    check_interpret,
+    check_kernel_inputs,
+    check_log_decay,
+    empty_result,
+)
 
 Array = jax.Array
 
@@ -250,6 +272,86 @@ def _gated_backward_kernel(q_ref, k_ref, v_ref, beta_ref, log_decay_ref, u_ref, 
     d_w0_ref[...] = lax.fori_loop(0, num_blocks, block_back, d_w_ref[...].astype(jnp.float32))
 
 
+def _dpfp_tiles(x_ref, t, features: DPFP, num_tiles: int) -> tuple[list[Array], list[Array], Array | None]:
+    """Step t's features as key-tile columns: ``(columns [64, 1] of phi_n, rows [1, 64] of phi_n, s)``,
+    computed from the raw ``x_ref [T, 1, d]`` (``dpfp.py``'s tiles of a one-row chunk)."""
+    scale = row_scale(features, x_ref, t, num_tiles)
+    rows = [feature_tile(x_ref, t, tile, scale) for tile in range(num_tiles)]
+    return [row.T for row in rows], rows, scale
+
+
+def _dpfp_forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool,
+                         features: DPFP):
+    """The forward with DPFP on chip: q, k read at width d (``[T, 1, d]``), the state as key tiles."""
+    tiles = key_tiles(w0_ref.shape[0])
+
+    def step(t, w):
+        k_cols = _dpfp_tiles(k_ref, t, features, len(tiles))[0]
+        v_t = v_ref[t, :].astype(jnp.float32)
+        if delta:
+            recall = sum(jnp.sum(w_tile * k_col, axis=0) for w_tile, k_col in zip(w, k_cols, strict=True))
+            u_t = beta_ref[t].astype(jnp.float32) * (v_t - recall)
+            u_ref[t, :] = u_t
+        else:
+            u_t = v_t
+        w = tuple(w_tile + k_col * u_t[None, :] for w_tile, k_col in zip(w, k_cols, strict=True))
+        q_cols = _dpfp_tiles(q_ref, t, features, len(tiles))[0]
+        out_ref[t, :] = sum(jnp.sum(w_tile * q_col, axis=0) for w_tile, q_col in zip(w, q_cols, strict=True))
+        return w
+
+    w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
+    for rows, w_tile in zip(tiles, w, strict=True):
+        w_ref[rows, :] = w_tile
+
+
+def _map_back(features: DPFP, g_ref, x_ref, t, rows: list[Array], scale: Array | None,
+              cotangents: list[Array]) -> None:
+    """The map's VJP for step t: ``cotangents`` (``[64]`` per key tile, dL/dphi_n) scattered into
+    ``g_ref [T, 1, 2d]`` per position of ``a = [relu(x), relu(-x)]`` (``dpfp.py``)."""
+    dots = jnp.zeros((1, 1), jnp.float32)
+    for tile, (row, cotangent) in enumerate(zip(rows, cotangents, strict=True)):
+        cotangent = cotangent[None, :]
+        dots += jnp.sum(cotangent * row, axis=1, keepdims=True)
+        scatter_vjp(g_ref, x_ref, t, tile, cotangent if scale is None else scale * cotangent)
+    scatter_normalization_vjp(features, g_ref, x_ref, t, len(rows), scale, dots)
+
+
+def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w_ref, _dq_in, _dk_in,
+                          dq_ref, dk_ref, dv_ref, dbeta_ref, d_w0_ref, *, delta: bool, features: DPFP):
+    """The backward with DPFP on chip: phi(q_t), phi(k_t) recomputed per step, dq and dk scattered per
+    position of ``a`` with atomic adds (every value block's program adds into the same zeroed buffers)."""
+    tiles = key_tiles(w_ref.shape[0])
+    count = len(tiles)
+
+    def step(i, carry):
+        w, g = carry  # key tiles of W_t and of dL/dW_t (this program's value columns)
+        t = q_ref.shape[0] - 1 - i
+        q_cols, q_rows, q_scale = _dpfp_tiles(q_ref, t, features, count)
+        k_cols, k_rows, k_scale = _dpfp_tiles(k_ref, t, features, count)
+        v_t = v_ref[t, :].astype(jnp.float32)
+        do_t = d_out_ref[t, :].astype(jnp.float32)
+        u_t = u_ref[t, :] if delta else v_t
+        dq = [jnp.sum(w_tile * do_t[None, :], axis=1) for w_tile in w]
+        g = tuple(g_tile + q_col * do_t[None, :] for g_tile, q_col in zip(g, q_cols, strict=True))
+        dk = [jnp.sum(g_tile * u_t[None, :], axis=1) for g_tile in g]
+        du_t = sum(jnp.sum(g_tile * k_col, axis=0) for g_tile, k_col in zip(g, k_cols, strict=True))
+        w = tuple(w_tile - k_col * u_t[None, :] for w_tile, k_col in zip(w, k_cols, strict=True))
+        if delta:
+            recall = sum(jnp.sum(w_tile * k_col, axis=0) for w_tile, k_col in zip(w, k_cols, strict=True))
+            dbeta_ref[t] = jnp.sum(du_t * (v_t - recall))
+            dv_t = beta_ref[t].astype(jnp.float32) * du_t
+            dk = [dk_tile - jnp.sum(w_tile * dv_t[None, :], axis=1) for dk_tile, w_tile in zip(dk, w, strict=True)]
+            g = tuple(g_tile - k_col * dv_t[None, :] for g_tile, k_col in zip(g, k_cols, strict=True))
+        else:
+            dv_t = du_t
+        dv_ref[t, :] = dv_t
+        _map_back(features, dq_ref, q_ref, t, q_rows, q_scale, dq)
+        _map_back(features, dk_ref, k_ref, t, k_rows, k_scale, dk)
+        return w, g
+
+    walk_in_reverse(step, q_ref.shape[0], tiles, w_ref, d_w_ref, d_w0_ref)
+
+
 def _heads_major(x: Array, size: int | None = None) -> Array:
     """``[B, T, H, D] -> [B * H, T, D_padded]``."""
     batch, length, heads = x.shape[:3]
@@ -353,6 +455,81 @@ def _fused_backward(rule, interpret, residuals, cotangents):
 _fused.defvjp(_fused_forward_rule, _fused_backward, symbolic_zeros=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_dpfp(rule: str, interpret: bool, features: DPFP, q, k, v, beta, w0):
+    """DPFP on chip: q, k raw ``[B * H, T, 1, d]`` (a one-row chunk per step, as ``dpfp.py``'s tiles
+    read them), the state ``[B * H, K, V]`` with K = 2·nu·d."""
+    (out, final_state), _ = _fused_dpfp_forward(rule, interpret, features, q, k, v, beta, w0)
+    return out, final_state
+
+
+def _raw_spec(length: int, width: int) -> pl.BlockSpec:
+    """A row's raw q or k ``[T, 1, width]``, the same block for every value block."""
+    return pl.BlockSpec((None, length, 1, width), lambda i, j: (i, 0, 0, 0))
+
+
+def _fused_dpfp_forward(rule, interpret, features, q, k, v, beta, w0):
+    delta = rule == "delta"
+    bh, length, _, dim = q.shape
+    key_dim, value_dim = w0.shape[1:]
+    specs = _specs(length, key_dim, value_dim)
+    raw = _raw_spec(length, dim)
+    f32 = jnp.float32
+    out, u, final_state = pl.pallas_call(
+        functools.partial(_dpfp_forward_kernel, delta=delta, features=features),
+        out_shape=(jax.ShapeDtypeStruct((bh, length, value_dim), f32),
+                   jax.ShapeDtypeStruct((bh, length, value_dim), f32),
+                   jax.ShapeDtypeStruct((bh, key_dim, value_dim), f32)),
+        grid=(bh, specs.blocks),
+        in_specs=[raw, raw, specs.values, specs.per_step, specs.state],
+        out_specs=(specs.values, specs.values, specs.state),
+        compiler_params=compiler_params(warps_for_state(key_dim * specs.block)),
+        interpret=interpret,
+        name="fast_weight_fused_recurrent_dpfp_fwd",
+    )(q, k, v, beta if delta else jnp.zeros((bh, length), f32), w0)
+    return (out, final_state), (q, k, v, beta, u if delta else None, final_state)
+
+
+def _fused_dpfp_forward_rule(rule, interpret, features, *primals):
+    return _fused_dpfp_forward(rule, interpret, features, *primal_values(*primals))
+
+
+def _fused_dpfp_backward(rule, interpret, features, residuals, cotangents):
+    q, k, v, beta, u, final_state = residuals
+    d_out, d_final = (cotangent_array(ct) for ct in cotangents)
+    delta = rule == "delta"
+    bh, length, _, dim = q.shape
+    key_dim, value_dim = final_state.shape[1:]
+    specs = _specs(length, key_dim, value_dim)
+    raw, scattered = _raw_spec(length, dim), _raw_spec(length, 2 * dim)
+    f32 = jnp.float32
+    # dq, dk per position of a = [relu(x), relu(-x)] (width 2d): every value block's program adds
+    # into the same zero-filled buffers.
+    buffers = [jnp.zeros((bh, length, 1, 2 * dim), f32) for _ in range(2)]
+    inputs = [q, k, v, beta if delta else jnp.zeros((bh, length), f32), u if delta else jnp.zeros_like(v),
+              final_state, d_out, d_final]
+    dq, dk, dv, dbeta, d_w0 = pl.pallas_call(
+        functools.partial(_dpfp_backward_kernel, delta=delta, features=features),
+        out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in buffers],
+                   jax.ShapeDtypeStruct((bh, length, value_dim), f32),
+                   jax.ShapeDtypeStruct((specs.blocks, bh, length), f32),
+                   jax.ShapeDtypeStruct((bh, key_dim, value_dim), f32)),
+        grid=(bh, specs.blocks),
+        in_specs=[raw, raw, specs.values, specs.per_step, specs.values, specs.state, specs.values, specs.state,
+                  scattered, scattered],
+        out_specs=(scattered, scattered, specs.values, specs.partial_steps, specs.state),
+        input_output_aliases={len(inputs): 0, len(inputs) + 1: 1},
+        compiler_params=compiler_params(warps_for_state(2 * key_dim * specs.block)),  # W and dL/dW
+        interpret=interpret,
+        name="fast_weight_fused_recurrent_dpfp_bwd",
+    )(*inputs, *buffers)
+    dq, dk = (input_gradient(x).astype(y.dtype) for x, y in ((dq, q), (dk, k)))
+    return dq, dk, dv.astype(v.dtype), dbeta.sum(0) if delta else None, d_w0
+
+
+_fused_dpfp.defvjp(_fused_dpfp_forward_rule, _fused_dpfp_backward, symbolic_zeros=True)
+
+
 def checkpoint_block(length: int) -> int:
     """Steps per checkpointed block of the gated kernels: ``ceil(sqrt(T))`` (at least 1), which
     minimises the ``T / N`` checkpoints plus the ``N`` replayed states of one block.
@@ -447,6 +624,7 @@ def fused_recurrent(
     interpret: bool = False,
     resets: Array | None = None,
     log_decay: Array | None = None,
+    features: DPFP | None = None,
 ) -> tuple[Array, Array]:
     """The fast-weight op as one fused recurrent Pallas kernel.
 
@@ -466,6 +644,12 @@ def fused_recurrent(
     every block of ``checkpoint_block(T)`` steps; the backward replays each block from its
     checkpoint and walks it in reverse (this module's docstring: what it costs).
 
+    ``features``: a :class:`~pallas_kernels.triton.dpfp.DPFP`: q and k are then the raw inputs
+    ``[B, T, H, d]`` (d a multiple of 32) and the kernel computes phi(q_t), phi(k_t) (K = 2·nu·d,
+    the state's K) from them on chip at each step, forward and backward (the map's VJP in the
+    kernel, as ``dpfp.py`` says); dq and dk come back at width d. Not with ``resets`` or
+    ``log_decay`` (the library then applies the map before the kernel).
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
         >>> x = jnp.full((1, 3, 2, 4), 0.25)
@@ -474,11 +658,20 @@ def fused_recurrent(
         >>> out.shape, w.shape
         ((1, 3, 2, 4), (1, 2, 4, 4))
     """
-    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets)
+    state_key_dim = None
+    if features is not None:
+        state_key_dim = check_features(features, q.shape[-1], MAX_KEY_DIM)
+        if resets is not None or log_decay is not None:
+            given = "resets" if resets is not None else "log_decay"
+            raise ValueError(f"features: the fused recurrent kernel maps q, k itself only without resets and "
+                             f"log_decay; got {given} (apply the map before the kernel)")
+    check_kernel_inputs(q, k, v, beta, initial_state, rule, scale, resets, state_key_dim=state_key_dim)
     check_log_decay(log_decay, q)
     check_interpret(interpret)
     if (empty := empty_result(v, initial_state, q)) is not None:
         return empty
+    if features is not None:
+        return _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
@@ -524,3 +717,17 @@ def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets
     out = jnp.moveaxis((out[:, :length, :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return out.astype(vh.dtype), final_state
+
+
+def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
+    """:func:`fused_recurrent` with DPFP on chip: q, k stay ``[., d]`` (no padding; d is a multiple of 32)."""
+    batch, length, heads, dim = q.shape
+    key_dim, value_dim = initial_state.shape[2:]
+    v_pad = padded_sizes(key_dim, value_dim)[2]
+    qh, kh = (_heads_major(x).reshape(batch * heads, length, 1, dim) for x in (q, k))
+    betah = None if beta is None else jnp.moveaxis(beta.astype(jnp.float32), 2, 1).reshape(batch * heads, length)
+    w0 = pad_to(initial_state.astype(jnp.float32).reshape(batch * heads, key_dim, value_dim), 2, v_pad)
+    out, final_state = _fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0)
+    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
+    final_state = final_state[..., :value_dim].reshape(batch, heads, key_dim, value_dim)
+    return out.astype(v.dtype), final_state

@@ -14,8 +14,8 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   ``features``, it computes the feature map itself (:func:`tpu_kernel_features`: DPFP, identity,
   relu and ``"linear"``, any normalisation, d in 32, 64, 128): q and k are read at width d, the
   map and its VJP run in VMEM. Other feature maps are applied before it, in XLA.
-- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` except where the fused chunked one
-  computes DPFP itself (:func:`gpu_kernel_features`). The fused chunked one
+- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` except where they compute DPFP
+  themselves (:func:`gpu_kernel_features`). The fused chunked one
   (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
@@ -37,9 +37,10 @@ its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not p
 ``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
 until it has been timed on a TPU and found faster than ``chunk``.
 
-The feature map on the GPU: with ``features`` the fused chunked kernel computes DPFP itself from
-the raw q, k (:func:`gpu_kernel_features` says which settings); the other kernels, and other maps,
-are given ``features(q), features(k)``.
+The feature map on the GPU: with ``features`` the fused chunked kernel, and the fused recurrent
+one without packed documents or a gate, compute DPFP themselves from the raw q, k
+(:func:`gpu_kernel_features` says which settings); the walk, and other maps, are given
+``features(q), features(k)``.
 
 Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
@@ -125,7 +126,7 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
                     features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels compute
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
-    :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
+    :func:`gpu_kernel_features` (the GPU kernels) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
     TPU only with ``log_decay`` (gated: a reset is then a decay to zero); a gate on the GPU goes to
     the fused recurrent kernel."""
@@ -151,9 +152,10 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
 
 
 def gpu_kernel_features(features: Features | None):
-    """The fused chunk GPU kernel's own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``),
-    or None where that kernel cannot compute the map itself: DPFP with nu <= 4, eps > 0 and d a
-    multiple of 32 only (another map, or another d, is applied in XLA before the kernel).
+    """The GPU kernels' own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``), or None
+    where they cannot compute the map themselves: DPFP with nu <= 4, eps > 0 and d a multiple of 32
+    only (another map, or another d, is applied in XLA before the kernel). The fused chunk kernel
+    takes it always, the fused recurrent one without packed documents and without a gate.
 
     Example:
         >>> gpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
@@ -188,8 +190,8 @@ def fast_weight_pallas(
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
     (packed documents) and ``log_decay`` (gated: the TPU kernel, and on the GPU the fused recurrent one
     whatever T is) as the oracle takes them.
-    ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused chunk GPU
-    kernel (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
+    ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused GPU
+    kernels (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
@@ -208,7 +210,8 @@ def fast_weight_pallas(
     if features is not None and tpu:
         described = tpu_kernel_features(features)
         kernel_features = None if isinstance(described, str) else described
-    elif features is not None and chunked:
+    elif features is not None and (chunked or (resets is None and log_decay is None)):
+        # The fused chunk kernel maps q, k itself, and the fused recurrent one without documents or a gate.
         kernel_features = gpu_kernel_features(features)
     if features is not None and kernel_features is None:
         q, k = features(q), features(k)
@@ -241,7 +244,7 @@ def fast_weight_pallas(
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
                                resets=resets, features=kernel_features)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
-                               resets=resets, log_decay=log_decay)
+                               resets=resets, log_decay=log_decay, features=kernel_features)
 
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     if batch_axis is None and head_axis is None:
