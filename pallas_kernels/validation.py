@@ -307,10 +307,10 @@ def check_recurrence_inputs(per_key: dict[str, Array | None], per_value: dict[st
 
 
 def check_chunk_documents(keep: object, states: object, num_chunks: int, groups: int, key_dim: int,
-                          value_dim: int, *, states_expected: bool) -> None:
+                          value_dim: int, *, states_expected: bool, gated: bool = False) -> None:
     """The chunk recurrence's packed documents: ``keep`` None or bool ``[N, G]`` (False for a chunk
     in which a document starts); the backward's ``states`` (each chunk's start state, from the
-    forward) float ``[N, G, K, V]``, given exactly when ``keep`` is.
+    forward) float ``[N, G, K, V]``, given exactly when ``keep`` is, or the walk is ``gated`` (a ``decay``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -328,12 +328,35 @@ def check_chunk_documents(keep: object, states: object, num_chunks: int, groups:
     if not states_expected:
         return
     expected = (num_chunks, groups, key_dim, value_dim)
-    if keep is not None and states is None:
-        raise ValueError(f"states is required with keep: the forward's chunk start states [N, G, K, V] = {expected}; "
-                         "got None")
-    if keep is None and states is not None:
-        raise ValueError("states is only used with keep (packed documents); got states and keep=None")
+    given = "decay" if gated else "keep"
+    if (keep is not None or gated) and states is None:
+        raise ValueError(f"states is required with {given}: the forward's chunk start states [N, G, K, V] = "
+                         f"{expected}; got None")
+    if keep is None and not gated and states is not None:
+        raise ValueError("states is only used with keep (packed documents) or decay (gated); got states and neither")
     if states is not None:
         if getattr(states, "shape", None) is None or tuple(states.shape) != expected:
             raise ValueError(f"states must be [N, G, K, V] = {expected}; got {getattr(states, 'shape', states)}")
         _check_float("states", states)
+
+
+def check_chunk_decay(decay: object, keep: object, num_chunks: int, groups: int) -> None:
+    """The chunk recurrence's gate: ``decay`` None or a float ``[N, G]`` array (what each chunk's
+    start state leaves in its end state), never together with ``keep`` (a reset is a decay of 0).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_chunk_decay(jnp.ones((2, 3)), jnp.ones((2, 3), bool), 2, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: decay and keep are exclusive: gated, a chunk in which a document starts has decay 0; got both
+    """
+    if decay is None:
+        return
+    if keep is not None:
+        raise ValueError("decay and keep are exclusive: gated, a chunk in which a document starts has decay 0; "
+                         "got both")
+    _check_array("decay", decay)
+    if tuple(decay.shape) != (num_chunks, groups):
+        raise ValueError(f"decay must be [N, G] = {(num_chunks, groups)}; got shape {tuple(decay.shape)}")
+    _check_float("decay", decay)

@@ -368,3 +368,37 @@ def op_program(impl: str, rule: str, key_dim: int, dtype=jnp.bfloat16, *, batch:
     args = (keys, keys, jax.ShapeDtypeStruct((batch, time, heads, value_dim), dtype),
             jax.ShapeDtypeStruct((batch, time, heads), dtype) if delta else None)
     return fn, args
+
+
+def raw_dpfp_inputs(rule: str, dim: int, nu: int, time: int, batch: int = 1, heads: int = 2, value_dim: int = 16,
+                    spread: float = 1.0):
+    """Raw q, k (width d, Gaussian of scale ``spread``), v, beta, and a small random initial state of
+    K = 2 nu d: the inputs of the GPU kernels that compute DPFP on chip."""
+    q, k = normal(0, (batch, time, heads, dim), spread), normal(1, (batch, time, heads, dim), spread)
+    v = normal(2, (batch, time, heads, value_dim))
+    beta = jax.nn.sigmoid(normal(3, (batch, time, heads))) if rule == "delta" else None
+    state = normal(4, (batch, heads, 2 * nu * dim, value_dim), 0.1)
+    return q, k, v, beta, state
+
+
+def scaled_results_and_grads(fn, rule, args, scale=0.7):
+    """``fn(q, k, v, beta, state, scale)``'s (out, state) and the gradients of a nonlinear loss on both
+    w.r.t. q, k, v, the initial state, scale (and beta)."""
+    names = (0, 1, 2, 4, 5) + ((3,) if rule == "delta" else ())
+
+    def loss(q, k, v, beta, state, scale):
+        out, final = fn(q, k, v, beta, state, scale)
+        return jnp.sum(out * jnp.cos(out)) + jnp.sum(final * final), (out, final)
+
+    (_, results), grads = jax.value_and_grad(loss, argnums=names, has_aux=True)(*args, scale)
+    return results, grads
+
+
+def dpfp_then_reference(rule, dim, nu, normalization):
+    """The oracle of the kernels that compute DPFP on chip: the library's ``Features`` applied first,
+    then ``impl="reference"``; called as ``fn(q, k, v, beta, state, scale)``."""
+    phi = dj.Features("dpfp", dim=dim, nu=nu, normalization=normalization)
+
+    def fn(q, k, v, beta, state, scale):
+        return dj.fast_weight(phi(q), phi(k), v, beta, rule=rule, initial_state=state, scale=scale, impl="reference")
+    return fn

@@ -95,9 +95,28 @@ def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
 
 
 @SLOW
-def test_fused_chunk_with_dpfp_on_chip_compiles_for_h200():
+@pytest.mark.parametrize("kernel, key_dim, kernels", [
+    ("fused_recurrent", 1024, ["fast_weight_fused_recurrent_gated_bwd", "fast_weight_fused_recurrent_gated_fwd"]),
+    # The gated walk's backward runs the forward walk again for the chunks' start states.
+    ("chunk_recurrence", 128, ["fast_weight_chunk_recurrence_bwd", "fast_weight_chunk_recurrence_fwd",
+                               "fast_weight_chunk_recurrence_fwd__1"]),
+])
+def test_gated_kernels_compile_for_h200_through_xla(kernel, key_dim, kernels):
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", kernel, "--keys", str(key_dim),
+                            "--rules", "delta", "--gated")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = report_rows(result.stdout)
+    assert sorted(r["name"] for r in rows) == kernels, result.stdout
+    for row in rows:
+        assert_within_h200_limits(row)
+        assert row["spill_stores"] == 0 or kernel == "chunk_recurrence", row
+
+
+@SLOW
+@pytest.mark.parametrize("kernel", ["fused_chunk", "fused_recurrent"])
+def test_fused_kernels_with_dpfp_on_chip_compile_for_h200(kernel):
     # The kernel reading q, k at d = 64 and computing DPFP-3 (K = 384) on chip, forward and backward.
-    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "64",
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", kernel, "--keys", "64",
                             "--rules", "delta", "--dpfp-nu", "3")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = report_rows(result.stdout)

@@ -16,46 +16,18 @@ from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
 from pallas_kernels.triton.dpfp import DPFP
 from tests.helpers import assert_relative_error, normal, pallas_calls
+from tests.helpers import dpfp_then_reference as oracle
+from tests.helpers import raw_dpfp_inputs as inputs
+from tests.helpers import scaled_results_and_grads as results_and_grads
 
 SLOW = pytest.mark.slow
 CHUNK = 16
-
-
-def inputs(rule: str, dim: int, nu: int, time: int, batch: int = 1, heads: int = 2, value_dim: int = 16,
-           spread: float = 1.0):
-    """Raw q, k (width d, Gaussian of scale ``spread``), v, beta, and a small random initial state of K = 2 nu d."""
-    q, k = normal(0, (batch, time, heads, dim), spread), normal(1, (batch, time, heads, dim), spread)
-    v = normal(2, (batch, time, heads, value_dim))
-    beta = jax.nn.sigmoid(normal(3, (batch, time, heads))) if rule == "delta" else None
-    state = normal(4, (batch, heads, 2 * nu * dim, value_dim), 0.1)
-    return q, k, v, beta, state
-
-
-def results_and_grads(fn, rule, args, scale=0.7):
-    """(out, state) and the gradients of a nonlinear loss on both w.r.t. q, k, v, initial state,
-    scale (and beta)."""
-    names = (0, 1, 2, 4, 5) + ((3,) if rule == "delta" else ())
-
-    def loss(q, k, v, beta, state, scale):
-        out, final = fn(q, k, v, beta, state, scale)
-        return jnp.sum(out * jnp.cos(out)) + jnp.sum(final * final), (out, final)
-
-    (_, results), grads = jax.value_and_grad(loss, argnums=names, has_aux=True)(*args, scale)
-    return results, grads
 
 
 def on_chip(rule, nu, normalization):
     def fn(q, k, v, beta, state, scale):
         return fused_chunk(q, k, v, beta, state, rule=rule, scale=scale, chunk_size=CHUNK, interpret=True,
                            wy_inverse=wy_inverse if rule == "delta" else None, features=DPFP(nu, normalization))
-    return fn
-
-
-def oracle(rule, dim, nu, normalization):
-    phi = dj.Features("dpfp", dim=dim, nu=nu, normalization=normalization)
-
-    def fn(q, k, v, beta, state, scale):
-        return dj.fast_weight(phi(q), phi(k), v, beta, rule=rule, initial_state=state, scale=scale, impl="reference")
     return fn
 
 

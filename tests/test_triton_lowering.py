@@ -19,9 +19,9 @@ from tests.helpers import pallas_calls
 SLOW = pytest.mark.slow
 
 
-def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False):
+def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False, gated=False):
     fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
-                           num_stages=num_stages, packed=packed)
+                           num_stages=num_stages, packed=packed, gated=gated)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -39,6 +39,16 @@ def test_fused_recurrent_lowers_to_triton(rule, key_dim, time, value_dim, progra
     grid = calls["fwd"].grid
     assert grid[0] * grid[1] * grid[2] == programs  # (batch x head) x value blocks
     assert (calls["fwd"].num_warps, calls["bwd"].num_warps) == warps
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_gated_fused_recurrent_lowers_to_triton_with_barriers_around_its_replay(rule):
+    calls = kernels_of("fused_recurrent", rule, 384, 300, 70, gated=True)
+    assert sorted(calls) == ["bwd", "fwd"]
+    # The backward's replayed states go through global memory: a block-wide barrier after the
+    # replay and after the reverse walk of each block, none in the forward.
+    assert calls["bwd"].ir.count("gpu.barrier") == 2 and "gpu.barrier" not in calls["fwd"].ir
 
 
 CHUNKED = ["fused_chunk", "chunk_recurrence"]
@@ -163,12 +173,17 @@ def test_impl_pallas_takes_segment_ids_on_a_gpu_compile_target():
 
 
 @SLOW
+@pytest.mark.parametrize("kernel, time", [("fused_chunk", 256), ("fused_recurrent", 64)])
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_fused_chunk_with_dpfp_on_chip_lowers_to_triton(rule):
+def test_fused_kernels_with_dpfp_on_chip_lower_to_triton(kernel, time, rule):
     # q and k reach the kernels at width d = 64 (K = 384 on chip); the backward scatters the map's
-    # VJP with atomic adds.
-    fn, args = op_gradient("fused_chunk", rule, 64, 256, features=DPFP(3, "sum"))
+    # VJP with atomic adds (the recurrent kernel per step; its forward has no dots, no atomics).
+    fn, args = op_gradient(kernel, rule, 64, time, features=DPFP(3, "sum"))
     assert args[0].shape[-1] == 64 and args[4].shape[-2] == 384
     kernels = {call.name.rsplit("_", 1)[-1]: call for call in triton_calls(fn, *args)}
     assert sorted(kernels) == ["bwd", "fwd"]
-    assert "tt.dot" in kernels["fwd"].ir and "tt.atomic_rmw" in kernels["bwd"].ir
+    assert "tt.atomic_rmw" in kernels["bwd"].ir
+    if kernel == "fused_chunk":
+        assert "tt.dot" in kernels["fwd"].ir
+    else:
+        assert "tt.atomic_rmw" not in kernels["fwd"].ir

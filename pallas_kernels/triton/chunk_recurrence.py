@@ -17,6 +17,12 @@ subtraction; as the XLA walk does, the forward then also stores every chunk's st
 (``states``, ``T / C`` states of ``[K, V]`` per head) and the backward reads them instead of
 subtracting.
 
+Gated (``decay``, one factor per chunk, in place of ``keep``: ``W1 = decay W0 + K^T U``), the walk
+does the same: the forward stores every chunk's start state, and the backward reads it rather than
+rebuilding it (which would divide by the decay) and also returns ``d_decay = <dL/dW1, W0>`` per
+chunk (one partial per value block, summed outside). The chunk form computes the decays within a
+chunk itself (``dpfp_jax``'s ``wy.chunk_decays``) and hands the walk keys already scaled by them.
+
 On-chip budget (checked for H100/H200 by ``benchmarks/triton_report.py``): the state is held as
 ``K / 64`` separate ``[64, BV]`` tiles and every chunk is read 64 key columns at a time, so no
 ``[C, K]`` operand is ever materialised whole: Triton stages such operands through shared
@@ -47,9 +53,15 @@ from pallas_kernels.triton.tiles import (
     pad_to,
     padded_sizes,
     tile_dot,
+    total,
     walk_in_reverse,
 )
-from pallas_kernels.validation import check_chunk_documents, check_interpret, check_recurrence_inputs
+from pallas_kernels.validation import (
+    check_chunk_decay,
+    check_chunk_documents,
+    check_interpret,
+    check_recurrence_inputs,
+)
 
 Array = jax.Array
 
@@ -60,7 +72,7 @@ FORWARD_STATE_BUDGET = 16_384
 BACKWARD_STATE_BUDGET = 4_096
 
 
-def _forward_kernel(*refs, delta: bool, packed: bool, dot):
+def _forward_kernel(*refs, delta: bool, packed: bool, gated: bool, dot):
     refs = iter(refs)
     q_ref, k_ref, u_tilde_ref = next(refs), next(refs), next(refs)
     y_ref = next(refs) if delta else None
@@ -81,10 +93,12 @@ def _forward_kernel(*refs, delta: bool, packed: bool, dot):
             u_ref[n] = u
         out_ref[n] = times_state(q_ref) + out_intra_ref[n]
         if packed:
-            keep = keep_ref[n] != 0
             for rows, w_tile in zip(tiles, w, strict=True):
                 states_ref[n, rows, :] = w_tile
-            w = tuple(jnp.where(keep, w_tile, 0.0) for w_tile in w)
+            if gated:  # keep_ref holds each chunk's decay: W1 = decay W0 + K^T U
+                w = tuple(keep_ref[n] * w_tile for w_tile in w)
+            else:
+                w = tuple(jnp.where(keep_ref[n] != 0, w_tile, 0.0) for w_tile in w)
         return tuple(w_tile + dot(k_ref[n, :, rows].T, u) for rows, w_tile in zip(tiles, w, strict=True))
 
     w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
@@ -92,7 +106,7 @@ def _forward_kernel(*refs, delta: bool, packed: bool, dot):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, packed: bool, dot):
+def _backward_kernel(*refs, delta: bool, packed: bool, gated: bool, dot):
     refs = iter(refs)
     q_ref, k_ref, u_ref = next(refs), next(refs), next(refs)
     y_ref = next(refs) if delta else None
@@ -100,6 +114,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
     keep_ref, states_ref = (next(refs), next(refs)) if packed else (None, None)
     dq_ref, dk_ref, du_ref = next(refs), next(refs), next(refs)
     dy_ref = next(refs) if delta else None
+    d_decay_ref = next(refs) if gated else None
     d_w0_ref = next(refs)
     num_chunks = q_ref.shape[0]
     tiles = key_tiles(w_ref.shape[0])
@@ -110,22 +125,33 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot):
         u, d_out = u_ref[n], d_out_ref[n]
         du = sum(dot(k_ref[n, :, rows], dw) for rows, dw in zip(tiles, dw1, strict=True))
         du_ref[n] = du
-        w0, dw0 = [], []
+        w0, dw0, d_decay = [], [], 0.0
         for rows, w, dw in zip(tiles, w1, dw1, strict=True):
             # With documents the start state is the forward's (a reset in the chunk discarded it).
             w = states_ref[n, rows, :] if packed else w - dot(k_ref[n, :, rows].T, u)
             dk_ref[n, :, rows] = dot(u, dw.T)
             dq_ref[n, :, rows] = dot(d_out, w.T)
-            dw = dw if not packed else jnp.where(keep_ref[n] != 0, dw, 0.0)
+            if gated:  # W1 = decay W0 + K^T U: d decay = <dL/dW1, W0>, no division by the decay
+                d_decay += total(dw * w)
+                dw = keep_ref[n] * dw
+            elif packed:
+                dw = jnp.where(keep_ref[n] != 0, dw, 0.0)
             dw = dw + dot(q_ref[n, :, rows].T, d_out)
             if delta:
                 dw = dw - dot(y_ref[n, :, rows].T, du)
                 dy_ref[n, :, rows] = -dot(du, w.T)
             w0.append(w)
             dw0.append(dw)
+        if gated:
+            d_decay_ref[n] = d_decay
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
+
+
+def _per_chunk(keep: Array | None, decay: Array | None) -> Array:
+    """The kernels' per-chunk ``[G, N]`` input: the decays (float32) when gated, else keep as int32."""
+    return decay.T.astype(jnp.float32) if decay is not None else keep.T.astype(jnp.int32)
 
 
 def _specs(num_chunks: int, chunk: int, key_dim: int, block: int):
@@ -143,7 +169,7 @@ def _document_specs(num_chunks: int, key_dim: int, block: int):
     return per_chunk, states
 
 
-def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interpret: bool = False,
+def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, decay=None, *, interpret: bool = False,
                        precise: bool = True):
     """Pallas version of ``chunk.forward_recurrence_xla``: same arguments and results.
 
@@ -151,7 +177,8 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interp
     Shapes (checked, with K <= ``MAX_KEY_DIM``): q_eff, k and y (None for the sum rule)
     ``[N, G, C, K]``; u_tilde, out_intra ``[N, G, C, V]``; w0 ``[G, K, V]``; ``keep`` (packed
     documents) None or bool ``[N, G]``, with which every chunk's start state comes back too
-    (``states [N, G, K, V]``, else None).
+    (``states [N, G, K, V]``, else None). Gated, ``decay`` (float ``[N, G]``, in place of ``keep``)
+    multiplies what each chunk's start state leaves in its end state, and the states come back too.
     """
     check_interpret(interpret)
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u_tilde": u_tilde, "out_intra": out_intra},
@@ -159,22 +186,25 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interp
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u_tilde.shape[-1]
     check_chunk_documents(keep, None, num_chunks, groups, key_dim, value_dim, states_expected=False)
+    check_chunk_decay(decay, keep, num_chunks, groups)
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, FORWARD_STATE_BUDGET, min_block=16,
                                         key_tile=KEY_TILE)
-    delta, packed = y is not None, keep is not None
+    # Gated, the walk stores every chunk's start state as with documents, and carries decay W0.
+    delta, gated = y is not None, decay is not None
+    packed = keep is not None or gated
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, _ = _specs(num_chunks, chunk, k_pad, block)
     per_chunk, states = _document_specs(num_chunks, k_pad, block)
     inputs = [pad_k(q_eff), pad_k(k), pad_v(u_tilde)] + ([pad_k(y)] if delta else []) + [pad_v(out_intra)]
     inputs = [x.astype(jnp.float32) for x in inputs]
-    inputs += ([keep.T.astype(jnp.int32)] if packed else []) + [pad_state(w0, k_pad, v_pad).astype(jnp.float32)]
+    inputs += ([_per_chunk(keep, decay)] if packed else []) + [pad_state(w0, k_pad, v_pad).astype(jnp.float32)]
     value_shape = jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)
     out_shape = [value_shape] + ([value_shape] if delta else []) + (
         [jax.ShapeDtypeStruct((num_chunks, groups, k_pad, v_pad), jnp.float32)] if packed else []) + [
         jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
     results = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
+        functools.partial(_forward_kernel, delta=delta, packed=packed, gated=gated, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, v_pad // block),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values] + ([per_chunk] if packed else []) + [
@@ -191,22 +221,25 @@ def forward_recurrence(q_eff, k, u_tilde, y, out_intra, w0, keep=None, *, interp
     return out[..., :value_dim], u, final_state[:, :key_dim, :value_dim], chunk_states
 
 
-def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, keep=None, states=None, *,
+def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, keep=None, states=None, decay=None, *,
                         interpret: bool = False, precise: bool = True):
     """Pallas version of ``chunk.backward_recurrence_xla``: same arguments and results; ``precise`` as
     in ``forward_recurrence``. Shapes (checked): q_eff, k and y (None for the sum rule) ``[N, G, C, K]``;
     u, d_out ``[N, G, C, V]``; final_state, d_final ``[G, K, V]``; with packed documents ``keep``
-    (bool ``[N, G]``) and the forward's ``states`` (``[N, G, K, V]``) together, or neither."""
+    (bool ``[N, G]``) and the forward's ``states`` (``[N, G, K, V]``) together, or neither; gated,
+    ``decay`` (``[N, G]``) in place of ``keep``, with ``states``, and a sixth result ``d_decay [N, G]``."""
     check_interpret(interpret)
     check_recurrence_inputs({"q_eff": q_eff, "k": k, "y": y}, {"u": u, "d_out": d_out},
                             {"final_state": final_state, "d_final": d_final})
     num_chunks, groups, chunk, key_dim = q_eff.shape
     value_dim = u.shape[-1]
-    check_chunk_documents(keep, states, num_chunks, groups, key_dim, value_dim, states_expected=True)
+    delta, gated = y is not None, decay is not None
+    check_chunk_decay(decay, keep, num_chunks, groups)
+    check_chunk_documents(keep, states, num_chunks, groups, key_dim, value_dim, states_expected=True, gated=gated)
     k_pad, block, v_pad = padded_sizes(key_dim, value_dim, BACKWARD_STATE_BUDGET, min_block=16,
                                         key_tile=KEY_TILE)
     num_blocks = v_pad // block
-    delta, packed = y is not None, keep is not None
+    packed = keep is not None or gated
     pad_k = functools.partial(pad_to, axis=-1, size=k_pad)
     pad_v = functools.partial(pad_to, axis=-1, size=v_pad)
     keys, values, state, partial_keys = _specs(num_chunks, chunk, k_pad, block)
@@ -215,25 +248,30 @@ def backward_recurrence(q_eff, k, u, y, d_out, final_state, d_final, keep=None, 
         pad_v(d_out), pad_state(final_state, k_pad, v_pad), pad_state(d_final, k_pad, v_pad)]
     inputs = [x.astype(jnp.float32) for x in inputs]
     if packed:
-        inputs += [keep.T.astype(jnp.int32), pad_to(pad_to(states, 2, k_pad), 3, v_pad).astype(jnp.float32)]
+        inputs += [_per_chunk(keep, decay), pad_to(pad_to(states, 2, k_pad), 3, v_pad).astype(jnp.float32)]
     partial_shape = jax.ShapeDtypeStruct((num_blocks, num_chunks, groups, chunk, k_pad), jnp.float32)
     out_shape = [partial_shape, partial_shape,
                  jax.ShapeDtypeStruct((num_chunks, groups, chunk, v_pad), jnp.float32)]
-    out_shape += ([partial_shape] if delta else []) + [jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
+    out_shape += ([partial_shape] if delta else []) + (
+        [jax.ShapeDtypeStruct((num_blocks, groups, num_chunks), jnp.float32)] if gated else []) + [
+        jax.ShapeDtypeStruct((groups, k_pad, v_pad), jnp.float32)]
+    partial_chunks = pl.BlockSpec((None, None, num_chunks), lambda g, j: (j, g, 0))
     results = pl.pallas_call(
-        functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise)),
+        functools.partial(_backward_kernel, delta=delta, packed=packed, gated=gated, dot=tile_dot(interpret, precise)),
         out_shape=tuple(out_shape),
         grid=(groups, num_blocks),
         in_specs=[keys, keys, values] + ([keys] if delta else []) + [values, state, state] + (
             [per_chunk, chunk_states] if packed else []),
-        out_specs=tuple([partial_keys, partial_keys, values] + ([partial_keys] if delta else []) + [state]),
+        out_specs=tuple([partial_keys, partial_keys, values] + ([partial_keys] if delta else []) + (
+            [partial_chunks] if gated else []) + [state]),
         compiler_params=compiler_params(NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="fast_weight_chunk_recurrence_bwd",
     )(*inputs)
     dq, dk, du = results[0].sum(0), results[1].sum(0), results[2]
     dy = results[3].sum(0)[..., :key_dim] if delta else None
-    return dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim]
+    grads = (dq[..., :key_dim], dk[..., :key_dim], du[..., :value_dim], dy, results[-1][:, :key_dim, :value_dim])
+    return grads if not gated else (*grads, results[-2].sum(0).T)
 
 
 @functools.cache

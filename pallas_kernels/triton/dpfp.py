@@ -115,8 +115,9 @@ def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Ar
     p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + start % width
     m = p - shift
     m = jnp.where(m < 0, m + width, m)
-    if dim >= TILE:
+    if dim % TILE == 0:
         # a[p] is 64 contiguous columns of x with one sign: a plain (vectorised) load, no gather.
+        # (With d an odd multiple of 32, e.g. 96, a tile may straddle relu(x) and relu(-x): gathered.)
         first = start % width
         x = x_ref[n, :, pl.ds(first % dim, TILE)].astype(jnp.float32)
         own = jnp.maximum(x if first < dim else -x, 0.0)

@@ -110,6 +110,12 @@ def tile_dot(interpret: bool, precise: bool):
     return functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
 
 
+def total(x: Array) -> Array:
+    """The sum of a 2-D on-chip array, one axis at a time: Pallas's Triton lowering cannot reduce
+    both axes in one ``jnp.sum`` (jax 0.11.2: it gives the 1-D partial result a 2-D sharding)."""
+    return jnp.sum(jnp.sum(x, axis=1), axis=0)
+
+
 def key_tiles(key_dim: int) -> list[slice]:
     """Row slices of the state's on-chip tiles: ``KEY_TILE`` keys each (all of K when smaller)."""
     tile = min(KEY_TILE, key_dim)

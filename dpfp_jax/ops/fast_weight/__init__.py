@@ -23,7 +23,7 @@ from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_
 from dpfp_jax.ops.fast_weight.eager import jit_when_eager
 from dpfp_jax.ops.fast_weight.forward_mode import refuse_forward_mode
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.stability import check_delta_stability
@@ -61,17 +61,12 @@ def _always(*args: object, **kwargs: object) -> str | None:
 
 GATED_IMPLS = ("reference", "scan", "chunk")
 """The impls that take ``log_decay`` (gated fast weights) everywhere; ``"auto"`` picks among them.
-``"pallas"`` takes it where it runs the TPU kernel (a TPU, or inside
-``pltpu.force_tpu_interpret_mode()``), not on a GPU."""
+``"pallas"`` takes it too (the TPU kernel; on a GPU the fused recurrent kernel), where it runs."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
-    if log_decay is None or name in GATED_IMPLS or (name == "pallas" and runs_tpu_kernel()):
+    if log_decay is None or name in GATED_IMPLS or name == "pallas":
         return None
-    if name == "pallas":
-        return ("log_decay (gated fast weights) is not implemented in the Pallas GPU kernels yet (the Pallas TPU "
-                "kernel takes it, on a TPU or inside pltpu.force_tpu_interpret_mode()); impl= "
-                + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
     return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
             + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
 
@@ -242,8 +237,8 @@ def fast_weight(
         phi(q), phi(k), computed first.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
-        ``"pallas"``) and ``"pallas"`` where it runs the TPU kernel (on a GPU, or a CPU outside
-        interpret mode, ``impl="pallas"`` says it cannot take it), with ``initial_state``,
+        ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused recurrent kernel, at any T;
+        on a CPU outside interpret mode ``impl="pallas"`` says it cannot run), with ``initial_state``,
         ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
         flow to it. Positive or NaN values are refused with a ValueError when the values are known
         (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless

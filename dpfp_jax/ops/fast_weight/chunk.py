@@ -491,7 +491,8 @@ def fast_weight_chunk(
     cumulative log sums (``wy.chunk_decays``, docs/math.md "Gated"); the backward then walks each
     span's chunks forward again from the span's start state for every chunk's start state, as
     rebuilding it backwards would divide by the chunk's decay (nothing more kept than without a
-    gate). Only with a :class:`Walk` (the XLA walk).
+    gate). The walk is then called with ``decay`` (``[N, G]``, per chunk) in place of ``keep``, as
+    ``forward_recurrence_xla`` takes it; ``pallas_kernels.chunk_walk()`` takes it too.
 
     ``span_size``: steps per span, the unit of work and of recomputation (see the module
     docstring): as few spans of at most ``span_size`` steps (rounded down to whole chunks, at
@@ -506,9 +507,6 @@ def fast_weight_chunk(
     beta are zero, so their writes are.
     """
     _check_walk(walk)
-    if log_decay is not None and not isinstance(walk, Walk):
-        raise ValueError("log_decay (gated fast weights) needs the XLA walk (a Walk, e.g. XLA_WALK); other walks, "
-                         "such as pallas_kernels.chunk_walk(), take no decay")
     check_positive_int("span_size", span_size)
     batch, length, heads, _ = q.shape
     if isinstance(walk, Walk):

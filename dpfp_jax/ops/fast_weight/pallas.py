@@ -15,14 +15,15 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   ``features``, it computes the feature map itself (:func:`tpu_kernel_features`: DPFP, identity,
   relu and ``"linear"``, any normalisation, d in 32, 64, 128): q and k are read at width d, the
   map and its VJP run in VMEM. Other feature maps are applied before it, in XLA.
-- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` except where the fused chunked one
-  computes DPFP itself (:func:`gpu_kernel_features`). The fused chunked one
+- a GPU: two Triton kernels, given ``phi(q)``, ``phi(k)`` except where they compute DPFP
+  themselves (:func:`gpu_kernel_features`). The fused chunked one
   (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
-  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
-  third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
-  reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps,
+  and for every gated call (``log_decay``: the fused chunked one takes no gate). A third,
+  ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA, gated too),
+  is reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
 - anything else (a CPU outside interpret mode): a ValueError that says so.
 
 The layers run one way: this library composes the kernels (it hands the fused chunked GPU kernel
@@ -37,15 +38,17 @@ its own slice (packed documents' ``resets [B, T]`` sliced with the batch). Not p
 ``impl="auto"``: the GPU kernels until they have passed the test suite on a GPU, the TPU kernel
 until it has been timed on a TPU and found faster than ``chunk``.
 
-The feature map on the GPU: with ``features`` the fused chunked kernel computes DPFP itself from
-the raw q, k (:func:`gpu_kernel_features` says which settings); the other kernels, and other maps,
-are given ``features(q), features(k)``.
+The feature map on the GPU: with ``features`` the fused chunked kernel, and the fused recurrent
+one without packed documents or a gate, compute DPFP themselves from the raw q, k
+(:func:`gpu_kernel_features` says which settings); the walk, and other maps, are given
+``features(q), features(k)``.
 
 Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`` of the op's
 ``segment_ids``); the fused chunked one gets ``wy.wy_inverse``, which takes the same-document
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
 a reset they rebuild the state it discarded by walking the previous document forward again
-(their docstrings say what that costs).
+(their docstrings say what that costs). Gated, a reset is a decay to zero (``log alpha = -inf``)
+and the fused recurrent kernel's backward replays the states from its checkpoints instead.
 """
 
 from __future__ import annotations
@@ -124,10 +127,10 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
                     features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels compute
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
-    :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
+    :func:`gpu_kernel_features` (the GPU kernels) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
-    TPU run the gated kernel (a reset is a decay to zero; ungated, ``log alpha = 0`` elsewhere); the
-    dispatcher refuses a gate where the TPU kernel does not run (the GPU kernels take none)."""
+    TPU run the gated kernel (a reset is a decay to zero; ungated, ``log alpha = 0`` elsewhere); a
+    gate on the GPU goes to the fused recurrent kernel."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -147,9 +150,10 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
 
 
 def gpu_kernel_features(features: Features | None):
-    """The fused chunk GPU kernel's own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``),
-    or None where that kernel cannot compute the map itself: DPFP with nu <= 4, eps > 0 and d a
-    multiple of 32 only (another map, or another d, is applied in XLA before the kernel).
+    """The GPU kernels' own description of ``features`` (``pallas_kernels.triton.dpfp.DPFP``), or None
+    where they cannot compute the map themselves: DPFP with nu <= 4, eps > 0 and d a multiple of 32
+    only (another map, or another d, is applied in XLA before the kernel). The fused chunk kernel
+    takes it always, the fused recurrent one without packed documents and without a gate.
 
     Example:
         >>> gpu_kernel_features(Features("dpfp", dim=64, nu=3, normalization="sum"))
@@ -182,9 +186,10 @@ def fast_weight_pallas(
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them.
-    ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused chunk GPU
-    kernel (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
+    (packed documents) and ``log_decay`` (gated: the TPU kernel, and on the GPU the fused recurrent one
+    whatever T is) as the oracle takes them.
+    ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused GPU
+    kernels (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
 
@@ -193,6 +198,8 @@ def fast_weight_pallas(
         # or empty; a kernel cannot be launched over an empty grid.
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
     chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    # The fused chunk GPU kernel takes no gate: the fused recurrent one takes a gated call whatever T is.
+    chunked = chunked and log_decay is None
 
     tpu = runs_tpu_kernel()
     # The map a kernel computes itself (q, k then stay at width d), or None: the kernels are given
@@ -201,7 +208,8 @@ def fast_weight_pallas(
     if features is not None and tpu:
         described = tpu_kernel_features(features)
         kernel_features = None if isinstance(described, str) else described
-    elif features is not None and chunked:
+    elif features is not None and (chunked or (resets is None and log_decay is None)):
+        # The fused chunk kernel maps q, k itself, and the fused recurrent one without documents or a gate.
         kernel_features = gpu_kernel_features(features)
     if features is not None and kernel_features is None:
         q, k = features(q), features(k)
@@ -215,9 +223,6 @@ def fast_weight_pallas(
         # the kernel's custom_vjp keeps it as a non-differentiable argument.
         interpret = tpu_interpret_params() or False
 
-    if log_decay is not None and not tpu:
-        raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
-                         "take no gate")
     if tpu and resets is not None and log_decay is None:
         # Packed documents, ungated: the gated kernel with log alpha = 0 (alpha = 1, exact) but at the
         # resets; no gradient of this log_decay is returned (the caller gave none). What it costs
@@ -238,7 +243,7 @@ def fast_weight_pallas(
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
                                resets=resets, features=kernel_features)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
-                               resets=resets)
+                               resets=resets, log_decay=log_decay, features=kernel_features)
 
     mesh, batch_axis, head_axis = batch_head_axes_of(q)
     if batch_axis is None and head_axis is None:
