@@ -9,7 +9,7 @@ spilled to local memory. Exits 1 if any kernel fails to compile.
 
 Usage (needs the CUDA plugin's compiler on PYTHONPATH; ``make triton-report`` installs it):
     PYTHONPATH=.venv/cuda-compiler python -m benchmarks.triton_report [--gpu "NVIDIA H100"] \
-        [--keys 128 256 384 512 1024] [--kernels fused_chunk] [--dtype float32] [--dpfp-nu 3]
+        [--keys 128 256 384 512 1024] [--kernels fused_chunk] [--dtype float32] [--dpfp-nu 3] [--gated]
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dpfp-nu", type=int, default=None,
                         help="the fused chunk kernel computes DPFP-nu (sum-normalised) on chip: --keys are then the "
                              "raw inputs' widths d, and K = 2 nu d")
+    parser.add_argument("--gated", action="store_true",
+                        help="the fused chunk kernel with a gate (log_decay), its gradient taken too")
     args = parser.parse_args(argv)
     features = None if args.dpfp_nu is None else DPFP(args.dpfp_nu, "sum")
     if features is not None and args.kernels != ["fused_chunk"]:
         parser.error("--dpfp-nu needs --kernels fused_chunk (the one kernel that computes the feature map)")
+    if args.gated and args.kernels != ["fused_chunk"]:
+        parser.error("--gated needs --kernels fused_chunk (the GPU kernel that takes a gate)")
     shared_kib = SHARED_MEMORY_PER_BLOCK_OPTIN // 1024
     on_chip = "" if features is None else f", DPFP-{features.nu} (sum) on chip: column K is d, the state's is 2·nu·d"
+    on_chip += ", gated (log_decay)" if args.gated else ""
     print(f"Pallas kernels compiled for {args.gpu} (sm_90a, {shared_kib} KiB shared memory per program) by "
           f"XLA's deviceless compile, {args.dtype} inputs, V=64{on_chip}; jax {jax.__version__}, "
           f"{ptxas_version()}\n")
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for rule in args.rules:
             for key_dim in args.keys:
                 fn, fn_args = op_gradient(kernel, rule, key_dim, time, dtype=jnp.dtype(args.dtype),
-                                          num_stages=args.fused_chunk_stages, features=features)
+                                          num_stages=args.fused_chunk_stages, features=features, gated=args.gated)
                 try:
                     compiled = compile_for_gpu(fn, *fn_args, gpu=args.gpu)
                 except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a result

@@ -147,28 +147,33 @@ KERNELS = {"fused_recurrent": 64, "fused_chunk": 256, "chunk_recurrence": 256}
 
 def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int = 64, dtype=jnp.bfloat16,
                 batch: int = 1, heads: int = 2, num_stages: int = 1, packed: bool = False,
-                features: DPFP | None = None):
+                features: DPFP | None = None, gated: bool = False):
     """(fn, args): forward and backward of one kernel through the op, args as ShapeDtypeStructs.
 
     ``kernel`` is one of ``KERNELS``; ``num_stages``: the fused chunk kernel's load-pipelining
     stages (the others ignore it); ``packed``: with packed documents, fn takes one more argument,
     ``resets [B, T]`` bool; ``features`` (the fused chunk kernel only): the kernel computes DPFP on
-    chip, ``key_dim`` is then the raw inputs' width d and the state's K is ``features.key_dim(d)``.
+    chip, ``key_dim`` is then the raw inputs' width d and the state's K is ``features.key_dim(d)``;
+    ``gated`` (the fused chunk kernel only): fn takes ``log_decay [B, T, H]`` float32 last and
+    differentiates it too.
     """
-    if features is not None and kernel != "fused_chunk":
-        raise ValueError(f"features: only the fused_chunk kernel computes the feature map; got kernel={kernel!r}")
+    for name, given in (("features", features is not None), ("gated", gated)):
+        if given and kernel != "fused_chunk":
+            raise ValueError(f"{name}: only the fused_chunk kernel takes it here; got kernel={kernel!r}")
 
-    def run(q, k, v, beta, s, resets):
+    def run(q, k, v, beta, s, resets, log_decay):
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule, resets=resets)
         if kernel == "fused_chunk":
             return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
-                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets, features=features)
+                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets, features=features,
+                               log_decay=log_decay)
         return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
                                  walk=chunk_walk(precise=float32_or_wider(q, k, v)), resets=resets)
 
-    def loss(q, k, v, beta, s, resets=None):
-        out, state = run(q, k, v, beta, s, resets)
+    def loss(q, k, v, beta, s, *extra):
+        resets = extra[0] if packed else None
+        out, state = run(q, k, v, beta, s, resets, extra[-1] if gated else None)
         return out.astype(jnp.float32).sum() + state.sum()
 
     def shape(*dims, dtype=dtype):
@@ -181,7 +186,9 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
                   dtype=jnp.float32))
     if packed:
         args += (shape(batch, time, dtype=jnp.bool_),)
-    return jax.grad(loss, argnums=(0, 1, 2, 4)), args
+    if gated:
+        args += (shape(batch, time, heads, dtype=jnp.float32),)
+    return jax.grad(loss, argnums=(0, 1, 2, 4, *([len(args) - 1] if gated else []))), args
 
 
 def chunk_with_pallas_walk(q, k, v, beta, rule="delta"):

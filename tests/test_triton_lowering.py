@@ -19,9 +19,9 @@ from tests.helpers import pallas_calls
 SLOW = pytest.mark.slow
 
 
-def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False):
+def kernels_of(kernel, rule, key_dim, time, value_dim, dtype=jnp.bfloat16, num_stages=1, packed=False, gated=False):
     fn, args = op_gradient(kernel, rule, key_dim, time, value_dim, dtype, batch=2, heads=3,
-                           num_stages=num_stages, packed=packed)
+                           num_stages=num_stages, packed=packed, gated=gated)
     calls = triton_calls(fn, *args)
     return {call.name.rsplit("_", 1)[-1]: call for call in calls}
 
@@ -172,3 +172,18 @@ def test_fused_chunk_with_dpfp_on_chip_lowers_to_triton(rule):
     kernels = {call.name.rsplit("_", 1)[-1]: call for call in triton_calls(fn, *args)}
     assert sorted(kernels) == ["bwd", "fwd"]
     assert "tt.dot" in kernels["fwd"].ir and "tt.atomic_rmw" in kernels["bwd"].ir
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_gated_fused_chunk_lowers_to_triton(rule):
+    # The gate reaches the kernels as two float32 [B·H, N, C] halves of the cumulative log decays;
+    # the forward also writes the states the backward walks from, the backward adds dL/dg atomically.
+    gated = kernels_of("fused_chunk", rule, 384, 300, 70, gated=True)
+    plain = kernels_of("fused_chunk", rule, 384, 300, 70)
+    assert sorted(gated) == ["bwd", "fwd"]
+    for name, call in gated.items():
+        assert (call.num_warps, call.num_stages, call.grid) == (
+            plain[name].num_warps, plain[name].num_stages, plain[name].grid), name
+        assert "math.exp" in call.ir and "math.exp" not in plain[name].ir, name
+    assert gated["bwd"].ir.count("tt.atomic_rmw") > plain["bwd"].ir.count("tt.atomic_rmw")

@@ -158,9 +158,10 @@ def _decay_gradient(decays: _Decays, d_within: Array, d_start: Array, d_end: Arr
     rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
     h = jnp.where(rows > cols, d_within * decays.within, 0.0)
-    ends = d_end * decays.end
-    dg = jnp.sum(h, axis=1) - jnp.sum(h, axis=0) + (d_start * decays.start - ends).reshape(size)
-    # g_C also enters every end factor and the total.
+    ends = (d_end * decays.end).reshape(size)
+    dg = jnp.sum(h, axis=1) - jnp.sum(h, axis=0) + (d_start * decays.start).reshape(size) - ends
+    # g_C also enters every end factor and the total. (Sums over one axis at a time: Triton's
+    # lowering of a sum over two fails under an explicit mesh, as in ahead-of-time GPU compiles.)
     last = jnp.sum(ends) + d_total * decays.total
     return dg + jnp.where(lax.broadcasted_iota(jnp.int32, (size,), 0) == size - 1, last, 0.0)
 
@@ -369,7 +370,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             d_scores = d_scores * decays.within
             # Through the recall r = V - diag(exp(g)) K W0: dL/dexp(g)_i = -<dr_i, (K W0)_i>, below.
             d_start = jnp.zeros((chunk, 1), jnp.float32)
-            d_total = jnp.zeros((), jnp.float32)
+            d_total = jnp.zeros((block,), jnp.float32)  # summed over the value columns last
         d_out_first, u_last = _rows(first, d_out), _rows(last, u)
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
@@ -390,7 +391,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             if gated:
                 d_out_w0 = dot(d_out, w_tile.T)
                 d_start += jnp.sum(d_out_w0 * q_tile, axis=1, keepdims=True)
-                d_total += jnp.sum(dw_tile * w_tile)
+                d_total += jnp.sum(dw_tile * w_tile, axis=0)
                 dq = _rows(first, d_out_w0) + dot(d_scores, k_tile)
             else:
                 dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
@@ -420,7 +421,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             pltriton.atomic_add(q_dot_ref, (n, slice(None)), q_dot.reshape(chunk))
         if gated:
             pltriton.atomic_add(d_gate_ref, (n, slice(None)), _decay_gradient(decays, d_within, d_start, d_end,
-                                                                               d_total))
+                                                                               jnp.sum(d_total)))
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)

@@ -23,7 +23,13 @@ from dpfp_jax.ops.fast_weight.context_parallel import context_plan, fast_weight_
 from dpfp_jax.ops.fast_weight.eager import jit_when_eager
 from dpfp_jax.ops.fast_weight.forward_mode import refuse_forward_mode
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
-from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports, runs_tpu_kernel
+from dpfp_jax.ops.fast_weight.pallas import (
+    GPU_PLATFORMS,
+    fast_weight_pallas,
+    pallas_supports,
+    runs_tpu_kernel,
+    target_platform,
+)
 from dpfp_jax.ops.fast_weight.recurrent import fast_weight_scan
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.stability import check_delta_stability
@@ -62,15 +68,20 @@ def _always(*args: object, **kwargs: object) -> str | None:
 GATED_IMPLS = ("reference", "scan", "chunk")
 """The impls that take ``log_decay`` (gated fast weights) everywhere; ``"auto"`` picks among them.
 ``"pallas"`` takes it where it runs the TPU kernel (a TPU, or inside
-``pltpu.force_tpu_interpret_mode()``), not on a GPU."""
+``pltpu.force_tpu_interpret_mode()``) or, on a GPU, the fused chunk kernel (``pallas_supports`` says
+when); nowhere else."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
-    if log_decay is None or name in GATED_IMPLS or (name == "pallas" and runs_tpu_kernel()):
+    # "pallas" on a TPU or a GPU: pallas_supports says whether its kernel takes the gate.
+    if log_decay is None or name in GATED_IMPLS:
+        return None
+    if name == "pallas" and (runs_tpu_kernel() or target_platform() in GPU_PLATFORMS):
         return None
     if name == "pallas":
-        return ("log_decay (gated fast weights) is not implemented in the Pallas GPU kernels yet (the Pallas TPU "
-                "kernel takes it, on a TPU or inside pltpu.force_tpu_interpret_mode()); impl= "
+        return ("log_decay (gated fast weights) is not implemented in the Pallas kernels for the target platform "
+                f"{target_platform()!r} (the Pallas TPU kernel takes it, on a TPU or inside "
+                "pltpu.force_tpu_interpret_mode(), and the fused chunk GPU kernel on a GPU); impl= "
                 + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
     return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
             + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
@@ -309,7 +320,8 @@ def fast_weight(
         fn, supports = _IMPLS[name]
         resets = None if segment_ids is None else resets_of(segment_ids)
         reason = _gate_supports(name, log_decay) or supports(q, k, v, beta, rule=rule, initial_state=initial_state,
-                                                             resets=resets, features=features, log_decay=log_decay)
+                                                             resets=resets, features=features, log_decay=log_decay,
+                                                             chunk_size=chunk_size)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)

@@ -77,6 +77,9 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # where impl="pallas" runs the Triton kernels
+
+
 def runs_tpu_kernel() -> bool:
     """Whether ``impl="pallas"`` takes the TPU kernel: compiled for a TPU, or inside
     ``pltpu.force_tpu_interpret_mode()`` (on any host: Pallas then interprets every TPU call)."""
@@ -120,13 +123,14 @@ def _fused_in_tpu_kernel(features: Features | None) -> bool:
 
 
 def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets: Array | None = None,
-                    features: Features | None = None, log_decay: Array | None = None, **_: object) -> str | None:
+                    features: Features | None = None, log_decay: Array | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, **_: object) -> str | None:
     """None, or why ``impl="pallas"`` cannot take this call. With ``features`` the kernels compute
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
     :func:`gpu_kernel_features` (the fused chunk GPU kernel) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
-    TPU only with ``log_decay`` (gated: a reset is then a decay to zero); the dispatcher refuses a
-    gate where the TPU kernel does not run (the GPU kernels take none)."""
+    TPU only with ``log_decay`` (gated: a reset is then a decay to zero). On a GPU a gate is taken
+    by the fused chunk kernel (:func:`runs_fused_chunk`), not yet by the fused recurrent one."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -140,12 +144,26 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
                     "does")
         return None
     platform = target_platform()
-    if platform not in ("gpu", "cuda", "rocm"):
+    if platform not in GPU_PLATFORMS:
         return (f"the Pallas kernels need a GPU or a TPU and the target platform is {platform!r}; "
                 "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs the GPU kernels anywhere, "
                 "slowly, and inside jax.experimental.pallas.tpu.force_tpu_interpret_mode() impl='pallas' runs the "
                 "TPU kernel interpreted")
+    if log_decay is not None and not runs_fused_chunk(q, chunk_size):
+        return _GPU_GATE_REASON.format(length=q.shape[1], chunk_size=chunk_size)
     return None
+
+
+# Until the fused recurrent GPU kernel takes a gate, the calls that would reach it are refused.
+_GPU_GATE_REASON = ("on a GPU, log_decay (gated fast weights) is taken by the fused chunk kernel, which runs from one "
+                    "whole chunk on with chunk_size a power of two >= 16; got T={length}, chunk_size={chunk_size}, "
+                    "which go to the fused recurrent kernel, which takes no gate yet")
+
+
+def runs_fused_chunk(q: Array, chunk_size: int) -> bool:
+    """Whether ``impl="pallas"`` on a GPU runs the fused chunk kernel (else the fused recurrent one):
+    a sequence of at least one chunk, and ``chunk_size`` a power of two >= 16 (what ``tl.dot`` tiles need)."""
+    return q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
 
 def gpu_kernel_features(features: Features | None):
@@ -184,7 +202,8 @@ def fast_weight_pallas(
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated, the TPU kernel only) as the oracle takes them.
+    (packed documents) and ``log_decay`` (gated: the TPU kernel and the fused chunk GPU kernel) as
+    the oracle takes them.
     ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused chunk GPU
     kernel (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
@@ -194,7 +213,7 @@ def fast_weight_pallas(
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
         # or empty; a kernel cannot be launched over an empty grid.
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
-    chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    chunked = runs_fused_chunk(q, chunk_size)
 
     tpu = runs_tpu_kernel()
     # The map a kernel computes itself (q, k then stay at width d), or None: the kernels are given
@@ -217,9 +236,8 @@ def fast_weight_pallas(
         # the kernel's custom_vjp keeps it as a non-differentiable argument.
         interpret = tpu_interpret_params() or False
 
-    if log_decay is not None and not tpu:
-        raise ValueError("log_decay (gated fast weights) is taken by the Pallas TPU kernel only; the GPU kernels "
-                         "take no gate")
+    if log_decay is not None and not tpu and not chunked:
+        raise ValueError(_GPU_GATE_REASON.format(length=q.shape[1], chunk_size=chunk_size))
     if tpu and resets is not None and log_decay is None:
         # The dispatcher refuses this (pallas_supports); a direct call must not drop the resets.
         raise ValueError("the Pallas TPU kernel takes packed documents (resets) only with log_decay; impl='chunk' "
@@ -237,7 +255,7 @@ def fast_weight_pallas(
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
-                               resets=resets, features=kernel_features)
+                               resets=resets, features=kernel_features, log_decay=log_decay)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
                                resets=resets)
 
