@@ -185,5 +185,5 @@ def test_gated_fused_chunk_lowers_to_triton(rule):
     for name, call in gated.items():
         assert (call.num_warps, call.num_stages, call.grid) == (
             plain[name].num_warps, plain[name].num_stages, plain[name].grid), name
-        assert "math.exp" in call.ir and "math.exp" not in plain[name].ir, name
+        assert "__nv_expf" in call.ir and "__nv_expf" not in plain[name].ir, name  # the decays, on chip
     assert gated["bwd"].ir.count("tt.atomic_rmw") > plain["bwd"].ir.count("tt.atomic_rmw")

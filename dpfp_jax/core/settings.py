@@ -100,8 +100,9 @@ class FastWeightSettings:
         Kautz, Hatamizadeh, ICLR 2025; :mod:`dpfp_jax.core.gate`), passed to
         :func:`dpfp_jax.fast_weight` as ``log_decay``: one more projection column and two
         parameters (``gate_a_log``, ``gate_dt_bias``) per head. Not with
-        ``normalization="attention"`` (its key sum does not decay); with ``impl="pallas"`` only
-        where the TPU kernel runs (the GPU kernels take no gate).
+        ``normalization="attention"`` (its key sum does not decay); with ``impl="pallas"`` where
+        the TPU kernel runs, or on a GPU from one chunk on (the fused chunk kernel; the fused
+        recurrent one, below a chunk, takes no gate yet).
     """
 
     feature_map: FeatureMapLike = "dpfp"

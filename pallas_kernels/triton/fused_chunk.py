@@ -27,6 +27,11 @@ chip from one int32 per step (how many documents have started in the chunk up to
 in which a document starts does not carry its start state, so the backward rebuilds that one by
 walking forward again from the stored writes (``fused_chunk``'s docstring says what it costs).
 
+Gated (``log_decay``): the chunk step of docs/math.md's gated chunk form, its decay factors built
+on chip from the chunk's cumulative log sums (``_decays``) in the places of the documents' masks;
+the backward walks chunk start states forward from states the forward keeps every few chunks
+(``fused_chunk``'s docstring says what it costs), since undoing an update would divide by alpha.
+
 On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
 ``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (unless
 ``num_stages`` asks), and the dots are TF32 on tensor cores (three passes for float32 inputs, one

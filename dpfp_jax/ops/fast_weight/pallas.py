@@ -19,7 +19,10 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
-  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps. A
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps.
+  Gated (``log_decay``) the fused chunked one takes the decays (and then packed documents as
+  ``log alpha = -inf`` at each reset); a gated call that would reach the fused recurrent one is
+  refused (:func:`pallas_supports` says why). A
   third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA), is
   reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
 - anything else (a CPU outside interpret mode): a ValueError that says so.
