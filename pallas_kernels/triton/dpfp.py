@@ -115,8 +115,9 @@ def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Ar
     p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + start % width
     m = p - shift
     m = jnp.where(m < 0, m + width, m)
-    if dim >= TILE:
-        # a[p] is 64 contiguous columns of x with one sign: a plain (vectorised) load, no gather.
+    if dim % TILE == 0:
+        # a[p] is 64 contiguous columns of x with one sign (a tile never straddles a's sign change
+        # at d): a plain (vectorised) load, no gather. Otherwise (d = 32, 96, ...) it may: gathered.
         first = start % width
         x = x_ref[n, :, pl.ds(first % dim, TILE)].astype(jnp.float32)
         own = jnp.maximum(x if first < dim else -x, 0.0)
