@@ -482,7 +482,7 @@ def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v
     final_state [G, K, V] float32)``; ``scale`` float32 of shape (1,); ``docs [B, N, C]`` int32
     (packed documents: how many have started in the chunk up to each step) or None; ``gate``
     (gated) the pair ``(hi, lo)`` of ``[G, N, C]`` float32 whose sum is each chunk's cumulative log
-    decay (:func:`gate_cumsums`), or None. Without a gradient to take, the writes u and the
+    decay (``gate_cumsums``), or None. Without a gradient to take, the writes u and the
     gated states are not stored."""
     out, _, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate,
                                       keep_writes=False)
@@ -637,7 +637,7 @@ def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
 
 
 def _within(hi: Array, lo: Array) -> Array:
-    """``D_ij = exp(g_i - g_j)`` for ``j <= i`` (0 above the diagonal) from :func:`gate_cumsums`
+    """``D_ij = exp(g_i - g_j)`` for ``j <= i`` (0 above the diagonal) from ``gate_cumsums``
     ``[..., C]``: the decays the WY inverse's Gram matrix is weighted by (the kernels compute the
     same factors on chip, ``_decays``)."""
     size = hi.shape[-1]
@@ -719,7 +719,7 @@ def fused_chunk(
 
     ``log_decay``: gated fast weights, ``log alpha [B, T, H]`` float (``-inf``: alpha = 0), as the
     oracle takes it: ``W_{t-1}`` decays by ``alpha_t`` before step t's write. Each chunk's decays
-    come from its cumulative log sums (:func:`gate_cumsums`), only as exps of their differences
+    come from its cumulative log sums (``gate_cumsums``), only as exps of their differences
     (docs/math.md, "Gated fast weights"): on chip for the scores, the start state's reads and the
     end state, and in XLA for the Gram matrix the WY inverse takes, which ``wy_inverse`` is then
     given already weighted: it is called as ``wy_inverse(k, beta, gram=G)`` with
