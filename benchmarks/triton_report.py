@@ -44,14 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fused kernels compute DPFP-nu (sum-normalised) on chip: --keys are then the "
                              "raw inputs' widths d, and K = 2 nu d")
     parser.add_argument("--gated", action="store_true",
-                        help="with the decay gate (log_decay) and its gradient: fused_recurrent, chunk_recurrence")
+                        help="with the decay gate (log_decay), its gradient taken too (every kernel takes it)")
     args = parser.parse_args(argv)
     features = None if args.dpfp_nu is None else DPFP(args.dpfp_nu, "sum")
     if features is not None and not set(args.kernels) <= {"fused_chunk", "fused_recurrent"}:
         parser.error("--dpfp-nu needs --kernels fused_chunk and/or fused_recurrent (the kernels that compute the "
                      "feature map)")
-    if args.gated and "fused_chunk" in args.kernels:
-        parser.error("--gated takes --kernels fused_recurrent and/or chunk_recurrence (fused_chunk takes no gate)")
     shared_kib = SHARED_MEMORY_PER_BLOCK_OPTIN // 1024
     on_chip = "" if features is None else f", DPFP-{features.nu} (sum) on chip: column K is d, the state's is 2·nu·d"
     on_chip += ", gated (log_decay)" if args.gated else ""

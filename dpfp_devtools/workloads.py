@@ -154,20 +154,19 @@ def op_gradient(kernel: str, rule: str, key_dim: int, time: int, value_dim: int 
     stages (the others ignore it); ``packed``: with packed documents, fn takes one more argument,
     ``resets [B, T]`` bool; ``features`` (the fused kernels only): the kernel computes DPFP on
     chip, ``key_dim`` is then the raw inputs' width d and the state's K is ``features.key_dim(d)``;
-    ``gated`` (not the fused_chunk kernel): fn takes ``log_decay [B, T, H]`` float32 last (after
-    ``resets`` when packed), and its gradient is taken too.
+    ``gated``: fn takes ``log_decay [B, T, H]`` float32 last (after ``resets`` when packed), and its
+    gradient is taken too.
     """
     if features is not None and kernel not in ("fused_chunk", "fused_recurrent"):
         raise ValueError(f"features: only the fused kernels compute the feature map; got kernel={kernel!r}")
-    if gated and kernel == "fused_chunk":
-        raise ValueError("gated: the fused_chunk kernel takes no log_decay; fused_recurrent and chunk_recurrence do")
 
     def run(q, k, v, beta, s, resets, log_decay):
         if kernel == "fused_recurrent":
             return fused_recurrent(q, k, v, beta, s, rule=rule, resets=resets, log_decay=log_decay, features=features)
         if kernel == "fused_chunk":
             return fused_chunk(q, k, v, beta, s, rule=rule, chunk_size=64, num_stages=num_stages,
-                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets, features=features)
+                               wy_inverse=wy_inverse if rule == "delta" else None, resets=resets, features=features,
+                               log_decay=log_decay)
         return fast_weight_chunk(q, k, v, beta, s, rule=rule, scale=1.0, chunk_size=64,
                                  walk=chunk_walk(precise=float32_or_wider(q, k, v)), resets=resets,
                                  log_decay=log_decay)

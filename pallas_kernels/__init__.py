@@ -22,6 +22,8 @@ tensor-core dots); ``pallas_kernels.tpu`` the TPU one (Mosaic) and its layout he
   chip; ``impl="pallas"`` from one chunk on. The delta rule's per-chunk WY inverse comes from the
   caller (``wy_inverse=``): the op composes the kernels, the kernels import nothing of it. With
   ``features=DPFP(...)`` it reads q, k at width d and computes DPFP (and its VJP) on chip.
+  Gated (``log_decay``): the decays built on chip from each chunk's cumulative log sums, and the
+  state entering every few chunks kept for the backward.
 - ``fused_recurrent``: one program per (batch x head, value block) walks time with its slice of W
   on chip; the backward rebuilds states in-kernel (the paper's CUDA kernel, redone).
 - ``chunk_walk`` (``forward_recurrence``, ``backward_recurrence``): only the chunkwise form's

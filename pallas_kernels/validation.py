@@ -136,10 +136,10 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False) -> None:
+def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False, gated: bool = False) -> None:
     """The delta rule's per-chunk WY inverse comes from the caller as a function; the sum rule takes none.
     With packed documents (``packed``) it is also given the same-document mask, so it must take three
-    arguments.
+    arguments; gated (``gated``), the decay-weighted Gram matrix as ``gram=``.
 
     Example:
         >>> check_wy_inverse("sum", lambda k, beta: k)
@@ -152,17 +152,23 @@ def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False) -> Non
                          "A^-1 [..., C, C] with A = I + diag(beta) strict_tril(K K^T); got None")
     if rule == "delta" and not callable(wy_inverse):
         raise TypeError(f"wy_inverse must be a function (k, beta) -> A^-1; got {type(wy_inverse).__name__}")
-    if rule == "delta" and packed:
+    if rule == "delta" and (packed or gated):
         try:
             signature = inspect.signature(wy_inverse)
         except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
             signature = None
         if signature is not None:
+            call, needs = ((None, None), {"gram": None}), ("with log_decay, wy_inverse is called as wy_inverse(k, "
+                                                           "beta, gram=G) and must use G [..., C, C] (the Gram "
+                                                           "matrix times the decays) in place of K K^T")
+            if not gated:
+                call, needs = ((None, None, None), {}), ("with resets, wy_inverse is called as wy_inverse(k, beta, "
+                                                         "same_document) and must mask the Gram matrix with "
+                                                         "same_document [..., C, C]")
             try:
-                signature.bind(None, None, None)
+                signature.bind(*call[0], **call[1])
             except TypeError:
-                raise TypeError("with resets, wy_inverse is called as wy_inverse(k, beta, same_document) and must "
-                                "mask the Gram matrix with same_document [..., C, C]; got a function "
+                raise TypeError(f"{needs}; got a function "
                                 f"{getattr(wy_inverse, '__name__', type(wy_inverse).__name__)}{signature}") from None
     if rule != "delta" and wy_inverse is not None:
         seen = "a function" if callable(wy_inverse) else type(wy_inverse).__name__

@@ -126,6 +126,18 @@ def test_fused_kernels_with_dpfp_on_chip_compile_for_h200(kernel):
 
 
 @SLOW
+def test_gated_fused_chunk_compiles_for_h200():
+    # The kernel with a gate (log_decay), forward and backward, at K = 384 (six key tiles).
+    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "384",
+                            "--rules", "delta", "--gated")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = report_rows(result.stdout)
+    assert sorted(r["name"].rsplit("_", 1)[-1] for r in rows) == ["bwd", "fwd"], result.stdout
+    for row in rows:
+        assert_within_h200_limits(row)
+
+
+@SLOW
 def test_deviceless_compile_fails_where_shared_memory_runs_out():
     # Two load stages at K = 384 need more than an H200 program's 227 KiB (gpu.py's fits_on_chip).
     result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "384",

@@ -99,3 +99,29 @@ def test_gpu_fused_chunk_computes_dpfp_on_chip(dtype, rule):
     assert {eqn.invars[1].aval.shape[-1] for eqn in pallas_calls(fused.jaxpr)} == {64}
     worst = worst_relative_error(values_and_grads(True), values_and_grads(False, cast=jnp.float32))
     assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"
+
+
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_gpu_gated_fused_chunk_matches_reference(dtype, rule):
+    # impl="pallas" with log_decay (alpha between about 0.3 and 1, exactly 0 at two steps): the
+    # fused chunk kernel gated, K = 128, every gradient including log_decay's.
+    inputs = make_inputs(0, batch=2, time=200, heads=2, key_dim=128, value_dim=16, rule=rule, dtype=dtype)
+    noise = jax.random.normal(jax.random.key(1), (2, 200, 2))
+    log_decay = (-0.5 * jax.nn.softplus(noise)).at[:, 63].set(-jnp.inf).at[:, 100].set(-jnp.inf)
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["beta"], log_decay)
+    argnums = (0, 1, 2, 4) + ((3,) if rule == "delta" else ())
+
+    def loss(q, k, v, beta, gate, impl, cast=None):
+        if cast is not None:
+            q, k, v, beta = (None if x is None else x.astype(cast) for x in (q, k, v, beta))
+        out, state = dj.fast_weight(q, k, v, beta, rule=rule, impl=impl, chunk_size=64, log_decay=gate)
+        return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(state), (out, state)
+
+    def values_and_grads(impl, cast=None):
+        (_, values), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(*args, impl, cast)
+        return values, grads
+
+    assert "fast_weight_fused_chunk_fwd" in str(jax.make_jaxpr(lambda *a: loss(*a, "pallas"))(*args))
+    worst = worst_relative_error(values_and_grads("pallas"), values_and_grads("reference", jnp.float32))
+    assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"

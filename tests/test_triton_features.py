@@ -35,8 +35,9 @@ def cases():
     # The one make-test case, as small as it gets: one chunk, one head, K = 64 (one tile), every gradient.
     yield "sum", 32, 1, "sum", 16, []
     for rule in ("delta", "sum"):
+        # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
-                                       (128, 2, "l2"), (128, 4, "sum")):
+                                       (96, 1, "l2"), (128, 2, "l2"), (128, 4, "sum")):
             yield rule, dim, nu, normalization, 37, [SLOW]
 
 

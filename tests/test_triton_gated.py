@@ -1,162 +1,166 @@
-"""The decay gate (``log_decay``) in the Pallas GPU kernels, interpret mode on the CPU, against the
-oracle: outputs, final state and every gradient (q, k, v, beta, initial_state, log_decay), both
-rules, alpha from near 1 to exactly 0, packed documents, bfloat16."""
+"""The fused chunk GPU kernel (``pallas_kernels.fused_chunk``) with a gate (``log_decay``), in
+interpret mode on the CPU, against the oracle: outputs, final state and the gradients of q, k, v,
+beta, the initial state and log_decay, both rules, alpha from near 1 to exactly 0, T not a multiple
+of the chunk, packed documents, bfloat16, K up to 384 and DPFP on chip; and where ``impl="pallas"``
+sends a gated call on a GPU (the fused recurrent kernel's gate: tests/test_triton_gated_recurrent.py).
 
-from __future__ import annotations
+Interpret mode is slow: one small case runs in ``make test``, the rest are slow. The H200 compile
+of the gated kernels is in tests/test_triton_lowering.py and the report.
+"""
+
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
+from dpfp_jax.ops.fast_weight import pallas as pallas_adapter
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
+from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
 from dpfp_jax.ops.fast_weight.segments import resets_of
-from pallas_kernels import chunk_walk, fused_recurrent
-from pallas_kernels.triton.fused_recurrent import checkpoint_block
-from tests.helpers import DIFF_ARGS, assert_relative_error, log_decays, packed_ids, value_and_grads
+from dpfp_jax.ops.fast_weight.wy import wy_inverse
+from pallas_kernels import fused_chunk
+from pallas_kernels.triton.dpfp import DPFP
+from tests.helpers import DIFF_ARGS, assert_relative_error, log_decays, normal, packed_ids, value_and_grads
 
-GATED_ARGS = (*DIFF_ARGS, "log_decay")
 SLOW = pytest.mark.slow
+CHUNK = 16
+NAMES = (*DIFF_ARGS, "log_decay")
 
 
-def gated_inputs(seed, *, rule, regime="mixed", time=13, key_dim=8, value_dim=5, dtype=jnp.float32, batch=2):
-    inputs = make_inputs(seed, batch=batch, time=time, heads=2, key_dim=key_dim, value_dim=value_dim, rule=rule,
+def gated_inputs(rule, regime, *, time=37, key_dim=8, value_dim=24, batch=2, heads=2, dtype=jnp.float32,
+                 state_key_dim=None):
+    """``state_key_dim``: the state's K where a feature map widens q, k (else their width)."""
+    inputs = make_inputs(3, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
                          with_state=True)
-    inputs["log_decay"] = log_decays(seed + 100, regime, (batch, time, 2), chunk=4)
+    if state_key_dim is not None:
+        inputs["initial_state"] = normal(5, (batch, heads, state_key_dim, value_dim), 0.1)
+    inputs["log_decay"] = log_decays(4, regime, (batch, time, heads), CHUNK)
     return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
 
 
-def recurrent(rule, resets=None):
+def kernel(rule, **options):
+    """The kernel as the library composes it (its WY inverse for the delta rule), scale 0.7."""
     def fn(x):
-        return fused_recurrent(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.5,
-                               interpret=True, resets=resets, log_decay=x["log_decay"])
+        return fused_chunk(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.7,
+                           chunk_size=CHUNK, interpret=True, wy_inverse=wy_inverse if rule == "delta" else None,
+                           log_decay=x["log_decay"], **options)
     return fn
 
 
-def reference(rule, resets=None):
+def oracle(rule, resets=None, features=None):
     def fn(x):
-        return fast_weight_reference(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.5,
+        q, k = (x["q"], x["k"]) if features is None else (features(x["q"]), features(x["k"]))
+        return fast_weight_reference(q, k, x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.7,
                                      resets=resets, log_decay=x["log_decay"])
     return fn
 
 
-def agree(inputs, kernel, oracle, tolerance):
-    got = value_and_grads(kernel, inputs, GATED_ARGS)
-    want = value_and_grads(oracle, inputs, GATED_ARGS)
+def check(rule, regime, tolerance=2e-5, *, resets=None, features=None, fn=None, **shape):
+    """The kernel (or ``fn``) against the oracle: every result and gradient finite, each within
+    ``tolerance`` of the oracle's relative to its largest entry; returns the kernel's."""
+    inputs = gated_inputs(rule, regime, **shape)
+    # Jitted: one compile of each program instead of every op of the interpreted kernels run eagerly.
+    got = jax.jit(lambda x: value_and_grads(fn or kernel(rule), x, NAMES))(inputs)
+    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
+    want = jax.jit(lambda x: value_and_grads(oracle(rule, resets, features), x, NAMES))(wide)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(got))
+    (out, state), grads = got
+    assert out.dtype == inputs["v"].dtype and state.dtype == jnp.float32
+    assert all(g.dtype == inputs[n].dtype for g, n in zip(grads, [n for n in NAMES if inputs[n] is not None],
+                                                           strict=True))
     assert_relative_error(got, want, tolerance)
     return got
 
 
-def test_fused_recurrent_gated_delta_rule_matches_the_oracle():
-    """The one cheap case make test runs: mixed alphas (0, 1e-30, 1 - 1e-6 among typical ones), T = 10
-    (not a multiple of the checkpointed block of 4 steps), V = 5 padded."""
-    agree(gated_inputs(0, rule="delta", batch=1, time=10), recurrent("delta"), reference("delta"), 2e-5)
+def test_gated_fused_chunk_matches_the_oracle():
+    # make test's case: T = 37 in chunks of 16 (the last partial), alpha = 0 on and off chunk
+    # boundaries, 1e-30 and 1 - 1e-6 among typical decays, an initial state; states kept every 2
+    # chunks, so the backward walks one chunk forward from a kept state for the second chunk.
+    check("delta", "mixed", fn=kernel("delta", checkpoint_chunks=2), batch=1, heads=1, value_dim=4, time=37)
 
 
 @SLOW
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("regime", ["typical", "near_one", "near_zero", "zero", "mixed"])
-def test_fused_recurrent_gated_matches_the_oracle(rule, regime):
-    agree(gated_inputs(1, rule=rule, regime=regime, time=21, key_dim=12, value_dim=70), recurrent(rule),
-          reference(rule), 2e-5)
+def test_every_decay_regime(rule, regime):
+    check(rule, regime)
 
 
 @SLOW
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_fused_recurrent_gated_with_documents_a_reset_wins(rule):
-    inputs = gated_inputs(2, rule=rule, time=20)
-    resets = resets_of(packed_ids(20, seed=2, chunk=4))
-    (_, grads) = agree(inputs, recurrent(rule, resets), reference(rule, resets), 2e-5)
+@pytest.mark.parametrize("checkpoint_chunks, time", [(1, 48), (3, 80), (8, 37)])
+def test_kept_states_every_few_chunks(rule, checkpoint_chunks, time):
+    # 1: every chunk's start state kept, nothing walked; 3 over 5 chunks (T a multiple of C): a
+    # partial last span; 8: one span, each chunk walked from the initial state.
+    check(rule, "mixed", fn=kernel(rule, checkpoint_chunks=checkpoint_chunks), time=time)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim", [64, 130, 384])
+def test_key_widths(rule, key_dim):
+    # 64: one key tile; 130: padded to three tiles; 384: six.
+    check(rule, "mixed", key_dim=key_dim, batch=1, time=37)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_bfloat16_inputs(rule):
+    check(rule, "mixed", tolerance=2e-2, dtype=jnp.bfloat16, time=40)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("through", ["kernel", "adapter"])
+def test_with_packed_documents_a_reset_wins_over_the_gate(rule, through):
+    # Documents start on and off chunk boundaries; the kernel takes a reset as alpha = 0, and that
+    # step's log_decay gets no gradient (as the oracle's). "adapter": impl="pallas"'s GPU path.
+    ids = packed_ids(40, seed=3, chunk=CHUNK)
+    resets = resets_of(ids)
+
+    def adapter(x):
+        return fast_weight_pallas(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.7,
+                                  chunk_size=CHUNK, interpret=True, resets=resets, log_decay=x["log_decay"])
+
+    fn = adapter if through == "adapter" else kernel(rule, resets=resets)
+    _, grads = check(rule, "typical", resets=resets, fn=fn, time=40)
     d_log_decay = np.asarray(grads[-1])
-    assert np.max(np.abs(d_log_decay[np.asarray(resets)])) == 0.0
+    flags = np.asarray(resets)
+    assert flags.any() and np.max(np.abs(d_log_decay[flags])) == 0.0
 
 
 @SLOW
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_fused_recurrent_gated_bfloat16(rule):
-    inputs = gated_inputs(3, rule=rule, dtype=jnp.bfloat16, time=17)
-    (out, state), grads = value_and_grads(recurrent(rule), inputs, GATED_ARGS)
-    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
-    (want_out, want_state), want_grads = value_and_grads(reference(rule), wide, GATED_ARGS)
-    assert_relative_error(out, want_out, 1e-2)
-    assert_relative_error(state, want_state, 1e-5)
-    assert_relative_error(grads, want_grads, 1e-2)
-
-
-def test_checkpoint_block_is_the_ceiling_square_root():
-    assert [checkpoint_block(t) for t in (1, 2, 4, 5, 16, 17, 4096)] == [1, 2, 2, 3, 4, 5, 64]
+def test_dpfp_on_chip(rule):
+    phi = dj.Features("dpfp", dim=32, nu=2, normalization="sum")
+    check(rule, "mixed", features=phi, fn=kernel(rule, features=DPFP(2, "sum")), key_dim=32, state_key_dim=128,
+          time=37)
 
 
 @SLOW
-@pytest.mark.parametrize("time", [10, 20])
-def test_the_gpu_dispatch_sends_a_gate_to_the_fused_recurrent_kernel(time):
-    """fast_weight_pallas's GPU branch (interpret mode): a gated call goes to the fused recurrent
-    kernel also from one chunk on (T = 20, chunk 16), with segment ids as resets."""
-    from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
-
-    inputs = gated_inputs(4, rule="delta", time=time)
-    resets = resets_of(packed_ids(time, seed=4, chunk=4))
-
-    def dispatched(x):
-        return fast_weight_pallas(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule="delta", scale=0.5,
-                                  chunk_size=16, interpret=True, resets=resets, log_decay=x["log_decay"])
-
-    agree(inputs, dispatched, reference("delta", resets), 2e-5)
+def test_the_wy_inverse_must_take_the_weighted_gram_matrix():
+    x = jnp.ones((1, 32, 2, 16))
+    args = (x, x, x, jnp.full((1, 32, 2), 0.5), jnp.zeros((1, 2, 16, 16)))
+    with pytest.raises(TypeError, match=r"with log_decay, wy_inverse is called as wy_inverse\(k, beta, gram=G\)"):
+        fused_chunk(*args, rule="delta", chunk_size=16, interpret=True, log_decay=jnp.zeros((1, 32, 2)),
+                    wy_inverse=lambda k, beta: k)
+    with pytest.raises(ValueError, match="checkpoint_chunks must be a positive int"):
+        fused_chunk(*args, rule="delta", chunk_size=16, interpret=True, log_decay=jnp.zeros((1, 32, 2)),
+                    wy_inverse=wy_inverse, checkpoint_chunks=0)
 
 
-def walked(rule, resets=None):
-    """The chunk form (chunks of 16) with the Pallas walk (interpret mode)."""
-    from dpfp_jax.ops.fast_weight.chunk import fast_weight_chunk
-
-    def fn(x):
-        return fast_weight_chunk(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], rule=rule, scale=0.5,
-                                 chunk_size=16, walk=chunk_walk(interpret=True), resets=resets,
-                                 log_decay=x["log_decay"])
-    return fn
-
-
-@SLOW
-@pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("regime", ["typical", "near_one", "near_zero", "zero", "mixed"])
-def test_chunk_walk_gated_matches_the_oracle(rule, regime):
-    inputs = gated_inputs(5, rule=rule, regime=regime, time=37, key_dim=12, value_dim=20)
-    agree(inputs, walked(rule), reference(rule), 2e-5)
-
-
-@SLOW
-@pytest.mark.parametrize("rule", ["delta", "sum"])
-def test_chunk_walk_gated_with_documents(rule):
-    inputs = gated_inputs(6, rule=rule, time=40)
-    resets = resets_of(packed_ids(40, seed=6))
-    agree(inputs, walked(rule, resets), reference(rule, resets), 2e-5)
-
-
-@SLOW
-def test_chunk_walk_gated_bfloat16():
-    inputs = gated_inputs(7, rule="delta", dtype=jnp.bfloat16, time=40)
-    (out, state), grads = value_and_grads(walked("delta"), inputs, GATED_ARGS)
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
-    (want_out, want_state), want_grads = value_and_grads(reference("delta"), wide, GATED_ARGS)
-    assert_relative_error(out, want_out, 1e-2)
-    assert_relative_error(state, want_state, 1e-5)
-    assert_relative_error(grads, want_grads, 1e-2)
-
-
-def test_bad_gates_are_refused_with_the_argument_named():
-    x, state, log_decay = jnp.ones((2, 4, 2, 8)), jnp.zeros((2, 2, 8, 8)), jnp.zeros((2, 4, 2))
-    call = dict(rule="sum", interpret=True)
-    with pytest.raises(ValueError, match=r"log_decay must be \[B, T, H\] = \(2, 4, 2\)"):
-        fused_recurrent(x, x, x, None, state, log_decay=log_decay[..., 0], **call)
-    with pytest.raises(TypeError, match="log_decay"):
-        fused_recurrent(x, x, x, None, state, log_decay=log_decay > 0, **call)
-    forward, backward = chunk_walk(interpret=True)
-    keys, values = jnp.ones((2, 1, 16, 4)), jnp.ones((2, 1, 16, 4))
-    with pytest.raises(ValueError, match="decay and keep are exclusive"):
-        forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)), jnp.ones((2, 1), bool), jnp.ones((2, 1)))
-    with pytest.raises(ValueError, match=r"decay must be \[N, G\] = \(2, 1\)"):
-        forward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)), decay=jnp.ones((1, 2)))
-    with pytest.raises(ValueError, match="states is required with decay"):
-        backward(keys, keys, values, None, values, jnp.zeros((1, 4, 4)), jnp.zeros((1, 4, 4)), decay=jnp.ones((2, 1)))
+def test_on_a_gpu_the_fused_kernels_take_the_gate(monkeypatch):
+    # The platform is a GPU's (nothing runs): from one chunk on the fused chunk kernel takes a gate,
+    # below one chunk the fused recurrent one (tests/test_triton_gated_recurrent.py).
+    monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "gpu")
+    monkeypatch.setattr(sys.modules["dpfp_jax.ops.fast_weight"], "target_platform", lambda: "gpu")
+    x, beta, gate = jnp.ones((1, 40, 2, 8)), jnp.full((1, 40, 2), 0.5), jnp.zeros((1, 40, 2))
+    assert pallas_adapter.runs_fused_chunk(x, 16) and not pallas_adapter.runs_fused_chunk(x[:, :10], 16)
+    assert pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16) is None
+    assert pallas_supports(x[:, :10], x[:, :10], x[:, :10], beta[:, :10], log_decay=gate[:, :10]) is None
+    monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "cpu")
+    assert "target platform is 'cpu'" in pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16)

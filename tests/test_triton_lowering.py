@@ -187,3 +187,18 @@ def test_fused_kernels_with_dpfp_on_chip_lower_to_triton(kernel, time, rule):
         assert "tt.dot" in kernels["fwd"].ir
     else:
         assert "tt.atomic_rmw" not in kernels["fwd"].ir
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+def test_gated_fused_chunk_lowers_to_triton(rule):
+    # The gate reaches the kernels as two float32 [B·H, N, C] halves of the cumulative log decays;
+    # the forward also writes the states the backward walks from, the backward adds dL/dg atomically.
+    gated = kernels_of("fused_chunk", rule, 384, 300, 70, gated=True)
+    plain = kernels_of("fused_chunk", rule, 384, 300, 70)
+    assert sorted(gated) == ["bwd", "fwd"]
+    for name, call in gated.items():
+        assert (call.num_warps, call.num_stages, call.grid) == (
+            plain[name].num_warps, plain[name].num_stages, plain[name].grid), name
+        assert "__nv_expf" in call.ir and "__nv_expf" not in plain[name].ir, name  # the decays, on chip
+    assert gated["bwd"].ir.count("tt.atomic_rmw") > plain["bwd"].ir.count("tt.atomic_rmw")

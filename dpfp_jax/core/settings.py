@@ -101,7 +101,7 @@ class FastWeightSettings:
         :func:`dpfp_jax.fast_weight` as ``log_decay``: one more projection column and two
         parameters (``gate_a_log``, ``gate_dt_bias``) per head. Not with
         ``normalization="attention"`` (its key sum does not decay); with ``impl="pallas"`` on a TPU
-        or a GPU (there the fused recurrent kernel takes the gated call).
+        or a GPU (there the fused chunk kernel from one chunk on, the fused recurrent one below).
     """
 
     feature_map: FeatureMapLike = "dpfp"

@@ -116,8 +116,8 @@ def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Ar
     m = p - shift
     m = jnp.where(m < 0, m + width, m)
     if dim % TILE == 0:
-        # a[p] is 64 contiguous columns of x with one sign: a plain (vectorised) load, no gather.
-        # (With d an odd multiple of 32, e.g. 96, a tile may straddle relu(x) and relu(-x): gathered.)
+        # a[p] is 64 contiguous columns of x with one sign (a tile never straddles a's sign change
+        # at d): a plain (vectorised) load, no gather. Otherwise (d = 32, 96, ...) it may: gathered.
         first = start % width
         x = x_ref[n, :, pl.ds(first % dim, TILE)].astype(jnp.float32)
         own = jnp.maximum(x if first < dim else -x, 0.0)
@@ -126,16 +126,32 @@ def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Ar
     return own, _a(x_ref, n, rows, m, dim), p, m, rows
 
 
+def _looped_factors(x_ref, n, tile, dim: int) -> tuple[Array, Array, Array, Array, Array]:
+    """:func:`tile_factors` for a traced ``tile`` (inside a loop over the tiles), both factors gathered."""
+    width = 2 * dim
+    start = tile * TILE
+    rows = lax.broadcasted_iota(jnp.int32, (x_ref.shape[1], 1), 0)
+    # lax.rem/div: start >= 0, and jnp's floor-mod correction does not lower to Triton for traced ints.
+    p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + lax.rem(start, width)
+    m = p - (lax.div(start, width) + 1)
+    m = jnp.where(m < 0, m + width, m)
+    return _a(x_ref, n, rows, p, dim), _a(x_ref, n, rows, m, dim), p, m, rows
+
+
 def row_scale(features: DPFP, x_ref, n, num_tiles: int) -> Array | None:
-    """Chunk n's per-row normalising factor ``s [C, 1]`` (``phi_n = s * phi``), None for ``"none"``."""
+    """Chunk n's per-row normalising factor ``s [C, 1]`` (``phi_n = s * phi``), None for ``"none"``.
+    A loop over the tiles, not unrolled: unrolled, all their loads were scheduled at once, and the
+    forward spilled several hundred bytes more (docs/reports/triton_report_h200.md)."""
     if features.normalization == "none":
         return None
     dim = x_ref.shape[-1]
-    total = jnp.zeros((x_ref.shape[1], 1), jnp.float32)
-    for tile in range(num_tiles):
-        first, second = tile_factors(x_ref, n, tile, dim)[:2]
+
+    def add_tile(tile, total):
+        first, second = _looped_factors(x_ref, n, tile, dim)[:2]
         phi = first * second
-        total += jnp.sum(phi if features.normalization == "sum" else phi * phi, axis=1, keepdims=True)
+        return total + jnp.sum(phi if features.normalization == "sum" else phi * phi, axis=1, keepdims=True)
+
+    total = lax.fori_loop(0, num_tiles, add_tile, jnp.zeros((x_ref.shape[1], 1), jnp.float32))
     if features.normalization == "sum":
         return 1.0 / (total + features.eps)
     return lax.rsqrt(total + features.eps)
@@ -148,30 +164,37 @@ def feature_tile(x_ref, n, tile: int, scale: Array | None) -> Array:
     return phi if scale is None else phi * scale
 
 
+def _scatter(g_ref, n, factors, dim: int, cotangent: Array) -> None:
+    first, second, p, m, rows = factors
+    for index, own, other in ((p, first, second), (m, second, first)):
+        sign = jnp.where(index >= dim, -1.0, 1.0)
+        pltriton.atomic_add(g_ref, (n, rows, index), jnp.where(own > 0.0, sign * cotangent * other, 0.0))
+
+
 def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array) -> None:
     """Atomically add ``J^T cotangent`` of key tile ``tile`` into ``g_ref [N, C, 2d]`` (per a-index,
     the relu's mask and sign applied): ``cotangent [C, 64]`` is dL/d(un-normalised phi) there."""
     dim = x_ref.shape[-1]
-    first, second, p, m, rows = tile_factors(x_ref, n, tile, dim)
-    for index, own, other in ((p, first, second), (m, second, first)):
-        sign = jnp.where(index >= dim, -1.0, 1.0)
-        pltriton.atomic_add(g_ref, (n, rows, index), jnp.where(own > 0.0, sign * cotangent * other, 0.0))
+    _scatter(g_ref, n, tile_factors(x_ref, n, tile, dim), dim, cotangent)
 
 
 def scatter_normalization_vjp(features: DPFP, g_ref, x_ref, n, num_tiles: int, scale: Array | None,
                               dot_with_features: Array) -> None:
     """The second pass of the normalised map's VJP: ``-s * c * J^T w`` for every tile (``c =
     dot_with_features [C, 1]``, ``<g, phi_n>`` per row; ``w`` 1 for sum, phi_n for l2); nothing
-    for ``"none"``."""
+    for ``"none"``. A loop over the tiles, as in :func:`row_scale`."""
     if features.normalization == "none":
         return
+    dim = x_ref.shape[-1]
     factor = -scale * dot_with_features
-    for tile in range(num_tiles):
-        if features.normalization == "sum":
-            weights = jnp.ones((x_ref.shape[1], TILE), jnp.float32)
-        else:
-            weights = feature_tile(x_ref, n, tile, scale)
-        scatter_vjp(g_ref, x_ref, n, tile, factor * weights)
+
+    def scatter_tile(tile, carry):
+        factors = _looped_factors(x_ref, n, tile, dim)
+        weights = factor if features.normalization == "sum" else factor * (factors[0] * factors[1] * scale)
+        _scatter(g_ref, n, factors, dim, jnp.broadcast_to(weights, (x_ref.shape[1], TILE)))
+        return carry
+
+    lax.fori_loop(0, num_tiles, scatter_tile, 0)
 
 
 def input_gradient(g: Array) -> Array:

@@ -27,6 +27,11 @@ chip from one int32 per step (how many documents have started in the chunk up to
 in which a document starts does not carry its start state, so the backward rebuilds that one by
 walking forward again from the stored writes (``fused_chunk``'s docstring says what it costs).
 
+Gated (``log_decay``): the chunk step of docs/math.md's gated chunk form, its decay factors built
+on chip from the chunk's cumulative log sums (``_decays``) in the places of the documents' masks;
+the backward walks chunk start states forward from states the forward keeps every few chunks
+(``fused_chunk``'s docstring says what it costs), since undoing an update would divide by alpha.
+
 On-chip budget as in ``chunk_recurrence.py``: the state lives as ``K / 64`` tiles of
 ``[64, BV]``, every chunk is read 64 key columns at a time, loads are not pipelined (unless
 ``num_stages`` asks), and the dots are TF32 on tensor cores (three passes for float32 inputs, one
@@ -42,6 +47,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -74,6 +80,7 @@ from pallas_kernels.validation import (
     check_chunk_size,
     check_interpret,
     check_kernel_inputs,
+    check_log_decay,
     check_positive_int,
     check_wy_inverse,
     check_wy_inverse_result,
@@ -119,24 +126,79 @@ def _documents(docs_ref, n) -> _Documents:
     return _Documents(docs[:, None] == docs[None, :], (docs == 0)[:, None], (docs == final)[:, None], final == 0)
 
 
-def _rows(mask: Array | None, x: Array) -> Array:
-    """x with the steps (rows) where mask is False zeroed, by selection (x itself without documents)."""
-    return x if mask is None else jnp.where(mask, x, 0.0)
+class _Decays(NamedTuple):
+    """A gated chunk's decays (docs/math.md, "Gated fast weights"), each the exp of a difference of
+    the chunk's cumulative log decays ``g`` (never positive, so no factor exceeds 1). They take the
+    places of the documents' masks: ``within`` of ``same``, ``start`` of ``first``, ``end`` of
+    ``last``, ``total`` of ``keep``."""
+
+    within: Array  # [C, C] D_ij = exp(g_i - g_j) for j <= i; 1 above the diagonal (masked off by _tril)
+    start: Array  # [C, 1] exp(g_i): what of the chunk's start state step i sees
+    end: Array  # [C, 1] exp(g_C - g_i): what of step i's write reaches the chunk's end
+    total: Array  # scalar exp(g_C): what of the start state reaches the chunk's end
+
+
+def _decays(hi_ref, lo_ref, n) -> _Decays:
+    """Chunk n's :class:`_Decays` from its cumulative log decays, split as ``g = hi + lo``
+    (``gate_cumsums``: hi's sums exact, lo's small), so each difference is exact up to lo's
+    round-off however large the sums are."""
+    hi, lo = hi_ref[n], lo_ref[n]
+    size = hi.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    # exp only where j <= i (a sum of log decays, <= 0): 0 above the diagonal before the exp, never an inf.
+    within = jnp.exp(jnp.where(rows >= cols, (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :]), 0.0))
+    last = lax.broadcasted_iota(jnp.int32, (size,), 0) == size - 1
+    hi_last, lo_last = jnp.sum(jnp.where(last, hi, 0.0)), jnp.sum(jnp.where(last, lo, 0.0))
+    return _Decays(within, jnp.exp(hi + lo)[:, None], jnp.exp((hi_last - hi) + (lo_last - lo))[:, None],
+                   jnp.exp(hi_last + lo_last))
+
+
+def _decay_gradient(decays: _Decays, d_within: Array, d_start: Array, d_end: Array, d_total: Array) -> Array:
+    """``dL/dg [C]``, g the chunk's cumulative log decays, from the gradients of its factors
+    (``d_start``, ``d_end`` ``[C, 1]``, ``d_total`` a scalar): each factor is the exp of a difference
+    of g's, so its gradient reaches the later index as factor times gradient and the earlier one
+    with a minus. ``d_within``'s diagonal and upper part are left out (constants)."""
+    size = d_within.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    h = jnp.where(rows > cols, d_within * decays.within, 0.0)
+    ends = (d_end * decays.end).reshape(size)
+    dg = jnp.sum(h, axis=1) - jnp.sum(h, axis=0) + (d_start * decays.start).reshape(size) - ends
+    # g_C also enters every end factor and the total. (Sums over one axis at a time: Triton's
+    # lowering of a sum over two fails under an explicit mesh, as in ahead-of-time GPU compiles.)
+    last = jnp.sum(ends) + d_total * decays.total
+    return dg + jnp.where(lax.broadcasted_iota(jnp.int32, (size,), 0) == size - 1, last, 0.0)
+
+
+def _rows(weights: Array | None, x: Array) -> Array:
+    """x with its steps (rows) weighted: zeroed where a bool mask (documents) is False, scaled by
+    float factors (decays); x itself given None."""
+    if weights is None:
+        return x
+    return jnp.where(weights, x, 0.0) if weights.dtype == jnp.bool_ else weights * x
 
 
 def _end_state(w, k_ref, n, u, docs: _Documents | None, dot, features: DPFP | None = None,
-               k_scale: Array | None = None):
+               k_scale: Array | None = None, decays: _Decays | None = None):
     """A chunk's end state from its start state w (key tiles): ``W0 + K^T u``; with documents
-    ``keep W0 + (diag(last) K)^T u``. The forward and the backward's rebuild share it, so the
-    rebuilt states are the forward's bit for bit. With ``features``, ``k_scale`` is the chunk's
-    ``_row_scale`` of k."""
+    ``keep W0 + (diag(last) K)^T u``, gated ``exp(g_C) W0 + (diag(E) K)^T u``. The forward and the
+    backward's rebuild share it, so the rebuilt states are the forward's bit for bit. With
+    ``features``, ``k_scale`` is the chunk's ``_row_scale`` of k."""
     tiles = key_tiles(sum(w_tile.shape[0] for w_tile in w))
     if docs is not None:
         u = _rows(docs.last, u)
+    if decays is not None:
+        u = _rows(decays.end, u)
+
+    def carried(w_tile):
+        if docs is not None:
+            return jnp.where(docs.keep, w_tile, 0.0)
+        return w_tile if decays is None else decays.total * w_tile
+
     # k's tiles are loaded again rather than kept from the step's first loop: holding all of them
     # alongside the state would cost K / 64 more [C, 64] tiles of registers.
-    return tuple((w_tile if docs is None else jnp.where(docs.keep, w_tile, 0.0))
-                 + dot(_tile(k_ref, n, rows, features, k_scale).T, u)
+    return tuple(carried(w_tile) + dot(_tile(k_ref, n, rows, features, k_scale).T, u)
                  for rows, w_tile in zip(tiles, w, strict=True))
 
 
@@ -154,21 +216,29 @@ def _row_scale(features: DPFP | None, ref, n, num_tiles: int) -> Array | None:
     return None if features is None else row_scale(features, ref, n, num_tiles)
 
 
-def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot, features: DPFP | None):
+def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot, features: DPFP | None,
+                    gated: bool = False, checkpoint_chunks: int = 0):
     refs = iter(refs)
     scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
     tb_ref = next(refs) if delta else None
     docs_ref = next(refs) if packed else None
+    hi_ref, lo_ref = (next(refs), next(refs)) if gated else (None, None)
     w0_ref, out_ref = next(refs), next(refs)
     u_ref = next(refs) if delta and keep_writes else None
+    states_ref = next(refs) if checkpoint_chunks else None
     w_ref = next(refs)
     tiles = key_tiles(w0_ref.shape[0])
     scale = scale_ref[0]
-    chunk, block = v_ref.shape[1], v_ref.shape[2]
+    num_chunks, chunk, block = v_ref.shape
 
     def step(n, w):
         docs = _documents(docs_ref, n) if packed else None
+        decays = _decays(hi_ref, lo_ref, n) if gated else None
+        # With documents only the chunk's first document reads W0 (through Q W0 and the recall K W0);
+        # gated, step i reads it decayed by exp(g_i).
         first, same = (None, None) if docs is None else (docs.first, docs.same)
+        if decays is not None:
+            first = decays.start
         q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         # Everything that sums over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
@@ -180,33 +250,49 @@ def _forward_kernel(*refs, delta: bool, keep_writes: bool, packed: bool, dot, fe
             q_w += dot(q_tile, w_tile)
             if delta:
                 recall += dot(k_tile, w_tile)
+        if decays is not None:
+            scores = scores * decays.within
         v = v_ref[n].astype(jnp.float32)
-        # With documents only the chunk's first document reads W0 (through Q W0 and the recall K W0).
         u = dot(tb_ref[n], v - _rows(first, recall)) if delta else v
         if delta and keep_writes:
             u_ref[n] = u
         # Scores and Q W0 are linear in q: scaling the output equals scaling the queries.
         out_ref[n] = (scale * (_rows(first, q_w) + dot(_tril(scores, same), u))).astype(out_ref.dtype)
-        return _end_state(w, k_ref, n, u, docs, dot, features, k_scale)
+        return _end_state(w, k_ref, n, u, docs, dot, features, k_scale, decays)
 
-    w = lax.fori_loop(0, q_ref.shape[0], step, tuple(w0_ref[rows, :] for rows in tiles))
+    w = tuple(w0_ref[rows, :] for rows in tiles)
+    if checkpoint_chunks:
+        # Gated, for the backward: the state entering every checkpoint_chunks-th chunk (it cannot
+        # undo a chunk's update without dividing by the decay).
+        def span(c, w):
+            for rows, w_tile in zip(tiles, w, strict=True):
+                states_ref[c, rows, :] = w_tile
+            begin = c * checkpoint_chunks
+            return lax.fori_loop(begin, jnp.minimum(begin + checkpoint_chunks, num_chunks), step, w)
+
+        w = lax.fori_loop(0, states_ref.shape[0], span, w)
+    else:
+        w = lax.fori_loop(0, num_chunks, step, w)
     for rows, w_tile in zip(tiles, w, strict=True):
         w_ref[rows, :] = w_tile
 
 
-def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | None):
+def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | None, checkpoint_chunks: int = 0):
+    gated = checkpoint_chunks > 0
     refs = iter(refs)
     scale_ref, q_ref, k_ref, v_ref = (next(refs) for _ in range(4))
     tb_ref, u_ref = (next(refs), next(refs)) if delta else (None, None)
     d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
     docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
-    # The zero-filled buffers that dq, dk (dT_beta, and with features <dq, phi(q)> per step) alias
-    # come last among the inputs; unused.
-    for _ in range(2 + delta + (features is not None)):
+    hi_ref, lo_ref, states_ref = (next(refs), next(refs), next(refs)) if gated else (None,) * 3
+    # The zero-filled buffers that dq, dk (dT_beta, with features <dq, phi(q)> per step, gated
+    # dL/dg per step) alias come last among the inputs; unused.
+    for _ in range(2 + delta + (features is not None) + gated):
         next(refs)
     dq_ref, dk_ref = next(refs), next(refs)
     dtb_ref = next(refs) if delta else None
     q_dot_ref = next(refs) if features is not None else None
+    d_gate_ref = next(refs) if gated else None
     dv_ref, d_w0_ref = next(refs), next(refs)
     num_chunks, chunk, block = v_ref.shape
     tiles = key_tiles(w_ref.shape[0])
@@ -218,17 +304,28 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
     def writes(n):
         return u_ref[n] if delta else v_ref[n].astype(jnp.float32)
 
+    def walk(origin, n, begin, documents: bool):
+        """The state entering chunk n, walked forward from ``begin`` (the state entering chunk
+        ``origin``) over the stored writes, with the forward's own arithmetic (``_end_state``)."""
+        def chunk_step(m, w):
+            return _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m) if documents else None, dot, features,
+                              _row_scale(features, k_ref, m, len(tiles)), _decays(hi_ref, lo_ref, m) if gated else None)
+
+        return lax.fori_loop(origin, n, chunk_step, begin)
+
     def rebuilt_start_state(n):
         """Chunk n's start state where a document starts in it (its end state no longer holds it):
         the chunks since the last one in which a document started (``origin``; -1: none, walk from
         the initial state), walked forward again from the stored writes."""
         origin = origin_ref[n]
         begin = tuple(jnp.where(origin < 0, w0_ref[rows, :], 0.0) for rows in tiles)
-        def walk(m, w):
-            return _end_state(w, k_ref, m, writes(m), _documents(docs_ref, m), dot, features,
-                              _row_scale(features, k_ref, m, len(tiles)))
+        return walk(jnp.maximum(origin, 0), n, begin, documents=True)
 
-        return lax.fori_loop(jnp.maximum(origin, 0), n, walk, begin)
+    def gated_start_state(n):
+        """Gated, chunk n's start state from the forward's state entering its span of
+        ``checkpoint_chunks`` chunks, walked forward: undoing the chunk's update would divide by its decay."""
+        span = n // checkpoint_chunks
+        return walk(span * checkpoint_chunks, n, tuple(states_ref[span, rows, :] for rows in tiles), documents=False)
 
     def step(i, carry):
         w1, dw1 = carry  # per key tile: the state after chunk n and dL/d(that state)
@@ -237,14 +334,19 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         u = writes(n)
         d_out = d_out_ref[n].astype(jnp.float32)
         docs = _documents(docs_ref, n) if packed else None
+        decays = _decays(hi_ref, lo_ref, n) if gated else None
         first, last, same = (None,) * 3 if docs is None else (docs.first, docs.last, docs.same)
+        if decays is not None:  # the decays take the masks' places (_Decays says which)
+            first, last = decays.start, decays.end
         q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
         if packed:
             w1 = lax.cond(docs.keep, lambda: tuple(w_tile - dot(_tile(k_ref, n, rows, features, k_scale).T, u)
                                                    for rows, w_tile in zip(tiles, w1, strict=True)),
                           lambda: rebuilt_start_state(n))
-        # Rebuild W0 (without documents; with them it is w1 now) and everything that sums over K,
-        # one key tile at a time.
+        if gated:
+            w1 = gated_start_state(n)
+        # Rebuild W0 (without documents or a gate; with them it is w1 now) and everything that sums
+        # over K, one key tile at a time.
         scores = jnp.zeros((chunk, chunk), jnp.float32)
         du = jnp.zeros((chunk, block), jnp.float32)  # dL/du through W1 = W0 + K^T u
         recall = jnp.zeros((chunk, block), jnp.float32)
@@ -253,19 +355,33 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             q_tile, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
             scores += dot(q_tile, k_tile.T)
             du += dot(k_tile, dw_tile)
-            if not packed:
+            if not packed and not gated:
                 w_tile = w_tile - dot(k_tile.T, u)
             if delta:
                 recall += dot(k_tile, w_tile)
             w0.append(w_tile)
+        scores = scale * scores
+        if gated:
+            # dL/d(the factors): E from W1's writes, D from the scores (exp(g) and exp(g_C) below).
+            d_end = jnp.sum(du * u, axis=1, keepdims=True)
+            d_within = scores
+            scores = scores * decays.within
         # With documents only the last one's writes reach W1 and only the first one's steps read W0.
         du = _rows(last, du)
-        recall = _rows(first, recall)
-        du += dot(_tril(scale * scores, same).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
+        du += dot(_tril(scores, same).T, d_out)  # through O = scale (Q W0 + tril(Q K^T) u)
         d_scores = _tril(dot(d_out, u.T), same)
+        if gated:
+            d_within = d_scores * d_within
+            d_scores = d_scores * decays.within
+            # Through the recall r = V - diag(exp(g)) K W0: dL/dexp(g)_i = -<dr_i, (K W0)_i>, below.
+            d_start = jnp.zeros((chunk, 1), jnp.float32)
+            d_total = jnp.zeros((block,), jnp.float32)  # summed over the value columns last
         d_out_first, u_last = _rows(first, d_out), _rows(last, u)
         if delta:
             dr = dot(tb_ref[n].T, du)  # dL/d(V - K W0), which is also dL/dV
+            if gated:
+                d_start -= jnp.sum(dr * recall, axis=1, keepdims=True)
+            recall = _rows(first, recall)
             pltriton.atomic_add(dtb_ref, (n, slice(None), slice(None)), dot(du, (v - recall).T))
             dv_ref[n] = dr.astype(dv_ref.dtype)
             dr_first = _rows(first, dr)
@@ -277,7 +393,13 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
             q_features, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
             q_tile = scale * q_features
-            dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
+            if gated:
+                d_out_w0 = dot(d_out, w_tile.T)
+                d_start += jnp.sum(d_out_w0 * q_tile, axis=1, keepdims=True)
+                d_total += jnp.sum(dw_tile * w_tile, axis=0)
+                dq = _rows(first, d_out_w0) + dot(d_scores, k_tile)
+            else:
+                dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
             if features is None:
                 pltriton.atomic_add(dq_ref, (n, slice(None), rows), dq)
             else:
@@ -286,6 +408,8 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             dk = dot(d_scores.T, q_tile) + dot(u_last, dw_tile.T)
             if packed:
                 dw_tile = jnp.where(docs.keep, dw_tile, 0.0)
+            if gated:
+                dw_tile = decays.total * dw_tile
             dw_tile = dw_tile + dot(q_tile.T, d_out_first)
             if delta:
                 dk -= dot(dr_first, w_tile.T)
@@ -300,6 +424,9 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             scatter_normalization_vjp(features, dq_ref, q_ref, n, len(tiles), q_scale, q_dot)
             scatter_normalization_vjp(features, dk_ref, k_ref, n, len(tiles), k_scale, k_dot)
             pltriton.atomic_add(q_dot_ref, (n, slice(None)), q_dot.reshape(chunk))
+        if gated:
+            pltriton.atomic_add(d_gate_ref, (n, slice(None)), _decay_gradient(decays, d_within, d_start, d_end,
+                                                                               jnp.sum(d_total)))
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
@@ -333,12 +460,14 @@ def _document_specs(heads: int, num_chunks: int, chunk: int):
 
 class _Launch(NamedTuple):
     """Static settings of the kernels: value columns per program, forward and backward, Triton's
-    load-pipelining stages, and the feature map computed on chip (None: q and k come as features)."""
+    load-pipelining stages, the feature map computed on chip (None: q and k come as features), and,
+    gated, how many chunks apart the forward keeps a state for the backward."""
 
     forward_block: int
     backward_block: int
     num_stages: int
     features: DPFP | None = None
+    checkpoint_chunks: int = 1
 
 
 # The output scale reaches the kernels as a runtime operand, a float32 array of shape (1,) that
@@ -348,45 +477,61 @@ _SCALAR = pl.BlockSpec((1,), lambda g, j: (0,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v, tb, w0, docs):
+def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v, tb, w0, docs, gate):
     """``[B, N, C, H, ...]`` padded chunks -> ``(scale * out [B, N, C, H, V] in v's dtype,
     final_state [G, K, V] float32)``; ``scale`` float32 of shape (1,); ``docs [B, N, C]`` int32
-    (packed documents: how many have started in the chunk up to each step) or None. Without a
-    gradient to take, the writes u are not stored."""
-    out, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, keep_writes=False)
+    (packed documents: how many have started in the chunk up to each step) or None; ``gate``
+    (gated) the pair ``(hi, lo)`` of ``[G, N, C]`` float32 whose sum is each chunk's cumulative log
+    decay (``gate_cumsums``), or None. Without a gradient to take, the writes u and the
+    gated states are not stored."""
+    out, _, _, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate,
+                                      keep_writes=False)
     return out, final_state
 
 
-def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs):
-    out, u, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, keep_writes=True)
+def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate):
+    out, u, states, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate,
+                                           keep_writes=True)
     # w0 is kept only with documents: the backward rebuilds start states after a reset from it.
-    return (out, final_state), (scale, q, k, v, tb, u, final_state, docs, None if docs is None else w0)
+    return (out, final_state), (scale, q, k, v, tb, u, final_state, docs, None if docs is None else w0, gate, states)
 
 
-def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, *, keep_writes: bool):
-    """The forward kernel: ``(out, u or None, final_state)``; u (float32) only if ``keep_writes``
-    and the rule is delta (the backward rebuilds states from it)."""
+def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate, *, keep_writes: bool):
+    """The forward kernel: ``(out, u or None, states or None, final_state)``; u (float32) only if
+    ``keep_writes`` and the rule is delta (the backward rebuilds states from it); gated and
+    ``keep_writes``, ``states [G, ceil(N / launch.checkpoint_chunks), K, V]``, the state entering
+    every ``checkpoint_chunks``-th chunk."""
     batch, num_chunks, chunk, heads, input_dim = q.shape
     groups, key_dim, value_dim = batch * heads, w0.shape[1], v.shape[-1]
     block = launch.forward_block
-    delta, packed = tb is not None, docs is not None
+    delta, packed, gated = tb is not None, docs is not None, gate is not None
+    checkpoints = -(-num_chunks // launch.checkpoint_chunks) if gated and keep_writes else 0
     keep_writes = keep_writes and delta
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block, input_dim)
     per_step, _ = _document_specs(heads, num_chunks, chunk)
+    per_head_step = pl.BlockSpec((None, num_chunks, chunk), lambda g, j: (g, 0, 0))
+    states = pl.BlockSpec((None, checkpoints, key_dim, block), lambda g, j: (g, 0, 0, j))
     results = pl.pallas_call(
         functools.partial(_forward_kernel, delta=delta, keep_writes=keep_writes, packed=packed,
-                          dot=tile_dot(interpret, precise), features=launch.features),
+                          dot=tile_dot(interpret, precise), features=launch.features, gated=gated,
+                          checkpoint_chunks=launch.checkpoint_chunks if checkpoints else 0),
         out_shape=(jax.ShapeDtypeStruct(v.shape, v.dtype),
                    *([jax.ShapeDtypeStruct(v.shape, jnp.float32)] if keep_writes else []),
+                   *([jax.ShapeDtypeStruct((groups, checkpoints, key_dim, value_dim), jnp.float32)]
+                     if checkpoints else []),
                    jax.ShapeDtypeStruct((groups, key_dim, value_dim), jnp.float32)),
         grid=(groups, value_dim // block),
-        in_specs=[_SCALAR, keys, keys, values, *([square] if delta else []), *([per_step] if packed else []), state],
-        out_specs=(values, *([values] if keep_writes else []), state),
+        in_specs=[_SCALAR, keys, keys, values, *([square] if delta else []), *([per_step] if packed else []),
+                  *([per_head_step] * 2 if gated else []), state],
+        out_specs=(values, *([values] if keep_writes else []), *([states] if checkpoints else []), state),
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
         interpret=interpret,
         name="fast_weight_fused_chunk_fwd",
-    )(scale, q, k, v, *([tb] if delta else []), *([docs] if packed else []), w0)
-    return results[0], results[1] if keep_writes else None, results[-1]
+    )(scale, q, k, v, *([tb] if delta else []), *([docs] if packed else []), *(gate if gated else ()), w0)
+    results = list(results)
+    out, final_state = results.pop(0), results.pop()
+    u = results.pop(0) if keep_writes else None
+    return out, u, results.pop(0) if checkpoints else None, final_state
 
 
 def _fused_chunk_forward_rule(interpret, precise, launch, *primals):
@@ -394,13 +539,13 @@ def _fused_chunk_forward_rule(interpret, precise, launch, *primals):
 
 
 def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
-    scale, q, k, v, tb, u, final_state, docs, w0 = residuals
+    scale, q, k, v, tb, u, final_state, docs, w0, gate, checkpoints = residuals
     d_out, d_final = (cotangent_array(ct) for ct in cotangents)
     batch, num_chunks, chunk, heads, input_dim = q.shape
     groups, key_dim, value_dim = batch * heads, final_state.shape[1], v.shape[-1]
     block = launch.backward_block
     num_blocks = value_dim // block
-    delta, packed = tb is not None, docs is not None
+    delta, packed, gated = tb is not None, docs is not None, gate is not None
     features = launch.features
     keys, values, square, state = _specs(heads, num_chunks, chunk, key_dim, block, input_dim)
     per_step, per_chunk = _document_specs(heads, num_chunks, chunk)
@@ -413,6 +558,12 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         started = lax.cummax(jnp.where(docs[..., -1] > 0, chunks, -1), axis=1)
         origin = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), started[:, :-1]], axis=1)
         documents = [docs, origin, w0]
+    per_head_step = pl.BlockSpec((None, num_chunks, chunk), lambda g, j: (g, 0, 0))
+    gate_inputs, gate_specs = [], []
+    if gated:
+        gate_inputs = [*gate, checkpoints]
+        gate_specs = [per_head_step, per_head_step,
+                      pl.BlockSpec((None, checkpoints.shape[1], key_dim, block), lambda g, j: (g, 0, 0, j))]
     # Gradients that sum over V are accumulated by every value block's program with atomic adds
     # into zero-filled buffers, instead of one partial per block summed afterwards: at K = 512
     # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
@@ -423,19 +574,19 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         gradients = (*q.shape[:-1], 2 * input_dim)
         gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, 2 * input_dim)[0]
     summed = [jnp.zeros(gradients, f32), jnp.zeros(gradients, f32), *([jnp.zeros(tb.shape, f32)] if delta else []),
-              *([jnp.zeros((groups, num_chunks, chunk), f32)] if features is not None else [])]
-    per_head_step = pl.BlockSpec((None, num_chunks, chunk), lambda g, j: (g, 0, 0))
+              *([jnp.zeros((groups, num_chunks, chunk), f32)] if features is not None else []),
+              *([jnp.zeros((groups, num_chunks, chunk), f32)] if gated else [])]
     summed_specs = [gradient_specs, gradient_specs, *([square] if delta else []),
-                    *([per_head_step] if features is not None else [])]
-    inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents]
+                    *([per_head_step] if features is not None else []), *([per_head_step] if gated else [])]
+    inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents, *gate_inputs]
     results = pl.pallas_call(
         functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise),
-                          features=features),
+                          features=features, checkpoint_chunks=launch.checkpoint_chunks if gated else 0),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(final_state.shape, f32)),
         grid=(groups, num_blocks),
         in_specs=[_SCALAR, keys, keys, values, *([square, values] if delta else []), values, state, state,
-                  *([per_step, per_chunk, state] if packed else []), *summed_specs],
+                  *([per_step, per_chunk, state] if packed else []), *gate_specs, *summed_specs],
         out_specs=(*summed_specs, values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
         compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
@@ -448,13 +599,51 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
         dq, dk = results[0], results[1]
     else:
-        d_scale = jnp.sum(results[len(summed) - 1]).reshape(1)
+        d_scale = jnp.sum(results[2 + delta]).reshape(1)
         dq, dk = input_gradient(results[0]), input_gradient(results[1])
     dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
-    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1], None
+    # g = hi + lo: both halves get g's gradient (the caller's hi carries none further: it is rounded).
+    d_gate = (results[len(summed) - 1],) * 2 if gated else None
+    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1], None, d_gate
 
 
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
+
+
+# Gated: log alpha at or below this is alpha = 0 (its exp is 0 in float32, 16 below the log of the
+# smallest subnormal), clamped there so no -inf enters the sums (-inf - -inf would be NaN). The
+# library's chunk form and the TPU kernel take the same floor.
+LOG_DECAY_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal)) - 16.0
+# Log decays are split into multiples of 1/16, whose running sums are exact, and a rest in [-1/32, 1/32].
+_DECAY_QUANTUM = 16.0
+
+
+def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
+    """``(hi, lo)``: the cumulative sums along the last axis (a chunk) of ``log_decay`` (float32),
+    clamped at ``LOG_DECAY_FLOOR`` and split into multiples of 1/16 (``hi``, whose sums are exact)
+    and small rests (``lo``), so ``(hi_i - hi_j) + (lo_i - lo_j)`` is ``g_i - g_j`` to a few ulps of
+    its own size however large g is (docs/math.md, "Differences of cumulative sums, exactly").
+    Differentiable: hi's rounding passes no gradient, lo carries all of it (zero where clamped).
+
+    Example: alpha = 0.5 three times, and a zero alpha (``-inf``) that stays finite.
+        >>> import jax.numpy as jnp
+        >>> hi, lo = gate_cumsums(jnp.log(jnp.array([0.5, 0.5, 0.5, 0.0])))
+        >>> [round(float(x), 4) for x in hi + lo][:3], bool(jnp.isfinite(hi + lo).all())
+        ([-0.6931, -1.3863, -2.0794], True)
+    """
+    clamped = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
+    hi = jnp.round(clamped * _DECAY_QUANTUM) / _DECAY_QUANTUM
+    return jnp.cumsum(hi, axis=-1), jnp.cumsum(clamped - hi, axis=-1)
+
+
+def _within(hi: Array, lo: Array) -> Array:
+    """``D_ij = exp(g_i - g_j)`` for ``j <= i`` (0 above the diagonal) from ``gate_cumsums``
+    ``[..., C]``: the decays the WY inverse's Gram matrix is weighted by (the kernels compute the
+    same factors on chip, ``_decays``)."""
+    size = hi.shape[-1]
+    lower = jnp.tril(jnp.ones((size, size), bool))
+    pairwise = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    return jnp.where(lower, jnp.exp(jnp.where(lower, pairwise, 0.0)), 0.0)
 
 
 def _to_chunks_bnch(x: Array, chunk_size: int, size: int | None = None) -> Array:
@@ -481,6 +670,8 @@ def fused_chunk(
     wy_inverse: Callable[..., Array] | None = None,
     resets: Array | None = None,
     features: DPFP | None = None,
+    log_decay: Array | None = None,
+    checkpoint_chunks: int = 4,
 ) -> tuple[Array, Array]:
     """The fast-weight op as fused chunked Pallas kernels.
 
@@ -526,6 +717,25 @@ def fused_chunk(
     dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
     takes are still computed by XLA, from ``features(k)`` (recomputed in the backward, not kept).
 
+    ``log_decay``: gated fast weights, ``log alpha [B, T, H]`` float (``-inf``: alpha = 0), as the
+    oracle takes it: ``W_{t-1}`` decays by ``alpha_t`` before step t's write. Each chunk's decays
+    come from its cumulative log sums (``gate_cumsums``), only as exps of their differences
+    (docs/math.md, "Gated fast weights"): on chip for the scores, the start state's reads and the
+    end state, and in XLA for the Gram matrix the WY inverse takes, which ``wy_inverse`` is then
+    given already weighted: it is called as ``wy_inverse(k, beta, gram=G)`` with
+    ``G = (K K^T) * D`` and must use G in place of ``K K^T``. With ``resets`` too, a reset wins
+    over the gate: it is taken as ``log alpha = -inf`` at that step. The backward cannot undo a
+    chunk's update without dividing by its decay, so the forward (when a gradient will be taken)
+    also writes the state entering every ``checkpoint_chunks``-th chunk, and the backward walks
+    each chunk's start state forward from the last of those with the forward's arithmetic: exact
+    for every alpha, 0 included. That costs ``ceil(N / checkpoint_chunks)`` float32 states of
+    ``K x V`` per head (at K = V = 128, C = 64 and the default 4, half the delta rule's stored
+    writes; at K = 1024, 4 times them) and on average ``(checkpoint_chunks - 1) / 2`` more chunk
+    end-state updates per backward chunk step (one ``[64, C] x [C, BV]`` product per key tile
+    each, against about a dozen in the step itself); ``checkpoint_chunks=1`` keeps every chunk's
+    start state and walks nothing. The gradient reaches ``log_decay`` through the kernel's
+    ``dL/dg`` per step and the WY inverse's autodiff (zero where alpha = 0, as the oracle's).
+
     Example (interpret mode runs anywhere):
         >>> import jax.numpy as jnp
         >>> from jax.scipy.linalg import solve_triangular
@@ -546,7 +756,14 @@ def fused_chunk(
     chunk_size = check_chunk_size(chunk_size)
     num_stages = check_positive_int("num_stages", num_stages)
     check_interpret(interpret)
-    check_wy_inverse(rule, wy_inverse, packed=resets is not None)
+    check_log_decay(log_decay, q)
+    checkpoint_chunks = check_positive_int("checkpoint_chunks", checkpoint_chunks)
+    gated = log_decay is not None
+    if gated and resets is not None:
+        # A reset zeroes the state whatever alpha is: alpha = 0 there (its gradient is zero, as
+        # the oracle's is at a reset), and the chunks need no document masks.
+        log_decay, resets = jnp.where(resets[:, :, None], -jnp.inf, log_decay), None
+    check_wy_inverse(rule, wy_inverse, packed=resets is not None, gated=gated)
     if (empty := empty_result(v, initial_state, q)) is not None:
         return empty
     batch, length, heads, input_dim = q.shape
@@ -565,6 +782,10 @@ def fused_chunk(
     if resets is not None:
         # Per step, how many documents have started in its chunk up to it (padding starts none).
         docs = jnp.cumsum(_to_chunks_bnch(resets, chunk_size), axis=-1, dtype=jnp.int32)
+    gate = None
+    if gated:
+        # [B, T, H] -> [B, H, N, C]; padded steps decay nothing (alpha = 1), as they write nothing.
+        gate = gate_cumsums(jnp.moveaxis(_to_chunks_bnch(log_decay.astype(f32), chunk_size), 3, 1))
     tb = None
     if rule == "delta":
         # A^-1 diag(beta) per chunk, [B, H, N, C, C] -> [G, N, C, C]: batched over heads, so k is
@@ -577,7 +798,12 @@ def fused_chunk(
 
         def inverse_of(kc, beta_c, *masks):
             keys = jnp.moveaxis(kc, 3, 1)
-            return wy_inverse(keys if features is None else features(keys), beta_c, *masks)
+            keys = keys if features is None else features(keys)
+            if gate is not None:  # the Gram matrix weighted by the decays between the steps
+                gram = jnp.einsum("...ik,...jk->...ij", keys, keys, precision=lax.Precision.HIGHEST,
+                                  preferred_element_type=f32)
+                return wy_inverse(keys, beta_c, gram=gram * _within(*gate))
+            return wy_inverse(keys, beta_c, *masks)
 
         if features is not None:
             # The Gram matrices need phi(k): XLA computes it here, and again in the backward
@@ -588,9 +814,12 @@ def fused_chunk(
         tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
     w0 = pad_state(initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim), k_pad, v_pad)
-    launch = _Launch(forward_block, backward_block, num_stages, features)
+    launch = _Launch(forward_block, backward_block, num_stages, features, checkpoint_chunks)
     scale = jnp.asarray(scale, f32).reshape(1)
-    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0, docs)
+    if gate is not None:
+        gate = tuple(x.reshape(batch * heads, *x.shape[2:]) for x in gate)
+    out, final_state = _fused_chunk(interpret, float32_or_wider(q, k, v), launch, scale, qc, kc, vc, tb, w0, docs,
+                                    gate)
     out = out.reshape(batch, -1, heads, v_pad)[:, :length, :, :value_dim]
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
     return out, final_state

@@ -61,7 +61,8 @@ def _always(*args: object, **kwargs: object) -> str | None:
 
 GATED_IMPLS = ("reference", "scan", "chunk")
 """The impls that take ``log_decay`` (gated fast weights) everywhere; ``"auto"`` picks among them.
-``"pallas"`` takes it too (the TPU kernel; on a GPU the fused recurrent kernel), where it runs."""
+``"pallas"`` takes it too, where it runs (the TPU kernel; on a GPU the fused chunk kernel from one
+chunk on, the fused recurrent one below)."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
@@ -303,7 +304,8 @@ def fast_weight(
         fn, supports = _IMPLS[name]
         resets = None if segment_ids is None else resets_of(segment_ids)
         reason = _gate_supports(name, log_decay) or supports(q, k, v, beta, rule=rule, initial_state=initial_state,
-                                                             resets=resets, features=features, log_decay=log_decay)
+                                                             resets=resets, features=features, log_decay=log_decay,
+                                                             chunk_size=chunk_size)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)

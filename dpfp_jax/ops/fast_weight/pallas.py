@@ -20,10 +20,11 @@ Which kernels run follows the platform being compiled for (:func:`target_platfor
   (``pallas_kernels.fused_chunk``: each chunk's
   whole step, matmuls on tensor cores, in one program per head and value block) for sequences of
   at least one chunk when ``chunk_size`` is a power of two >= 16 (what ``tl.dot`` tiles need), and
-  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps,
-  and for every gated call (``log_decay``: the fused chunked one takes no gate). A third,
-  ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA, gated too),
-  is reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
+  the fused recurrent one (the paper's CUDA kernel redone) otherwise, e.g. for decoding steps.
+  Gated (``log_decay``) the fused chunked one takes the decays (and then packed documents as
+  ``log alpha = -inf`` at each reset), and the fused recurrent one a gated call below one chunk. A
+  third, ``pallas_kernels.chunk_walk`` (only the inter-chunk walk in Pallas, the rest in XLA, gated
+  too), is reached through ``fast_weight_chunk(..., walk=chunk_walk())`` for comparison on the GPU.
 - anything else (a CPU outside interpret mode): a ValueError that says so.
 
 The layers run one way: this library composes the kernels (it hands the fused chunked GPU kernel
@@ -81,6 +82,9 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # where impl="pallas" runs the Triton kernels
+
+
 def runs_tpu_kernel() -> bool:
     """Whether ``impl="pallas"`` takes the TPU kernel: compiled for a TPU, or inside
     ``pltpu.force_tpu_interpret_mode()`` (on any host: Pallas then interprets every TPU call)."""
@@ -129,8 +133,9 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     the map themselves where :func:`tpu_kernel_features` (the TPU kernel) or
     :func:`gpu_kernel_features` (the GPU kernels) says they can, and are otherwise given
     phi(q), phi(k), computed before them; either way K is the map's width. Packed documents on the
-    TPU run the gated kernel (a reset is a decay to zero; ungated, ``log alpha = 0`` elsewhere); a
-    gate on the GPU goes to the fused recurrent kernel."""
+    TPU run the gated kernel (a reset is a decay to zero; ungated, ``log alpha = 0`` elsewhere). On a
+    GPU a gate is taken by the fused chunk kernel (:func:`runs_fused_chunk`) and, below one chunk, by
+    the fused recurrent one."""
     from pallas_kernels import MAX_KEY_DIM
 
     key_dim = q.shape[-1] if features is None else features.key_dim
@@ -141,12 +146,18 @@ def pallas_supports(q: Array, k: Array, v: Array, beta: Array | None, *, resets:
     if runs_tpu_kernel():
         return None
     platform = target_platform()
-    if platform not in ("gpu", "cuda", "rocm"):
+    if platform not in GPU_PLATFORMS:
         return (f"the Pallas kernels need a GPU or a TPU and the target platform is {platform!r}; "
                 "pallas_kernels.fused_chunk or fused_recurrent(..., interpret=True) runs the GPU kernels anywhere, "
                 "slowly, and inside jax.experimental.pallas.tpu.force_tpu_interpret_mode() impl='pallas' runs the "
                 "TPU kernel interpreted")
     return None
+
+
+def runs_fused_chunk(q: Array, chunk_size: int) -> bool:
+    """Whether ``impl="pallas"`` on a GPU runs the fused chunk kernel (else the fused recurrent one):
+    a sequence of at least one chunk, and ``chunk_size`` a power of two >= 16 (what ``tl.dot`` tiles need)."""
+    return q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
 
 
 def gpu_kernel_features(features: Features | None):
@@ -186,8 +197,8 @@ def fast_weight_pallas(
 ) -> tuple[Array, Array]:
     """The op whose contract :func:`.naive.fast_weight_reference` states, by the chunked or the fused
     recurrent kernel, run per batch and head shard (the kernels compute in float32); ``resets``
-    (packed documents) and ``log_decay`` (gated: the TPU kernel, and on the GPU the fused recurrent one
-    whatever T is) as the oracle takes them.
+    (packed documents) and ``log_decay`` (gated: the TPU kernel and both fused GPU kernels) as the
+    oracle takes them.
     ``features``: q, k are raw; the TPU kernel (:func:`tpu_kernel_features`) and the fused GPU
     kernels (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
@@ -197,9 +208,7 @@ def fast_weight_pallas(
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
         # or empty; a kernel cannot be launched over an empty grid.
         return zeros_like_sharded(v, v.dtype), initial_state.astype(jnp.float32)
-    chunked = q.shape[1] >= chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    # The fused chunk GPU kernel takes no gate: the fused recurrent one takes a gated call whatever T is.
-    chunked = chunked and log_decay is None
+    chunked = runs_fused_chunk(q, chunk_size)
 
     tpu = runs_tpu_kernel()
     # The map a kernel computes itself (q, k then stay at width d), or None: the kernels are given
@@ -241,7 +250,7 @@ def fast_weight_pallas(
         if chunked:
             return fused_chunk(q, k, v, beta, initial_state, rule=rule, scale=scale, chunk_size=chunk_size,
                                interpret=interpret, wy_inverse=wy_inverse if rule == "delta" else None,
-                               resets=resets, features=kernel_features)
+                               resets=resets, features=kernel_features, log_decay=log_decay)
         return fused_recurrent(q, k, v, beta, initial_state, rule=rule, scale=scale, interpret=interpret,
                                resets=resets, log_decay=log_decay, features=kernel_features)
 
