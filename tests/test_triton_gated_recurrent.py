@@ -1,6 +1,6 @@
 """The decay gate (``log_decay``) in the fused recurrent and chunk-walk Pallas GPU kernels, interpret
-mode on the CPU, against the oracle: outputs, final state and every gradient (q, k, v, beta, initial_state, log_decay), both
-rules, alpha from near 1 to exactly 0, packed documents, bfloat16."""
+mode on the CPU, against the oracle: outputs, final state and every gradient (q, k, v, beta,
+initial_state, log_decay), both rules, alpha from near 1 to exactly 0, packed documents, bfloat16."""
 
 from __future__ import annotations
 
