@@ -8,7 +8,6 @@ Interpret mode is slow: one small case runs in ``make test``, the rest are slow.
 of the gated kernels is in tests/test_triton_lowering.py and the report.
 """
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +156,6 @@ def test_on_a_gpu_the_fused_kernels_take_the_gate(monkeypatch):
     # The platform is a GPU's (nothing runs): from one chunk on the fused chunk kernel takes a gate,
     # below one chunk the fused recurrent one (tests/test_triton_gated_recurrent.py).
     monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "gpu")
-    monkeypatch.setattr(sys.modules["dpfp_jax.ops.fast_weight"], "target_platform", lambda: "gpu")
     x, beta, gate = jnp.ones((1, 40, 2, 8)), jnp.full((1, 40, 2), 0.5), jnp.zeros((1, 40, 2))
     assert pallas_adapter.runs_fused_chunk(x, 16) and not pallas_adapter.runs_fused_chunk(x[:, :10], 16)
     assert pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16) is None
