@@ -100,9 +100,9 @@ def test_kept_states_every_few_chunks(rule, checkpoint_chunks, time):
 
 @SLOW
 @pytest.mark.parametrize("rule", ["delta", "sum"])
-@pytest.mark.parametrize("key_dim", [64, 130, 384])
+@pytest.mark.parametrize("key_dim", [1, 64, 130, 384, 1024])
 def test_key_widths(rule, key_dim):
-    # 64: one key tile; 130: padded to three tiles; 384: six.
+    # 1: one padded tile; 64: one key tile; 130: padded to three tiles; 384: six; 1024 (the limit): sixteen.
     check(rule, "mixed", key_dim=key_dim, batch=1, time=37)
 
 

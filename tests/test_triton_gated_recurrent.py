@@ -65,6 +65,13 @@ def test_fused_recurrent_gated_matches_the_oracle(rule, regime):
 
 @SLOW
 @pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("key_dim", [1, 64, 130, 384, 1024])
+def test_fused_recurrent_gated_key_widths(rule, key_dim):
+    agree(gated_inputs(2, rule=rule, time=9, key_dim=key_dim, batch=1), recurrent(rule), reference(rule), 2e-5)
+
+
+@SLOW
+@pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_fused_recurrent_gated_with_documents_a_reset_wins(rule):
     inputs = gated_inputs(2, rule=rule, time=20)
     resets = resets_of(packed_ids(20, seed=2, chunk=4))
