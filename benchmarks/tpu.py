@@ -10,7 +10,8 @@ a loss on both results (outputs and final state), as in the GPU benchmark. A pro
 not compile shows libtpu's error instead. These are compile-time figures: no TPU speed comes from
 them. The chunk form takes up to minutes per program to compile at these shapes (more with K).
 ``--impls`` also takes deltanet-tpu's Mosaic kernels (``deltanet-tpu``, ``deltanet-tpu-gdn``: K = V =
-128 only, so ``--keys 128 --value-dim 128``), beside ``NAME-gated`` for ours with a gate and
+128 only, so ``--keys 128 --value-dim 128``) and jax-linear-attention's chunked Gated DeltaNet in
+plain JAX (``jla-gdn``, an XLA chunked GDN), beside ``NAME-gated`` for ours with a gate and
 ``NAME-packed`` for ours with packed documents of 512 steps (no gate); without
 ``chunk`` among them the last column's base is the first impl.
 
@@ -72,6 +73,19 @@ PEERS = {
 }
 
 
+def _jla_gated_deltanet(q, k, v, beta, log_decay):
+    """jax-linear-attention's chunked Gated DeltaNet (plain JAX, so XLA's own chunked program; its
+    gate applied before the write, as ours), with its final state."""
+    from jla.ops import linear_attention
+
+    return linear_attention("gated_deltanet", q, k, v, g=log_decay, beta=beta, impl="chunked",
+                            output_final_state=True)
+
+
+# Peers written in plain JAX (XLA's programs, any K): an XLA chunked Gated DeltaNet beside ours.
+XLA_PEERS = {"jla-gdn": _jla_gated_deltanet}
+
+
 class _JaxOnATpu:
     """``jax`` as deltanet-tpu's kernel module sees it while compiling for a TPU on this machine.
 
@@ -104,7 +118,9 @@ def contender(impl: str, shapes: list[tuple[int, ...]]):
     """``(fn, shapes)``: ``ours(impl)``; for ``"NAME-gated"`` impl NAME with a ``log_decay [B, T, H]``
     (a fifth argument, beta's shape) passed to it; for ``"NAME-packed"`` impl NAME with
     ``segment_ids`` (documents of :data:`PACKED_LENGTH` steps); for a name in :data:`PEERS`
-    deltanet-tpu's kernel."""
+    deltanet-tpu's kernel; for one in :data:`XLA_PEERS` that peer (gated: beta's shape again)."""
+    if impl in XLA_PEERS:
+        return XLA_PEERS[impl], [*shapes, shapes[3]]
     if impl in PEERS:
         import deltanet_tpu
 
@@ -310,7 +326,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["chunk", "scan", "pallas"],
                         help="dj.fast_weight impls; NAME-gated (chunk-gated, pallas-gated, ...) adds a log_decay, "
                              "NAME-packed segment_ids (documents of 512 steps); "
-                             f"peers (K = V = 128): {', '.join(PEERS)}; the ratios' base is chunk if given, "
+                             f"peers (K = V = 128): {', '.join(PEERS)}; XLA peers (any K): {', '.join(XLA_PEERS)}; "
+                             "the ratios' base is chunk if given, "
                              "else the first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=4096)
@@ -334,8 +351,9 @@ def main() -> None:
                       jnp.dtype(args.dtype), args.rounds, args.stacks)
         return
     if args.run:
-        if set(args.impls) & set(PEERS):
-            parser.error(f"--run times dj.fast_weight's impls only; {', '.join(PEERS)} are for --deviceless")
+        if set(args.impls) & (set(PEERS) | set(XLA_PEERS)):
+            parser.error(f"--run times dj.fast_weight's impls only; {', '.join([*PEERS, *XLA_PEERS])} are for "
+                         "--deviceless")
         if jax.default_backend() != "tpu" and not args.interpret:
             parser.error(f"--run needs a TPU: jax.default_backend() is {jax.default_backend()!r} (--interpret runs "
                          "the TPU kernel interpreted, to check this script)")

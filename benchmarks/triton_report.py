@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if features is not None and not set(args.kernels) <= {"fused_chunk", "fused_recurrent"}:
         parser.error("--dpfp-nu needs --kernels fused_chunk and/or fused_recurrent (the kernels that compute the "
                      "feature map)")
+    if features is not None and args.gated and "fused_recurrent" in args.kernels:
+        parser.error("--dpfp-nu with --gated: the fused recurrent kernel maps q, k itself only ungated (the library "
+                     "applies the map before it when gated); use --kernels fused_chunk")
     shared_kib = SHARED_MEMORY_PER_BLOCK_OPTIN // 1024
     on_chip = "" if features is None else f", DPFP-{features.nu} (sum) on chip: column K is d, the state's is 2·nu·d"
     on_chip += ", gated (log_decay)" if args.gated else ""

@@ -39,7 +39,7 @@ HTML comment on its own line at the end of the block, or after it with a blank l
 A table of figures in a hand-written page fails whatever it holds: generated tables belong under
 docs/reports/, where the scripts' output is kept as printed. The one exception is a region a
 script writes into a page itself, between ``<!-- NAME: written by PATH ... -->`` and
-``<!-- end of NAME -->`` (PATH an existing file of the repository, e.g. the capacity tables
+``<!-- end of NAME -->`` (PATH a file of the repository holding that opening comment, e.g. the capacity tables
 ``examples/paper_figures.py`` puts in docs/paper_figures.md and the README): it is the script's
 output, not hand-written, and is not checked.
 """
@@ -142,6 +142,32 @@ def hand_written_pages(root: Path) -> list[Path]:
     return [p for p in pages if (root / p).is_file()]
 
 
+def _generated_end(line: str, root: Path | None) -> re.Pattern | None:
+    """For a line that opens a region a script writes (``GENERATED_BEGIN``, naming a file under
+    ``root`` that holds this very comment, as the script that writes it does), the pattern of its
+    end comment; else None."""
+    begin = GENERATED_BEGIN.match(line.strip())
+    if begin is None or root is None or not (root / begin.group("path")).is_file():
+        return None
+    if line.strip() not in (root / begin.group("path")).read_text(errors="replace"):
+        return None
+    return re.compile(rf"<!--\s*end of (?:the )?{re.escape(begin.group('name').strip())}\s*-->")
+
+
+def unclosed_regions(page: Path, text: str, root: Path) -> list[Problem]:
+    """A generated region with no end comment would hide the rest of the page from the check."""
+    problems, end, opened = [], None, 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if end is not None:
+            end = None if end.fullmatch(line.strip()) else end
+        elif (found := _generated_end(line, root)) is not None:
+            end, opened = found, number
+    if end is not None:
+        problems.append(Problem(Figure(page, opened, "<!-- -->", "", ""),
+                                f"a region a script writes opens here and never closes (want {end.pattern!r})"))
+    return problems
+
+
 def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = None) -> Iterator[Block]:
     """The page's blocks in order; a code block yields only its shell comments, and a region a
     script writes (between ``GENERATED_BEGIN`` naming a file under ``root`` and its end comment)
@@ -160,12 +186,11 @@ def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = N
             if generated.fullmatch(line.strip()):
                 generated = None
             continue
-        begin = GENERATED_BEGIN.match(line.strip()) if fence is None else None
-        if begin and root is not None and (root / begin.group("path")).is_file():
+        generated = _generated_end(line, root) if fence is None else None
+        if generated is not None:
             if current:
                 yield current
-            name = re.escape(begin.group("name").strip())
-            current, generated = None, re.compile(rf"<!--\s*end of (?:the )?{name}\s*-->")
+            current = None
             continue
         opening = FENCE.match(line)
         if fence is not None:
@@ -398,7 +423,7 @@ def check_page(root: Path, page: Path) -> tuple[list[Figure], list[Problem]]:
     section_links: dict[int, set[Path]] = {}
     for block in page_blocks:
         section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))
-    everything, problems = [], []
+    everything, problems = [], unclosed_regions(page, (root / page).read_text(), root)
     for block in page_blocks:
         found, is_table = figures_in(block)
         everything.extend(found)

@@ -169,11 +169,18 @@ def test_a_region_a_script_writes_is_not_checked_but_a_made_up_script_does_not_e
 
         After it, 3.5 s is checked again.
     """
-    write(tmp_path, {"tools/draw.py": "print()\n"})
+    begin = "<!-- capacities: written by tools/draw.py from the CSVs; edits here are overwritten -->"
+    write(tmp_path, {"tools/draw.py": f"BEGIN = {begin!r}\n"})
     assert problems_of(tmp_path, region) == ["3.5 s: neither its block nor its sections link a report under "
                                              "docs/reports/ (or give a marker: see dpfp_devtools/figures.py)"]
+    write(tmp_path, {"tools/draw.py": "print()\n"})  # a file that does not write this region
+    assert [p.split(":")[0] for p in problems_of(tmp_path, region)] == ["12.5 s", "3.5 s"]
     (tmp_path / "tools/draw.py").unlink()  # no such script: the region is hand-written after all
     assert [p.split(":")[0] for p in problems_of(tmp_path, region)] == ["12.5 s", "3.5 s"]
+    write(tmp_path, {"tools/draw.py": f"BEGIN = {begin!r}\n"})
+    unclosed = region.replace("<!-- end of the capacities -->", "<!-- end of the capacitys -->")
+    assert [p.split(":", 1)[1].strip()[:45] for p in problems_of(tmp_path, unclosed)] == [
+        "a region a script writes opens here and never"]
 
 
 def copy_pages(tmp_path: Path) -> Path:

@@ -23,7 +23,15 @@ from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
 from pallas_kernels.triton.dpfp import DPFP
-from tests.helpers import DIFF_ARGS, assert_relative_error, log_decays, normal, packed_ids, value_and_grads
+from tests.helpers import (
+    DIFF_ARGS,
+    assert_relative_error,
+    log_decays,
+    normal,
+    packed_ids,
+    pallas_calls,
+    value_and_grads,
+)
 
 SLOW = pytest.mark.slow
 CHUNK = 16
@@ -153,12 +161,35 @@ def test_the_wy_inverse_must_take_the_weighted_gram_matrix():
 
 
 def test_on_a_gpu_the_fused_kernels_take_the_gate(monkeypatch):
-    # The platform is a GPU's (nothing runs): from one chunk on the fused chunk kernel takes a gate,
-    # below one chunk the fused recurrent one (tests/test_triton_gated_recurrent.py).
+    # The platform is a GPU's (traced, nothing runs): from one chunk on the fused chunk kernel takes
+    # a gate, below one chunk the fused recurrent one (tests/test_triton_gated_recurrent.py), both
+    # given log_decay; DPFP goes on chip to the fused chunk kernel gated, and to the fused recurrent
+    # one only ungated (gated there, the map is applied before it).
     monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "gpu")
-    x, beta, gate = jnp.ones((1, 40, 2, 8)), jnp.full((1, 40, 2), 0.5), jnp.zeros((1, 40, 2))
-    assert pallas_adapter.runs_fused_chunk(x, 16) and not pallas_adapter.runs_fused_chunk(x[:, :10], 16)
-    assert pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16) is None
+    x, beta, gate = jnp.ones((1, 40, 2, 32)), jnp.full((1, 40, 2), 0.5), jnp.zeros((1, 40, 2))
+    dpfp = dj.Features("dpfp", dim=32, nu=1)
+    assert pallas_supports(x, x, x, beta, log_decay=gate) is None
     assert pallas_supports(x[:, :10], x[:, :10], x[:, :10], beta[:, :10], log_decay=gate[:, :10]) is None
+
+    def kernels(time, gated, features=None):
+        width = 32 if features is None else features.key_dim
+        state = jnp.zeros((1, 2, width, 32))
+
+        def run(q, g):
+            return fast_weight_pallas(q, q, q[..., :32], beta[:, :time], state, rule="delta", scale=0.5,
+                                      chunk_size=16, interpret=True, log_decay=g if gated else None,
+                                      features=features)
+
+        jaxpr = jax.make_jaxpr(run)(x[:, :time], gate[:, :time]).jaxpr
+        # Each kernel's name and the width of q as it gets it (its first operand of rank 3 or more).
+        return {(str(eqn.params["name"]).split(" ")[0], next(v.aval.shape[-1] for v in eqn.invars if v.aval.ndim >= 3))
+                for eqn in pallas_calls(jaxpr)}
+
+    assert kernels(40, gated=True) == {("fast_weight_fused_chunk_fwd", 32)}
+    assert kernels(10, gated=True) == {("fast_weight_fused_recurrent_gated_fwd", 32)}
+    assert kernels(10, gated=False) == {("fast_weight_fused_recurrent_fwd", 32)}
+    assert kernels(40, gated=True, features=dpfp) == {("fast_weight_fused_chunk_fwd", 32)}  # DPFP on chip
+    assert kernels(10, gated=True, features=dpfp) == {("fast_weight_fused_recurrent_gated_fwd", dpfp.key_dim)}
+    assert kernels(10, gated=False, features=dpfp) == {("fast_weight_fused_recurrent_dpfp_fwd", 32)}
     monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "cpu")
     assert "target platform is 'cpu'" in pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16)

@@ -660,7 +660,8 @@ def fused_recurrent(
     """
     state_key_dim = None
     if features is not None:
-        state_key_dim = check_features(features, q.shape[-1], MAX_KEY_DIM)
+        if len(getattr(q, "shape", ())) == 4:  # else check_kernel_inputs says what q is
+            state_key_dim = check_features(features, q.shape[-1], MAX_KEY_DIM)
         if resets is not None or log_decay is not None:
             given = "resets" if resets is not None else "log_decay"
             raise ValueError(f"features: the fused recurrent kernel maps q, k itself only without resets and "

@@ -66,6 +66,8 @@ chunk on, the fused recurrent one below)."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
+    # Every impl takes the gate today ("pallas" where its kernels run: pallas_supports says); this
+    # says why for an impl added without it.
     if log_decay is None or name in GATED_IMPLS or name == "pallas":
         return None
     return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
