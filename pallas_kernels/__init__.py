@@ -39,9 +39,9 @@ the chunk form's ``keep`` and ``states``. The fused kernels keep nothing more fo
 after a reset they rebuild the discarded state by walking the previous document forward again
 from the stored writes; the walk alone stores each chunk's start state, as the XLA walk does.
 
-Gated fast weights: ``fused_recurrent`` and ``chunk_walk``'s functions take the decay gate
-(``log_decay [B, T, H]``; the walk the chunk form's per-chunk ``decay``), forward and backward,
-without dividing by it; ``fused_chunk`` takes none yet.
+Gated fast weights: ``fused_chunk``, ``fused_recurrent`` and ``chunk_walk``'s functions take the
+decay gate (``log_decay [B, T, H]``; the walk the chunk form's per-chunk ``decay``), forward and
+backward, without dividing by it.
 
 DPFP on chip: ``fused_chunk`` and ``fused_recurrent`` (without ``resets`` or ``log_decay``) take
 ``features=DPFP(...)`` and read q, k at width d (``triton/dpfp.py``).

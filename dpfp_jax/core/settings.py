@@ -101,7 +101,8 @@ class FastWeightSettings:
         :func:`dpfp_jax.fast_weight` as ``log_decay``: one more projection column and two
         parameters (``gate_a_log``, ``gate_dt_bias``) per head. Not with
         ``normalization="attention"`` (its key sum does not decay); with ``impl="pallas"`` on a TPU
-        or a GPU (there the fused chunk kernel from one chunk on, the fused recurrent one below).
+        or a GPU (there the fused chunk kernel where it runs, from one chunk on, the fused recurrent
+        one otherwise).
     """
 
     feature_map: FeatureMapLike = "dpfp"

@@ -61,8 +61,8 @@ def _always(*args: object, **kwargs: object) -> str | None:
 
 GATED_IMPLS = ("reference", "scan", "chunk")
 """The impls that take ``log_decay`` (gated fast weights) everywhere; ``"auto"`` picks among them.
-``"pallas"`` takes it too, where it runs (the TPU kernel; on a GPU the fused chunk kernel from one
-chunk on, the fused recurrent one below)."""
+``"pallas"`` takes it too, where it runs (the TPU kernel; on a GPU the fused chunk kernel where it
+runs (runs_fused_chunk), the fused recurrent one otherwise)."""
 
 
 def _gate_supports(name: str, log_decay: Array | None) -> str | None:
@@ -99,8 +99,8 @@ _IMPLS: dict[str, tuple[Impl, Callable[..., str | None]]] = {
     "chunk": (fast_weight_chunk, _always),
     "pallas": (fast_weight_pallas, pallas_supports),
 }
-# The impls that take ``features`` themselves (fused; "pallas" where its TPU kernel or its fused
-# chunk GPU kernel computes the map, else it applies the map before its kernels); the others are
+# The impls that take ``features`` themselves (fused; "pallas" where its TPU kernel or a fused GPU
+# kernel computes the map, else it applies the map before its kernels); the others are
 # given phi(q), phi(k).
 _FUSE_FEATURES = ("scan", "chunk", "pallas")
 
@@ -235,13 +235,13 @@ def fast_weight(
         recomputes phi and applies its VJP (docs/math.md); so does every shard of a sharded T
         (``context_axis``, the chunk form or the TPU kernel per shard); ``"pallas"``'s TPU kernel
         computes DPFP, identity, relu and ``"linear"`` itself (d in 32, 64, 128;
-        docs/tpu_kernel.md) and its fused chunk GPU kernel DPFP (d a multiple of 32, nu <= 4,
-        eps > 0; docs/gpu_kernels.md); ``"reference"`` and the other Pallas kernels are given
-        phi(q), phi(k), computed first.
+        docs/tpu_kernel.md) and its fused GPU kernels DPFP (d a multiple of 32, nu <= 4, eps > 0;
+        the fused recurrent one without ``segment_ids`` or a gate; docs/gpu_kernels.md);
+        ``"reference"`` and the other Pallas kernels are given phi(q), phi(k), computed first.
       log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
         (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
-        ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused recurrent kernel, at any T;
-        on a CPU outside interpret mode ``impl="pallas"`` says it cannot run), with ``initial_state``,
+        ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused chunk kernel where it runs,
+        the fused recurrent one otherwise; on a CPU outside interpret mode ``impl="pallas"`` says it cannot run), with ``initial_state``,
         ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and ``context_axis``. Gradients
         flow to it. Positive or NaN values are refused with a ValueError when the values are known
         (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless

@@ -49,7 +49,9 @@ Packed documents on the GPU: both kernels take ``resets`` (``segments.resets_of`
 mask the kernel passes it. Neither kernel keeps a state per chunk or step for its backward: after
 a reset they rebuild the state it discarded by walking the previous document forward again
 (their docstrings say what that costs). Gated, a reset is a decay to zero (``log alpha = -inf``)
-and the fused recurrent kernel's backward replays the states from its checkpoints instead.
+and the gated kernels keep states instead: the fused recurrent one every ``ceil(sqrt(T))`` steps
+(its backward replays each block from them), the fused chunk one every ``checkpoint_chunks``
+chunks (its backward walks each chunk's start state forward from the last kept one).
 """
 
 from __future__ import annotations
