@@ -243,8 +243,8 @@ def fast_weight(
         ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused chunk kernel where it runs,
         the fused recurrent one otherwise; on a CPU outside interpret mode ``impl="pallas"`` says it
         cannot run), with ``initial_state``, ``segment_ids`` (a reset at t zeroes W whatever alpha_t
-        is) and ``context_axis``. Gradients flow to it. Positive or NaN values are refused with a ValueError when the values are known
-        (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
+        is) and ``context_axis``. Gradients flow to it. Positive or NaN values are refused with a
+        ValueError when the values are known (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
         ``check_stability=True`` stages their check.
 
     Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
