@@ -238,14 +238,14 @@ def fast_weight(
         docs/tpu_kernel.md) and its fused GPU kernels DPFP (d a multiple of 32, nu <= 4, eps > 0;
         the fused recurrent one without ``segment_ids`` or a gate; docs/gpu_kernels.md);
         ``"reference"`` and the other Pallas kernels are given phi(q), phi(k), computed first.
-      log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None
-        (no gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
-        ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused chunk kernel where it runs,
-        the fused recurrent one otherwise; on a CPU outside interpret mode ``impl="pallas"`` says it
-        cannot run), with ``initial_state``, ``segment_ids`` (a reset at t zeroes W whatever alpha_t
-        is) and ``context_axis``. Gradients flow to it. Positive or NaN values are refused with a
-        ValueError when the values are known (an eager call); traced ones are used as given (an alpha above 1 grows the state) unless
-        ``check_stability=True`` stages their check.
+      log_decay: ``[B, T, H]`` float, ``log alpha_t <= 0`` (``-inf``: alpha = 0, a full forget), or None (no
+        gate). Taken by ``"reference"``, ``"scan"``, ``"chunk"``, ``"auto"`` (which never picks
+        ``"pallas"``) and ``"pallas"`` (the TPU kernel; on a GPU the fused chunk kernel where it runs, the
+        fused recurrent one otherwise; on a CPU outside interpret mode ``impl="pallas"`` says it cannot
+        run), with ``initial_state``, ``segment_ids`` (a reset at t zeroes W whatever alpha_t is) and
+        ``context_axis``. Gradients flow to it. Positive or NaN values are refused with a ValueError when
+        the values are known (an eager call); traced ones are used as given (an alpha above 1 grows the
+        state) unless ``check_stability=True`` stages their check.
 
     Eager calls (no ``jit`` around the call) run an internal ``jax.jit`` keyed on the shapes, the
     dtypes and the options above, so only the first call with new ones traces (docs/op_checks.md).
