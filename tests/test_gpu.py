@@ -70,12 +70,14 @@ def test_gpu_path_matches_reference(dtype, rule, key_dim, impl, chunk_size):
 
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_gpu_fused_chunk_computes_dpfp_on_chip(dtype, rule):
-    # impl="pallas" with features: the fused chunk kernel reads q, k at d = 64 and computes DPFP-3
-    # (K = 384) itself; against the map applied first and the reference, in float32.
+@pytest.mark.parametrize("time, kernel", [(200, "fused_chunk_fwd"), (40, "fused_recurrent_dpfp_fwd")])
+def test_gpu_fused_kernels_compute_dpfp_on_chip(dtype, rule, time, kernel):
+    # impl="pallas" with features: the fused chunk kernel (T = 200, chunks of 64) or below one
+    # chunk the fused recurrent one (T = 40) reads q, k at d = 64 and computes DPFP-3 (K = 384)
+    # itself; against the map applied first and the reference, in float32.
     phi = dj.Features("dpfp", dim=64, nu=3, normalization="sum")
-    inputs = make_inputs(0, batch=2, time=200, heads=2, key_dim=64, value_dim=16, rule=rule, dtype=dtype)
-    raw = jax.random.normal(jax.random.key(5), (2, 2, 200, 2, 64))  # make_inputs' q, k are non-negative
+    inputs = make_inputs(0, batch=2, time=time, heads=2, key_dim=64, value_dim=16, rule=rule, dtype=dtype)
+    raw = jax.random.normal(jax.random.key(5), (2, 2, time, 2, 64))  # make_inputs' q, k are non-negative
     args = (raw[0].astype(dtype), raw[1].astype(dtype), inputs["v"], inputs["beta"])
 
     def values_and_grads(fused: bool, cast=None):
@@ -96,19 +98,22 @@ def test_gpu_fused_chunk_computes_dpfp_on_chip(dtype, rule):
     # The kernels read q, k at width d (a map applied before them would hand them K = 384).
     fused = jax.make_jaxpr(lambda *a: dj.fast_weight(*a[:3], a[3] if rule == "delta" else None, rule=rule,
                                                      impl="pallas", features=phi))(*args[:3], args[3])
-    assert {eqn.invars[1].aval.shape[-1] for eqn in pallas_calls(fused.jaxpr)} == {64}
+    assert any(f"fast_weight_{kernel}" in str(eqn.params["name"]) for eqn in pallas_calls(fused.jaxpr))
+    assert {next(v.aval.shape[-1] for v in eqn.invars if v.aval.ndim >= 3) for eqn in pallas_calls(fused.jaxpr)} == {64}
     worst = worst_relative_error(values_and_grads(True), values_and_grads(False, cast=jnp.float32))
     assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"
 
 
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_gpu_gated_fused_chunk_matches_reference(dtype, rule):
+@pytest.mark.parametrize("time, kernel", [(200, "fused_chunk_fwd"), (40, "fused_recurrent_gated_fwd")])
+def test_gpu_gated_fused_kernels_match_reference(dtype, rule, time, kernel):
     # impl="pallas" with log_decay (alpha between about 0.3 and 1, exactly 0 at two steps): the
-    # fused chunk kernel gated, K = 128, every gradient including log_decay's.
-    inputs = make_inputs(0, batch=2, time=200, heads=2, key_dim=128, value_dim=16, rule=rule, dtype=dtype)
-    noise = jax.random.normal(jax.random.key(1), (2, 200, 2))
-    log_decay = (-0.5 * jax.nn.softplus(noise)).at[:, 63].set(-jnp.inf).at[:, 100].set(-jnp.inf)
+    # fused chunk kernel gated (T = 200, chunks of 64) or below one chunk the fused recurrent one
+    # (T = 40), K = 128, every gradient including log_decay's.
+    inputs = make_inputs(0, batch=2, time=time, heads=2, key_dim=128, value_dim=16, rule=rule, dtype=dtype)
+    noise = jax.random.normal(jax.random.key(1), (2, time, 2))
+    log_decay = (-0.5 * jax.nn.softplus(noise)).at[:, time // 3].set(-jnp.inf).at[:, time // 2].set(-jnp.inf)
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["beta"], log_decay)
     argnums = (0, 1, 2, 4) + ((3,) if rule == "delta" else ())
 
@@ -122,6 +127,6 @@ def test_gpu_gated_fused_chunk_matches_reference(dtype, rule):
         (_, values), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(*args, impl, cast)
         return values, grads
 
-    assert "fast_weight_fused_chunk_fwd" in str(jax.make_jaxpr(lambda *a: loss(*a, "pallas"))(*args))
+    assert f"fast_weight_{kernel}" in str(jax.make_jaxpr(lambda *a: loss(*a, "pallas"))(*args))
     worst = worst_relative_error(values_and_grads("pallas"), values_and_grads("reference", jnp.float32))
     assert worst < TOLERANCE[dtype], f"worst relative error {worst} (tolerance {TOLERANCE[dtype]})"
