@@ -72,12 +72,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR
 from pallas_kernels.padding import pad_to
 from pallas_kernels.tpu.feature_map import KernelFeatures, check_kernel_features, features_t, features_t_vjp
 from pallas_kernels.tpu.layout import (
@@ -180,14 +180,6 @@ def unit_lower_inverse(lower: Array) -> Array:
     return _mm(factor, inverse)
 
 
-# Gated (``log_decay``): ``log alpha`` at or below this is alpha = 0 (its exp is 0 in float32, 16
-# below the log of the smallest subnormal), clamped there so that no -inf enters a cumulative sum
-# (-inf - -inf is NaN). The library's chunk form (dpfp_jax/ops/fast_weight/wy.py) takes the same floor.
-LOG_DECAY_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal)) - 16.0
-# Log decays are split into multiples of 1/16, whose cumulative sums are exact, and a rest in [-1/32, 1/32].
-_DECAY_QUANTUM = 16.0
-
-
 class _Decays(NamedTuple):
     """A gated chunk's decays from ``g_i``, its cumulative log decay (docs/math.md, "Gated"): each an
     exp of a difference of such sums (never positive), as rows ``[1, C]`` (lanes) and columns ``[C, 1]``."""
@@ -224,7 +216,7 @@ def _decays(log_decay_row: Array) -> _Decays:
     size = log_decay_row.shape[1]
     rows, cols = _iotas(size)
     clamped = jnp.maximum(log_decay_row, LOG_DECAY_FLOOR)
-    hi = jnp.floor(clamped * _DECAY_QUANTUM + 0.5) / _DECAY_QUANTUM
+    hi = jnp.floor(clamped * DECAY_QUANTUM + 0.5) / DECAY_QUANTUM
     lo = clamped - hi  # exact: hi is within a factor 2 of clamped, or 0
     hi_column, lo_column = _cumulative_column(hi), _cumulative_column(lo)
     hi_row, lo_row = _row_of(hi_column), _row_of(lo_column)

@@ -47,12 +47,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR
 from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
@@ -610,14 +610,6 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
 
 
-# Gated: log alpha at or below this is alpha = 0 (its exp is 0 in float32, 16 below the log of the
-# smallest subnormal), clamped there so no -inf enters the sums (-inf - -inf would be NaN). The
-# library's chunk form and the TPU kernel take the same floor.
-LOG_DECAY_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal)) - 16.0
-# Log decays are split into multiples of 1/16, whose running sums are exact, and a rest in [-1/32, 1/32].
-_DECAY_QUANTUM = 16.0
-
-
 def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
     """``(hi, lo)``: the cumulative sums along the last axis (a chunk) of ``log_decay`` (float32),
     clamped at ``LOG_DECAY_FLOOR`` and split into multiples of 1/16 (``hi``, whose sums are exact)
@@ -632,7 +624,7 @@ def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
         ([-0.6931, -1.3863, -2.0794], True)
     """
     clamped = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
-    hi = jnp.round(clamped * _DECAY_QUANTUM) / _DECAY_QUANTUM
+    hi = jnp.round(clamped * DECAY_QUANTUM) / DECAY_QUANTUM
     return jnp.cumsum(hi, axis=-1), jnp.cumsum(clamped - hi, axis=-1)
 
 
