@@ -101,6 +101,19 @@ def log_decays(seed: int, regime: str, shape: tuple[int, int, int], chunk: int =
     return x
 
 
+def gated_inputs(seed: int, *, rule: str, time: int, value_dim: int, regime: str = "mixed", key_dim: int = 8,
+                 batch: int = 2, heads: int = 2, with_state: bool = True, dtype=jnp.float32, chunk: int = 16,
+                 decay_seed: int | None = None) -> dict:
+    """:func:`make_inputs` with a gate: ``log_decay [B, T, H]`` of ``regime`` (:func:`log_decays`,
+    its special steps placed for chunks of ``chunk``; drawn from ``decay_seed``, by default
+    ``seed + 100``), every array cast to ``dtype``."""
+    inputs = make_inputs(seed, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
+                         with_state=with_state)
+    inputs["log_decay"] = log_decays(seed + 100 if decay_seed is None else decay_seed, regime, (batch, time, heads),
+                                     chunk)
+    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+
+
 def value_and_grads(fn, inputs, names=DIFF_ARGS):
     """``(out, state) = fn(inputs)`` and the gradients, w.r.t. each input of ``names`` that is given
     (not None), in that order, of a fixed random linear loss on both results (in float32)."""

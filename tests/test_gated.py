@@ -3,6 +3,8 @@ alpha near 1 to exactly 0, packed documents, decoding, context parallelism, erro
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,17 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import dpfp_jax as dj
-from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.recurrent import gated_block_size
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.wy import chunk_decays, log_decay_floor
+from tests import helpers
 from tests.helpers import (
     DIFF_ARGS,
     JAX_SENSITIVE,
     SCRIPTS,
     assert_relative_error,
-    log_decays,
     packed_ids,
     random_like,
     run_with_host_devices,
@@ -35,12 +36,7 @@ GATED_ARGS = (*DIFF_ARGS, "log_decay")
 SLOW = pytest.mark.slow
 
 
-def gated_inputs(seed, *, rule, regime="mixed", time=37, key_dim=8, value_dim=4, with_state=True,
-                 dtype=jnp.float32, batch=2, heads=2):
-    inputs = make_inputs(seed, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
-                         with_state=with_state)
-    inputs["log_decay"] = log_decays(seed + 100, regime, (batch, time, heads))
-    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+gated_inputs = functools.partial(helpers.gated_inputs, time=37, value_dim=4)
 
 
 def op(impl, rule, **options):

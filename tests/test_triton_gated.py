@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import dpfp_jax as dj
-from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight import pallas as pallas_adapter
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, pallas_supports
@@ -23,10 +22,10 @@ from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
 from pallas_kernels.triton.dpfp import DPFP
+from tests import helpers
 from tests.helpers import (
     DIFF_ARGS,
     assert_relative_error,
-    log_decays,
     normal,
     packed_ids,
     pallas_calls,
@@ -38,14 +37,13 @@ CHUNK = 16
 NAMES = (*DIFF_ARGS, "log_decay")
 
 
-def gated_inputs(rule, regime, *, time=37, key_dim=8, value_dim=24, batch=2, heads=2, dtype=jnp.float32,
-                 state_key_dim=None):
+def gated_inputs(rule, regime, *, time=37, value_dim=24, dtype=jnp.float32, state_key_dim=None, **shape):
     """``state_key_dim``: the state's K where a feature map widens q, k (else their width)."""
-    inputs = make_inputs(3, batch=batch, time=time, heads=heads, key_dim=key_dim, value_dim=value_dim, rule=rule,
-                         with_state=True)
+    inputs = helpers.gated_inputs(3, rule=rule, regime=regime, time=time, value_dim=value_dim, chunk=CHUNK,
+                                  decay_seed=4, **shape)
     if state_key_dim is not None:
+        batch, heads = inputs["q"].shape[0], inputs["q"].shape[2]
         inputs["initial_state"] = normal(5, (batch, heads, state_key_dim, value_dim), 0.1)
-    inputs["log_decay"] = log_decays(4, regime, (batch, time, heads), CHUNK)
     return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
 
 

@@ -4,27 +4,26 @@ initial_state, log_decay), both rules, alpha from near 1 to exactly 0, packed do
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfp_devtools.workloads import make_inputs
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.segments import resets_of
 from pallas_kernels import chunk_walk, fused_recurrent
 from pallas_kernels.triton.fused_recurrent import checkpoint_block
-from tests.helpers import DIFF_ARGS, assert_relative_error, log_decays, packed_ids, value_and_grads
+from tests import helpers
+from tests.helpers import DIFF_ARGS, assert_relative_error, packed_ids, value_and_grads
 
 GATED_ARGS = (*DIFF_ARGS, "log_decay")
 SLOW = pytest.mark.slow
 
 
-def gated_inputs(seed, *, rule, regime="mixed", time=13, key_dim=8, value_dim=5, dtype=jnp.float32, batch=2):
-    inputs = make_inputs(seed, batch=batch, time=time, heads=2, key_dim=key_dim, value_dim=value_dim, rule=rule,
-                         with_state=True)
-    inputs["log_decay"] = log_decays(seed + 100, regime, (batch, time, 2), chunk=4)
-    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+# Special steps of the mixed regime placed for chunks of 4 (the checkpoint blocks at these small T).
+gated_inputs = functools.partial(helpers.gated_inputs, time=13, value_dim=5, chunk=4)
 
 
 def recurrent(rule, resets=None):
