@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def print_tables(rows: list[dict], costs: list[dict], threads: str) -> None:
               f"| {c['setup_s']} | {c['first_s']} | {c['step_ms']} | {c['eval_ms']} | {c['estimate_s']} "
               f"| {shared[pf.row_key(c)]:.1f} |")
     print("\nPer method:\n")
-    print("| setting | method | rows | compiles and first evaluation s | estimate s | CSV seconds |")
+    print("| setting | method | rows | first steps + evaluations s (compiles) | estimate s | CSV seconds |")
     print("|---:|---|---:|---:|---:|---:|")
     by_method: dict[tuple[int, str], list[dict]] = {}
     for c in costs:
@@ -252,16 +253,15 @@ def report_text(printed: str, args: argparse.Namespace) -> str:
     whole = args.setting is None and args.method is None and args.sizes is None
     scope = ("every row of the sweep CSV" if whole
              else "**a subset** of the sweep CSV's rows (the command's --setting, --method, --sizes), not all")
-    return "\n".join([
-        "# What the paper-figures sweep costs",
-        "",
+    intro = textwrap.fill(
         "Output of `python -m benchmarks.sweep_cost`, kept as printed: for " + scope + " "
         "([the paper's figures](../paper_figures.md)), the estimate of the seconds `train()` takes for the row's "
         "steps with the code as it is now, from its first step and evaluation (compiles included) and the median "
         "of its later steps and evaluations (`benchmarks/sweep_cost.py` says how). The load average below says "
-        "whether the machine was idle; the CSV's seconds, beside, were measured while it was shared.",
-        "",
-        "```text", *head, "```", *body, "", "```text", *tail, "```", ""])
+        "whether the machine was idle; the CSV's seconds, beside, were measured while it was shared.", width=100,
+        break_long_words=False, break_on_hyphens=False)
+    return "\n".join(["# What the paper-figures sweep costs", "", intro, "", "```text", *head, "```", *body, "",
+                      "```text", *tail, "```", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
