@@ -15,13 +15,14 @@ point's trainer (``associative_retrieval.Trainer``, the pieces ``train()`` runs)
 The row's estimate of ``train()``'s seconds is ``first + (steps - 1) step + (evaluations - 1)
 evaluation`` (``paper_figures.estimated_seconds``), ``steps`` from the CSV row. Rows of the same
 (setting, method, S) with other seeds reuse the first one's measurement (the work of a step does
-not depend on the seed). ``--threads 1`` measures with one XLA thread, as ``--jobs 2`` gives each
-of its processes; only then is the two-job wall time printed (the rows' costs packed in the
+not depend on the seed). ``--threads 1`` measures with the XLA flags ``--jobs 2`` gives each of
+its processes (``paper_figures.ONE_THREAD_XLA_FLAGS``: Eigen's thread pool off); only then is the
+two-job wall time printed (the rows' costs packed in the
 sweep's order onto two workers, assuming the two single-threaded processes do not slow each other).
 ``--check`` also runs one point to the end with ``train()`` and prints its seconds beside the estimate.
 
     python -m benchmarks.sweep_cost                                   # every row: CSV and report
-    python -m benchmarks.sweep_cost --threads 1                       # the same, one XLA thread (--jobs 2)
+    python -m benchmarks.sweep_cost --threads 1                       # the same, as each of --jobs 2's processes
     python -m benchmarks.sweep_cost --setting 1 --method "linear sum" --sizes 20,40 \\
         --check "1,linear sum,20" --out-csv /tmp/cost.csv --report /tmp/sweep_cost.md
 """
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-seconds", type=float, default=0.2,
                         help="a round has as many steps as take this long (one at least)")
     parser.add_argument("--threads", choices=("all", "1"), default="all",
-                        help="XLA threads: all (as one job runs) or 1 (as each of --jobs 2's processes runs)")
+                        help="all: XLA's default threads (as one job runs); 1: the XLA flags each of --jobs 2's "
+                             "processes gets")
     parser.add_argument("--check", type=_point, metavar="SETTING,METHOD,S",
                         help="also run this row's point with train() and print its seconds beside the estimate")
     parser.add_argument("--out-csv", type=Path, default=pf.COST_CSV, help="the estimates, one row per sweep row")
@@ -180,14 +182,14 @@ def print_tables(rows: list[dict], costs: list[dict], threads: str) -> None:
               f"| {sum(shared[pf.row_key(c)] for c in group):.0f} |")
     estimate = sum(float(c["estimate_s"]) for c in costs)
     setup = sum(float(c["setup_s"]) for c in costs)
-    thread_text = "all XLA threads" if threads == "all" else "one XLA thread"
+    thread_text = "XLA's default threads" if threads == "all" else "with --jobs 2's XLA flags"
     print(f"\nTotal, {len(costs)} rows: estimate {estimate:.0f} s ({estimate / 3600:.2f} hours) of train()'s "
           f"seconds, one run after another, {thread_text}; setup (outside train()'s seconds) {setup:.0f} s more; "
           f"the CSV's seconds (shared machine): {sum(shared.values()):.0f} s.")
     if threads == "1":
         ordered = sweep_order(costs)
         wall = pf.makespan([float(c["estimate_s"]) + float(c["setup_s"]) for c in ordered], jobs=2)
-        print(f"With --jobs 2 (one XLA thread per process, these rows in the sweep's order, setup included, "
+        print(f"With --jobs 2 (each process with its XLA flags, these rows in the sweep's order, setup included, "
               f"the two processes assumed not to slow each other): {wall:.0f} s ({wall / 3600:.2f} hours) "
               "of wall time.")
     else:

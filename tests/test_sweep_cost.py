@@ -168,7 +168,7 @@ def test_one_thread_gives_the_two_job_figure_and_check_runs_the_point(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
     assert {r["threads"] for r in read_csv(cost)} == {"1"}
-    assert "With --jobs 2 (one XLA thread per process" in out, out
+    assert "With --jobs 2 (each process with its XLA flags" in out, out
     # the check: 3 steps (the row's cap), measured and estimated
     assert "run to the end with train() in a fresh process: 3 steps (the CSV's: 150)" in out, out
     line = next(x for x in out.splitlines() if x.startswith("| train()'s seconds |"))
