@@ -14,8 +14,8 @@ point's trainer (``associative_retrieval.Trainer``, the pieces ``train()`` runs)
 
 The row's estimate of ``train()``'s seconds is ``first + (steps - 1) step + (evaluations - 1)
 evaluation`` (``paper_figures.estimated_seconds``), ``steps`` from the CSV row. Rows of the same
-(setting, method, S) with other seeds reuse the first one's measurement (the work of a step does
-not depend on the seed). ``--threads 1`` measures with the XLA flags ``--jobs 2`` gives each of
+(setting, method, S) with other seeds reuse the first one's measurement (a step does the same work
+whatever its random numbers). ``--threads 1`` measures with the XLA flags ``--jobs 2`` gives each of
 its processes (``paper_figures.ONE_THREAD_XLA_FLAGS``: Eigen's thread pool off); only then is the
 two-job wall time printed (the rows' costs packed in the
 sweep's order onto two workers, assuming the two single-threaded processes do not slow each other).
