@@ -498,12 +498,14 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
          docs_page: Path | None = DOCS_PAGE, readme: Path | None = None, cost_csv: Path | None = None) -> str:
     """Figures (``out/setting1.png``, ``setting2.png``) and the capacity table from the CSVs (into
     ``docs_page``; the short one into ``readme`` when given); the idle-machine estimates from
-    ``cost_csv`` when given and there."""
+    ``cost_csv`` when it is there (by default, for the committed sweep CSV, the committed COST_CSV)."""
     import matplotlib.pyplot as plt
 
     all_rows = read_rows(csv_path)
     ours = first_seed_rows(all_rows)
     authors = authors_rows(authors_csv)
+    if cost_csv is None and csv_path.resolve() == SWEEP_CSV.resolve():
+        cost_csv = COST_CSV
     costs = cost_estimates(cost_csv)
     missing = missing_points(ours, points)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,7 +576,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     points = grid(full=args.full_grid)
     committed = args.csv.resolve() == SWEEP_CSV.resolve()  # only the committed sweep writes the pages
-    docs_page, readme, cost_csv = (DOCS_PAGE, ROOT / "README.md", COST_CSV) if committed else (None, None, None)
+    docs_page, readme = (DOCS_PAGE, ROOT / "README.md") if committed else (None, None)
     if args.run:
         if args.fresh and args.csv.exists():
             args.csv.unlink()
@@ -582,7 +584,7 @@ def main(argv: list[str] | None = None) -> str:
         run_sweep(chosen_configs(args), args.csv, args.jobs, progress=not args.no_progress,
                   authors_steps=authors_steps(authors_rows()))
         print(f"sweep: {time.perf_counter() - start:.0f} s", flush=True)
-    table = draw(args.csv, args.out, points, docs_page=docs_page, readme=readme, cost_csv=cost_csv)
+    table = draw(args.csv, args.out, points, docs_page=docs_page, readme=readme)
     print(table)
     print(f"wrote {args.out / 'setting1.png'}, {args.out / 'setting2.png'}"
           + (f" and the table in {docs_page}" if docs_page else ""))

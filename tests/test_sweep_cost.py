@@ -90,13 +90,15 @@ def test_the_table_gives_the_idle_estimate_beside_the_shared_runtime():
     assert "| 1 | linear sum | - | no log | no log | 0 | - |" in short
 
 
-def test_draw_reads_the_cost_csv_when_given(tmp_path):
+def test_the_committed_sweep_is_drawn_with_the_committed_costs(tmp_path, monkeypatch):
     sweep, cost = tmp_path / "sweep.csv", tmp_path / "cost.csv"
+    monkeypatch.setattr(pf, "SWEEP_CSV", sweep)  # stand-ins for the committed CSVs
+    monkeypatch.setattr(pf, "COST_CSV", cost)
     rows = [sweep_row("linear sum", 40, seconds="5400")]
     pf.write_rows(rows, sweep, pf.SWEEP_COLUMNS)
     pf.write_rows([dict(rows[0], steps=300, evaluations=3, setup_s="2.0", first_s="3.0", step_ms="1.0",
                         eval_ms="2.0", estimate_s="3.3", threads="all")], cost, pf.COST_COLUMNS)
-    table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=None, cost_csv=cost)
+    table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=None)  # no cost_csv: the committed one
     line = next(x for x in table.splitlines() if "| linear sum |" in x)
     assert "| 1/8 | 5400 | 3 | 20, 60," in line, line
     assert "| 5400 | 3 | |" in table.splitlines()[-1]
