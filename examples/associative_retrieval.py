@@ -396,60 +396,102 @@ class RunConfig:
         return name if self.feature_map == "softmax" else f"{name} {self.rule}"
 
 
-def train(config: RunConfig, progress: bool = True) -> dict:
-    """Train one model to the stopping rule; returns one CSV row as a dict."""
-    paper = config.protocol == "paper"
-    model = RetrievalModel(config.num_symbols, config.feature_map, config.rule, config.nu, config.num_features,
-                           paper_init=paper)
-    training_batch = make_paper_train_batch if paper else make_batch
-    rng = np.random.default_rng(config.seed)
-    key = jax.random.key(config.seed)
-    favor = config.feature_map == "favor"
+class Trainer:
+    """One run's pieces, as :func:`train` uses them: the model's parameters and Adam state, the
+    jitted ``train_step(params, opt_state, batch, step_key)`` and ``evaluate(params, batch,
+    projection)``, and the random streams of the training and evaluation data.
 
-    def projection_for(step_key):
-        return dj.favor_projection(step_key, config.num_features, KEY_DIM) if favor else None
+    :meth:`step` is one training step as :func:`train` takes it (a new step key, a new batch, the
+    update; not waited for), :meth:`evaluation_loss` one evaluation (its data, then the loss, waited
+    for). Building one draws from the streams exactly as :func:`train` always has, so a loop of
+    these calls is :func:`train`'s run, number for number (``benchmarks/sweep_cost.py`` times them).
+    """
 
-    sample = make_batch(rng, config.setting, config.num_symbols, config.batch_size)
-    key, init_key, eval_key = jax.random.split(key, 3)
-    params = model.init(init_key, sample.keys, sample.values, sample.queries, projection_for(init_key))["params"]
-    optimizer = optax.adam(config.learning_rate)
-    opt_state = optimizer.init(params)
-    eval_projection = projection_for(eval_key)  # fixed for evaluation, so evaluations compare
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.paper = paper = config.protocol == "paper"
+        self.model = model = RetrievalModel(config.num_symbols, config.feature_map, config.rule, config.nu,
+                                            config.num_features, paper_init=paper)
+        self.training_batch = make_paper_train_batch if paper else make_batch
+        self.rng = np.random.default_rng(config.seed)
+        key = jax.random.key(config.seed)
+        sample = make_batch(self.rng, config.setting, config.num_symbols, config.batch_size)
+        self.key, init_key, self.eval_key = jax.random.split(key, 3)
+        self.params = model.init(init_key, sample.keys, sample.values, sample.queries,
+                                 self.projection_for(init_key))["params"]
+        optimizer = optax.adam(config.learning_rate)
+        self.opt_state = optimizer.init(self.params)
+        self.eval_projection = self.projection_for(self.eval_key)  # fixed for evaluation, so evaluations compare
+        projection_for = self.projection_for
 
-    def loss_fn(params, batch, projection):
-        readout = model.apply({"params": params}, batch.keys, batch.values, batch.queries, projection)
-        return retrieval_loss(readout, batch.targets, batch.valid)
+        def loss_fn(params, batch, projection):
+            readout = model.apply({"params": params}, batch.keys, batch.values, batch.queries, projection)
+            return retrieval_loss(readout, batch.targets, batch.valid)
 
-    @jax.jit
-    def train_step(params, opt_state, batch, step_key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, projection_for(step_key))  # FAVOR+: redrawn
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        @jax.jit
+        def train_step(params, opt_state, batch, step_key):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch, projection_for(step_key))  # FAVOR+: redrawn
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
 
-    evaluate = jax.jit(loss_fn)
-    eval_rng = np.random.default_rng(config.seed + 10_000)  # sequences never trained on
-    eval_batch = make_batch(eval_rng, config.setting, config.num_symbols, config.eval_sequences)
+        self.train_step = train_step
+        self.evaluate = jax.jit(loss_fn)
+        self.eval_rng = np.random.default_rng(config.seed + 10_000)  # sequences never trained on
+        self.eval_batch = make_batch(self.eval_rng, config.setting, config.num_symbols, config.eval_sequences)
 
-    def evaluation():
+    def projection_for(self, key: jax.Array) -> jax.Array | None:
+        """FAVOR+'s random projection drawn with ``key`` (None for the other feature maps)."""
+        if self.config.feature_map != "favor":
+            return None
+        return dj.favor_projection(key, self.config.num_features, KEY_DIM)
+
+    def step(self) -> jax.Array:
+        """One training step on a new batch; returns its loss (not waited for)."""
+        config = self.config
+        self.key, step_key = jax.random.split(self.key)
+        batch = self.training_batch(self.rng, config.setting, config.num_symbols, config.batch_size)
+        self.params, self.opt_state, loss = self.train_step(self.params, self.opt_state, batch, step_key)
+        return loss
+
+    def evaluation(self) -> tuple[Batch, jax.Array | None]:
         """The evaluation set and FAVOR+ projection: the demo's are fixed, so evaluations compare;
         the authors draw new sequences and a new projection at every evaluation."""
-        nonlocal eval_key
-        if not paper:
-            return eval_batch, eval_projection
-        eval_key, key = jax.random.split(eval_key)
-        batch = make_paper_eval_batch(eval_rng, config.setting, config.num_symbols, config.eval_sequences)
-        return batch, projection_for(key)
+        if not self.paper:
+            return self.eval_batch, self.eval_projection
+        self.eval_key, key = jax.random.split(self.eval_key)
+        batch = make_paper_eval_batch(self.eval_rng, self.config.setting, self.config.num_symbols,
+                                      self.config.eval_sequences)
+        return batch, self.projection_for(key)
 
+    def evaluation_loss(self) -> float:
+        """The evaluation loss of the current parameters."""
+        return float(self.evaluate(self.params, *self.evaluation()))
+
+
+def evaluations_made(steps: int, eval_every: int) -> int:
+    """How many evaluations :func:`train` makes in a run of ``steps`` steps: one every
+    ``eval_every`` steps, and one more at the end when the run stops between two.
+
+    Example:
+        >>> evaluations_made(3000, 100), evaluations_made(2350, 100), evaluations_made(1, 100)
+        (30, 24, 1)
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be at least 1; got steps={steps}, eval_every={eval_every}")
+    return -(-steps // eval_every)
+
+
+def train(config: RunConfig, progress: bool = True) -> dict:
+    """Train one model to the stopping rule; returns one CSV row as a dict."""
+    trainer = Trainer(config)
     best, since_best, step, eval_loss = math.inf, 0, 0, math.inf
     start = time.perf_counter()
     bar = _progress(config, progress)
     while step < config.max_steps:
-        key, step_key = jax.random.split(key)
-        batch = training_batch(rng, config.setting, config.num_symbols, config.batch_size)
-        params, opt_state, loss = train_step(params, opt_state, batch, step_key)
+        loss = trainer.step()
         step += 1
         if step % config.eval_every == 0:
-            eval_loss = float(evaluate(params, *evaluation()))
+            eval_loss = trainer.evaluation_loss()
             bar.update(config.eval_every)
             bar.set_postfix(train=f"{float(loss):.4f}", eval=f"{eval_loss:.4f}")
             if eval_loss < best:
@@ -462,7 +504,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
                 break
     bar.close()
     if step % config.eval_every:
-        eval_loss = float(evaluate(params, *evaluation()))
+        eval_loss = trainer.evaluation_loss()
     return dict(setting=config.setting, feature_map=config.feature_map,
                 nu=config.nu if config.feature_map == "dpfp" else "",
                 features=config.num_features if config.feature_map == "favor" else "",

@@ -40,6 +40,8 @@ else:  # python examples/paper_figures.py: Python puts examples/ first on the mo
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports" / "paper_figures"
 SWEEP_CSV = REPORTS / "sweep.csv"
+# benchmarks/sweep_cost.py's estimate of each sweep row's seconds on an idle machine.
+COST_CSV = REPORTS / "cost.csv"
 AUTHORS_CSV = REPORTS / "authors_final.csv"
 DOCS_PAGE = ROOT / "docs" / "paper_figures.md"
 TABLE_BEGIN = "<!-- capacity table: written by examples/paper_figures.py from the CSVs; edits here are overwritten -->"
@@ -58,6 +60,16 @@ SWEEP_COLUMNS = ("setting", "method", "S", "seed", "final_eval_loss", "steps", "
 # loss_at_3000: the log's evaluation loss at step 3000 (its last for a shorter run), what the
 # authors' run would have ended with under this sweep's step cap.
 AUTHORS_COLUMNS = ("setting", "method", "S", "final_eval_loss", "steps", "loss_at_3000", "log")
+# A point's estimated cost (benchmarks/sweep_cost.py): setup (model, parameters, first batch:
+# before train()'s clock starts), the first step and first evaluation (compiles included), the
+# median step and evaluation after them, the evaluations train() makes in `steps` steps, the
+# estimate of train()'s seconds, and the XLA threads it was measured with ("all" or "1").
+COST_COLUMNS = ("setting", "method", "S", "seed", "steps", "evaluations", "setup_s", "first_s", "step_ms", "eval_ms",
+                "estimate_s", "threads")
+# What run_sweep gives each process when it runs points in parallel: Eigen's thread pool off, so
+# the jobs share the cores instead of each taking all of them. (XLA reads only the first flag: a
+# word without "--" after one is passed over.)
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +231,8 @@ def run_sweep(configs: Sequence[ar.RunConfig], csv_path: Path, jobs: int = 1, pr
         for config, cost in zip(todo, costs, strict=True):
             record(config, cost, run_point(config))
     else:
-        # One XLA thread per process: the jobs share the cores instead of each taking all of them.
         env_flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{env_flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = f"{env_flags} {ONE_THREAD_XLA_FLAGS}"
         try:
             context = multiprocessing.get_context("spawn")  # jax is not fork-safe
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
@@ -232,6 +243,52 @@ def run_sweep(configs: Sequence[ar.RunConfig], csv_path: Path, jobs: int = 1, pr
             os.environ["XLA_FLAGS"] = env_flags
     bar.close()
     return rows
+
+
+# --- what the sweep costs (benchmarks/sweep_cost.py measures the pieces) -------------------------
+
+
+def estimated_seconds(first: float, step: float, evaluation: float, steps: int, eval_every: int) -> float:
+    """A run's seconds as :func:`ar.train` counts them, from its pieces: the first step and first
+    evaluation (``first``, compiles included), then the other ``steps - 1`` steps and the other
+    evaluations (``ar.evaluations_made``) at the steady ``step`` and ``evaluation`` seconds.
+
+    Example:
+        >>> estimated_seconds(first=4.0, step=0.01, evaluation=0.1, steps=250, eval_every=100)
+        6.69
+    """
+    evaluations = ar.evaluations_made(steps, eval_every)
+    return round(first + (steps - 1) * step + (evaluations - 1) * evaluation, 6)
+
+
+def makespan(costs: Sequence[float], jobs: int) -> float:
+    """The wall time of running ``costs`` in this order on ``jobs`` workers that each take the next
+    one when free (as ``run_sweep``'s process pool does), every run at its own cost.
+
+    Example:
+        >>> makespan([5, 1, 1, 1, 4], jobs=2)
+        7.0
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1; got {jobs}")
+    free = [0.0] * jobs
+    for cost in costs:
+        first_free = free.index(min(free))
+        free[first_free] += cost
+    return max(free)
+
+
+def cost_estimates(path: Path | None) -> dict[tuple[int, str, int, int], float]:
+    """Each measured row's estimated seconds (benchmarks/sweep_cost.py's CSV), by sweep row key."""
+    return {} if path is None else {row_key(r): float(r["estimate_s"]) for r in read_rows(path)}
+
+
+def estimate_text(rows: Sequence[dict], costs: dict[tuple[int, str, int, int], float]) -> str:
+    """The summed estimate of ``rows`` ("-" when none has one; "(k of n rows)" when some lack one)."""
+    known = [costs[row_key(r)] for r in rows if row_key(r) in costs]
+    if not known:
+        return "-"
+    return f"{sum(known):.0f}" + ("" if len(known) == len(rows) else f" ({len(known)} of {len(rows)} rows)")
 
 
 # --- the authors' logs --------------------------------------------------------------------------
@@ -347,18 +404,22 @@ def plot_setting(setting: int, ours: list[dict], authors: list[dict], missing: d
 
 
 def capacity_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[Method, int]],
-                   all_rows: list[dict]) -> str:
-    """Markdown: per method, ours and the paper's capacity, the runtime of our runs, what is missing."""
+                   all_rows: list[dict], costs: dict[tuple[int, str, int, int], float] | None = None) -> str:
+    """Markdown: per method, ours and the paper's capacity, the runtime of our runs (as the CSV
+    has it, on the shared machine; and, when ``costs`` holds any, the idle-machine estimate of
+    the same rows: :func:`cost_estimates`), what is missing."""
     missing = missing_points(ours, points)
-    lines = ["| setting | method | capacity: ours | paper, at 3000 steps | paper, final | points run "
-             "| runtime here (s) | missing S |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    idle = ["idle estimate (s)"] if costs else []
+    lines = ["| " + " | ".join(["setting", "method", "capacity: ours", "paper, at 3000 steps", "paper, final",
+                                "points run", "runtime, shared machine (s)", *idle, "missing S"]) + " |",
+             "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(idle) + "---|"]
     for method in METHODS:
         planned = [s for m, s in points if m == method]
         mine = [r for r in ours if r["method"] == method.label and int(r["setting"]) == method.setting]
         theirs = [r for r in authors if r["method"] == method.label and int(r["setting"]) == method.setting]
-        seconds = sum(float(r["seconds"]) for r in all_rows
-                      if r["method"] == method.label and int(r["setting"]) == method.setting)
+        runs = [r for r in all_rows if r["method"] == method.label and int(r["setting"]) == method.setting]
+        seconds = sum(float(r["seconds"]) for r in runs)
+        estimate = f" {estimate_text(runs, costs)} |" if costs else ""
         ours_cap = capacity(mine, method.label)
         paper_cap = capacity(theirs, method.label)
         paper_capped = capacity(theirs, method.label, "loss_at_3000")
@@ -370,21 +431,24 @@ def capacity_table(ours: list[dict], authors: list[dict], points: Sequence[tuple
                                    for cap in (paper_cap, paper_capped))
         gap_text = ", ".join(map(str, gaps)) if gaps else "none"
         lines.append(f"| {method.setting} | {method.label} | {text_ours} | {text_capped} | {text_paper} "
-                     f"| {len(mine)}/{len(planned)} | {seconds:.0f} | {gap_text} |")
+                     f"| {len(mine)}/{len(planned)} | {seconds:.0f} |{estimate} {gap_text} |")
     # Every row's seconds, extra seeds included: the sweep's runtime so far, one run after another.
     total = sum(float(r["seconds"]) for r in all_rows)
     done = len(points) - sum(map(len, missing.values()))
-    lines.append(f"| | all, one run after another | | | | {done}/{len(points)} | {total:.0f} | |")
+    estimate = f" {estimate_text(all_rows, costs)} |" if costs else ""
+    lines.append(f"| | all, one run after another | | | | {done}/{len(points)} | {total:.0f} |{estimate} |")
     return "\n".join(lines) + "\n"
 
 
 def readme_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[Method, int]],
-                 all_rows: list[dict]) -> str:
+                 all_rows: list[dict], costs: dict[tuple[int, str, int, int], float] | None = None) -> str:
     """Markdown for the README: per method, ours and the paper's capacity (at 3000 steps and final)
-    and the seconds our runs took here; "(so far)" where a grid point above ours has not run yet."""
+    and the seconds our runs took here (on the shared machine; and the idle-machine estimate when
+    ``costs`` holds any); "(so far)" where a grid point above ours has not run yet."""
     missing = missing_points(ours, points)
-    lines = ["| setting | method | ours | paper, 3000 steps | paper, final | runtime here (s) |",
-             "|---:|---|---:|---:|---:|---:|"]
+    idle = " idle estimate (s) |" if costs else ""
+    lines = [f"| setting | method | ours | paper, 3000 steps | paper, final | runtime, shared machine (s) |{idle}",
+             "|---:|---|---:|---:|---:|---:|" + ("---:|" if costs else "")]
     for method in METHODS:
         mine = [r for r in ours if r["method"] == method.label and int(r["setting"]) == method.setting]
         theirs = [r for r in authors if r["method"] == method.label and int(r["setting"]) == method.setting]
@@ -395,9 +459,10 @@ def readme_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[M
             text += " (so far)"
         paper, capped = (("none" if c is None else str(c)) if theirs else "no log"
                          for c in (capacity(theirs, method.label), capacity(theirs, method.label, "loss_at_3000")))
-        seconds = sum(float(r["seconds"]) for r in all_rows
-                      if r["method"] == method.label and int(r["setting"]) == method.setting)
-        lines.append(f"| {method.setting} | {method.label} | {text} | {capped} | {paper} | {seconds:.0f} |")
+        runs = [r for r in all_rows if r["method"] == method.label and int(r["setting"]) == method.setting]
+        seconds = sum(float(r["seconds"]) for r in runs)
+        estimate = f" {estimate_text(runs, costs)} |" if costs else ""
+        lines.append(f"| {method.setting} | {method.label} | {text} | {capped} | {paper} | {seconds:.0f} |{estimate}")
     return "\n".join(lines) + "\n"
 
 
@@ -430,14 +495,18 @@ def write_docs_table(table: str, page: Path = DOCS_PAGE, begin: str = TABLE_BEGI
 
 
 def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], authors_csv: Path = AUTHORS_CSV,
-         docs_page: Path | None = DOCS_PAGE, readme: Path | None = None) -> str:
+         docs_page: Path | None = DOCS_PAGE, readme: Path | None = None, cost_csv: Path | None = None) -> str:
     """Figures (``out/setting1.png``, ``setting2.png``) and the capacity table from the CSVs (into
-    ``docs_page``; the short one into ``readme`` when given)."""
+    ``docs_page``; the short one into ``readme`` when given); the idle-machine estimates from
+    ``cost_csv`` when it is there (by default, for the committed sweep CSV, the committed COST_CSV)."""
     import matplotlib.pyplot as plt
 
     all_rows = read_rows(csv_path)
     ours = first_seed_rows(all_rows)
     authors = authors_rows(authors_csv)
+    if cost_csv is None and csv_path.resolve() == SWEEP_CSV.resolve():
+        cost_csv = COST_CSV
+    costs = cost_estimates(cost_csv)
     missing = missing_points(ours, points)
     out.mkdir(parents=True, exist_ok=True)
     for setting in (1, 2):
@@ -447,11 +516,11 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
     done = len(points) - sum(len(gaps) for gaps in missing.values())
     status = (f"{done} of the grid's {len(points)} points have run (CSV rows, extra seeds included: "
               f"{len(all_rows)}).\n\n")
-    table = status + capacity_table(ours, authors, points, all_rows) + seed_table(all_rows)
+    table = status + capacity_table(ours, authors, points, all_rows, costs) + seed_table(all_rows)
     if docs_page is not None:
         write_docs_table(table, docs_page)
     if readme is not None:
-        write_docs_table(readme_table(ours, authors, points, all_rows), readme, README_BEGIN, README_END)
+        write_docs_table(readme_table(ours, authors, points, all_rows, costs), readme, README_BEGIN, README_END)
     return table
 
 
