@@ -67,9 +67,8 @@ AUTHORS_COLUMNS = ("setting", "method", "S", "final_eval_loss", "steps", "loss_a
 COST_COLUMNS = ("setting", "method", "S", "seed", "steps", "evaluations", "setup_s", "first_s", "step_ms", "eval_ms",
                 "estimate_s", "threads")
 # What run_sweep gives each process when it runs points in parallel: Eigen's thread pool off, so
-# the jobs share the cores instead of each taking all of them. (XLA reads only the first flag: a
-# word without "--" after one is passed over.)
-ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# the jobs share the cores instead of each taking all of them.
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 
 
 @dataclasses.dataclass(frozen=True)
