@@ -9,23 +9,30 @@ it (``pallas_kernels`` imports nothing of ``dpfp_jax``; the library translates i
 The kernels use phi 64 columns at a time (one key tile of the state). Column ``c`` of phi is
 ``a[p] * a[m]`` with ``j = c // 2d + 1``, ``p = c mod 2d`` and ``m = (p - j) mod 2d``, and
 ``a[p] = relu(+x[p])`` for ``p < d``, ``relu(-x[p - d])`` above: so a tile is the product of two
-``[C, 64]`` gathers from the chunk's ``[C, d]`` rows of x (:func:`tile_factors`). With ``d`` a
-multiple of 32, 2d is a multiple of the 64-column tile and every tile lies in one ``j``.
+``[C, 64]`` reads of the chunk's ``[C, d]`` rows of x (:func:`_factors`): ``a[p]`` a plain slice
+when d is a multiple of 64, ``a[m]`` a gather (the roll wraps around). With ``d`` a multiple of
+32, 2d is a multiple of the 64-column tile and every tile lies in one ``j``.
 
 The normalisation needs each row's sum over all K features before any tile is used: one more pass
 over the tiles (elementwise, no dots) per chunk (:func:`row_scale`).
 
-The backward (the map's VJP, in the kernel): with ``phi_n = s * phi`` (``s`` the row's
-normalising factor) and ``g = dL/dphi_n`` given tile by tile,
-``dL/dphi = s * (g - c * w)`` where ``c = <g, phi_n>`` per row and ``w = 1`` (sum) or ``phi_n``
-(l2); for ``"none"`` ``dL/dphi = g``. As ``c`` is only known after the last tile, the kernels
-scatter ``s * J^T g`` tile by tile as they go and ``-s * c * J^T w`` in a second pass over the
-tiles (``J`` the Jacobian of the un-normalised map). ``J^T`` of one tile sends ``g * a[m]`` to
-``a[p]`` and ``g * a[p]`` to ``a[m]`` (:func:`scatter_vjp`); the scatter is an atomic add into a
-float32 buffer indexed by ``a``'s 2d positions (the relu's mask and sign already applied), and
-``dx = buffer[..., :d] + buffer[..., d:]`` afterwards (:func:`input_gradient`). Within one scatter
-the 64 indices ``p`` (and the 64 indices ``m``) are distinct, as 2d >= 64: no two lanes of one
-atomic add meet (Pallas's interpreter would drop one of two such adds; the GPU would not).
+The backward (the map's VJP): with ``phi_n = s * phi`` (``s`` the row's normalising factor) and
+``g = dL/dphi_n`` given tile by tile, ``dL/dphi = s * (g - c * w)`` where ``c = <g, phi_n>`` per
+row and ``w = 1`` (sum) or ``phi_n`` (l2); for ``"none"`` ``dL/dphi = g``. The kernels scatter
+``s * J^T g`` tile by tile as they go (``J`` the Jacobian of the un-normalised map w.r.t. a):
+``J^T`` of one tile sends ``g * a[m]`` to positions p and ``g * a[p]`` to positions m
+(:func:`scatter_vjp`), each an atomic add of one contiguous ``[C, 64]`` slice of a float32 buffer
+``[N, C, MARGIN + 2d]`` indexed by a's positions: m is left unwrapped (``p - j`` reaches down to
+-nu, into the buffer's ``MARGIN`` columns), so no index tensor is built. Within one atomic add the
+64 positions are distinct (Pallas's interpreter would drop one of two adds that meet; the GPU would
+not). The relu's mask and sign are applied afterwards, with x at hand (:func:`input_gradient`).
+``-s * c * J^T w`` needs ``c``, known only after the last tile. The fused chunk kernel returns
+``c`` per row and leaves that part to XLA: it depends on x only through a and its rolls,
+``J^T 1 = sum_j (roll(a, j) + roll(a, -j))`` and ``J^T phi = a * sum_j (roll(a, j)^2 + roll(a, -j)^2)``,
+so it is 2d wide (:func:`normalization_gradient`). A second scatter pass over the tiles in the
+kernel cost the chunk backward about 400 B more spilled registers on an H200
+(docs/reports/triton_report_h200.md). The fused recurrent kernel, which has registers to spare,
+still does that pass in the kernel (:func:`scatter_normalization_vjp`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +53,7 @@ Array = jax.Array
 NORMALIZATIONS = ("sum", "l2", "none")
 TILE = 64  # phi columns per key tile (tiles.KEY_TILE; repeated so this module stands alone)
 DIM_MULTIPLE = TILE // 2  # d must be a multiple of this: 2d then holds whole tiles
+MARGIN = 4  # the scatter buffer's columns before a's position 0: the VJP's m = p - j reaches -nu >= -4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,39 +112,38 @@ def _a(x_ref, n, rows: Array, p: Array, dim: int) -> Array:
     return jnp.maximum(jnp.where(negative, -x, x), 0.0)
 
 
-def tile_factors(x_ref, n, tile: int, dim: int) -> tuple[Array, Array, Array, Array, Array]:
-    """``(a[p], a[m], p, m, rows)`` of key tile ``tile`` of chunk n (x_ref ``[N, C, d]``): the tile
-    of the un-normalised phi is ``a[p] * a[m]`` (``[C, 64]``); the indices are ``[1, 64]`` (p, m)
-    and ``[C, 1]`` (rows), which the loads and atomic adds broadcast."""
-    chunk = x_ref.shape[1]
+class _Factors(NamedTuple):
+    """Key tile ``tile``'s two factors (the un-normalised phi tile is ``own * other``, ``[C, 64]``)
+    and where they sit in a: ``own`` is ``a[first + c]``, ``other`` is ``a[first + c - shift]``
+    (mod 2d), for the tile's columns c."""
+
+    own: Array
+    other: Array
+    first: Array | int
+    shift: Array | int
+
+
+def _factors(x_ref, n, tile, dim: int) -> _Factors:
+    """:class:`_Factors` of key tile ``tile`` (a Python int, or traced inside a loop over the tiles)."""
     width = 2 * dim
     start = tile * TILE
-    shift = start // width + 1
-    rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-    p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + start % width
+    if isinstance(start, int):
+        first, shift = start % width, start // width + 1
+    else:  # lax.rem/div: start >= 0, and jnp's floor-mod correction does not lower to Triton for traced ints
+        first, shift = lax.rem(start, width), lax.div(start, width) + 1
+    rows = lax.broadcasted_iota(jnp.int32, (x_ref.shape[1], 1), 0)
+    p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + first
     m = p - shift
     m = jnp.where(m < 0, m + width, m)
     if dim % TILE == 0:
         # a[p] is 64 contiguous columns of x with one sign (a tile never straddles a's sign change
         # at d): a plain (vectorised) load, no gather. Otherwise (d = 32, 96, ...) it may: gathered.
-        first = start % width
-        x = x_ref[n, :, pl.ds(first % dim, TILE)].astype(jnp.float32)
-        own = jnp.maximum(x if first < dim else -x, 0.0)
+        x = x_ref[n, :, pl.ds(first % dim if isinstance(first, int) else lax.rem(first, dim), TILE)]
+        x = x.astype(jnp.float32)
+        own = jnp.maximum(jnp.where(first < dim, x, -x), 0.0)
     else:
         own = _a(x_ref, n, rows, p, dim)
-    return own, _a(x_ref, n, rows, m, dim), p, m, rows
-
-
-def _looped_factors(x_ref, n, tile, dim: int) -> tuple[Array, Array, Array, Array, Array]:
-    """:func:`tile_factors` for a traced ``tile`` (inside a loop over the tiles), both factors gathered."""
-    width = 2 * dim
-    start = tile * TILE
-    rows = lax.broadcasted_iota(jnp.int32, (x_ref.shape[1], 1), 0)
-    # lax.rem/div: start >= 0, and jnp's floor-mod correction does not lower to Triton for traced ints.
-    p = lax.broadcasted_iota(jnp.int32, (1, TILE), 1) + lax.rem(start, width)
-    m = p - (lax.div(start, width) + 1)
-    m = jnp.where(m < 0, m + width, m)
-    return _a(x_ref, n, rows, p, dim), _a(x_ref, n, rows, m, dim), p, m, rows
+    return _Factors(own, _a(x_ref, n, rows, m, dim), first, shift)
 
 
 def row_scale(features: DPFP, x_ref, n, num_tiles: int) -> Array | None:
@@ -147,8 +155,8 @@ def row_scale(features: DPFP, x_ref, n, num_tiles: int) -> Array | None:
     dim = x_ref.shape[-1]
 
     def add_tile(tile, total):
-        first, second = _looped_factors(x_ref, n, tile, dim)[:2]
-        phi = first * second
+        factors = _factors(x_ref, n, tile, dim)
+        phi = factors.own * factors.other
         return total + jnp.sum(phi if features.normalization == "sum" else phi * phi, axis=1, keepdims=True)
 
     total = lax.fori_loop(0, num_tiles, add_tile, jnp.zeros((x_ref.shape[1], 1), jnp.float32))
@@ -159,23 +167,29 @@ def row_scale(features: DPFP, x_ref, n, num_tiles: int) -> Array | None:
 
 def feature_tile(x_ref, n, tile: int, scale: Array | None) -> Array:
     """Key tile ``tile`` of chunk n's normalised features ``phi_n``, float32 ``[C, 64]``."""
-    first, second = tile_factors(x_ref, n, tile, x_ref.shape[-1])[:2]
-    phi = first * second
+    factors = _factors(x_ref, n, tile, x_ref.shape[-1])
+    phi = factors.own * factors.other
     return phi if scale is None else phi * scale
 
 
-def _scatter(g_ref, n, factors, dim: int, cotangent: Array) -> None:
-    first, second, p, m, rows = factors
-    for index, own, other in ((p, first, second), (m, second, first)):
-        sign = jnp.where(index >= dim, -1.0, 1.0)
-        pltriton.atomic_add(g_ref, (n, rows, index), jnp.where(own > 0.0, sign * cotangent * other, 0.0))
+def scatter_width(dim: int) -> int:
+    """Columns of the VJP's scatter buffer for inputs of width d: a's 2d positions, after ``MARGIN``."""
+    return MARGIN + 2 * dim
+
+
+def _scatter(g_ref, n, factors: _Factors, cotangent: Array) -> None:
+    # Both halves are 64 contiguous positions of a: p = first + c, and m = p - shift unwrapped (it
+    # reaches down to -nu, the buffer's margin), so each is one plain slice of the buffer.
+    own, other, first, shift = factors
+    at = MARGIN + first
+    pltriton.atomic_add(g_ref, (n, slice(None), pl.ds(at, TILE)), cotangent * other)
+    pltriton.atomic_add(g_ref, (n, slice(None), pl.ds(at - shift, TILE)), cotangent * own)
 
 
 def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array) -> None:
-    """Atomically add ``J^T cotangent`` of key tile ``tile`` into ``g_ref [N, C, 2d]`` (per a-index,
-    the relu's mask and sign applied): ``cotangent [C, 64]`` is dL/d(un-normalised phi) there."""
-    dim = x_ref.shape[-1]
-    _scatter(g_ref, n, tile_factors(x_ref, n, tile, dim), dim, cotangent)
+    """Atomically add ``J^T cotangent`` of key tile ``tile`` into ``g_ref [N, C, scatter_width(d)]``
+    (per a-position, the relu's mask applied): ``cotangent [C, 64]`` is dL/d(un-normalised phi) there."""
+    _scatter(g_ref, n, _factors(x_ref, n, tile, x_ref.shape[-1]), cotangent)
 
 
 def scatter_normalization_vjp(features: DPFP, g_ref, x_ref, n, num_tiles: int, scale: Array | None,
@@ -189,18 +203,55 @@ def scatter_normalization_vjp(features: DPFP, g_ref, x_ref, n, num_tiles: int, s
     factor = -scale * dot_with_features
 
     def scatter_tile(tile, carry):
-        factors = _looped_factors(x_ref, n, tile, dim)
-        weights = factor if features.normalization == "sum" else factor * (factors[0] * factors[1] * scale)
-        _scatter(g_ref, n, factors, dim, jnp.broadcast_to(weights, (x_ref.shape[1], TILE)))
+        factors = _factors(x_ref, n, tile, dim)
+        weights = factor if features.normalization == "sum" else factor * (factors.own * factors.other * scale)
+        _scatter(g_ref, n, factors, jnp.broadcast_to(weights, (x_ref.shape[1], TILE)))
         return carry
 
     lax.fori_loop(0, num_tiles, scatter_tile, 0)
 
 
-def input_gradient(g: Array) -> Array:
-    """dL/dx from the scatter buffer ``[..., 2d]`` (per a-index): ``g[..., :d] + g[..., d:]``."""
-    dim = g.shape[-1] // 2
-    return g[..., :dim] + g[..., dim:]
+def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
+    """The normalisation's part of dL/dx, ``-s * c * J^T w`` (the module docstring's terms) passed
+    through the relus, in plain jnp at width 2d: ``x [..., d]`` the raw inputs, ``dots [...]`` each
+    row's ``c = <g, phi_n>``. With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
+    j before and after), ``J^T 1 = sum_j (b_j + f_j)`` and ``J^T phi = a * sum_j (b_j^2 + f_j^2)``,
+    so no K-wide array is formed. Zero for ``"none"``.
+
+    Example: it is the part of the normalised map's VJP that :class:`DPFP`'s autodiff adds.
+        >>> import jax, jax.numpy as jnp
+        >>> phi, x, g = DPFP(2, "l2"), jnp.linspace(-1.0, 1.0, 32), jnp.linspace(0.0, 1.0, 128)
+        >>> raw = DPFP(2, "none")
+        >>> s = jnp.linalg.norm(phi(x)) / jnp.linalg.norm(raw(x))  # phi_n = s * phi
+        >>> _, vjp_raw = jax.vjp(raw, x)
+        >>> _, vjp = jax.vjp(phi, x)
+        >>> rest = vjp(g)[0] - vjp_raw(s * g)[0]
+        >>> bool(jnp.allclose(normalization_gradient(phi, x, jnp.dot(g, phi(x))), rest, atol=1e-6))
+        True
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if features.normalization == "none":
+        return jnp.zeros_like(x)
+    a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    before = [jnp.roll(a, j, axis=-1) for j in range(1, features.nu + 1)]
+    after = [jnp.roll(a, -j, axis=-1) for j in range(1, features.nu + 1)]
+    pairs = list(zip(before, after, strict=True))
+    if features.normalization == "sum":
+        scale = 1.0 / (sum(jnp.sum(a * b, axis=-1) for b in before) + features.eps)
+        da = jnp.where(a > 0.0, (-scale * dots)[..., None] * sum(b + f for b, f in pairs), 0.0)
+    else:
+        scale = lax.rsqrt(sum(jnp.sum((a * b) ** 2, axis=-1) for b in before) + features.eps)
+        da = (-scale * scale * dots)[..., None] * a * sum(b * b + f * f for b, f in pairs)
+    dim = x.shape[-1]
+    return da[..., :dim] - da[..., dim:]
+
+
+def input_gradient(g: Array, x: Array) -> Array:
+    """dL/dx from the scatter buffer ``[..., scatter_width(d)]``: the margin's columns are a's last
+    positions (m = -j is 2d - j), then ``dx = da[..., :d] - da[..., d:]`` (the relu of -x)."""
+    dim = (g.shape[-1] - MARGIN) // 2
+    da = g[..., MARGIN:].at[..., 2 * dim - MARGIN:].add(g[..., :MARGIN])
+    return jnp.where(x > 0, da[..., :dim], 0.0) - jnp.where(x < 0, da[..., dim:], 0.0)
 
 
 def check_features(features: object, dim: int, max_key_dim: int) -> int:

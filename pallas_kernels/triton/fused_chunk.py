@@ -58,9 +58,10 @@ from pallas_kernels.triton.dpfp import (
     check_features,
     feature_tile,
     input_gradient,
+    normalization_gradient,
     row_scale,
-    scatter_normalization_vjp,
     scatter_vjp,
+    scatter_width,
 )
 from pallas_kernels.triton.tiles import (
     KEY_TILE,
@@ -285,13 +286,13 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
     d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
     docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
     hi_ref, lo_ref, states_ref = (next(refs), next(refs), next(refs)) if gated else (None,) * 3
-    # The zero-filled buffers that dq, dk (dT_beta, with features <dq, phi(q)> per step, gated
-    # dL/dg per step) alias come last among the inputs; unused.
-    for _ in range(2 + delta + (features is not None) + gated):
+    # The zero-filled buffers that dq, dk (dT_beta, with features <dq, phi(q)> and <dk, phi(k)>
+    # per step, gated dL/dg per step) alias come last among the inputs; unused.
+    for _ in range(2 + delta + 2 * (features is not None) + gated):
         next(refs)
     dq_ref, dk_ref = next(refs), next(refs)
     dtb_ref = next(refs) if delta else None
-    q_dot_ref = next(refs) if features is not None else None
+    q_dot_ref, k_dot_ref = (next(refs), next(refs)) if features is not None else (None, None)
     d_gate_ref = next(refs) if gated else None
     dv_ref, d_w0_ref = next(refs), next(refs)
     num_chunks, chunk, block = v_ref.shape
@@ -388,7 +389,8 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         else:
             dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
-        # With features: per row, <dL/dphi_n, phi_n> of q and of k (the normalisation's VJP needs them).
+        # With features: per row, <dL/dphi_n, phi_n> of q and of k (the normalisation's VJP, which
+        # the caller applies in XLA: normalization_gradient).
         q_dot = k_dot = jnp.zeros((chunk, 1), jnp.float32)
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
             q_features, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
@@ -421,9 +423,8 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
                 scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk if k_scale is None else k_scale * dk)
             dw0.append(dw_tile)
         if features is not None:
-            scatter_normalization_vjp(features, dq_ref, q_ref, n, len(tiles), q_scale, q_dot)
-            scatter_normalization_vjp(features, dk_ref, k_ref, n, len(tiles), k_scale, k_dot)
             pltriton.atomic_add(q_dot_ref, (n, slice(None)), q_dot.reshape(chunk))
+            pltriton.atomic_add(k_dot_ref, (n, slice(None)), k_dot.reshape(chunk))
         if gated:
             pltriton.atomic_add(d_gate_ref, (n, slice(None)), _decay_gradient(decays, d_within, d_start, d_end,
                                                                                jnp.sum(d_total)))
@@ -571,13 +572,13 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     if features is not None:
         # dq, dk come back per position of a = [relu(x), relu(-x)] (width 2d), dx summed from them
         # below; and per step <dL/d(scale phi(q)), phi(q)>, which gives dL/dscale.
-        gradients = (*q.shape[:-1], 2 * input_dim)
-        gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, 2 * input_dim)[0]
+        gradients = (*q.shape[:-1], scatter_width(input_dim))
+        gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, scatter_width(input_dim))[0]
     summed = [jnp.zeros(gradients, f32), jnp.zeros(gradients, f32), *([jnp.zeros(tb.shape, f32)] if delta else []),
-              *([jnp.zeros((groups, num_chunks, chunk), f32)] if features is not None else []),
+              *([jnp.zeros((groups, num_chunks, chunk), f32)] * 2 if features is not None else []),
               *([jnp.zeros((groups, num_chunks, chunk), f32)] if gated else [])]
     summed_specs = [gradient_specs, gradient_specs, *([square] if delta else []),
-                    *([per_head_step] if features is not None else []), *([per_head_step] if gated else [])]
+                    *([per_head_step] * 2 if features is not None else []), *([per_head_step] if gated else [])]
     inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents, *gate_inputs]
     results = pl.pallas_call(
         functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise),
@@ -600,7 +601,11 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         dq, dk = results[0], results[1]
     else:
         d_scale = jnp.sum(results[2 + delta]).reshape(1)
-        dq, dk = input_gradient(results[0]), input_gradient(results[1])
+        # The normalisation's part of the map's VJP needs each step's <g, phi_n> (the kernel's) and
+        # x alone: d wide in XLA, not a second scatter pass over the tiles in the kernel.
+        dq, dk = (input_gradient(results[i], x) + normalization_gradient(
+            features, x, jnp.moveaxis(results[2 + delta + i].reshape(batch, heads, num_chunks, chunk), 1, 3))
+                  for i, x in ((0, q), (1, k)))
     dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     # g = hi + lo: both halves get g's gradient (the caller's hi carries none further: it is rounded).
     d_gate = (results[len(summed) - 1],) * 2 if gated else None

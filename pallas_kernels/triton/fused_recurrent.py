@@ -65,6 +65,7 @@ from pallas_kernels.triton.dpfp import (
     row_scale,
     scatter_normalization_vjp,
     scatter_vjp,
+    scatter_width,
 )
 from pallas_kernels.triton.tiles import (
     compiler_params,
@@ -501,11 +502,11 @@ def _fused_dpfp_backward(rule, interpret, features, residuals, cotangents):
     bh, length, _, dim = q.shape
     key_dim, value_dim = final_state.shape[1:]
     specs = _specs(length, key_dim, value_dim)
-    raw, scattered = _raw_spec(length, dim), _raw_spec(length, 2 * dim)
+    raw, scattered = _raw_spec(length, dim), _raw_spec(length, scatter_width(dim))
     f32 = jnp.float32
     # dq, dk per position of a = [relu(x), relu(-x)] (width 2d): every value block's program adds
     # into the same zero-filled buffers.
-    buffers = [jnp.zeros((bh, length, 1, 2 * dim), f32) for _ in range(2)]
+    buffers = [jnp.zeros((bh, length, 1, scatter_width(dim)), f32) for _ in range(2)]
     inputs = [q, k, v, beta if delta else jnp.zeros((bh, length), f32), u if delta else jnp.zeros_like(v),
               final_state, d_out, d_final]
     dq, dk, dv, dbeta, d_w0 = pl.pallas_call(
@@ -523,7 +524,7 @@ def _fused_dpfp_backward(rule, interpret, features, residuals, cotangents):
         interpret=interpret,
         name="fast_weight_fused_recurrent_dpfp_bwd",
     )(*inputs, *buffers)
-    dq, dk = (input_gradient(x).astype(y.dtype) for x, y in ((dq, q), (dk, k)))
+    dq, dk = (input_gradient(x, y).astype(y.dtype) for x, y in ((dq, q), (dk, k)))
     return dq, dk, dv.astype(v.dtype), dbeta.sum(0) if delta else None, d_w0
 
 
