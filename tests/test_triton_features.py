@@ -6,15 +6,27 @@ Interpret mode is slow (every gather and atomic add of a tile is an XLA op): one
 The H200 compile of the same kernel is in tests/test_deviceless.py and the report.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import dpfp_jax as dj
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, gpu_kernel_features
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
-from pallas_kernels.triton.dpfp import DPFP
+from pallas_kernels.triton.dpfp import (
+    DPFP,
+    MARGIN,
+    MAX_NU,
+    NORMALIZATIONS,
+    TILE,
+    input_gradient,
+    normalization_gradient,
+    scatter_width,
+)
 from tests.helpers import assert_relative_error, normal, pallas_calls
 from tests.helpers import dpfp_then_reference as oracle
 from tests.helpers import raw_dpfp_inputs as inputs
@@ -138,3 +150,39 @@ def test_dpfp_description_is_the_librarys_map(normalization):
     x = normal(0, (3, 5, 32))
     assert_relative_error(DPFP(3, normalization)(x), dj.Features("dpfp", dim=32, nu=3, normalization=normalization)(x),
                           1e-6)
+
+
+@pytest.mark.parametrize("dim, nu", [pytest.param(dim, nu, marks=[] if (dim, nu) == (96, MAX_NU) else [SLOW])
+                                     for dim, nu in itertools.product((32, 64, 96, 128), range(1, MAX_NU + 1))])
+def test_the_backward_layout_and_its_xla_parts_are_the_maps_vjp(dim, nu):
+    """The fused chunk backward's DPFP VJP without a kernel: the scatter buffer filled as the kernel
+    fills it (two contiguous 64-column adds per tile, m = p - j left unwrapped into the margin),
+    then ``input_gradient`` (the margin folded back, the relus' masks) and ``normalization_gradient``
+    (``-s·c·Jᵀw`` from the per-row dots), against autodiff of the map; every d the kernels take
+    up to 128 (the straddling tiles of d = 32, 96), nu 1..4, each normalisation, and exact zeros in
+    x (the relus' mask at 0). Pure jnp and numpy: the interpret-mode kernel tests cover few of these.
+    make test runs d = 96 (a tile straddles a's sign change) with the largest nu (the whole margin)."""
+    rng = np.random.default_rng(dim * 10 + nu)
+    for normalization in NORMALIZATIONS:
+        features, rows = DPFP(nu, normalization), 3
+        x = rng.normal(size=(rows, dim)).astype(np.float32)
+        x[0, :3] = 0.0
+        cotangent = rng.normal(size=(rows, features.key_dim(dim))).astype(np.float32)
+        phi_n, vjp = jax.vjp(features, jnp.asarray(x))
+        want = np.asarray(vjp(jnp.asarray(cotangent))[0])
+        phi = np.asarray(DPFP(nu, "none")(x))
+        scale = (np.ones((rows, 1)) if normalization == "none" else
+                 1.0 / (phi.sum(-1, keepdims=True) + features.eps) if normalization == "sum" else
+                 1.0 / np.sqrt((phi**2).sum(-1, keepdims=True) + features.eps))
+        a = np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)], axis=-1)
+        buffer = np.zeros((rows, scatter_width(dim)), np.float32)
+        for start in range(0, features.key_dim(dim), TILE):
+            first, shift = start % (2 * dim), start // (2 * dim) + 1
+            own = np.arange(first, first + TILE)
+            g = scale * cotangent[:, start:start + TILE]
+            buffer[:, MARGIN + first + np.arange(TILE)] += g * a[:, (own - shift) % (2 * dim)]
+            buffer[:, MARGIN + first - shift + np.arange(TILE)] += g * a[:, own]
+        dots = np.sum(cotangent * np.asarray(phi_n), axis=-1)
+        got = input_gradient(jnp.asarray(buffer), jnp.asarray(x)) + normalization_gradient(features, jnp.asarray(x),
+                                                                                           jnp.asarray(dots))
+        assert_relative_error(got, want, 1e-5)

@@ -31,8 +31,8 @@ not). The relu's mask and sign are applied afterwards, with x at hand (:func:`in
 ``J^T 1 = sum_j (roll(a, j) + roll(a, -j))`` and ``J^T phi = a * sum_j (roll(a, j)^2 + roll(a, -j)^2)``,
 so it is 2d wide (:func:`normalization_gradient`). A second scatter pass over the tiles in the
 kernel cost the chunk backward about 400 B more spilled registers on an H200
-(docs/reports/triton_report_h200.md). The fused recurrent kernel, which has registers to spare,
-still does that pass in the kernel (:func:`scatter_normalization_vjp`).
+(docs/reports/triton_report_h200.md). The fused recurrent kernel still does that pass in the
+kernel (:func:`scatter_normalization_vjp`); moving it out there too has not been measured.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ Array = jax.Array
 NORMALIZATIONS = ("sum", "l2", "none")
 TILE = 64  # phi columns per key tile (tiles.KEY_TILE; repeated so this module stands alone)
 DIM_MULTIPLE = TILE // 2  # d must be a multiple of this: 2d then holds whole tiles
-MARGIN = 4  # the scatter buffer's columns before a's position 0: the VJP's m = p - j reaches -nu >= -4
+MAX_NU = 4  # the largest nu the kernels take (and are tested on)
+MARGIN = MAX_NU  # the scatter buffer's columns before a's position 0: the VJP's m = p - j reaches -nu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,8 @@ class DPFP:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.nu, bool) or not isinstance(self.nu, numbers.Integral) or not 1 <= self.nu <= 4:
-            raise ValueError(f"DPFP's nu must be an int from 1 to 4; got nu={self.nu!r}")
+        if isinstance(self.nu, bool) or not isinstance(self.nu, numbers.Integral) or not 1 <= self.nu <= MAX_NU:
+            raise ValueError(f"DPFP's nu must be an int from 1 to {MAX_NU}; got nu={self.nu!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"DPFP's normalization must be one of {NORMALIZATIONS}; got {self.normalization!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0 < self.eps < math.inf:
