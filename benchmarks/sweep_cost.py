@@ -65,11 +65,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "processes gets")
     parser.add_argument("--check", type=_point, metavar="SETTING,METHOD,S",
                         help="also run this row's point with train() and print its seconds beside the estimate")
-    parser.add_argument("--out-csv", type=Path, default=pf.COST_CSV, help="the estimates, one row per sweep row")
-    parser.add_argument("--report", type=Path, default=REPORT, help="the markdown report")
+    parser.add_argument("--out-csv", type=Path,
+                        help=f"the estimates, one row per sweep row (default, for every row of the committed "
+                             f"CSV only: {pf.COST_CSV.relative_to(pf.ROOT)})")
+    parser.add_argument("--report", type=Path,
+                        help=f"the markdown report (default, for every row of the committed CSV only: "
+                             f"{REPORT.relative_to(pf.ROOT)})")
     args = parser.parse_args(argv)
     if args.round_seconds <= 0:
         parser.error(f"--round-seconds must be above 0; got {args.round_seconds}")
+    # The committed files hold a measurement of the whole committed sweep: a part of it, or
+    # another CSV, must say where its results go instead of overwriting them.
+    whole = args.csv.resolve() == pf.SWEEP_CSV.resolve() and (args.setting, args.method, args.sizes) == (None,) * 3
+    for name, default in (("out_csv", pf.COST_CSV), ("report", REPORT)):
+        if getattr(args, name) is None:
+            if not whole:
+                parser.error(f"--{name.replace('_', '-')} is required unless every row of the committed sweep CSV "
+                             f"is measured (--csv, --setting, --method or --sizes was given)")
+            setattr(args, name, default)
     return args
 
 
@@ -186,12 +199,21 @@ def print_tables(rows: list[dict], costs: list[dict], threads: str) -> None:
     print(f"\nTotal, {len(costs)} rows: estimate {estimate:.0f} s ({estimate / 3600:.2f} hours) of train()'s "
           f"seconds, one run after another, {thread_text}; setup (outside train()'s seconds) {setup:.0f} s more; "
           f"the CSV's seconds (shared machine): {sum(shared.values()):.0f} s.")
+    # What `make paper-figures FRESH=1` reruns: the grid's points, first seed only.
+    grid = {(m.setting, m.label, size) for m, size in pf.grid()}
+    fresh = [c for c in costs if int(c["seed"]) == ar.PAPER_SEED
+             and (int(c["setting"]), c["method"], int(c["S"])) in grid]
+    fresh_estimate = sum(float(c["estimate_s"]) for c in fresh)
+    print(f"Of these, the grid's points with the first seed (what a fresh sweep runs), {len(fresh)} rows: "
+          f"estimate {fresh_estimate:.0f} s ({fresh_estimate / 3600:.2f} hours), setup "
+          f"{sum(float(c['setup_s']) for c in fresh):.0f} s more.")
     if threads == "1":
-        ordered = sweep_order(costs)
-        wall = pf.makespan([float(c["estimate_s"]) + float(c["setup_s"]) for c in ordered], jobs=2)
-        print(f"With --jobs 2 (each process with its XLA flags, these rows in the sweep's order, setup included, "
-              f"the two processes assumed not to slow each other): {wall:.0f} s ({wall / 3600:.2f} hours) "
-              "of wall time.")
+        for text, chosen in (("these rows", costs), ("the grid's first-seed rows", fresh)):
+            ordered = sweep_order(chosen)
+            wall = pf.makespan([float(c["estimate_s"]) + float(c["setup_s"]) for c in ordered], jobs=2)
+            print(f"With --jobs 2 ({text} in the sweep's order, each process with its XLA flags, setup included, "
+                  f"the two processes assumed not to slow each other): {wall:.0f} s ({wall / 3600:.2f} hours) "
+                  "of wall time.")
     else:
         print("With --jobs 2: not estimated (measure with --threads 1, as each of its processes runs).")
 

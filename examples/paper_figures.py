@@ -277,9 +277,16 @@ def makespan(costs: Sequence[float], jobs: int) -> float:
     return max(free)
 
 
-def cost_estimates(path: Path | None) -> dict[tuple[int, str, int, int], float]:
-    """Each measured row's estimated seconds (benchmarks/sweep_cost.py's CSV), by sweep row key."""
-    return {} if path is None else {row_key(r): float(r["estimate_s"]) for r in read_rows(path)}
+def cost_estimates(path: Path | None,
+                   sweep_rows: Iterable[dict] | None = None) -> dict[tuple[int, str, int, int], float]:
+    """Each measured row's estimated seconds (benchmarks/sweep_cost.py's CSV), by sweep row key;
+    given ``sweep_rows``, only the estimates made for a row's present step count (a row rerun since
+    it was measured has none: its estimate would be stale)."""
+    if path is None:
+        return {}
+    steps = None if sweep_rows is None else {row_key(r): int(r["steps"]) for r in sweep_rows}
+    return {row_key(r): float(r["estimate_s"]) for r in read_rows(path)
+            if steps is None or steps.get(row_key(r)) == int(r["steps"])}
 
 
 def estimate_text(rows: Sequence[dict], costs: dict[tuple[int, str, int, int], float]) -> str:
@@ -505,7 +512,7 @@ def draw(csv_path: Path, out: Path, points: Sequence[tuple[Method, int]], author
     authors = authors_rows(authors_csv)
     if cost_csv is None and csv_path.resolve() == SWEEP_CSV.resolve():
         cost_csv = COST_CSV
-    costs = cost_estimates(cost_csv)
+    costs = cost_estimates(cost_csv, all_rows)
     missing = missing_points(ours, points)
     out.mkdir(parents=True, exist_ok=True)
     for setting in (1, 2):

@@ -102,6 +102,10 @@ def test_the_committed_sweep_is_drawn_with_the_committed_costs(tmp_path, monkeyp
     line = next(x for x in table.splitlines() if "| linear sum |" in x)
     assert "| 1/8 | 5400 | 3 | 20, 60," in line, line
     assert "| 5400 | 3 | |" in table.splitlines()[-1]
+    # The row rerun since (another step count): its estimate is stale, so none is shown.
+    pf.write_rows([dict(rows[0], steps=400)], sweep, pf.SWEEP_COLUMNS)
+    table = pf.draw(sweep, tmp_path / "figures", pf.grid(), docs_page=None)
+    assert "idle estimate" not in table and table.splitlines()[-1].endswith("| 5400 | |")
 
 
 # --- the script ---------------------------------------------------------------------------------
@@ -123,6 +127,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a process that imports jax and compiles a model: 4 to 6 s
 def test_the_script_estimates_each_row_and_writes_its_csv_and_report(tmp_path):
     sweep, cost, report = tmp_path / "sweep.csv", tmp_path / "cost.csv", tmp_path / "report.md"
     tiny_sweep(sweep)
@@ -152,11 +157,15 @@ def test_the_script_estimates_each_row_and_writes_its_csv_and_report(tmp_path):
 
 
 @pytest.mark.slow  # two processes that import jax to say no
-def test_a_filter_that_matches_nothing_and_a_bad_check_are_refused(tmp_path):
+def test_a_filter_that_matches_nothing_a_missing_output_and_a_bad_check_are_refused(tmp_path):
     sweep = tmp_path / "sweep.csv"
     tiny_sweep(sweep)
-    result = run_script("--csv", str(sweep), "--method", "dpfp-1 sum")
+    result = run_script("--csv", str(sweep), "--method", "dpfp-1 sum", "--out-csv", str(tmp_path / "c.csv"),
+                        "--report", str(tmp_path / "r.md"))
     assert result.returncode == 1 and "no row of" in result.stderr, result.stderr
+    # a part of the sweep, or another CSV, must not overwrite the committed measurement
+    result = run_script("--csv", str(sweep))
+    assert result.returncode == 2 and "--out-csv is required" in result.stderr, result.stderr
     result = run_script("--csv", str(sweep), "--check", "1,linear sum")
     assert result.returncode == 2 and "SETTING,METHOD,S" in result.stderr, result.stderr
 
@@ -170,7 +179,7 @@ def test_one_thread_gives_the_two_job_figure_and_check_runs_the_point(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
     assert {r["threads"] for r in read_csv(cost)} == {"1"}
-    assert "With --jobs 2 (each process with its XLA flags" in out, out
+    assert "With --jobs 2 (these rows in the sweep's order, each process with its XLA flags" in out, out
     # the check: 3 steps (the row's cap), measured and estimated
     assert "run to the end with train() in a fresh process: 3 steps (the CSV's: 150)" in out, out
     line = next(x for x in out.splitlines() if x.startswith("| train()'s seconds |"))
