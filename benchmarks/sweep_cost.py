@@ -49,6 +49,10 @@ from examples import associative_retrieval as ar
 from examples import paper_figures as pf
 
 REPORT = pf.ROOT / "docs" / "reports" / "sweep_cost.md"
+# With --threads 1 (what each of --jobs 2's processes runs) the measurement has files of its own:
+# the capacity tables' idle estimate is the default run's, as `make paper-figures` runs one job.
+JOBS2_CSV = pf.REPORTS / "cost_jobs2.csv"
+JOBS2_REPORT = pf.ROOT / "docs" / "reports" / "sweep_cost_jobs2.md"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,17 +71,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also run this row's point with train() and print its seconds beside the estimate")
     parser.add_argument("--out-csv", type=Path,
                         help=f"the estimates, one row per sweep row (default, for every row of the committed "
-                             f"CSV only: {pf.COST_CSV.relative_to(pf.ROOT)})")
+                             f"CSV only: {pf.COST_CSV.relative_to(pf.ROOT)}, with --threads 1 "
+                             f"{JOBS2_CSV.relative_to(pf.ROOT)})")
     parser.add_argument("--report", type=Path,
                         help=f"the markdown report (default, for every row of the committed CSV only: "
-                             f"{REPORT.relative_to(pf.ROOT)})")
+                             f"{REPORT.relative_to(pf.ROOT)}, with --threads 1 {JOBS2_REPORT.relative_to(pf.ROOT)})")
     args = parser.parse_args(argv)
     if args.round_seconds <= 0:
         parser.error(f"--round-seconds must be above 0; got {args.round_seconds}")
     # The committed files hold a measurement of the whole committed sweep: a part of it, or
     # another CSV, must say where its results go instead of overwriting them.
     whole = args.csv.resolve() == pf.SWEEP_CSV.resolve() and (args.setting, args.method, args.sizes) == (None,) * 3
-    for name, default in (("out_csv", pf.COST_CSV), ("report", REPORT)):
+    defaults = (pf.COST_CSV, REPORT) if args.threads == "all" else (JOBS2_CSV, JOBS2_REPORT)
+    for name, default in zip(("out_csv", "report"), defaults, strict=True):
         if getattr(args, name) is None:
             if not whole:
                 parser.error(f"--{name.replace('_', '-')} is required unless every row of the committed sweep CSV "
