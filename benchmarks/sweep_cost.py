@@ -47,6 +47,7 @@ import jax
 from benchmarks.common import reported_run
 from examples import associative_retrieval as ar
 from examples import paper_figures as pf
+from examples.arguments import integer, integers
 
 REPORT = pf.ROOT / "docs" / "reports" / "sweep_cost.md"
 # With --threads 1 (what each of --jobs 2's processes runs) the measurement has files of its own:
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, default=pf.SWEEP_CSV, help="the sweep's rows (default: the committed CSV)")
     parser.add_argument("--setting", type=int, choices=(1, 2), help="only this setting's rows")
     parser.add_argument("--method", help="only this method's rows (its label, e.g. 'dpfp-1 sum')")
-    parser.add_argument("--sizes", type=_sizes, help="only these S (comma-separated)")
-    parser.add_argument("--rounds", type=_positive, default=3, help="timed rounds of steps, and timed evaluations")
+    parser.add_argument("--sizes", type=integers(1), help="only these S (comma-separated)")
+    parser.add_argument("--rounds", type=integer(1), default=3, help="timed rounds of steps, and timed evaluations")
     parser.add_argument("--round-seconds", type=float, default=0.2,
                         help="a round has as many steps as take this long (one at least)")
     parser.add_argument("--threads", choices=("all", "1"), default="all",
@@ -92,17 +93,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
-
-
-def _sizes(text: str) -> list[int]:
-    return [_positive(part) for part in text.split(",")]
-
-
 def _point(text: str) -> tuple[int, str, int]:
     parts = text.split(",")
     if len(parts) != 3 or not parts[0].strip().isdigit() or not parts[2].strip().isdigit():
@@ -110,17 +100,9 @@ def _point(text: str) -> tuple[int, str, int]:
     return int(parts[0]), parts[1].strip(), int(parts[2])
 
 
-def method_of(setting: int, label: str) -> pf.Method:
-    found = [m for m in pf.METHODS if m.setting == setting and m.label == label]
-    if not found:
-        labels = [m.label for m in pf.METHODS if m.setting == setting]
-        raise ValueError(f"setting {setting} has the methods {labels}; got {label!r}")
-    return found[0]
-
-
 def row_config(row: dict) -> ar.RunConfig:
     """The run a sweep row is: its method at its S, seed and step cap, under the authors' protocol."""
-    return method_of(int(row["setting"]), row["method"]).config(int(row["S"]), seed=int(row["seed"]),
+    return pf.method_named(int(row["setting"]), row["method"]).config(int(row["S"]), seed=int(row["seed"]),
                                                                 max_steps=int(row["max_steps"]))
 
 
@@ -304,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {pf.ONE_THREAD_XLA_FLAGS}".strip()
     rows = chosen_rows(args)
     for row in rows:
-        method_of(int(row["setting"]), row["method"])  # every row names a method before any is timed
+        pf.method_named(int(row["setting"]), row["method"])  # every row names a method before any is timed
     tee = _Tee(sys.stdout)
     with contextlib.redirect_stdout(tee), reported_run():
         costs, measured = [], {}  # a point's pieces, by (setting, method, S)

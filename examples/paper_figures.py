@@ -98,6 +98,11 @@ class Method:
         return ar.paper_config(self.setting, self.feature_map, self.rule, num_symbols, self.nu, self.features,
                                seed=seed, max_steps=max_steps)
 
+    def rows(self, rows: Iterable[dict]) -> list[dict]:
+        """The CSV rows (ours or the authors') of this method."""
+        label = self.label
+        return [r for r in rows if r["method"] == label and int(r["setting"]) == self.setting]
+
 
 METHODS: tuple[Method, ...] = tuple(Method(*m) for m in ar.PAPER_METHODS)
 PAPER_SIZES = ar.PAPER_SIZES
@@ -131,6 +136,16 @@ BUDGET_GRID: dict[tuple[int, str], tuple[int, ...]] = {
     (2, "favor-128 delta"): (20, 60, 100),
     (2, "dpfp-1 fwm"): (20, 60, 100, 200),
 }
+
+
+def method_named(setting: int, label: str) -> Method:
+    """The method of ``setting`` whose label is ``label`` (e.g. ``"dpfp-1 sum"``); a ValueError
+    naming the setting's labels otherwise."""
+    found = [m for m in METHODS if m.setting == setting and m.label == label]
+    if not found:
+        labels = [m.label for m in METHODS if m.setting == setting]
+        raise ValueError(f"setting {setting} has {labels}; got {label!r}")
+    return found[0]
 
 
 def budget_sizes(method: Method) -> tuple[int, ...]:
@@ -376,8 +391,7 @@ def plot_setting(setting: int, ours: list[dict], authors: list[dict], missing: d
         gaps = missing.get((setting, method.label), [])
         label = method.label + (f" ({len(gaps)} of its points missing)" if gaps else "")
         for rows, style in ((authors, "--."), (ours, "-o")):
-            points = sorted((int(r["S"]), finite_loss(r)) for r in rows
-                            if int(r["setting"]) == setting and r["method"] == method.label)
+            points = sorted((int(r["S"]), finite_loss(r)) for r in method.rows(rows))
             if not points:
                 continue
             xs = [x for x, _ in points]
@@ -421,9 +435,9 @@ def capacity_table(ours: list[dict], authors: list[dict], points: Sequence[tuple
              "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(idle) + "---|"]
     for method in METHODS:
         planned = [s for m, s in points if m == method]
-        mine = [r for r in ours if r["method"] == method.label and int(r["setting"]) == method.setting]
-        theirs = [r for r in authors if r["method"] == method.label and int(r["setting"]) == method.setting]
-        runs = [r for r in all_rows if r["method"] == method.label and int(r["setting"]) == method.setting]
+        mine = method.rows(ours)
+        theirs = method.rows(authors)
+        runs = method.rows(all_rows)
         seconds = sum(float(r["seconds"]) for r in runs)
         estimate = f" {estimate_text(runs, costs)} |" if costs else ""
         ours_cap = capacity(mine, method.label)
@@ -456,8 +470,8 @@ def readme_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[M
     lines = [f"| setting | method | ours | paper, 3000 steps | paper, final | runtime, shared machine (s) |{idle}",
              "|---:|---|---:|---:|---:|---:|" + ("---:|" if costs else "")]
     for method in METHODS:
-        mine = [r for r in ours if r["method"] == method.label and int(r["setting"]) == method.setting]
-        theirs = [r for r in authors if r["method"] == method.label and int(r["setting"]) == method.setting]
+        mine = method.rows(ours)
+        theirs = method.rows(authors)
         cap = capacity(mine, method.label)
         gaps = missing.get((method.setting, method.label), [])
         text = "-" if not mine else ("none" if cap is None else str(cap))
@@ -465,7 +479,7 @@ def readme_table(ours: list[dict], authors: list[dict], points: Sequence[tuple[M
             text += " (so far)"
         paper, capped = (("none" if c is None else str(c)) if theirs else "no log"
                          for c in (capacity(theirs, method.label), capacity(theirs, method.label, "loss_at_3000")))
-        runs = [r for r in all_rows if r["method"] == method.label and int(r["setting"]) == method.setting]
+        runs = method.rows(all_rows)
         seconds = sum(float(r["seconds"]) for r in runs)
         estimate = f" {estimate_text(runs, costs)} |" if costs else ""
         lines.append(f"| {method.setting} | {method.label} | {text} | {capped} | {paper} | {seconds:.0f} |{estimate}")
@@ -560,9 +574,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds != [ar.PAPER_SEED] and not given:
         parser.error("--seeds goes with --setting, --method and --sizes")
     if given:
-        labels = [m.label for m in METHODS if m.setting == args.setting]
-        if args.method not in labels:
-            parser.error(f"--method: setting {args.setting} has {labels}; got {args.method!r}")
+        try:
+            method_named(args.setting, args.method)
+        except ValueError as error:
+            parser.error(f"--method: {error}")
         outside = [s for s in args.sizes if s not in PAPER_SIZES[args.setting]]
         if outside:
             parser.error(f"--sizes: setting {args.setting}'s S are 20 to {max(PAPER_SIZES[args.setting])} in steps "
@@ -574,7 +589,7 @@ def chosen_configs(args: argparse.Namespace) -> list[ar.RunConfig]:
     """The runs --run makes: the grid's points, or --method at --sizes with each of --seeds."""
     if args.method is None:
         return [m.config(s, max_steps=args.max_steps) for m, s in grid(full=args.full_grid)]
-    (method,) = [m for m in METHODS if m.setting == args.setting and m.label == args.method]
+    method = method_named(args.setting, args.method)
     return [method.config(s, seed=seed, max_steps=args.max_steps) for s in args.sizes for seed in args.seeds]
 
 
