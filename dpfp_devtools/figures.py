@@ -154,27 +154,16 @@ def _generated_end(line: str, root: Path | None) -> re.Pattern | None:
     return re.compile(rf"<!--\s*end of (?:the )?{re.escape(begin.group('name').strip())}\s*-->")
 
 
-def unclosed_regions(page: Path, text: str, root: Path) -> list[Problem]:
-    """A generated region with no end comment would hide the rest of the page from the check."""
-    problems, end, opened = [], None, 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if end is not None:
-            end = None if end.fullmatch(line.strip()) else end
-        elif (found := _generated_end(line, root)) is not None:
-            end, opened = found, number
-    if end is not None:
-        problems.append(Problem(Figure(page, opened, "<!-- -->", "", ""),
-                                f"a region a script writes opens here and never closes (want {end.pattern!r})"))
-    return problems
-
-
-def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = None) -> Iterator[Block]:
+def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = None,
+           unclosed: list[tuple[int, str]] | None = None) -> Iterator[Block]:
     """The page's blocks in order; a code block yields only its shell comments, and a region a
     script writes (between ``GENERATED_BEGIN`` naming a file under ``root`` and its end comment)
     none.
 
     Sections are numbered from 1 in the order of their headings (0: the page above the first);
-    ``parents`` is filled with each section's enclosing one.
+    ``parents`` is filled with each section's enclosing one. A region still open at the page's end
+    (it would hide the rest of the page from the check) is added to ``unclosed`` as its opening
+    line and the end comment it wants.
     """
     section, open_sections = 0, [(0, 0)]  # (heading level, section) from the page down
     current: Block | None = None
@@ -188,6 +177,7 @@ def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = N
             continue
         generated = _generated_end(line, root) if fence is None else None
         if generated is not None:
+            opened = number
             if current:
                 yield current
             current = None
@@ -229,6 +219,8 @@ def blocks(page: Path, text: str, parents: dict[int, int], root: Path | None = N
         current.lines.append(line)
     if current:
         yield current
+    if generated is not None and unclosed is not None:
+        unclosed.append((opened, generated.pattern))
 
 
 def report_links(block_text: str, page: Path, root: Path) -> set[Path]:
@@ -419,11 +411,15 @@ def _figure_problems(figure: Figure, derivations: list[Derivation], sources: set
 def check_page(root: Path, page: Path) -> tuple[list[Figure], list[Problem]]:
     """One page's figures, and those tied to no report (with why)."""
     parents: dict[int, int] = {}
-    page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents, root)))
+    unclosed: list[tuple[int, str]] = []
+    page_blocks = _attach_marker_blocks(list(blocks(page, (root / page).read_text(), parents, root, unclosed)))
     section_links: dict[int, set[Path]] = {}
     for block in page_blocks:
         section_links.setdefault(block.section, set()).update(report_links(block.text, page, root))
-    everything, problems = [], unclosed_regions(page, (root / page).read_text(), root)
+    everything = []
+    problems = [Problem(Figure(page, opened, "<!-- -->", "", ""),
+                        f"a region a script writes opens here and never closes (want {pattern!r})")
+                for opened, pattern in unclosed]
     for block in page_blocks:
         found, is_table = figures_in(block)
         everything.extend(found)

@@ -2,7 +2,6 @@
 evaluation count it assumes against train()'s own loop, the capacity table's idle-machine column,
 and the script itself on a tiny CSV (run as the script it is, ``python -m benchmarks.sweep_cost``)."""
 
-import csv
 import subprocess
 import sys
 
@@ -122,11 +121,6 @@ def tiny_sweep(path):
     pf.write_rows(rows, path, pf.SWEEP_COLUMNS)
 
 
-def read_csv(path):
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.slow  # a process that imports jax and compiles a model: 4 to 6 s
 def test_the_script_estimates_each_row_and_writes_its_csv_and_report(tmp_path):
     sweep, cost, report = tmp_path / "sweep.csv", tmp_path / "cost.csv", tmp_path / "report.md"
@@ -136,7 +130,7 @@ def test_the_script_estimates_each_row_and_writes_its_csv_and_report(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("command: python -m benchmarks.sweep_cost") and "load average at end:" in out, out
-    first, second = read_csv(cost)
+    first, second = pf.read_rows(cost)
     assert [(r["S"], r["seed"], r["steps"], r["evaluations"], r["threads"]) for r in (first, second)] == [
         ("3", "1", "150", "2", "all"), ("3", "2", "50", "1", "all")]
     for r in (first, second):  # the estimate is the CSV's arithmetic on the measured pieces
@@ -178,7 +172,7 @@ def test_one_thread_gives_the_two_job_figure_and_check_runs_the_point(tmp_path):
                         "--sizes", "3", "--check", "1,linear sum,3", "--out-csv", str(cost), "--report", str(report))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
-    assert {r["threads"] for r in read_csv(cost)} == {"1"}
+    assert {r["threads"] for r in pf.read_rows(cost)} == {"1"}
     assert "With --jobs 2 (these rows in the sweep's order, each process with its XLA flags" in out, out
     # the check: 3 steps (the row's cap), measured and estimated
     assert "run to the end with train() in a fresh process: 3 steps (the CSV's: 150)" in out, out
