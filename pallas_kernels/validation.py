@@ -158,15 +158,16 @@ def check_wy_inverse(rule: str, wy_inverse: object, packed: bool = False, gated:
         except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
             signature = None
         if signature is not None:
-            call, needs = ((None, None), {"gram": None}), ("with log_decay, wy_inverse is called as wy_inverse(k, "
-                                                           "beta, gram=G) and must use G [..., C, C] (the Gram "
-                                                           "matrix times the decays) in place of K K^T")
-            if not gated:
-                call, needs = ((None, None, None), {}), ("with resets, wy_inverse is called as wy_inverse(k, beta, "
-                                                         "same_document) and must mask the Gram matrix with "
-                                                         "same_document [..., C, C]")
+            if gated:
+                args, kwargs = (None, None), {"gram": None}
+                needs = ("with log_decay, wy_inverse is called as wy_inverse(k, beta, gram=G) and must use G "
+                         "[..., C, C] (the Gram matrix times the decays) in place of K K^T")
+            else:
+                args, kwargs = (None, None, None), {}
+                needs = ("with resets, wy_inverse is called as wy_inverse(k, beta, same_document) and must mask "
+                         "the Gram matrix with same_document [..., C, C]")
             try:
-                signature.bind(*call[0], **call[1])
+                signature.bind(*args, **kwargs)
             except TypeError:
                 raise TypeError(f"{needs}; got a function "
                                 f"{getattr(wy_inverse, '__name__', type(wy_inverse).__name__)}{signature}") from None

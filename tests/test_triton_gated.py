@@ -190,4 +190,4 @@ def test_on_a_gpu_the_fused_kernels_take_the_gate(monkeypatch):
     assert kernels(10, gated=True, features=dpfp) == {("fast_weight_fused_recurrent_gated_fwd", dpfp.key_dim)}
     assert kernels(10, gated=False, features=dpfp) == {("fast_weight_fused_recurrent_dpfp_fwd", 32)}
     monkeypatch.setattr(pallas_adapter, "target_platform", lambda: "cpu")
-    assert "target platform is 'cpu'" in pallas_supports(x, x, x, beta, log_decay=gate, chunk_size=16)
+    assert "target platform is 'cpu'" in pallas_supports(x, x, x, beta, log_decay=gate)

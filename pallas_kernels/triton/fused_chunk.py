@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
-from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR
+from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR, gate_with_resets
 from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
@@ -757,9 +757,7 @@ def fused_chunk(
     checkpoint_chunks = check_positive_int("checkpoint_chunks", checkpoint_chunks)
     gated = log_decay is not None
     if gated and resets is not None:
-        # A reset zeroes the state whatever alpha is: alpha = 0 there (its gradient is zero, as
-        # the oracle's is at a reset), and the chunks need no document masks.
-        log_decay, resets = jnp.where(resets[:, :, None], -jnp.inf, log_decay), None
+        log_decay, resets = gate_with_resets(log_decay, resets), None
     check_wy_inverse(rule, wy_inverse, packed=resets is not None, gated=gated)
     if (empty := empty_result(v, initial_state, q)) is not None:
         return empty

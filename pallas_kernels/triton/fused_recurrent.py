@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
+from pallas_kernels.decays import gate_with_resets
 from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
@@ -354,7 +355,7 @@ def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref
 
 
 def _heads_major(x: Array, size: int | None = None) -> Array:
-    """``[B, T, H, D] -> [B * H, T, D_padded]``."""
+    """``[B, T, H, D] -> [B * H, T, D_padded]`` (``[B, T, H] -> [B * H, T]`` for a per-step array)."""
     batch, length, heads = x.shape[:3]
     x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, length, *x.shape[3:])
     return x if size is None else pad_to(x, 2, size)
@@ -681,7 +682,7 @@ def fused_recurrent(
     # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it
     # computes in float32. The output is linear in q, so scaling it equals scaling the queries.
     qh, kh, vh = _heads_major(q, k_pad), _heads_major(k, k_pad), _heads_major(v, v_pad)
-    betah = None if beta is None else jnp.moveaxis(beta.astype(f32), 2, 1).reshape(batch * heads, length)
+    betah = None if beta is None else _heads_major(beta.astype(f32))
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)
     if log_decay is not None:
@@ -706,10 +707,8 @@ def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets
     length = qh.shape[1]
     log_decay = log_decay.astype(jnp.float32)
     if resets is not None:
-        # A reset zeroes the state whatever alpha is: alpha = 0 there (log alpha = -inf), whose
-        # gradient is zero, as the oracle's is at a reset.
-        log_decay = jnp.where(resets[:, :, None], -jnp.inf, log_decay)
-    log_decay = jnp.moveaxis(log_decay, 2, 1).reshape(batch * heads, length)
+        log_decay = gate_with_resets(log_decay, resets)
+    log_decay = _heads_major(log_decay)
     block = checkpoint_block(length)
     padded = -(-length // block) * block
     # Padded steps are inert: zero q, k, v and beta, log alpha = 0 (alpha = 1).
@@ -727,7 +726,7 @@ def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
     key_dim, value_dim = initial_state.shape[2:]
     v_pad = padded_sizes(key_dim, value_dim)[2]
     qh, kh = (_heads_major(x).reshape(batch * heads, length, 1, dim) for x in (q, k))
-    betah = None if beta is None else jnp.moveaxis(beta.astype(jnp.float32), 2, 1).reshape(batch * heads, length)
+    betah = None if beta is None else _heads_major(beta.astype(jnp.float32))
     w0 = pad_to(initial_state.astype(jnp.float32).reshape(batch * heads, key_dim, value_dim), 2, v_pad)
     out, final_state = _fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0)
     out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)

@@ -65,15 +65,6 @@ GATED_IMPLS = ("reference", "scan", "chunk")
 runs (runs_fused_chunk), the fused recurrent one otherwise)."""
 
 
-def _gate_supports(name: str, log_decay: Array | None) -> str | None:
-    # Every impl takes the gate today ("pallas" where its kernels run: pallas_supports says); this
-    # says why for an impl added without it.
-    if log_decay is None or name in GATED_IMPLS or name == "pallas":
-        return None
-    return (f"log_decay (gated fast weights) is not implemented in the {name!r} kernels yet; impl= "
-            + ", ".join(repr(n) for n in GATED_IMPLS) + " (or 'auto') take it")
-
-
 def _check_log_decay_eagerly(arguments: dict) -> None:
     """``jit_when_eager``'s value check: a positive or NaN ``log_decay`` of an eager call is refused
     before the jitted op runs (inside it the values are traced). When it fails, q, k, v are
@@ -302,12 +293,11 @@ def fast_weight(
                                                 log_decay=log_decay, features=features)
     candidates = auto_candidates(q, chunk_size) if impl == "auto" else (impl,)
     reasons = []
+    resets = None if segment_ids is None else resets_of(segment_ids)
     for name in candidates:
         fn, supports = _IMPLS[name]
-        resets = None if segment_ids is None else resets_of(segment_ids)
-        reason = _gate_supports(name, log_decay) or supports(q, k, v, beta, rule=rule, initial_state=initial_state,
-                                                             resets=resets, features=features, log_decay=log_decay,
-                                                             chunk_size=chunk_size)
+        reason = supports(q, k, v, beta, rule=rule, initial_state=initial_state, resets=resets, features=features,
+                          log_decay=log_decay)
         if reason is None:
             if initial_state is None:
                 initial_state = zero_state(q, v, jnp.float32, None if features is None else features.key_dim)

@@ -174,10 +174,10 @@ def gpu_kernel_features(features: Features | None):
         >>> gpu_kernel_features(Features("dpfp", dim=48)) is None, gpu_kernel_features(Features("relu", dim=64)) is None
         (True, True)
     """
-    from pallas_kernels.triton.dpfp import DIM_MULTIPLE, DPFP
+    from pallas_kernels.triton.dpfp import DIM_MULTIPLE, DPFP, MAX_NU
 
     if (features is None or not isinstance(features.feature_map, str) or features.feature_map != "dpfp"
-            or features.dim % DIM_MULTIPLE or features.nu > 4 or features.eps <= 0):
+            or features.dim % DIM_MULTIPLE or features.nu > MAX_NU or features.eps <= 0):
         return None
     return DPFP(features.nu, features.normalization, features.eps)
 
@@ -205,6 +205,7 @@ def fast_weight_pallas(
     kernels (:func:`gpu_kernel_features`) map them themselves where they can, else phi(q), phi(k) are
     computed here for the kernels."""
     from pallas_kernels import fused_chunk, fused_chunk_tpu, fused_recurrent
+    from pallas_kernels.decays import gate_with_resets
 
     if 0 in v.shape:
         # No output to compute (B, T, H or V is 0), and the final state is the initial one (T = 0)
@@ -240,10 +241,7 @@ def fast_weight_pallas(
         # (the gated kernel's stored block states): docs/tpu_kernel.md.
         log_decay = zeros_like_sharded(q[..., 0], jnp.float32)
     if log_decay is not None and resets is not None:
-        # A reset zeroes the state whatever alpha is: alpha = 0 there (log alpha = -inf), whose
-        # gradient is zero, as the oracle's is at a reset.
-        log_decay = jnp.where(resets[:, :, None], -jnp.inf, log_decay)
-        resets = None
+        log_decay, resets = gate_with_resets(log_decay, resets), None
 
     def run(q, k, v, beta, initial_state, resets, log_decay):
         if tpu:
