@@ -101,6 +101,21 @@ def log_decays(seed: int, regime: str, shape: tuple[int, int, int], chunk: int =
     return x
 
 
+def cast_inputs(inputs: dict, dtype) -> dict:
+    """Every array of an inputs dict (``make_inputs``'s) as ``dtype``; absent ones (None) stay None."""
+    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+
+
+def assert_bfloat16_agrees(got, want) -> None:
+    """``((out, state), grads)`` of bfloat16 inputs against the oracle's on the same values in
+    float32: the output and gradients to bfloat16's rounding, the float32 state to float32's."""
+    (out, state), grads = got
+    (want_out, want_state), want_grads = want
+    assert_relative_error(out, want_out, 1e-2)
+    assert_relative_error(state, want_state, 1e-5)
+    assert_relative_error(grads, want_grads, 1e-2)
+
+
 def gated_inputs(seed: int, *, rule: str, time: int, value_dim: int, regime: str = "mixed", key_dim: int = 8,
                  batch: int = 2, heads: int = 2, with_state: bool = True, dtype=jnp.float32, chunk: int = 16,
                  decay_seed: int | None = None) -> dict:
@@ -111,7 +126,7 @@ def gated_inputs(seed: int, *, rule: str, time: int, value_dim: int, regime: str
                          with_state=with_state)
     inputs["log_decay"] = log_decays(seed + 100 if decay_seed is None else decay_seed, regime, (batch, time, heads),
                                      chunk)
-    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+    return cast_inputs(inputs, dtype)
 
 
 def value_and_grads(fn, inputs, names=DIFF_ARGS):

@@ -7,7 +7,15 @@ import pytest
 
 import dpfp_jax as dj
 from dpfp_devtools.workloads import make_inputs
-from tests.helpers import DIFF_ARGS, JAX_SENSITIVE, assert_close, random_like, temp_bytes_of_grad, value_and_grads
+from tests.helpers import (
+    DIFF_ARGS,
+    JAX_SENSITIVE,
+    assert_close,
+    cast_inputs,
+    random_like,
+    temp_bytes_of_grad,
+    value_and_grads,
+)
 
 
 def run(inputs, impl, rule, **kwargs):
@@ -62,11 +70,11 @@ def test_chunk_matches_reference_float32(rule, chunk_size, T, K):
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_chunk_bfloat16(rule):
     inputs = make_inputs(3, time=100, key_dim=32, value_dim=8, rule=rule, with_state=True)
-    bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
+    bf16 = cast_inputs(inputs, jnp.bfloat16)
     (out, state), grads = value_and_grads(lambda x: run(x, "chunk", rule), bf16)
     chex.assert_type([out, state], [jnp.bfloat16, jnp.float32])
     chex.assert_type(grads, jnp.bfloat16)
-    upcast = {n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}
+    upcast = cast_inputs(bf16, jnp.float32)
     want = value_and_grads(lambda x: run(x, "reference", rule), upcast)
     assert_close((out.astype(jnp.float32), state), want[0], rtol=2e-2, atol=2e-2)
     assert_close([g.astype(jnp.float32) for g in grads], want[1], rtol=5e-2, atol=5e-2)

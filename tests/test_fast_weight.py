@@ -14,6 +14,7 @@ from tests.helpers import (
     JAX_SENSITIVE,
     assert_bounded_and_not_drifting,
     assert_close,
+    cast_inputs,
     delta_column_bound,
     random_like,
     temp_bytes_of_grad,
@@ -147,11 +148,11 @@ def test_composes_with_jit_vmap_grad_checkpoint(impl):
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_bfloat16_inputs(impl, rule):
     inputs = make_inputs(4, time=64, rule=rule, with_state=True)
-    bf16 = {n: None if x is None else x.astype(jnp.bfloat16) for n, x in inputs.items()}
+    bf16 = cast_inputs(inputs, jnp.bfloat16)
     out, state = run(bf16, impl, rule)
     chex.assert_type([out, state], [jnp.bfloat16, jnp.float32])
     # Same bf16-rounded inputs in float32: only the output rounding differs.
-    want_out, want_state = run({n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()},
+    want_out, want_state = run(cast_inputs(bf16, jnp.float32),
                                "reference", rule)
     assert_close(out.astype(jnp.float32), want_out, rtol=1e-2, atol=1e-2)
     assert_close(state, want_state, rtol=1e-5, atol=1e-5)
@@ -159,7 +160,7 @@ def test_bfloat16_inputs(impl, rule):
     chex.assert_type(g[:3], jnp.bfloat16)
     # Their values: the oracle's gradients on the same bf16-rounded inputs in float32, up to
     # bfloat16's rounding of the gradients themselves (relative 2^-8 per entry).
-    want_g = grads({n: None if x is None else x.astype(jnp.float32) for n, x in bf16.items()}, "reference", rule)
+    want_g = grads(cast_inputs(bf16, jnp.float32), "reference", rule)
     assert worst_relative_error(g, want_g) < 1e-2, worst_relative_error(g, want_g)
 
 

@@ -23,7 +23,9 @@ from tests.helpers import (
     DIFF_ARGS,
     JAX_SENSITIVE,
     SCRIPTS,
+    assert_bfloat16_agrees,
     assert_relative_error,
+    cast_inputs,
     packed_ids,
     random_like,
     run_with_host_devices,
@@ -148,11 +150,8 @@ def test_bfloat16_inputs(impl, rule):
     (out, state), grads = results_and_grads(inputs, impl, rule)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert all(g.dtype == jnp.bfloat16 for g in grads)
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
-    (want_out, want_state), want_grads = results_and_grads(wide, "reference", rule)
-    assert_relative_error(out, want_out, 1e-2)
-    assert_relative_error(state, want_state, 1e-5)
-    assert_relative_error(grads, want_grads, 1e-2)
+    assert_bfloat16_agrees(((out, state), grads),
+                           results_and_grads(cast_inputs(inputs, jnp.float32), "reference", rule))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

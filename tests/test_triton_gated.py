@@ -26,6 +26,7 @@ from tests import helpers
 from tests.helpers import (
     DIFF_ARGS,
     assert_relative_error,
+    cast_inputs,
     normal,
     packed_ids,
     pallas_calls,
@@ -44,7 +45,7 @@ def gated_inputs(rule, regime, *, time=37, value_dim=24, dtype=jnp.float32, stat
     if state_key_dim is not None:
         batch, heads = inputs["q"].shape[0], inputs["q"].shape[2]
         inputs["initial_state"] = normal(5, (batch, heads, state_key_dim, value_dim), 0.1)
-    return {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
+    return cast_inputs(inputs, dtype)
 
 
 def kernel(rule, **options):
@@ -70,7 +71,7 @@ def check(rule, regime, tolerance=2e-5, *, resets=None, features=None, fn=None, 
     inputs = gated_inputs(rule, regime, **shape)
     # Jitted: one compile of each program instead of every op of the interpreted kernels run eagerly.
     got = jax.jit(lambda x: value_and_grads(fn or kernel(rule), x, NAMES))(inputs)
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
+    wide = cast_inputs(inputs, jnp.float32)
     want = jax.jit(lambda x: value_and_grads(oracle(rule, resets, features), x, NAMES))(wide)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(got))
     (out, state), grads = got

@@ -16,7 +16,14 @@ from dpfp_jax.ops.fast_weight.segments import resets_of
 from pallas_kernels import chunk_walk, fused_recurrent
 from pallas_kernels.triton.fused_recurrent import checkpoint_block
 from tests import helpers
-from tests.helpers import DIFF_ARGS, assert_relative_error, packed_ids, value_and_grads
+from tests.helpers import (
+    DIFF_ARGS,
+    assert_bfloat16_agrees,
+    assert_relative_error,
+    cast_inputs,
+    packed_ids,
+    value_and_grads,
+)
 
 GATED_ARGS = (*DIFF_ARGS, "log_decay")
 SLOW = pytest.mark.slow
@@ -83,13 +90,10 @@ def test_fused_recurrent_gated_with_documents_a_reset_wins(rule):
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_fused_recurrent_gated_bfloat16(rule):
     inputs = gated_inputs(3, rule=rule, dtype=jnp.bfloat16, time=17)
-    (out, state), grads = value_and_grads(recurrent(rule), inputs, GATED_ARGS)
+    got = value_and_grads(recurrent(rule), inputs, GATED_ARGS)
+    (out, state), _ = got
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
-    (want_out, want_state), want_grads = value_and_grads(reference(rule), wide, GATED_ARGS)
-    assert_relative_error(out, want_out, 1e-2)
-    assert_relative_error(state, want_state, 1e-5)
-    assert_relative_error(grads, want_grads, 1e-2)
+    assert_bfloat16_agrees(got, value_and_grads(reference(rule), cast_inputs(inputs, jnp.float32), GATED_ARGS))
 
 
 def test_checkpoint_block_is_the_ceiling_square_root():
@@ -144,12 +148,8 @@ def test_chunk_walk_gated_with_documents(rule):
 @SLOW
 def test_chunk_walk_gated_bfloat16():
     inputs = gated_inputs(7, rule="delta", dtype=jnp.bfloat16, time=40)
-    (out, state), grads = value_and_grads(walked("delta"), inputs, GATED_ARGS)
-    wide = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
-    (want_out, want_state), want_grads = value_and_grads(reference("delta"), wide, GATED_ARGS)
-    assert_relative_error(out, want_out, 1e-2)
-    assert_relative_error(state, want_state, 1e-5)
-    assert_relative_error(grads, want_grads, 1e-2)
+    got = value_and_grads(walked("delta"), inputs, GATED_ARGS)
+    assert_bfloat16_agrees(got, value_and_grads(reference("delta"), cast_inputs(inputs, jnp.float32), GATED_ARGS))
 
 
 def test_bad_gates_are_refused_with_the_argument_named():
