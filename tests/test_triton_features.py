@@ -23,8 +23,8 @@ from pallas_kernels.triton.dpfp import (
     MAX_NU,
     NORMALIZATIONS,
     TILE,
-    input_gradient,
-    normalization_gradient,
+    feature_dots,
+    map_gradient,
     scatter_width,
 )
 from tests.helpers import assert_relative_error, normal, pallas_calls
@@ -157,8 +157,8 @@ def test_dpfp_description_is_the_librarys_map(normalization):
 def test_the_backward_layout_and_its_xla_parts_are_the_maps_vjp(dim, nu):
     """The fused chunk backward's DPFP VJP without a kernel: the scatter buffer filled as the kernel
     fills it (two contiguous 64-column adds per tile, m = p - j left unwrapped into the margin),
-    then ``input_gradient`` (the margin folded back, the relus' masks) and ``normalization_gradient``
-    (``-s·c·Jᵀw`` from the per-row dots), against autodiff of the map; every d the kernels take
+    then ``map_gradient`` (the margin folded back, the relus' masks, and ``-s·c·Jᵀw`` from the
+    per-row dots ``feature_dots`` reads off the buffer), against autodiff of the map; every d the kernels take
     up to 128 (the straddling tiles of d = 32, 96), nu 1..4, each normalisation, and exact zeros in
     x (the relus' mask at 0). Pure jnp and numpy: the interpret-mode kernel tests cover few of these.
     make test runs d = 96 (a tile straddles a's sign change) with the largest nu (the whole margin)."""
@@ -183,6 +183,5 @@ def test_the_backward_layout_and_its_xla_parts_are_the_maps_vjp(dim, nu):
             buffer[:, MARGIN + first + np.arange(TILE)] += g * a[:, (own - shift) % (2 * dim)]
             buffer[:, MARGIN + first - shift + np.arange(TILE)] += g * a[:, own]
         dots = np.sum(cotangent * np.asarray(phi_n), axis=-1)
-        got = input_gradient(jnp.asarray(buffer), jnp.asarray(x)) + normalization_gradient(features, jnp.asarray(x),
-                                                                                           jnp.asarray(dots))
-        assert_relative_error(got, want, 1e-5)
+        assert_relative_error(feature_dots(jnp.asarray(buffer), jnp.asarray(x)), dots, 1e-5)
+        assert_relative_error(map_gradient(features, jnp.asarray(buffer), jnp.asarray(x)), want, 1e-5)
