@@ -44,8 +44,10 @@ def on_chip(rule, nu, normalization):
 
 
 def cases():
-    # The one make-test case, as small as it gets: one chunk, one head, K = 64 (one tile), every gradient.
-    yield "sum", 32, 1, "sum", 16, []
+    # The one make-test case, small: one head, K = 64 (one tile), every gradient, the delta rule's
+    # stored writes, and two chunks, so the backward's walks (the scores kernel's forward one, the
+    # main kernel's reverse one) carry a state from one chunk to the next.
+    yield "delta", 32, 1, "sum", 2 * CHUNK, []
     for rule in ("delta", "sum"):
         # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
@@ -58,7 +60,8 @@ def cases():
 def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time):
     # Unnormalised features of unit Gaussians have beta |phi(k)|^2 far above the delta rule's bound
     # of 2 (the state, and every error, grows exponentially): smaller inputs keep it below 1.
-    args = inputs(rule, dim, nu, time, heads=1 if time == CHUNK else 2, spread=0.3 if normalization == "none" else 1.0)
+    heads = 1 if time == 2 * CHUNK else 2  # one head in the make-test case
+    args = inputs(rule, dim, nu, time, heads=heads, spread=0.3 if normalization == "none" else 1.0)
     got = results_and_grads(on_chip(rule, nu, normalization), rule, args)
     want = results_and_grads(oracle(rule, dim, nu, normalization), rule, args)
     # Outputs, final state and every gradient (dq, dk at width d), relative to each one's largest entry.

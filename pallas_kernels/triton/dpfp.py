@@ -59,7 +59,7 @@ MARGIN = MAX_NU  # the scatter buffer's columns before a's position 0: the VJP's
 
 @dataclasses.dataclass(frozen=True)
 class DPFP:
-    """DPFP-``nu`` with its normalisation, as the fused chunk kernels compute it: a static description.
+    """DPFP-``nu`` with its normalisation, as the fused kernels compute it: a static description.
 
     Attributes:
       nu: the number of rolled products, 1 to 4 (the kernels are tested on 1..4; more is refused
@@ -187,16 +187,18 @@ def _scatter(g_ref, n, factors: _Factors, cotangent: Array) -> None:
     pltriton.atomic_add(g_ref, (n, slice(None), pl.ds(at - shift, TILE)), cotangent * own)
 
 
-def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array) -> None:
-    """Atomically add ``J^T cotangent`` of key tile ``tile`` into ``g_ref [N, C, scatter_width(d)]``
-    (per a-position, the relu's mask applied): ``cotangent [C, 64]`` is dL/d(un-normalised phi) there."""
-    _scatter(g_ref, n, _factors(x_ref, n, tile, x_ref.shape[-1]), cotangent)
+def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array, scale: Array | None) -> None:
+    """Atomically add ``J^T (s h)`` of key tile ``tile`` into ``g_ref [N, C, scatter_width(d)]``, per
+    position of a: ``cotangent [C, 64]`` is h = dL/dphi_n there and ``scale`` the rows' ``s``
+    ([C, 1], :func:`row_scale`; None for ``"none"``). The relu's mask and sign, and the
+    normalisation's part, are XLA's afterwards (:func:`map_gradient`)."""
+    _scatter(g_ref, n, _factors(x_ref, n, tile, x_ref.shape[-1]), cotangent if scale is None else scale * cotangent)
 
 
 def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
     """The normalisation's part of dL/dx, ``-s * c * J^T w`` (the module docstring's terms) passed
     through the relus, in plain jnp at width 2d: ``x [..., d]`` the raw inputs, ``dots [...]`` each
-    row's ``c = <g, phi_n>``. With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
+    row's ``c = <h, phi_n>`` (h = dL/dphi_n). With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
     j before and after), ``J^T 1 = sum_j (b_j + f_j)`` and ``J^T phi = a * sum_j (b_j^2 + f_j^2)``,
     so no K-wide array is formed. Zero for ``"none"``.
 

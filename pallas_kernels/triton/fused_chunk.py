@@ -1,4 +1,4 @@
-"""Fused chunked delta/sum rule (Pallas): the whole chunk step in one kernel, forward and backward.
+"""Fused chunked delta/sum rule (Pallas): the whole chunk step on chip, forward and backward.
 
 The chunkwise form (``dpfp_jax/ops/fast_weight/chunk.py``) splits the sequence into chunks of C
 steps. With ``T_beta = A^-1 diag(beta)``, ``A = I + diag(beta) strict_tril(K K^T)`` (the WY form),
@@ -20,7 +20,9 @@ The backward walks chunks in reverse, rebuilding ``W0 = W1 - K^T u`` from the st
 state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the residual
 ``V - K W0``. Products that sum over V (dq, dk, dT_beta) are accumulated across the value blocks'
 programs with atomic adds (so their order, and the last bits of those gradients, can vary from
-run to run when there are more than two blocks).
+run to run when there are more than two blocks). With the feature map on chip (``features``) the
+backward is two kernels: ``_scores_kernel`` first walks the chunks forward for dq and dk's term
+through the scores, then the reverse walk adds dk's other terms (``_scores_kernel`` says why).
 
 Packed documents (``resets``): each chunk step is the masked WY form, with the masks built on
 chip from one int32 per step (how many documents have started in the chunk up to it); a chunk
@@ -286,9 +288,9 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
     d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
     docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
     hi_ref, lo_ref, states_ref = (next(refs), next(refs), next(refs)) if gated else (None,) * 3
-    # The buffers that dq (without features; with them _scores_kernel computes it), dk (dT_beta,
-    # gated dL/dg per step) alias come last among the inputs, zero-filled (with features dk's
-    # holds _scores_kernel's part); unused.
+    # The inputs the outputs alias come last: dq (without features), dk (with features already
+    # holding _scores_kernel's part; zero-filled otherwise), dT_beta (delta), dL/dg (gated). Unused
+    # as inputs.
     for _ in range(1 + (features is None) + delta + gated):
         next(refs)
     dq_ref = next(refs) if features is None else None
@@ -413,7 +415,7 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             if features is None:
                 pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
             else:
-                scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk if k_scale is None else k_scale * dk)
+                scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk, k_scale)
             dw0.append(dw_tile)
         if gated:
             pltriton.atomic_add(d_gate_ref, (n, slice(None)), _decay_gradient(decays, d_within, d_start, d_end,
@@ -431,8 +433,9 @@ def _scores_kernel(*refs, packed: bool, gated: bool, dot, features: DPFP):
     It walks the chunks forward from the initial state over the stored writes (the forward's own
     arithmetic, ``_end_state``): ``dq = diag(first) dO W0^T + S K`` and ``dk = S^T (scale Q)``
     with ``S = tril(dO u^T)``, gated with the decays in the masks' places. ``_backward_kernel``
-    then adds dk's other terms into the same buffer. One kernel doing all of it spilled 1.2 KiB
-    more on an H200 than the kernel given phi(q), phi(k) (docs/reports/triton_report_h200.md)."""
+    then adds dk's other terms into the same buffer. One kernel doing all of it spilled 1.2 / 0.9
+    KiB (delta / sum rule) more on an H200 than the kernel given phi(q), phi(k)
+    (docs/reports/triton_report_h200.md)."""
     refs = iter(refs)
     scale_ref, q_ref, k_ref, u_ref, d_out_ref = (next(refs) for _ in range(5))
     docs_ref = next(refs) if packed else None
@@ -441,7 +444,7 @@ def _scores_kernel(*refs, packed: bool, gated: bool, dot, features: DPFP):
     next(refs), next(refs)  # the zero-filled buffers the results alias
     dq_ref, dk_ref = next(refs), next(refs)
     tiles = key_tiles(w0_ref.shape[0])
-    num_chunks, chunk, _ = d_out_ref.shape
+    num_chunks = d_out_ref.shape[0]
     scale = scale_ref[0]
 
     def step(n, w):
@@ -459,8 +462,8 @@ def _scores_kernel(*refs, packed: bool, gated: bool, dot, features: DPFP):
             dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
             dk = dot(d_scores.T, scale * q_tile)
             tile = rows.start // KEY_TILE
-            scatter_vjp(dq_ref, q_ref, n, tile, dq if q_scale is None else q_scale * dq)
-            scatter_vjp(dk_ref, k_ref, n, tile, dk if k_scale is None else k_scale * dk)
+            scatter_vjp(dq_ref, q_ref, n, tile, dq, q_scale)
+            scatter_vjp(dk_ref, k_ref, n, tile, dk, k_scale)
         return _end_state(w, k_ref, n, u, docs, dot, features, k_scale, decays)
 
     lax.fori_loop(0, num_chunks, step, tuple(w0_ref[rows, :] for rows in tiles))
@@ -610,12 +613,13 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         gradients = (*q.shape[:-1], scatter_width(input_dim))
         gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, scatter_width(input_dim))[0]
     compiler = compiler_params(NUM_WARPS, num_stages=launch.num_stages)
-    dq, dk = jnp.zeros(gradients, f32), jnp.zeros(gradients, f32)
+    # The buffers the kernels add dq and dk into (with features, scatter buffers of a's positions).
+    dq_buffer, dk_buffer = jnp.zeros(gradients, f32), jnp.zeros(gradients, f32)
     if features is not None:
         # dq and dk's term through the scores first; the main backward adds dk's other terms to it.
         scores_inputs = [scale, q, k, u if delta else v, d_out, *([docs] if packed else []),
                          *(gate if gated else ()), w0]
-        dq, dk = pl.pallas_call(
+        dq_buffer, dk_buffer = pl.pallas_call(
             functools.partial(_scores_kernel, packed=packed, gated=gated, dot=tile_dot(interpret, precise),
                               features=features),
             out_shape=(jax.ShapeDtypeStruct(gradients, f32),) * 2,
@@ -627,8 +631,8 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
             compiler_params=compiler,
             interpret=interpret,
             name="fast_weight_fused_chunk_bwd_scores",
-        )(*scores_inputs, dq, dk)
-    summed = [*([dq] if features is None else []), dk, *([jnp.zeros(tb.shape, f32)] if delta else []),
+        )(*scores_inputs, dq_buffer, dk_buffer)
+    summed = [*([dq_buffer] if features is None else []), dk_buffer, *([jnp.zeros(tb.shape, f32)] if delta else []),
               *([jnp.zeros((groups, num_chunks, chunk), f32)] if gated else [])]
     summed_specs = [*([gradient_specs] if features is None else []), gradient_specs, *([square] if delta else []),
                     *([per_head_step] if gated else [])]
@@ -655,11 +659,11 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
         d_scale = jnp.sum(q.astype(f32) * dq).reshape(1)
     else:
-        dk, dtb = results[0], results[1] if delta else None
+        dk_buffer, dtb = results[0], (results[1] if delta else None)
         # dL/d(scale phi_n(q)) came back as a scatter buffer: <phi_n(q), it> per step from the
         # buffer (feature_dots), and the normalisation's part of the map's VJP in XLA, at width 2d.
-        d_scale = jnp.sum(feature_dots(dq, q)).reshape(1)
-        dq, dk = map_gradient(features, dq, q), map_gradient(features, dk, k)
+        d_scale = jnp.sum(feature_dots(dq_buffer, q)).reshape(1)
+        dq, dk = map_gradient(features, dq_buffer, q), map_gradient(features, dk_buffer, k)
     dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     return d_scale, dq, dk, dv, dtb, d_w0, None, d_gate
 
@@ -765,6 +769,10 @@ def fused_chunk(
     2·nu·d, the state's K) tile by tile on chip, forward and backward (``dpfp.py`` says how); dq,
     dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
     takes are still computed by XLA, from ``features(k)`` (recomputed in the backward, not kept).
+    The backward is then two kernels, to spill fewer registers (``_scores_kernel``): it keeps
+    ``initial_state`` for the first one's forward walk over the stored writes, and reads q, k, the
+    writes and the output's cotangent twice, building phi's tiles (and k's once more per chunk to
+    walk the state) in both.
 
     ``log_decay``: gated fast weights, ``log alpha [B, T, H]`` float (``-inf``: alpha = 0), as the
     oracle takes it: ``W_{t-1}`` decays by ``alpha_t`` before step t's write. Each chunk's decays

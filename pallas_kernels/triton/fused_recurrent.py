@@ -310,7 +310,7 @@ def _map_back(g_ref, x_ref, t, scale: Array | None, cotangents: list[Array]) -> 
     ``g_ref [T, 1, scatter_width(d)]`` per position of ``a = [relu(x), relu(-x)]``; the caller adds
     the normalisation's part in XLA (``dpfp.map_gradient``)."""
     for tile, cotangent in enumerate(cotangents):
-        scatter_vjp(g_ref, x_ref, t, tile, cotangent[None, :] if scale is None else scale * cotangent[None, :])
+        scatter_vjp(g_ref, x_ref, t, tile, cotangent[None, :], scale)
 
 
 def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w_ref, _dq_in, _dk_in,
