@@ -23,8 +23,8 @@ from pallas_kernels.triton.dpfp import (
     MAX_NU,
     NORMALIZATIONS,
     TILE,
-    input_gradient,
-    normalization_gradient,
+    feature_dots,
+    map_gradient,
     scatter_width,
 )
 from tests.helpers import assert_relative_error, normal, pallas_calls
@@ -44,8 +44,10 @@ def on_chip(rule, nu, normalization):
 
 
 def cases():
-    # The one make-test case, as small as it gets: one chunk, one head, K = 64 (one tile), every gradient.
-    yield "sum", 32, 1, "sum", 16, []
+    # The one make-test case, small: one head, K = 64 (one tile), every gradient, the delta rule's
+    # stored writes, and two chunks, so the backward's walks (the scores kernel's forward one, the
+    # main kernel's reverse one) carry a state from one chunk to the next.
+    yield "delta", 32, 1, "sum", 2 * CHUNK, []
     for rule in ("delta", "sum"):
         # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
@@ -58,7 +60,8 @@ def cases():
 def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time):
     # Unnormalised features of unit Gaussians have beta |phi(k)|^2 far above the delta rule's bound
     # of 2 (the state, and every error, grows exponentially): smaller inputs keep it below 1.
-    args = inputs(rule, dim, nu, time, heads=1 if time == CHUNK else 2, spread=0.3 if normalization == "none" else 1.0)
+    heads = 1 if time == 2 * CHUNK else 2  # one head in the make-test case
+    args = inputs(rule, dim, nu, time, heads=heads, spread=0.3 if normalization == "none" else 1.0)
     got = results_and_grads(on_chip(rule, nu, normalization), rule, args)
     want = results_and_grads(oracle(rule, dim, nu, normalization), rule, args)
     # Outputs, final state and every gradient (dq, dk at width d), relative to each one's largest entry.
@@ -157,8 +160,8 @@ def test_dpfp_description_is_the_librarys_map(normalization):
 def test_the_backward_layout_and_its_xla_parts_are_the_maps_vjp(dim, nu):
     """The fused chunk backward's DPFP VJP without a kernel: the scatter buffer filled as the kernel
     fills it (two contiguous 64-column adds per tile, m = p - j left unwrapped into the margin),
-    then ``input_gradient`` (the margin folded back, the relus' masks) and ``normalization_gradient``
-    (``-s·c·Jᵀw`` from the per-row dots), against autodiff of the map; every d the kernels take
+    then ``map_gradient`` (the margin folded back, the relus' masks, and ``-s·c·Jᵀw`` from the
+    per-row dots ``feature_dots`` reads off the buffer), against autodiff of the map; every d the kernels take
     up to 128 (the straddling tiles of d = 32, 96), nu 1..4, each normalisation, and exact zeros in
     x (the relus' mask at 0). Pure jnp and numpy: the interpret-mode kernel tests cover few of these.
     make test runs d = 96 (a tile straddles a's sign change) with the largest nu (the whole margin)."""
@@ -183,6 +186,5 @@ def test_the_backward_layout_and_its_xla_parts_are_the_maps_vjp(dim, nu):
             buffer[:, MARGIN + first + np.arange(TILE)] += g * a[:, (own - shift) % (2 * dim)]
             buffer[:, MARGIN + first - shift + np.arange(TILE)] += g * a[:, own]
         dots = np.sum(cotangent * np.asarray(phi_n), axis=-1)
-        got = input_gradient(jnp.asarray(buffer), jnp.asarray(x)) + normalization_gradient(features, jnp.asarray(x),
-                                                                                           jnp.asarray(dots))
-        assert_relative_error(got, want, 1e-5)
+        assert_relative_error(feature_dots(jnp.asarray(buffer), jnp.asarray(x)), dots, 1e-5)
+        assert_relative_error(map_gradient(features, jnp.asarray(buffer), jnp.asarray(x)), want, 1e-5)

@@ -177,15 +177,18 @@ def test_impl_pallas_takes_segment_ids_on_a_gpu_compile_target():
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_fused_kernels_with_dpfp_on_chip_lower_to_triton(kernel, time, rule):
     # q and k reach the kernels at width d = 64 (K = 384 on chip); the backward scatters the map's
-    # VJP with atomic adds (the recurrent kernel per step; its forward has no dots, no atomics).
+    # VJP with atomic adds (the recurrent kernel per step; its forward has no dots, no atomics). The
+    # chunk kernel's backward is two kernels, the scores kernel first (dq, and dk's scores term).
     fn, args = op_gradient(kernel, rule, 64, time, features=DPFP(3, "sum"))
     assert args[0].shape[-1] == 64 and args[4].shape[-2] == 384
-    kernels = {call.name.rsplit("_", 1)[-1]: call for call in triton_calls(fn, *args)}
-    assert sorted(kernels) == ["bwd", "fwd"]
+    calls = triton_calls(fn, *args)
+    kernels = {call.name.rsplit("_", 1)[-1]: call for call in calls}
     assert "tt.atomic_rmw" in kernels["bwd"].ir
     if kernel == "fused_chunk":
-        assert "tt.dot" in kernels["fwd"].ir
+        assert [call.name.rsplit("_", 1)[-1] for call in calls] == ["fwd", "scores", "bwd"]
+        assert "tt.dot" in kernels["fwd"].ir and "tt.atomic_rmw" in kernels["scores"].ir
     else:
+        assert sorted(kernels) == ["bwd", "fwd"]
         assert "tt.atomic_rmw" not in kernels["fwd"].ir
 
 

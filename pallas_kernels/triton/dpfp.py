@@ -1,4 +1,4 @@
-"""DPFP computed on chip by the fused chunk kernels: q and k are read at width d, never at K = 2·nu·d.
+"""DPFP computed on chip by the fused kernels: q and k are read at width d, never at K = 2·nu·d.
 
 DPFP (Schlag et al. 2021, section 5.4) maps ``x [d]`` to ``phi(x) [2 nu d]``: with
 ``a = concat(relu(x), relu(-x))`` (width 2d), ``phi = concat(a * roll(a, 1), ..., a * roll(a, nu))``,
@@ -17,22 +17,22 @@ The normalisation needs each row's sum over all K features before any tile is us
 over the tiles (elementwise, no dots) per chunk (:func:`row_scale`).
 
 The backward (the map's VJP): with ``phi_n = s * phi`` (``s`` the row's normalising factor) and
-``g = dL/dphi_n`` given tile by tile, ``dL/dphi = s * (g - c * w)`` where ``c = <g, phi_n>`` per
-row and ``w = 1`` (sum) or ``phi_n`` (l2); for ``"none"`` ``dL/dphi = g``. The kernels scatter
-``s * J^T g`` tile by tile as they go (``J`` the Jacobian of the un-normalised map w.r.t. a):
-``J^T`` of one tile sends ``g * a[m]`` to positions p and ``g * a[p]`` to positions m
+``h = dL/dphi_n`` given tile by tile, ``dL/dphi = s * (h - c * w)`` where ``c = <h, phi_n>`` per
+row and ``w = 1`` (sum) or ``phi_n`` (l2); for ``"none"`` ``dL/dphi = h``. The kernels scatter
+``J^T (s h)`` tile by tile as they go (``J`` the Jacobian of the un-normalised map w.r.t. a):
+``J^T`` of one tile sends ``y * a[m]`` to positions p and ``y * a[p]`` to positions m
 (:func:`scatter_vjp`), each an atomic add of one contiguous ``[C, 64]`` slice of a float32 buffer
 ``[N, C, MARGIN + 2d]`` indexed by a's positions: m is left unwrapped (``p - j`` reaches down to
 -nu, into the buffer's ``MARGIN`` columns), so no index tensor is built. Within one atomic add the
 64 positions are distinct (Pallas's interpreter would drop one of two adds that meet; the GPU would
-not). The relu's mask and sign are applied afterwards, with x at hand (:func:`input_gradient`).
-``-s * c * J^T w`` needs ``c``, known only after the last tile. The fused chunk kernel returns
-``c`` per row and leaves that part to XLA: it depends on x only through a and its rolls,
-``J^T 1 = sum_j (roll(a, j) + roll(a, -j))`` and ``J^T phi = a * sum_j (roll(a, j)^2 + roll(a, -j)^2)``,
-so it is 2d wide (:func:`normalization_gradient`). A second scatter pass over the tiles in the
-kernel cost the chunk backward about 400 B more spilled registers on an H200
-(docs/reports/triton_report_h200.md). The fused recurrent kernel still does that pass in the
-kernel (:func:`scatter_normalization_vjp`); moving it out there too has not been measured.
+not). Everything else is XLA's, at width 2d, after the kernel (:func:`map_gradient`): the relu's
+mask and sign (:func:`input_gradient`), and ``-s * c * J^T w``, which needs ``c``, known only
+after the last tile. No kernel sums ``c``: phi is a homogeneous quadratic in a, so
+``<J^T (s h), a> = 2 <h, phi_n>`` and ``c`` is read off the buffer (:func:`feature_dots`); and
+``-s * c * J^T w`` depends on x only through a and its rolls, ``J^T 1 = sum_j (roll(a, j) +
+roll(a, -j))`` and ``J^T phi = a * sum_j (roll(a, j)^2 + roll(a, -j)^2)``
+(:func:`normalization_gradient`). In the kernels, a second scatter pass over the tiles for that
+part, and the sums of ``c``, cost spilled registers on an H200 (docs/reports/triton_report_h200.md).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ MARGIN = MAX_NU  # the scatter buffer's columns before a's position 0: the VJP's
 
 @dataclasses.dataclass(frozen=True)
 class DPFP:
-    """DPFP-``nu`` with its normalisation, as the fused chunk kernels compute it: a static description.
+    """DPFP-``nu`` with its normalisation, as the fused kernels compute it: a static description.
 
     Attributes:
       nu: the number of rolled products, 1 to 4 (the kernels are tested on 1..4; more is refused
@@ -187,35 +187,18 @@ def _scatter(g_ref, n, factors: _Factors, cotangent: Array) -> None:
     pltriton.atomic_add(g_ref, (n, slice(None), pl.ds(at - shift, TILE)), cotangent * own)
 
 
-def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array) -> None:
-    """Atomically add ``J^T cotangent`` of key tile ``tile`` into ``g_ref [N, C, scatter_width(d)]``
-    (per a-position, the relu's mask applied): ``cotangent [C, 64]`` is dL/d(un-normalised phi) there."""
-    _scatter(g_ref, n, _factors(x_ref, n, tile, x_ref.shape[-1]), cotangent)
-
-
-def scatter_normalization_vjp(features: DPFP, g_ref, x_ref, n, num_tiles: int, scale: Array | None,
-                              dot_with_features: Array) -> None:
-    """The second pass of the normalised map's VJP: ``-s * c * J^T w`` for every tile (``c =
-    dot_with_features [C, 1]``, ``<g, phi_n>`` per row; ``w`` 1 for sum, phi_n for l2); nothing
-    for ``"none"``. A loop over the tiles, as in :func:`row_scale`."""
-    if features.normalization == "none":
-        return
-    dim = x_ref.shape[-1]
-    factor = -scale * dot_with_features
-
-    def scatter_tile(tile, carry):
-        factors = _factors(x_ref, n, tile, dim)
-        weights = factor if features.normalization == "sum" else factor * (factors.own * factors.other * scale)
-        _scatter(g_ref, n, factors, jnp.broadcast_to(weights, (x_ref.shape[1], TILE)))
-        return carry
-
-    lax.fori_loop(0, num_tiles, scatter_tile, 0)
+def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array, scale: Array | None) -> None:
+    """Atomically add ``J^T (s h)`` of key tile ``tile`` into ``g_ref [N, C, scatter_width(d)]``, per
+    position of a: ``cotangent [C, 64]`` is h = dL/dphi_n there and ``scale`` the rows' ``s``
+    ([C, 1], :func:`row_scale`; None for ``"none"``). The relu's mask and sign, and the
+    normalisation's part, are XLA's afterwards (:func:`map_gradient`)."""
+    _scatter(g_ref, n, _factors(x_ref, n, tile, x_ref.shape[-1]), cotangent if scale is None else scale * cotangent)
 
 
 def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
     """The normalisation's part of dL/dx, ``-s * c * J^T w`` (the module docstring's terms) passed
     through the relus, in plain jnp at width 2d: ``x [..., d]`` the raw inputs, ``dots [...]`` each
-    row's ``c = <g, phi_n>``. With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
+    row's ``c = <h, phi_n>`` (h = dL/dphi_n). With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
     j before and after), ``J^T 1 = sum_j (b_j + f_j)`` and ``J^T phi = a * sum_j (b_j^2 + f_j^2)``,
     so no K-wide array is formed. Zero for ``"none"``.
 
@@ -247,12 +230,48 @@ def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
     return da[..., :dim] - da[..., dim:]
 
 
-def input_gradient(g: Array, x: Array) -> Array:
-    """dL/dx from the scatter buffer ``[..., scatter_width(d)]``: the margin's columns are a's last
-    positions (m = -j is 2d - j), then ``dx = da[..., :d] - da[..., d:]`` (the relu of -x)."""
+def _positions(g: Array) -> Array:
+    """The scatter buffer ``[..., scatter_width(d)]`` per position of a (``[..., 2d]``): the
+    margin's columns are a's last positions (m = -j is 2d - j)."""
     dim = (g.shape[-1] - MARGIN) // 2
-    da = g[..., MARGIN:].at[..., 2 * dim - MARGIN:].add(g[..., :MARGIN])
+    return g[..., MARGIN:].at[..., 2 * dim - MARGIN:].add(g[..., :MARGIN])
+
+
+def input_gradient(g: Array, x: Array) -> Array:
+    """``J^T (s h)`` passed through the relus, from the scatter buffer ``g``: ``dx = da[..., :d] -
+    da[..., d:]`` (the second half is the relu of -x)."""
+    da = _positions(g)
+    dim = x.shape[-1]
     return jnp.where(x > 0, da[..., :dim], 0.0) - jnp.where(x < 0, da[..., dim:], 0.0)
+
+
+def feature_dots(g: Array, x: Array) -> Array:
+    """Each row's ``c = <h, phi_n>`` (``[...]``) from the scatter buffer ``g`` of ``J^T (s h)``,
+    h = dL/dphi_n, and the raw inputs ``x [..., d]``: phi is a homogeneous quadratic in a, so
+    ``<J^T y, a> = 2 <y, phi>`` for any y (Euler), and ``<J^T (s h), a> / 2 = <h, s phi>``. No
+    kernel sums ``<h, phi_n>`` over the tiles as it goes."""
+    x = jnp.asarray(x, jnp.float32)
+    a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    return 0.5 * jnp.sum(_positions(g) * a, axis=-1)
+
+
+def map_gradient(features: DPFP, g: Array, x: Array) -> Array:
+    """dL/dx, float32, from the scatter buffer ``g [..., scatter_width(d)]`` the kernels filled with
+    ``J^T (s h)`` (h = dL/dphi_n) and the raw inputs ``x [..., d]``: :func:`input_gradient` plus the
+    normalisation's part (:func:`normalization_gradient` of :func:`feature_dots`).
+
+    Example: the scatter buffer of one row, filled tile by tile as the kernels do, gives the map's VJP.
+        >>> import jax, jax.numpy as jnp
+        >>> phi, x, h = DPFP(1, "sum"), jnp.linspace(-1.0, 1.0, 32), jnp.linspace(0.0, 1.0, 64)
+        >>> raw = DPFP(1, "none")
+        >>> s = 1.0 / (raw(x).sum() + phi.eps)
+        >>> a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)])
+        >>> g = jnp.zeros(scatter_width(32)).at[MARGIN:].add(s * h * jnp.roll(a, 1))
+        >>> g = g.at[MARGIN - 1:MARGIN + 63].add(s * h * a)  # m = p - 1, unwrapped into the margin
+        >>> bool(jnp.allclose(map_gradient(phi, g, x), jax.vjp(phi, x)[1](h)[0], atol=1e-6))
+        True
+    """
+    return input_gradient(g, x) + normalization_gradient(features, x, feature_dots(g, x))
 
 
 def check_features(features: object, dim: int, max_key_dim: int) -> int:

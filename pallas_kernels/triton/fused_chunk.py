@@ -1,4 +1,4 @@
-"""Fused chunked delta/sum rule (Pallas): the whole chunk step in one kernel, forward and backward.
+"""Fused chunked delta/sum rule (Pallas): the whole chunk step on chip, forward and backward.
 
 The chunkwise form (``dpfp_jax/ops/fast_weight/chunk.py``) splits the sequence into chunks of C
 steps. With ``T_beta = A^-1 diag(beta)``, ``A = I + diag(beta) strict_tril(K K^T)`` (the WY form),
@@ -20,7 +20,9 @@ The backward walks chunks in reverse, rebuilding ``W0 = W1 - K^T u`` from the st
 state per chunk is kept) and recomputing the scores ``tril(Q K^T)`` and the residual
 ``V - K W0``. Products that sum over V (dq, dk, dT_beta) are accumulated across the value blocks'
 programs with atomic adds (so their order, and the last bits of those gradients, can vary from
-run to run when there are more than two blocks).
+run to run when there are more than two blocks). With the feature map on chip (``features``) the
+backward is two kernels: ``_scores_kernel`` first walks the chunks forward for dq and dk's term
+through the scores, then the reverse walk adds dk's other terms (``_scores_kernel`` says why).
 
 Packed documents (``resets``): each chunk step is the masked WY form, with the masks built on
 chip from one int32 per step (how many documents have started in the chunk up to it); a chunk
@@ -56,9 +58,9 @@ from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR, gate_with_rese
 from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
+    feature_dots,
     feature_tile,
-    input_gradient,
-    normalization_gradient,
+    map_gradient,
     row_scale,
     scatter_vjp,
     scatter_width,
@@ -286,13 +288,14 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
     d_out_ref, w_ref, d_w_ref = next(refs), next(refs), next(refs)
     docs_ref, origin_ref, w0_ref = (next(refs), next(refs), next(refs)) if packed else (None,) * 3
     hi_ref, lo_ref, states_ref = (next(refs), next(refs), next(refs)) if gated else (None,) * 3
-    # The zero-filled buffers that dq, dk (dT_beta, with features <dq, phi(q)> and <dk, phi(k)>
-    # per step, gated dL/dg per step) alias come last among the inputs; unused.
-    for _ in range(2 + delta + 2 * (features is not None) + gated):
+    # The inputs the outputs alias come last: dq (without features), dk (with features already
+    # holding _scores_kernel's part; zero-filled otherwise), dT_beta (delta), dL/dg (gated). Unused
+    # as inputs.
+    for _ in range(1 + (features is None) + delta + gated):
         next(refs)
-    dq_ref, dk_ref = next(refs), next(refs)
+    dq_ref = next(refs) if features is None else None
+    dk_ref = next(refs)
     dtb_ref = next(refs) if delta else None
-    q_dot_ref, k_dot_ref = (next(refs), next(refs)) if features is not None else (None, None)
     d_gate_ref = next(refs) if gated else None
     dv_ref, d_w0_ref = next(refs), next(refs)
     num_chunks, chunk, block = v_ref.shape
@@ -389,25 +392,18 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
         else:
             dv_ref[n] = du.astype(dv_ref.dtype)
         dw0 = []
-        # With features: per row, <dL/dphi_n, phi_n> of q and of k (the normalisation's VJP, which
-        # the caller applies in XLA: normalization_gradient).
-        q_dot = k_dot = jnp.zeros((chunk, 1), jnp.float32)
         for rows, w_tile, dw_tile in zip(tiles, w0, dw1, strict=True):
-            q_features, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
-            q_tile = scale * q_features
+            q_tile, k_tile = scale * _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
             if gated:
                 d_out_w0 = dot(d_out, w_tile.T)
                 d_start += jnp.sum(d_out_w0 * q_tile, axis=1, keepdims=True)
                 d_total += jnp.sum(dw_tile * w_tile, axis=0)
-                dq = _rows(first, d_out_w0) + dot(d_scores, k_tile)
-            else:
-                dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
             if features is None:
-                pltriton.atomic_add(dq_ref, (n, slice(None), rows), dq)
-            else:
-                q_dot += jnp.sum(dq * q_features, axis=1, keepdims=True)
-                scatter_vjp(dq_ref, q_ref, n, rows.start // KEY_TILE, dq if q_scale is None else q_scale * dq)
-            dk = dot(d_scores.T, q_tile) + dot(u_last, dw_tile.T)
+                dq = _rows(first, d_out_w0) if gated else dot(d_out_first, w_tile.T)
+                pltriton.atomic_add(dq_ref, (n, slice(None), rows), dq + dot(d_scores, k_tile))
+                dk = dot(d_scores.T, q_tile) + dot(u_last, dw_tile.T)
+            else:  # _scores_kernel has added dq and dk's term through the scores
+                dk = dot(u_last, dw_tile.T)
             if packed:
                 dw_tile = jnp.where(docs.keep, dw_tile, 0.0)
             if gated:
@@ -419,18 +415,58 @@ def _backward_kernel(*refs, delta: bool, packed: bool, dot, features: DPFP | Non
             if features is None:
                 pltriton.atomic_add(dk_ref, (n, slice(None), rows), dk)
             else:
-                k_dot += jnp.sum(dk * k_tile, axis=1, keepdims=True)
-                scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk if k_scale is None else k_scale * dk)
+                scatter_vjp(dk_ref, k_ref, n, rows.start // KEY_TILE, dk, k_scale)
             dw0.append(dw_tile)
-        if features is not None:
-            pltriton.atomic_add(q_dot_ref, (n, slice(None)), q_dot.reshape(chunk))
-            pltriton.atomic_add(k_dot_ref, (n, slice(None)), k_dot.reshape(chunk))
         if gated:
             pltriton.atomic_add(d_gate_ref, (n, slice(None)), _decay_gradient(decays, d_within, d_start, d_end,
                                                                                jnp.sum(d_total)))
         return tuple(w0), tuple(dw0)
 
     walk_in_reverse(step, num_chunks, tiles, w_ref, d_w_ref, d_w0_ref)
+
+
+def _scores_kernel(*refs, packed: bool, gated: bool, dot, features: DPFP):
+    """With features, the backward's part that needs each chunk's start state but not dL/dW: dq
+    (through ``O = scale (Q W0 + tril(Q K^T) u)``) and dk's term through the scores, each scattered
+    through the map's VJP into its buffer (``scatter_vjp``).
+
+    It walks the chunks forward from the initial state over the stored writes (the forward's own
+    arithmetic, ``_end_state``): ``dq = diag(first) dO W0^T + S K`` and ``dk = S^T (scale Q)``
+    with ``S = tril(dO u^T)``, gated with the decays in the masks' places. ``_backward_kernel``
+    then adds dk's other terms into the same buffer. One kernel doing all of it spilled 1.2 / 0.9
+    KiB (delta / sum rule) more on an H200 than the kernel given phi(q), phi(k)
+    (docs/reports/triton_report_h200.md)."""
+    refs = iter(refs)
+    scale_ref, q_ref, k_ref, u_ref, d_out_ref = (next(refs) for _ in range(5))
+    docs_ref = next(refs) if packed else None
+    hi_ref, lo_ref = (next(refs), next(refs)) if gated else (None, None)
+    w0_ref = next(refs)
+    next(refs), next(refs)  # the zero-filled buffers the results alias
+    dq_ref, dk_ref = next(refs), next(refs)
+    tiles = key_tiles(w0_ref.shape[0])
+    num_chunks = d_out_ref.shape[0]
+    scale = scale_ref[0]
+
+    def step(n, w):
+        docs = _documents(docs_ref, n) if packed else None
+        decays = _decays(hi_ref, lo_ref, n) if gated else None
+        first, same = (None, None) if docs is None else (docs.first, docs.same)
+        u, d_out = u_ref[n].astype(jnp.float32), d_out_ref[n].astype(jnp.float32)
+        d_scores = _tril(dot(d_out, u.T), same)
+        if decays is not None:
+            first, d_scores = decays.start, d_scores * decays.within
+        d_out_first = _rows(first, d_out)
+        q_scale, k_scale = (_row_scale(features, ref, n, len(tiles)) for ref in (q_ref, k_ref))
+        for rows, w_tile in zip(tiles, w, strict=True):
+            q_tile, k_tile = _tile(q_ref, n, rows, features, q_scale), _tile(k_ref, n, rows, features, k_scale)
+            dq = dot(d_out_first, w_tile.T) + dot(d_scores, k_tile)
+            dk = dot(d_scores.T, scale * q_tile)
+            tile = rows.start // KEY_TILE
+            scatter_vjp(dq_ref, q_ref, n, tile, dq, q_scale)
+            scatter_vjp(dk_ref, k_ref, n, tile, dk, k_scale)
+        return _end_state(w, k_ref, n, u, docs, dot, features, k_scale, decays)
+
+    lax.fori_loop(0, num_chunks, step, tuple(w0_ref[rows, :] for rows in tiles))
 
 
 def _specs(heads: int, num_chunks: int, chunk: int, key_dim: int, block: int, input_dim: int | None = None):
@@ -493,8 +529,10 @@ def _fused_chunk(interpret: bool, precise: bool, launch: _Launch, scale, q, k, v
 def _fused_chunk_forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate):
     out, u, states, final_state = _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate,
                                            keep_writes=True)
-    # w0 is kept only with documents: the backward rebuilds start states after a reset from it.
-    return (out, final_state), (scale, q, k, v, tb, u, final_state, docs, None if docs is None else w0, gate, states)
+    # w0 is kept only with documents (the backward rebuilds start states after a reset from it) or
+    # features (_scores_kernel walks the states forward from it).
+    keep_w0 = docs is not None or launch.features is not None
+    return (out, final_state), (scale, q, k, v, tb, u, final_state, docs, w0 if keep_w0 else None, gate, states)
 
 
 def _forward(interpret, precise, launch, scale, q, k, v, tb, w0, docs, gate, *, keep_writes: bool):
@@ -570,17 +608,36 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
     # (4 blocks) the partials of dq and dk alone would be 8 float32 copies of k.
     gradients, gradient_specs = q.shape, keys
     if features is not None:
-        # dq, dk come back per position of a = [relu(x), relu(-x)] (width 2d), dx summed from them
-        # below; and per step <dL/d(scale phi(q)), phi(q)>, which gives dL/dscale.
+        # dq, dk come back per position of a = [relu(x), relu(-x)] (width 2d, scatter_vjp), dx
+        # computed from them below.
         gradients = (*q.shape[:-1], scatter_width(input_dim))
         gradient_specs = _specs(heads, num_chunks, chunk, key_dim, block, scatter_width(input_dim))[0]
-    summed = [jnp.zeros(gradients, f32), jnp.zeros(gradients, f32), *([jnp.zeros(tb.shape, f32)] if delta else []),
-              *([jnp.zeros((groups, num_chunks, chunk), f32)] * 2 if features is not None else []),
+    compiler = compiler_params(NUM_WARPS, num_stages=launch.num_stages)
+    # The buffers the kernels add dq and dk into (with features, scatter buffers of a's positions).
+    dq_buffer, dk_buffer = jnp.zeros(gradients, f32), jnp.zeros(gradients, f32)
+    if features is not None:
+        # dq and dk's term through the scores first; the main backward adds dk's other terms to it.
+        scores_inputs = [scale, q, k, u if delta else v, d_out, *([docs] if packed else []),
+                         *(gate if gated else ()), w0]
+        dq_buffer, dk_buffer = pl.pallas_call(
+            functools.partial(_scores_kernel, packed=packed, gated=gated, dot=tile_dot(interpret, precise),
+                              features=features),
+            out_shape=(jax.ShapeDtypeStruct(gradients, f32),) * 2,
+            grid=(groups, num_blocks),
+            in_specs=[_SCALAR, keys, keys, values, values, *([per_step] if packed else []),
+                      *([per_head_step] * 2 if gated else []), state, gradient_specs, gradient_specs],
+            out_specs=(gradient_specs, gradient_specs),
+            input_output_aliases={len(scores_inputs): 0, len(scores_inputs) + 1: 1},
+            compiler_params=compiler,
+            interpret=interpret,
+            name="fast_weight_fused_chunk_bwd_scores",
+        )(*scores_inputs, dq_buffer, dk_buffer)
+    summed = [*([dq_buffer] if features is None else []), dk_buffer, *([jnp.zeros(tb.shape, f32)] if delta else []),
               *([jnp.zeros((groups, num_chunks, chunk), f32)] if gated else [])]
-    summed_specs = [gradient_specs, gradient_specs, *([square] if delta else []),
-                    *([per_head_step] * 2 if features is not None else []), *([per_head_step] if gated else [])]
+    summed_specs = [*([gradient_specs] if features is None else []), gradient_specs, *([square] if delta else []),
+                    *([per_head_step] if gated else [])]
     inputs = [scale, q, k, v, *([tb, u] if delta else []), d_out, final_state, d_final, *documents, *gate_inputs]
-    results = pl.pallas_call(
+    results = list(pl.pallas_call(
         functools.partial(_backward_kernel, delta=delta, packed=packed, dot=tile_dot(interpret, precise),
                           features=features, checkpoint_chunks=launch.checkpoint_chunks if gated else 0),
         out_shape=(*[jax.ShapeDtypeStruct(x.shape, f32) for x in summed],
@@ -590,26 +647,25 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
                   *([per_step, per_chunk, state] if packed else []), *gate_specs, *summed_specs],
         out_specs=(*summed_specs, values, state),
         input_output_aliases={len(inputs) + i: i for i in range(len(summed))},
-        compiler_params=compiler_params(NUM_WARPS, num_stages=launch.num_stages),
+        compiler_params=compiler,
         interpret=interpret,
         name="fast_weight_fused_chunk_bwd",
-    )(*inputs, *summed)
-    # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>
-    # (with features, <phi(q), dL/d(scale * phi(q))>, summed per step in the kernel).
+    )(*inputs, *summed))
+    dv, d_w0 = results[-2], results[-1]
+    d_gate = (results[len(summed) - 1],) * 2 if gated else None  # g = hi + lo: both halves get g's gradient
     if features is None:
-        d_scale = jnp.sum(q.astype(f32) * results[0]).reshape(1)
         dq, dk = results[0], results[1]
+        dtb = results[2] if delta else None
+        # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
+        d_scale = jnp.sum(q.astype(f32) * dq).reshape(1)
     else:
-        d_scale = jnp.sum(results[2 + delta]).reshape(1)
-        # The normalisation's part of the map's VJP needs each step's <g, phi_n> (the kernel's) and
-        # x alone: d wide in XLA, not a second scatter pass over the tiles in the kernel.
-        dq, dk = (input_gradient(results[i], x) + normalization_gradient(
-            features, x, jnp.moveaxis(results[2 + delta + i].reshape(batch, heads, num_chunks, chunk), 1, 3))
-                  for i, x in ((0, q), (1, k)))
+        dk_buffer, dtb = results[0], (results[1] if delta else None)
+        # dL/d(scale phi_n(q)) came back as a scatter buffer: <phi_n(q), it> per step from the
+        # buffer (feature_dots), and the normalisation's part of the map's VJP in XLA, at width 2d.
+        d_scale = jnp.sum(feature_dots(dq_buffer, q)).reshape(1)
+        dq, dk = map_gradient(features, dq_buffer, q), map_gradient(features, dk_buffer, k)
     dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
-    # g = hi + lo: both halves get g's gradient (the caller's hi carries none further: it is rounded).
-    d_gate = (results[len(summed) - 1],) * 2 if gated else None
-    return d_scale, dq, dk, results[-2], results[2] if delta else None, results[-1], None, d_gate
+    return d_scale, dq, dk, dv, dtb, d_w0, None, d_gate
 
 
 _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_zeros=True)
@@ -713,6 +769,10 @@ def fused_chunk(
     2·nu·d, the state's K) tile by tile on chip, forward and backward (``dpfp.py`` says how); dq,
     dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
     takes are still computed by XLA, from ``features(k)`` (recomputed in the backward, not kept).
+    The backward is then two kernels, to spill fewer registers (``_scores_kernel``): it keeps
+    ``initial_state`` for the first one's forward walk over the stored writes, and reads q, k, the
+    writes and the output's cotangent twice, building phi's tiles (and k's once more per chunk to
+    walk the state) in both.
 
     ``log_decay``: gated fast weights, ``log alpha [B, T, H]`` float (``-inf``: alpha = 0), as the
     oracle takes it: ``W_{t-1}`` decays by ``alpha_t`` before step t's write. Each chunk's decays

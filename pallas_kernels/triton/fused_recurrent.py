@@ -62,9 +62,8 @@ from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
     feature_tile,
-    input_gradient,
+    map_gradient,
     row_scale,
-    scatter_normalization_vjp,
     scatter_vjp,
     scatter_width,
 )
@@ -274,12 +273,12 @@ def _gated_backward_kernel(q_ref, k_ref, v_ref, beta_ref, log_decay_ref, u_ref, 
     d_w0_ref[...] = lax.fori_loop(0, num_blocks, block_back, d_w_ref[...].astype(jnp.float32))
 
 
-def _dpfp_tiles(x_ref, t, features: DPFP, num_tiles: int) -> tuple[list[Array], list[Array], Array | None]:
-    """Step t's features as key-tile columns: ``(columns [64, 1] of phi_n, rows [1, 64] of phi_n, s)``,
-    computed from the raw ``x_ref [T, 1, d]`` (``dpfp.py``'s tiles of a one-row chunk)."""
+def _dpfp_tiles(x_ref, t, features: DPFP, num_tiles: int) -> tuple[list[Array], Array | None]:
+    """Step t's features as key-tile columns: ``(columns [64, 1] of phi_n, s)``, computed from the
+    raw ``x_ref [T, 1, d]`` (``dpfp.py``'s tiles of a one-row chunk)."""
     scale = row_scale(features, x_ref, t, num_tiles)
     rows = [feature_tile(x_ref, t, tile, scale) for tile in range(num_tiles)]
-    return [row.T for row in rows], rows, scale
+    return [row.T for row in rows], scale
 
 
 def _dpfp_forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool,
@@ -306,16 +305,12 @@ def _dpfp_forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, 
         w_ref[rows, :] = w_tile
 
 
-def _map_back(features: DPFP, g_ref, x_ref, t, rows: list[Array], scale: Array | None,
-              cotangents: list[Array]) -> None:
+def _map_back(g_ref, x_ref, t, scale: Array | None, cotangents: list[Array]) -> None:
     """The map's VJP for step t: ``cotangents`` (``[64]`` per key tile, dL/dphi_n) scattered into
-    ``g_ref [T, 1, 2d]`` per position of ``a = [relu(x), relu(-x)]`` (``dpfp.py``)."""
-    dots = jnp.zeros((1, 1), jnp.float32)
-    for tile, (row, cotangent) in enumerate(zip(rows, cotangents, strict=True)):
-        cotangent = cotangent[None, :]
-        dots += jnp.sum(cotangent * row, axis=1, keepdims=True)
-        scatter_vjp(g_ref, x_ref, t, tile, cotangent if scale is None else scale * cotangent)
-    scatter_normalization_vjp(features, g_ref, x_ref, t, len(rows), scale, dots)
+    ``g_ref [T, 1, scatter_width(d)]`` per position of ``a = [relu(x), relu(-x)]``; the caller adds
+    the normalisation's part in XLA (``dpfp.map_gradient``)."""
+    for tile, cotangent in enumerate(cotangents):
+        scatter_vjp(g_ref, x_ref, t, tile, cotangent[None, :], scale)
 
 
 def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref, d_w_ref, _dq_in, _dk_in,
@@ -328,8 +323,8 @@ def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref
     def step(i, carry):
         w, g = carry  # key tiles of W_t and of dL/dW_t (this program's value columns)
         t = q_ref.shape[0] - 1 - i
-        q_cols, q_rows, q_scale = _dpfp_tiles(q_ref, t, features, count)
-        k_cols, k_rows, k_scale = _dpfp_tiles(k_ref, t, features, count)
+        q_cols, q_scale = _dpfp_tiles(q_ref, t, features, count)
+        k_cols, k_scale = _dpfp_tiles(k_ref, t, features, count)
         v_t = v_ref[t, :].astype(jnp.float32)
         do_t = d_out_ref[t, :].astype(jnp.float32)
         u_t = u_ref[t, :] if delta else v_t
@@ -347,8 +342,8 @@ def _dpfp_backward_kernel(q_ref, k_ref, v_ref, beta_ref, u_ref, w_ref, d_out_ref
         else:
             dv_t = du_t
         dv_ref[t, :] = dv_t
-        _map_back(features, dq_ref, q_ref, t, q_rows, q_scale, dq)
-        _map_back(features, dk_ref, k_ref, t, k_rows, k_scale, dk)
+        _map_back(dq_ref, q_ref, t, q_scale, dq)
+        _map_back(dk_ref, k_ref, t, k_scale, dk)
         return w, g
 
     walk_in_reverse(step, q_ref.shape[0], tiles, w_ref, d_w_ref, d_w0_ref)
@@ -525,7 +520,7 @@ def _fused_dpfp_backward(rule, interpret, features, residuals, cotangents):
         interpret=interpret,
         name="fast_weight_fused_recurrent_dpfp_bwd",
     )(*inputs, *buffers)
-    dq, dk = (input_gradient(x, y).astype(y.dtype) for x, y in ((dq, q), (dk, k)))
+    dq, dk = (map_gradient(features, x, y).astype(y.dtype) for x, y in ((dq, q), (dk, k)))
     return dq, dk, dv.astype(v.dtype), dbeta.sum(0) if delta else None, d_w0
 
 
