@@ -16,10 +16,13 @@ each side's allocator peak over one forward+backward with the inputs included (P
 ``max_memory_allocated``, XLA's ``peak_bytes_in_use`` in a fresh process), and JAX's compiled
 peak (what ``--deviceless`` reads) stands beside it for comparison with the deviceless tables.
 
-``--deviceless --features`` compiles instead a ``DPFPAttention`` training step (B=8, T=4096, H=8,
-d=64, nu=3, V=64, bfloat16, impl ``chunk``: ``dpfp_devtools.workloads.attention_training_step``)
-with the feature map inside the op and applied by the layer, and prints both programs' temporary
-and peak memory.
+``--features`` times instead a ``DPFPAttention`` training step (``--feature-shape``, default
+B=8, T=4096, H=8, d=64, nu=3, V=d, bfloat16: ``dpfp_devtools.workloads.attention_training_step``)
+with impl ``chunk`` and ``pallas``, each with the feature map inside the op (the layer's default:
+the Pallas kernels then compute DPFP on chip from q, k of width d) and applied by the layer
+(the op, and the kernels, given phi(q), phi(k) of width K = 2·nu·d), with each program's compiled
+peak. With ``--deviceless`` it compiles the same four steps for the GPU without one and prints
+their temporary and peak memory.
 """
 
 from __future__ import annotations
@@ -168,23 +171,77 @@ def deviceless_memory(gpu: str) -> int:
     return failures
 
 
-def deviceless_features_memory(gpu: str, nu: int = 3) -> int:
-    """The DPFPAttention training step compiled for ``gpu``, the map in the op and in the layer."""
-    print(f"\n## DPFPAttention training step, B=8, T=4096, H=8, d=64, nu={nu} (K={2 * nu * 64}), V=64, bfloat16, "
-          f"impl chunk, compiled for {gpu}\n")
-    print("| feature map | temp MB | peak MB | peak / map in the layer |")
-    print("|---|---:|---:|---:|")
-    rows = {}
-    for fuse in (False, True):
-        fn, args = attention_training_step(fuse, "chunk", nu=nu)
+FEATURE_SHAPE = (8, 4096, 8, 64, 3)
+"""B, T, H, d, nu of ``--features``' DPFPAttention training step (V = d)."""
+
+
+def feature_steps(shape: tuple[int, ...], rule: str) -> dict[str, tuple[Callable, tuple]]:
+    """``"impl, map where" -> (fn, args)``: the DPFPAttention training step at ``shape`` (B, T, H,
+    d, nu) with ``rule``, for impl chunk and pallas, the feature map in the op and in the layer;
+    ``args`` are ShapeDtypeStructs (``attention_training_step``)."""
+    batch, length, heads, head_dim, nu = shape
+    return {f"{impl}, map {'in the op' if fuse else 'in the layer'}":
+            attention_training_step(fuse, impl, batch=batch, time=length, heads=heads, head_dim=head_dim, nu=nu,
+                                    rule=rule)
+            for impl in ("chunk", "pallas") for fuse in (False, True)}
+
+
+def flat(fn: Callable, args: tuple) -> tuple[Callable, list]:
+    """``fn`` taking ``args``' leaves one by one (what ``compile_for_gpu`` places), and the leaves."""
+    leaves, tree = jax.tree.flatten(args)
+    return (lambda *leaves: fn(*jax.tree.unflatten(tree, leaves))), leaves
+
+
+def feature_title(shape: tuple[int, ...], rule: str, where: str) -> str:
+    batch, length, heads, head_dim, nu = shape
+    return (f"\n## DPFPAttention training step, B={batch}, T={length}, H={heads}, d={head_dim}, nu={nu} "
+            f"(K={2 * nu * head_dim}), V={head_dim}, bfloat16, {rule} rule, {where}\n")
+
+
+def deviceless_features_memory(gpu: str, shape: tuple[int, ...] = FEATURE_SHAPE, rule: str = "delta") -> int:
+    """The four ``feature_steps`` compiled for ``gpu``: temp and peak memory, each peak over its
+    impl's step with the map in the layer. Returns how many failed to compile."""
+    print(feature_title(shape, rule, f"compiled for {gpu}"))
+    rows: dict[str, tuple[float, ...] | str] = {}
+    for name, (fn, args) in feature_steps(shape, rule).items():
+        try:
+            flat_fn, leaves = flat(fn, args)
+            compiled = compile_for_gpu(flat_fn, *leaves, gpu=gpu)
+            rows[name] = (compiled.temp_bytes / 1e6, compiled.peak_bytes / 1e6)
+        except Exception as err:  # noqa: BLE001 - a step that cannot compile is a result
+            rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    print_ratio_table(rows, ("temp MB", "peak MB"), {"peak": 1},
+                      ("chunk, map in the layer", "pallas, map in the layer"), digits=1)
+    return sum(isinstance(row, str) for row in rows.values())
+
+
+def features_benchmark(repeats: int, shape: tuple[int, ...] = FEATURE_SHAPE, rule: str = "delta") -> None:
+    """The four ``feature_steps`` run on the default device: time in interleaved rounds (median
+    of ``repeats``) and compiled peak, each over its impl's step with the map in the layer. A step
+    that cannot run here (impl pallas without a GPU or TPU) gets its error as its row."""
+    print(feature_title(shape, rule, f"on {jax.devices()[0].device_kind}"))
+    steps = feature_steps(shape, rule)
+    rows: dict[str, tuple[float, ...] | str] = {}
+    calls, peaks = {}, {}
+    for index, (name, (fn, args)) in enumerate(steps.items()):
+        # Small draws: the layer's projections then give q, k of about unit size.
         leaves, tree = jax.tree.flatten(args)
-        rows[fuse] = compile_for_gpu(lambda *leaves, fn=fn, tree=tree: fn(*jax.tree.unflatten(tree, leaves)),
-                                     *leaves, gpu=gpu)
-    for fuse, compiled in rows.items():
-        where = "in the op (fuse_features=True)" if fuse else "in the layer (fuse_features=False)"
-        print(f"| {where} | {compiled.temp_bytes / 1e6:.1f} | {compiled.peak_bytes / 1e6:.1f} | "
-              f"{compiled.peak_bytes / rows[False].peak_bytes:.2f}x |")
-    return 0
+        keys = jax.random.split(jax.random.key(index % 2), len(leaves))
+        values = jax.tree.unflatten(tree, [0.05 * jax.random.normal(key, leaf.shape, leaf.dtype)
+                                           for key, leaf in zip(keys, leaves, strict=True)])
+        try:
+            step = jax.jit(fn)
+            peaks[name] = peak_bytes(step.lower(*values).compile())
+            calls[name] = lambda step=step, values=values: step(*values)
+            jax.block_until_ready(calls[name]())  # compile, and a refusal, before any timing
+        except Exception as err:  # noqa: BLE001 - a path that cannot run here is a result
+            calls.pop(name, None)
+            rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    times = time_interleaved_ms(calls, repeats=repeats)
+    for name in calls:
+        rows[name] = (times[name], peaks[name] / 1e9)
+    print_ratio_table({name: rows[name] for name in steps}, ("fwd+bwd ms", "compiled peak GB"),
+                      {"time": 0, "memory": 1}, ("chunk, map in the layer", "pallas, map in the layer"), digits=2)
 
 
 def compile_jla_for(num_sms: int) -> None:
@@ -278,15 +335,23 @@ def print_ratio_table(rows: dict[str, tuple[float, ...] | str], columns: tuple[s
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"8,4096,8,128,64"`` -> ``(8, 4096, 8, 128, 64)`` (B, T, H, K, V)."""
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 5 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"a shape is five positive integers B,T,H,K,V; got {text!r}")
-    return shape
+def five_positive_integers(names: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: ``"8,4096,8,128,64"`` -> ``(8, 4096, 8, 128, 64)``, five positive integers
+    ``names`` (e.g. ``"B,T,H,K,V"``), or an error naming them."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            shape = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 5 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"a shape is five positive integers {names}; got {text!r}")
+        return shape
+
+    return parse
+
+
+parse_shape = five_positive_integers("B,T,H,K,V")
+parse_feature_shape = five_positive_integers("B,T,H,d,nu")
 
 
 def main() -> None:
@@ -302,7 +367,11 @@ def main() -> None:
                         help="no GPU needed: compile every JAX path for GPU (default NVIDIA H200) and print "
                              "its temp memory (dpfp_devtools/deviceless.py; `make gpu-memory`)")
     parser.add_argument("--features", action="store_true",
-                        help="with --deviceless: a DPFPAttention training step, the feature map in the op or not")
+                        help="a DPFPAttention training step instead, impl chunk and pallas, the feature map in the "
+                             "op or applied by the layer (timed; with --deviceless, its memory)")
+    parser.add_argument("--feature-shape", type=parse_feature_shape, default=FEATURE_SHAPE, metavar="B,T,H,d,nu",
+                        help="--features' shape (default: %(default)s; V = d)")
+    parser.add_argument("--rule", choices=("delta", "sum"), default="delta", help="--features' update rule")
     # The fresh processes of jax_runtime_peak_bytes.
     parser.add_argument("--runtime-peak-of", help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=parse_shape, help=argparse.SUPPRESS)
@@ -317,8 +386,11 @@ def main() -> None:
     with reported_run():
         if args.deviceless:
             print(f"compiled for {args.deviceless}, not run")
-            failures = (deviceless_features_memory(args.deviceless) if args.features
+            failures = (deviceless_features_memory(args.deviceless, args.feature_shape, args.rule) if args.features
                         else deviceless_memory(args.deviceless))
+        elif args.features:
+            features_benchmark(args.repeats, args.feature_shape, args.rule)
+            failures = 0
         else:
             benchmark(args.repeats, args.memory_shapes, args.shapes)
             failures = 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for every GPU check and benchmark: tests/test_gpu.py (pytest -m gpu), then
-# benchmarks/gpu.py.
+# benchmarks/gpu.py, then benchmarks/gpu.py --features.
 #
 # Before the call, on a machine with internet, fetch the peers and pytest as wheels into .whl/
 # (ignored by git, carried with the call):
@@ -21,3 +21,5 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_name.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py 2>&1 | tee "$out/gpu_check.txt"
 python3 -m benchmarks.gpu 2>&1 | tee "$out/gpu_bench.md"
+# The DPFPAttention training step with the feature map on chip in the kernels or given to them.
+python3 -m benchmarks.gpu --features 2>&1 | tee "$out/gpu_features.md"

@@ -84,11 +84,11 @@ def with_features(impl: str, features: dj.Features, *, fused: bool, **options: o
 
 def attention_training_step(fuse_features: bool, impl: str = "chunk", *, batch: int = 8, time: int = 4096,
                             heads: int = 8, head_dim: int = 64, nu: int = 3, dtype=jnp.bfloat16,
-                            ) -> tuple[Callable, tuple]:
+                            rule: str = "delta") -> tuple[Callable, tuple]:
     """``(fn, args)``: the gradient of a loss on a ``dj.DPFPAttention``'s output (width ``heads *
     head_dim``, V = ``head_dim``) with respect to its parameters, computing in ``dtype``, the
     parameters float32; ``args`` (parameters, input) as ShapeDtypeStructs. ``fuse_features``: the
-    layer's attribute (the feature map inside the op, or applied by the layer).
+    layer's attribute (the feature map inside the op, or applied by the layer); ``rule`` the layer's.
 
     Example:
         >>> fn, (params, x) = attention_training_step(True, batch=1, time=8, heads=2, head_dim=4, nu=1)
@@ -96,7 +96,7 @@ def attention_training_step(fuse_features: bool, impl: str = "chunk", *, batch: 
         ((1, 8, 8), True)
     """
     layer = dj.DPFPAttention(heads * head_dim, num_heads=heads, head_dim=head_dim, nu=nu, impl=impl, dtype=dtype,
-                             fuse_features=fuse_features)
+                             fuse_features=fuse_features, rule=rule)
     x = jax.ShapeDtypeStruct((batch, time, heads * head_dim), dtype)
     # The parameters' shapes from impl="chunk": on a CPU host impl="pallas" is traced only in a compile for a TPU.
     params = jax.eval_shape(layer.clone(impl="chunk").init, jax.random.key(0), x)["params"]

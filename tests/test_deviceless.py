@@ -176,3 +176,22 @@ def test_gpu_training_memory_does_not_grow_with_t_k_v():
     for impl in ("scan", "chunk", "pallas"):
         assert temp[impl][0] < states / 4, (impl, temp)
     assert temp["pallas"][1] == ["fast_weight_fused_chunk_bwd,fast_weight_fused_chunk_fwd"]
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """A benchmark's markdown table rows by their first cell."""
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in stdout.splitlines() if line.startswith("| "))}
+
+
+@SLOW
+def test_the_dpfp_attention_step_with_the_map_on_chip_compiles_for_h200():
+    # benchmarks/gpu.py --deviceless --features at a small shape (d = 64, nu = 3: K = 384): the
+    # step compiles with impl chunk and pallas, and with the map in the op (the Pallas kernels then
+    # map q, k on chip) each impl's compiled peak is below its step given phi(q), phi(k).
+    result = run_deviceless("-m", "benchmarks.gpu", "--deviceless", "--features", "--feature-shape", "1,128,2,64,3")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    for impl in ("chunk", "pallas"):
+        layer, op = (rows[f"{impl}, map in the {where}"] for where in ("layer", "op"))
+        assert float(op[1]) < float(layer[1]), result.stdout  # peak MB

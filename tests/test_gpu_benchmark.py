@@ -41,6 +41,20 @@ def test_the_table_gives_every_contender_a_row_and_missing_figures_as_na():
     assert rows["ours scan"][5].endswith("x") and rows["ours scan"][6] == "n/a", out  # no runtime peak: no ratio
 
 
+@pytest.mark.slow  # four small training steps and a refusal: about 10 s
+def test_the_feature_map_steps_run_where_they_can_and_say_why_not_elsewhere():
+    assert run_benchmark("--features", "--feature-shape", "1,64,2,0,1").returncode == 2
+    result = run_benchmark("--features", "--feature-shape", "1,64,2,32,1", "--repeats", "2")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in result.stdout.splitlines() if line.startswith("| "))}
+    for where in ("layer", "op"):
+        chunk = rows[f"chunk, map in the {where}"]
+        assert float(chunk[1]) > 0 and chunk[3].endswith("x"), result.stdout  # time, and over the base row
+        # On a CPU the Pallas kernels cannot run: the row says why instead of giving numbers.
+        assert "need a GPU or a TPU" in rows[f"pallas, map in the {where}"][1], result.stdout
+
+
 def test_shapes_are_checked_by_the_command_line():
     result = run_benchmark("--shapes", "8,4096,8,0,64")
     assert result.returncode == 2 and "five positive integers B,T,H,K,V" in result.stderr, result.stderr
