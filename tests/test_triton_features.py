@@ -27,6 +27,7 @@ from pallas_kernels.triton.dpfp import (
     map_gradient,
     scatter_width,
 )
+from pallas_kernels.triton.fused_chunk import INVERSE_SPAN_CHUNKS
 from tests.helpers import assert_relative_error, normal, pallas_calls
 from tests.helpers import dpfp_then_reference as oracle
 from tests.helpers import raw_dpfp_inputs as inputs
@@ -48,6 +49,9 @@ def cases():
     # stored writes, and two chunks, so the backward's walks (the scores kernel's forward one, the
     # main kernel's reverse one) carry a state from one chunk to the next.
     yield "delta", 32, 1, "sum", 2 * CHUNK, []
+    # The WY inverse's phi(k) is computed a span of INVERSE_SPAN_CHUNKS chunks at a time: one whole
+    # span and a shorter last one.
+    yield "delta", 32, 1, "sum", (INVERSE_SPAN_CHUNKS + 1) * CHUNK + 5, [SLOW]
     for rule in ("delta", "sum"):
         # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),

@@ -100,6 +100,9 @@ Array = jax.Array
 # fill 128 of an H200's 132 SMs with two blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
+# With features, the WY inverse's phi(k) is computed by XLA this many chunks at a time (512 steps
+# at the default chunk size, the XLA chunk form's span).
+INVERSE_SPAN_CHUNKS = 8
 
 
 def _tril(scores: Array, same: Array | None = None) -> Array:
@@ -768,7 +771,8 @@ def fused_chunk(
     ``[B, T, H, d]`` (d a multiple of 32) and the kernels compute ``phi(q)``, ``phi(k)`` (K =
     2·nu·d, the state's K) tile by tile on chip, forward and backward (``dpfp.py`` says how); dq,
     dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
-    takes are still computed by XLA, from ``features(k)`` (recomputed in the backward, not kept).
+    takes are still computed by XLA, from ``features(k)``, ``INVERSE_SPAN_CHUNKS`` chunks at a time
+    (recomputed in the backward, not kept).
     The backward is then two kernels, to spill fewer registers (``_scores_kernel``): it keeps
     ``initial_state`` for the first one's forward walk over the stored writes, and reads q, k, the
     writes and the output's cotangent twice, building phi's tiles (and k's once more per chunk to
@@ -851,8 +855,8 @@ def fused_chunk(
             same = docs[:, None, :, :, None] == docs[:, None, :, None, :]  # [B, 1, N, C, C]
             masks = [jnp.broadcast_to(same, (*beta_c.shape, chunk_size))]
 
-        def inverse_of(kc, beta_c, *masks):
-            keys = jnp.moveaxis(kc, 3, 1)
+        def inverse_of(keys, beta_c, masks, gate):
+            # keys [..., H, C, D] (head-major), the rest [..., H, C, ...]; any leading axes.
             keys = keys if features is None else features(keys)
             if gate is not None:  # the Gram matrix weighted by the decays between the steps
                 gram = jnp.einsum("...ik,...jk->...ij", keys, keys, precision=lax.Precision.HIGHEST,
@@ -860,11 +864,22 @@ def fused_chunk(
                 return wy_inverse(keys, beta_c, gram=gram * _within(*gate))
             return wy_inverse(keys, beta_c, *masks)
 
-        if features is not None:
-            # The Gram matrices need phi(k): XLA computes it here, and again in the backward
-            # (checkpointed), so no K-wide array is kept for the backward.
-            inverse_of = jax.checkpoint(inverse_of)
-        inverse = inverse_of(kc, beta_c, *masks)
+        keys = jnp.moveaxis(kc, 3, 1)  # [B, H, N, C, D]
+        if features is None:
+            inverse = inverse_of(keys, beta_c, masks, gate)
+        else:
+            # The Gram matrices need phi(k), K wide: XLA computes it a span of chunks at a time, and
+            # again in the backward (each span checkpointed), so no K-wide array outlives its span.
+            # Over every chunk at once, phi(k) in float32 and its gradient took about 1 GB of an
+            # H200 training step's temporaries at B=8, T=4096, H=8, K=384 (reports/features_memory.md).
+            def chunks_first(x, axis):
+                return None if x is None else jnp.moveaxis(x, axis, 0)
+
+            inverse = lax.map(jax.checkpoint(lambda xs: inverse_of(*xs)),
+                              (chunks_first(keys, 2), chunks_first(beta_c, 2), [chunks_first(m, 2) for m in masks],
+                               None if gate is None else tuple(chunks_first(x, 2) for x in gate)),
+                              batch_size=INVERSE_SPAN_CHUNKS)
+            inverse = jnp.moveaxis(inverse, 0, 2)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
