@@ -40,6 +40,7 @@ from benchmarks.common import (
     delta_rule_inputs,
     measure_forward_backward,
     peer_deltanet,
+    peer_gated_deltanet,
     print_table,
     reported_run,
 )
@@ -139,16 +140,11 @@ def gated(args: argparse.Namespace, batch: int, heads: int, value_dim: int) -> N
 
     fns = {"chunk": ours_gated("chunk", gate=False), "chunk gated": ours_gated("chunk"),
            "scan gated": ours_gated("scan")}
-    try:
-        from jla.ops import linear_attention
-
-        def peer(q, k, v, beta, log_decay):
-            return linear_attention("gated_deltanet", q, k, v, g=log_decay, beta=beta, impl="chunked", scale=1.0,
-                                    output_final_state=final_state)
-
+    peer, note = peer_gated_deltanet(final_state=final_state, scale=1.0)
+    if peer is None:
+        print(f"note: {note}")
+    else:
         fns["jla chunked gated"] = peer
-    except ImportError as err:
-        print(f"note: jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it")
     q, k, v, beta = delta_rule_inputs(batch, length, heads, key_dim, value_dim)
     log_decay = -0.5 * jnn.softplus(jnp.asarray(np.random.default_rng(0).normal(size=(batch, length, heads)),
                                                 jnp.float32))

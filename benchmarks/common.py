@@ -136,3 +136,21 @@ def peer_deltanet(impl: str, final_state: bool = True,
                                 output_final_state=final_state, **options)
 
     return fn, None
+
+
+def peer_gated_deltanet(final_state: bool = True, **options: object
+                        ) -> tuple[Callable[..., tuple[jax.Array, jax.Array]] | None, str | None]:
+    """jax-linear-attention's chunked Gated DeltaNet (plain JAX, so XLA's own chunked program; its
+    gate applied before the write, as ours) taking ``(q, k, v, beta, log_decay)``, or None and why
+    not. ``options`` are passed on (``scale``: its default is ``K**-0.5``, ours 1);
+    ``final_state=False`` as for :func:`peer_deltanet`."""
+    try:
+        from jla.ops import linear_attention
+    except ImportError as err:
+        return None, f"jax-linear-attention not installed ({err}); `pip install -e '.[bench]'` adds it"
+
+    def fn(q, k, v, beta, log_decay):
+        return linear_attention("gated_deltanet", q, k, v, g=log_decay, beta=beta, impl="chunked",
+                                output_final_state=final_state, **options)
+
+    return fn, None

@@ -53,7 +53,14 @@ import jax
 import jax.numpy as jnp
 
 import dpfp_jax as dj
-from benchmarks.common import delta_rule_inputs, machine_name, measure_forward_backward, print_table, reported_run
+from benchmarks.common import (
+    delta_rule_inputs,
+    machine_name,
+    measure_forward_backward,
+    peer_gated_deltanet,
+    print_table,
+    reported_run,
+)
 from dpfp_devtools import tpu
 from dpfp_devtools.workloads import attention_training_step, forward_and_backward, ours
 
@@ -73,17 +80,9 @@ PEERS = {
 }
 
 
-def _jla_gated_deltanet(q, k, v, beta, log_decay):
-    """jax-linear-attention's chunked Gated DeltaNet (plain JAX, so XLA's own chunked program; its
-    gate applied before the write, as ours), with its final state."""
-    from jla.ops import linear_attention
-
-    return linear_attention("gated_deltanet", q, k, v, g=log_decay, beta=beta, impl="chunked",
-                            output_final_state=True)
-
-
-# Peers written in plain JAX (XLA's programs, any K): an XLA chunked Gated DeltaNet beside ours.
-XLA_PEERS = {"jla-gdn": _jla_gated_deltanet}
+# Peers written in plain JAX (XLA's programs, any K): an XLA chunked Gated DeltaNet beside ours, at
+# its own default scale (K**-0.5), with its final state; each maker gives (fn, None) or (None, why not).
+XLA_PEERS = {"jla-gdn": peer_gated_deltanet}
 
 
 class _JaxOnATpu:
@@ -120,7 +119,10 @@ def contender(impl: str, shapes: list[tuple[int, ...]]):
     ``segment_ids`` (documents of :data:`PACKED_LENGTH` steps); for a name in :data:`PEERS`
     deltanet-tpu's kernel; for one in :data:`XLA_PEERS` that peer (gated: beta's shape again)."""
     if impl in XLA_PEERS:
-        return XLA_PEERS[impl], [*shapes, shapes[3]]
+        peer, why_not = XLA_PEERS[impl]()
+        if peer is None:
+            raise ImportError(why_not)
+        return peer, [*shapes, shapes[3]]
     if impl in PEERS:
         import deltanet_tpu
 

@@ -96,6 +96,8 @@ def test_kernels_compile_for_h200_through_xla(kernel, key_dim):
 
 @SLOW
 @pytest.mark.parametrize("kernel, key_dim, kernels", [
+    # The fused chunk kernel at K = 384 (six key tiles), with the gate's gradient in its backward.
+    ("fused_chunk", 384, ["fast_weight_fused_chunk_bwd", "fast_weight_fused_chunk_fwd"]),
     ("fused_recurrent", 1024, ["fast_weight_fused_recurrent_gated_bwd", "fast_weight_fused_recurrent_gated_fwd"]),
     # The gated walk's backward runs the forward walk again for the chunks' start states.
     ("chunk_recurrence", 128, ["fast_weight_chunk_recurrence_bwd", "fast_weight_chunk_recurrence_fwd",
@@ -109,7 +111,8 @@ def test_gated_kernels_compile_for_h200_through_xla(kernel, key_dim, kernels):
     assert sorted(r["name"] for r in rows) == kernels, result.stdout
     for row in rows:
         assert_within_h200_limits(row)
-        assert row["spill_stores"] == 0 or kernel == "chunk_recurrence", row
+        if kernel == "fused_recurrent":  # the others spill (docs/reports/triton_report_h200.md)
+            assert row["spill_stores"] == 0, row
 
 
 @SLOW
@@ -136,18 +139,6 @@ def test_fused_kernels_with_dpfp_on_chip_compile_for_h200(kernel):
                 assert row == want[row["name"]], (row, want[row["name"]])
             else:
                 assert row["spill_stores"] <= want[row["name"]]["spill_stores"] + 512, row
-
-
-@SLOW
-def test_gated_fused_chunk_compiles_for_h200():
-    # The kernel with a gate (log_decay), forward and backward, at K = 384 (six key tiles).
-    result = run_deviceless("-m", "benchmarks.triton_report", "--kernels", "fused_chunk", "--keys", "384",
-                            "--rules", "delta", "--gated")
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    rows = report_rows(result.stdout)
-    assert sorted(r["name"].rsplit("_", 1)[-1] for r in rows) == ["bwd", "fwd"], result.stdout
-    for row in rows:
-        assert_within_h200_limits(row)
 
 
 @SLOW

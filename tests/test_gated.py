@@ -13,11 +13,12 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import dpfp_jax as dj
+import pallas_kernels.decays
 from dpfp_jax.ops.fast_weight.context_parallel import _apply, _end_state, _entering_gradient, _transition
 from dpfp_jax.ops.fast_weight.naive import fast_weight_reference
 from dpfp_jax.ops.fast_weight.recurrent import gated_block_size
 from dpfp_jax.ops.fast_weight.segments import resets_of
-from dpfp_jax.ops.fast_weight.wy import chunk_decays, log_decay_floor
+from dpfp_jax.ops.fast_weight.wy import chunk_decays, log_decay_floor, split_log_decay
 from tests import helpers
 from tests.helpers import (
     DIFF_ARGS,
@@ -175,6 +176,16 @@ def test_chunk_decays_are_exact_differences_of_large_sums():
     assert decays.within[2, 0] == 0.0 and np.isclose(float(decays.within[2, 1]), np.exp(-0.25))
     assert decays.total == 0.0 and not bool(decays.kept[1])
     assert float(jnp.exp(jnp.float32(log_decay_floor(jnp.float32)))) == 0.0
+
+
+def test_the_kernels_split_log_decays_as_the_chunk_form_does():
+    # The split is written twice (the ops import no pallas_kernels): the same bits, and exact ties
+    # (odd multiples of 1/32) rounded to the even multiple of 1/16 by both.
+    log_decay = jnp.array([-1 / 32, -3 / 32, -5 / 32, -33 / 32, -0.7, -69.07755, -200.0, -jnp.inf], jnp.float32)
+    kernels, chunk_form = pallas_kernels.decays.split_log_decay(log_decay), split_log_decay(log_decay)
+    for got, want in zip(kernels, chunk_form, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (chunk_form[0][:4] * 16).tolist() == [0.0, -2.0, -2.0, -16.0]
 
 
 @pytest.mark.parametrize("impl", ["reference", *IMPLS])

@@ -77,7 +77,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
-from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR
+from pallas_kernels.decays import LOG_DECAY_FLOOR, split_log_decay
 from pallas_kernels.padding import pad_to
 from pallas_kernels.tpu.feature_map import KernelFeatures, check_kernel_features, features_t, features_t_vjp
 from pallas_kernels.tpu.layout import (
@@ -211,13 +211,11 @@ def _cumulative_column(row: Array) -> Array:
 def _decays(log_decay_row: Array) -> _Decays:
     """:class:`_Decays` of a chunk's ``log alpha`` ``[1, C]`` float32, as ``chunk_decays`` of the library
     computes them: ``-inf`` clamped to ``LOG_DECAY_FLOOR``, each value split into a multiple of 1/16
-    and a small rest, so the differences of the cumulative sums are exact up to the rest's round-off
-    (a chunk of large decays does not swamp a later small one)."""
+    and a small rest (``split_log_decay``), so the differences of the cumulative sums are exact up
+    to the rest's round-off (a chunk of large decays does not swamp a later small one)."""
     size = log_decay_row.shape[1]
     rows, cols = _iotas(size)
-    clamped = jnp.maximum(log_decay_row, LOG_DECAY_FLOOR)
-    hi = jnp.floor(clamped * DECAY_QUANTUM + 0.5) / DECAY_QUANTUM
-    lo = clamped - hi  # exact: hi is within a factor 2 of clamped, or 0
+    hi, lo = split_log_decay(log_decay_row)
     hi_column, lo_column = _cumulative_column(hi), _cumulative_column(lo)
     hi_row, lo_row = _row_of(hi_column), _row_of(lo_column)
     hi_last, lo_last = jnp.sum(hi, axis=1, keepdims=True), jnp.sum(lo, axis=1, keepdims=True)

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.autodiff import cotangent_array, primal_values
-from pallas_kernels.decays import DECAY_QUANTUM, LOG_DECAY_FLOOR, gate_with_resets
+from pallas_kernels.decays import gate_with_resets, split_log_decay
 from pallas_kernels.triton.dpfp import (
     DPFP,
     check_features,
@@ -677,9 +677,10 @@ _fused_chunk.defvjp(_fused_chunk_forward_rule, _fused_chunk_backward, symbolic_z
 def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
     """``(hi, lo)``: the cumulative sums along the last axis (a chunk) of ``log_decay`` (float32),
     clamped at ``LOG_DECAY_FLOOR`` and split into multiples of 1/16 (``hi``, whose sums are exact)
-    and small rests (``lo``), so ``(hi_i - hi_j) + (lo_i - lo_j)`` is ``g_i - g_j`` to a few ulps of
-    its own size however large g is (docs/math.md, "Differences of cumulative sums, exactly").
-    Differentiable: hi's rounding passes no gradient, lo carries all of it (zero where clamped).
+    and small rests (``lo``) by ``split_log_decay``, so ``(hi_i - hi_j) + (lo_i - lo_j)`` is
+    ``g_i - g_j`` to a few ulps of its own size however large g is (docs/math.md, "Differences of
+    cumulative sums, exactly").
+    Differentiable: lo carries all of the gradient (zero where clamped).
 
     Example: alpha = 0.5 three times, and a zero alpha (``-inf``) that stays finite.
         >>> import jax.numpy as jnp
@@ -687,9 +688,8 @@ def gate_cumsums(log_decay: Array) -> tuple[Array, Array]:
         >>> [round(float(x), 4) for x in hi + lo][:3], bool(jnp.isfinite(hi + lo).all())
         ([-0.6931, -1.3863, -2.0794], True)
     """
-    clamped = jnp.maximum(log_decay, LOG_DECAY_FLOOR)
-    hi = jnp.round(clamped * DECAY_QUANTUM) / DECAY_QUANTUM
-    return jnp.cumsum(hi, axis=-1), jnp.cumsum(clamped - hi, axis=-1)
+    hi, lo = split_log_decay(log_decay)
+    return jnp.cumsum(hi, axis=-1), jnp.cumsum(lo, axis=-1)
 
 
 def _within(hi: Array, lo: Array) -> Array:

@@ -170,6 +170,25 @@ def log_decay_floor(dtype: jnp.dtype) -> float:
 _DECAY_QUANTUM = 16  # log decays split into multiples of 1/16 (summed exactly) and a rest in [-1/32, 1/32]
 
 
+def split_log_decay(log_decay: Array) -> tuple[Array, Array]:
+    """``(hi, lo)`` of ``log_decay`` clamped at :func:`log_decay_floor`: ``hi`` the nearest multiple of
+    1/16 (ties to even), ``lo`` the exact rest in ``[-1/32, 1/32]``, as :func:`chunk_decays` sums them.
+
+    The kernels' twin is ``split_log_decay`` of ``pallas_kernels/decays.py`` (float32 only; the ops
+    import nothing from ``pallas_kernels`` outside the Pallas dispatch, and this one takes float64
+    with its own floor); tests/test_gated.py holds the two to the same bits, ties included.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> hi, lo = split_log_decay(jnp.array([-3 / 32, -0.7]))
+        >>> (hi * 16).tolist(), lo.tolist()
+        ([-2.0, -11.0], [0.03125, -0.012499988079071045])
+    """
+    clamped = jnp.maximum(log_decay, log_decay_floor(log_decay.dtype))
+    hi = jnp.round(clamped * _DECAY_QUANTUM) / _DECAY_QUANTUM
+    return hi, clamped - hi
+
+
 def chunk_decays(log_decay: Array) -> ChunkDecays:
     """:class:`ChunkDecays` of ``log_decay [..., C]`` (float32 or float64), the chunk along the last axis.
 
@@ -189,11 +208,8 @@ def chunk_decays(log_decay: Array) -> ChunkDecays:
         >>> d.within.tolist()
         [[1.0, 1.0, 1.0], [0.5, 1.0, 1.0], [0.25, 0.5, 1.0]]
     """
-    floor = log_decay_floor(log_decay.dtype)
-    kept = log_decay >= floor
-    clamped = jnp.maximum(log_decay, floor)
-    hi = jnp.round(clamped * _DECAY_QUANTUM) / _DECAY_QUANTUM
-    lo = clamped - hi  # exact: hi is within a factor 2 of clamped, or 0
+    kept = log_decay >= log_decay_floor(log_decay.dtype)
+    hi, lo = split_log_decay(log_decay)
     g_hi, g_lo = jnp.cumsum(hi, axis=-1), jnp.cumsum(lo, axis=-1)
 
     def difference(a_hi: Array, a_lo: Array, b_hi: Array, b_lo: Array) -> Array:
