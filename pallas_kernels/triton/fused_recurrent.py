@@ -672,6 +672,7 @@ def fused_recurrent(
         return _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
+    sizes = (batch, length, heads, key_dim, value_dim)
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
     # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it
@@ -681,8 +682,7 @@ def fused_recurrent(
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)
     if log_decay is not None:
-        return _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets,
-                           (batch, heads, key_dim, value_dim))
+        return _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets, sizes)
     starts = None
     if resets is not None:
         # Per step, the step its document starts at (-1 in the row's first, which starts from
@@ -690,15 +690,21 @@ def fused_recurrent(
         steps = jnp.arange(length, dtype=jnp.int32)
         starts = lax.cummax(jnp.where(resets, steps, -1), axis=1)
         starts = jnp.repeat(starts, heads, axis=0)  # [B * H, T], as _heads_major orders rows
-    out, final_state = _fused(rule, interpret, qh, kh, vh, betah, w0, starts)
-    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
+    return _results(_fused(rule, interpret, qh, kh, vh, betah, w0, starts), scale, sizes, v.dtype)
+
+
+def _results(results: tuple[Array, Array], scale, sizes: tuple[int, ...], dtype) -> tuple[Array, Array]:
+    """The kernels' heads-major padded ``(out, final_state)`` as :func:`fused_recurrent` returns them:
+    ``(scale * out [B, T, H, V] in dtype, final_state [B, H, K, V])``; ``sizes = (B, T, H, K, V)``."""
+    out, final_state = results
+    batch, length, heads, key_dim, value_dim = sizes
+    out = jnp.moveaxis((out[:, :length, :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(v.dtype), final_state
+    return out.astype(dtype), final_state
 
 
 def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets, sizes):
     """:func:`fused_recurrent` with a gate, on the heads-major padded arrays."""
-    batch, heads, key_dim, value_dim = sizes
     length = qh.shape[1]
     log_decay = log_decay.astype(jnp.float32)
     if resets is not None:
@@ -709,10 +715,7 @@ def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets
     # Padded steps are inert: zero q, k, v and beta, log alpha = 0 (alpha = 1).
     qh, kh, vh, betah, log_decay = (None if x is None else pad_to(x, 1, padded)
                                     for x in (qh, kh, vh, betah, log_decay))
-    out, final_state = _fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0)
-    out = jnp.moveaxis((out[:, :length, :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
-    final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(vh.dtype), final_state
+    return _results(_fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0), scale, sizes, vh.dtype)
 
 
 def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
@@ -723,7 +726,5 @@ def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
     qh, kh = (_heads_major(x).reshape(batch * heads, length, 1, dim) for x in (q, k))
     betah = None if beta is None else _heads_major(beta.astype(jnp.float32))
     w0 = pad_to(initial_state.astype(jnp.float32).reshape(batch * heads, key_dim, value_dim), 2, v_pad)
-    out, final_state = _fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0)
-    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
-    final_state = final_state[..., :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(v.dtype), final_state
+    return _results(_fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0), scale,
+                    (batch, length, heads, key_dim, value_dim), v.dtype)
