@@ -230,6 +230,18 @@ def pallas_calls(jaxpr):
                 yield from pallas_calls(inner)
 
 
+def kernel_key_widths(fn, *args, kernel: str) -> list[int]:
+    """The widths of q and k as the forward of ``kernel`` (``"fused_chunk"`` or ``"fused_recurrent"``,
+    any variant) reads them, in the jaxpr of ``fn(*args)``, which must call that forward once: with
+    DPFP on chip they are d, else the width of phi, padded as the kernel pads it."""
+    calls = [eqn for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
+             if eqn.params["name"].startswith(f"fast_weight_{kernel}_") and eqn.params["name"].endswith("_fwd")]
+    assert len(calls) == 1, [eqn.params["name"] for eqn in calls]
+    # q and k are the first operands but for the fused chunk kernel's output scale, of shape (1,).
+    q, k = [var.aval.shape[-1] for var in calls[0].invars if var.aval.ndim > 1][:2]
+    return [q, k]
+
+
 # --- packed documents (segment_ids): ids, and the oracle running each document alone -------------
 
 PACKED_CHUNK = 8

@@ -176,6 +176,37 @@ def test_fused_chunk_writes_outputs_in_v_dtype_and_keeps_writes_only_for_gradien
     assert [dtype for dtype, _ in backward[0]] == ["float32", "float32", "float32", "bfloat16", "float32"]
 
 
+@pytest.mark.parametrize("variant", [pytest.param("plain", marks=SLOW), "gated", pytest.param("dpfp", marks=SLOW)])
+def test_fused_recurrent_keeps_writes_and_checkpoints_only_for_gradients(variant):
+    # As the fused chunk kernel's: the forward stores the float32 writes u (delta rule) and, gated,
+    # the checkpointed states only when a gradient will be taken; the sum rule never stores u. The
+    # gated case, which has both, is make test's (about 1 s: jaxprs only, nothing runs).
+    from pallas_kernels.triton.dpfp import DPFP
+
+    batch_heads, time, value_dim = 2, 8, 16
+    features = DPFP(1, "sum") if variant == "dpfp" else None
+    key_dim = 64 if features else 16
+    inputs = make_inputs(0, batch=1, time=time, key_dim=32 if features else key_dim, value_dim=value_dim)
+    extra = {"log_decay": -jax.nn.softplus(inputs["v"][..., 0])} if variant == "gated" else {}
+    state = jnp.zeros((1, batch_heads, key_dim, value_dim))
+    name = {"plain": "recurrent_fwd", "gated": "recurrent_gated_fwd", "dpfp": "recurrent_dpfp_fwd"}[variant]
+    per_step, final = ("float32", (batch_heads, time, value_dim)), ("float32", (batch_heads, key_dim, value_dim))
+    # Gated: T = 8 is padded to whole blocks of checkpoint_block(8) = 3 steps, one state stored per block.
+    if variant == "gated":
+        per_step = ("float32", (batch_heads, 9, value_dim))
+    checkpoints = [("float32", (batch_heads, 3, key_dim, value_dim))] if variant == "gated" else []
+    for rule in ("delta", "sum"):
+        def run(q, k, v, beta, rule=rule):
+            return fused_recurrent(q, k, v, beta if rule == "delta" else None, state, rule=rule, interpret=True,
+                                   features=features, **extra)
+
+        args = [inputs[n] for n in ("q", "k", "v", "beta")]
+        writes = [per_step] if rule == "delta" else []
+        assert kernel_outputs(jax.make_jaxpr(run)(*args).jaxpr, name) == [[per_step, final]], rule
+        assert kernel_outputs(jax.make_jaxpr(lambda *a: jax.vjp(run, *a))(*args).jaxpr, name) == [
+            [per_step, *writes, *checkpoints, final]], rule
+
+
 def test_fused_recurrent_refuses_oversized_keys():
     x = jnp.ones((1, 2, 1, MAX_KEY_DIM + 1))
     with pytest.raises(ValueError, match="K <= 1024"):

@@ -28,7 +28,7 @@ from pallas_kernels.triton.dpfp import (
     scatter_width,
 )
 from pallas_kernels.triton.fused_chunk import INVERSE_SPAN_CHUNKS
-from tests.helpers import assert_relative_error, normal, pallas_calls
+from tests.helpers import assert_relative_error, kernel_key_widths, normal
 from tests.helpers import dpfp_then_reference as oracle
 from tests.helpers import raw_dpfp_inputs as inputs
 from tests.helpers import scaled_results_and_grads as results_and_grads
@@ -94,14 +94,6 @@ def test_fused_chunk_computes_dpfp_on_chip_with_packed_documents(rule):
                           results_and_grads(packed_oracle, rule, args), 2e-5)
 
 
-def kernel_inputs_of(fn, *args):
-    """The widths of q and k as the fused chunk forward kernel reads them."""
-    calls = [eqn for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
-             if "fused_chunk_fwd" in str(eqn.params["name"])]
-    assert len(calls) == 1
-    return [var.aval.shape[-1] for var in calls[0].invars[1:3]]
-
-
 @pytest.mark.parametrize("features, fused, width", [
     (dj.Features("dpfp", dim=64, nu=3, normalization="sum"), True, 64),  # the kernel reads q, k at width d
     # phi(q), phi(k) computed first: 2d = 96 is no whole number of tiles (K = 96, padded); nu > 4; another map.
@@ -117,7 +109,7 @@ def test_the_dispatcher_hands_the_gpu_kernel_dpfp_it_can_compute(features, fused
         return fast_weight_pallas(q, k, v, beta, state, rule="delta", scale=1.0, chunk_size=CHUNK, interpret=True,
                                   features=features)
 
-    assert kernel_inputs_of(run, q, k, v, beta, state) == [width] * 2
+    assert kernel_key_widths(run, q, k, v, beta, state, kernel="fused_chunk") == [width] * 2
     assert (gpu_kernel_features(features) is not None) == fused
 
 

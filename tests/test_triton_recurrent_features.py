@@ -3,7 +3,6 @@ in interpret mode on the CPU, against the oracle: the library's ``Features`` app
 ``reference``. One small case runs in ``make test``; nu in 1..4 and d in {32, 64, 128}, both rules and
 every normalisation are slow."""
 
-import jax
 import jax.numpy as jnp
 import pytest
 
@@ -11,7 +10,7 @@ import dpfp_jax as dj
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas
 from pallas_kernels import fused_recurrent
 from pallas_kernels.triton.dpfp import DPFP
-from tests.helpers import assert_relative_error, pallas_calls
+from tests.helpers import assert_relative_error, kernel_key_widths
 from tests.helpers import dpfp_then_reference as oracle
 from tests.helpers import raw_dpfp_inputs as inputs
 from tests.helpers import scaled_results_and_grads as results_and_grads
@@ -45,14 +44,6 @@ def test_fused_recurrent_computes_dpfp_on_chip(rule, dim, nu, normalization, tim
     assert_relative_error(got, want, 2e-5)
 
 
-def recurrent_kernel_widths(fn, *args):
-    """The widths of q and k as the fused recurrent forward kernel reads them."""
-    calls = [eqn for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)
-             if "fused_recurrent" in str(eqn.params["name"]) and "fwd" in str(eqn.params["name"])]
-    assert len(calls) == 1
-    return [var.aval.shape[-1] for var in calls[0].invars[:2]]
-
-
 @pytest.mark.parametrize("with_resets, width", [(False, 64), pytest.param(True, 512, marks=SLOW)])
 def test_the_dispatcher_hands_the_recurrent_kernel_dpfp_without_documents(with_resets, width):
     """Below one chunk impl="pallas" on a GPU runs the fused recurrent kernel: it reads q, k at width
@@ -65,7 +56,7 @@ def test_the_dispatcher_hands_the_recurrent_kernel_dpfp_without_documents(with_r
         return fast_weight_pallas(q, k, v, beta, state, rule="delta", scale=1.0, chunk_size=16, interpret=True,
                                   features=features, resets=resets)
 
-    assert recurrent_kernel_widths(run, q, k, v, beta, state) == [width] * 2
+    assert kernel_key_widths(run, q, k, v, beta, state, kernel="fused_recurrent") == [width] * 2
 
 
 @pytest.mark.parametrize("kwargs, dim, error, message", [

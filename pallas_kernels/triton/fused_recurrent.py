@@ -1,12 +1,13 @@
 """Fused recurrent fast-weight kernels (Pallas): the counterpart of the paper's CUDA kernel.
 
 One program per (batch x head, block of BV value columns) keeps its ``[K, BV]`` slice of the fast
-weights on chip and walks time. The forward stores only the outputs, the delta rule's writes
-``u_t`` and the final state; the backward walks time in reverse, rebuilding
-``W_{t-1} = W_t - k_t u_t^T`` in-kernel, so nothing of size T x K x V is ever stored. The value
-axis splits across programs because W's columns evolve independently (each column of the delta
-rule only reads itself through ``W^T k``); gradients that sum over V (dq, dk, dbeta) come back as
-one partial per value block and are summed outside the kernel.
+weights on chip and walks time. The forward stores only the outputs, the final state and, when a
+gradient will be taken (the custom VJP's forward rule), the delta rule's writes ``u_t``; the
+backward walks time in reverse, rebuilding ``W_{t-1} = W_t - k_t u_t^T`` in-kernel, so nothing of
+size T x K x V is ever stored. The value axis splits across programs because W's columns evolve
+independently (each column of the delta rule only reads itself through ``W^T k``); gradients that
+sum over V (dq, dk, dbeta) come back as one partial per value block and are summed outside the
+kernel.
 
 K and BV are padded to powers of two (Triton's tensors need them); zero padding is inert, a zero
 key or query entry neither writes nor reads anything.
@@ -25,15 +26,15 @@ added in the forward's order, so the rebuilt states are the forward's bit for bi
 Gated (``log_decay``, ``alpha_t = exp(log_decay_t)``; delta: ``W_t = alpha_t (I - beta_t k_t k_t^T)
 W_{t-1} + beta_t k_t v_t^T``, sum: ``W_t = alpha_t W_{t-1} + k_t v_t^T``): undoing a decayed step
 would divide by alpha_t (round-off grows as 1 / alpha, and alpha = 0 has no inverse), so the reverse
-walk by subtraction is not used. The forward also stores the state entering every block of
-``N = checkpoint_block(T) = ceil(sqrt(T))`` steps; the backward, block by block in reverse, replays
-the block's N states from its checkpoint (re-adding the stored writes, decayed as in the forward)
-into a per-program scratch buffer in global memory, and walks them in reverse. Costs beside the
-ungated kernel: memory ``(T / N + N) K V`` floats per head (checkpoints and the scratch: O(sqrt(T))
-states), time one more forward pass without the recall (a scale and a rank-1 update per step) and
-two block-wide barriers per block. The gradient of log alpha_t is ``<dL/dW_a, W_a>`` with ``W_a =
-alpha_t W_{t-1}``: exact at alpha = 0, no division. A reset wins over the gate: it is passed as
-alpha = 0 (``log alpha = -inf``), whose gradient is then zero.
+walk by subtraction is not used. The forward (for a gradient) also stores the state entering every
+block of ``N = checkpoint_block(T) = ceil(sqrt(T))`` steps; the backward, block by block in reverse,
+replays the block's N states from its checkpoint (re-adding the stored writes, decayed as in the
+forward) into a per-program scratch buffer in global memory, and walks them in reverse. Costs beside
+the ungated kernel: memory ``(T / N + N) K V`` floats per head (checkpoints and the scratch:
+O(sqrt(T)) states), time one more forward pass without the recall (a scale and a rank-1 update per
+step) and two block-wide barriers per block. The gradient of log alpha_t is ``<dL/dW_a, W_a>`` with
+``W_a = alpha_t W_{t-1}``: exact at alpha = 0, no division. A reset wins over the gate: it is passed
+as alpha = 0 (``log alpha = -inf``), whose gradient is then zero.
 
 DPFP on chip (``features``): q and k are read at width d as one-row chunks ``[T, 1, d]`` and the
 kernels build phi(q_t), phi(k_t) 64 columns at a time with ``dpfp.py``'s helpers, holding the state
@@ -95,13 +96,15 @@ def _starts_document(starts_ref, t) -> Array:
 
 
 def _forward_step(t, w, q_ref, k_ref, v_ref, beta_ref, out_ref, u_ref, delta: bool) -> Array:
-    """Step t's write into ``w`` (already reset or decayed) and its output: ``W_t``."""
+    """Step t's write into ``w`` (already reset or decayed) and its output: ``W_t``; the write u_t is
+    stored when ``u_ref`` is given (the delta rule, for a backward)."""
     k_t = k_ref[t, :].astype(jnp.float32)
     v_t = v_ref[t, :].astype(jnp.float32)
     if delta:
         recall = jnp.sum(w * k_t[:, None], axis=0)
         u_t = beta_ref[t].astype(jnp.float32) * (v_t - recall)
-        u_ref[t, :] = u_t
+        if u_ref is not None:
+            u_ref[t, :] = u_t
     else:
         u_t = v_t
     w = w + k_t[:, None] * u_t[None, :]
@@ -109,11 +112,13 @@ def _forward_step(t, w, q_ref, k_ref, v_ref, beta_ref, out_ref, u_ref, delta: bo
     return w
 
 
-def _forward_kernel(*refs, delta: bool, packed: bool):
-    if packed:
-        q_ref, k_ref, v_ref, beta_ref, starts_ref, w0_ref, out_ref, u_ref, w_ref = refs
-    else:
-        q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref = refs
+def _forward_kernel(*refs, delta: bool, packed: bool, keep_writes: bool):
+    refs = iter(refs)
+    q_ref, k_ref, v_ref, beta_ref = (next(refs) for _ in range(4))
+    starts_ref = next(refs) if packed else None
+    w0_ref, out_ref = next(refs), next(refs)
+    u_ref = next(refs) if keep_writes else None
+    w_ref = next(refs)
     length = q_ref.shape[0]
 
     def step(t, w):
@@ -124,21 +129,30 @@ def _forward_kernel(*refs, delta: bool, packed: bool):
     w_ref[...] = lax.fori_loop(0, length, step, w0_ref[...].astype(jnp.float32))
 
 
-def _gated_forward_kernel(q_ref, k_ref, v_ref, beta_ref, log_decay_ref, w0_ref, out_ref, u_ref, checkpoints_ref,
-                          w_ref, *, delta: bool, block: int):
-    """The gated forward: ``W_{t-1}`` decays by ``alpha_t = exp(log_decay_t)`` before step t's write,
-    and the state entering every block of ``block`` steps is stored (``checkpoints``) for the backward."""
+def _gated_forward_kernel(*refs, delta: bool, keep_writes: bool, block: int | None):
+    """The gated forward: ``W_{t-1}`` decays by ``alpha_t = exp(log_decay_t)`` before step t's write;
+    for the backward, the state entering every block of ``block`` steps is stored (``checkpoints``;
+    none when ``block`` is None) and with ``keep_writes`` the writes u."""
+    refs = iter(refs)
+    q_ref, k_ref, v_ref, beta_ref, log_decay_ref, w0_ref, out_ref = (next(refs) for _ in range(7))
+    u_ref = next(refs) if keep_writes else None
+    checkpoints_ref = next(refs) if block is not None else None
+    w_ref = next(refs)
+    w0 = w0_ref[...].astype(jnp.float32)
 
     def step(t, w):
         w = jnp.exp(log_decay_ref[t]) * w
         return _forward_step(t, w, q_ref, k_ref, v_ref, beta_ref, out_ref, u_ref, delta)
 
+    if checkpoints_ref is None:
+        w_ref[...] = lax.fori_loop(0, q_ref.shape[0], step, w0)
+        return
+
     def block_step(b, w):
         checkpoints_ref[b] = w
         return lax.fori_loop(b * block, (b + 1) * block, step, w)
 
-    num_blocks = q_ref.shape[0] // block
-    w_ref[...] = lax.fori_loop(0, num_blocks, block_step, w0_ref[...].astype(jnp.float32))
+    w_ref[...] = lax.fori_loop(0, q_ref.shape[0] // block, block_step, w0)
 
 
 class _Steps(NamedTuple):
@@ -281,9 +295,13 @@ def _dpfp_tiles(x_ref, t, features: DPFP, num_tiles: int) -> tuple[list[Array], 
     return [row.T for row in rows], scale
 
 
-def _dpfp_forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, w_ref, *, delta: bool,
-                         features: DPFP):
-    """The forward with DPFP on chip: q, k read at width d (``[T, 1, d]``), the state as key tiles."""
+def _dpfp_forward_kernel(*refs, delta: bool, keep_writes: bool, features: DPFP):
+    """The forward with DPFP on chip: q, k read at width d (``[T, 1, d]``), the state as key tiles;
+    the writes u stored with ``keep_writes``."""
+    refs = iter(refs)
+    q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref = (next(refs) for _ in range(6))
+    u_ref = next(refs) if keep_writes else None
+    w_ref = next(refs)
     tiles = key_tiles(w0_ref.shape[0])
 
     def step(t, w):
@@ -292,7 +310,8 @@ def _dpfp_forward_kernel(q_ref, k_ref, v_ref, beta_ref, w0_ref, out_ref, u_ref, 
         if delta:
             recall = sum(jnp.sum(w_tile * k_col, axis=0) for w_tile, k_col in zip(w, k_cols, strict=True))
             u_t = beta_ref[t].astype(jnp.float32) * (v_t - recall)
-            u_ref[t, :] = u_t
+            if u_ref is not None:
+                u_ref[t, :] = u_t
         else:
             u_t = v_t
         w = tuple(w_tile + k_col * u_t[None, :] for w_tile, k_col in zip(w, k_cols, strict=True))
@@ -387,33 +406,40 @@ def _specs(length: int, key_dim: int, value_dim: int) -> _Specs:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(rule: str, interpret: bool, q, k, v, beta, w0, starts):
     """``starts [B * H, T]`` int32 (the step each step's document starts at, -1 in the row's first
-    document) or None."""
-    (out, final_state), _ = _fused_forward(rule, interpret, q, k, v, beta, w0, starts)
+    document) or None. Without a gradient to take, the writes u are not stored."""
+    out, _, final_state = _forward(rule, interpret, q, k, v, beta, w0, starts, keep_writes=False)
     return out, final_state
 
 
 def _fused_forward(rule, interpret, q, k, v, beta, w0, starts):
+    out, u, final_state = _forward(rule, interpret, q, k, v, beta, w0, starts, keep_writes=True)
+    # w0 is kept only with documents: the backward walks the row's first one forward from it.
+    return (out, final_state), (q, k, v, beta, u, final_state, starts, w0 if starts is not None else None)
+
+
+def _forward(rule, interpret, q, k, v, beta, w0, starts, *, keep_writes: bool):
+    """The forward kernel: ``(out, u or None, final_state)``; u (the writes, float32) only if
+    ``keep_writes`` and the rule is delta (the backward rebuilds states from it)."""
     delta, packed = rule == "delta", starts is not None
+    keep_writes = keep_writes and delta
     bh, length, key_dim = q.shape
     value_dim = v.shape[-1]
     specs = _specs(length, key_dim, value_dim)
     keys, values, per_step, state = specs.keys, specs.values, specs.per_step, specs.state
     beta_in = beta if delta else jnp.zeros((bh, length), jnp.float32)
-    out, u, final_state = pl.pallas_call(
-        functools.partial(_forward_kernel, delta=delta, packed=packed),
+    results = pl.pallas_call(
+        functools.partial(_forward_kernel, delta=delta, packed=packed, keep_writes=keep_writes),
         out_shape=(jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32),
+                   *([jax.ShapeDtypeStruct((bh, length, value_dim), jnp.float32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((bh, key_dim, value_dim), jnp.float32)),
         grid=(bh, specs.blocks),
         in_specs=[keys, keys, values, per_step, *([per_step] if packed else []), state],
-        out_specs=(values, values, state),
+        out_specs=(values, *([values] if keep_writes else []), state),
         compiler_params=compiler_params(warps_for_state(key_dim * specs.block)),
         interpret=interpret,
         name="fast_weight_fused_recurrent_fwd",
     )(q, k, v, beta_in, *([starts] if packed else []), w0)
-    # w0 is kept only with documents: the backward walks the row's first one forward from it.
-    return (out, final_state), (q, k, v, beta, u if delta else None, final_state, starts,
-                                w0 if packed else None)
+    return results[0], results[1] if keep_writes else None, results[-1]
 
 
 def _fused_forward_rule(rule, interpret, *primals):
@@ -455,8 +481,9 @@ _fused.defvjp(_fused_forward_rule, _fused_backward, symbolic_zeros=True)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused_dpfp(rule: str, interpret: bool, features: DPFP, q, k, v, beta, w0):
     """DPFP on chip: q, k raw ``[B * H, T, 1, d]`` (a one-row chunk per step, as ``dpfp.py``'s tiles
-    read them), the state ``[B * H, K, V]`` with K = 2·nu·d."""
-    (out, final_state), _ = _fused_dpfp_forward(rule, interpret, features, q, k, v, beta, w0)
+    read them), the state ``[B * H, K, V]`` with K = 2·nu·d. Without a gradient to take, the writes u
+    are not stored."""
+    out, _, final_state = _dpfp_forward(rule, interpret, features, q, k, v, beta, w0, keep_writes=False)
     return out, final_state
 
 
@@ -466,25 +493,33 @@ def _raw_spec(length: int, width: int) -> pl.BlockSpec:
 
 
 def _fused_dpfp_forward(rule, interpret, features, q, k, v, beta, w0):
+    out, u, final_state = _dpfp_forward(rule, interpret, features, q, k, v, beta, w0, keep_writes=True)
+    return (out, final_state), (q, k, v, beta, u, final_state)
+
+
+def _dpfp_forward(rule, interpret, features, q, k, v, beta, w0, *, keep_writes: bool):
+    """The DPFP forward kernel: ``(out, u or None, final_state)``, u only if ``keep_writes`` and the
+    rule is delta."""
     delta = rule == "delta"
+    keep_writes = keep_writes and delta
     bh, length, _, dim = q.shape
     key_dim, value_dim = w0.shape[1:]
     specs = _specs(length, key_dim, value_dim)
     raw = _raw_spec(length, dim)
     f32 = jnp.float32
-    out, u, final_state = pl.pallas_call(
-        functools.partial(_dpfp_forward_kernel, delta=delta, features=features),
+    results = pl.pallas_call(
+        functools.partial(_dpfp_forward_kernel, delta=delta, keep_writes=keep_writes, features=features),
         out_shape=(jax.ShapeDtypeStruct((bh, length, value_dim), f32),
-                   jax.ShapeDtypeStruct((bh, length, value_dim), f32),
+                   *([jax.ShapeDtypeStruct((bh, length, value_dim), f32)] if keep_writes else []),
                    jax.ShapeDtypeStruct((bh, key_dim, value_dim), f32)),
         grid=(bh, specs.blocks),
         in_specs=[raw, raw, specs.values, specs.per_step, specs.state],
-        out_specs=(specs.values, specs.values, specs.state),
+        out_specs=(specs.values, *([specs.values] if keep_writes else []), specs.state),
         compiler_params=compiler_params(warps_for_state(key_dim * specs.block)),
         interpret=interpret,
         name="fast_weight_fused_recurrent_dpfp_fwd",
     )(q, k, v, beta if delta else jnp.zeros((bh, length), f32), w0)
-    return (out, final_state), (q, k, v, beta, u if delta else None, final_state)
+    return results[0], results[1] if keep_writes else None, results[-1]
 
 
 def _fused_dpfp_forward_rule(rule, interpret, features, *primals):
@@ -541,13 +576,23 @@ def checkpoint_block(length: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused_gated(rule: str, interpret: bool, block: int, q, k, v, beta, log_decay, w0):
-    """Gated, T a multiple of ``block``: ``log_decay [B * H, T]`` float32 (``-inf`` at a reset)."""
-    (out, final_state), _ = _fused_gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0)
+    """Gated, T a multiple of ``block``: ``log_decay [B * H, T]`` float32 (``-inf`` at a reset).
+    Without a gradient to take, the writes u and the checkpointed states are not stored."""
+    out, _, _, final_state = _gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0, keep_writes=False)
     return out, final_state
 
 
 def _fused_gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0):
+    out, u, checkpoint_states, final_state = _gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0,
+                                                            keep_writes=True)
+    return (out, final_state), (q, k, v, beta, log_decay, u, checkpoint_states)
+
+
+def _gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0, *, keep_writes: bool):
+    """The gated forward kernel: ``(out, u or None, checkpoints or None, final_state)``; with
+    ``keep_writes`` the checkpointed states ``[B * H, T / block, K, V]`` and, delta rule, u."""
     delta = rule == "delta"
+    keep_states, keep_writes = keep_writes, keep_writes and delta
     bh, length, key_dim = q.shape
     value_dim = v.shape[-1]
     num_checkpoints = length // block
@@ -555,20 +600,24 @@ def _fused_gated_forward(rule, interpret, block, q, k, v, beta, log_decay, w0):
     keys, values, per_step, state = specs.keys, specs.values, specs.per_step, specs.state
     beta_in = beta if delta else jnp.zeros((bh, length), jnp.float32)
     f32 = jnp.float32
-    out, u, checkpoint_states, final_state = pl.pallas_call(
-        functools.partial(_gated_forward_kernel, delta=delta, block=block),
+    checkpoints = [specs.states(num_checkpoints)] if keep_states else []
+    results = list(pl.pallas_call(
+        functools.partial(_gated_forward_kernel, delta=delta, keep_writes=keep_writes,
+                          block=block if keep_states else None),
         out_shape=(jax.ShapeDtypeStruct((bh, length, value_dim), f32),
-                   jax.ShapeDtypeStruct((bh, length, value_dim), f32),
-                   jax.ShapeDtypeStruct((bh, num_checkpoints, key_dim, value_dim), f32),
+                   *([jax.ShapeDtypeStruct((bh, length, value_dim), f32)] if keep_writes else []),
+                   *([jax.ShapeDtypeStruct((bh, num_checkpoints, key_dim, value_dim), f32)] if keep_states else []),
                    jax.ShapeDtypeStruct((bh, key_dim, value_dim), f32)),
         grid=(bh, specs.blocks),
         in_specs=[keys, keys, values, per_step, per_step, state],
-        out_specs=(values, values, specs.states(num_checkpoints), state),
+        out_specs=(values, *([values] if keep_writes else []), *checkpoints, state),
         compiler_params=compiler_params(warps_for_state(key_dim * specs.block)),
         interpret=interpret,
         name="fast_weight_fused_recurrent_gated_fwd",
-    )(q, k, v, beta_in, log_decay, w0)
-    return (out, final_state), (q, k, v, beta, log_decay, u if delta else None, checkpoint_states)
+    )(q, k, v, beta_in, log_decay, w0))
+    out, final_state = results.pop(0), results.pop()
+    u = results.pop(0) if keep_writes else None
+    return out, u, results.pop(0) if keep_states else None, final_state
 
 
 def _fused_gated_forward_rule(rule, interpret, block, *primals):
@@ -672,6 +721,7 @@ def fused_recurrent(
         return _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state)
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
+    sizes = (batch, length, heads, key_dim, value_dim)
     k_pad, _, v_pad = padded_sizes(key_dim, value_dim)
     f32 = jnp.float32
     # q, k and v reach the kernel in their own dtype (bfloat16 stays bfloat16 in memory); it
@@ -681,8 +731,7 @@ def fused_recurrent(
     w0 = initial_state.astype(f32).reshape(batch * heads, key_dim, value_dim)
     w0 = pad_state(w0, k_pad, v_pad)
     if log_decay is not None:
-        return _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets,
-                           (batch, heads, key_dim, value_dim))
+        return _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets, sizes)
     starts = None
     if resets is not None:
         # Per step, the step its document starts at (-1 in the row's first, which starts from
@@ -690,15 +739,21 @@ def fused_recurrent(
         steps = jnp.arange(length, dtype=jnp.int32)
         starts = lax.cummax(jnp.where(resets, steps, -1), axis=1)
         starts = jnp.repeat(starts, heads, axis=0)  # [B * H, T], as _heads_major orders rows
-    out, final_state = _fused(rule, interpret, qh, kh, vh, betah, w0, starts)
-    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
+    return _results(_fused(rule, interpret, qh, kh, vh, betah, w0, starts), scale, sizes, v.dtype)
+
+
+def _results(results: tuple[Array, Array], scale, sizes: tuple[int, ...], dtype) -> tuple[Array, Array]:
+    """The kernels' heads-major padded ``(out, final_state)`` as :func:`fused_recurrent` returns them:
+    ``(scale * out [B, T, H, V] in dtype, final_state [B, H, K, V])``; ``sizes = (B, T, H, K, V)``."""
+    out, final_state = results
+    batch, length, heads, key_dim, value_dim = sizes
+    out = jnp.moveaxis((out[:, :length, :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
     final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(v.dtype), final_state
+    return out.astype(dtype), final_state
 
 
 def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets, sizes):
     """:func:`fused_recurrent` with a gate, on the heads-major padded arrays."""
-    batch, heads, key_dim, value_dim = sizes
     length = qh.shape[1]
     log_decay = log_decay.astype(jnp.float32)
     if resets is not None:
@@ -709,10 +764,7 @@ def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets
     # Padded steps are inert: zero q, k, v and beta, log alpha = 0 (alpha = 1).
     qh, kh, vh, betah, log_decay = (None if x is None else pad_to(x, 1, padded)
                                     for x in (qh, kh, vh, betah, log_decay))
-    out, final_state = _fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0)
-    out = jnp.moveaxis((out[:, :length, :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
-    final_state = final_state[:, :key_dim, :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(vh.dtype), final_state
+    return _results(_fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0), scale, sizes, vh.dtype)
 
 
 def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
@@ -723,7 +775,5 @@ def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
     qh, kh = (_heads_major(x).reshape(batch * heads, length, 1, dim) for x in (q, k))
     betah = None if beta is None else _heads_major(beta.astype(jnp.float32))
     w0 = pad_to(initial_state.astype(jnp.float32).reshape(batch * heads, key_dim, value_dim), 2, v_pad)
-    out, final_state = _fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0)
-    out = jnp.moveaxis((out[..., :value_dim] * scale).reshape(batch, heads, length, value_dim), 1, 2)
-    final_state = final_state[..., :value_dim].reshape(batch, heads, key_dim, value_dim)
-    return out.astype(v.dtype), final_state
+    return _results(_fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0), scale,
+                    (batch, length, heads, key_dim, value_dim), v.dtype)
