@@ -17,6 +17,7 @@ import dpfp_jax as dj
 from dpfp_jax.ops.fast_weight.pallas import fast_weight_pallas, gpu_kernel_features
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
+from pallas_kernels.triton import fused_chunk as fused_chunk_module
 from pallas_kernels.triton.dpfp import (
     DPFP,
     MARGIN,
@@ -45,26 +46,32 @@ def on_chip(rule, nu, normalization):
 
 
 def cases():
-    # The one make-test case, small: one head, K = 64 (one tile), every gradient, the delta rule's
-    # stored writes, and two chunks, so the backward's walks (the scores kernel's forward one, the
-    # main kernel's reverse one) carry a state from one chunk to the next.
-    yield "delta", 32, 1, "sum", 2 * CHUNK, []
-    # The WY inverse's phi(k) is computed a span of INVERSE_SPAN_CHUNKS chunks at a time: one whole
-    # span and a shorter last one.
-    yield "delta", 32, 1, "sum", (INVERSE_SPAN_CHUNKS + 1) * CHUNK + 5, [SLOW]
+    """``(rule, dim, nu, normalization, time, span, marks)``; ``span``: the WY inverse's
+    INVERSE_SPAN_CHUNKS for the case (None: the module's)."""
+    # The make-test cases, small: one head, K = 64 (one tile), every gradient. The delta rule's over
+    # two chunks, so the backward's walks (the scores kernel's forward one, the main kernel's
+    # reverse one) carry a state from one chunk to the next, and with spans of one chunk, so the
+    # WY inverse's phi(k) goes through lax.map's scan and its checkpoint; the sum rule's, where
+    # the scores kernel reads v for the writes, over one chunk.
+    yield "delta", 32, 1, "sum", 2 * CHUNK, 1, []
+    yield "sum", 32, 1, "sum", CHUNK, None, []
+    # One whole span of INVERSE_SPAN_CHUNKS chunks and a shorter last one.
+    yield "delta", 32, 1, "sum", (INVERSE_SPAN_CHUNKS + 1) * CHUNK + 5, None, [SLOW]
     for rule in ("delta", "sum"):
         # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
                                        (96, 1, "l2"), (128, 2, "l2"), (128, 4, "sum")):
-            yield rule, dim, nu, normalization, 37, [SLOW]
+            yield rule, dim, nu, normalization, 37, None, [SLOW]
 
 
-@pytest.mark.parametrize("rule, dim, nu, normalization, time",
-                         [pytest.param(*case[:5], marks=case[5]) for case in cases()])
-def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time):
+@pytest.mark.parametrize("rule, dim, nu, normalization, time, span",
+                         [pytest.param(*case[:6], marks=case[6]) for case in cases()])
+def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time, span, monkeypatch):
+    if span is not None:  # read when the kernel's caller is traced
+        monkeypatch.setattr(fused_chunk_module, "INVERSE_SPAN_CHUNKS", span)
     # Unnormalised features of unit Gaussians have beta |phi(k)|^2 far above the delta rule's bound
     # of 2 (the state, and every error, grows exponentially): smaller inputs keep it below 1.
-    heads = 1 if time == 2 * CHUNK else 2  # one head in the make-test case
+    heads = 1 if time <= 2 * CHUNK else 2  # one head in the make-test cases
     args = inputs(rule, dim, nu, time, heads=heads, spread=0.3 if normalization == "none" else 1.0)
     got = results_and_grads(on_chip(rule, nu, normalization), rule, args)
     want = results_and_grads(oracle(rule, dim, nu, normalization), rule, args)

@@ -255,10 +255,11 @@ def feature_dots(g: Array, x: Array) -> Array:
     return 0.5 * jnp.sum(_positions(g) * a, axis=-1)
 
 
-def map_gradient(features: DPFP, g: Array, x: Array) -> Array:
+def map_gradient(features: DPFP, g: Array, x: Array, dots: Array | None = None) -> Array:
     """dL/dx, float32, from the scatter buffer ``g [..., scatter_width(d)]`` the kernels filled with
     ``J^T (s h)`` (h = dL/dphi_n) and the raw inputs ``x [..., d]``: :func:`input_gradient` plus the
-    normalisation's part (:func:`normalization_gradient` of :func:`feature_dots`).
+    normalisation's part (:func:`normalization_gradient` of ``dots``, :func:`feature_dots` unless
+    the caller has them already).
 
     Example: the scatter buffer of one row, filled tile by tile as the kernels do, gives the map's VJP.
         >>> import jax, jax.numpy as jnp
@@ -271,7 +272,7 @@ def map_gradient(features: DPFP, g: Array, x: Array) -> Array:
         >>> bool(jnp.allclose(map_gradient(phi, g, x), jax.vjp(phi, x)[1](h)[0], atol=1e-6))
         True
     """
-    return input_gradient(g, x) + normalization_gradient(features, x, feature_dots(g, x))
+    return input_gradient(g, x) + normalization_gradient(features, x, feature_dots(g, x) if dots is None else dots)
 
 
 def check_features(features: object, dim: int, max_key_dim: int) -> int:

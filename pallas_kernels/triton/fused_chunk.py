@@ -665,8 +665,9 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         dk_buffer, dtb = results[0], (results[1] if delta else None)
         # dL/d(scale phi_n(q)) came back as a scatter buffer: <phi_n(q), it> per step from the
         # buffer (feature_dots), and the normalisation's part of the map's VJP in XLA, at width 2d.
-        d_scale = jnp.sum(feature_dots(dq_buffer, q)).reshape(1)
-        dq, dk = map_gradient(features, dq_buffer, q), map_gradient(features, dk_buffer, k)
+        q_dots = feature_dots(dq_buffer, q)
+        d_scale = jnp.sum(q_dots).reshape(1)
+        dq, dk = map_gradient(features, dq_buffer, q, q_dots), map_gradient(features, dk_buffer, k)
     dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     return d_scale, dq, dk, dv, dtb, d_w0, None, d_gate
 
@@ -870,14 +871,10 @@ def fused_chunk(
         else:
             # The Gram matrices need phi(k), K wide: XLA computes it a span of chunks at a time, and
             # again in the backward (each span checkpointed), so no K-wide array outlives its span.
-            # Over every chunk at once, phi(k) in float32 and its gradient took about 1 GB of an
-            # H200 training step's temporaries at B=8, T=4096, H=8, K=384 (reports/features_memory.md).
-            def chunks_first(x, axis):
-                return None if x is None else jnp.moveaxis(x, axis, 0)
-
-            inverse = lax.map(jax.checkpoint(lambda xs: inverse_of(*xs)),
-                              (chunks_first(keys, 2), chunks_first(beta_c, 2), [chunks_first(m, 2) for m in masks],
-                               None if gate is None else tuple(chunks_first(x, 2) for x in gate)),
+            # Over every chunk at once, an H200 training step at B=8, T=4096, H=8, K=384 needed
+            # 1072 MB more temporaries (reports/features_memory.md): phi(k) alone is 402 MB there.
+            chunks_first = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), (keys, beta_c, masks, gate))
+            inverse = lax.map(jax.checkpoint(lambda xs: inverse_of(*xs)), chunks_first,
                               batch_size=INVERSE_SPAN_CHUNKS)
             inverse = jnp.moveaxis(inverse, 0, 2)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))

@@ -38,8 +38,9 @@ as alpha = 0 (``log alpha = -inf``), whose gradient is then zero.
 
 DPFP on chip (``features``): q and k are read at width d as one-row chunks ``[T, 1, d]`` and the
 kernels build phi(q_t), phi(k_t) 64 columns at a time with ``dpfp.py``'s helpers, holding the state
-as ``K / 64`` tiles of ``[64, BV]``; the backward scatters the map's VJP per step into ``[T, 1, 2d]``
-buffers with atomic adds (every value block's program adds into the same ones).
+as ``K / 64`` tiles of ``[64, BV]``; the backward scatters the map's VJP per step into
+``[T, 1, scatter_width(d)]`` (4 + 2d) buffers with atomic adds (every value block's program adds into
+the same ones), and ``dpfp.map_gradient`` adds the rest in XLA.
 
 Reached through ``dpfp_jax.fast_weight(..., impl="pallas")`` on a GPU, or directly with
 ``fused_recurrent(..., interpret=True)`` anywhere (Pallas's interpreter, for tests on the CPU).
@@ -739,10 +740,10 @@ def fused_recurrent(
         steps = jnp.arange(length, dtype=jnp.int32)
         starts = lax.cummax(jnp.where(resets, steps, -1), axis=1)
         starts = jnp.repeat(starts, heads, axis=0)  # [B * H, T], as _heads_major orders rows
-    return _results(_fused(rule, interpret, qh, kh, vh, betah, w0, starts), scale, sizes, v.dtype)
+    return _unpadded_results(_fused(rule, interpret, qh, kh, vh, betah, w0, starts), scale, sizes, v.dtype)
 
 
-def _results(results: tuple[Array, Array], scale, sizes: tuple[int, ...], dtype) -> tuple[Array, Array]:
+def _unpadded_results(results: tuple[Array, Array], scale, sizes: tuple[int, ...], dtype) -> tuple[Array, Array]:
     """The kernels' heads-major padded ``(out, final_state)`` as :func:`fused_recurrent` returns them:
     ``(scale * out [B, T, H, V] in dtype, final_state [B, H, K, V])``; ``sizes = (B, T, H, K, V)``."""
     out, final_state = results
@@ -764,7 +765,8 @@ def _gated_call(rule, interpret, scale, qh, kh, vh, betah, w0, log_decay, resets
     # Padded steps are inert: zero q, k, v and beta, log alpha = 0 (alpha = 1).
     qh, kh, vh, betah, log_decay = (None if x is None else pad_to(x, 1, padded)
                                     for x in (qh, kh, vh, betah, log_decay))
-    return _results(_fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0), scale, sizes, vh.dtype)
+    return _unpadded_results(_fused_gated(rule, interpret, block, qh, kh, vh, betah, log_decay, w0), scale, sizes,
+                             vh.dtype)
 
 
 def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
@@ -775,5 +777,5 @@ def _dpfp_call(rule, interpret, scale, features, q, k, v, beta, initial_state):
     qh, kh = (_heads_major(x).reshape(batch * heads, length, 1, dim) for x in (q, k))
     betah = None if beta is None else _heads_major(beta.astype(jnp.float32))
     w0 = pad_to(initial_state.astype(jnp.float32).reshape(batch * heads, key_dim, value_dim), 2, v_pad)
-    return _results(_fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0), scale,
+    return _unpadded_results(_fused_dpfp(rule, interpret, features, qh, kh, _heads_major(v, v_pad), betah, w0), scale,
                     (batch, length, heads, key_dim, value_dim), v.dtype)
