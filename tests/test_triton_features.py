@@ -28,7 +28,7 @@ from pallas_kernels.triton.dpfp import (
     map_gradient,
     scatter_width,
 )
-from pallas_kernels.triton.fused_chunk import INVERSE_SPAN_CHUNKS
+from pallas_kernels.triton.fused_chunk import SPAN_CHUNKS
 from tests.helpers import assert_relative_error, kernel_key_widths, normal
 from tests.helpers import dpfp_then_reference as oracle
 from tests.helpers import raw_dpfp_inputs as inputs
@@ -47,16 +47,16 @@ def on_chip(rule, nu, normalization):
 
 def cases():
     """``(rule, dim, nu, normalization, time, span, marks)``; ``span``: the WY inverse's
-    INVERSE_SPAN_CHUNKS for the case (None: the module's)."""
+    SPAN_CHUNKS for the case (None: the module's)."""
     # The make-test cases, small: one head, K = 64 (one tile), every gradient. The delta rule's over
     # two chunks, so the backward's walks (the scores kernel's forward one, the main kernel's
     # reverse one) carry a state from one chunk to the next, and with spans of one chunk, so the
-    # WY inverse's phi(k) goes through lax.map's scan and its checkpoint; the sum rule's, where
+    # WY inverse's phi(k) (checkpointed) and the map's VJP go through lax.map's scan; the sum rule's, where
     # the scores kernel reads v for the writes, over one chunk.
     yield "delta", 32, 1, "sum", 2 * CHUNK, 1, []
     yield "sum", 32, 1, "sum", CHUNK, None, []
-    # One whole span of INVERSE_SPAN_CHUNKS chunks and a shorter last one.
-    yield "delta", 32, 1, "sum", (INVERSE_SPAN_CHUNKS + 1) * CHUNK + 5, None, [SLOW]
+    # One whole span of SPAN_CHUNKS chunks and a shorter last one.
+    yield "delta", 32, 1, "sum", (SPAN_CHUNKS + 1) * CHUNK + 5, None, [SLOW]
     for rule in ("delta", "sum"):
         # d = 96: 2d = 192 is three tiles, the middle one straddling a's sign change at d.
         for dim, nu, normalization in ((32, 2, "l2"), (32, 4, "sum"), (64, 1, "none"), (64, 3, "sum"),
@@ -68,7 +68,7 @@ def cases():
                          [pytest.param(*case[:6], marks=case[6]) for case in cases()])
 def test_fused_chunk_computes_dpfp_on_chip(rule, dim, nu, normalization, time, span, monkeypatch):
     if span is not None:  # read when the kernel's caller is traced
-        monkeypatch.setattr(fused_chunk_module, "INVERSE_SPAN_CHUNKS", span)
+        monkeypatch.setattr(fused_chunk_module, "SPAN_CHUNKS", span)
     # Unnormalised features of unit Gaussians have beta |phi(k)|^2 far above the delta rule's bound
     # of 2 (the state, and every error, grows exponentially): smaller inputs keep it below 1.
     heads = 1 if time <= 2 * CHUNK else 2  # one head in the make-test cases

@@ -22,7 +22,7 @@ from dpfp_jax.ops.fast_weight.segments import resets_of
 from dpfp_jax.ops.fast_weight.wy import wy_inverse
 from pallas_kernels import fused_chunk
 from pallas_kernels.triton.dpfp import DPFP
-from pallas_kernels.triton.fused_chunk import INVERSE_SPAN_CHUNKS
+from pallas_kernels.triton.fused_chunk import SPAN_CHUNKS
 from tests import helpers
 from tests.helpers import (
     DIFF_ARGS,
@@ -144,8 +144,8 @@ def test_with_packed_documents_a_reset_wins_over_the_gate(rule, through):
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 def test_dpfp_on_chip(rule):
     phi = dj.Features("dpfp", dim=32, nu=2, normalization="sum")
-    # The delta rule's WY inverse takes phi(k) a span of INVERSE_SPAN_CHUNKS chunks at a time: two spans.
-    time = 37 if rule == "sum" else (INVERSE_SPAN_CHUNKS + 1) * CHUNK + 5
+    # The delta rule's WY inverse takes phi(k) a span of SPAN_CHUNKS chunks at a time: two spans.
+    time = 37 if rule == "sum" else (SPAN_CHUNKS + 1) * CHUNK + 5
     check(rule, "mixed", features=phi, fn=kernel(rule, features=DPFP(2, "sum")), key_dim=32, state_key_dim=128,
           time=time)
 

@@ -100,9 +100,20 @@ Array = jax.Array
 # fill 128 of an H200's 132 SMs with two blocks, 64 with one.
 FORWARD_STATE_BUDGET = 4_096
 BACKWARD_STATE_BUDGET = 4_096
-# With features, the WY inverse's phi(k) is computed by XLA this many chunks at a time (512 steps
-# at the default chunk size, the XLA chunk form's span).
-INVERSE_SPAN_CHUNKS = 8
+# With features, XLA's K-wide and 2d-wide work (the WY inverse's phi(k), the map's VJP after the
+# backward kernels) is done this many chunks at a time (512 steps at the default chunk size, the
+# XLA chunk form's span): over every chunk at once, an H200 training step at B=8, T=4096, H=8,
+# d=64, nu=3 needed 2529.2 MB of temporaries, span by span 872.9 MB (reports/features_memory.md).
+SPAN_CHUNKS = 8
+
+
+def _span_by_span(fn: Callable, args, axis: int):
+    """``fn(*args)`` computed ``SPAN_CHUNKS`` chunks at a time (``lax.map``): every array in
+    ``args`` (a pytree; None is no array) has its chunks on axis ``axis``, and so has every result.
+    fn sees one chunk's slices (vmapped over a span)."""
+    results = lax.map(lambda xs: fn(*xs), jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), args),
+                      batch_size=SPAN_CHUNKS)
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), results)
 
 
 def _tril(scores: Array, same: Array | None = None) -> Array:
@@ -661,14 +672,19 @@ def _fused_chunk_backward(interpret, precise, launch, residuals, cotangents):
         dtb = results[2] if delta else None
         # results[0] is dL/d(scale * q): the output is linear in q, so dL/dscale = <q, dL/d(scale * q)>.
         d_scale = jnp.sum(q.astype(f32) * dq).reshape(1)
+        dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     else:
         dk_buffer, dtb = results[0], (results[1] if delta else None)
-        # dL/d(scale phi_n(q)) came back as a scatter buffer: <phi_n(q), it> per step from the
-        # buffer (feature_dots), and the normalisation's part of the map's VJP in XLA, at width 2d.
-        q_dots = feature_dots(dq_buffer, q)
+
+        def map_back(dq_buffer, dk_buffer, q, k):
+            # dL/d(scale phi_n(q)) came back as a scatter buffer: <phi_n(q), it> per step from the
+            # buffer (feature_dots, which gives dL/dscale), and the rest of the map's VJP at width 2d.
+            q_dots = feature_dots(dq_buffer, q)
+            dq = (scale[0] * map_gradient(features, dq_buffer, q, q_dots)).astype(q.dtype)
+            return dq, map_gradient(features, dk_buffer, k).astype(k.dtype), q_dots
+
+        dq, dk, q_dots = _span_by_span(map_back, (dq_buffer, dk_buffer, q, k), axis=1)
         d_scale = jnp.sum(q_dots).reshape(1)
-        dq, dk = map_gradient(features, dq_buffer, q, q_dots), map_gradient(features, dk_buffer, k)
-    dq, dk = (scale[0] * dq).astype(q.dtype), dk.astype(k.dtype)
     return d_scale, dq, dk, dv, dtb, d_w0, None, d_gate
 
 
@@ -772,8 +788,8 @@ def fused_chunk(
     ``[B, T, H, d]`` (d a multiple of 32) and the kernels compute ``phi(q)``, ``phi(k)`` (K =
     2·nu·d, the state's K) tile by tile on chip, forward and backward (``dpfp.py`` says how); dq,
     dk come back at width d. For the delta rule the per-chunk Gram matrices that ``wy_inverse``
-    takes are still computed by XLA, from ``features(k)``, ``INVERSE_SPAN_CHUNKS`` chunks at a time
-    (recomputed in the backward, not kept).
+    takes are still computed by XLA, from ``features(k)``, ``SPAN_CHUNKS`` chunks at a time
+    (recomputed in the backward, not kept), as is the map's VJP after the backward kernels.
     The backward is then two kernels, to spill fewer registers (``_scores_kernel``): it keeps
     ``initial_state`` for the first one's forward walk over the stored writes, and reads q, k, the
     writes and the output's cotangent twice, building phi's tiles (and k's once more per chunk to
@@ -871,12 +887,7 @@ def fused_chunk(
         else:
             # The Gram matrices need phi(k), K wide: XLA computes it a span of chunks at a time, and
             # again in the backward (each span checkpointed), so no K-wide array outlives its span.
-            # Over every chunk at once, an H200 training step at B=8, T=4096, H=8, K=384 needed
-            # 1072 MB more temporaries (reports/features_memory.md): phi(k) alone is 402 MB there.
-            chunks_first = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), (keys, beta_c, masks, gate))
-            inverse = lax.map(jax.checkpoint(lambda xs: inverse_of(*xs)), chunks_first,
-                              batch_size=INVERSE_SPAN_CHUNKS)
-            inverse = jnp.moveaxis(inverse, 0, 2)
+            inverse = _span_by_span(jax.checkpoint(inverse_of), (keys, beta_c, masks, gate), axis=2)
         check_wy_inverse_result(inverse, (*beta_c.shape, chunk_size))
         tb = inverse * beta_c[..., None, :]
         tb = tb.reshape(batch * heads, *tb.shape[2:])
