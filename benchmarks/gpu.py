@@ -59,6 +59,11 @@ from dpfp_devtools.workloads import (  # noqa: E402
 )
 
 
+def failure(err: Exception) -> str:
+    """A table row's text for a contender that could not compile or run: the error's type and first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
 def jax_calls(fn: Callable, args: tuple) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward+backward) of a JAX contender as calls that return once the device is done."""
     forward, backward = forward_and_backward(fn, len(args))
@@ -163,7 +168,7 @@ def deviceless_memory(gpu: str) -> int:
                 forward, backward = (compile_for_gpu(f, *args, gpu=gpu) for f in forward_and_backward(fn, len(args)))
                 rows[name] = (forward.temp_bytes / 1e6, backward.temp_bytes / 1e6, backward.peak_bytes / 1e6)
             except Exception as err:  # noqa: BLE001 - a path that cannot compile is a result
-                rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                rows[name] = failure(err)
                 failures += name.startswith("ours") and fits_on_chip(fn, key_dim, jnp.bfloat16)
         print_ratio_table(rows, ("fwd temp MB", "fwd+bwd temp MB", "fwd+bwd peak MB"), {"peak": 2},
                           ("ours chunk", "jla mosaic_gpu deltanet"), digits=1)
@@ -209,7 +214,7 @@ def deviceless_features_memory(gpu: str, shape: tuple[int, ...] = FEATURE_SHAPE,
             compiled = compile_for_gpu(flat_fn, *leaves, gpu=gpu)
             rows[name] = (compiled.temp_bytes / 1e6, compiled.peak_bytes / 1e6)
         except Exception as err:  # noqa: BLE001 - a step that cannot compile is a result
-            rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            rows[name] = failure(err)
     print_ratio_table(rows, ("temp MB", "peak MB"), {"peak": 1},
                       ("chunk, map in the layer", "pallas, map in the layer"), digits=1)
     return sum(isinstance(row, str) for row in rows.values())
@@ -237,7 +242,7 @@ def features_benchmark(repeats: int, shape: tuple[int, ...] = FEATURE_SHAPE, rul
             jax.block_until_ready(calls[name]())  # compile, and a refusal, before any timing
         except Exception as err:  # noqa: BLE001 - a path that cannot run here is a result
             calls.pop(name, None)
-            rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            rows[name] = failure(err)
     times = time_interleaved_ms(calls, repeats=repeats)
     for name in calls:
         rows[name] = (times[name], peaks[name] / 1e9)
@@ -292,7 +297,7 @@ def benchmark(repeats: int, memory_shapes: list[tuple[int, ...]], shapes: list[t
                             peaks[name] = jax_runtime_peak_bytes(name, shape)
                 except Exception as err:  # noqa: BLE001 - a peer refusing a shape is a result
                     calls.pop(name, None)
-                    rows[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                    rows[name] = failure(err)
         forward = time_interleaved_ms({n: c[0] for n, c in calls.items()}, repeats=repeats)
         backward = time_interleaved_ms({n: c[1] for n, c in calls.items()}, repeats=repeats)
         for name in calls:

@@ -57,6 +57,12 @@ MAX_NU = 4  # the largest nu the kernels take (and are tested on)
 MARGIN = MAX_NU  # the scatter buffer's columns before a's position 0: the VJP's m = p - j reaches -nu
 
 
+def relus(x: Array) -> Array:
+    """``a = [relu(x), relu(-x)]`` over the last axis (width 2d), float32: what DPFP's products are of."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class DPFP:
     """DPFP-``nu`` with its normalisation, as the fused kernels compute it: a static description.
@@ -96,8 +102,7 @@ class DPFP:
 
     def __call__(self, x: Array) -> Array:
         """phi(x) over the last axis, in float32."""
-        x = jnp.asarray(x, jnp.float32)
-        a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+        a = relus(x)
         phi = jnp.concatenate([a * jnp.roll(a, j, axis=-1) for j in range(1, self.nu + 1)], axis=-1)
         if self.normalization == "sum":
             return phi / (jnp.sum(phi, axis=-1, keepdims=True) + self.eps)
@@ -198,9 +203,9 @@ def scatter_vjp(g_ref, x_ref, n, tile: int, cotangent: Array, scale: Array | Non
 def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
     """The normalisation's part of dL/dx, ``-s * c * J^T w`` (the module docstring's terms) passed
     through the relus, in plain jnp at width 2d: ``x [..., d]`` the raw inputs, ``dots [...]`` each
-    row's ``c = <h, phi_n>`` (h = dL/dphi_n). With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)`` (a's neighbours
-    j before and after), ``J^T 1 = sum_j (b_j + f_j)`` and ``J^T phi = a * sum_j (b_j^2 + f_j^2)``,
-    so no K-wide array is formed. Zero for ``"none"``.
+    row's ``c = <h, phi_n>`` (h = dL/dphi_n). With ``b_j = roll(a, j)`` and ``f_j = roll(a, -j)``
+    (a's neighbours j before and after), ``J^T 1 = sum_j (b_j + f_j)`` and ``J^T phi = a * sum_j
+    (b_j^2 + f_j^2)``, so no K-wide array is formed. Zero for ``"none"``.
 
     Example: it is the part of the normalised map's VJP that :class:`DPFP`'s autodiff adds.
         >>> import jax, jax.numpy as jnp
@@ -216,7 +221,7 @@ def normalization_gradient(features: DPFP, x: Array, dots: Array) -> Array:
     x = jnp.asarray(x, jnp.float32)
     if features.normalization == "none":
         return jnp.zeros_like(x)
-    a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    a = relus(x)
     before = [jnp.roll(a, j, axis=-1) for j in range(1, features.nu + 1)]
     after = [jnp.roll(a, -j, axis=-1) for j in range(1, features.nu + 1)]
     pairs = list(zip(before, after, strict=True))
@@ -250,9 +255,7 @@ def feature_dots(g: Array, x: Array) -> Array:
     h = dL/dphi_n, and the raw inputs ``x [..., d]``: phi is a homogeneous quadratic in a, so
     ``<J^T y, a> = 2 <y, phi>`` for any y (Euler), and ``<J^T (s h), a> / 2 = <h, s phi>``. No
     kernel sums ``<h, phi_n>`` over the tiles as it goes."""
-    x = jnp.asarray(x, jnp.float32)
-    a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
-    return 0.5 * jnp.sum(_positions(g) * a, axis=-1)
+    return 0.5 * jnp.sum(_positions(g) * relus(x), axis=-1)
 
 
 def map_gradient(features: DPFP, g: Array, x: Array, dots: Array | None = None) -> Array:
@@ -266,7 +269,7 @@ def map_gradient(features: DPFP, g: Array, x: Array, dots: Array | None = None) 
         >>> phi, x, h = DPFP(1, "sum"), jnp.linspace(-1.0, 1.0, 32), jnp.linspace(0.0, 1.0, 64)
         >>> raw = DPFP(1, "none")
         >>> s = 1.0 / (raw(x).sum() + phi.eps)
-        >>> a = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)])
+        >>> a = relus(x)
         >>> g = jnp.zeros(scatter_width(32)).at[MARGIN:].add(s * h * jnp.roll(a, 1))
         >>> g = g.at[MARGIN - 1:MARGIN + 63].add(s * h * a)  # m = p - 1, unwrapped into the margin
         >>> bool(jnp.allclose(map_gradient(phi, g, x), jax.vjp(phi, x)[1](h)[0], atol=1e-6))
